@@ -1,0 +1,132 @@
+"""Policy-gradient losses over (batch, tokens) response tensors with a 0/1 mask.
+
+`policy_loss` builds a per-token loss l_t (registry `LOSSES`), adds optional KL and entropy
+terms, and reduces it with an aggregation mode (registry `AGGREGATIONS`). Every reduction
+divides by *global* counts passed in by the caller (`num_tokens`, `num_seqs`), so the gradient
+summed over micro-batches equals the gradient of one big batch. See docs/algorithms.md.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from pipeline.advantages import check_finite, check_same_shape, kl_penalty
+
+TokenLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LOSSES: dict[str, TokenLoss] = {}
+
+
+def register_loss(name: str) -> Callable[[TokenLoss], TokenLoss]:
+    def decorate(fn: TokenLoss) -> TokenLoss:
+        LOSSES[name] = fn
+        return fn
+
+    return decorate
+
+
+@register_loss("reinforce")
+def _reinforce_loss(logprobs, behaviour_logprobs, advantages, is_cap=None, **_):
+    # l_t = -A_t * w_t * log pi_theta(y_t), with w_t = min(pi_theta / pi_behaviour, is_cap) detached
+    ratio = torch.exp(logprobs.detach() - behaviour_logprobs)
+    if is_cap is None:
+        return -advantages * logprobs, {"is_weight": ratio, "clipped": torch.zeros_like(ratio)}  # w_t = 1
+    weight = ratio.clamp(max=is_cap)
+    return -advantages * weight * logprobs, {"is_weight": ratio, "clipped": ratio > is_cap}
+
+
+@register_loss("ppo_clip")
+def _ppo_clip_loss(logprobs, behaviour_logprobs, advantages, clip_low=0.2, clip_high=0.2, **_):
+    # l_t = -min(rho_t * A_t, clip(rho_t, 1 - clip_low, 1 + clip_high) * A_t), rho_t = pi_theta / pi_behaviour
+    ratio = torch.exp(logprobs - behaviour_logprobs)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages
+    return -torch.minimum(unclipped, clipped), {"is_weight": ratio.detach(), "clipped": (clipped < unclipped).detach()}
+
+
+Aggregation = Callable[[torch.Tensor, torch.Tensor, float, float, float], torch.Tensor]
+AGGREGATIONS: dict[str, Aggregation] = {
+    # sum_{i,t} l_it / N_tokens
+    "token-mean": lambda l, m, tokens, seqs, max_len: (l * m).sum() / tokens,
+    # sum_i (sum_t l_it / n_i) / N_seqs
+    "seq-mean-token-mean": lambda l, m, tokens, seqs, max_len: (
+        (l * m).sum(1) / m.sum(1).clamp(min=1.0)
+    ).sum() / seqs,
+    # sum_i sum_t l_it / N_seqs
+    "seq-mean-token-sum": lambda l, m, tokens, seqs, max_len: (l * m).sum() / seqs,
+    # sum_i sum_t l_it / (N_seqs * max_len)   (Dr. GRPO: a fixed length, not each sample's own)
+    "seq-mean-token-sum-norm": lambda l, m, tokens, seqs, max_len: (l * m).sum() / (seqs * max_len),
+}
+
+
+def _known(kind: str, name: str, registry: dict) -> None:
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str = "token-mean",
+    loss: str = "reinforce",
+    is_cap: float | None = None,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: str = "k1",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    max_len: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Aggregated loss and its metrics (floats: token means over this call's valid tokens).
+
+    total per-token loss = l_t + kl_coef * KL_t(kl_kind) - entropy_coef * H_t
+    num_tokens / num_seqs: the global counts of the whole update (default: this batch's);
+    max_len: the fixed length of `seq-mean-token-sum-norm` (default: tokens dimension).
+    """
+    _known("loss", loss, LOSSES)
+    _known("aggregation", agg, AGGREGATIONS)
+    check_same_shape(logprobs=logprobs, behaviour_logprobs=behaviour_logprobs, advantages=advantages, mask=mask)
+    mask = mask.to(torch.float32)
+    check_finite("advantages", advantages, mask)
+    check_finite("behaviour_logprobs", behaviour_logprobs, mask)
+    valid_mask = mask.bool()
+    advantages = torch.where(valid_mask, advantages, 0.0)  # padding may hold garbage (inf, NaN):
+    behaviour_logprobs = torch.where(valid_mask, behaviour_logprobs, 0.0)  # keep it out of the backward too
+
+    token_loss, parts = LOSSES[loss](
+        logprobs, behaviour_logprobs, advantages, is_cap=is_cap, clip_low=clip_low, clip_high=clip_high
+    )
+    valid = mask.sum().clamp(min=1.0)
+
+    def token_mean(x: torch.Tensor) -> float:
+        return float((x.detach().to(torch.float32) * mask).sum() / valid)
+
+    metrics = {"is_weight/mean": token_mean(parts["is_weight"]), "is_weight/clip_frac": token_mean(parts["clipped"])}
+    if ref_logprobs is not None:
+        check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+        kl = kl_penalty(logprobs, ref_logprobs, kl_kind)
+        metrics["kl"] = token_mean(kl)
+        if kl_coef:
+            token_loss = token_loss + kl_coef * kl
+    elif kl_coef:
+        raise ValueError("kl_coef > 0 needs ref_logprobs (enable the reference model)")
+    if entropy is None and entropy_coef:
+        raise ValueError("entropy_coef > 0 needs the per-token entropy tensor")
+    if entropy is not None:
+        check_same_shape(logprobs=logprobs, entropy=entropy)
+        metrics["entropy"] = token_mean(entropy)
+        token_loss = token_loss - entropy_coef * entropy
+
+    token_loss = torch.where(valid_mask, token_loss, 0.0)
+    num_tokens = float(valid) if num_tokens is None else float(num_tokens)
+    num_seqs = float(mask.any(dim=1).sum().clamp(min=1.0)) if num_seqs is None else float(num_seqs)
+    max_len = float(mask.shape[1]) if max_len is None else float(max_len)
+    return AGGREGATIONS[agg](token_loss, mask, num_tokens, num_seqs, max_len), metrics

@@ -1,0 +1,195 @@
+"""Hand-computed and property tests of pipeline.advantages."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.advantages import ESTIMATORS, compute_advantages, kl_penalty, returns_to_go
+
+T = torch.tensor
+
+
+def test_returns_to_go_discounted_and_ragged():
+    rewards = T([[1.0, 2.0, 3.0], [4.0, 5.0, 9.0]])
+    mask = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # row 0: G2 = 3, G1 = 2 + .5*3 = 3.5, G0 = 1 + .5*3.5 = 2.75 ; row 1: G1 = 5, G0 = 4 + 2.5, padding 0
+    assert torch.allclose(returns_to_go(rewards, mask, gamma=0.5), T([[2.75, 3.5, 3.0], [6.5, 5.0, 0.0]]))
+
+
+def test_returns_to_go_skips_masked_rewards_but_counts_their_positions():
+    rewards, mask = T([[1.0, 2.0, 3.0]]), T([[1.0, 0.0, 1.0]])
+    assert torch.equal(returns_to_go(rewards, mask), T([[4.0, 0.0, 3.0]]))
+    # gamma^(k-t): G0 = 1 + 0.5^2 * 3
+    assert torch.allclose(returns_to_go(rewards, mask, gamma=0.5), T([[1.75, 0.0, 3.0]]))
+
+
+def test_kl_kinds_by_hand():
+    logp, ref = T([[-1.0]]), T([[-2.0]])
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(1.0)
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5)
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(math.exp(-1.0))  # e^-1 - (-1) - 1
+    assert kl_penalty(ref, ref, "k3").item() == 0.0
+
+
+# Sequence-level rewards on the last token, ragged lengths: group 0 = A (len 2, r=1), B (len 3, r=0),
+# C (len 1, r=0.5); group 1 = D alone (len 2, r=2).
+SEQ_REWARDS = T([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 2.0, 0.0]])
+SEQ_MASK = T([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+SEQ_GROUPS = torch.tensor([7, 7, 7, 3])
+
+
+def test_rloo_sequence_level_equals_classic_leave_one_out():
+    adv = compute_advantages("rloo", SEQ_REWARDS, SEQ_MASK, SEQ_GROUPS)
+    # A: 1 - (0 + .5)/2 ; B: 0 - (1 + .5)/2 ; C: .5 - (1 + 0)/2 ; D: group of one -> 0
+    expected = T([[0.75, 0.75, 0.0], [-0.75, -0.75, -0.75], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(adv, expected)
+
+
+def test_grpo_sequence_level_equals_classic_group_norm():
+    adv = compute_advantages("grpo", SEQ_REWARDS, SEQ_MASK, SEQ_GROUPS)
+    # group 0: mean .5, unbiased std sqrt((.25 + .25 + 0) / 2) = .5
+    a, b = 0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6)
+    expected = T([[a, a, 0.0], [b, b, b], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(adv, expected)
+
+
+# Token-level rewards, one group: X = [1, 0, 1] (len 3), Y = [0, 1] (len 2).
+TOK_REWARDS = T([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+TOK_MASK = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+ONE_GROUP = torch.tensor([0, 0])
+
+
+def test_rloo_token_level_position_aligned_baseline():
+    # G_X = [2, 1, 1], G_Y = [1, 1] -> G~_Y = [1, 1, 1]; A_X = G_X - G~_Y, A_Y = G_Y - G_X[:2]
+    adv = compute_advantages("rloo", TOK_REWARDS, TOK_MASK, ONE_GROUP)
+    assert torch.allclose(adv, T([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]))
+
+
+def test_rloo_token_level_with_discount():
+    # gamma .5: G_X = [1.25, .5, 1], G_Y = [.5, 1] -> G~_Y = [.5, 1, 1]
+    adv = compute_advantages("rloo", TOK_REWARDS, TOK_MASK, ONE_GROUP, gamma=0.5)
+    assert torch.allclose(adv, T([[0.75, -0.5, 0.0], [-0.75, 0.5, 0.0]]))
+
+
+def test_reinforce_is_returns_to_go():
+    adv = compute_advantages("reinforce", TOK_REWARDS, TOK_MASK, ONE_GROUP)
+    assert torch.equal(adv, T([[2.0, 1.0, 1.0], [1.0, 1.0, 0.0]]))
+
+
+def test_reinforce_pp_whitens_over_valid_tokens():
+    # G over valid tokens = [2, 1, 1, 1, 1]: mean 1.2, var .16 -> (G - 1.2) / .4
+    adv = compute_advantages("reinforce++", TOK_REWARDS, TOK_MASK, ONE_GROUP)
+    expected = T([[2.0, -0.5, -0.5], [-0.5, -0.5, 0.0]])
+    assert torch.allclose(adv, expected, atol=1e-5)
+    raw = compute_advantages("reinforce++", TOK_REWARDS, TOK_MASK, ONE_GROUP, whiten=False)
+    assert torch.equal(raw, T([[2.0, 1.0, 1.0], [1.0, 1.0, 0.0]]))
+
+
+def test_reinforce_pp_baseline_subtracts_group_mean_then_whitens():
+    # G~ = [[2, 1, 1], [1, 1, 1]]: group mean per position [1.5, 1, 1]
+    raw = compute_advantages("reinforce++_baseline", TOK_REWARDS, TOK_MASK, ONE_GROUP, whiten=False)
+    assert torch.allclose(raw, T([[0.5, 0.0, 0.0], [-0.5, 0.0, 0.0]]))
+    # valid values [.5, 0, 0, -.5, 0]: mean 0, var .1
+    whitened = compute_advantages("reinforce++_baseline", TOK_REWARDS, TOK_MASK, ONE_GROUP)
+    scale = 1 / math.sqrt(0.1 + 1e-8)
+    assert torch.allclose(whitened, raw * scale, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rloo", "grpo", "reinforce++_baseline"])
+def test_all_equal_group_has_zero_advantage(name):
+    rewards = T([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    mask = T([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    adv = compute_advantages(name, rewards, mask, torch.tensor([0, 0, 0]), whiten=False)
+    assert torch.equal(adv, torch.zeros_like(adv))
+
+
+@pytest.mark.parametrize("name", ["rloo", "grpo"])
+def test_group_of_one_has_zero_advantage(name):
+    adv = compute_advantages(name, T([[0.0, 3.0]]), T([[1.0, 1.0]]), torch.tensor([5]))
+    assert torch.equal(adv, torch.zeros(1, 2))
+
+
+def test_bad_input_errors_name_the_offender():
+    with pytest.raises(ValueError, match="unknown advantage estimator 'gae'.*grpo"):
+        compute_advantages("gae", TOK_REWARDS, TOK_MASK, ONE_GROUP)
+    with pytest.raises(ValueError, match=r"token_rewards=\(2, 3\), mask=\(2, 2\)"):
+        returns_to_go(TOK_REWARDS, TOK_MASK[:, :2])
+    with pytest.raises(ValueError, match="NaN or inf at sample 1, token 0"):
+        returns_to_go(T([[1.0, 0.0], [float("nan"), 0.0]]), T([[1.0, 1.0], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"group_ids must have shape \(2,\)"):
+        compute_advantages("grpo", TOK_REWARDS, TOK_MASK, torch.tensor([0, 0, 1]))
+    with pytest.raises(ValueError, match="unknown KL kind 'k4'"):
+        kl_penalty(TOK_REWARDS, TOK_REWARDS, "k4")
+
+
+def test_nan_in_padding_is_ignored():
+    rewards = T([[1.0, float("nan")]])
+    assert torch.equal(returns_to_go(rewards, T([[1.0, 0.0]])), T([[1.0, 0.0]]))
+
+
+@st.composite
+def ragged_groups(draw, token_level: bool):
+    """Random groups of ragged responses; sequence-level rewards sit on the last valid token."""
+    num_groups = draw(st.integers(1, 4))
+    sizes = [draw(st.integers(1, 5)) for _ in range(num_groups)]
+    width = draw(st.integers(1, 6))
+    rows = sum(sizes)
+    lengths = [draw(st.integers(1, width)) for _ in range(rows)]
+    mask = torch.zeros(rows, width)
+    rewards = torch.zeros(rows, width)
+    finite = st.floats(-5, 5, allow_nan=False, width=32)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1.0
+        if token_level:
+            rewards[i] = T([draw(finite) for _ in range(width)])
+        else:
+            rewards[i, n - 1] = draw(finite)
+    groups = torch.tensor([g for g, size in enumerate(sizes) for _ in range(size)])
+    return rewards, mask, groups
+
+
+@settings(max_examples=60, deadline=None)
+@given(ragged_groups(token_level=False))
+def test_property_group_estimators_match_classic_sequence_formulas(data):
+    rewards, mask, groups = data
+    scalar = rewards.sum(1)  # r_i
+    rloo = compute_advantages("rloo", rewards, mask, groups)
+    grpo = compute_advantages("grpo", rewards, mask, groups)
+    for i in range(len(scalar)):
+        peers = scalar[groups == groups[i]]
+        n = len(peers)
+        classic_rloo = 0.0 if n == 1 else scalar[i] - (peers.sum() - scalar[i]) / (n - 1)
+        std = peers.std() if n > 1 else torch.tensor(0.0)
+        classic_grpo = (scalar[i] - peers.mean()) / (std + 1e-6)
+        valid = mask[i].bool()
+        assert torch.allclose(rloo[i][valid], torch.full_like(rloo[i][valid], float(classic_rloo)), atol=1e-4)
+        assert torch.allclose(grpo[i][valid], torch.full_like(grpo[i][valid], float(classic_grpo)), atol=1e-3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ragged_groups(token_level=True), st.sampled_from(sorted(ESTIMATORS)), st.floats(0.0, 1.0), st.booleans())
+def test_property_masked_positions_are_exactly_zero_and_finite(data, name, gamma, whiten):
+    rewards, mask, groups = data
+    rewards = torch.where(mask.bool(), rewards, torch.full_like(rewards, float("inf")))  # padding garbage
+    adv = compute_advantages(name, rewards, mask, groups, gamma=gamma, whiten=whiten)
+    assert adv.dtype == torch.float32
+    assert torch.isfinite(adv).all()
+    assert torch.equal(adv[mask == 0], torch.zeros_like(adv[mask == 0]))
+    assert torch.equal(returns_to_go(rewards, mask, gamma)[mask == 0], torch.zeros(int((mask == 0).sum())))
+
+
+@settings(max_examples=40, deadline=None)
+@given(ragged_groups(token_level=True))
+def test_property_rloo_baseline_ignores_own_actions(data):
+    """Changing one sample's rewards moves only its own advantage by exactly its own return change."""
+    rewards, mask, groups = data
+    before = compute_advantages("rloo", rewards, mask, groups)
+    changed = rewards.clone()
+    changed[0] += 1.0
+    after = compute_advantages("rloo", changed, mask, groups)
+    own_delta = returns_to_go(changed, mask) - returns_to_go(rewards, mask)
+    if (groups == groups[0]).sum() > 1:
+        assert torch.allclose(after[0] - before[0], own_delta[0], atol=1e-4)
