@@ -1,0 +1,151 @@
+"""Learner: the policy, its optimizer and an optional frozen reference; one REINFORCE update per call.
+
+A plain class; the driver wraps it with `ray.remote` (GPU when configured). `train_step` reads a
+scored rollout batch (pipeline.batch schema) top to bottom:
+composite token rewards -> (KL in reward) -> advantages -> micro-batched loss -> one optimizer step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from pipeline.advantages import compute_advantages, kl_penalty
+from pipeline.batch import pad_right, response_mask, reward_column
+from pipeline.config import TrainConfig
+from pipeline.loss import policy_loss
+from pipeline.models import build_sequences, load_model, load_tokenizer, response_logprobs
+
+LEARNER_STATE = "learner_state.pt"
+
+
+class Learner:
+    def __init__(self, config: TrainConfig, policy_path: str, reference_path: str, use_gpu: bool = False):
+        torch.manual_seed(config.seed)
+        torch.set_num_threads(config.learner.num_threads)
+        self.config = config
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        trust = config.model.trust_remote_code
+        self.tokenizer = load_tokenizer(policy_path, trust)
+        self.model = load_model(policy_path, trust, self.device).train()
+        self.reference = None
+        if config.algorithm.needs_reference:
+            self.reference = load_model(reference_path, trust, self.device).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.learner.lr, weight_decay=config.learner.weight_decay
+        )
+        self.policy_version = 0
+
+    def train_step(self, batch: pa.Table) -> dict[str, float]:
+        algo, rollout = self.config.algorithm, self.config.rollout
+        mask = response_mask(batch).to(self.device)
+        behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist()).to(self.device)
+        group_ids = torch.as_tensor(batch.column("group_id").to_numpy(), device=self.device)
+        sequences = build_sequences(
+            batch.column("prompt_ids").to_pylist(),
+            batch.column("response_ids").to_pylist(),
+            self.tokenizer.pad_token_id,
+            self.device,
+        )
+        metrics = {}
+        # r_t = sum_i w_i * r_{i,t}
+        token_rewards = torch.zeros_like(mask)
+        for name, weight in self.config.reward.weights.items():
+            component = pad_right(batch.column(reward_column(name)).to_pylist()).to(self.device)
+            token_rewards += weight * component
+            per_sample = component.sum(1)
+            metrics[f"reward/{name}/mean"] = float(per_sample.mean())
+            metrics[f"reward/{name}/std"] = float(per_sample.std()) if len(per_sample) > 1 else 0.0
+        metrics["reward/total/mean"] = float(token_rewards.sum(1).mean())
+
+        ref_logprobs = self._reference_logprobs(sequences) if self.reference is not None else None
+        if algo.kl_in_reward_coef > 0:
+            # r_t -= beta * KL_t, KL of the sampling policy against the reference
+            token_rewards = token_rewards - algo.kl_in_reward_coef * kl_penalty(behaviour, ref_logprobs, algo.kl_kind) * mask
+        advantages = compute_advantages(algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten)
+
+        totals: dict[str, float] = {}
+        for _ in range(self.config.learner.updates_per_batch):
+            totals = self._update(sequences, behaviour, advantages, mask, ref_logprobs)
+        self.policy_version += 1
+        lengths = mask.sum(1)
+        metrics.update(totals)
+        metrics.update(
+            {
+                "advantage/abs_mean": float((advantages.abs() * mask).sum() / mask.sum()),
+                "response/length_mean": float(lengths.mean()),
+                "response/finished_frac": float(torch.as_tensor(batch.column("finished").to_numpy(zero_copy_only=False)).float().mean()),
+                "learner/policy_version": float(self.policy_version),
+                "learner/tokens": float(lengths.sum()),
+            }
+        )
+        return metrics
+
+    def _update(self, sequences, behaviour, advantages, mask, ref_logprobs) -> dict[str, float]:
+        """One optimizer step over all micro-batches; losses are normalised by global counts."""
+        algo, cfg = self.config.algorithm, self.config.learner
+        batch_size = mask.shape[0]
+        counts = {"num_tokens": float(mask.sum()), "num_seqs": float(batch_size), "max_len": float(self.config.rollout.max_new_tokens)}
+        totals = {"loss/policy": 0.0}
+        for start in range(0, batch_size, cfg.micro_batch_size):
+            rows = slice(start, start + cfg.micro_batch_size)
+            micro = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in sequences.items()}
+            logprobs, entropy = response_logprobs(self.model, micro, self.config.rollout.temperature)
+            loss, parts = policy_loss(
+                logprobs,
+                behaviour[rows],
+                advantages[rows],
+                mask[rows],
+                agg=algo.agg,
+                loss=algo.loss,
+                is_cap=algo.is_cap,
+                clip_low=algo.clip_low,
+                clip_high=algo.clip_high,
+                ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
+                kl_coef=algo.kl_coef,
+                kl_kind=algo.kl_kind,
+                entropy=entropy if algo.entropy_coef > 0 else entropy.detach(),
+                entropy_coef=algo.entropy_coef,
+                **counts,
+            )
+            loss.backward()
+            share = float(mask[rows].sum()) / counts["num_tokens"]  # token-weighted mean of the metrics
+            totals["loss/policy"] += float(loss)
+            for key, value in parts.items():
+                totals[f"policy/{key}"] = totals.get(f"policy/{key}", 0.0) + share * value
+        totals["loss/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return totals
+
+    @torch.no_grad()
+    def _reference_logprobs(self, sequences) -> torch.Tensor:
+        size = self.config.learner.micro_batch_size
+        chunks = []
+        for start in range(0, sequences["input_ids"].shape[0], size):
+            micro = {k: (v[start : start + size] if torch.is_tensor(v) else v) for k, v in sequences.items()}
+            chunks.append(response_logprobs(self.reference, micro, self.config.rollout.temperature)[0])
+        return torch.cat(chunks)
+
+    def get_version(self) -> int:
+        return self.policy_version
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        """CPU copy of the policy weights (published once per sync; every rollout worker reads it)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def save(self, directory: str) -> None:
+        """HF-format model + tokenizer (safetensors) and the optimizer/version/RNG state."""
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        state = {"optimizer": self.optimizer.state_dict(), "policy_version": self.policy_version, "torch_rng": torch.get_rng_state()}
+        torch.save(state, Path(directory) / LEARNER_STATE)
+
+    def load_state(self, directory: str) -> int:
+        state = torch.load(Path(directory) / LEARNER_STATE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.policy_version = state["policy_version"]
+        torch.set_rng_state(state["torch_rng"])
+        return self.policy_version

@@ -1,0 +1,69 @@
+"""The rollout batch: one pyarrow Table per step. This module is its only schema definition.
+
+Rows are samples. Core columns are below; the prompt's own dataset columns (e.g. `answer`)
+ride along unchanged, and reward scoring adds one `reward/<component>` column per component
+holding one float per response token.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+ROLLOUT_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.int64()),  # unique within the step: group_id * group_size + k
+        ("group_id", pa.int64()),  # samples of the same prompt share it
+        ("prompt", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("response_ids", pa.list_(pa.int32())),  # generated tokens, EOS included when emitted
+        ("behaviour_logprobs", pa.list_(pa.float32())),  # log pi_behaviour of each response token
+        ("completion", pa.string()),  # decoded response, special tokens removed
+        ("finished", pa.bool_()),  # ended with EOS (False = cut at max_new_tokens)
+        ("policy_version", pa.int64()),  # learner update count of the weights that sampled it
+    ]
+)
+CORE_COLUMNS = frozenset(ROLLOUT_SCHEMA.names)
+REWARD_PREFIX = "reward/"
+TOKEN_REWARD_TYPE = pa.list_(pa.float32())
+
+
+def reward_column(component: str) -> str:
+    return f"{REWARD_PREFIX}{component}"
+
+
+def metadata_columns(table: pa.Table) -> list[str]:
+    """The dataset's own columns carried through (everything not core and not a reward)."""
+    return [n for n in table.column_names if n not in CORE_COLUMNS and not n.startswith(REWARD_PREFIX)]
+
+
+def make_rollout_table(core: dict[str, list], metadata: pa.Table) -> pa.Table:
+    """Core columns (validated against ROLLOUT_SCHEMA) + the prompt rows' metadata, row-aligned."""
+    table = pa.Table.from_pydict(core, schema=ROLLOUT_SCHEMA)
+    for name in metadata.column_names:
+        if name not in CORE_COLUMNS:
+            table = table.append_column(name, metadata.column(name))
+    return table
+
+
+def pad_right(rows: list[list], value: float = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Ragged rows -> (batch, max_len) tensor padded on the right with `value`."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=dtype)
+    return out
+
+
+def response_mask(table: pa.Table) -> torch.Tensor:
+    """(batch, max_response_len) float mask of valid response tokens."""
+    lengths = torch.as_tensor(pc.list_value_length(table.column("response_ids")).to_numpy().astype("int64"))
+    width = int(lengths.max()) if len(lengths) else 0
+    return (torch.arange(width) < lengths[:, None]).to(torch.float32)
+
+
+def mean_reward(table: pa.Table, component: str) -> float:
+    """Mean over samples of a component's total reward (sum over the sample's tokens)."""
+    sums = [sum(row) for row in table.column(reward_column(component)).to_pylist()]
+    return sum(sums) / len(sums) if sums else 0.0

@@ -1,0 +1,78 @@
+"""`tokenforge` command line: train, eval.
+
+    tokenforge train [-c CONFIG] [key=value ...]      train (default: the built-in addition task)
+    tokenforge train --resume OUTPUT_DIR [key=value]  continue a run from its latest checkpoint
+    tokenforge eval CHECKPOINT_DIR [--data FILE]      greedy eval metrics of any checkpoint
+    tokenforge train --help-config                    every config key with its default and meaning
+
+Errors in the user's input print one line and exit 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.errors import TokenforgeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenforge", description="Token-level REINFORCE fine-tuning on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a policy (default: built-in addition task)")
+    train.add_argument("-c", "--config", help="YAML config file")
+    train.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR from its latest checkpoint")
+    train.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    train.add_argument("--debug", action="store_true", help="show tracebacks")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+    evaluate = commands.add_parser("eval", help="print greedy eval metrics of a checkpoint")
+    evaluate.add_argument("checkpoint", help="checkpoint directory (HF model) or any local HF model directory")
+    evaluate.add_argument("--data", help="eval prompts (.jsonl/.parquet); default: the run's eval file or the built-in one")
+    evaluate.add_argument("--debug", action="store_true", help="show tracebacks")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. trainer.eval_metrics=[exact_match])")
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from pipeline.config import describe_fields, load_config
+    from pipeline.trainer import train
+
+    if args.help_config:
+        print("\n".join(describe_fields()))
+        return
+    if args.resume:
+        if args.config:
+            raise TokenforgeError("--resume takes the run's own config.yaml; drop -c")
+        config_file = Path(args.resume) / "config.yaml"
+        if not config_file.is_file():
+            raise TokenforgeError(f"--resume: {str(config_file)!r} does not exist; is {args.resume!r} a tokenforge output_dir?")
+        config = load_config(config_file, [*args.overrides, f"output_dir={args.resume}"])
+    else:
+        config = load_config(args.config, args.overrides)
+    record = train(config, resume=bool(args.resume))
+    print(json.dumps({k: v for k, v in record.items() if k.startswith(("step", "eval/", "time/elapsed"))}))
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from pipeline.evaluate import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.overrides), indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        {"train": run_train, "eval": run_eval}[args.command](args)
+    except TokenforgeError as error:
+        if args.debug:
+            raise
+        print(f"tokenforge: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The typed run configuration: the one source of truth for every config key.
+
+A run is configured by an optional YAML file plus dotted `key=value` overrides. Unknown keys,
+wrong types and bad values raise `ConfigError` naming the key. Every field's docstring is its
+documentation (`tokenforge train --help-config` prints them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.advantages import ESTIMATORS, KL_KINDS
+from pipeline.errors import ConfigError
+from pipeline.loss import AGGREGATIONS, LOSSES
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str | None = None
+    """Local HF model directory; null = the built-in tiny addition model."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code shipped with the model (off unless you trust the files)."""
+
+
+class DataConfig(Section):
+    train_file: str | None = None
+    """Training prompts, .jsonl or .parquet with a `prompt` field; null = built-in addition task."""
+    eval_file: str | None = None
+    """Held-out prompts in the same format; null = built-in addition eval set."""
+    shuffle: bool = True
+    """Reshuffle the training prompts every epoch (seeded)."""
+    max_eval_samples: int | None = Field(None, ge=1)
+    """Evaluate on the first N eval prompts only; null = all."""
+
+
+class TrainerConfig(Section):
+    total_steps: int = Field(200, ge=1)
+    """Number of learner updates."""
+    prompts_per_step: int = Field(32, ge=1)
+    """Prompts drawn per step; each is sampled rollout.group_size times."""
+    eval_every: int = Field(20, ge=1)
+    """Greedy held-out evaluation every N steps (and at step 0 and the last step)."""
+    eval_metrics: list[str] = ["exact_match"]
+    """Reward components scored on eval samples and reported as eval/<name> (fractions)."""
+    save_every: int = Field(100, ge=1)
+    """Write a checkpoint every N steps (and at the last step)."""
+    actor_timeout_s: float = Field(600.0, gt=0)
+    """Longest wait for one actor call before the run stops with an error naming the actor."""
+
+
+class RolloutConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    """Rollout-generation actors; the prompts of a step are split across them."""
+    group_size: int = Field(8, ge=1)
+    """Samples per prompt (the group of the group estimators)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; behaviour and learner log-probs use the same scaled logits."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass (1 = off)."""
+    max_new_tokens: int = Field(8, ge=1)
+    """Longest response; also the fixed length of seq-mean-token-sum-norm."""
+    num_cpus_per_worker: float = Field(0.5, gt=0)
+    """Ray CPUs reserved by each rollout worker."""
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    """Ray GPUs for each rollout worker (0 = generate on CPU)."""
+    num_threads: int = Field(1, ge=1)
+    """torch intra-op threads in each rollout worker."""
+
+
+class RewardConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    """Reward-scoring actors in the pool."""
+    weights: dict[str, float] = {"exact_match": 1.0, "digit_match": 0.5}
+    """Weight of each reward component; the keys are the components that are scored."""
+    num_cpus_per_worker: float = Field(0.25, gt=0)
+    """Ray CPUs reserved by each reward worker."""
+
+    @model_validator(mode="after")
+    def _components_exist(self) -> "RewardConfig":
+        from pipeline.rewards import COMPONENTS
+
+        unknown = [name for name in self.weights if name not in COMPONENTS]
+        if unknown:
+            raise ValueError(f"unknown reward component {unknown[0]!r}; known: {', '.join(sorted(COMPONENTS))}")
+        if not self.weights:
+            raise ValueError("reward.weights is empty; name at least one component")
+        return self
+
+
+class AlgorithmConfig(Section):
+    estimator: str = "grpo"
+    """Advantage estimator: reinforce, rloo, grpo, reinforce++, reinforce++_baseline."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount of the returns-to-go."""
+    whiten: bool | None = None
+    """Whiten advantages over the batch; null = the estimator's default."""
+    loss: str = "reinforce"
+    """Policy loss: reinforce or ppo_clip."""
+    agg: str = "token-mean"
+    """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
+    is_cap: float | None = Field(None, gt=0)
+    """Truncate the importance weight pi/pi_behaviour at this value; null = on-policy (w = 1)."""
+    clip_low: float = Field(0.2, ge=0)
+    """ppo_clip: lower clip range."""
+    clip_high: float = Field(0.2, ge=0)
+    """ppo_clip: upper clip range."""
+    kl_in_reward_coef: float = Field(0.0, ge=0)
+    """beta of r_t -= beta * KL_t (needs the reference model, loaded when > 0)."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Coefficient of KL as a loss term (needs the reference model, loaded when > 0)."""
+    kl_kind: str = "k1"
+    """KL estimator: k1, k2 or k3."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus coefficient."""
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> "AlgorithmConfig":
+        for key, value, known in [
+            ("estimator", self.estimator, ESTIMATORS),
+            ("loss", self.loss, LOSSES),
+            ("agg", self.agg, AGGREGATIONS),
+            ("kl_kind", self.kl_kind, KL_KINDS),
+        ]:
+            if value not in known:
+                raise ValueError(f"algorithm.{key}: unknown {value!r}; known: {', '.join(sorted(known))}")
+        return self
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_in_reward_coef > 0 or self.kl_coef > 0
+
+
+class LearnerConfig(Section):
+    lr: float = Field(1e-3, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value."""
+    micro_batch_size: int = Field(256, ge=1)
+    """Samples per forward/backward; gradients accumulate to one update per step."""
+    updates_per_batch: int = Field(1, ge=1)
+    """Optimizer steps on each rollout batch (>1 is off-policy: use is_cap or ppo_clip)."""
+    num_gpus: float | None = Field(None, ge=0)
+    """Ray GPUs for the learner; null = 1 if the cluster has a GPU, else 0 (CPU)."""
+    num_cpus: float = Field(1.0, gt=0)
+    """Ray CPUs reserved by the learner."""
+    num_threads: int = Field(2, ge=1)
+    """torch intra-op threads in the learner."""
+
+
+class RayConfig(Section):
+    address: str | None = None
+    """Ray cluster to join; null = RAY_ADDRESS if set, else start a local Ray."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a locally started Ray (null = all cores)."""
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    """Seed of prompt order, sampling and initialisation."""
+    output_dir: str = "runs/default"
+    """Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints go."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    learner: LearnerConfig = LearnerConfig()
+    ray: RayConfig = RayConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], value parsed as a YAML scalar/list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not key=value (e.g. trainer.total_steps=50)")
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {'.'.join(path)!r}: {part!r} is not a section")
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """YAML file (optional) + dotted overrides -> validated TrainConfig."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    return validate_config(data)
+
+
+def validate_config(data: dict) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "config"
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown config key (see `tokenforge train --help-config`)"
+        raise ConfigError(f"config key {key!r}: {message}") from None
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
+    """One line per config key: dotted name, default, docstring."""
+    lines = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            lines += describe_fields(annotation, f"{prefix}{name}.")
+        else:
+            lines.append(f"{prefix}{name} = {field.get_default(call_default_factory=True)!r}  # {field.description}")
+    return lines

@@ -1,0 +1,101 @@
+"""Loading local HF models/tokenizers and computing response-token log-probs.
+
+Sequences are laid out as [left-padded prompt | right-padded response], the same layout for
+generation (rollout worker) and for scoring (learner), so positions agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from pipeline.errors import TokenforgeError
+
+ASSETS = Path(__file__).parent / "assets"
+BUILTIN_MODEL = ASSETS / "addition" / "model"
+BUILTIN_TRAIN = ASSETS / "addition" / "train.jsonl"
+BUILTIN_EVAL = ASSETS / "addition" / "eval.jsonl"
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise TokenforgeError(
+            f"model.path {str(path)!r} is not a local HF model directory (no config.json); "
+            "point model.path at one, or leave it null for the built-in model"
+        )
+    return path
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, padding on the left; it must define EOS and PAD."""
+    path = check_model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    for role in ("eos", "pad"):
+        if getattr(tokenizer, f"{role}_token_id") is None:
+            raise TokenforgeError(
+                f"tokenizer in {str(path)!r} has no {role} token; set `{role}_token` in its tokenizer_config.json"
+            )
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def context_length(path: str | Path, trust_remote_code: bool = False) -> int:
+    config = AutoConfig.from_pretrained(check_model_dir(path), trust_remote_code=trust_remote_code)
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise TokenforgeError(f"model config in {str(path)!r} states no context length (max_position_embeddings)")
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False, device: str = "cpu") -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(
+        check_model_dir(path), trust_remote_code=trust_remote_code, dtype=torch.float32
+    )
+    return model.to(device)
+
+
+def build_sequences(
+    prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Token ids, attention mask and position ids of [left-padded prompt | right-padded response]."""
+    prompt_width = max(len(p) for p in prompt_ids)
+    response_width = max(len(r) for r in response_ids)
+    ids = torch.full((len(prompt_ids), prompt_width + response_width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        start = prompt_width - len(prompt)
+        ids[i, start:prompt_width] = torch.as_tensor(prompt)
+        ids[i, prompt_width : prompt_width + len(response)] = torch.as_tensor(response)
+        attention[i, start : prompt_width + len(response)] = 1
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": attention.to(device),
+        "position_ids": positions_from_mask(attention).to(device),
+        "prompt_width": prompt_width,
+    }
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token counted from the first real token (left padding gets 0)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logprobs(
+    model: torch.nn.Module, sequences: dict[str, torch.Tensor], temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(y_t | prefix) and the entropy H_t of pi(. | prefix) for each response token: (B, R) each.
+
+    pi is softmax(logits / temperature), the distribution the rollout worker samples from.
+    """
+    ids, width = sequences["input_ids"], sequences["prompt_width"]
+    logits = model(
+        input_ids=ids, attention_mask=sequences["attention_mask"], position_ids=sequences["position_ids"]
+    ).logits
+    # logits at position p predict token p + 1: the response starts at `width`, predicted from width - 1
+    log_pi = torch.log_softmax(logits[:, width - 1 : -1].float() / temperature, dim=-1)
+    logprobs = log_pi.gather(-1, ids[:, width:, None]).squeeze(-1)
+    entropy = -(log_pi.exp() * log_pi).sum(-1)  # H_t = -sum_v pi(v) log pi(v)
+    return logprobs, entropy

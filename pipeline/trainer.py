@@ -1,0 +1,237 @@
+"""The driver: prompts -> rollout workers -> reward pool -> learner -> weight sync, once per step.
+
+`train(config)` is the whole run. It validates every input before Ray starts, creates the three
+actor roles with resources from config, evaluates greedily at step 0 and every
+`trainer.eval_every` steps, writes metrics and checkpoints, and can resume. Ray Tune (and any
+other caller) gets each eval step's metrics and checkpoint through the `report` callback.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import ray
+
+from actors.learner import Learner
+from actors.reward_worker import RewardWorker
+from actors.rollout_worker import RolloutWorker
+from pipeline import checkpoint
+from pipeline.batch import mean_reward, reward_column
+from pipeline.config import TrainConfig, save_config
+from pipeline.data import PromptSampler, load_prompts
+from pipeline.errors import TokenforgeError
+from pipeline.metrics_log import METRICS_FILE, MetricsLog
+from pipeline.models import BUILTIN_EVAL, BUILTIN_MODEL, BUILTIN_TRAIN, context_length, load_tokenizer
+
+Report = Callable[[dict, Path | None], None]
+
+
+def with_builtin_defaults(config: TrainConfig) -> TrainConfig:
+    """Fill null model/data paths with the built-in addition task (the resolved config names them)."""
+    config = config.model_copy(deep=True)
+    config.model.path = config.model.path or str(BUILTIN_MODEL)
+    config.data.train_file = config.data.train_file or str(BUILTIN_TRAIN)
+    config.data.eval_file = config.data.eval_file or str(BUILTIN_EVAL)
+    return config
+
+
+def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table]:
+    """Train and eval prompts, checked against the model's tokenizer and context length."""
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    limit = context_length(config.model.path, config.model.trust_remote_code)
+    tables = []
+    for key, path in [("data.train_file", config.data.train_file), ("data.eval_file", config.data.eval_file)]:
+        table = load_prompts(path, key)
+        lengths = [len(ids) for ids in tokenizer(table.column("prompt").to_pylist(), add_special_tokens=False).input_ids]
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[longest] + config.rollout.max_new_tokens > limit:
+            raise TokenforgeError(
+                f"{key}: prompt {longest} has {lengths[longest]} tokens; with rollout.max_new_tokens="
+                f"{config.rollout.max_new_tokens} it exceeds the model context of {limit} tokens"
+            )
+        tables.append(table)
+    train_table, eval_table = tables
+    if config.data.max_eval_samples:
+        eval_table = eval_table.slice(0, config.data.max_eval_samples)
+    eval_table = eval_table.append_column("group_id", pa.array(range(eval_table.num_rows), pa.int64()))
+    needed = {c for name in (*config.reward.weights, *config.trainer.eval_metrics) for c in _required_columns(name)}
+    for key, table in [("data.train_file", train_table), ("data.eval_file", eval_table)]:
+        missing = sorted(needed - set(table.column_names))
+        if missing:
+            raise TokenforgeError(f"{key}: the reward components need fields {missing}, missing from the file")
+    return train_table, eval_table
+
+
+def _required_columns(component: str) -> tuple[str, ...]:
+    from pipeline.rewards import COMPONENTS
+
+    return COMPONENTS[component].required_columns
+
+
+def connect_ray(config: TrainConfig) -> None:
+    """Join `ray.address` or RAY_ADDRESS if given, else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
+
+
+def learner_gpus(config: TrainConfig) -> float:
+    if config.learner.num_gpus is not None:
+        return config.learner.num_gpus
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def check_resources(config: TrainConfig) -> None:
+    """Fail fast when the cluster can never hold the actors this config asks for."""
+    rollout, reward = config.rollout, config.reward
+    wanted = {
+        "CPU": config.learner.num_cpus + rollout.num_workers * rollout.num_cpus_per_worker + reward.num_workers * reward.num_cpus_per_worker,
+        "GPU": learner_gpus(config) + rollout.num_workers * rollout.num_gpus_per_worker,
+    }
+    have = ray.cluster_resources()
+    for resource, amount in wanted.items():
+        if amount > have.get(resource, 0) + 1e-9:
+            raise TokenforgeError(
+                f"the actors need {amount:g} {resource} in total but the Ray cluster has {have.get(resource, 0):g}; "
+                "lower learner.num_cpus/num_gpus, rollout.num_*_per_worker, reward.num_cpus_per_worker or the worker counts"
+            )
+
+
+class Pipeline:
+    """The driver's handles on the three actor roles."""
+
+    def __init__(self, config: TrainConfig, policy_path: str, run_id: str):
+        from pipeline.actor_group import ActorGroup
+
+        self.config = config
+        timeout = config.trainer.actor_timeout_s
+        rollout = config.rollout
+        self.rollout = ActorGroup(
+            RolloutWorker,
+            rollout.num_workers,
+            role="rollout",
+            run_id=run_id,
+            num_cpus=rollout.num_cpus_per_worker,
+            num_gpus=rollout.num_gpus_per_worker,
+            timeout_s=timeout,
+            init_args=(policy_path, rollout, config.seed, config.model.trust_remote_code),
+        )
+        components = list(dict.fromkeys([*config.reward.weights, *config.trainer.eval_metrics]))
+        self.reward = ActorGroup(
+            RewardWorker,
+            config.reward.num_workers,
+            role="reward",
+            run_id=run_id,
+            num_cpus=config.reward.num_cpus_per_worker,
+            num_gpus=0,
+            timeout_s=timeout,
+            init_args=(policy_path, components, config.model.trust_remote_code),
+        )
+        gpus = learner_gpus(config)
+        self.learner = ActorGroup(
+            Learner,
+            1,
+            role="learner",
+            run_id=run_id,
+            num_cpus=config.learner.num_cpus,
+            num_gpus=gpus,
+            timeout_s=timeout,
+            init_args=(config, policy_path, config.model.path, gpus > 0),
+        )
+
+    def generate(self, prompts: pa.Table, step: int, greedy: bool = False) -> pa.Table:
+        group_size = 1 if greedy else self.config.rollout.group_size
+        return self.rollout.map_shards("generate", prompts, group_size=group_size, greedy=greedy, step=step)
+
+    def score(self, batch: pa.Table, names: list[str]) -> pa.Table:
+        """`batch` with one reward/<name> column per component, scored across the pool."""
+        for name, column in zip(names, self.reward.map_shards("score", batch, names=names).columns):
+            batch = batch.append_column(reward_column(name), column)
+        return batch
+
+    def sync_weights(self) -> int:
+        """Learner -> every rollout worker: one object in the object store, fetched by each worker."""
+        learner = self.learner.actors[0]
+        version = self.learner.get([learner.get_version.remote()])[0]
+        weights = learner.get_weights.remote()  # one ObjectRef; Ray resolves it in each worker
+        self.rollout.call_all("set_weights", weights, version)
+        return version
+
+    def evaluate(self, eval_prompts: pa.Table, step: int) -> dict[str, float]:
+        names = self.config.trainer.eval_metrics
+        scored = self.score(self.generate(eval_prompts, step, greedy=True), names)
+        return {f"eval/{name}": mean_reward(scored, name) for name in names}
+
+
+def train(config: TrainConfig, resume: bool = False, report: Report | None = None) -> dict[str, float]:
+    """Run (or resume) training; returns the last step's metrics record."""
+    config = with_builtin_defaults(config)
+    out = Path(config.output_dir)
+    train_prompts, eval_prompts = load_inputs(config)
+    latest = checkpoint.latest(out) if resume else None
+    if resume and latest is None:
+        raise TokenforgeError(f"--resume: no checkpoint under {str(out / 'checkpoints')!r}")
+    if not resume and (out / METRICS_FILE).exists():
+        raise TokenforgeError(f"output_dir {str(out)!r} already holds a run; resume it with --resume or pick another output_dir")
+    state = checkpoint.read_trainer_state(latest) if latest else {"step": 0, "sampler": {"epoch": 0, "position": 0}, "elapsed_s": 0.0}
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+
+    connect_ray(config)
+    check_resources(config)
+    pipeline = Pipeline(config, str(latest or config.model.path), run_id=uuid.uuid4().hex[:8])
+    if latest:
+        version = pipeline.learner.call_all("load_state", str(latest))[0]
+        pipeline.rollout.call_all("set_policy_version", version)
+    sampler = PromptSampler(train_prompts, config.trainer.prompts_per_step, config.seed, config.data.shuffle)
+    sampler.load_state(state["sampler"])
+    log = MetricsLog(out, config.trainer.total_steps, resume_step=state["step"], elapsed_s=state["elapsed_s"])
+    trainer_cfg = config.trainer
+    record: dict = {}
+    try:
+        if state["step"] == 0:
+            record = log.write(0, pipeline.evaluate(eval_prompts, step=0))
+            if report:
+                report(record, None)
+        for step in range(state["step"] + 1, trainer_cfg.total_steps + 1):
+            timings, start = {}, time.time()
+            prompts = sampler.next_batch(first_group_id=step * trainer_cfg.prompts_per_step)
+            rollouts = pipeline.generate(prompts, step)
+            timings["time/rollout_s"] = time.time() - start
+            rollouts = pipeline.score(rollouts, list(config.reward.weights))
+            timings["time/reward_s"] = time.time() - start - sum(timings.values())
+            metrics = pipeline.learner.call_all("train_step", rollouts)[0]
+            timings["time/learn_s"] = time.time() - start - sum(timings.values())
+            pipeline.sync_weights()
+            timings["time/sync_s"] = time.time() - start - sum(timings.values())
+            timings["time/step_s"] = time.time() - start
+            metrics.update(timings)
+            metrics["throughput/tokens_per_s"] = metrics["learner/tokens"] / timings["time/step_s"]
+            metrics["throughput/samples_per_s"] = rollouts.num_rows / timings["time/step_s"]
+
+            is_last = step == trainer_cfg.total_steps
+            if step % trainer_cfg.eval_every == 0 or is_last:
+                metrics.update(pipeline.evaluate(eval_prompts, step))
+            saved = None
+            if step % trainer_cfg.save_every == 0 or is_last or (report and step % trainer_cfg.eval_every == 0):
+                partial = checkpoint.partial_dir(out, step)
+                pipeline.learner.call_all("save", str(partial))
+                saved = checkpoint.finish(partial, {"step": step, "sampler": sampler.state(), "elapsed_s": log.elapsed()})
+            record = log.write(step, metrics)
+            if report and any(k.startswith("eval/") for k in metrics):
+                report(record, saved)
+    finally:
+        log.close()
+        for group in (pipeline.rollout, pipeline.reward, pipeline.learner):
+            for actor in group.actors:
+                ray.kill(actor)
+    return record
