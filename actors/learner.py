@@ -29,20 +29,24 @@ class Learner:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         trust = config.model.trust_remote_code
         self.tokenizer = load_tokenizer(policy_path, trust)
-        self.model = load_model(policy_path, trust, self.device).train()
+        # eval mode: no dropout, so learner log-probs are those the rollout workers sampled with
+        self.model = load_model(policy_path, trust, self.device).eval()
         self.reference = None
         if config.algorithm.needs_reference:
             self.reference = load_model(reference_path, trust, self.device).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.learner.lr, weight_decay=config.learner.weight_decay
+            self.model.parameters(), lr=config.learner.lr, betas=config.learner.adam_betas, weight_decay=config.learner.weight_decay
         )
+        warmup = config.learner.warmup_steps
+        # lr_k = lr * min(1, (k + 1) / (warmup + 1)) for update k
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: min(1.0, (k + 1) / (warmup + 1)))
         self.policy_version = 0
 
     def train_step(self, batch: pa.Table) -> dict[str, float]:
         algo, rollout = self.config.algorithm, self.config.rollout
         mask = response_mask(batch).to(self.device)
         behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist()).to(self.device)
-        group_ids = torch.as_tensor(batch.column("group_id").to_numpy(), device=self.device)
+        group_ids = torch.tensor(batch.column("group_id").to_pylist(), device=self.device)
         sequences = build_sequences(
             batch.column("prompt_ids").to_pylist(),
             batch.column("response_ids").to_pylist(),
@@ -76,7 +80,7 @@ class Learner:
             {
                 "advantage/abs_mean": float((advantages.abs() * mask).sum() / mask.sum()),
                 "response/length_mean": float(lengths.mean()),
-                "response/finished_frac": float(torch.as_tensor(batch.column("finished").to_numpy(zero_copy_only=False)).float().mean()),
+                "response/finished_frac": sum(batch.column("finished").to_pylist()) / batch.num_rows,
                 "learner/policy_version": float(self.policy_version),
                 "learner/tokens": float(lengths.sum()),
             }
@@ -112,11 +116,13 @@ class Learner:
             )
             loss.backward()
             share = float(mask[rows].sum()) / counts["num_tokens"]  # token-weighted mean of the metrics
-            totals["loss/policy"] += float(loss)
+            totals["loss/policy"] += float(loss.detach())
             for key, value in parts.items():
                 totals[f"policy/{key}"] = totals.get(f"policy/{key}", 0.0) + share * value
         totals["loss/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        totals["learner/lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return totals
 
@@ -140,12 +146,13 @@ class Learner:
         """HF-format model + tokenizer (safetensors) and the optimizer/version/RNG state."""
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        state = {"optimizer": self.optimizer.state_dict(), "policy_version": self.policy_version, "torch_rng": torch.get_rng_state()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "policy_version": self.policy_version, "torch_rng": torch.get_rng_state()}
         torch.save(state, Path(directory) / LEARNER_STATE)
 
     def load_state(self, directory: str) -> int:
         state = torch.load(Path(directory) / LEARNER_STATE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         self.policy_version = state["policy_version"]
         torch.set_rng_state(state["torch_rng"])
         return self.policy_version

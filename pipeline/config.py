@@ -8,14 +8,31 @@ documentation (`tokenforge train --help-config` prints them).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Iterable
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.advantages import ESTIMATORS, KL_KINDS
 from pipeline.errors import ConfigError
 from pipeline.loss import AGGREGATIONS, LOSSES
+from pipeline.rewards import COMPONENTS
+
+
+def one_of(what: str, known: Iterable[str]) -> AfterValidator:
+    """Validator: every name in the value (a name, a list or a dict's keys) must be in `known`."""
+
+    def check(value):
+        names = [value] if isinstance(value, str) else list(value)
+        for name in names:
+            if name not in known:
+                raise ValueError(f"unknown {what} {name!r}; known: {', '.join(sorted(known))}")
+        return value
+
+    return AfterValidator(check)
+
+
+ComponentNames = Annotated[list[str], one_of("reward component", COMPONENTS)]
 
 
 class Section(BaseModel):
@@ -47,7 +64,7 @@ class TrainerConfig(Section):
     """Prompts drawn per step; each is sampled rollout.group_size times."""
     eval_every: int = Field(20, ge=1)
     """Greedy held-out evaluation every N steps (and at step 0 and the last step)."""
-    eval_metrics: list[str] = ["exact_match"]
+    eval_metrics: ComponentNames = ["exact_match"]
     """Reward components scored on eval samples and reported as eval/<name> (fractions)."""
     save_every: int = Field(100, ge=1)
     """Write a checkpoint every N steps (and at the last step)."""
@@ -77,33 +94,25 @@ class RolloutConfig(Section):
 class RewardConfig(Section):
     num_workers: int = Field(1, ge=1)
     """Reward-scoring actors in the pool."""
-    weights: dict[str, float] = {"exact_match": 1.0, "digit_match": 0.5}
+    weights: Annotated[dict[str, float], one_of("reward component", COMPONENTS), Field(min_length=1)] = {
+        "exact_match": 1.0,
+        "digit_match": 0.5,
+    }
     """Weight of each reward component; the keys are the components that are scored."""
     num_cpus_per_worker: float = Field(0.25, gt=0)
     """Ray CPUs reserved by each reward worker."""
 
-    @model_validator(mode="after")
-    def _components_exist(self) -> "RewardConfig":
-        from pipeline.rewards import COMPONENTS
-
-        unknown = [name for name in self.weights if name not in COMPONENTS]
-        if unknown:
-            raise ValueError(f"unknown reward component {unknown[0]!r}; known: {', '.join(sorted(COMPONENTS))}")
-        if not self.weights:
-            raise ValueError("reward.weights is empty; name at least one component")
-        return self
-
 
 class AlgorithmConfig(Section):
-    estimator: str = "grpo"
+    estimator: Annotated[str, one_of("estimator", ESTIMATORS)] = "grpo"
     """Advantage estimator: reinforce, rloo, grpo, reinforce++, reinforce++_baseline."""
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount of the returns-to-go."""
     whiten: bool | None = None
     """Whiten advantages over the batch; null = the estimator's default."""
-    loss: str = "reinforce"
+    loss: Annotated[str, one_of("loss", LOSSES)] = "reinforce"
     """Policy loss: reinforce or ppo_clip."""
-    agg: str = "token-mean"
+    agg: Annotated[str, one_of("aggregation", AGGREGATIONS)] = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
     is_cap: float | None = Field(None, gt=0)
     """Truncate the importance weight pi/pi_behaviour at this value; null = on-policy (w = 1)."""
@@ -115,22 +124,10 @@ class AlgorithmConfig(Section):
     """beta of r_t -= beta * KL_t (needs the reference model, loaded when > 0)."""
     kl_coef: float = Field(0.0, ge=0)
     """Coefficient of KL as a loss term (needs the reference model, loaded when > 0)."""
-    kl_kind: str = "k1"
+    kl_kind: Annotated[str, one_of("KL kind", KL_KINDS)] = "k1"
     """KL estimator: k1, k2 or k3."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus coefficient."""
-
-    @model_validator(mode="after")
-    def _names_exist(self) -> "AlgorithmConfig":
-        for key, value, known in [
-            ("estimator", self.estimator, ESTIMATORS),
-            ("loss", self.loss, LOSSES),
-            ("agg", self.agg, AGGREGATIONS),
-            ("kl_kind", self.kl_kind, KL_KINDS),
-        ]:
-            if value not in known:
-                raise ValueError(f"algorithm.{key}: unknown {value!r}; known: {', '.join(sorted(known))}")
-        return self
 
     @property
     def needs_reference(self) -> bool:
@@ -140,8 +137,12 @@ class AlgorithmConfig(Section):
 class LearnerConfig(Section):
     lr: float = Field(1e-3, gt=0)
     """AdamW learning rate."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warm-up over this many updates (tames Adam's first, sign-like steps)."""
     grad_clip: float = Field(1.0, gt=0)
     """Clip the global gradient norm to this value."""
     micro_batch_size: int = Field(256, ge=1)

@@ -1,0 +1,60 @@
+"""Benchmark: the default `tokenforge train`, several seeds, wall time from command start to finish.
+
+For each seed it runs the real command (a fresh local Ray each time) and prints the baseline and
+final eval/exact_match, the first step and time at which eval reached the target, and the wall
+time of the whole command. Prints a Markdown table for the README.
+
+    python benchmarks/default_train.py [--seeds 0 1 2] [--target 0.85] [key=value ...]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_seed(seed: int, overrides: list[str], target: float, workdir: Path) -> dict:
+    out = workdir / f"seed_{seed}"
+    env = {**os.environ, "HOME": str(workdir), "RAY_AUTH_MODE": "token"}
+    command = [sys.executable, "-m", "pipeline.cli", "train", f"seed={seed}", f"output_dir={out}", *overrides]
+    start = time.time()
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.time() - start
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/exact_match" in r]
+    reached = next((r for r in evals if r["eval/exact_match"] >= target), None)
+    return {
+        "seed": seed,
+        "baseline": evals[0]["eval/exact_match"],
+        "final": evals[-1]["eval/exact_match"],
+        "best": max(r["eval/exact_match"] for r in evals),
+        "steps": evals[-1]["step"],
+        "reached_step": reached["step"] if reached else None,
+        "reached_s": reached["time/elapsed_s"] if reached else None,
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--target", type=float, default=0.85)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tokenforge-bench-") as workdir:
+        for seed in args.seeds:
+            rows.append(run_seed(seed, args.overrides, args.target, Path(workdir)))
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| seed | baseline | final | best | step / time to {args.target} | wall time (command) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        reached = f"{r['reached_step']} / {r['reached_s']:.0f} s" if r["reached_step"] is not None else "not reached"
+        print(f"| {r['seed']} | {r['baseline']:.3f} | {r['final']:.3f} | {r['best']:.3f} | {reached} | {r['wall_s']:.0f} s |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Shared fixtures: one real local Ray per test session (token auth, temp HOME), tiny models."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Ray >= 2.52 writes its auth token under HOME: keep it (and every Ray/HF cache) out of the real home.
+_HOME = tempfile.mkdtemp(prefix="tokenforge-test-home-")
+os.environ["HOME"] = _HOME
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(_HOME) / ".ray" / "auth_token")
+os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray with 2 CPUs, shared by every end-to-end test."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def builtin_model_path() -> str:
+    from pipeline.models import BUILTIN_MODEL
+
+    return str(BUILTIN_MODEL)

@@ -1,0 +1,177 @@
+"""The three actor classes used directly, without Ray, on the shipped tiny model."""
+
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from actors.learner import Learner
+from actors.reward_worker import RewardWorker
+from actors.rollout_worker import RolloutWorker
+from pipeline.batch import ROLLOUT_SCHEMA, make_rollout_table, response_mask, reward_column
+from pipeline.config import RolloutConfig, load_config
+from pipeline.models import build_sequences, load_model, response_logprobs
+from pipeline.rewards import RewardComponent, RewardError, RewardInputs, score_component
+
+PROMPTS = pa.table({"prompt": ["13+54=", "2+2=", "99+99="], "answer": ["67", "4", "198"], "group_id": [10, 11, 12]})
+
+
+@pytest.fixture(scope="module")
+def worker(builtin_model_path):
+    return RolloutWorker(builtin_model_path, RolloutConfig(temperature=0.7, max_new_tokens=6), seed=3)
+
+
+def test_rollout_batch_follows_schema(worker):
+    batch = worker.generate(PROMPTS, group_size=4, step=1)
+    assert batch.schema.names == [*ROLLOUT_SCHEMA.names, "answer"]
+    assert batch.num_rows == 12
+    assert batch.column("sample_id").to_pylist() == [g * 4 + k for g in (10, 11, 12) for k in range(4)]
+    assert batch.column("answer").to_pylist() == ["67"] * 4 + ["4"] * 4 + ["198"] * 4
+    eos = worker.tokenizer.eos_token_id
+    for ids, logps, finished in zip(*(batch.column(c).to_pylist() for c in ("response_ids", "behaviour_logprobs", "finished"))):
+        assert 1 <= len(ids) <= 6 and len(logps) == len(ids)
+        assert all(lp <= 0 for lp in logps)
+        assert finished == (ids[-1] == eos) and eos not in ids[:-1]
+
+
+def test_sampling_is_seeded_by_step_and_greedy_is_deterministic(worker):
+    first = worker.generate(PROMPTS, group_size=4, step=5)
+    again = worker.generate(PROMPTS, group_size=4, step=5)
+    assert first.column("response_ids").equals(again.column("response_ids"))
+    greedy = worker.generate(PROMPTS, group_size=3, greedy=True)
+    rows = greedy.column("response_ids").to_pylist()
+    assert rows[0] == rows[1] == rows[2]
+
+
+def test_behaviour_logprobs_match_the_learner_recomputation(worker):
+    """Same weights, same layout: the learner must see exactly the log-probs that sampled the tokens."""
+    batch = worker.generate(PROMPTS, group_size=4, step=2)
+    sequences = build_sequences(
+        batch.column("prompt_ids").to_pylist(), batch.column("response_ids").to_pylist(), worker.tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        logprobs, entropy = response_logprobs(worker.model, sequences, temperature=0.7)
+    for i, behaviour in enumerate(batch.column("behaviour_logprobs").to_pylist()):
+        assert torch.allclose(logprobs[i, : len(behaviour)], torch.tensor(behaviour), atol=1e-4)
+    assert (entropy >= 0).all()
+
+
+def scored_rows(responses: list[str], answer: str, worker: RolloutWorker) -> pa.Table:
+    """A hand-made rollout batch: `responses` to the prompt `a+b=` ('$' stands for EOS)."""
+    tok = worker.tokenizer
+    ids = [[tok.eos_token_id if c == "$" else tok.convert_tokens_to_ids(c) for c in r] for r in responses]
+    core = {
+        "sample_id": list(range(len(ids))),
+        "group_id": [0] * len(ids),
+        "prompt": ["a+b="] * len(ids),
+        "prompt_ids": [tok("1+2=").input_ids] * len(ids),
+        "response_ids": ids,
+        "behaviour_logprobs": [[-1.0] * len(r) for r in ids],
+        "completion": [r.replace("$", "") for r in responses],
+        "finished": [r.endswith("$") for r in responses],
+        "policy_version": [0] * len(ids),
+    }
+    return make_rollout_table(core, pa.table({"answer": [answer] * len(ids)}))
+
+
+def test_reward_worker_scores_exact_and_digit_match(worker, builtin_model_path):
+    batch = scored_rows(["67$", "68$", "67", "678$", "7$"], "67", worker)
+    scores = RewardWorker(builtin_model_path, ["exact_match", "digit_match"]).score(batch)
+    assert scores.column(reward_column("exact_match")).to_pylist() == [[0, 0, 1], [0, 0, 0], [0, 1], [0, 0, 0, 0], [0, 0]]
+    third = pytest.approx(1 / 3)
+    digit = scores.column(reward_column("digit_match")).to_pylist()
+    assert digit[0] == [third, third, third]  # both digits and EOS in place
+    assert digit[1] == [third, 0, 0]  # wrong second digit, so EOS is not in place either
+    assert digit[2] == [third, third]  # cut before EOS
+    assert digit[3] == [third, third, 0, 0]  # an extra digit: nothing after the answer earns
+    assert digit[4] == [0, 0]
+
+
+class ShortComponent(RewardComponent):
+    name, level = "short", "token"
+
+    def __call__(self, inputs):
+        return [[1.0] for _ in inputs.completion_ids]
+
+
+class NanComponent(RewardComponent):
+    name, level = "nan", "sequence"
+
+    def __call__(self, inputs):
+        return [0.0, float("nan")]
+
+
+def test_component_output_errors_name_component_and_sample():
+    inputs = RewardInputs(["p", "q"], ["1", "2"], [[5, 1], [6, 1]], [["1", "<eos>"], ["2", "<eos>"]], {}, "<eos>")
+    with pytest.raises(RewardError, match="reward 'short', sample 0: 1 token rewards for 2 response tokens"):
+        score_component(ShortComponent(), inputs)
+    with pytest.raises(RewardError, match="reward 'nan', sample 1: NaN or inf"):
+        score_component(NanComponent(), inputs)
+
+
+@pytest.fixture
+def learner_and_batch(worker, builtin_model_path):
+    config = load_config(overrides=["reward.weights={exact_match: 2.0, digit_match: 0.5}", "learner.lr=1e-4"])
+    learner = Learner(config, builtin_model_path, builtin_model_path)
+    batch = worker.generate(PROMPTS, group_size=8, step=9)
+    scores = RewardWorker(builtin_model_path, ["exact_match", "digit_match"]).score(batch)
+    for name in scores.column_names:
+        batch = batch.append_column(name, scores.column(name))
+    return learner, batch
+
+
+def test_learner_step_applies_weights_exactly_and_publishes_loadable_weights(learner_and_batch, worker):
+    learner, batch = learner_and_batch
+    before = {k: v.clone() for k, v in learner.get_weights().items()}
+    metrics = learner.train_step(batch)
+    expected = 2.0 * metrics["reward/exact_match/mean"] + 0.5 * metrics["reward/digit_match/mean"]
+    assert metrics["reward/total/mean"] == pytest.approx(expected)
+    assert metrics["learner/policy_version"] == 1.0 and learner.get_version() == 1
+    assert metrics["learner/tokens"] == sum(len(r) for r in batch.column("response_ids").to_pylist())
+    weights = learner.get_weights()
+    assert all(t.device.type == "cpu" for t in weights.values())
+    assert any(not torch.equal(before[k], weights[k]) for k in weights)
+    assert worker.set_weights(weights, 1) == 1 and worker.generate(PROMPTS, 1).column("policy_version")[0].as_py() == 1
+
+
+def test_learner_raises_the_likelihood_of_winning_samples(learner_and_batch):
+    """Samples that solved a prompt some of their group failed get more likely after updates."""
+    learner, batch = learner_and_batch
+    solved = [sum(r) for r in batch.column(reward_column("exact_match")).to_pylist()]
+    groups = batch.column("group_id").to_pylist()
+    contrast = {g for g in groups if len({s for s, h in zip(solved, groups) if h == g}) > 1}
+    winners = [i for i, (s, g) in enumerate(zip(solved, groups)) if s == 1 and g in contrast]
+    assert winners, "the fixed sample batch should hold a prompt solved by some samples only"
+    sequences = build_sequences(batch.column("prompt_ids").to_pylist(), batch.column("response_ids").to_pylist(), 0)
+    mask = response_mask(batch)
+
+    def winners_logprob() -> float:
+        with torch.no_grad():
+            return float((response_logprobs(learner.model, sequences)[0] * mask)[winners].sum())
+
+    start = winners_logprob()
+    learner.train_step(batch)  # a small step (lr 1e-4): Adam's first steps move every weight by ~lr
+    assert winners_logprob() > start
+
+
+def test_learner_checkpoint_round_trip(learner_and_batch, tmp_path, builtin_model_path):
+    learner, batch = learner_and_batch
+    learner.train_step(batch)
+    learner.save(str(tmp_path))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in learner.get_weights().items())
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "tokenizer.json").is_file()
+    fresh = Learner(learner.config, str(tmp_path), builtin_model_path)
+    assert fresh.load_state(str(tmp_path)) == 1
+    assert fresh.optimizer.state_dict()["state"].keys() == learner.optimizer.state_dict()["state"].keys()
+
+
+def test_reference_model_is_frozen_when_kl_is_on(builtin_model_path, learner_and_batch):
+    _, batch = learner_and_batch
+    config = load_config(overrides=["algorithm.kl_in_reward_coef=0.05", "algorithm.kl_coef=0.01", "algorithm.kl_kind=k3"])
+    learner = Learner(config, builtin_model_path, builtin_model_path)
+    assert not any(p.requires_grad for p in learner.reference.parameters())
+    metrics = learner.train_step(batch)
+    assert metrics["policy/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the update
+    learner.train_step(batch)
+    assert load_model(builtin_model_path).state_dict().keys() == learner.reference.state_dict().keys()

@@ -1,0 +1,58 @@
+"""Config loading: YAML + dotted overrides, validation errors naming the key."""
+
+import pytest
+
+from pipeline.config import describe_fields, load_config, save_config
+from pipeline.errors import ConfigError
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("trainer:\n  total_steps: 7\nreward:\n  weights: {exact_match: 2.0}\n")
+    config = load_config(path, ["rollout.group_size=4", "algorithm.is_cap=2.5", "algorithm.whiten=true"])
+    assert config.trainer.total_steps == 7
+    assert config.reward.weights == {"exact_match": 2.0}
+    assert config.rollout.group_size == 4 and config.algorithm.is_cap == 2.5 and config.algorithm.whiten is True
+    assert config.model.path is None and config.seed == 0
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(overrides=["reward.weights.digit_match=0.25", "seed=3"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.total_step=5", "'trainer.total_step': unknown config key"),
+        ("trainer.total_steps=many", "'trainer.total_steps': Input should be a valid integer"),
+        ("rollout.num_workers=0", "'rollout.num_workers': Input should be greater than or equal to 1"),
+        ("reward.num_workers=0", "'reward.num_workers': Input should be greater than or equal to 1"),
+        ("reward.weights.bleu=1.0", "'reward.weights': unknown reward component 'bleu'"),
+        ("algorithm.estimator=gae", "'algorithm.estimator': unknown estimator 'gae'"),
+        ("algorithm.agg=sum", "'algorithm.agg': unknown aggregation 'sum'"),
+        ("trainer.eval_metrics=[accuracy]", "'trainer.eval_metrics': unknown reward component 'accuracy'"),
+        ("reward.weights={}", "'reward.weights': Value should have at least 1 item"),
+        ("rollout=3", "'rollout': Input should be a valid dictionary"),
+        ("total_steps", "is not key=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=[override])
+    assert message in str(error.value)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file '.*nope.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_every_key_is_documented():
+    lines = describe_fields()
+    assert any(line.startswith("trainer.total_steps = 200  # Number of learner updates.") for line in lines)
+    assert all("# None" not in line for line in lines), [line for line in lines if "# None" in line]
