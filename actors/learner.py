@@ -16,7 +16,7 @@ from pipeline.advantages import compute_advantages, kl_penalty
 from pipeline.batch import pad_right, response_mask, reward_column
 from pipeline.config import TrainConfig
 from pipeline.loss import policy_loss
-from pipeline.models import build_sequences, load_model, load_tokenizer, response_logprobs
+from pipeline.models import build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
 
 LEARNER_STATE = "learner_state.pt"
 
@@ -43,7 +43,7 @@ class Learner:
         self.policy_version = 0
 
     def train_step(self, batch: pa.Table) -> dict[str, float]:
-        algo, rollout = self.config.algorithm, self.config.rollout
+        algo = self.config.algorithm
         mask = response_mask(batch).to(self.device)
         behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist()).to(self.device)
         group_ids = torch.tensor(batch.column("group_id").to_pylist(), device=self.device)
@@ -95,8 +95,7 @@ class Learner:
         totals = {"loss/policy": 0.0}
         for start in range(0, batch_size, cfg.micro_batch_size):
             rows = slice(start, start + cfg.micro_batch_size)
-            micro = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in sequences.items()}
-            logprobs, entropy = response_logprobs(self.model, micro, self.config.rollout.temperature)
+            logprobs, entropy = response_logprobs(self.model, select_rows(sequences, rows), self.config.rollout.temperature)
             loss, parts = policy_loss(
                 logprobs,
                 behaviour[rows],
@@ -131,7 +130,7 @@ class Learner:
         size = self.config.learner.micro_batch_size
         chunks = []
         for start in range(0, sequences["input_ids"].shape[0], size):
-            micro = {k: (v[start : start + size] if torch.is_tensor(v) else v) for k, v in sequences.items()}
+            micro = select_rows(sequences, slice(start, start + size))
             chunks.append(response_logprobs(self.reference, micro, self.config.rollout.temperature)[0])
         return torch.cat(chunks)
 

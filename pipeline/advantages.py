@@ -8,7 +8,7 @@ The formulas are explained, with the reasons they are unbiased, in docs/algorith
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -7,8 +7,9 @@ documentation (`tokenforge train --help-config` prints them).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Iterable
+from typing import Annotated, Any
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -206,9 +207,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-    for text in overrides:
-        apply_override(data, *parse_override(text))
-    return validate_config(data)
+    config = validate_config(data)
+    if overrides:  # applied to the effective values, so `reward.weights.x=1` keeps the other weights
+        data = config.model_dump(mode="json")
+        for text in overrides:
+            apply_override(data, *parse_override(text))
+        config = validate_config(data)
+    return config
 
 
 def validate_config(data: dict) -> TrainConfig:

@@ -8,7 +8,7 @@ summed over micro-batches equals the gradient of one big batch. See docs/algorit
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.errors import TokenforgeError
@@ -51,6 +52,8 @@ def context_length(path: str | Path, trust_remote_code: bool = False) -> int:
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False, device: str = "cpu") -> torch.nn.Module:
+    transformers.logging.set_verbosity_error()  # no per-load progress bars in every actor's log
+    transformers.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(
         check_model_dir(path), trust_remote_code=trust_remote_code, dtype=torch.float32
     )
@@ -76,6 +79,11 @@ def build_sequences(
         "position_ids": positions_from_mask(attention).to(device),
         "prompt_width": prompt_width,
     }
+
+
+def select_rows(sequences: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    """A micro-batch of `build_sequences` output (the prompt width stays that of the whole batch)."""
+    return {k: (v[rows] if torch.is_tensor(v) else v) for k, v in sequences.items()}
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, split in [("eval", pairs[:EVAL_SIZE]), ("train", pairs[EVAL_SIZE:])]:
         with open(args.out / f"{name}.jsonl", "w") as f:
-            for a, b in split:
-                f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+            f.writelines(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n" for a, b in split)
         print(f"wrote {len(split)} prompts to {args.out / f'{name}.jsonl'}")
 
 

@@ -16,6 +16,13 @@ def test_defaults_and_overrides(tmp_path):
     assert config.model.path is None and config.seed == 0
 
 
+def test_override_inside_a_mapping_keeps_its_other_entries(tmp_path):
+    assert load_config(overrides=["reward.weights.digit_match=1.5"]).reward.weights == {"exact_match": 1.0, "digit_match": 1.5}
+    path = tmp_path / "run.yaml"
+    path.write_text("reward:\n  weights: {exact_match: 2.0}\n")  # a file's mapping replaces the default one
+    assert load_config(path, ["reward.weights.digit_match=0.1"]).reward.weights == {"exact_match": 2.0, "digit_match": 0.1}
+
+
 def test_resolved_config_round_trips(tmp_path):
     config = load_config(overrides=["reward.weights.digit_match=0.25", "seed=3"])
     save_config(config, tmp_path / "config.yaml")

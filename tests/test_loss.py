@@ -3,9 +3,9 @@
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 
 from pipeline.loss import AGGREGATIONS, policy_loss
 from pipeline.tiny_model import make_char_tokenizer, make_tiny_gpt2
