@@ -59,11 +59,11 @@ class DataConfig(Section):
 
 
 class TrainerConfig(Section):
-    total_steps: int = Field(200, ge=1)
+    total_steps: int = Field(400, ge=1)
     """Number of learner updates."""
-    prompts_per_step: int = Field(32, ge=1)
+    prompts_per_step: int = Field(64, ge=1)
     """Prompts drawn per step; each is sampled rollout.group_size times."""
-    eval_every: int = Field(20, ge=1)
+    eval_every: int = Field(25, ge=1)
     """Greedy held-out evaluation every N steps (and at step 0 and the last step)."""
     eval_metrics: ComponentNames = ["exact_match"]
     """Reward components scored on eval samples and reported as eval/<name> (fractions)."""
@@ -136,13 +136,13 @@ class AlgorithmConfig(Section):
 
 
 class LearnerConfig(Section):
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(5e-4, gt=0)
     """AdamW learning rate."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """AdamW (beta1, beta2)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(10, ge=0)
     """Linear learning-rate warm-up over this many updates (tames Adam's first, sign-like steps)."""
     grad_clip: float = Field(1.0, gt=0)
     """Clip the global gradient norm to this value."""

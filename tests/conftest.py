@@ -1,6 +1,7 @@
 """Shared fixtures: one real local Ray per test session (token auth, temp HOME), tiny models."""
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -10,7 +11,10 @@ import pytest
 _HOME = tempfile.mkdtemp(prefix="tokenforge-test-home-")
 os.environ["HOME"] = _HOME
 os.environ["RAY_AUTH_MODE"] = "token"
-os.environ["RAY_AUTH_TOKEN_PATH"] = str(Path(_HOME) / ".ray" / "auth_token")
+_TOKEN = Path(_HOME) / ".ray" / "auth_token"
+_TOKEN.parent.mkdir()
+_TOKEN.write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
 os.environ.pop("RAY_ADDRESS", None)
 
 

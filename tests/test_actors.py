@@ -175,3 +175,20 @@ def test_reference_model_is_frozen_when_kl_is_on(builtin_model_path, learner_and
     assert metrics["policy/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the update
     learner.train_step(batch)
     assert load_model(builtin_model_path).state_dict().keys() == learner.reference.state_dict().keys()
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_learner_micro_batches_give_the_full_batch_gradient(learner_and_batch, builtin_model_path, agg):
+    _, batch = learner_and_batch
+    runs = []
+    for micro in (5, 1000):
+        config = load_config(overrides=[f"learner.micro_batch_size={micro}", f"algorithm.agg={agg}"])
+        learner = Learner(config, builtin_model_path, builtin_model_path)
+        grads = {}
+        learner.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in learner.model.named_parameters()})
+        runs.append((grads, learner.train_step(batch)))
+    (small, small_metrics), (full, full_metrics) = runs
+    assert small_metrics["loss/policy"] == pytest.approx(full_metrics["loss/policy"], abs=1e-6)
+    assert small_metrics["loss/grad_norm"] == pytest.approx(full_metrics["loss/grad_norm"], rel=1e-4)
+    assert all(torch.allclose(small[n], full[n], atol=1e-6) for n in full)

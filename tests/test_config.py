@@ -61,5 +61,5 @@ def test_missing_and_malformed_config_files(tmp_path):
 
 def test_every_key_is_documented():
     lines = describe_fields()
-    assert any(line.startswith("trainer.total_steps = 200  # Number of learner updates.") for line in lines)
+    assert any(line.startswith("trainer.total_steps = 400  # Number of learner updates.") for line in lines)
     assert all("# None" not in line for line in lines), [line for line in lines if "# None" in line]
