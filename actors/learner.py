@@ -70,9 +70,18 @@ class Learner:
             token_rewards = token_rewards - algo.kl_in_reward_coef * kl_penalty(behaviour, ref_logprobs, algo.kl_kind) * mask
         advantages = compute_advantages(algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten)
 
+        # A sample whose advantages are all 0 has no policy-gradient term: with no KL/entropy loss it
+        # can be left out, so the forward/backward pass only runs on informative samples (DAPO-style).
+        keep = torch.arange(len(mask), device=self.device)
+        if algo.skip_zero_advantage and algo.kl_coef == 0 and algo.entropy_coef == 0:
+            keep = keep[(advantages != 0).any(dim=1)]
+        metrics["learner/kept_frac"] = len(keep) / len(mask)
         totals: dict[str, float] = {}
-        for _ in range(self.config.learner.updates_per_batch):
-            totals = self._update(sequences, behaviour, advantages, mask, ref_logprobs)
+        if len(keep):
+            kept = (select_rows(sequences, keep), behaviour[keep], advantages[keep], mask[keep])
+            kept_ref = None if ref_logprobs is None else ref_logprobs[keep]
+            for _ in range(self.config.learner.updates_per_batch):
+                totals = self._update(*kept, kept_ref)
         self.policy_version += 1
         lengths = mask.sum(1)
         metrics.update(totals)

@@ -129,6 +129,8 @@ class AlgorithmConfig(Section):
     """KL estimator: k1, k2 or k3."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus coefficient."""
+    skip_zero_advantage: bool = True
+    """Leave samples whose advantages are all 0 out of the update (no policy gradient; not with KL/entropy loss)."""
 
     @property
     def needs_reference(self) -> bool:

@@ -81,8 +81,8 @@ def build_sequences(
     }
 
 
-def select_rows(sequences: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
-    """A micro-batch of `build_sequences` output (the prompt width stays that of the whole batch)."""
+def select_rows(sequences: dict[str, torch.Tensor], rows: slice | torch.Tensor) -> dict[str, torch.Tensor]:
+    """Some rows of `build_sequences` output (the prompt width stays that of the whole batch)."""
     return {k: (v[rows] if torch.is_tensor(v) else v) for k, v in sequences.items()}
 
 

@@ -192,3 +192,19 @@ def test_learner_micro_batches_give_the_full_batch_gradient(learner_and_batch, b
     assert small_metrics["loss/policy"] == pytest.approx(full_metrics["loss/policy"], abs=1e-6)
     assert small_metrics["loss/grad_norm"] == pytest.approx(full_metrics["loss/grad_norm"], rel=1e-4)
     assert all(torch.allclose(small[n], full[n], atol=1e-6) for n in full)
+
+
+def test_samples_without_advantage_are_left_out_of_the_update(learner_and_batch, worker, builtin_model_path):
+    learner, _ = learner_and_batch
+    greedy = worker.generate(PROMPTS, group_size=4, greedy=True)  # identical samples per group: A = 0 everywhere
+    scores = RewardWorker(builtin_model_path, ["exact_match", "digit_match"]).score(greedy)
+    for name in scores.column_names:
+        greedy = greedy.append_column(name, scores.column(name))
+    before = learner.get_weights()
+    metrics = learner.train_step(greedy)
+    assert metrics["learner/kept_frac"] == 0.0 and "loss/policy" not in metrics
+    assert all(torch.equal(before[k], v) for k, v in learner.get_weights().items())
+    assert metrics["learner/policy_version"] == 1.0
+
+    config = load_config(overrides=["algorithm.skip_zero_advantage=false"])
+    assert Learner(config, builtin_model_path, builtin_model_path).train_step(greedy)["learner/kept_frac"] == 1.0
