@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -172,6 +173,14 @@ class Pipeline:
         return {f"eval/{name}": mean_reward(scored, name) for name in names}
 
 
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """timings[key] = seconds spent in the with-block."""
+    start = time.time()
+    yield
+    timings[key] = time.time() - start
+
+
 def train(config: TrainConfig, resume: bool = False, report: Report | None = None) -> dict[str, float]:
     """Run (or resume) training; returns the last step's metrics record."""
     config = with_builtin_defaults(config)
@@ -203,17 +212,17 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
             if report:
                 report(record, None)
         for step in range(state["step"] + 1, trainer_cfg.total_steps + 1):
-            timings, start = {}, time.time()
-            prompts = sampler.next_batch(first_group_id=step * trainer_cfg.prompts_per_step)
-            rollouts = pipeline.generate(prompts, step)
-            timings["time/rollout_s"] = time.time() - start
-            rollouts = pipeline.score(rollouts, list(config.reward.weights))
-            timings["time/reward_s"] = time.time() - start - sum(timings.values())
-            metrics = pipeline.learner.call_all("train_step", rollouts)[0]
-            timings["time/learn_s"] = time.time() - start - sum(timings.values())
-            pipeline.sync_weights()
-            timings["time/sync_s"] = time.time() - start - sum(timings.values())
-            timings["time/step_s"] = time.time() - start
+            timings: dict[str, float] = {}
+            with timed(timings, "time/step_s"):
+                prompts = sampler.next_batch(first_group_id=step * trainer_cfg.prompts_per_step)
+                with timed(timings, "time/rollout_s"):
+                    rollouts = pipeline.generate(prompts, step)
+                with timed(timings, "time/reward_s"):
+                    rollouts = pipeline.score(rollouts, list(config.reward.weights))
+                with timed(timings, "time/learn_s"):
+                    metrics = pipeline.learner.call_all("train_step", rollouts)[0]
+                with timed(timings, "time/sync_s"):
+                    pipeline.sync_weights()
             metrics.update(timings)
             metrics["throughput/tokens_per_s"] = metrics["learner/tokens"] / timings["time/step_s"]
             metrics["throughput/samples_per_s"] = rollouts.num_rows / timings["time/step_s"]

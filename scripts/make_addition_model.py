@@ -4,7 +4,7 @@ Trains on the built-in training prompts (loss on answer tokens and EOS only) and
 greedy exact match on the eval set reaches --target, so that RL has room to improve it. Saves a
 HF-format model (safetensors) + tokenizer. Deterministic for a given seed on CPU.
 
-    python scripts/make_addition_model.py [--target 0.3] [--out pipeline/assets/addition/model]
+    python scripts/make_addition_model.py [--target 0.45] [--out pipeline/assets/addition/model]
 """
 
 import argparse
@@ -35,11 +35,11 @@ def exact_match(worker: RolloutWorker, model: torch.nn.Module, rows: list[dict])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=BUILTIN_MODEL, type=Path)
-    parser.add_argument("--target", default=0.3, type=float, help="stop once eval exact match reaches this")
+    parser.add_argument("--target", default=0.45, type=float, help="stop once eval exact match reaches this")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--lr", default=2e-3, type=float)
     parser.add_argument("--batch-size", default=64, type=int)
-    parser.add_argument("--eval-every", default=50, type=int)
+    parser.add_argument("--eval-every", default=25, type=int)
     parser.add_argument("--max-steps", default=20000, type=int)
     args = parser.parse_args()
 

@@ -186,7 +186,10 @@ def test_learner_micro_batches_give_the_full_batch_gradient(learner_and_batch, b
         config = load_config(overrides=[f"learner.micro_batch_size={micro}", f"algorithm.agg={agg}"])
         learner = Learner(config, builtin_model_path, builtin_model_path)
         grads = {}
-        learner.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in learner.model.named_parameters()})
+        model = learner.model
+        learner.optimizer.step = lambda grads=grads, model=model: grads.update(
+            {n: p.grad.clone() for n, p in model.named_parameters()}
+        )
         runs.append((grads, learner.train_step(batch)))
     (small, small_metrics), (full, full_metrics) = runs
     assert small_metrics["loss/policy"] == pytest.approx(full_metrics["loss/policy"], abs=1e-6)

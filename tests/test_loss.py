@@ -110,7 +110,7 @@ def test_micro_batches_sum_to_the_full_batch_gradient(agg, loss_name):
     advantages = torch.randn(6, 5)
     lengths = [5, 1, 3, 4, 2, 5]
     mask = torch.stack([(torch.arange(5) < n).float() for n in lengths])
-    counts = dict(num_tokens=float(mask.sum()), num_seqs=6.0, max_len=8.0)
+    counts = {"num_tokens": float(mask.sum()), "num_seqs": 6.0, "max_len": 8.0}
 
     def loss_of(rows):
         logp = torch.nn.functional.logsigmoid(theta[rows])
