@@ -24,6 +24,12 @@ def check_same_shape(**tensors: torch.Tensor) -> None:
         raise ValueError(f"shape mismatch: {listed}; all must be (batch, tokens)")
 
 
+def check_known(kind: str, name: str, known) -> None:
+    """Raise ValueError when `name` is not in the registry `known`, listing the known names."""
+    if name not in known:
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(known))}")
+
+
 def check_finite(name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
     """Raise ValueError naming the first sample whose valid entries hold NaN or inf."""
     bad = ~torch.isfinite(values) & mask.bool()
@@ -57,16 +63,15 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1   (log-ratio clamped to [-20, 20] so exp stays finite)
     Masking is the caller's job.
     """
+    check_known("KL kind", kind, KL_KINDS)
     check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
     log_ratio = logprobs.to(torch.float32) - ref_logprobs.to(torch.float32)
     if kind == "k1":
         return log_ratio
     if kind == "k2":
         return 0.5 * log_ratio.square()
-    if kind == "k3":
-        ref_over_pi = (-log_ratio).clamp(-20.0, 20.0)
-        return torch.exp(ref_over_pi) - ref_over_pi - 1.0
-    raise ValueError(f"unknown KL kind {kind!r}; known: {', '.join(KL_KINDS)}")
+    ref_over_pi = (-log_ratio).clamp(-20.0, 20.0)  # k3
+    return torch.exp(ref_over_pi) - ref_over_pi - 1.0
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -178,8 +183,7 @@ def compute_advantages(
 
     `whiten=None` takes the estimator's default (on for reinforce++ variants, off otherwise).
     """
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {name!r}; known: {', '.join(sorted(ESTIMATORS))}")
+    check_known("advantage estimator", name, ESTIMATORS)
     mask = mask.to(torch.float32)
     returns = returns_to_go(token_rewards, mask, gamma)
     advantages = ESTIMATORS[name](returns, mask, group_ids.to(returns.device)) * mask

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.advantages import ESTIMATORS, KL_KINDS
+from pipeline.advantages import ESTIMATORS, KL_KINDS, check_known
 from pipeline.errors import ConfigError
 from pipeline.loss import AGGREGATIONS, LOSSES
 from pipeline.rewards import COMPONENTS
@@ -24,10 +24,8 @@ def one_of(what: str, known: Iterable[str]) -> AfterValidator:
     """Validator: every name in the value (a name, a list or a dict's keys) must be in `known`."""
 
     def check(value):
-        names = [value] if isinstance(value, str) else list(value)
-        for name in names:
-            if name not in known:
-                raise ValueError(f"unknown {what} {name!r}; known: {', '.join(sorted(known))}")
+        for name in [value] if isinstance(value, str) else value:
+            check_known(what, name, known)
         return value
 
     return AfterValidator(check)

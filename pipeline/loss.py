@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.advantages import check_finite, check_same_shape, kl_penalty
+from pipeline.advantages import check_finite, check_known, check_same_shape, kl_penalty
 
 TokenLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 LOSSES: dict[str, TokenLoss] = {}
@@ -60,11 +60,6 @@ AGGREGATIONS: dict[str, Aggregation] = {
 }
 
 
-def _known(kind: str, name: str, registry: dict) -> None:
-    if name not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
-
-
 def policy_loss(
     logprobs: torch.Tensor,
     behaviour_logprobs: torch.Tensor,
@@ -91,8 +86,8 @@ def policy_loss(
     num_tokens / num_seqs: the global counts of the whole update (default: this batch's);
     max_len: the fixed length of `seq-mean-token-sum-norm` (default: tokens dimension).
     """
-    _known("loss", loss, LOSSES)
-    _known("aggregation", agg, AGGREGATIONS)
+    check_known("loss", loss, LOSSES)
+    check_known("aggregation", agg, AGGREGATIONS)
     check_same_shape(logprobs=logprobs, behaviour_logprobs=behaviour_logprobs, advantages=advantages, mask=mask)
     mask = mask.to(torch.float32)
     check_finite("advantages", advantages, mask)

@@ -22,12 +22,14 @@ from actors.learner import Learner
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline import checkpoint
+from pipeline.actor_group import ActorGroup
 from pipeline.batch import mean_reward, reward_column
 from pipeline.config import TrainConfig, save_config
 from pipeline.data import PromptSampler, load_prompts
 from pipeline.errors import TokenforgeError
 from pipeline.metrics_log import METRICS_FILE, MetricsLog
 from pipeline.models import BUILTIN_EVAL, BUILTIN_MODEL, BUILTIN_TRAIN, context_length, load_tokenizer
+from pipeline.rewards import COMPONENTS
 
 Report = Callable[[dict, Path | None], None]
 
@@ -60,18 +62,13 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table]:
     if config.data.max_eval_samples:
         eval_table = eval_table.slice(0, config.data.max_eval_samples)
     eval_table = eval_table.append_column("group_id", pa.array(range(eval_table.num_rows), pa.int64()))
-    needed = {c for name in (*config.reward.weights, *config.trainer.eval_metrics) for c in _required_columns(name)}
+    components = (*config.reward.weights, *config.trainer.eval_metrics)
+    needed = {column for name in components for column in COMPONENTS[name].required_columns}
     for key, table in [("data.train_file", train_table), ("data.eval_file", eval_table)]:
         missing = sorted(needed - set(table.column_names))
         if missing:
             raise TokenforgeError(f"{key}: the reward components need fields {missing}, missing from the file")
     return train_table, eval_table
-
-
-def _required_columns(component: str) -> tuple[str, ...]:
-    from pipeline.rewards import COMPONENTS
-
-    return COMPONENTS[component].required_columns
 
 
 def connect_ray(config: TrainConfig) -> None:
@@ -111,8 +108,6 @@ class Pipeline:
     """The driver's handles on the three actor roles."""
 
     def __init__(self, config: TrainConfig, policy_path: str, run_id: str):
-        from pipeline.actor_group import ActorGroup
-
         self.config = config
         timeout = config.trainer.actor_timeout_s
         rollout = config.rollout
