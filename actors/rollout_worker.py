@@ -5,6 +5,8 @@ A plain class; the driver wraps it with `ray.remote` (see pipeline/actor_group.p
 
 from __future__ import annotations
 
+import inspect
+
 import pyarrow as pa
 import torch
 
@@ -40,6 +42,8 @@ class RolloutWorker:
         self.device = "cuda" if config.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.model = load_model(model_path, trust_remote_code, self.device).eval()
+        # the KV-cache keyword: `cache` since transformers 5.24, `past_key_values` before and in most remote code
+        self.cache_key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.seed = seed
         self.generator = torch.Generator(device=self.device)
         self.policy_version = 0
@@ -110,7 +114,7 @@ class RolloutWorker:
                 input_ids=token[:, None],
                 attention_mask=attention,
                 position_ids=positions,
-                cache=out.cache,
+                **{self.cache_key: getattr(out, self.cache_key)},
                 use_cache=True,
             )
         return torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu()
