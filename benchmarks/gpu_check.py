@@ -1,0 +1,101 @@
+"""GPU check: the rollout-worker and learner classes on CUDA, without Ray, for two model sizes.
+
+`tiny` is the shipped addition model; `100m` is a random-init char-level GPT-2 (14 layers x 768,
+about 100M parameters). For each: generate prompts x group_size samples, score them with the
+built-in rewards, take learner steps and publish weights to the worker; print one JSON line per
+step with times, throughput and peak GPU memory. Falls back to CPU when no GPU is visible.
+
+    python benchmarks/gpu_check.py [--sizes tiny 100m] [--prompts 64] [--steps 3]
+
+On the device machine (no Ray, no pydantic there): bash benchmarks/gpu_check.sh, with pydantic,
+pydantic-core, annotated-types and typing-inspection carried as wheels in .whl/.
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from actors.learner import Learner
+from actors.reward_worker import RewardWorker
+from actors.rollout_worker import RolloutWorker
+from pipeline.config import load_config
+from pipeline.models import BUILTIN_MODEL, BUILTIN_TRAIN
+from pipeline.tiny_model import make_char_tokenizer, make_tiny_gpt2
+
+
+def model_dir(size: str, workdir: Path) -> Path:
+    if size == "tiny":
+        return BUILTIN_MODEL
+    tokenizer = make_char_tokenizer("0123456789+=")
+    model = make_tiny_gpt2(tokenizer, n_embd=768, n_layer=14, n_head=12, n_positions=64)
+    path = workdir / size
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def check(size: str, path: Path, prompts: int, steps: int) -> None:
+    gpu = torch.cuda.is_available()
+    config = load_config(overrides=[f"rollout.num_gpus_per_worker={int(gpu)}", "learner.micro_batch_size=128"])
+    worker = RolloutWorker(str(path), config.rollout, seed=0)
+    learner = Learner(config, str(path), str(path), use_gpu=gpu)
+    scorer = RewardWorker(str(path), list(config.reward.weights))
+    rows = [json.loads(line) for line in BUILTIN_TRAIN.read_text().splitlines()[:prompts]]
+    table = pa.Table.from_pylist([{**row, "group_id": i} for i, row in enumerate(rows)])
+    params = sum(p.numel() for p in learner.model.parameters())
+    for step in range(1, steps + 1):
+        times = {}
+        start = time.time()
+        batch = worker.generate(table, config.rollout.group_size, step=step)
+        synchronize()
+        times["rollout_s"] = time.time() - start
+        scores = scorer.score(batch)
+        for name in scores.column_names:
+            batch = batch.append_column(name, scores.column(name))
+        start = time.time()
+        metrics = learner.train_step(batch)
+        synchronize()
+        times["learn_s"] = time.time() - start
+        start = time.time()
+        worker.set_weights(learner.get_weights(), learner.get_version())
+        synchronize()
+        times["sync_s"] = time.time() - start
+        tokens = sum(len(ids) for ids in batch.column("response_ids").to_pylist())
+        record = {
+            "size": size,
+            "params_M": round(params / 1e6, 1),
+            "device": worker.device,
+            "step": step,
+            "samples": batch.num_rows,
+            **{k: round(v, 4) for k, v in times.items()},
+            "gen_tokens_per_s": round(tokens / times["rollout_s"]),
+            "learn_tokens_per_s": round(tokens / times["learn_s"]),
+            "reward_total": round(metrics["reward/total/mean"], 4),
+            "peak_gpu_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
+        }
+        print(json.dumps(record), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "100m"], choices=["tiny", "100m"])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as workdir:
+        for size in args.sizes:
+            check(size, model_dir(size, Path(workdir)), args.prompts, args.steps)
+
+
+if __name__ == "__main__":
+    main()
