@@ -99,11 +99,9 @@ class Learner:
     def _update(self, sequences, behaviour, advantages, mask, ref_logprobs) -> dict[str, float]:
         """One optimizer step over all micro-batches; losses are normalised by global counts."""
         algo, cfg = self.config.algorithm, self.config.learner
-        batch_size = mask.shape[0]
-        counts = {"num_tokens": float(mask.sum()), "num_seqs": float(batch_size), "max_len": float(self.config.rollout.max_new_tokens)}
+        counts = {"num_tokens": float(mask.sum()), "num_seqs": float(mask.shape[0]), "max_len": float(self.config.rollout.max_new_tokens)}
         totals = {"loss/policy": 0.0}
-        for start in range(0, batch_size, cfg.micro_batch_size):
-            rows = slice(start, start + cfg.micro_batch_size)
+        for rows in self._micro_batches(mask.shape[0]):
             logprobs, entropy = response_logprobs(self.model, select_rows(sequences, rows), self.config.rollout.temperature)
             loss, parts = policy_loss(
                 logprobs,
@@ -134,14 +132,19 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         return totals
 
+    def _micro_batches(self, batch_size: int) -> list[slice]:
+        size = self.config.learner.micro_batch_size
+        return [slice(start, start + size) for start in range(0, batch_size, size)]
+
     @torch.no_grad()
     def _reference_logprobs(self, sequences) -> torch.Tensor:
-        size = self.config.learner.micro_batch_size
-        chunks = []
-        for start in range(0, sequences["input_ids"].shape[0], size):
-            micro = select_rows(sequences, slice(start, start + size))
-            chunks.append(response_logprobs(self.reference, micro, self.config.rollout.temperature)[0])
-        return torch.cat(chunks)
+        temperature = self.config.rollout.temperature
+        return torch.cat(
+            [
+                response_logprobs(self.reference, select_rows(sequences, rows), temperature)[0]
+                for rows in self._micro_batches(sequences["input_ids"].shape[0])
+            ]
+        )
 
     def get_version(self) -> int:
         return self.policy_version

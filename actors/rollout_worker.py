@@ -64,7 +64,8 @@ class RolloutWorker:
         depend on which worker drew it, nor on whether the run was resumed.
         """
         self.generator.manual_seed(hash((self.seed, step, prompts.column("group_id")[0].as_py())) % 2**63)
-        rows = torch.arange(prompts.num_rows).repeat_interleave(group_size)
+        rows = torch.arange(prompts.num_rows).repeat_interleave(group_size)  # prompt row of each sample
+        row_list = rows.tolist()
         texts = prompts.column("prompt").to_pylist()
         prompt_ids = self.tokenizer(texts, add_special_tokens=False).input_ids
         encoded = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")  # left padding
@@ -82,14 +83,14 @@ class RolloutWorker:
         group_ids = prompts.column("group_id").to_pylist()
         core = {
             "sample_id": [group_ids[r] * group_size + k for r in range(prompts.num_rows) for k in range(group_size)],
-            "group_id": [group_ids[r] for r in rows.tolist()],
-            "prompt": [texts[r] for r in rows.tolist()],
-            "prompt_ids": [prompt_ids[r] for r in rows.tolist()],
+            "group_id": [group_ids[r] for r in row_list],
+            "prompt": [texts[r] for r in row_list],
+            "prompt_ids": [prompt_ids[r] for r in row_list],
             "response_ids": response_ids,
             "behaviour_logprobs": behaviour,
             "completion": self.tokenizer.batch_decode(response_ids, skip_special_tokens=True),
             "finished": finished,
-            "policy_version": [self.policy_version] * len(rows),
+            "policy_version": [self.policy_version] * len(row_list),
         }
         return make_rollout_table(core, prompts.take(pa.array(rows.numpy())))
 

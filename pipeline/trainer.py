@@ -44,12 +44,17 @@ def with_builtin_defaults(config: TrainConfig) -> TrainConfig:
 
 
 def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table]:
-    """Train and eval prompts, checked against the model's tokenizer and context length."""
+    """Train and eval prompts, checked against the reward components, tokenizer and context length."""
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     limit = context_length(config.model.path, config.model.trust_remote_code)
+    components = (*config.reward.weights, *config.trainer.eval_metrics)
+    needed = {column for name in components for column in COMPONENTS[name].required_columns}
     tables = []
     for key, path in [("data.train_file", config.data.train_file), ("data.eval_file", config.data.eval_file)]:
         table = load_prompts(path, key)
+        missing = sorted(needed - set(table.column_names))
+        if missing:
+            raise TokenforgeError(f"{key}: the reward components need fields {missing}, missing from the file")
         lengths = [len(ids) for ids in tokenizer(table.column("prompt").to_pylist(), add_special_tokens=False).input_ids]
         longest = max(range(len(lengths)), key=lengths.__getitem__)
         if lengths[longest] + config.rollout.max_new_tokens > limit:
@@ -62,12 +67,6 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table]:
     if config.data.max_eval_samples:
         eval_table = eval_table.slice(0, config.data.max_eval_samples)
     eval_table = eval_table.append_column("group_id", pa.array(range(eval_table.num_rows), pa.int64()))
-    components = (*config.reward.weights, *config.trainer.eval_metrics)
-    needed = {column for name in components for column in COMPONENTS[name].required_columns}
-    for key, table in [("data.train_file", train_table), ("data.eval_file", eval_table)]:
-        missing = sorted(needed - set(table.column_names))
-        if missing:
-            raise TokenforgeError(f"{key}: the reward components need fields {missing}, missing from the file")
     return train_table, eval_table
 
 
