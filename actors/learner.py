@@ -7,6 +7,7 @@ composite token rewards -> (KL in reward) -> advantages -> micro-batched loss ->
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,11 +15,23 @@ import torch
 
 from pipeline.advantages import compute_advantages, kl_penalty
 from pipeline.batch import pad_right, response_mask, reward_column
-from pipeline.config import TrainConfig
+from pipeline.config import LearnerConfig, TrainConfig
 from pipeline.loss import policy_loss
 from pipeline.models import build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
 
 LEARNER_STATE = "learner_state.pt"
+
+
+def lr_factor(learner: LearnerConfig, k: int, total_updates: int) -> float:
+    """Multiplier of `learner.lr` for update k (0-based)."""
+    warmup = learner.warmup_steps
+    if k < warmup:
+        return (k + 1) / (warmup + 1)  # linear warm-up
+    if learner.lr_schedule == "constant":
+        return 1.0
+    # cosine: r + (1 - r) * (1 + cos(pi * p)) / 2, p = progress after warm-up in [0, 1]
+    progress = min(1.0, (k - warmup) / max(1, total_updates - 1 - warmup))
+    return learner.min_lr_ratio + (1 - learner.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
 
 
 class Learner:
@@ -37,9 +50,8 @@ class Learner:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.learner.lr, betas=config.learner.adam_betas, weight_decay=config.learner.weight_decay
         )
-        warmup = config.learner.warmup_steps
-        # lr_k = lr * min(1, (k + 1) / (warmup + 1)) for update k
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: min(1.0, (k + 1) / (warmup + 1)))
+        total_updates = config.trainer.total_steps * config.learner.updates_per_batch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(config.learner, k, total_updates))
         self.policy_version = 0
 
     def train_step(self, batch: pa.Table) -> dict[str, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -144,6 +144,10 @@ class LearnerConfig(Section):
     """AdamW weight decay."""
     warmup_steps: int = Field(10, ge=0)
     """Linear learning-rate warm-up over this many updates (tames Adam's first, sign-like steps)."""
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    """After warm-up: keep `lr`, or decay it along a half cosine to `min_lr_ratio * lr` at the last update."""
+    min_lr_ratio: float = Field(0.3, ge=0, le=1)
+    """Final learning rate of the cosine schedule, as a fraction of `lr`."""
     grad_clip: float = Field(1.0, gt=0)
     """Clip the global gradient norm to this value."""
     micro_batch_size: int = Field(256, ge=1)

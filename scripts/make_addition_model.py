@@ -53,11 +53,18 @@ def main() -> None:
     worker = RolloutWorker(str(args.out), RolloutConfig(max_new_tokens=5, num_threads=2))
 
     train, evaluation = read_jsonl(BUILTIN_TRAIN), read_jsonl(BUILTIN_EVAL)
+    by_shape = {}  # operand digit counts -> rows, e.g. (1, 2) for "7+35="
+    for row in train:
+        by_shape.setdefault(tuple(len(x) for x in row["prompt"][:-1].split("+")), []).append(row)
+    shapes = sorted(by_shape)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    order = torch.randperm(len(train))
     start, score = time.time(), 0.0
     for step in range(1, args.max_steps + 1):
-        rows = [train[int(i)] for i in order[(step * args.batch_size) % len(train) :][: args.batch_size]]
+        # Balanced batches: every operand shape equally often, so that the warm start is partly right on
+        # each shape instead of perfect on two-digit pairs and clueless on one-digit operands (RL cannot
+        # explore its way out of a shape where every sample is wrong at the same digit).
+        picks = torch.randint(len(shapes), (args.batch_size,))
+        rows = [by_shape[shapes[s]][torch.randint(len(by_shape[shapes[s]]), ()).item()] for s in picks.tolist()]
         prompts = [tokenizer(r["prompt"]).input_ids for r in rows]
         answers = [tokenizer(r["answer"]).input_ids + [tokenizer.eos_token_id] for r in rows]
         width = max(len(p) + len(a) for p, a in zip(prompts, answers))

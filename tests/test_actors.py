@@ -5,11 +5,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from actors.learner import Learner
+from actors.learner import Learner, lr_factor
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline.batch import ROLLOUT_SCHEMA, make_rollout_table, response_mask, reward_column
-from pipeline.config import RolloutConfig, load_config
+from pipeline.config import LearnerConfig, RolloutConfig, load_config
 from pipeline.models import build_sequences, load_model, response_logprobs
 from pipeline.rewards import RewardComponent, RewardError, RewardInputs, score_component
 
@@ -211,3 +211,13 @@ def test_samples_without_advantage_are_left_out_of_the_update(learner_and_batch,
 
     config = load_config(overrides=["algorithm.skip_zero_advantage=false"])
     assert Learner(config, builtin_model_path, builtin_model_path).train_step(greedy)["learner/kept_frac"] == 1.0
+
+
+def test_learning_rate_schedule_warms_up_then_follows_the_cosine():
+    constant = LearnerConfig(warmup_steps=4, lr_schedule="constant")
+    cosine = LearnerConfig(warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.2)
+    assert [lr_factor(constant, k, 20) for k in (0, 3, 4, 19)] == [0.2, 0.8, 1.0, 1.0]
+    # after warm-up: r + (1 - r) * (1 + cos(pi * (k - 4) / 15)) / 2
+    assert [lr_factor(cosine, k, 20) for k in (0, 3, 4)] == [0.2, 0.8, 1.0]
+    assert lr_factor(cosine, 19, 20) == pytest.approx(0.2)
+    assert lr_factor(cosine, 4 + 15 / 2, 20) == pytest.approx(0.6)
