@@ -18,6 +18,7 @@ from pipeline.batch import pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, TrainConfig
 from pipeline.loss import policy_loss
 from pipeline.models import build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
+from pipeline.rewards import normalize_rewards
 
 LEARNER_STATE = "learner_state.pt"
 
@@ -48,10 +49,15 @@ class Learner:
         if config.algorithm.needs_reference:
             self.reference = load_model(reference_path, trust, self.device).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.learner.lr, betas=config.learner.adam_betas, weight_decay=config.learner.weight_decay
+            self.model.parameters(),
+            lr=config.learner.lr,
+            betas=config.learner.adam_betas,
+            weight_decay=config.learner.weight_decay,
         )
         total_updates = config.trainer.total_steps * config.learner.updates_per_batch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(config.learner, k, total_updates))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda k: lr_factor(config.learner, k, total_updates)
+        )
         self.policy_version = 0
 
     def train_step(self, batch: pa.Table) -> dict[str, float]:
@@ -66,12 +72,13 @@ class Learner:
             self.device,
         )
         metrics = {}
-        # r_t = sum_i w_i * r_{i,t}
+        # r_t = sum_i w_i * norm_i(r_i)_t  (norm_i: the component's `normalize`, identity by default)
         token_rewards = torch.zeros_like(mask)
         for name, weight in self.config.reward.weights.items():
             component = pad_right(batch.column(reward_column(name)).to_pylist()).to(self.device)
-            token_rewards += weight * component
-            per_sample = component.sum(1)
+            mode = self.config.reward.components[name].normalize
+            token_rewards += weight * normalize_rewards(component, mask, group_ids, mode)
+            per_sample = component.sum(1)  # metrics of the raw component
             metrics[f"reward/{name}/mean"] = float(per_sample.mean())
             metrics[f"reward/{name}/std"] = float(per_sample.std()) if len(per_sample) > 1 else 0.0
         metrics["reward/total/mean"] = float(token_rewards.sum(1).mean())
@@ -79,7 +86,9 @@ class Learner:
         ref_logprobs = self._reference_logprobs(sequences) if self.reference is not None else None
         if algo.kl_in_reward_coef > 0:
             # r_t -= beta * KL_t, KL of the sampling policy against the reference
-            token_rewards = token_rewards - algo.kl_in_reward_coef * kl_penalty(behaviour, ref_logprobs, algo.kl_kind) * mask
+            token_rewards = (
+                token_rewards - algo.kl_in_reward_coef * kl_penalty(behaviour, ref_logprobs, algo.kl_kind) * mask
+            )
         advantages = compute_advantages(algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten)
 
         # A sample whose advantages are all 0 has no policy-gradient term: with no KL/entropy loss it
@@ -111,10 +120,16 @@ class Learner:
     def _update(self, sequences, behaviour, advantages, mask, ref_logprobs) -> dict[str, float]:
         """One optimizer step over all micro-batches; losses are normalised by global counts."""
         algo, cfg = self.config.algorithm, self.config.learner
-        counts = {"num_tokens": float(mask.sum()), "num_seqs": float(mask.shape[0]), "max_len": float(self.config.rollout.max_new_tokens)}
+        counts = {
+            "num_tokens": float(mask.sum()),
+            "num_seqs": float(mask.shape[0]),
+            "max_len": float(self.config.rollout.max_new_tokens),
+        }
         totals = {"loss/policy": 0.0}
         for rows in self._micro_batches(mask.shape[0]):
-            logprobs, entropy = response_logprobs(self.model, select_rows(sequences, rows), self.config.rollout.temperature)
+            logprobs, entropy = response_logprobs(
+                self.model, select_rows(sequences, rows), self.config.rollout.temperature
+            )
             loss, parts = policy_loss(
                 logprobs,
                 behaviour[rows],
@@ -138,7 +153,7 @@ class Learner:
             for key, value in parts.items():
                 totals[f"policy/{key}"] = totals.get(f"policy/{key}", 0.0) + share * value
         totals["loss/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-        totals["learner/lr"] = self.scheduler.get_last_lr()[0]
+        totals["learner/lr"] = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -169,13 +184,23 @@ class Learner:
         """HF-format model + tokenizer (safetensors) and the optimizer/version/RNG state."""
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "policy_version": self.policy_version, "torch_rng": torch.get_rng_state()}
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "policy_version": self.policy_version,
+            "torch_rng": torch.get_rng_state(),
+        }
         torch.save(state, Path(directory) / LEARNER_STATE)
 
     def load_state(self, directory: str) -> int:
         state = torch.load(Path(directory) / LEARNER_STATE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The config's lr wins over the saved one (Tune's PBT may have changed it): lr_k = lr * factor(k)
+        self.scheduler.base_lrs = [self.config.learner.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.config.learner.lr
+            group["lr"] = self.config.learner.lr * self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         self.policy_version = state["policy_version"]
         torch.set_rng_state(state["torch_rng"])
         return self.policy_version

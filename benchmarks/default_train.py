@@ -17,24 +17,26 @@ import time
 from pathlib import Path
 
 
-def run_seed(seed: int, overrides: list[str], target: float, workdir: Path) -> dict:
+def run_seed(seed: int, overrides: list[str], target: float, workdir: Path, metric: str = "eval/exact_match") -> dict:
+    """One real `tokenforge train` run; its eval records and the step/time at which `metric` reached `target`."""
     out = workdir / f"seed_{seed}"
     env = {**os.environ, "HOME": str(workdir), "RAY_AUTH_MODE": "token"}
     command = [sys.executable, "-m", "pipeline.cli", "train", f"seed={seed}", f"output_dir={out}", *overrides]
     start = time.time()
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.time() - start
-    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/exact_match" in r]
-    reached = next((r for r in evals if r["eval/exact_match"] >= target), None)
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if metric in r]
+    reached = next((r for r in evals if r[metric] >= target), None)
     return {
         "seed": seed,
-        "baseline": evals[0]["eval/exact_match"],
-        "final": evals[-1]["eval/exact_match"],
-        "best": max(r["eval/exact_match"] for r in evals),
+        "baseline": evals[0][metric],
+        "final": evals[-1][metric],
+        "best": max(r[metric] for r in evals),
         "steps": evals[-1]["step"],
         "reached_step": reached["step"] if reached else None,
         "reached_s": reached["time/elapsed_s"] if reached else None,
         "wall_s": wall,
+        "curve": [(r["step"], r["time/elapsed_s"], r[metric]) for r in evals],
     }
 
 
@@ -48,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tokenforge-bench-") as workdir:
         for seed in args.seeds:
             rows.append(run_seed(seed, args.overrides, args.target, Path(workdir)))
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "curve"}), flush=True)
     print(f"\n| seed | baseline | final | best | step / time to {args.target} | wall time (command) |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -49,7 +49,7 @@ def check(size: str, path: Path, prompts: int, steps: int) -> None:
     config = load_config(overrides=[f"rollout.num_gpus_per_worker={int(gpu)}", "learner.micro_batch_size=128"])
     worker = RolloutWorker(str(path), config.rollout, seed=0)
     learner = Learner(config, str(path), str(path), use_gpu=gpu)
-    scorer = RewardWorker(str(path), list(config.reward.weights))
+    scorer = RewardWorker(config, str(path), list(config.reward.weights))
     rows = [json.loads(line) for line in BUILTIN_TRAIN.read_text().splitlines()[:prompts]]
     table = pa.Table.from_pylist([{**row, "group_id": i} for i, row in enumerate(rows)])
     params = sum(p.numel() for p in learner.model.parameters())
@@ -59,9 +59,7 @@ def check(size: str, path: Path, prompts: int, steps: int) -> None:
         batch = worker.generate(table, config.rollout.group_size, step=step)
         synchronize()
         times["rollout_s"] = time.time() - start
-        scores = scorer.score(batch)
-        for name in scores.column_names:
-            batch = batch.append_column(name, scores.column(name))
+        batch, _ = scorer.score_all(batch, list(config.reward.weights))
         start = time.time()
         metrics = learner.train_step(batch)
         synchronize()

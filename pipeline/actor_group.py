@@ -10,6 +10,12 @@ import ray
 from pipeline.errors import TokenforgeError
 
 
+def shard_bounds(num_rows: int, parts: int) -> list[tuple[int, int]]:
+    """(start, length) of at most `parts` contiguous, near-equal, non-empty shards covering num_rows rows."""
+    size = max(1, -(-num_rows // parts))  # ceil
+    return [(start, min(size, num_rows - start)) for start in range(0, num_rows, size)]
+
+
 class ActorGroup:
     def __init__(
         self,
@@ -20,18 +26,27 @@ class ActorGroup:
         run_id: str,
         num_cpus: float,
         num_gpus: float,
+        resources: dict[str, float],
         timeout_s: float,
         init_args: tuple = (),
         max_restarts: int = 0,
     ):
         self.role, self.timeout_s = role, timeout_s
-        remote_cls = ray.remote(cls)
-        self.actors = [
-            remote_cls.options(
-                name=f"tokenforge-{run_id}-{role}-{i}", num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts
-            ).remote(*init_args)
-            for i in range(count)
-        ]
+        self.run_id, self.init_args, self.replaced = run_id, init_args, 0
+        self.remote_cls = ray.remote(cls)
+        self.options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources, "max_restarts": max_restarts}
+        self.actors = [self._start(f"{i}") for i in range(count)]
+
+    def _start(self, suffix: str):
+        name = f"tokenforge-{self.run_id}-{self.role}-{suffix}"
+        return self.remote_cls.options(name=name, **self.options).remote(*self.init_args)
+
+    def replace(self, i: int) -> None:
+        """Kill actor i for good and start a fresh one in its place; returns once it is up."""
+        ray.kill(self.actors[i], no_restart=True)
+        self.replaced += 1
+        self.actors[i] = self._start(f"{i}-{self.replaced}")
+        self.get([self.actors[i].__ray_ready__.remote()])
 
     def get(self, refs: list) -> list:
         """Results of `refs`, or an error naming the role if one takes longer than the timeout."""
@@ -47,13 +62,16 @@ class ActorGroup:
                 raise TokenforgeError(f"{self.role}: {cause}") from None
             raise
 
+    def node_ids(self) -> list[str]:
+        """The Ray node each actor runs on."""
+        return self.get([a.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for a in self.actors])
+
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list:
         return self.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
 
     def submit_shards(self, method: str, table: pa.Table, **kwargs: Any) -> list:
         """Split `table` into one contiguous shard per actor and start `method(shard, **kwargs)` on each."""
-        size = -(-table.num_rows // len(self.actors))  # ceil
-        shards = [table.slice(start, size) for start in range(0, table.num_rows, size)]
+        shards = [table.slice(start, length) for start, length in shard_bounds(table.num_rows, len(self.actors))]
         return [getattr(actor, method).remote(shard, **kwargs) for actor, shard in zip(self.actors, shards)]
 
     def map_shards(self, method: str, table: pa.Table, **kwargs: Any) -> pa.Table:

@@ -1,9 +1,12 @@
-"""`tokenforge` command line: train, eval.
+"""`tokenforge` command line: train, eval, tune.
 
     tokenforge train [-c CONFIG] [key=value ...]      train (default: the built-in addition task)
     tokenforge train --resume OUTPUT_DIR [key=value]  continue a run from its latest checkpoint
     tokenforge eval CHECKPOINT_DIR [--data FILE]      greedy eval metrics of any checkpoint
     tokenforge train --help-config                    every config key with its default and meaning
+    tokenforge tune SPEC.yaml [key=value ...]         Ray Tune search over whole pipelines
+    tokenforge tune --resume EXPERIMENT_DIR           continue an interrupted search
+    tokenforge validate-cluster FILE                  Ray schema + security checks of a cluster YAML
 
 Errors in the user's input print one line and exit 2; `--debug` shows the traceback.
 """
@@ -34,7 +37,37 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="eval prompts (.jsonl/.parquet); default: the run's eval file or the built-in one")
     evaluate.add_argument("--debug", action="store_true", help="show tracebacks")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. trainer.eval_metrics=[exact_match])")
+
+    tuning = commands.add_parser("tune", help="Ray Tune search over whole pipelines (see docs/tuning.md)")
+    tuning.add_argument("spec", nargs="?", help="tune spec YAML (base config, search space, tune block)")
+    tuning.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted experiment")
+    tuning.add_argument("--debug", action="store_true", help="show tracebacks")
+    tuning.add_argument("overrides", nargs="*", metavar="key=value", help="dotted spec overrides (e.g. tune.num_samples=4)")
+
+    cluster = commands.add_parser("validate-cluster", help="check a cluster YAML: Ray's schema and tokenforge's security rules")
+    cluster.add_argument("file", help="cluster YAML (e.g. cluster.yaml, cluster.local.yaml)")
+    cluster.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def run_validate_cluster(args: argparse.Namespace) -> None:
+    from pipeline.cluster_check import validate_cluster
+
+    for line in validate_cluster(args.file):
+        print(f"{args.file}: {line}")
+
+
+def run_tune(args: argparse.Namespace) -> None:
+    from pipeline import tune
+
+    if bool(args.spec) == bool(args.resume):
+        raise TokenforgeError("tune takes a SPEC.yaml or --resume EXPERIMENT_DIR (one of them)")
+    if args.resume:
+        if args.overrides:
+            raise TokenforgeError("--resume continues the experiment as it was; drop the key=value overrides")
+        tune.resume(args.resume)
+    else:
+        tune.run(args.spec, args.overrides)
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -66,7 +99,8 @@ def run_eval(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        {"train": run_train, "eval": run_eval}[args.command](args)
+        commands = {"train": run_train, "eval": run_eval, "tune": run_tune, "validate-cluster": run_validate_cluster}
+        commands[args.command](args)
     except TokenforgeError as error:
         if args.debug:
             raise

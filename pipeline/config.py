@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.advantages import ESTIMATORS, KL_KINDS, check_known
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TokenforgeError
 from pipeline.loss import AGGREGATIONS, LOSSES
-from pipeline.rewards import COMPONENTS
+from pipeline.models import BUILTIN_TASKS
+from pipeline.reward_components import COMPONENTS
 
 
 def one_of(what: str, known: Iterable[str]) -> AfterValidator:
@@ -31,25 +32,22 @@ def one_of(what: str, known: Iterable[str]) -> AfterValidator:
     return AfterValidator(check)
 
 
-ComponentNames = Annotated[list[str], one_of("reward component", COMPONENTS)]
-
-
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
 
 
 class ModelConfig(Section):
     path: str | None = None
-    """Local HF model directory; null = the built-in tiny addition model."""
+    """Local HF model directory; null = the built-in model of `task`."""
     trust_remote_code: bool = False
     """Allow custom modelling code shipped with the model (off unless you trust the files)."""
 
 
 class DataConfig(Section):
     train_file: str | None = None
-    """Training prompts, .jsonl or .parquet with a `prompt` field; null = built-in addition task."""
+    """Training prompts, .jsonl or .parquet with a `prompt` field; null = the built-in ones of `task`."""
     eval_file: str | None = None
-    """Held-out prompts in the same format; null = built-in addition eval set."""
+    """Held-out prompts in the same format; null = the built-in eval set of `task`."""
     shuffle: bool = True
     """Reshuffle the training prompts every epoch (seeded)."""
     max_eval_samples: int | None = Field(None, ge=1)
@@ -57,14 +55,14 @@ class DataConfig(Section):
 
 
 class TrainerConfig(Section):
-    total_steps: int = Field(400, ge=1)
+    total_steps: int = Field(300, ge=1)
     """Number of learner updates."""
     prompts_per_step: int = Field(64, ge=1)
     """Prompts drawn per step; each is sampled rollout.group_size times."""
     eval_every: int = Field(25, ge=1)
     """Greedy held-out evaluation every N steps (and at step 0 and the last step)."""
-    eval_metrics: ComponentNames = ["exact_match"]
-    """Reward components scored on eval samples and reported as eval/<name> (fractions)."""
+    eval_metrics: list[str] = ["exact_match"]
+    """Reward components scored on greedy eval samples, reported as eval/<name> (mean per-sample total)."""
     save_every: int = Field(100, ge=1)
     """Write a checkpoint every N steps (and at the last step)."""
     actor_timeout_s: float = Field(600.0, gt=0)
@@ -86,20 +84,45 @@ class RolloutConfig(Section):
     """Ray CPUs reserved by each rollout worker."""
     num_gpus_per_worker: float = Field(0.0, ge=0)
     """Ray GPUs for each rollout worker (0 = generate on CPU)."""
+    resources_per_worker: dict[str, float] = {}
+    """Custom Ray resources per rollout worker, e.g. {rollout_node: 1} to place workers on nodes that advertise it."""
     num_threads: int = Field(1, ge=1)
     """torch intra-op threads in each rollout worker."""
+
+
+class ComponentSpec(BaseModel):
+    """One configured reward component: its type, error policy, normalisation and the type's own options."""
+
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+    type: str | None = None
+    """Registry type (exact_match, chrf, python, ...); null = the component's name."""
+    on_error: Literal["raise", "zero", "drop"] = "raise"
+    """A failing or timed-out sample: stop the run, score it 0, or leave it out of the update."""
+    normalize: Literal["none", "batch", "group"] = "none"
+    """Normalise each sample's total to (s - mean) / std over the batch or its group, before weighting."""
+
+    def options(self) -> dict[str, Any]:
+        """The type-specific options (every key that is not type/on_error/normalize)."""
+        return dict(self.model_extra or {})
 
 
 class RewardConfig(Section):
     num_workers: int = Field(1, ge=1)
     """Reward-scoring actors in the pool."""
-    weights: Annotated[dict[str, float], one_of("reward component", COMPONENTS), Field(min_length=1)] = {
-        "exact_match": 1.0,
-        "digit_match": 0.5,
-    }
-    """Weight of each reward component; the keys are the components that are scored."""
+    weights: Annotated[dict[str, float], Field(min_length=1)] = {"exact_match": 1.0, "digit_match": 0.5}
+    """Weight of each reward component: total r_t = sum_i w_i * r_i,t. The keys are the components scored."""
+    components: dict[str, ComponentSpec] = {}
+    """Component name -> {type, on_error, normalize, options...}; a weighted name that is a registry type needs no entry."""
+    timeout_s: float = Field(120.0, gt=0)
+    """A scoring task not done in time is retried on another worker (its worker is restarted)."""
+    max_retries: int = Field(2, ge=0)
+    """Retries of a failed or timed-out scoring task before the component's on_error policy applies."""
     num_cpus_per_worker: float = Field(0.25, gt=0)
     """Ray CPUs reserved by each reward worker."""
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    """Ray GPUs for each reward worker (model-based components run there)."""
+    resources_per_worker: dict[str, float] = {}
+    """Custom Ray resources per reward worker (see rollout.resources_per_worker)."""
 
 
 class AlgorithmConfig(Section):
@@ -158,6 +181,8 @@ class LearnerConfig(Section):
     """Ray GPUs for the learner; null = 1 if the cluster has a GPU, else 0 (CPU)."""
     num_cpus: float = Field(1.0, gt=0)
     """Ray CPUs reserved by the learner."""
+    resources: dict[str, float] = {}
+    """Custom Ray resources for the learner (see rollout.resources_per_worker)."""
     num_threads: int = Field(2, ge=1)
     """torch intra-op threads in the learner."""
 
@@ -167,9 +192,13 @@ class RayConfig(Section):
     """Ray cluster to join; null = RAY_ADDRESS if set, else start a local Ray."""
     num_cpus: int | None = Field(None, ge=1)
     """CPUs of a locally started Ray (null = all cores)."""
+    autoscale_wait_s: float = Field(0.0, ge=0)
+    """If the cluster lacks the actors' resources: ask the autoscaler for them and wait this long (0 = fail at once)."""
 
 
 class TrainConfig(Section):
+    task: Literal[BUILTIN_TASKS] = "addition"
+    """Built-in task whose model and prompt files fill a null model.path / data.train_file / data.eval_file."""
     seed: int = 0
     """Seed of prompt order, sampling and initialisation."""
     output_dir: str = "runs/default"
@@ -183,22 +212,74 @@ class TrainConfig(Section):
     learner: LearnerConfig = LearnerConfig()
     ray: RayConfig = RayConfig()
 
+    @model_validator(mode="after")
+    def resolve_components(self) -> TrainConfig:
+        """Give every component in use (weighted or an eval metric) an explicit spec with checked options."""
+        specs = self.reward.components
+        in_use = list(dict.fromkeys([*self.reward.weights, *self.trainer.eval_metrics]))
+        for name in [n for n in specs if n not in in_use]:
+            if specs[name] == ComponentSpec(type=name):  # a plain spec filled in earlier: nothing is lost
+                del specs[name]
+            else:
+                raise ConfigError(
+                    f"config key 'reward.components.{name}': configured but unused; "
+                    f"give it a weight (reward.weights.{name}) or list it in trainer.eval_metrics"
+                )
+        for name in in_use:
+            where = "reward.weights" if name in self.reward.weights else "trainer.eval_metrics"
+            spec = specs.setdefault(name, ComponentSpec())
+            if spec.type is None:
+                if name not in COMPONENTS:
+                    raise ConfigError(
+                        f"config key {where!r}: component {name!r} is not configured and is not a component type "
+                        f"(types: {', '.join(sorted(COMPONENTS))}); add reward.components.{name} with a type"
+                    )
+                spec.type = name
+            check_known(f"reward.components.{name}.type", spec.type, COMPONENTS)
+            try:
+                COMPONENTS[spec.type].Options.model_validate(spec.options())
+            except ValidationError as error:
+                first = error.errors()[0]
+                key = ".".join(str(part) for part in (f"reward.components.{name}", *first["loc"]))
+                message = first["msg"].removeprefix("Value error, ")
+                if first["type"] == "extra_forbidden":
+                    message = f"unknown option of component type {spec.type!r}"
+                raise ConfigError(f"config key {key!r}: {message}") from None
+            except TokenforgeError as error:
+                raise ConfigError(f"config key 'reward.components.{name}': {error}") from None
+        return self
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (['a', 'b'], value parsed as a YAML scalar/list)."""
+    def component_options(self, name: str) -> BaseModel:
+        """The validated options of component `name` (an instance of its type's Options)."""
+        spec = self.reward.components[name]
+        return COMPONENTS[spec.type].Options.model_validate(spec.options())
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ('a.b', value parsed as a YAML scalar/list/mapping)."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not key=value (e.g. trainer.total_steps=50)")
-    return key.split("."), yaml.safe_load(raw) if raw else ""
+    return key, yaml.safe_load(raw) if raw else ""
 
 
-def apply_override(data: dict, path: list[str], value: Any) -> None:
-    node = data
+def apply_override(data: dict, key: str, value: Any) -> None:
+    """data[a][b] = value for key 'a.b' (sections created as needed)."""
+    node, path = data, key.split(".")
     for part in path[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"config key {'.'.join(path)!r}: {part!r} is not a section")
+            raise ConfigError(f"config key {key!r}: {part!r} is not a section")
     node[path[-1]] = value
+
+
+def config_with(config: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """`config` with dotted keys set, applied onto its effective values (so `reward.weights.x` keeps the
+    other weights) and validated again."""
+    data = config.model_dump(mode="json")
+    for key, value in values.items():
+        apply_override(data, key, value)
+    return validate_config(data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
@@ -211,13 +292,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
-    config = validate_config(data)
-    if overrides:  # applied to the effective values, so `reward.weights.x=1` keeps the other weights
-        data = config.model_dump(mode="json")
-        for text in overrides:
-            apply_override(data, *parse_override(text))
-        config = validate_config(data)
-    return config
+    return config_with(validate_config(data), dict(parse_override(text) for text in overrides))
 
 
 def validate_config(data: dict) -> TrainConfig:

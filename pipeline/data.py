@@ -24,7 +24,7 @@ def load_prompts(path: str | Path, key: str) -> pa.Table:
     datasets.disable_progress_bars()
     try:
         table = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train").data.table
-    except Exception as error:  # datasets raises many types for unreadable files
+    except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable files
         raise TokenforgeError(f"{key}: cannot read {str(path)!r}: {error}") from None
     if "prompt" not in table.column_names:
         raise TokenforgeError(f"{key}: {str(path)!r} has no `prompt` field (fields: {', '.join(table.column_names)})")
@@ -65,7 +65,9 @@ class PromptSampler:
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
         batch = self.table.take(pa.array(indices))
-        return batch.append_column("group_id", pa.array(range(first_group_id, first_group_id + len(indices)), pa.int64()))
+        return batch.append_column(
+            "group_id", pa.array(range(first_group_id, first_group_id + len(indices)), pa.int64())
+        )
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

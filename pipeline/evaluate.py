@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.compute as pc
+
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline.batch import mean_reward
@@ -27,9 +29,10 @@ def evaluate_checkpoint(path: str, data_file: str | None = None, overrides: list
     _, eval_prompts = load_inputs(config)
     names = config.trainer.eval_metrics
     rollout = RolloutWorker(str(model_dir), config.rollout, config.seed, config.model.trust_remote_code)
-    scorer = RewardWorker(str(model_dir), names, config.model.trust_remote_code)
+    scorer = RewardWorker(config, str(model_dir), names)
     samples = rollout.generate(eval_prompts, group_size=1, greedy=True)
-    scores = scorer.score(samples, names)
     result = {"checkpoint": str(Path(path)), "eval_samples": samples.num_rows}
-    result.update({f"eval/{name}": mean_reward(scores, name) for name in names})
+    scored, dropped = scorer.score_all(samples, names)
+    scored = scored.filter(pc.invert(dropped))
+    result.update({f"eval/{name}": mean_reward(scored, name) for name in names})
     return result

@@ -15,17 +15,23 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from pipeline.errors import TokenforgeError
 
 ASSETS = Path(__file__).parent / "assets"
-BUILTIN_MODEL = ASSETS / "addition" / "model"
-BUILTIN_TRAIN = ASSETS / "addition" / "train.jsonl"
-BUILTIN_EVAL = ASSETS / "addition" / "eval.jsonl"
+BUILTIN_TASKS = ("addition", "words")  # made by scripts/make_task_data.py and scripts/make_task_model.py
 
 
-def check_model_dir(path: str | Path) -> Path:
+def builtin_paths(task: str) -> tuple[Path, Path, Path]:
+    """(model dir, train file, eval file) of a built-in task."""
+    return ASSETS / task / "model", ASSETS / task / "train.jsonl", ASSETS / task / "eval.jsonl"
+
+
+BUILTIN_MODEL, BUILTIN_TRAIN, BUILTIN_EVAL = builtin_paths("addition")
+
+
+def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
+        hint = "leave it null for the built-in model" if key == "model.path" else "save one with save_pretrained"
         raise TokenforgeError(
-            f"model.path {str(path)!r} is not a local HF model directory (no config.json); "
-            "point model.path at one, or leave it null for the built-in model"
+            f"{key} {str(path)!r} is not a local HF model directory (no config.json); point {key} at one, or {hint}"
         )
     return path
 

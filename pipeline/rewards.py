@@ -1,18 +1,23 @@
-"""Reward components: named scorers, sequence-level or token-level, in a registry.
+"""Reward components: named scorers in a registry (type name -> class with typed options).
 
-A component is a class registered with `@register_component(name)`. It is built once per
-reward worker and called on a whole batch (`RewardInputs`); it returns per sample either one
-float (level "sequence": placed on the last response token) or one float per response token
-(level "token"). `score_component` checks the output and turns it into per-token rows.
+A component class is registered with `@register_component(type)`. It declares its options as a
+pydantic model (`Options`, validated at start-up with the config), is built once per reward
+worker with `(options, env)` and is called on a whole batch (`RewardInputs`). Per sample it returns
+one float (sequence-level: placed on the last response token) or one float per response token
+(token-level); `score_component` checks that and turns it into per-token rows.
+
+The components themselves live in pipeline/reward_components.py.
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
 
 from pipeline.errors import TokenforgeError
 
@@ -27,95 +32,120 @@ class RewardInputs:
     completion_tokens: list[list[str]]  # each response token decoded on its own; EOS is `eos_token`
     columns: dict[str, list]  # the dataset's own columns, e.g. columns["answer"]
     eos_token: str
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    behaviour_logprobs: list[list[float]] = field(default_factory=list)  # log pi of each response token
+    sample_ids: list[int] = field(default_factory=list)  # for error messages
+
+    def select(self, rows: Sequence[int]) -> RewardInputs:
+        """The same batch restricted to `rows`."""
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                values[f.name] = {k: [v[i] for i in rows] for k, v in value.items()}
+            elif isinstance(value, list):
+                values[f.name] = [value[i] for i in rows] if value else []
+            else:
+                values[f.name] = value
+        return RewardInputs(**values)
 
 
-class RewardComponent(ABC):
-    """Base class: subclasses set `level`, `required_columns` and implement `__call__`."""
+@dataclass
+class ComponentEnv:
+    """What a component may need from the worker that builds it."""
 
-    name: ClassVar[str]
-    level: ClassVar[str]  # "sequence" or "token"
-    required_columns: ClassVar[tuple[str, ...]] = ()
+    tokenizer: Any  # the policy's tokenizer
+    device: str = "cpu"
 
-    @abstractmethod
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RewardComponent:
+    """Base class: subclasses set `Options` and implement `__call__`."""
+
+    type_name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: BaseModel, env: ComponentEnv):
+        self.options = options
+        self.env = env
+
+    @classmethod
+    def required_columns(cls, options: BaseModel) -> tuple[str, ...]:
+        """Dataset columns this component reads (checked against the data files at start-up)."""
+        return ()
+
     def __call__(self, inputs: RewardInputs) -> list:
-        """Per sample: one float ("sequence") or one float per response token ("token")."""
+        """Per sample: one float (sequence-level) or one float per response token (token-level)."""
+        raise NotImplementedError
 
 
 COMPONENTS: dict[str, type[RewardComponent]] = {}
 
 
-def register_component(name: str) -> Callable[[type[RewardComponent]], type[RewardComponent]]:
+def register_component(type_name: str) -> Callable[[type[RewardComponent]], type[RewardComponent]]:
     def decorate(cls: type[RewardComponent]) -> type[RewardComponent]:
-        cls.name = name
-        COMPONENTS[name] = cls
+        cls.type_name = type_name
+        COMPONENTS[type_name] = cls
         return cls
 
     return decorate
 
 
 class RewardError(TokenforgeError):
-    """A component returned something unusable; the message names component and sample."""
+    """A component failed or returned something unusable; the message names component and sample."""
 
 
-def score_component(component: RewardComponent, inputs: RewardInputs) -> list[list[float]]:
+def score_component(name: str, component: RewardComponent, inputs: RewardInputs) -> list[list[float]]:
     """Run one component and return one float per response token for every sample."""
     scores = component(inputs)
-    name = component.name
     if len(scores) != len(inputs.completion_ids):
         raise RewardError(f"reward {name!r} returned {len(scores)} scores for {len(inputs.completion_ids)} samples")
     rows = []
     for i, (score, ids) in enumerate(zip(scores, inputs.completion_ids)):
-        if component.level == "sequence":
-            row = [0.0] * len(ids)
-            row[-1] = float(score)  # sequence-level reward sits on the last response token
-        else:
+        if isinstance(score, (list, tuple)) or (hasattr(score, "ndim") and score.ndim == 1):  # token-level
             row = [float(x) for x in score]
             if len(row) != len(ids):
                 raise RewardError(
-                    f"reward {name!r}, sample {i}: {len(row)} token rewards for {len(ids)} response tokens"
+                    f"reward {name!r}, {describe_sample(inputs, i)}: {len(row)} token rewards for {len(ids)} response tokens"
                 )
+        else:  # sequence-level: the reward sits on the last response token
+            row = [0.0] * len(ids)
+            row[-1] = float(score)
         if not all(math.isfinite(x) for x in row):
-            raise RewardError(f"reward {name!r}, sample {i}: NaN or inf in {row}")
+            raise RewardError(f"reward {name!r}, {describe_sample(inputs, i)}: NaN or inf in {row}")
         rows.append(row)
     return rows
 
 
-@register_component("exact_match")
-class ExactMatch(RewardComponent):
-    """1 if the completion (whitespace-stripped) equals the `answer` column, else 0."""
-
-    level = "sequence"
-    required_columns = ("answer",)
-
-    def __call__(self, inputs: RewardInputs) -> list[float]:
-        answers = inputs.columns["answer"]
-        return [float(c.strip() == str(a).strip()) for c, a in zip(inputs.completions, answers)]
+def describe_sample(inputs: RewardInputs, i: int) -> str:
+    sample = inputs.sample_ids[i] if inputs.sample_ids else i
+    return f"sample {sample} (prompt {inputs.prompts[i]!r})"
 
 
-@register_component("digit_match")
-class DigitMatch(RewardComponent):
-    """Token-level credit for each answer character generated in its place, and for EOS in its place.
+NORMALIZATIONS = ("none", "batch", "group")
 
-    With answer a (n characters), a token covering characters [k, k+len) earns
-    (number of them equal to a[k:k+len]) / (n + 1); EOS earns 1 / (n + 1) when everything before
-    it is exactly a. A fully correct response therefore earns 1 in total.
+
+def normalize_rewards(rewards: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor, mode: str) -> torch.Tensor:
+    """Affine-normalise one component's (batch, T) token rewards so that each sample's total
+    s_j = sum_t r_{j,t} becomes (s_j - mean) / (std + eps), with mean/std over the batch or the
+    sample's group. Tokens keep their shape: every r_{j,t} is divided by (std + eps) and the mean
+    is taken off the sample's last response token.
     """
-
-    level = "token"
-    required_columns = ("answer",)
-
-    def __call__(self, inputs: RewardInputs) -> list[list[float]]:
-        rows = []
-        for tokens, answer in zip(inputs.completion_tokens, inputs.columns["answer"]):
-            answer = str(answer)
-            unit = 1.0 / (len(answer) + 1)
-            row, text = [], ""
-            for token in tokens:
-                if token == inputs.eos_token:
-                    row.append(unit if text == answer else 0.0)
-                    break
-                offset = len(text)
-                row.append(unit * sum(c == answer[offset + j] for j, c in enumerate(token) if offset + j < len(answer)))
-                text += token
-            rows.append(row + [0.0] * (len(tokens) - len(row)))
-        return rows
+    if mode == "none":
+        return rewards
+    totals = (rewards * mask).sum(1)
+    keys = group_ids if mode == "group" else torch.zeros_like(group_ids)
+    _, index = torch.unique(keys, return_inverse=True)
+    count = torch.zeros(int(index.max()) + 1, dtype=rewards.dtype, device=rewards.device).index_add_(
+        0, index, torch.ones_like(totals)
+    )
+    mean = torch.zeros_like(count).index_add_(0, index, totals) / count
+    var = torch.zeros_like(count).index_add_(0, index, (totals - mean[index]) ** 2) / (count - 1).clamp(min=1)
+    scale = 1.0 / (var.sqrt() + 1e-6)  # 1 / (std + eps)
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    shifted = rewards.clone()
+    shifted[torch.arange(len(rewards)), last] -= mean[index]
+    return shifted * scale[index, None] * mask

@@ -8,6 +8,7 @@ other caller) gets each eval step's metrics and checkpoint through the `report` 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -16,30 +17,32 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from actors.learner import Learner
-from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline import checkpoint
 from pipeline.actor_group import ActorGroup
-from pipeline.batch import mean_reward, reward_column
+from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig, save_config
 from pipeline.data import PromptSampler, load_prompts
 from pipeline.errors import TokenforgeError
 from pipeline.metrics_log import METRICS_FILE, MetricsLog
-from pipeline.models import BUILTIN_EVAL, BUILTIN_MODEL, BUILTIN_TRAIN, context_length, load_tokenizer
-from pipeline.rewards import COMPONENTS
+from pipeline.models import builtin_paths, context_length, load_tokenizer
+from pipeline.reward_components import COMPONENTS
+from pipeline.reward_pool import RewardPool
 
 Report = Callable[[dict, Path | None], None]
 
 
 def with_builtin_defaults(config: TrainConfig) -> TrainConfig:
-    """Fill null model/data paths with the built-in addition task (the resolved config names them)."""
+    """Fill null model/data paths with the built-in task's (the resolved config names them)."""
     config = config.model_copy(deep=True)
-    config.model.path = config.model.path or str(BUILTIN_MODEL)
-    config.data.train_file = config.data.train_file or str(BUILTIN_TRAIN)
-    config.data.eval_file = config.data.eval_file or str(BUILTIN_EVAL)
+    model, train, evaluation = builtin_paths(config.task)
+    config.model.path = config.model.path or str(model)
+    config.data.train_file = config.data.train_file or str(train)
+    config.data.eval_file = config.data.eval_file or str(evaluation)
     return config
 
 
@@ -47,15 +50,20 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table]:
     """Train and eval prompts, checked against the reward components, tokenizer and context length."""
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     limit = context_length(config.model.path, config.model.trust_remote_code)
-    components = (*config.reward.weights, *config.trainer.eval_metrics)
-    needed = {column for name in components for column in COMPONENTS[name].required_columns}
+    needed = set()
+    for name, spec in config.reward.components.items():
+        needed.update(COMPONENTS[spec.type].required_columns(config.component_options(name)))
     tables = []
     for key, path in [("data.train_file", config.data.train_file), ("data.eval_file", config.data.eval_file)]:
         table = load_prompts(path, key)
         missing = sorted(needed - set(table.column_names))
         if missing:
-            raise TokenforgeError(f"{key}: the reward components need fields {missing}, missing from the file")
-        lengths = [len(ids) for ids in tokenizer(table.column("prompt").to_pylist(), add_special_tokens=False).input_ids]
+            raise TokenforgeError(
+                f"{key}: the reward components need fields {missing}, missing from the file (set the component's `column` option to use another field)"
+            )
+        lengths = [
+            len(ids) for ids in tokenizer(table.column("prompt").to_pylist(), add_special_tokens=False).input_ids
+        ]
         longest = max(range(len(lengths)), key=lengths.__getitem__)
         if lengths[longest] + config.rollout.max_new_tokens > limit:
             raise TokenforgeError(
@@ -88,19 +96,34 @@ def learner_gpus(config: TrainConfig) -> float:
 
 
 def check_resources(config: TrainConfig) -> None:
-    """Fail fast when the cluster can never hold the actors this config asks for."""
+    """Fail fast when the cluster can never hold the actors this config asks for. With
+    `ray.autoscale_wait_s` > 0, first ask Ray's autoscaler for them and wait that long."""
     rollout, reward = config.rollout, config.reward
     wanted = {
         "CPU": config.learner.num_cpus + rollout.num_workers * rollout.num_cpus_per_worker + reward.num_workers * reward.num_cpus_per_worker,
-        "GPU": learner_gpus(config) + rollout.num_workers * rollout.num_gpus_per_worker,
+        "GPU": learner_gpus(config) + rollout.num_workers * rollout.num_gpus_per_worker + reward.num_workers * reward.num_gpus_per_worker,
     }
-    have = ray.cluster_resources()
-    for resource, amount in wanted.items():
-        if amount > have.get(resource, 0) + 1e-9:
-            raise TokenforgeError(
-                f"the actors need {amount:g} {resource} in total but the Ray cluster has {have.get(resource, 0):g}; "
-                "lower learner.num_cpus/num_gpus, rollout.num_*_per_worker, reward.num_cpus_per_worker or the worker counts"
-            )
+    for custom, count in [(config.learner.resources, 1), (rollout.resources_per_worker, rollout.num_workers), (reward.resources_per_worker, reward.num_workers)]:
+        for name, amount in custom.items():
+            wanted[name] = wanted.get(name, 0) + count * amount
+
+    def missing() -> dict[str, tuple[float, float]]:
+        have = ray.cluster_resources()
+        return {r: (amount, have.get(r, 0)) for r, amount in wanted.items() if amount > have.get(r, 0) + 1e-9}
+
+    if missing() and config.ray.autoscale_wait_s > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{r: a for r, a in wanted.items() if a > 0}])
+        deadline = time.time() + config.ray.autoscale_wait_s
+        while missing() and time.time() < deadline:
+            time.sleep(5)
+    for resource, (amount, have) in missing().items():
+        raise TokenforgeError(
+            f"the actors need {amount:g} {resource} in total but the Ray cluster has {have:g}"
+            + (f" (after waiting ray.autoscale_wait_s={config.ray.autoscale_wait_s:g}s for the autoscaler)" if config.ray.autoscale_wait_s else "")
+            + "; lower learner.num_cpus/num_gpus/resources, rollout.*_per_worker, reward.*_per_worker or the worker counts"
+        )
 
 
 class Pipeline:
@@ -117,20 +140,11 @@ class Pipeline:
             run_id=run_id,
             num_cpus=rollout.num_cpus_per_worker,
             num_gpus=rollout.num_gpus_per_worker,
+            resources=rollout.resources_per_worker,
             timeout_s=timeout,
             init_args=(policy_path, rollout, config.seed, config.model.trust_remote_code),
         )
-        components = list(dict.fromkeys([*config.reward.weights, *config.trainer.eval_metrics]))
-        self.reward = ActorGroup(
-            RewardWorker,
-            config.reward.num_workers,
-            role="reward",
-            run_id=run_id,
-            num_cpus=config.reward.num_cpus_per_worker,
-            num_gpus=0,
-            timeout_s=timeout,
-            init_args=(policy_path, components, config.model.trust_remote_code),
-        )
+        self.reward = RewardPool(config, policy_path, run_id)
         gpus = learner_gpus(config)
         self.learner = ActorGroup(
             Learner,
@@ -139,6 +153,7 @@ class Pipeline:
             run_id=run_id,
             num_cpus=config.learner.num_cpus,
             num_gpus=gpus,
+            resources=config.learner.resources,
             timeout_s=timeout,
             init_args=(config, policy_path, config.model.path, gpus > 0),
         )
@@ -148,10 +163,9 @@ class Pipeline:
         return self.rollout.map_shards("generate", prompts, group_size=group_size, greedy=greedy, step=step)
 
     def score(self, batch: pa.Table, names: list[str]) -> pa.Table:
-        """`batch` with one reward/<name> column per component, scored across the pool."""
-        for name, column in zip(names, self.reward.map_shards("score", batch, names=names).columns):
-            batch = batch.append_column(reward_column(name), column)
-        return batch
+        """`batch` with one reward/<name> column per component, without the samples dropped by on_error=drop."""
+        scored, dropped = self.reward.score(batch, names)
+        return scored.filter(pc.invert(dropped))
 
     def sync_weights(self) -> int:
         """Learner -> every rollout worker: one object in the object store, fetched by each worker."""
@@ -165,6 +179,9 @@ class Pipeline:
         names = self.config.trainer.eval_metrics
         scored = self.score(self.generate(eval_prompts, step, greedy=True), names)
         return {f"eval/{name}": mean_reward(scored, name) for name in names}
+
+    def actor_groups(self) -> list[ActorGroup]:
+        return [self.rollout, self.reward.group, self.learner]
 
 
 @contextmanager
@@ -184,14 +201,22 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
     if resume and latest is None:
         raise TokenforgeError(f"--resume: no checkpoint under {str(out / 'checkpoints')!r}")
     if not resume and (out / METRICS_FILE).exists():
-        raise TokenforgeError(f"output_dir {str(out)!r} already holds a run; resume it with --resume or pick another output_dir")
-    state = checkpoint.read_trainer_state(latest) if latest else {"step": 0, "sampler": {"epoch": 0, "position": 0}, "elapsed_s": 0.0}
+        raise TokenforgeError(
+            f"output_dir {str(out)!r} already holds a run; resume it with --resume or pick another output_dir"
+        )
+    state = (
+        checkpoint.read_trainer_state(latest)
+        if latest
+        else {"step": 0, "sampler": {"epoch": 0, "position": 0}, "elapsed_s": 0.0}
+    )
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
 
     connect_ray(config)
     check_resources(config)
     pipeline = Pipeline(config, str(latest or config.model.path), run_id=uuid.uuid4().hex[:8])
+    placement = {group.role: group.node_ids() for group in pipeline.actor_groups()}  # where each actor runs
+    (out / "placement.json").write_text(json.dumps(placement, indent=1))
     if latest:
         version = pipeline.learner.call_all("load_state", str(latest))[0]
         pipeline.rollout.call_all("set_policy_version", version)
@@ -214,10 +239,15 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
                 with timed(timings, "time/reward_s"):
                     rollouts = pipeline.score(rollouts, list(config.reward.weights))
                 with timed(timings, "time/learn_s"):
-                    metrics = pipeline.learner.call_all("train_step", rollouts)[0]
+                    metrics = (
+                        pipeline.learner.call_all("train_step", rollouts)[0]
+                        if rollouts.num_rows
+                        else {"learner/tokens": 0.0}
+                    )
                 with timed(timings, "time/sync_s"):
                     pipeline.sync_weights()
             metrics.update(timings)
+            metrics.update(pipeline.reward.take_counts())
             metrics["throughput/tokens_per_s"] = metrics["learner/tokens"] / timings["time/step_s"]
             metrics["throughput/samples_per_s"] = rollouts.num_rows / timings["time/step_s"]
 
@@ -228,13 +258,15 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
             if step % trainer_cfg.save_every == 0 or is_last or (report and step % trainer_cfg.eval_every == 0):
                 partial = checkpoint.partial_dir(out, step)
                 pipeline.learner.call_all("save", str(partial))
-                saved = checkpoint.finish(partial, {"step": step, "sampler": sampler.state(), "elapsed_s": log.elapsed()})
+                saved = checkpoint.finish(
+                    partial, {"step": step, "sampler": sampler.state(), "elapsed_s": log.elapsed()}
+                )
             record = log.write(step, metrics)
             if report and any(k.startswith("eval/") for k in metrics):
                 report(record, saved)
     finally:
         log.close()
-        for group in (pipeline.rollout, pipeline.reward, pipeline.learner):
+        for group in pipeline.actor_groups():
             for actor in group.actors:
                 ray.kill(actor)
     return record

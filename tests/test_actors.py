@@ -11,7 +11,6 @@ from actors.rollout_worker import RolloutWorker
 from pipeline.batch import ROLLOUT_SCHEMA, make_rollout_table, response_mask, reward_column
 from pipeline.config import LearnerConfig, RolloutConfig, load_config
 from pipeline.models import build_sequences, load_model, response_logprobs
-from pipeline.rewards import RewardComponent, RewardError, RewardInputs, score_component
 
 PROMPTS = pa.table({"prompt": ["13+54=", "2+2=", "99+99="], "answer": ["67", "4", "198"], "group_id": [10, 11, 12]})
 
@@ -76,10 +75,10 @@ def scored_rows(responses: list[str], answer: str, worker: RolloutWorker) -> pa.
 
 def test_reward_worker_scores_exact_and_digit_match(worker, builtin_model_path):
     batch = scored_rows(["67$", "68$", "67", "678$", "7$"], "67", worker)
-    scores = RewardWorker(builtin_model_path, ["exact_match", "digit_match"]).score(batch)
-    assert scores.column(reward_column("exact_match")).to_pylist() == [[0, 0, 1], [0, 0, 0], [0, 1], [0, 0, 0, 0], [0, 0]]
+    scorer = RewardWorker(load_config(), builtin_model_path, ["exact_match", "digit_match"])
+    assert scorer.score(batch, "exact_match").rows == [[0, 0, 1], [0, 0, 0], [0, 1], [0, 0, 0, 0], [0, 0]]
     third = pytest.approx(1 / 3)
-    digit = scores.column(reward_column("digit_match")).to_pylist()
+    digit = scorer.score(batch, "digit_match").rows
     assert digit[0] == [third, third, third]  # both digits and EOS in place
     assert digit[1] == [third, 0, 0]  # wrong second digit, so EOS is not in place either
     assert digit[2] == [third, third]  # cut before EOS
@@ -87,37 +86,18 @@ def test_reward_worker_scores_exact_and_digit_match(worker, builtin_model_path):
     assert digit[4] == [0, 0]
 
 
-class ShortComponent(RewardComponent):
-    name, level = "short", "token"
-
-    def __call__(self, inputs):
-        return [[1.0] for _ in inputs.completion_ids]
-
-
-class NanComponent(RewardComponent):
-    name, level = "nan", "sequence"
-
-    def __call__(self, inputs):
-        return [0.0, float("nan")]
-
-
-def test_component_output_errors_name_component_and_sample():
-    inputs = RewardInputs(["p", "q"], ["1", "2"], [[5, 1], [6, 1]], [["1", "<eos>"], ["2", "<eos>"]], {}, "<eos>")
-    with pytest.raises(RewardError, match="reward 'short', sample 0: 1 token rewards for 2 response tokens"):
-        score_component(ShortComponent(), inputs)
-    with pytest.raises(RewardError, match="reward 'nan', sample 1: NaN or inf"):
-        score_component(NanComponent(), inputs)
-
-
 @pytest.fixture
 def learner_and_batch(worker, builtin_model_path):
     config = load_config(overrides=["reward.weights={exact_match: 2.0, digit_match: 0.5}", "learner.lr=1e-4"])
     learner = Learner(config, builtin_model_path, builtin_model_path)
     batch = worker.generate(PROMPTS, group_size=8, step=9)
-    scores = RewardWorker(builtin_model_path, ["exact_match", "digit_match"]).score(batch)
-    for name in scores.column_names:
-        batch = batch.append_column(name, scores.column(name))
-    return learner, batch
+    return learner, scored(batch, config, builtin_model_path)
+
+
+def scored(batch: pa.Table, config, model_path: str) -> pa.Table:
+    """`batch` with every weighted component's reward column, scored by a RewardWorker."""
+    table, _ = RewardWorker(config, model_path, list(config.reward.weights)).score_all(batch, list(config.reward.weights))
+    return table
 
 
 def test_learner_step_applies_weights_exactly_and_publishes_loadable_weights(learner_and_batch, worker):
@@ -164,6 +144,11 @@ def test_learner_checkpoint_round_trip(learner_and_batch, tmp_path, builtin_mode
     fresh = Learner(learner.config, str(tmp_path), builtin_model_path)
     assert fresh.load_state(str(tmp_path)) == 1
     assert fresh.optimizer.state_dict()["state"].keys() == learner.optimizer.state_dict()["state"].keys()
+    # a resumed run with another lr (e.g. mutated by PBT) uses the new lr at the saved schedule position
+    mutated = learner.config.model_copy(update={"learner": learner.config.learner.model_copy(update={"lr": 3e-3})})
+    changed = Learner(mutated, str(tmp_path), builtin_model_path)
+    changed.load_state(str(tmp_path))
+    assert changed.optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 * lr_factor(mutated.learner, 1, mutated.trainer.total_steps))
 
 
 def test_reference_model_is_frozen_when_kl_is_on(builtin_model_path, learner_and_batch):
@@ -200,9 +185,7 @@ def test_learner_micro_batches_give_the_full_batch_gradient(learner_and_batch, b
 def test_samples_without_advantage_are_left_out_of_the_update(learner_and_batch, worker, builtin_model_path):
     learner, _ = learner_and_batch
     greedy = worker.generate(PROMPTS, group_size=4, greedy=True)  # identical samples per group: A = 0 everywhere
-    scores = RewardWorker(builtin_model_path, ["exact_match", "digit_match"]).score(greedy)
-    for name in scores.column_names:
-        greedy = greedy.append_column(name, scores.column(name))
+    greedy = scored(greedy, learner.config, builtin_model_path)
     before = learner.get_weights()
     metrics = learner.train_step(greedy)
     assert metrics["learner/kept_frac"] == 0.0 and "loss/policy" not in metrics

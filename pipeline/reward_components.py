@@ -1,0 +1,373 @@
+"""The built-in reward components (see pipeline/rewards.py for the interface and docs/rewards.md).
+
+Rule-based: exact_match, regex_match, length_penalty, digit_match (token-level).
+Reference-based (sacrebleu, rouge-score; sentence scores in [0, 1]): bleu, chrf, rouge.
+Model-based (local HF models, batched on the worker's device): classifier, teacher_logprob (token-level).
+User code: python (`module:function` or `path/to/file.py:function`, sync or async).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import re
+import string
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.models import build_sequences, check_model_dir, load_model, load_tokenizer, response_logprobs
+from pipeline.rewards import COMPONENTS, ComponentEnv, RewardComponent, RewardError, RewardInputs, register_component
+
+__all__ = ["COMPONENTS"]  # the registry, with every built-in component registered
+
+
+class BaseOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ColumnOptions(BaseOptions):
+    column: str = "answer"
+    """Dataset column holding the reference answer."""
+
+
+class ReferenceOptions(BaseOptions):
+    column: str = "reference"
+    """Dataset column holding the reference text (a string or a list of strings)."""
+
+
+def references(value) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+class ReferenceComponent(RewardComponent):
+    Options = ReferenceOptions
+
+    @classmethod
+    def required_columns(cls, options: ReferenceOptions) -> tuple[str, ...]:
+        return (options.column,)
+
+
+@register_component("exact_match")
+class ExactMatch(ReferenceComponent):
+    """1 if the completion equals the reference after normalisation, else 0."""
+
+    class Options(ColumnOptions):
+        numeric: bool = False
+        """Compare as numbers when both sides parse as floats ("1.50" == "1.5")."""
+        case_sensitive: bool = True
+        ignore_punctuation: bool = False
+        ignore_whitespace: bool = False
+        """Remove all whitespace (leading/trailing whitespace is always stripped)."""
+
+    def normalize(self, text: str) -> str:
+        o = self.options
+        text = text.strip() if o.case_sensitive else text.strip().lower()
+        if o.ignore_punctuation:
+            text = text.translate(str.maketrans("", "", string.punctuation))
+        return re.sub(r"\s+", "", text) if o.ignore_whitespace else text
+
+    def same(self, completion: str, reference: str) -> bool:
+        if self.options.numeric:
+            try:
+                return float(completion) == float(reference)
+            except ValueError:
+                pass
+        return self.normalize(completion) == self.normalize(reference)
+
+    def __call__(self, inputs: RewardInputs) -> list[float]:
+        refs = inputs.columns[self.options.column]
+        return [float(any(self.same(c, r) for r in references(ref))) for c, ref in zip(inputs.completions, refs)]
+
+
+@register_component("digit_match")
+class DigitMatch(ReferenceComponent):
+    """Token-level credit for each answer character generated in its place, and for EOS in its place.
+
+    With answer a (n characters), a token covering characters [k, k+len) earns
+    (number of them equal to a[k:k+len]) / (n + 1); EOS earns 1 / (n + 1) when everything before
+    it is exactly a. A fully correct response therefore earns 1 in total.
+    """
+
+    Options = ColumnOptions
+
+    def __call__(self, inputs: RewardInputs) -> list[list[float]]:
+        rows = []
+        for tokens, answer in zip(inputs.completion_tokens, inputs.columns[self.options.column]):
+            answer = str(answer)
+            unit = 1.0 / (len(answer) + 1)
+            row, text = [], ""
+            for token in tokens:
+                if token == inputs.eos_token:
+                    row.append(unit if text == answer else 0.0)
+                    break
+                offset = len(text)
+                row.append(unit * sum(c == answer[offset + j] for j, c in enumerate(token) if offset + j < len(answer)))
+                text += token
+            rows.append(row + [0.0] * (len(tokens) - len(row)))
+        return rows
+
+
+@register_component("regex_match")
+class RegexMatch(RewardComponent):
+    """`match` if the completion matches `pattern` (format rewards), else `miss`."""
+
+    class Options(BaseOptions):
+        pattern: str
+        full_match: bool = True
+        """Whole completion must match (re.fullmatch); false = anywhere (re.search)."""
+        match: float = 1.0
+        miss: float = 0.0
+
+        @field_validator("pattern")
+        @classmethod
+        def compiles(cls, pattern: str) -> str:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"not a valid regular expression: {error}") from None
+            return pattern
+
+    def __call__(self, inputs: RewardInputs) -> list[float]:
+        o = self.options
+        find = re.compile(o.pattern, re.DOTALL).fullmatch if o.full_match else re.compile(o.pattern, re.DOTALL).search
+        return [o.match if find(c) else o.miss for c in inputs.completions]
+
+
+@register_component("length_penalty")
+class LengthPenalty(RewardComponent):
+    """Penalty on response length L (tokens): -|L - target| / target, and/or DAPO's soft overlong
+    penalty: 0 up to max_length - buffer, then linearly down to -1 at max_length, -1 beyond."""
+
+    class Options(BaseOptions):
+        target: int | None = Field(None, ge=1)
+        max_length: int | None = Field(None, ge=1)
+        buffer: int = Field(0, ge=0)
+
+        @model_validator(mode="after")
+        def something_to_do(self):
+            if self.target is None and self.max_length is None:
+                raise ValueError("set target and/or max_length")
+            if self.max_length is not None and self.buffer >= self.max_length:
+                raise ValueError("buffer must be below max_length")
+            return self
+
+    def __call__(self, inputs: RewardInputs) -> list[float]:
+        o, out = self.options, []
+        for ids in inputs.completion_ids:
+            length, penalty = len(ids), 0.0
+            if o.target is not None:
+                penalty -= abs(length - o.target) / o.target
+            if o.max_length is not None:
+                start = o.max_length - o.buffer
+                if length > o.max_length:
+                    penalty -= 1.0
+                elif length > start:
+                    penalty -= (length - start) / o.buffer  # buffer > 0 here
+            out.append(penalty)
+        return out
+
+
+@register_component("bleu")
+class Bleu(ReferenceComponent):
+    """Sentence BLEU (sacrebleu, effective order) / 100."""
+
+    def __init__(self, options: ReferenceOptions, env: ComponentEnv):
+        super().__init__(options, env)
+        from sacrebleu.metrics import BLEU
+
+        self.metric = BLEU(effective_order=True)
+
+    def __call__(self, inputs: RewardInputs) -> list[float]:
+        refs = inputs.columns[self.options.column]
+        return [self.metric.sentence_score(c, references(r)).score / 100 for c, r in zip(inputs.completions, refs)]
+
+
+@register_component("chrf")
+class Chrf(ReferenceComponent):
+    """Sentence chrF (sacrebleu; word_order=2 gives chrF++) / 100."""
+
+    class Options(ReferenceOptions):
+        word_order: int = Field(0, ge=0)
+
+    def __init__(self, options: Options, env: ComponentEnv):
+        super().__init__(options, env)
+        from sacrebleu.metrics import CHRF
+
+        self.metric = CHRF(word_order=options.word_order)
+
+    def __call__(self, inputs: RewardInputs) -> list[float]:
+        refs = inputs.columns[self.options.column]
+        return [self.metric.sentence_score(c, references(r)).score / 100 for c, r in zip(inputs.completions, refs)]
+
+
+@register_component("rouge")
+class Rouge(ReferenceComponent):
+    """ROUGE F-measure (rouge-score; best over references)."""
+
+    class Options(ReferenceOptions):
+        rouge_type: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = "rougeL"
+
+    def __init__(self, options: Options, env: ComponentEnv):
+        super().__init__(options, env)
+        from rouge_score.rouge_scorer import RougeScorer
+
+        self.scorer = RougeScorer([options.rouge_type])
+
+    def __call__(self, inputs: RewardInputs) -> list[float]:
+        o, refs = self.options, inputs.columns[self.options.column]
+        return [
+            max(self.scorer.score(r, c)[o.rouge_type].fmeasure for r in references(ref))
+            for c, ref in zip(inputs.completions, refs)
+        ]
+
+
+class ModelOptions(BaseOptions):
+    path: str
+    """Local HF model directory."""
+    batch_size: int = Field(64, ge=1)
+    trust_remote_code: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def is_model_dir(cls, path: str) -> str:
+        check_model_dir(path, key="path")
+        return path
+
+
+def batches(n: int, size: int) -> list[range]:
+    return [range(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+@register_component("classifier")
+class Classifier(RewardComponent):
+    """Probability (or logit) of `label` under a local HF sequence-classification model."""
+
+    class Options(ModelOptions):
+        label: int | str = 1
+        """Label index or name (config.label2id)."""
+        output: Literal["probability", "logit"] = "probability"
+        text: Literal["completion", "prompt_completion"] = "completion"
+
+    def __init__(self, options: Options, env: ComponentEnv):
+        super().__init__(options, env)
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(options.path, trust_remote_code=options.trust_remote_code)
+        self.tokenizer.padding_side = "right"  # positions start at 0 for every text; the model pools the last real token
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            options.path, trust_remote_code=options.trust_remote_code
+        )
+        self.model.to(env.device).eval()
+        label2id = self.model.config.label2id or {}
+        self.label = (
+            label2id[options.label] if isinstance(options.label, str) and options.label in label2id else options.label
+        )
+        if not isinstance(self.label, int) or not 0 <= self.label < self.model.config.num_labels:
+            raise RewardError(f"classifier {options.path!r} has no label {options.label!r} (labels: {label2id})")
+
+    @torch.no_grad()
+    def __call__(self, inputs: RewardInputs) -> list[float]:
+        both = self.options.text == "prompt_completion"
+        texts = [p + c if both else c for p, c in zip(inputs.prompts, inputs.completions)]
+        out = []
+        for rows in batches(len(texts), self.options.batch_size):
+            encoded = self.tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True).to(self.env.device)
+            logits = self.model(**encoded).logits.float()
+            scores = logits.softmax(-1) if self.options.output == "probability" else logits
+            out += scores[:, self.label].tolist()
+        return out
+
+
+@register_component("teacher_logprob")
+class TeacherLogprob(RewardComponent):
+    """Token-level: r_t = log p_teacher(y_t | prefix), or with subtract_policy
+    r_t = log p_teacher(y_t | prefix) - log pi_behaviour(y_t | prefix) (per-token reverse-KL distillation).
+    The teacher must share the policy's vocabulary."""
+
+    class Options(ModelOptions):
+        subtract_policy: bool = False
+
+    def __init__(self, options: Options, env: ComponentEnv):
+        super().__init__(options, env)
+        teacher_tokenizer = load_tokenizer(options.path, options.trust_remote_code)
+        if teacher_tokenizer.get_vocab() != env.tokenizer.get_vocab():
+            raise RewardError(
+                f"teacher_logprob: the tokenizer in {options.path!r} differs from the policy's; the teacher must share its vocabulary"
+            )
+        self.model = load_model(options.path, options.trust_remote_code, env.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, inputs: RewardInputs) -> list[list[float]]:
+        out = []
+        for rows in batches(len(inputs.completion_ids), self.options.batch_size):
+            response = [inputs.completion_ids[i] for i in rows]
+            sequences = build_sequences(
+                [inputs.prompt_ids[i] for i in rows], response, self.env.tokenizer.pad_token_id, self.env.device
+            )
+            logprobs, _ = response_logprobs(self.model, sequences)
+            for k, i in enumerate(rows):
+                row = logprobs[k, : len(response[k])].tolist()
+                if self.options.subtract_policy:
+                    row = [t - b for t, b in zip(row, inputs.behaviour_logprobs[i])]
+                out.append(row)
+        return out
+
+
+def import_function(spec: str):
+    """`package.module:function` or `path/to/file.py:function` -> the function."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{spec!r} is not module:function (e.g. my_rewards:format_reward)")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            if not file.is_file():
+                raise ValueError(f"file {module_name!r} does not exist")
+            module_spec = importlib.util.spec_from_file_location(file.stem, file.resolve())
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ValueError:
+        raise
+    except Exception as error:  # noqa: BLE001 - importing user code can raise anything
+        raise ValueError(f"cannot import {module_name!r}: {type(error).__name__}: {error}") from None
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise ValueError(f"{module_name!r} has no function {attr!r}")  # noqa: TRY004 - pydantic reports ValueError
+    return function
+
+
+@register_component("python")
+class PythonFunction(RewardComponent):
+    """A user function called as f(prompts=, completions=, completion_ids=, **dataset_columns) on the
+    batch (the TRL reward-function signature); it returns a float per sample (sequence-level) or a
+    list of floats per sample (token-level). `async def` functions are awaited."""
+
+    class Options(BaseOptions):
+        function: str
+        """`package.module:function` (importable on every node) or `path/to/file.py:function`."""
+
+        @field_validator("function")
+        @classmethod
+        def imports(cls, spec: str) -> str:
+            import_function(spec)
+            return spec
+
+    def __init__(self, options: Options, env: ComponentEnv):
+        super().__init__(options, env)
+        self.function = import_function(options.function)
+
+    def __call__(self, inputs: RewardInputs) -> list:
+        kwargs = dict(
+            inputs.columns, prompts=inputs.prompts, completions=inputs.completions, completion_ids=inputs.completion_ids
+        )
+        result = self.function(**kwargs)
+        if inspect.isawaitable(result):
+            result = asyncio.run(result)
+        return list(result)

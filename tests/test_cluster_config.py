@@ -1,0 +1,64 @@
+"""`tokenforge validate-cluster`: the shipped cluster files pass; insecure or broken variants are rejected."""
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.cluster_check import ClusterConfigError, validate_cluster
+
+REPO = Path(__file__).parent.parent
+SHIPPED = [REPO / "cluster.yaml", REPO / "cluster.local.yaml"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_cluster_files_pass(path, capsys):
+    main(["validate-cluster", str(path)])
+    assert "open ports: SSH only" in capsys.readouterr().out
+
+
+def broken(tmp_path: Path, change) -> Path:
+    config = copy.deepcopy(yaml.safe_load((REPO / "cluster.yaml").read_text()))
+    change(config)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def set_head_command(config, old, new):
+    config["head_start_ray_commands"] = [c.replace(old, new) for c in config["head_start_ray_commands"]]
+
+
+CASES = {
+    "fractional resources": (lambda c: c["available_node_types"]["gpu_rollout"]["resources"].update(GPU=0.5), "Ray rejects available_node_types/gpu_rollout/resources/GPU: 0.5 is not of type 'integer'"),
+    "unknown key": (lambda c: c.update(max_wrokers=3), "Ray rejects config: Additional properties are not allowed ('max_wrokers' was unexpected)"),
+    "dashboard on 0.0.0.0": (lambda c: set_head_command(c, "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"), "--dashboard-host=0.0.0.0 exposes the Jobs API"),
+    "dashboard host unset": (lambda c: set_head_command(c, "--dashboard-host=127.0.0.1", ""), "does not set --dashboard-host"),
+    "auth disabled": (lambda c: set_head_command(c, "RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"), "starts Ray without token auth"),
+    "worker without auth": (lambda c: c.update(worker_start_ray_commands=["ray stop", "ray start --address=$RAY_HEAD_IP:6379"]), "`ray start --address=$RAY_HEAD_IP:6379` starts Ray without token auth"),
+    "dashboard port open": (lambda c: c["provider"]["security_group"]["IpPermissions"].append({"FromPort": 8265, "ToPort": 8265, "IpProtocol": "TCP"}), "opens ports 8265-8265; open SSH (22) only"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_broken_variants_are_rejected(tmp_path, case, capsys):
+    change, message = CASES[case]
+    path = broken(tmp_path, change)
+    with pytest.raises(ClusterConfigError, match=re.escape(message)):
+        validate_cluster(path)
+    with pytest.raises(SystemExit) as exit_:  # the command: one line, exit code 2
+        main(["validate-cluster", str(path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokenforge: error: ") and message in err and "Traceback" not in err
+
+
+def test_missing_or_unreadable_files(tmp_path):
+    with pytest.raises(ClusterConfigError, match="does not exist"):
+        validate_cluster(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ClusterConfigError, match="a mapping with a `provider` section"):
+        validate_cluster(tmp_path / "bad.yaml")

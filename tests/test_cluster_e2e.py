@@ -1,0 +1,134 @@
+"""A real two-node Ray cluster on this machine, started as users start one, with work sent through
+the Jobs API: `ray start --head` (127.0.0.1, token auth) plus `ray start --address` advertising other
+resources, then `ray job submit --working-dir .`. Stops everything it started (and only that)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def node_ports(first_worker_port: int) -> list[str]:
+    manager, objects, agent, agent_grpc, runtime_env, metrics = free_ports(6)
+    return [
+        f"--node-manager-port={manager}",
+        f"--object-manager-port={objects}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}",
+        f"--min-worker-port={first_worker_port}",
+        f"--max-worker-port={first_worker_port + 99}",
+    ]
+
+
+def processes_of(temp_dir: str) -> list[int]:
+    """PIDs whose command line mentions this cluster's temp dir (its GCS, raylets, agents, workers)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and temp_dir in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    temp_dir = tempfile.mkdtemp(prefix="tf-ray-", dir="/tmp")  # short: Ray's socket paths live below it
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard, client = free_ports(3)
+    head = [
+        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+        "--num-cpus=2", '--resources={"head_node": 1}', f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        *node_ports(21000),
+    ]
+    worker = [
+        str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+        "--num-cpus=1", '--resources={"worker_node": 1}', "--disable-usage-stats", *node_ports(22000),
+    ]
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=180)
+        yield {"env": {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}, "dashboard": dashboard}
+    finally:
+        for pid in processes_of(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def submit(cluster, *command: str, timeout: int = 600) -> str:
+    """`ray job submit --working-dir .`; returns the job's logs after it SUCCEEDED."""
+    job_id = f"tf-{int(time.time() * 1000)}"
+    ray = str(BIN / "ray")
+    subprocess.run([ray, "job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(REPO), "--", *command],
+                   env=cluster["env"], check=True, capture_output=True, cwd=REPO, timeout=120)
+    deadline = time.time() + timeout
+    status = ""
+    while time.time() < deadline:
+        status = subprocess.run([ray, "job", "status", job_id], env=cluster["env"], capture_output=True, text=True, timeout=60, check=False).stdout
+        if any(word in status for word in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(3)
+    logs = subprocess.run([ray, "job", "logs", job_id], env=cluster["env"], capture_output=True, text=True, timeout=60, check=False).stdout
+    assert "SUCCEEDED" in status, f"{status}\n{logs[-3000:]}"
+    return logs
+
+
+def test_requests_without_the_token_are_refused(cluster):
+    url = f"http://127.0.0.1:{cluster['dashboard']}/api/jobs/"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=30)
+    assert refused.value.code in (401, 403)
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}), timeout=30) as ok:
+        assert ok.status == 200
+
+
+def test_train_job_places_actors_on_both_nodes_as_configured(cluster, tmp_path):
+    out = tmp_path / "train"
+    submit(
+        cluster, "tokenforge", "train", f"output_dir={out}", "trainer.total_steps=4", "trainer.eval_every=2",
+        "trainer.prompts_per_step=8", "rollout.group_size=4", "data.max_eval_samples=50",
+        "learner.resources={head_node: 0.5}", "rollout.resources_per_worker={worker_node: 0.5}",
+        "rollout.num_cpus_per_worker=0.5", "reward.resources_per_worker={worker_node: 0.25}",
+    )
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4] and "eval/exact_match" in records[-1]
+    placement = json.loads((out / "placement.json").read_text())
+    (learner,), (rollout,), (reward,) = placement["learner"], placement["rollout"], placement["reward"]
+    assert rollout == reward != learner  # the worker node's resource vs the head's
+
+
+def test_smoke_tune_job(cluster, tmp_path):
+    logs = submit(cluster, "tokenforge", "tune", "tune_configs/smoke.yaml", f"tune.storage_path={tmp_path}", "tune.max_concurrent_trials=1")
+    rows = (tmp_path / "smoke" / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(r.endswith(",12,TERMINATED") for r in rows[1:]), logs[-2000:]
+    assert (tmp_path / "smoke" / "best_config.yaml").is_file()

@@ -1,0 +1,155 @@
+"""`tokenforge tune`: spec validation, and real Tune experiments on the session's local Ray."""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from reward_fns import FAIL_COUNTER
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.trainer import train
+from pipeline.tune import RESTORES_FILE
+from pipeline.tune import resume as resume_experiment
+from pipeline.tune import run as run_experiment
+from pipeline.tune_spec import load_spec
+
+REPO = Path(__file__).parent.parent
+SMOKE = REPO / "tune_configs" / "smoke.yaml"
+TINY = {  # a small, fast trial that fits twice into the test cluster's 2 CPUs
+    "trainer.total_steps": 8,
+    "trainer.eval_every": 2,
+    "trainer.prompts_per_step": 8,
+    "data.max_eval_samples": 50,
+    "rollout.group_size": 4,
+    "learner.num_cpus": 0.25,
+    "rollout.num_cpus_per_worker": 0.25,
+    "reward.num_cpus_per_worker": 0.25,
+}
+
+
+def write_spec(tmp_path: Path, search: dict, tune: dict, base: dict | None = None) -> Path:
+    spec = {"base": {"overrides": {**TINY, **(base or {})}}, "search": search, "tune": {"storage_path": str(tmp_path / "results"), **tune}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("search", "tune", "message"),
+    [
+        ({"learner.lr": {"strategy": "normal", "values": [0, 1]}}, {}, "unknown strategy 'normal'"),
+        ({"learner.lr": {"strategy": "loguniform", "values": [0, 1]}}, {}, "loguniform: low must be > 0"),
+        ({"learner.lr": {"strategy": "uniform", "values": [1]}}, {}, "uniform needs 2 numbers"),
+        ({"learner.lrate": {"strategy": "choice", "values": [1]}}, {}, "search key 'learner.lrate': the base config has no such key"),
+        ({"reward.weights.bleu": {"strategy": "choice", "values": [1]}}, {}, "search key 'reward.weights.bleu': the base config has no such key"),
+        ({"learner.lr": {"strategy": "choice", "values": ["fast"]}}, {}, "search key 'learner.lr': config key 'learner.lr': Input should be a valid number"),
+        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"scheduler": {"name": "hyperband"}}, "unknown tune.scheduler.name 'hyperband'"),
+        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"scheduler": {"name": "asha", "grace": 2}}, "tune.scheduler.grace: not an option of scheduler 'asha'"),
+        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"search_alg": "annealing"}, "unknown tune.search_alg 'annealing'"),
+        ({"learner.lr": {"strategy": "grid", "values": [1e-3]}}, {"search_alg": "optuna"}, "'grid' only works with search_alg random"),
+        ({"reward.weights.digit_match": {"strategy": "uniform", "values": [0, 1]}}, {"metric": "reward/total/mean"}, "the reward weights are searched"),
+        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"metric": "reward/total/mean"}, "the objective must be a held-out eval metric"),
+        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"metric": "eval/chrf"}, "the objective must be a held-out eval metric"),
+        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"mode": "maximise"}, "tune spec key 'tune.mode'"),
+        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"shceduler": "asha"}, "tune spec key 'tune.shceduler': unknown key"),
+    ],
+)
+def test_bad_specs_are_rejected_before_any_trial(tmp_path, search, tune, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_spec(write_spec(tmp_path, search, tune))
+
+
+def test_shipped_specs_validate():
+    for path in sorted((REPO / "tune_configs").glob("*.yaml")):
+        spec, _ = load_spec(path)
+        assert spec.tune.metric.startswith("eval/"), path
+
+
+def trial_dirs(experiment: Path) -> list[Path]:
+    return sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "run").is_dir())
+
+
+def metrics(trial: Path) -> list[dict]:
+    return [json.loads(line) for line in (trial / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_spec_end_to_end(ray_cluster, tmp_path):
+    experiment = run_experiment(str(SMOKE), [f"tune.storage_path={tmp_path}"])
+    rows = (experiment / "trials.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("trial,reward.weights.digit_match,eval/exact_match")
+    assert all(row.endswith(",12,TERMINATED") for row in rows[1:])
+    for trial in trial_dirs(experiment):
+        assert list(trial.glob("checkpoint_*/model.safetensors")), trial  # Tune kept the reported checkpoints
+        assert [r["step"] for r in metrics(trial) if "eval/exact_match" in r] == [0, 4, 8, 12]
+    assert (experiment / "objective.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = load_config(experiment / "best_config.yaml", [f"output_dir={tmp_path / 'best'}", "trainer.total_steps=2"])
+    assert best.reward.weights["digit_match"] in (0.0, 0.5)
+    assert train(best)["step"] == 2
+
+
+def test_pbt_exploit_continues_from_the_donor_checkpoint_with_mutated_params(ray_cluster, tmp_path):
+    spec = write_spec(
+        tmp_path,
+        {"learner.lr": {"strategy": "choice", "values": [1e-4, 2e-3]}},
+        {"name": "pbt", "num_samples": 2, "num_to_keep": None,
+         "scheduler": {"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 1.0}},
+        base={"learner.lr_schedule": "constant", "learner.warmup_steps": 0},
+    )
+    experiment = run_experiment(str(spec))
+    restores = [(trial, json.loads(line)) for trial in trial_dirs(experiment) if (trial / RESTORES_FILE).exists()
+                for line in (trial / RESTORES_FILE).read_text().splitlines()]
+    assert restores, "PBT never exploited"
+    donor_weights = {hashlib.sha256(p.read_bytes()).hexdigest() for p in experiment.glob("*/checkpoint_*/model.safetensors")}
+    for trial, restore in restores:
+        assert restore["step"] > 0 and restore["model_sha256"] in donor_weights  # the donor's step and weights
+        after = [r for r in metrics(trial) if r["step"] == restore["step"] + 1]
+        assert after and after[-1]["learner/lr"] == pytest.approx(restore["params"]["learner.lr"])  # mutated lr in effect
+    assert all(r.endswith(",8,TERMINATED") for r in (experiment / "trials.csv").read_text().splitlines()[1:])
+
+
+def test_a_crashing_trial_is_retried_from_its_last_checkpoint(ray_cluster, tmp_path):
+    FAIL_COUNTER.unlink(missing_ok=True)
+    fns = Path(__file__).parent / "reward_fns.py"
+    spec = write_spec(
+        tmp_path,
+        {"reward.weights.flaky": {"strategy": "choice", "values": [0.1]}},
+        {"name": "retry", "max_failures": 1},
+        base={"reward.components.flaky": {"type": "python", "function": f"{fns}:fail_on_sixth_call"}, "reward.weights.flaky": 0.1},
+    )
+    try:
+        experiment = run_experiment(str(spec))
+    finally:
+        FAIL_COUNTER.unlink(missing_ok=True)
+    (trial,) = trial_dirs(experiment)
+    restores = [json.loads(line) for line in (trial / RESTORES_FILE).read_text().splitlines()]
+    assert [r["step"] for r in restores] == [4]  # failed in step 6; the last checkpoint was step 4
+    assert [r["step"] for r in metrics(trial)] == list(range(9))  # no step lost or repeated
+    assert (experiment / "trials.csv").read_text().splitlines()[1].endswith(",8,TERMINATED")
+
+
+def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path):
+    spec = write_spec(tmp_path, {"reward.weights.digit_match": {"strategy": "grid", "values": [0.0, 0.5]}},
+                      {"name": "interrupted", "max_concurrent_trials": 2}, base={"trainer.total_steps": 24})
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tune", str(spec)], env=env, cwd=REPO)
+    experiment = tmp_path / "results" / "interrupted"
+    deadline = time.time() + 240
+    while not list(experiment.glob("*/checkpoint_*/trainer_state.json")) and time.time() < deadline:
+        time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) is not None
+    first = {trial.name: max(r["step"] for r in metrics(trial)) for trial in trial_dirs(experiment)}
+    assert first and min(first.values()) < 24, first
+    resume_experiment(str(experiment))
+    for trial in trial_dirs(experiment):
+        assert [r["step"] for r in metrics(trial)][-1] == 24
+    assert all(r.endswith(",24,TERMINATED") for r in (experiment / "trials.csv").read_text().splitlines()[1:])
