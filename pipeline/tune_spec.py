@@ -179,7 +179,7 @@ def scheduler(spec: TuneSpec):
     """The Tune scheduler of the spec, with its options checked by name."""
     block = spec.tune
     name, options = block.scheduler.name, dict(block.scheduler.model_extra or {})
-    check_known("tune.scheduler.name", name, SCHEDULERS)
+    known("tune.scheduler.name", name, SCHEDULERS)
     if name == "pb2":
         for library in ("GPy", "sklearn"):
             require(library, "scheduler 'pb2'")
@@ -209,12 +209,19 @@ def mutation(key: str, dimension: Dimension):
 
 def searcher(spec: TuneSpec):
     name = spec.tune.search_alg
-    check_known("tune.search_alg", name, SEARCH_ALGS)
+    known("tune.search_alg", name, SEARCH_ALGS)
     if SEARCH_ALGS[name] is None:
         return None
     module, cls, library = SEARCH_ALGS[name]
     require(library, f"search_alg {name!r}")
     return getattr(importlib.import_module(module), cls)()
+
+
+def known(kind: str, name: str, registry) -> None:
+    try:
+        check_known(kind, name, registry)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def require(library: str, what: str) -> None:

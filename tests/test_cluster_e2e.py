@@ -93,12 +93,12 @@ def submit(cluster, *command: str, timeout: int = 600) -> str:
     deadline = time.time() + timeout
     status = ""
     while time.time() < deadline:
-        status = subprocess.run([ray, "job", "status", job_id], env=cluster["env"], capture_output=True, text=True, timeout=60, check=False).stdout
-        if any(word in status for word in ("SUCCEEDED", "FAILED", "STOPPED")):
+        status = subprocess.run([ray, "job", "status", job_id], env=cluster["env"], capture_output=True, text=True, timeout=60, check=False).stdout.lower()
+        if any(f"' {word}" in status for word in ("succeeded", "failed", "stopped")):  # "Job 'id' succeeded"
             break
         time.sleep(3)
     logs = subprocess.run([ray, "job", "logs", job_id], env=cluster["env"], capture_output=True, text=True, timeout=60, check=False).stdout
-    assert "SUCCEEDED" in status, f"{status}\n{logs[-3000:]}"
+    assert f"job '{job_id}' succeeded" in status, f"{status}\n{logs[-3000:]}"
     return logs
 
 
