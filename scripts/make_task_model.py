@@ -59,13 +59,14 @@ class Task:
     max_new_tokens: int
     n_positions: int
     target: float  # default --target
+    eval_every: int  # default --eval-every
     draw_batch: Callable[[list[dict], int], list[dict]]
     metric: Callable[[list[str], list[dict]], float]
 
 
 TASKS = {
-    "addition": Task("0123456789+=", 5, 32, 0.55, balanced_by_shape, exact_match),
-    "words": Task("0123456789= -abcdefghijklmnopqrstuvwxyz", 32, 48, 0.6, uniform, chrf),
+    "addition": Task("0123456789+=", 5, 32, 0.55, 25, balanced_by_shape, exact_match),
+    "words": Task("0123456789= -abcdefghijklmnopqrstuvwxyz", 32, 48, 0.55, 5, uniform, chrf),
 }
 
 
@@ -83,13 +84,14 @@ def main() -> None:
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--lr", default=2e-3, type=float)
     parser.add_argument("--batch-size", default=64, type=int)
-    parser.add_argument("--eval-every", default=25, type=int)
+    parser.add_argument("--eval-every", type=int, help="default: per task")
     parser.add_argument("--max-steps", default=20000, type=int)
     args = parser.parse_args()
 
     task = TASKS[args.task]
     out = args.out or ASSETS / args.task / "model"
     target = task.target if args.target is None else args.target
+    eval_every = args.eval_every or task.eval_every
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
     tokenizer = make_char_tokenizer(task.alphabet)
@@ -116,7 +118,7 @@ def main() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % args.eval_every == 0:
+        if step % eval_every == 0:
             model.eval()
             score = evaluate(task, worker, model, evaluation)
             model.train()

@@ -83,3 +83,16 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("tokenforge: error: config key 'rollout.num_workers'")
+
+
+def test_resources_the_cluster_can_never_provide_fail_fast(ray_cluster, capsys, tmp_path):
+    out = f"output_dir={tmp_path / 'out'}"
+    err = run_cli(["train", "learner.num_gpus=8", out], capsys)
+    assert "the actors need 8 GPU in total but the Ray cluster has 0" in err
+    err = run_cli(["train", "rollout.resources_per_worker={tpu_pod: 1}", out], capsys)
+    assert "the actors need 1 tpu_pod in total but the Ray cluster has 0" in err
+
+
+def test_reward_component_needs_a_column_the_data_lacks(capsys, tmp_path):
+    err = run_cli(["train", "reward.weights={chrf: 1.0}", f"output_dir={tmp_path / 'out'}"], capsys)
+    assert "data.train_file: the reward components need fields ['reference'], missing from the file" in err
