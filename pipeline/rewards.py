@@ -12,6 +12,7 @@ The components themselves live in pipeline/reward_components.py.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -62,7 +63,7 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class RewardComponent:
+class RewardComponent(ABC):
     """Base class: subclasses set `Options` and implement `__call__`."""
 
     type_name: ClassVar[str]
@@ -77,9 +78,9 @@ class RewardComponent:
         """Dataset columns this component reads (checked against the data files at start-up)."""
         return ()
 
+    @abstractmethod
     def __call__(self, inputs: RewardInputs) -> list:
         """Per sample: one float (sequence-level) or one float per response token (token-level)."""
-        raise NotImplementedError
 
 
 COMPONENTS: dict[str, type[RewardComponent]] = {}

@@ -87,9 +87,10 @@ def run(spec_path: str, overrides: list[str] = ()) -> Path:
     connect_ray(base)
     base = config_with(base, {"learner.num_gpus": learner_gpus(base)})  # trials and bundles agree on GPUs
     block = spec.tune
-    storage = block.storage_path if "://" in block.storage_path else str(Path(block.storage_path).resolve())
-    experiment = Path(storage) / block.name if "://" not in storage else Path("tune_results") / block.name
-    if "://" not in storage and experiment.exists():
+    remote = "://" in block.storage_path  # s3://, gs://: Tune writes there; our summary files stay local
+    storage = block.storage_path if remote else str(Path(block.storage_path).resolve())
+    experiment = Path("tune_results" if remote else storage) / block.name
+    if not remote and experiment.exists():
         raise TokenforgeError(f"tune experiment {str(experiment)!r} exists; resume it with --resume or set tune.name")
     experiment.mkdir(parents=True, exist_ok=True)
     (experiment / SPEC_FILE).write_text(yaml.safe_dump({"spec": spec.model_dump(mode="json"), "base": base.model_dump(mode="json")}))
