@@ -239,12 +239,8 @@ class TrainConfig(Section):
             try:
                 COMPONENTS[spec.type].Options.model_validate(spec.options())
             except ValidationError as error:
-                first = error.errors()[0]
-                key = ".".join(str(part) for part in (f"reward.components.{name}", *first["loc"]))
-                message = first["msg"].removeprefix("Value error, ")
-                if first["type"] == "extra_forbidden":
-                    message = f"unknown option of component type {spec.type!r}"
-                raise ConfigError(f"config key {key!r}: {message}") from None
+                unknown = f"unknown option of component type {spec.type!r}"
+                raise first_error(error, "config key", (f"reward.components.{name}",), unknown) from None
             except TokenforgeError as error:
                 raise ConfigError(f"config key 'reward.components.{name}': {error}") from None
         return self
@@ -295,16 +291,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     return config_with(validate_config(data), dict(parse_override(text) for text in overrides))
 
 
+def first_error(error: ValidationError, what: str, prefix: tuple = (), unknown: str = "unknown key") -> ConfigError:
+    """pydantic's first error as one line naming the dotted key: "<what> 'a.b': message"."""
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in (*prefix, *first["loc"])) or "config"
+    message = unknown if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+    return ConfigError(f"{what} {key!r}: {message}")
+
+
 def validate_config(data: dict) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or "config"
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown config key (see `tokenforge train --help-config`)"
-        raise ConfigError(f"config key {key!r}: {message}") from None
+        raise first_error(error, "config key", unknown="unknown config key (see `tokenforge train --help-config`)") from None
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

@@ -28,7 +28,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
 from pipeline.advantages import check_known
-from pipeline.config import TrainConfig, apply_override, config_with, load_config, parse_override
+from pipeline.config import TrainConfig, apply_override, config_with, first_error, load_config, parse_override
 from pipeline.errors import ConfigError
 
 # strategy -> (number of values or None for a non-empty list, Tune domain)
@@ -123,12 +123,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[TuneSpec, Tr
     try:
         spec = TuneSpec.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "spec"
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown key"
-        raise ConfigError(f"tune spec key {key!r}: {message}") from None
+        raise first_error(error, "tune spec key") from None
     base_file = spec.base.config
     if base_file and not Path(base_file).is_absolute():
         base_file = str(path.parent / base_file) if (path.parent / base_file).is_file() else base_file
