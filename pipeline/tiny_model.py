@@ -1,6 +1,6 @@
 """Tiny causal LMs with a character-level tokenizer, made from scratch (no hub download).
 
-Used by scripts/make_addition_model.py for the shipped default model and by the tests.
+Used by scripts/make_task_model.py for the shipped models and by the tests.
 """
 
 from __future__ import annotations
