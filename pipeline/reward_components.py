@@ -172,8 +172,16 @@ class LengthPenalty(RewardComponent):
         return out
 
 
+class SacrebleuComponent(ReferenceComponent):
+    """A sacrebleu sentence metric (`self.metric`, set by the subclass) / 100, against the references."""
+
+    def __call__(self, inputs: RewardInputs) -> list[float]:
+        refs = inputs.columns[self.options.column]
+        return [self.metric.sentence_score(c, references(r)).score / 100 for c, r in zip(inputs.completions, refs)]
+
+
 @register_component("bleu")
-class Bleu(ReferenceComponent):
+class Bleu(SacrebleuComponent):
     """Sentence BLEU (sacrebleu, effective order) / 100."""
 
     def __init__(self, options: ReferenceOptions, env: ComponentEnv):
@@ -182,13 +190,9 @@ class Bleu(ReferenceComponent):
 
         self.metric = BLEU(effective_order=True)
 
-    def __call__(self, inputs: RewardInputs) -> list[float]:
-        refs = inputs.columns[self.options.column]
-        return [self.metric.sentence_score(c, references(r)).score / 100 for c, r in zip(inputs.completions, refs)]
-
 
 @register_component("chrf")
-class Chrf(ReferenceComponent):
+class Chrf(SacrebleuComponent):
     """Sentence chrF (sacrebleu; word_order=2 gives chrF++) / 100."""
 
     class Options(ReferenceOptions):
@@ -199,10 +203,6 @@ class Chrf(ReferenceComponent):
         from sacrebleu.metrics import CHRF
 
         self.metric = CHRF(word_order=options.word_order)
-
-    def __call__(self, inputs: RewardInputs) -> list[float]:
-        refs = inputs.columns[self.options.column]
-        return [self.metric.sentence_score(c, references(r)).score / 100 for c, r in zip(inputs.completions, refs)]
 
 
 @register_component("rouge")
