@@ -95,17 +95,27 @@ def learner_gpus(config: TrainConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
+def actor_bundles(config: TrainConfig) -> list[dict[str, float]]:
+    """Ray resources of every actor: the learner, then each rollout worker, then each reward worker."""
+
+    def bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
+
+    rollout, reward = config.rollout, config.reward
+    return [
+        bundle(config.learner.num_cpus, learner_gpus(config), config.learner.resources),
+        *[bundle(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.resources_per_worker)] * rollout.num_workers,
+        *[bundle(reward.num_cpus_per_worker, reward.num_gpus_per_worker, reward.resources_per_worker)] * reward.num_workers,
+    ]
+
+
 def check_resources(config: TrainConfig) -> None:
     """Fail fast when the cluster can never hold the actors this config asks for. With
     `ray.autoscale_wait_s` > 0, first ask Ray's autoscaler for them and wait that long."""
-    rollout, reward = config.rollout, config.reward
-    wanted = {
-        "CPU": config.learner.num_cpus + rollout.num_workers * rollout.num_cpus_per_worker + reward.num_workers * reward.num_cpus_per_worker,
-        "GPU": learner_gpus(config) + rollout.num_workers * rollout.num_gpus_per_worker + reward.num_workers * reward.num_gpus_per_worker,
-    }
-    for custom, count in [(config.learner.resources, 1), (rollout.resources_per_worker, rollout.num_workers), (reward.resources_per_worker, reward.num_workers)]:
-        for name, amount in custom.items():
-            wanted[name] = wanted.get(name, 0) + count * amount
+    wanted: dict[str, float] = {}
+    for bundle in actor_bundles(config):
+        for name, amount in bundle.items():
+            wanted[name] = wanted.get(name, 0) + amount
 
     def missing() -> dict[str, tuple[float, float]]:
         have = ray.cluster_resources()

@@ -24,7 +24,7 @@ from ray import tune
 from pipeline import checkpoint
 from pipeline.config import TrainConfig, config_with, save_config
 from pipeline.errors import TokenforgeError
-from pipeline.trainer import connect_ray, learner_gpus, train
+from pipeline.trainer import actor_bundles, connect_ray, learner_gpus, train
 from pipeline.tune_spec import TuneSpec, load_spec, param_space, scheduler, searcher
 
 SPEC_FILE = "tokenforge_tune.yaml"  # spec + resolved base config, kept in the experiment dir for --resume
@@ -33,19 +33,7 @@ RESTORES_FILE = "restores.jsonl"  # one line per trial start from a checkpoint (
 
 def trial_resources(config: TrainConfig, driver_cpus: float) -> tune.PlacementGroupFactory:
     """Bundle 0: the trial's driver; then the learner, each rollout worker, each reward worker."""
-
-    def bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
-        return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
-
-    rollout, reward = config.rollout, config.reward
-    return tune.PlacementGroupFactory(
-        [
-            bundle(driver_cpus, 0, {}),
-            bundle(config.learner.num_cpus, config.learner.num_gpus or 0, config.learner.resources),
-            *[bundle(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.resources_per_worker)] * rollout.num_workers,
-            *[bundle(reward.num_cpus_per_worker, reward.num_gpus_per_worker, reward.resources_per_worker)] * reward.num_workers,
-        ]
-    )
+    return tune.PlacementGroupFactory([{"CPU": driver_cpus}, *actor_bundles(config)])
 
 
 def run_trial(params: dict[str, Any], base: dict) -> None:
