@@ -101,7 +101,8 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint_with_mutated_params(ray
         tmp_path,
         {"learner.lr": {"strategy": "choice", "values": [1e-4, 2e-3]}},
         {"name": "pbt", "num_samples": 2, "num_to_keep": None,
-         "scheduler": {"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 1.0}},
+         "scheduler": {"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 1.0,
+                       "synch": True}},  # perturb once both trials reported: no race with a late-starting trial
         base={"learner.lr_schedule": "constant", "learner.warmup_steps": 0},
     )
     experiment = run_experiment(str(spec))
