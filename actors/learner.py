@@ -2,20 +2,23 @@
 
 A plain class; the driver wraps it with `ray.remote` (GPU when configured). `train_step` reads a
 scored rollout batch (pipeline.batch schema) top to bottom:
-composite token rewards -> (KL in reward) -> advantages -> micro-batched loss -> one optimizer step.
+composite token rewards -> (KL in reward) -> advantages -> micro-batched loss -> one optimizer step,
+skipped (weights untouched) when the advantages, loss or gradient norm are not finite.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
-from pipeline.advantages import compute_advantages, kl_penalty
+from pipeline.advantages import STATS_DTYPE, compute_advantages, kl_penalty
 from pipeline.batch import pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, TrainConfig
+from pipeline.errors import TokenforgeError
 from pipeline.loss import policy_loss
 from pipeline.models import build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
 from pipeline.rewards import normalize_rewards
@@ -59,8 +62,10 @@ class Learner:
             self.optimizer, lambda k: lr_factor(config.learner, k, total_updates)
         )
         self.policy_version = 0
+        self.nonfinite_streak = 0  # consecutive steps whose update was skipped for NaN/inf
 
-    def train_step(self, batch: pa.Table) -> dict[str, float]:
+    def train_step(self, batch: pa.Table, step: int | None = None) -> dict[str, float]:
+        """One learner step on a scored rollout batch; `step` (the driver's) names it in errors."""
         algo = self.config.algorithm
         mask = response_mask(batch).to(self.device)
         behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist()).to(self.device)
@@ -72,8 +77,8 @@ class Learner:
             self.device,
         )
         metrics = {}
-        # r_t = sum_i w_i * norm_i(r_i)_t  (norm_i: the component's `normalize`, identity by default)
-        token_rewards = torch.zeros_like(mask)
+        # r_t = sum_i w_i * norm_i(r_i)_t  (norm_i: the component's `normalize`, identity by default), in float64
+        token_rewards = torch.zeros_like(mask, dtype=STATS_DTYPE)
         for name, weight in self.config.reward.weights.items():
             component = pad_right(batch.column(reward_column(name)).to_pylist()).to(self.device)
             mode = self.config.reward.components[name].normalize
@@ -86,23 +91,47 @@ class Learner:
         ref_logprobs = self._reference_logprobs(sequences) if self.reference is not None else None
         if algo.kl_in_reward_coef > 0:
             # r_t -= beta * KL_t, KL of the sampling policy against the reference
-            token_rewards = (
-                token_rewards - algo.kl_in_reward_coef * kl_penalty(behaviour, ref_logprobs, algo.kl_kind) * mask
-            )
-        advantages = compute_advantages(algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten)
+            without_kl = token_rewards
+            kl = kl_penalty(behaviour, ref_logprobs, algo.kl_kind).to(STATS_DTYPE)
+            token_rewards = token_rewards - algo.kl_in_reward_coef * kl * mask
+            metrics["reward/kl_penalty/mean"] = float((token_rewards - without_kl).sum(1).mean())  # per sample
+        # a NaN/inf reward (or float32 overflow of huge returns) skips the update instead of reaching the weights
+        valid = mask.bool()
+        advantages = torch.zeros_like(mask)
+        finite = bool(torch.isfinite(token_rewards[valid]).all())
+        if finite:
+            advantages = compute_advantages(algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten)
+            finite = bool(torch.isfinite(advantages[valid]).all())
 
         # A sample whose advantages are all 0 has no policy-gradient term: with no KL/entropy loss it
         # can be left out, so the forward/backward pass only runs on informative samples (DAPO-style).
+        # The loss is still normalised by the whole batch's counts, so leaving them out changes cost,
+        # never the gradient.
         keep = torch.arange(len(mask), device=self.device)
         if algo.skip_zero_advantage and algo.kl_coef == 0 and algo.entropy_coef == 0:
             keep = keep[(advantages != 0).any(dim=1)]
         metrics["learner/kept_frac"] = len(keep) / len(mask)
+        counts = {
+            "num_tokens": float(mask.sum()),
+            "num_seqs": float(mask.shape[0]),
+            "max_len": float(self.config.rollout.max_new_tokens),
+        }
+        kept = (select_rows(sequences, keep), behaviour[keep], advantages[keep], mask[keep])
+        kept_ref = None if ref_logprobs is None else ref_logprobs[keep]
         totals: dict[str, float] = {}
-        if len(keep):
-            kept = (select_rows(sequences, keep), behaviour[keep], advantages[keep], mask[keep])
-            kept_ref = None if ref_logprobs is None else ref_logprobs[keep]
-            for _ in range(self.config.learner.updates_per_batch):
-                totals = self._update(*kept, kept_ref)
+        skipped = 0
+        for _ in range(self.config.learner.updates_per_batch):
+            if len(keep) and finite:
+                totals = self._gradients(*kept, kept_ref, counts)
+                finite = math.isfinite(totals["loss/policy"]) and math.isfinite(totals["loss/grad_norm"])
+                if finite:  # a NaN/inf loss or gradient never reaches the weights (nor Adam's moments)
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            skipped += not finite
+            with warnings.catch_warnings():  # the schedule follows steps, also those whose update was skipped,
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # which torch warns about
+                self.scheduler.step()
+        self._count_nonfinite(skipped, step)
         self.policy_version += 1
         lengths = mask.sum(1)
         metrics.update(totals)
@@ -113,18 +142,28 @@ class Learner:
                 "response/finished_frac": sum(batch.column("finished").to_pylist()) / batch.num_rows,
                 "learner/policy_version": float(self.policy_version),
                 "learner/tokens": float(lengths.sum()),
+                "learner/skipped_nonfinite": float(skipped),
             }
         )
         return metrics
 
-    def _update(self, sequences, behaviour, advantages, mask, ref_logprobs) -> dict[str, float]:
-        """One optimizer step over all micro-batches; losses are normalised by global counts."""
+    def _count_nonfinite(self, skipped: int, step: int | None) -> None:
+        """Stop the run after learner.max_nonfinite_steps consecutive steps with a skipped (non-finite) update."""
+        self.nonfinite_streak = self.nonfinite_streak + 1 if skipped else 0
+        limit = self.config.learner.max_nonfinite_steps
+        if self.nonfinite_streak >= limit:
+            where = f"step {step}" if step is not None else f"update {self.policy_version + 1}"
+            raise TokenforgeError(
+                f"{limit} consecutive steps up to {where} had a NaN/inf advantage, loss or gradient norm; their updates "
+                "were skipped and the weights are those before them. Lower learner.lr, look for huge reward values, "
+                "or raise learner.max_nonfinite_steps"
+            )
+
+    def _gradients(self, sequences, behaviour, advantages, mask, ref_logprobs, counts) -> dict[str, float]:
+        """Accumulate the gradient of one update over all micro-batches (losses normalised by the global
+        `counts`), clip it, and return the loss, gradient norm and policy metrics."""
         algo, cfg = self.config.algorithm, self.config.learner
-        counts = {
-            "num_tokens": float(mask.sum()),
-            "num_seqs": float(mask.shape[0]),
-            "max_len": float(self.config.rollout.max_new_tokens),
-        }
+        kept_tokens = float(mask.sum())
         totals = {"loss/policy": 0.0}
         for rows in self._micro_batches(mask.shape[0]):
             logprobs, entropy = response_logprobs(
@@ -142,21 +181,18 @@ class Learner:
                 clip_high=algo.clip_high,
                 ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
                 kl_coef=algo.kl_coef,
-                kl_kind=algo.kl_kind,
+                kl_kind=algo.kl_loss_kind,
                 entropy=entropy if algo.entropy_coef > 0 else entropy.detach(),
                 entropy_coef=algo.entropy_coef,
                 **counts,
             )
             loss.backward()
-            share = float(mask[rows].sum()) / counts["num_tokens"]  # token-weighted mean of the metrics
+            share = float(mask[rows].sum()) / kept_tokens  # token-weighted mean of the metrics
             totals["loss/policy"] += float(loss.detach())
             for key, value in parts.items():
                 totals[f"policy/{key}"] = totals.get(f"policy/{key}", 0.0) + share * value
         totals["loss/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         totals["learner/lr"] = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return totals
 
     def _micro_batches(self, batch_size: int) -> list[slice]:

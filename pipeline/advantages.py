@@ -1,7 +1,10 @@
 """Token-level returns, KL penalties and advantage estimators.
 
-Every function works on (batch, tokens) float32 tensors of *response* tokens, right-padded,
-with a 0/1 `mask` of the same shape; masked positions of every output are exactly 0.
+Every function works on (batch, tokens) tensors of *response* tokens, right-padded, with a 0/1
+`mask` of the same shape; masked positions of every output are exactly 0. Returns and every
+statistic are computed in float64 and advantages are returned in float32. Group statistics treat
+values that differ only by rounding as equal, so a group whose samples earned the same rewards
+gets advantages that are exactly 0 (no float32 rounding is ever amplified into a signal).
 Estimators are registered by name in `ESTIMATORS`; a new one is one decorated function.
 The formulas are explained, with the reasons they are unbiased, in docs/algorithms.md.
 """
@@ -12,8 +15,12 @@ from collections.abc import Callable
 
 import torch
 
+STATS_DTYPE = torch.float64  # returns, group statistics and whitening
 GROUP_STD_EPS = 1e-6  # grpo: A = (G - mean) / (std + eps); std is the unbiased (n-1) one
-WHITEN_EPS = 1e-8  # whitening: A = (A - mean) / sqrt(var + eps) over all valid tokens
+WHITEN_EPS = 1e-8  # whitening: A = A / sqrt(var + eps) over all valid tokens (centred first without a baseline)
+# Values count as equal when they differ by at most EQUAL_RTOL x the magnitude of the rewards summed into
+# them: rewards arrive as float32 (each rounded by up to 6e-8 of itself), so smaller differences are rounding.
+EQUAL_RTOL = 1e-6
 
 
 def check_same_shape(**tensors: torch.Tensor) -> None:
@@ -39,17 +46,17 @@ def check_finite(name: str, values: torch.Tensor, mask: torch.Tensor) -> None:
 
 
 def returns_to_go(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """G_t = sum_{k>=t, mask_k=1} gamma^(k-t) r_k, and 0 where mask == 0."""
+    """G_t = sum_{k>=t, mask_k=1} gamma^(k-t) r_k, and 0 where mask == 0; float64 (STATS_DTYPE)."""
     check_same_shape(token_rewards=token_rewards, mask=mask)
     check_finite("token_rewards", token_rewards, mask)
-    mask = mask.to(torch.float32)
-    rewards = torch.where(mask.bool(), token_rewards.to(torch.float32), 0.0)  # padding may hold garbage
+    valid = mask.bool()
+    rewards = torch.where(valid, token_rewards.to(STATS_DTYPE), 0.0)  # padding may hold garbage
     returns = torch.zeros_like(rewards)
-    running = torch.zeros(rewards.shape[0], dtype=torch.float32, device=rewards.device)
+    running = torch.zeros(rewards.shape[0], dtype=STATS_DTYPE, device=rewards.device)
     for t in reversed(range(rewards.shape[1])):
         running = rewards[:, t] + gamma * running  # G_t = r_t + gamma * G_{t+1}
         returns[:, t] = running
-    return returns * mask
+    return torch.where(valid, returns, 0.0)
 
 
 KL_KINDS = ("k1", "k2", "k3")
@@ -74,101 +81,123 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
     return torch.exp(ref_over_pi) - ref_over_pi - 1.0
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / sqrt(var + eps) over all valid tokens of the batch; 0 where mask == 0."""
-    mask = mask.to(torch.float32)
-    count = mask.sum().clamp(min=1.0)
-    mean = (values * mask).sum() / count
-    var = ((values - mean).square() * mask).sum() / count
-    return (values - mean) * torch.rsqrt(var + WHITEN_EPS) * mask
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, center: bool = True) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over all valid tokens of the batch (without `- mean` when not
+    `center`, which keeps exact zeros exact); 0 where mask == 0. Float64 statistics."""
+    valid = mask.bool()
+    values = torch.where(valid, values.to(STATS_DTYPE), 0.0)
+    count = valid.sum().clamp(min=1)
+    mean = values.sum() / count
+    var = torch.where(valid, (values - mean).square(), 0.0).sum() / count
+    centred = values - mean if center else values
+    return torch.where(valid, centred * torch.rsqrt(var + WHITEN_EPS), 0.0)
 
 
-def outcome_aligned_returns(returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """G~_{j,t}: G_{j,t} up to the sample's last valid token, then the return of that last token.
+def outcome_aligned(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x~_{j,t}: x_{j,t} up to the sample's last valid token, then the value at that last token.
 
-    A sample that ended before position t still takes part in the group statistics at t with
-    the return of its final token (for a sequence-level reward: the reward itself), so that
-    responses of different lengths compare outcomes, not zeros.
+    Applied to returns: a sample that ended before position t still takes part in the group
+    statistics at t with the return of its final token (for a sequence-level reward: the reward
+    itself), so that responses of different lengths compare outcomes, not zeros.
     """
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
     index = torch.minimum(positions, last.clamp(min=0).unsqueeze(1))
-    return returns.gather(1, index)
+    return values.gather(1, index)
 
 
 class GroupStats:
-    """Per-position statistics of G~ over the samples sharing a prompt (group id).
+    """Per-column statistics of `values` (batch, columns) over the samples sharing a group id.
 
-    Samples with no valid token take no part. All tensors are (batch, tokens), gathered back
-    to each sample's own group.
+    `magnitude` (same shape, >= 0) is the size of what was summed into each value (e.g. the
+    returns-to-go of |r|); `equal` marks the columns where every member of the group holds the
+    same value up to EQUAL_RTOL x the largest magnitude, a group of one included. Rows with
+    `present` False take no part. Every tensor is float64, (batch, columns), gathered back to each
+    sample's own group.
     """
 
-    def __init__(self, returns: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor):
-        if group_ids.dim() != 1 or group_ids.shape[0] != returns.shape[0]:
-            raise ValueError(
-                f"group_ids must have shape ({returns.shape[0]},), got {tuple(group_ids.shape)}"
-            )
+    def __init__(self, values: torch.Tensor, magnitude: torch.Tensor, present: torch.Tensor, group_ids: torch.Tensor):
+        if group_ids.dim() != 1 or group_ids.shape[0] != values.shape[0]:
+            raise ValueError(f"group_ids must have shape ({values.shape[0]},), got {tuple(group_ids.shape)}")
         _, group = torch.unique(group_ids, return_inverse=True)
         num_groups = int(group.max()) + 1 if group.numel() else 0
-        present = mask.bool().any(dim=1).to(torch.float32).unsqueeze(1)  # (B, 1)
-        self.values = outcome_aligned_returns(returns, mask) * present
+        member = present.bool().unsqueeze(1).expand_as(values)
+        self.values = torch.where(member, values.to(STATS_DTYPE), 0.0)
 
-        def per_group_sum(x: torch.Tensor) -> torch.Tensor:
-            totals = torch.zeros(num_groups, x.shape[1], dtype=x.dtype, device=x.device)
-            return totals.index_add_(0, group, x)[group]
+        def per_group(x: torch.Tensor, reduce: str, fill: float) -> torch.Tensor:
+            x = torch.where(member, x.to(STATS_DTYPE), fill)  # non-members never win a max/min nor add
+            out = torch.full((num_groups, x.shape[1]), fill, dtype=STATS_DTYPE, device=x.device)
+            index = group.unsqueeze(1).expand_as(x)
+            return out.scatter_reduce(0, index, x, reduce=reduce, include_self=True)[group]
 
-        self.count = per_group_sum(present.expand_as(self.values))  # n_g
-        self.total = per_group_sum(self.values)  # sum_j G~_{j,t}
+        self.count = per_group(torch.ones_like(self.values), "sum", 0.0)  # n_g
+        self.total = per_group(self.values, "sum", 0.0)  # sum_j x_{j,t}
         self.mean = self.total / self.count.clamp(min=1.0)
-        squared_dev = (self.values - self.mean).square() * present
-        self.std = torch.sqrt(per_group_sum(squared_dev) / (self.count - 1).clamp(min=1.0))
+        squared_dev = (self.values - self.mean).square()
+        self.std = torch.sqrt(per_group(squared_dev, "sum", 0.0) / (self.count - 1).clamp(min=1.0))  # unbiased
+        spread = per_group(self.values, "amax", -torch.inf) - per_group(self.values, "amin", torch.inf)
+        self.equal = spread <= EQUAL_RTOL * per_group(magnitude, "amax", 0.0)
 
 
-Estimator = Callable[..., torch.Tensor]
+def group_stats_of_returns(returns: torch.Tensor, magnitude: torch.Tensor, mask: torch.Tensor, group_ids) -> GroupStats:
+    """GroupStats of the outcome-aligned returns G~ at every position (samples with no valid token take no part)."""
+    return GroupStats(
+        outcome_aligned(returns, mask), outcome_aligned(magnitude, mask), mask.bool().any(dim=1), group_ids
+    )
+
+
+Estimator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ESTIMATORS: dict[str, Estimator] = {}
 DEFAULT_WHITEN: dict[str, bool] = {}
+GROUP_BASELINE: set[str] = set()  # estimators whose advantages are already centred within each group
 
 
-def register_estimator(name: str, whiten_by_default: bool = False) -> Callable[[Estimator], Estimator]:
-    """Register `fn(returns, mask, group_ids) -> advantages` under `name`."""
+def register_estimator(
+    name: str, whiten_by_default: bool = False, group_baseline: bool = False
+) -> Callable[[Estimator], Estimator]:
+    """Register `fn(returns, magnitude, mask, group_ids) -> advantages` (float64) under `name`."""
 
     def decorate(fn: Estimator) -> Estimator:
         ESTIMATORS[name] = fn
         DEFAULT_WHITEN[name] = whiten_by_default
+        if group_baseline:
+            GROUP_BASELINE.add(name)
         return fn
 
     return decorate
 
 
 @register_estimator("reinforce")
-def _reinforce(returns, mask, group_ids):
+def _reinforce(returns, magnitude, mask, group_ids):
     return returns  # A_t = G_t
 
 
-@register_estimator("rloo")
-def _rloo(returns, mask, group_ids):
-    # A_{i,t} = G_{i,t} - (sum_j G~_{j,t} - G~_{i,t}) / (n - 1); a group of one has no baseline -> A = 0
-    stats = GroupStats(returns, mask, group_ids)
+@register_estimator("rloo", group_baseline=True)
+def _rloo(returns, magnitude, mask, group_ids):
+    # A_{i,t} = G_{i,t} - (sum_j G~_{j,t} - G~_{i,t}) / (n - 1); 0 where the group's G~_t are all equal
+    # (a group of one included: it has no baseline)
+    stats = group_stats_of_returns(returns, magnitude, mask, group_ids)
     leave_one_out = (stats.total - stats.values) / (stats.count - 1).clamp(min=1.0)
-    return torch.where(stats.count > 1, returns - leave_one_out, torch.zeros_like(returns))
+    return torch.where(stats.equal, 0.0, returns - leave_one_out)
 
 
-@register_estimator("grpo")
-def _grpo(returns, mask, group_ids):
-    # A_{i,t} = (G_{i,t} - mean_g G~_t) / (std_g G~_t + eps); std is 0 for a group of one -> A = 0
-    stats = GroupStats(returns, mask, group_ids)
-    return (returns - stats.mean) / (stats.std + GROUP_STD_EPS)
+@register_estimator("grpo", group_baseline=True)
+def _grpo(returns, magnitude, mask, group_ids):
+    # A_{i,t} = (G_{i,t} - mean_g G~_t) / (std_g G~_t + eps); 0 where the group's G~_t are all equal
+    stats = group_stats_of_returns(returns, magnitude, mask, group_ids)
+    return torch.where(stats.equal, 0.0, (returns - stats.mean) / (stats.std + GROUP_STD_EPS))
 
 
 @register_estimator("reinforce++", whiten_by_default=True)
-def _reinforce_pp(returns, mask, group_ids):
+def _reinforce_pp(returns, magnitude, mask, group_ids):
     return returns  # A_t = G_t, then whitened over the batch
 
 
-@register_estimator("reinforce++_baseline", whiten_by_default=True)
-def _reinforce_pp_baseline(returns, mask, group_ids):
-    # A_{i,t} = G_{i,t} - mean_g G~_t, then whitened over the batch
-    return returns - GroupStats(returns, mask, group_ids).mean
+@register_estimator("reinforce++_baseline", whiten_by_default=True, group_baseline=True)
+def _reinforce_pp_baseline(returns, magnitude, mask, group_ids):
+    # A_{i,t} = G_{i,t} - mean_g G~_t (0 where the group's G~_t are all equal), then scaled by the batch std
+    stats = group_stats_of_returns(returns, magnitude, mask, group_ids)
+    return torch.where(stats.equal, 0.0, returns - stats.mean)
 
 
 def compute_advantages(
@@ -179,14 +208,17 @@ def compute_advantages(
     gamma: float = 1.0,
     whiten: bool | None = None,
 ) -> torch.Tensor:
-    """Per-token advantages from per-token rewards with the estimator `name`.
+    """Per-token float32 advantages from per-token rewards (float32 or float64) with the estimator `name`.
 
     `whiten=None` takes the estimator's default (on for reinforce++ variants, off otherwise).
+    Whitening re-centres on the batch mean only for estimators without a group baseline, so a group
+    whose samples all earned the same rewards keeps advantages of exactly 0.
     """
     check_known("advantage estimator", name, ESTIMATORS)
-    mask = mask.to(torch.float32)
     returns = returns_to_go(token_rewards, mask, gamma)
-    advantages = ESTIMATORS[name](returns, mask, group_ids.to(returns.device)) * mask
+    magnitude = returns_to_go(token_rewards.abs(), mask, gamma)  # sum_{k>=t} gamma^(k-t) |r_k|
+    advantages = ESTIMATORS[name](returns, magnitude, mask, group_ids.to(returns.device))
+    advantages = torch.where(mask.bool(), advantages, 0.0)
     if DEFAULT_WHITEN[name] if whiten is None else whiten:
-        advantages = masked_whiten(advantages, mask)
-    return advantages
+        advantages = masked_whiten(advantages, mask, center=name not in GROUP_BASELINE)
+    return advantages.to(torch.float32)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.advantages import ESTIMATORS, KL_KINDS, check_known
+from pipeline.advantages import ESTIMATORS, GROUP_BASELINE, KL_KINDS, check_known
 from pipeline.errors import ConfigError, TokenforgeError
 from pipeline.loss import AGGREGATIONS, LOSSES
 from pipeline.models import BUILTIN_TASKS
@@ -33,7 +33,12 @@ def one_of(what: str, known: Iterable[str]) -> AfterValidator:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True, allow_inf_nan=False
+    )
+
+
+Resources = dict[str, Annotated[float, Field(ge=0)]]  # custom Ray resources: name -> amount
 
 
 class ModelConfig(Section):
@@ -84,7 +89,7 @@ class RolloutConfig(Section):
     """Ray CPUs reserved by each rollout worker."""
     num_gpus_per_worker: float = Field(0.0, ge=0)
     """Ray GPUs for each rollout worker (0 = generate on CPU)."""
-    resources_per_worker: dict[str, float] = {}
+    resources_per_worker: Resources = {}
     """Custom Ray resources per rollout worker, e.g. {rollout_node: 1} to place workers on nodes that advertise it."""
     num_threads: int = Field(1, ge=1)
     """torch intra-op threads in each rollout worker."""
@@ -93,7 +98,7 @@ class RolloutConfig(Section):
 class ComponentSpec(BaseModel):
     """One configured reward component: its type, error policy, normalisation and the type's own options."""
 
-    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True, allow_inf_nan=False)
     type: str | None = None
     """Registry type (exact_match, chrf, python, ...); null = the component's name."""
     on_error: Literal["raise", "zero", "drop"] = "raise"
@@ -121,7 +126,7 @@ class RewardConfig(Section):
     """Ray CPUs reserved by each reward worker."""
     num_gpus_per_worker: float = Field(0.0, ge=0)
     """Ray GPUs for each reward worker (model-based components run there)."""
-    resources_per_worker: dict[str, float] = {}
+    resources_per_worker: Resources = {}
     """Custom Ray resources per reward worker (see rollout.resources_per_worker)."""
 
 
@@ -147,7 +152,9 @@ class AlgorithmConfig(Section):
     kl_coef: float = Field(0.0, ge=0)
     """Coefficient of KL as a loss term (needs the reference model, loaded when > 0)."""
     kl_kind: Annotated[str, one_of("KL kind", KL_KINDS)] = "k1"
-    """KL estimator: k1, k2 or k3."""
+    """KL estimator of the reward penalty (kl_in_reward_coef): k1 (default), k2 or k3; see docs/algorithms.md."""
+    kl_loss_kind: Annotated[str, one_of("KL kind", KL_KINDS)] = "k2"
+    """KL estimator of the loss term (kl_coef): k2 (gradient of KL(pi||ref)) or k3 (of KL(ref||pi)); k1 is refused."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus coefficient."""
     skip_zero_advantage: bool = True
@@ -161,8 +168,8 @@ class AlgorithmConfig(Section):
 class LearnerConfig(Section):
     lr: float = Field(5e-4, gt=0)
     """AdamW learning rate."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW (beta1, beta2)."""
+    adam_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    """AdamW (beta1, beta2), each in [0, 1)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     warmup_steps: int = Field(10, ge=0)
@@ -181,10 +188,12 @@ class LearnerConfig(Section):
     """Ray GPUs for the learner; null = 1 if the cluster has a GPU, else 0 (CPU)."""
     num_cpus: float = Field(1.0, gt=0)
     """Ray CPUs reserved by the learner."""
-    resources: dict[str, float] = {}
+    resources: Resources = {}
     """Custom Ray resources for the learner (see rollout.resources_per_worker)."""
     num_threads: int = Field(2, ge=1)
     """torch intra-op threads in the learner."""
+    max_nonfinite_steps: int = Field(3, ge=1)
+    """Stop the run after this many consecutive steps whose loss or gradient norm was NaN/inf (each is skipped)."""
 
 
 class RayConfig(Section):
@@ -211,6 +220,33 @@ class TrainConfig(Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     learner: LearnerConfig = LearnerConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def check_learning_signal(self) -> TrainConfig:
+        """Refuse combinations that silently learn nothing, or learn off-policy without a correction."""
+        algo, group_size = self.algorithm, self.rollout.group_size
+        if group_size < 2 and algo.estimator in GROUP_BASELINE:
+            raise ConfigError(
+                f"config key 'rollout.group_size': {group_size} with algorithm.estimator={algo.estimator!r} gives every "
+                "advantage 0 (a group of one has no baseline); use group_size >= 2 or estimator reinforce++"
+            )
+        for name, spec in self.reward.components.items():
+            if spec.normalize == "group" and group_size < 2:
+                raise ConfigError(
+                    f"config key 'reward.components.{name}.normalize': 'group' with rollout.group_size=1 scores every "
+                    "sample 0 (a group of one has no spread); use 'batch' or group_size >= 2"
+                )
+        if self.learner.updates_per_batch > 1 and algo.loss == "reinforce" and algo.is_cap is None:
+            raise ConfigError(
+                f"config key 'learner.updates_per_batch': {self.learner.updates_per_batch} updates per batch are "
+                "off-policy after the first; set algorithm.is_cap (e.g. 2.0) or algorithm.loss=ppo_clip"
+            )
+        if algo.kl_loss_kind == "k1":
+            raise ConfigError(
+                "config key 'algorithm.kl_loss_kind': k1 in the loss has zero expected gradient "
+                "(grad(logp - logp_ref) = grad logp, whose mean under the policy is 0); use k2 or k3"
+            )
+        return self
 
     @model_validator(mode="after")
     def resolve_components(self) -> TrainConfig:
@@ -256,7 +292,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not key=value (e.g. trainer.total_steps=50)")
-    return key, yaml.safe_load(raw) if raw else ""
+    try:
+        return key, yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from None
 
 
 def apply_override(data: dict, key: str, value: Any) -> None:

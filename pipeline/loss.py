@@ -73,7 +73,7 @@ def policy_loss(
     clip_high: float = 0.2,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
-    kl_kind: str = "k1",
+    kl_kind: str = "k2",
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     num_tokens: float | None = None,
@@ -83,6 +83,8 @@ def policy_loss(
     """Aggregated loss and its metrics (floats: token means over this call's valid tokens).
 
     total per-token loss = l_t + kl_coef * KL_t(kl_kind) - entropy_coef * H_t
+    kl_kind k2 gives the gradient of KL(pi || pi_ref), k3 that of KL(pi_ref || pi); k1 is refused (its
+    gradient, kl_coef * grad log pi, is 0 in expectation). Terms with a 0 coefficient are left out.
     num_tokens / num_seqs: the global counts of the whole update (default: this batch's);
     max_len: the fixed length of `seq-mean-token-sum-norm` (default: tokens dimension).
     """
@@ -110,6 +112,8 @@ def policy_loss(
         kl = kl_penalty(logprobs, ref_logprobs, kl_kind)
         metrics["kl"] = token_mean(kl)
         if kl_coef:
+            if kl_kind == "k1":  # grad(logp - logp_ref) = grad logp, whose expectation under pi is 0
+                raise ValueError("kl_kind 'k1' in the loss has zero expected gradient; use k2 or k3")
             token_loss = token_loss + kl_coef * kl
     elif kl_coef:
         raise ValueError("kl_coef > 0 needs ref_logprobs (enable the reference model)")
@@ -118,7 +122,8 @@ def policy_loss(
     if entropy is not None:
         check_same_shape(logprobs=logprobs, entropy=entropy)
         metrics["entropy"] = token_mean(entropy)
-        token_loss = token_loss - entropy_coef * entropy
+        if entropy_coef:
+            token_loss = token_loss - entropy_coef * entropy
 
     token_loss = torch.where(valid_mask, token_loss, 0.0)
     num_tokens = float(valid) if num_tokens is None else float(num_tokens)

@@ -111,5 +111,6 @@ def response_logprobs(
     # logits at position p predict token p + 1: the response starts at `width`, predicted from width - 1
     log_pi = torch.log_softmax(logits[:, width - 1 : -1].float() / temperature, dim=-1)
     logprobs = log_pi.gather(-1, ids[:, width:, None]).squeeze(-1)
-    entropy = -(log_pi.exp() * log_pi).sum(-1)  # H_t = -sum_v pi(v) log pi(v)
+    # H_t = -sum_v pi(v) log pi(v), with 0 log 0 = 0 (a -inf logit would otherwise give 0 * -inf = NaN)
+    entropy = -torch.where(torch.isneginf(log_pi), 0.0, log_pi.exp() * log_pi).sum(-1)
     return logprobs, entropy

@@ -27,7 +27,7 @@ __all__ = ["COMPONENTS"]  # the registry, with every built-in component register
 
 
 class BaseOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ColumnOptions(BaseOptions):

@@ -11,7 +11,6 @@ The components themselves live in pipeline/reward_components.py.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -20,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.advantages import GROUP_STD_EPS, STATS_DTYPE, GroupStats
 from pipeline.errors import TokenforgeError
 
 
@@ -95,6 +95,9 @@ def register_component(type_name: str) -> Callable[[type[RewardComponent]], type
     return decorate
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # rewards are stored as float32 (pipeline.batch)
+
+
 class RewardError(TokenforgeError):
     """A component failed or returned something unusable; the message names component and sample."""
 
@@ -115,8 +118,11 @@ def score_component(name: str, component: RewardComponent, inputs: RewardInputs)
         else:  # sequence-level: the reward sits on the last response token
             row = [0.0] * len(ids)
             row[-1] = float(score)
-        if not all(math.isfinite(x) for x in row):
-            raise RewardError(f"reward {name!r}, {describe_sample(inputs, i)}: NaN or inf in {row}")
+        if not all(abs(x) <= FLOAT32_MAX for x in row):  # False for NaN; inf also once stored as float32
+            raise RewardError(
+                f"reward {name!r}, {describe_sample(inputs, i)}: NaN, inf or a value beyond float32's range "
+                f"(|r| > {FLOAT32_MAX:.4g}) in {row}"
+            )
         rows.append(row)
     return rows
 
@@ -133,20 +139,19 @@ def normalize_rewards(rewards: torch.Tensor, mask: torch.Tensor, group_ids: torc
     """Affine-normalise one component's (batch, T) token rewards so that each sample's total
     s_j = sum_t r_{j,t} becomes (s_j - mean) / (std + eps), with mean/std over the batch or the
     sample's group. Tokens keep their shape: every r_{j,t} is divided by (std + eps) and the mean
-    is taken off the sample's last response token.
+    is taken off the sample's last response token. A group (or batch) whose totals are all equal
+    (up to rounding, see pipeline.advantages.GroupStats), a group of one included, has no spread to
+    divide by: its normalised rewards are 0, like GRPO's advantages for such a group. Float64 out.
     """
     if mode == "none":
-        return rewards
-    totals = (rewards * mask).sum(1)
+        return rewards.to(STATS_DTYPE)
+    valid = mask.bool()
+    rewards = torch.where(valid, rewards.to(STATS_DTYPE), 0.0)
+    totals = rewards.sum(1, keepdim=True)  # s_j, as a (batch, 1) column
     keys = group_ids if mode == "group" else torch.zeros_like(group_ids)
-    _, index = torch.unique(keys, return_inverse=True)
-    count = torch.zeros(int(index.max()) + 1, dtype=rewards.dtype, device=rewards.device).index_add_(
-        0, index, torch.ones_like(totals)
-    )
-    mean = torch.zeros_like(count).index_add_(0, index, totals) / count
-    var = torch.zeros_like(count).index_add_(0, index, (totals - mean[index]) ** 2) / (count - 1).clamp(min=1)
-    scale = 1.0 / (var.sqrt() + 1e-6)  # 1 / (std + eps)
-    last = (mask.sum(1).long() - 1).clamp(min=0)
+    stats = GroupStats(totals, rewards.abs().sum(1, keepdim=True), valid.any(dim=1), keys)
+    scale = torch.where(stats.equal, 0.0, 1.0 / (stats.std + GROUP_STD_EPS))  # 1 / (std + eps), (batch, 1)
+    last = (valid.sum(1) - 1).clamp(min=0)
     shifted = rewards.clone()
-    shifted[torch.arange(len(rewards)), last] -= mean[index]
-    return shifted * scale[index, None] * mask
+    shifted[torch.arange(len(rewards)), last] -= stats.mean[:, 0]
+    return torch.where(valid, shifted * scale, 0.0)

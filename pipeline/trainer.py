@@ -250,7 +250,7 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
                     rollouts = pipeline.score(rollouts, list(config.reward.weights))
                 with timed(timings, "time/learn_s"):
                     metrics = (
-                        pipeline.learner.call_all("train_step", rollouts)[0]
+                        pipeline.learner.call_all("train_step", rollouts, step=step)[0]
                         if rollouts.num_rows
                         else {"learner/tokens": 0.0}
                     )

@@ -6,6 +6,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI draws the same examples every run (a new random draw must never turn CI red by luck); run
+# `HYPOTHESIS_PROFILE=explore pytest` to search new examples, with more of them.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", max_examples=1000, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Ray >= 2.52 writes its auth token under HOME: keep it (and every Ray/HF cache) out of the real home.
 _HOME = tempfile.mkdtemp(prefix="tokenforge-test-home-")

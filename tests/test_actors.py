@@ -1,5 +1,7 @@
 """The three actor classes used directly, without Ray, on the shipped tiny model."""
 
+import math
+
 import pyarrow as pa
 import pytest
 import torch
@@ -8,8 +10,9 @@ from transformers import AutoModelForCausalLM
 from actors.learner import Learner, lr_factor
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
-from pipeline.batch import ROLLOUT_SCHEMA, make_rollout_table, response_mask, reward_column
+from pipeline.batch import ROLLOUT_SCHEMA, make_rollout_table, pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, RolloutConfig, load_config
+from pipeline.errors import TokenforgeError
 from pipeline.models import build_sequences, load_model, response_logprobs
 
 PROMPTS = pa.table({"prompt": ["13+54=", "2+2=", "99+99="], "answer": ["67", "4", "198"], "group_id": [10, 11, 12]})
@@ -158,8 +161,33 @@ def test_reference_model_is_frozen_when_kl_is_on(builtin_model_path, learner_and
     assert not any(p.requires_grad for p in learner.reference.parameters())
     metrics = learner.train_step(batch)
     assert metrics["policy/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the update
-    learner.train_step(batch)
-    assert load_model(builtin_model_path).state_dict().keys() == learner.reference.state_dict().keys()
+    assert learner.train_step(batch)["policy/kl"] > 1e-6  # the policy moved; the reference did not
+    original = load_model(builtin_model_path).state_dict()
+    assert all(torch.equal(original[k], v) for k, v in learner.reference.state_dict().items())
+
+
+def test_kl_in_the_reward_lowers_the_rewards_by_beta_times_kl(builtin_model_path, learner_and_batch):
+    """r_t -= beta * k1_t with k1 = logp_behaviour - logp_ref: a batch sampled by a policy that moved away
+    from the reference has positive mean k1, so its total reward drops by beta * sum_t k1_t per sample."""
+    _, batch = learner_and_batch
+    moved = Learner(load_config(overrides=["learner.lr=1e-3"]), builtin_model_path, builtin_model_path)
+    for _ in range(3):
+        moved.train_step(batch)
+    sampler = RolloutWorker(builtin_model_path, RolloutConfig(max_new_tokens=6), seed=4)
+    sampler.set_weights(moved.get_weights(), 3)
+    config = load_config(overrides=["algorithm.kl_in_reward_coef=0.5"])
+    fresh = scored(sampler.generate(PROMPTS, group_size=8, step=1), config, builtin_model_path)
+    plain = Learner(load_config(), builtin_model_path, builtin_model_path).train_step(fresh)
+    penalised = Learner(config, builtin_model_path, builtin_model_path).train_step(fresh)
+    sequences = build_sequences(fresh.column("prompt_ids").to_pylist(), fresh.column("response_ids").to_pylist(), 0)
+    with torch.no_grad():
+        ref = response_logprobs(load_model(builtin_model_path), sequences)[0]
+    mask = response_mask(fresh)
+    k1 = ((pad_right(fresh.column("behaviour_logprobs").to_pylist()) - ref) * mask).sum(1).mean()
+    assert k1 > 0.01
+    assert penalised["reward/total/mean"] == pytest.approx(plain["reward/total/mean"])  # the components' total
+    assert penalised["reward/kl_penalty/mean"] == pytest.approx(-0.5 * float(k1), rel=1e-4)
+    assert penalised["advantage/abs_mean"] != pytest.approx(plain["advantage/abs_mean"])  # and it reaches A
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
@@ -191,6 +219,7 @@ def test_samples_without_advantage_are_left_out_of_the_update(learner_and_batch,
     assert metrics["learner/kept_frac"] == 0.0 and "loss/policy" not in metrics
     assert all(torch.equal(before[k], v) for k, v in learner.get_weights().items())
     assert metrics["learner/policy_version"] == 1.0
+    assert learner.scheduler.last_epoch == 1  # the lr schedule follows steps, updates or not
 
     config = load_config(overrides=["algorithm.skip_zero_advantage=false"])
     assert Learner(config, builtin_model_path, builtin_model_path).train_step(greedy)["learner/kept_frac"] == 1.0
@@ -204,3 +233,58 @@ def test_learning_rate_schedule_warms_up_then_follows_the_cosine():
     assert [lr_factor(cosine, k, 20) for k in (0, 3, 4)] == [0.2, 0.8, 1.0]
     assert lr_factor(cosine, 19, 20) == pytest.approx(0.2)
     assert lr_factor(cosine, 4 + 15 / 2, 20) == pytest.approx(0.6)
+
+
+def captured_gradients(learner: Learner) -> dict[str, torch.Tensor]:
+    """Make `learner.optimizer.step` record the gradients instead of applying them."""
+    grads: dict[str, torch.Tensor] = {}
+    model = learner.model
+    learner.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
+    return grads
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_skipping_zero_advantage_samples_keeps_the_gradient(learner_and_batch, builtin_model_path):
+    _, batch = learner_and_batch
+    runs = {}
+    for skip in (True, False):
+        learner = Learner(load_config(overrides=[f"algorithm.skip_zero_advantage={skip}"]), builtin_model_path, builtin_model_path)
+        grads = captured_gradients(learner)
+        runs[skip] = (grads, learner.train_step(batch))
+    (skipped, skipped_metrics), (full, full_metrics) = runs[True], runs[False]
+    assert skipped_metrics["learner/kept_frac"] < 1.0 == full_metrics["learner/kept_frac"]
+    assert skipped_metrics["loss/policy"] == pytest.approx(full_metrics["loss/policy"], abs=1e-6)
+    assert all(torch.allclose(skipped[n], full[n], atol=1e-6) for n in full)
+
+
+def with_reward(batch: pa.Table, name: str, value: float) -> pa.Table:
+    """`batch` with component `name` replaced by `value` on every sample's last token (as a broken scorer might)."""
+    rows = [[0.0] * (len(r) - 1) + [value] for r in batch.column("response_ids").to_pylist()]
+    column = batch.schema.get_field_index(reward_column(name))
+    return batch.set_column(column, reward_column(name), pa.array(rows, type=pa.list_(pa.float32())))
+
+
+def test_non_finite_steps_are_skipped_and_the_run_goes_on_until_too_many(learner_and_batch, builtin_model_path):
+    _, batch = learner_and_batch
+    config = load_config(overrides=["algorithm.estimator=reinforce", "learner.max_nonfinite_steps=2"])
+    learner = Learner(config, builtin_model_path, builtin_model_path)
+    inf_reward = with_reward(batch, "exact_match", float("inf"))
+    inf_loss = with_reward(batch, "exact_match", 3e38)  # finite reward and advantage; -A * logp summed overflows
+
+    def state() -> tuple[dict, dict]:
+        return learner.get_weights(), {k: v.copy() for k, v in learner.optimizer.state_dict()["state"].items()}
+
+    for bad, step in ((inf_reward, 1), (inf_loss, 3)):
+        before_weights, before_optimizer = state()
+        metrics = learner.train_step(bad, step=step)
+        assert metrics["learner/skipped_nonfinite"] == 1.0
+        weights, optimizer = state()
+        assert all(torch.equal(before_weights[k], v) for k, v in weights.items())  # bit-identical
+        assert optimizer.keys() == before_optimizer.keys()
+        good = learner.train_step(batch, step=step + 1)  # the run goes on, and the streak restarts
+        assert good["learner/skipped_nonfinite"] == 0.0 and math.isfinite(good["loss/policy"])
+        assert any(not torch.equal(weights[k], v) for k, v in learner.get_weights().items())
+    assert learner.scheduler.last_epoch == 4
+    learner.train_step(inf_loss, step=5)
+    with pytest.raises(TokenforgeError, match="2 consecutive steps up to step 6 had a NaN/inf advantage, loss or gradient norm"):
+        learner.train_step(inf_reward, step=6)

@@ -7,23 +7,29 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.advantages import ESTIMATORS, compute_advantages, kl_penalty, returns_to_go
+from pipeline.advantages import ESTIMATORS, GROUP_BASELINE, compute_advantages, kl_penalty, returns_to_go
 
 T = torch.tensor
+GROUP_ESTIMATORS = sorted(GROUP_BASELINE)  # rloo, grpo, reinforce++_baseline
+
+
+def R(rows):
+    """Expected returns: float64, as returns_to_go gives them."""
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def test_returns_to_go_discounted_and_ragged():
     rewards = T([[1.0, 2.0, 3.0], [4.0, 5.0, 9.0]])
     mask = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     # row 0: G2 = 3, G1 = 2 + .5*3 = 3.5, G0 = 1 + .5*3.5 = 2.75 ; row 1: G1 = 5, G0 = 4 + 2.5, padding 0
-    assert torch.allclose(returns_to_go(rewards, mask, gamma=0.5), T([[2.75, 3.5, 3.0], [6.5, 5.0, 0.0]]))
+    assert torch.equal(returns_to_go(rewards, mask, gamma=0.5), R([[2.75, 3.5, 3.0], [6.5, 5.0, 0.0]]))
 
 
 def test_returns_to_go_skips_masked_rewards_but_counts_their_positions():
     rewards, mask = T([[1.0, 2.0, 3.0]]), T([[1.0, 0.0, 1.0]])
-    assert torch.equal(returns_to_go(rewards, mask), T([[4.0, 0.0, 3.0]]))
+    assert torch.equal(returns_to_go(rewards, mask), R([[4.0, 0.0, 3.0]]))
     # gamma^(k-t): G0 = 1 + 0.5^2 * 3
-    assert torch.allclose(returns_to_go(rewards, mask, gamma=0.5), T([[1.75, 0.0, 3.0]]))
+    assert torch.equal(returns_to_go(rewards, mask, gamma=0.5), R([[1.75, 0.0, 3.0]]))
 
 
 def test_kl_kinds_by_hand():
@@ -92,10 +98,12 @@ def test_reinforce_pp_baseline_subtracts_group_mean_then_whitens():
     # G~ = [[2, 1, 1], [1, 1, 1]]: group mean per position [1.5, 1, 1]
     raw = compute_advantages("reinforce++_baseline", TOK_REWARDS, TOK_MASK, ONE_GROUP, whiten=False)
     assert torch.allclose(raw, T([[0.5, 0.0, 0.0], [-0.5, 0.0, 0.0]]))
-    # valid values [.5, 0, 0, -.5, 0]: mean 0, var .1
     whitened = compute_advantages("reinforce++_baseline", TOK_REWARDS, TOK_MASK, ONE_GROUP)
+    # the group baseline already centres: whitening only divides by the batch std, so zeros stay exact
+    # (valid values [.5, 0, 0, -.5, 0]: mean 0, var .1)
     scale = 1 / math.sqrt(0.1 + 1e-8)
     assert torch.allclose(whitened, raw * scale, atol=1e-5)
+    assert torch.equal(whitened[raw == 0], torch.zeros(int((raw == 0).sum())))
 
 
 @pytest.mark.parametrize("name", ["rloo", "grpo", "reinforce++_baseline"])
@@ -127,20 +135,27 @@ def test_bad_input_errors_name_the_offender():
 
 def test_nan_in_padding_is_ignored():
     rewards = T([[1.0, float("nan")]])
-    assert torch.equal(returns_to_go(rewards, T([[1.0, 0.0]])), T([[1.0, 0.0]]))
+    assert torch.equal(returns_to_go(rewards, T([[1.0, 0.0]])), R([[1.0, 0.0]]))
+
+
+# Non-dyadic values float32 cannot hold exactly: thirds, tenths, sevenths (ties exact, spreads >= 1/210)
+THIRDS_TENTHS = st.one_of(
+    st.integers(-30, 30).map(lambda k: k / 3), st.integers(-50, 50).map(lambda k: k / 10), st.integers(-21, 21).map(lambda k: k / 7)
+)
+ANY_FLOAT32 = st.floats(-5, 5, allow_nan=False, width=32)
 
 
 @st.composite
-def ragged_groups(draw, token_level: bool):
-    """Random groups of ragged responses; sequence-level rewards sit on the last valid token."""
+def ragged_groups(draw, token_level: bool, values=ANY_FLOAT32, max_size: int = 5):
+    """Random groups (of unequal sizes) of ragged responses; sequence-level rewards sit on the last valid token."""
     num_groups = draw(st.integers(1, 4))
-    sizes = [draw(st.integers(1, 5)) for _ in range(num_groups)]
+    sizes = [draw(st.integers(1, max_size)) for _ in range(num_groups)]
     width = draw(st.integers(1, 6))
     rows = sum(sizes)
     lengths = [draw(st.integers(1, width)) for _ in range(rows)]
     mask = torch.zeros(rows, width)
     rewards = torch.zeros(rows, width)
-    finite = st.floats(-5, 5, allow_nan=False, width=32)
+    finite = values
     for i, n in enumerate(lengths):
         mask[i, :n] = 1.0
         if token_level:
@@ -152,10 +167,10 @@ def ragged_groups(draw, token_level: bool):
 
 
 @settings(max_examples=60, deadline=None)
-@given(ragged_groups(token_level=False))
+@given(ragged_groups(token_level=False, values=THIRDS_TENTHS))
 def test_property_group_estimators_match_classic_sequence_formulas(data):
     rewards, mask, groups = data
-    scalar = rewards.sum(1)  # r_i
+    scalar = rewards.sum(1).double()  # r_i
     rloo = compute_advantages("rloo", rewards, mask, groups)
     grpo = compute_advantages("grpo", rewards, mask, groups)
     for i in range(len(scalar)):
@@ -163,7 +178,7 @@ def test_property_group_estimators_match_classic_sequence_formulas(data):
         n = len(peers)
         classic_rloo = 0.0 if n == 1 else scalar[i] - (peers.sum() - scalar[i]) / (n - 1)
         std = peers.std() if n > 1 else torch.tensor(0.0)
-        classic_grpo = (scalar[i] - peers.mean()) / (std + 1e-6)
+        classic_grpo = 0.0 if std == 0 else (scalar[i] - peers.mean()) / (std + 1e-6)
         valid = mask[i].bool()
         assert torch.allclose(rloo[i][valid], torch.full_like(rloo[i][valid], float(classic_rloo)), atol=1e-4)
         assert torch.allclose(grpo[i][valid], torch.full_like(grpo[i][valid], float(classic_grpo)), atol=1e-3)
@@ -178,7 +193,7 @@ def test_property_masked_positions_are_exactly_zero_and_finite(data, name, gamma
     assert adv.dtype == torch.float32
     assert torch.isfinite(adv).all()
     assert torch.equal(adv[mask == 0], torch.zeros_like(adv[mask == 0]))
-    assert torch.equal(returns_to_go(rewards, mask, gamma)[mask == 0], torch.zeros(int((mask == 0).sum())))
+    assert torch.equal(returns_to_go(rewards, mask, gamma)[mask == 0], torch.zeros(int((mask == 0).sum()), dtype=torch.float64))
 
 
 @settings(max_examples=40, deadline=None)
@@ -192,4 +207,97 @@ def test_property_rloo_baseline_ignores_own_actions(data):
     after = compute_advantages("rloo", changed, mask, groups)
     own_delta = returns_to_go(changed, mask) - returns_to_go(rewards, mask)
     if (groups == groups[0]).sum() > 1:
-        assert torch.allclose(after[0] - before[0], own_delta[0], atol=1e-4)
+        assert torch.allclose(after[0] - before[0], own_delta[0].float(), atol=1e-4)
+
+
+@st.composite
+def groups_some_identical(draw, values):
+    """Ragged groups of unequal sizes; each group is, at random, made of copies of one sample (same
+    per-token rewards, same length) or of independent samples. Returns (rewards, mask, groups, identical)."""
+    num_groups = draw(st.integers(1, 5))
+    width = draw(st.integers(1, 7))
+    rows, lengths, groups, identical = [], [], [], []
+    for g in range(num_groups):
+        size, same = draw(st.integers(1, 6)), draw(st.booleans())
+        for k in range(size):
+            if k == 0 or not same:
+                length = draw(st.integers(1, width))
+                row = [draw(values) for _ in range(width)]
+            rows.append(row)
+            lengths.append(length)
+            groups.append(g)
+            identical.append(same)
+    mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).float()
+    return T(rows), mask, torch.tensor(groups), torch.tensor(identical)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    groups_some_identical(st.one_of(THIRDS_TENTHS, st.floats(-1e6, 1e6, allow_nan=False, width=32))),
+    st.sampled_from(GROUP_ESTIMATORS),
+    st.sampled_from([1.0, 0.9, 1 / 3]),
+    st.sampled_from([None, True, False]),
+)
+def test_property_identical_groups_get_exactly_zero_advantage(data, name, gamma, whiten):
+    """The issue's defect: float32 means of 1/3-like returns left O(0.1) advantages on identical groups."""
+    rewards, mask, groups, identical = data
+    adv = compute_advantages(name, rewards, mask, groups, gamma=gamma, whiten=whiten)
+    assert torch.equal(adv[identical], torch.zeros_like(adv[identical]))
+
+
+def test_the_issue_reproduction_is_exactly_zero():
+    # 8 samples, one group, rewards [0, 0, 1] + 0.5 * [1/3, 1/3, 1/3]: grpo gave [0, 0.1057, 0] before
+    rewards = (T([0.0, 0.0, 1.0]) + 0.5 * T([1 / 3] * 3)).repeat(8, 1)
+    for name in GROUP_ESTIMATORS:
+        adv = compute_advantages(name, rewards, torch.ones(8, 3), torch.zeros(8, dtype=torch.long))
+        assert torch.equal(adv, torch.zeros(8, 3)), name
+
+
+def test_sequence_rewards_equal_across_ragged_lengths_give_zero():
+    # every sample earned 0.1 (on its own last token), lengths 1..4: outcome-aligned returns are all 0.1
+    mask = (torch.arange(4) < T([1, 2, 3, 4])[:, None]).float()
+    rewards = torch.zeros(4, 4)
+    rewards[torch.arange(4), T([0, 1, 2, 3]).long()] = 0.1
+    for name in GROUP_ESTIMATORS:
+        assert torch.equal(compute_advantages(name, rewards, mask, torch.zeros(4, dtype=torch.long)), torch.zeros(4, 4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(ragged_groups(token_level=True, values=THIRDS_TENTHS), st.sampled_from(sorted(ESTIMATORS)), st.randoms())
+def test_property_permuting_samples_permutes_advantages(data, name, random):
+    rewards, mask, groups = data
+    order = list(range(len(groups)))
+    random.shuffle(order)
+    order = torch.tensor(order)
+    adv = compute_advantages(name, rewards, mask, groups)
+    permuted = compute_advantages(name, rewards[order], mask[order], groups[order])
+    assert torch.allclose(permuted, adv[order], rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ragged_groups(token_level=False, values=THIRDS_TENTHS), st.sampled_from(["rloo", "grpo"]), THIRDS_TENTHS)
+def test_property_a_constant_added_to_every_sequence_reward_changes_nothing(data, name, constant):
+    rewards, mask, groups = data
+    rewards = rewards.double()  # r + c computed without float32 rounding of the sum
+    last = (mask.sum(1).long() - 1)
+    shifted = rewards.clone()
+    shifted[torch.arange(len(rewards)), last] += constant
+    before = compute_advantages(name, rewards, mask, groups)
+    after = compute_advantages(name, shifted, mask, groups)
+    assert torch.allclose(before, after, rtol=1e-5, atol=1e-5)
+
+
+HUGE = st.floats(-1.0000000150474662e30, 1.0000000150474662e30, allow_nan=False, width=32)  # float32(1e30)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ragged_groups(token_level=True, values=HUGE),
+    st.sampled_from(sorted(ESTIMATORS)),
+    st.sampled_from([1.0, 0.5]),
+    st.sampled_from([None, True, False]),
+)
+def test_property_finite_inputs_up_to_1e30_give_finite_advantages(data, name, gamma, whiten):
+    rewards, mask, groups = data
+    adv = compute_advantages(name, rewards, mask, groups, gamma=gamma, whiten=whiten)
+    assert torch.isfinite(adv).all()

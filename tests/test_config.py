@@ -43,12 +43,45 @@ def test_resolved_config_round_trips(tmp_path):
         ("reward.weights={}", "'reward.weights': Dictionary should have at least 1 item"),
         ("rollout=3", "'rollout': Input should be a valid dictionary"),
         ("total_steps", "is not key=value"),
+        ("rollout.resources_per_worker={a:", "override 'rollout.resources_per_worker={a:': the value is not valid YAML"),
+        # settings that silently learn nothing, or learn off-policy uncorrected
+        ("rollout.group_size=1", "'rollout.group_size': 1 with algorithm.estimator='grpo' gives every advantage 0"),
+        ("rollout.group_size=1 algorithm.estimator=rloo", "'rollout.group_size': 1 with algorithm.estimator='rloo'"),
+        (
+            "rollout.group_size=1 algorithm.estimator=reinforce++_baseline",
+            "'rollout.group_size': 1 with algorithm.estimator='reinforce++_baseline'",
+        ),
+        (
+            "rollout.group_size=1 algorithm.estimator=reinforce++ reward.components.digit_match.normalize=group",
+            "'reward.components.digit_match.normalize': 'group' with rollout.group_size=1",
+        ),
+        ("learner.updates_per_batch=2", "'learner.updates_per_batch': 2 updates per batch are off-policy"),
+        ("algorithm.kl_loss_kind=k1", "'algorithm.kl_loss_kind': k1 in the loss has zero expected gradient"),
+        # non-finite numbers, out-of-range betas and resources
+        ("learner.lr=.inf", "'learner.lr': Input should be a finite number"),
+        ("reward.weights.exact_match=.nan", "'reward.weights.exact_match': Input should be a finite number"),
+        ("trainer.actor_timeout_s=.inf", "'trainer.actor_timeout_s': Input should be a finite number"),
+        ("reward.components.length_penalty.target=.nan reward.weights.length_penalty=1", "'reward.components.length_penalty.target': Input should be a finite number"),
+        ("learner.adam_betas=[0.9,1.0]", "'learner.adam_betas.1': Input should be less than 1"),
+        ("learner.adam_betas=[-0.1,0.9]", "'learner.adam_betas.0': Input should be greater than or equal to 0"),
+        ("rollout.resources_per_worker.gpu_node=-1", "'rollout.resources_per_worker.gpu_node': Input should be greater than or equal to 0"),
+        ("learner.resources.x=.inf", "'learner.resources.x': Input should be a finite number"),
+        ("reward.resources_per_worker.x=-2", "'reward.resources_per_worker.x': Input should be greater than or equal to 0"),
+        ("learner.max_nonfinite_steps=0", "'learner.max_nonfinite_steps': Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as error:
-        load_config(overrides=[override])
+        load_config(overrides=override.split(" "))
     assert message in str(error.value)
+
+
+def test_settings_that_do_learn_are_accepted():
+    assert load_config(overrides=["rollout.group_size=1", "algorithm.estimator=reinforce++"]).rollout.group_size == 1
+    assert load_config(overrides=["learner.updates_per_batch=2", "algorithm.is_cap=2"]).learner.updates_per_batch == 2
+    assert load_config(overrides=["learner.updates_per_batch=2", "algorithm.loss=ppo_clip"]).algorithm.loss == "ppo_clip"
+    config = load_config(overrides=["algorithm.kl_coef=0.01"])
+    assert (config.algorithm.kl_kind, config.algorithm.kl_loss_kind) == ("k1", "k2")
 
 
 def test_missing_and_malformed_config_files(tmp_path):

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.advantages import kl_penalty
 from pipeline.loss import AGGREGATIONS, policy_loss
 from pipeline.tiny_model import make_char_tokenizer, make_tiny_gpt2
 
@@ -49,14 +50,60 @@ def test_ppo_clip_by_hand():
 
 
 def test_kl_and_entropy_terms():
-    ref = LOGP - 0.5  # k1 = 0.5 everywhere
+    ref = LOGP - 0.5  # log-ratio 0.5 everywhere: k2 = 0.5 * 0.5^2 = 0.125
     entropy = torch.full_like(LOGP, 2.0)
     loss, metrics = policy_loss(
-        LOGP, LOGP, ADV, MASK, ref_logprobs=ref, kl_coef=0.1, kl_kind="k1", entropy=entropy, entropy_coef=0.01
+        LOGP, LOGP, ADV, MASK, ref_logprobs=ref, kl_coef=0.1, kl_kind="k2", entropy=entropy, entropy_coef=0.01
     )
-    assert loss.item() == pytest.approx(6.5 / 3 + 0.1 * 0.5 - 0.01 * 2.0)
-    assert metrics["kl"] == pytest.approx(0.5)
+    assert loss.item() == pytest.approx(6.5 / 3 + 0.1 * 0.125 - 0.01 * 2.0)
+    assert metrics["kl"] == pytest.approx(0.125)
     assert metrics["entropy"] == pytest.approx(2.0)
+
+
+def test_kl_loss_gradients_are_kl_gradients():
+    """Exact gradients over a 3-token vocabulary (no sampling): E_pi[grad l_t] for each kind against the
+    gradient of the divergence it is meant to optimise. k1's expected gradient is 0, so it is refused."""
+    theta = torch.tensor([0.3, -1.2, 0.8], requires_grad=True)
+    ref = torch.log_softmax(torch.tensor([1.0, 0.0, -0.5]), -1)
+
+    def expected_grad(kind: str) -> torch.Tensor:
+        # E_{y~pi}[grad_theta l(y)] with l(y) = KL_kind(logp(y), logp_ref(y)), pi held fixed in the expectation
+        probs = torch.softmax(theta, -1).detach()
+        total = torch.zeros(3)
+        for y in range(3):
+            logp = torch.log_softmax(theta, -1)
+            kl = kl_penalty(logp[y : y + 1][None], ref[y : y + 1][None], kind)[0, 0]
+            total += probs[y] * torch.autograd.grad(kl, theta)[0]
+        return total
+
+    def divergence_grad(forward: bool) -> torch.Tensor:
+        logp = torch.log_softmax(theta, -1)
+        kl = (logp.exp() * (logp - ref)).sum() if forward else (ref.exp() * (ref - logp)).sum()
+        return torch.autograd.grad(kl, theta)[0]
+
+    assert torch.allclose(expected_grad("k2"), divergence_grad(forward=True), atol=1e-6)  # KL(pi || ref)
+    assert torch.allclose(expected_grad("k3"), divergence_grad(forward=False), atol=1e-6)  # KL(ref || pi)
+    assert torch.allclose(expected_grad("k1"), torch.zeros(3), atol=1e-6)
+    with pytest.raises(ValueError, match="k1' in the loss has zero expected gradient"):
+        policy_loss(LOGP, LOGP, ADV, MASK, ref_logprobs=LOGP, kl_coef=0.1, kl_kind="k1")
+
+
+def test_entropy_of_minus_inf_logits_is_finite_and_unused_entropy_never_reaches_the_loss():
+    from pipeline.models import response_logprobs
+
+    class Masked(torch.nn.Module):  # a model whose vocabulary has banned (-inf) entries, as some do
+        def forward(self, input_ids, attention_mask, position_ids):
+            logits = torch.zeros(*input_ids.shape, 4)
+            logits[..., 3] = float("-inf")
+            return type("Out", (), {"logits": logits})
+
+    ids = torch.tensor([[1, 2, 0, 1]])
+    sequences = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": ids * 0, "prompt_width": 2}
+    logprobs, entropy = response_logprobs(Masked(), sequences)
+    assert torch.allclose(entropy, torch.full((1, 2), math.log(3.0)))  # uniform over the 3 allowed tokens
+    nan_entropy = torch.full_like(LOGP, float("nan"))
+    loss, _ = policy_loss(LOGP, LOGP, ADV, MASK, entropy=nan_entropy, entropy_coef=0.0)
+    assert loss.item() == pytest.approx(6.5 / 3)
 
 
 def test_bad_names_and_shapes():
@@ -142,3 +189,36 @@ def test_property_padding_never_reaches_loss_or_gradient(rows, width, agg, loss_
     assert torch.equal(clean, dirty)
     (grad,) = torch.autograd.grad(dirty, theta)
     assert torch.isfinite(grad).all() and torch.equal(grad[mask == 0], torch.zeros(int((mask == 0).sum())))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(2, 6),
+    st.integers(1, 5),
+    st.sampled_from(sorted(AGGREGATIONS)),
+    st.sampled_from(["reinforce", "ppo_clip"]),
+    st.integers(0, 10_000),
+)
+def test_property_leaving_zero_advantage_rows_out_keeps_the_gradient(rows, width, agg, loss_name, seed):
+    """skip_zero_advantage: with the whole batch's counts, dropping rows whose advantages are all 0
+    changes cost, never the gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, width + 1, (rows,), generator=generator)
+    mask = (torch.arange(width) < lengths[:, None]).float()
+    theta = torch.randn(rows, width, generator=generator, requires_grad=True)
+    behaviour = torch.nn.functional.logsigmoid(torch.randn(rows, width, generator=generator))
+    advantages = torch.randn(rows, width, generator=generator) * mask
+    zero = torch.rand(rows, generator=generator) < 0.5
+    advantages[zero] = 0.0
+    keep = (~zero).nonzero().squeeze(1)
+    counts = {"num_tokens": float(mask.sum()), "num_seqs": float(rows), "max_len": float(width)}
+
+    def grad(rows_used) -> torch.Tensor:
+        logp = torch.nn.functional.logsigmoid(theta[rows_used])
+        loss, _ = policy_loss(logp, behaviour[rows_used], advantages[rows_used], mask[rows_used], agg, loss_name, **counts)
+        return torch.autograd.grad(loss, theta)[0]
+
+    full = grad(torch.arange(rows))
+    kept = grad(keep) if len(keep) else torch.zeros_like(theta)
+    assert torch.allclose(full, kept, atol=1e-6)
+    assert torch.equal(full[zero], torch.zeros_like(full[zero]))

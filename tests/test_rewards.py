@@ -1,16 +1,20 @@
 """Reward components on hand-made inputs, the worker's on_error handling and normalisation (no Ray)."""
 
+import math
 import re
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rouge_score.rouge_scorer import RougeScorer
 from sacrebleu.metrics import BLEU, CHRF
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from actors.reward_worker import RewardWorker
+from pipeline.advantages import EQUAL_RTOL
 from pipeline.batch import make_rollout_table
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
@@ -152,8 +156,14 @@ def test_component_output_errors_name_component_and_sample():
     batch = inputs(["12", "34"])
     with pytest.raises(RewardError, match=r"reward 'short', sample 100 \(prompt 'p0'\): 1 token rewards for 2 response tokens"):
         score_component("short", Short(None, None), batch)
-    with pytest.raises(RewardError, match=r"reward 'nan', sample 101 \(prompt 'p1'\): NaN or inf"):
+    with pytest.raises(RewardError, match=r"reward 'nan', sample 101 \(prompt 'p1'\): NaN, inf"):
         score_component("nan", Nan(None, None), batch)
+    class Huge(RewardComponent):  # finite as a Python float, inf once stored as float32
+        def __call__(self, batch):
+            return [[0.0, 3.5e38], 1.0]
+
+    with pytest.raises(RewardError, match=r"reward 'huge', sample 100 \(prompt 'p0'\): NaN, inf or a value beyond float32's range"):
+        score_component("huge", Huge(None, None), batch)
     with pytest.raises(RewardError, match="returned 1 scores for 2 samples"):
         score_component("few", type("Few", (RewardComponent,), {"__call__": lambda self, b: [1.0]})(None, None), batch)
 
@@ -199,17 +209,52 @@ def test_normalisation_over_batch_and_group():
     rewards = torch.tensor([[0.0, 1.0], [0.0, 3.0], [0.0, 0.0], [0.0, 0.0]])
     mask = torch.ones_like(rewards)
     groups = torch.tensor([0, 0, 1, 1])
-    assert torch.equal(normalize_rewards(rewards, mask, groups, "none"), rewards)
+    assert torch.equal(normalize_rewards(rewards, mask, groups, "none"), rewards.double())
     group = normalize_rewards(rewards, mask, groups, "group").sum(1)
     std = torch.tensor([1.0, 3.0]).std()
-    assert torch.allclose(group, torch.tensor([-1.0, 1.0, 0.0, 0.0]) / (std + 1e-6))
+    assert torch.allclose(group.float(), torch.tensor([-1.0, 1.0, 0.0, 0.0]) / (std + 1e-6))
     batch = normalize_rewards(rewards, mask, groups, "batch").sum(1)
     totals_ = torch.tensor([1.0, 3.0, 0.0, 0.0])
-    assert torch.allclose(batch, (totals_ - totals_.mean()) / (totals_.std() + 1e-6))
+    assert torch.allclose(batch.float(), (totals_ - totals_.mean()) / (totals_.std() + 1e-6))
     # token-level rows keep their shape; the mean comes off the last valid token only
     ragged = normalize_rewards(torch.tensor([[1.0, 1.0, 9.0], [2.0, 0.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([0, 0]), "batch")
     assert ragged[0, 2] == 0 and ragged[1, 1] == 0
-    assert torch.allclose(ragged.sum(1), torch.tensor([0.0, 0.0]), atol=1e-5)
+    assert torch.allclose(ragged.sum(1), torch.zeros(2, dtype=torch.float64), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["group", "batch"])
+def test_normalisation_of_totals_without_spread_is_bounded(mode):
+    """Token-level rewards whose totals are all equal (here 1/3 + 1/3 + 1/3, in different places) have no
+    spread to divide by: they become 0, never r / 1e-6. One group of three, and a group of one."""
+    third = 1 / 3
+    rewards = torch.tensor([[third, third, third], [0.0, 2 * third, third], [third, 0.0, 2 * third], [0.0, 0.5, 0.0]])
+    mask = torch.ones_like(rewards)
+    groups = torch.tensor([0, 0, 0, 1]) if mode == "group" else torch.tensor([0, 0, 0, 0])
+    if mode == "batch":
+        rewards, mask = rewards[:3], mask[:3]
+        groups = groups[:3]
+    normalised = normalize_rewards(rewards, mask, groups, mode)
+    assert torch.equal(normalised, torch.zeros_like(normalised))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=5), min_size=1, max_size=8),
+    st.sampled_from(["group", "batch"]),
+    st.integers(1, 3),
+)
+def test_property_normalised_rewards_are_finite_and_bounded(rows, mode, num_groups):
+    width = max(len(r) for r in rows)
+    rewards = torch.tensor([r + [0.0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in rows])
+    groups = torch.arange(len(rows)) % num_groups
+    normalised = normalize_rewards(rewards, mask, groups, mode)
+    assert torch.isfinite(normalised).all()
+    # a group with values spread over a range R has std >= R / sqrt(2(n - 1)), and is normalised only when
+    # R > RTOL * M (M: the largest sum of |r_t| in it), while |r_t - mean| <= 2M: so the result is at most
+    # 2 sqrt(2(n - 1)) / RTOL whatever the rewards' scale (before: |r_t| / 1e-6, unbounded)
+    n = len(rows) if mode == "batch" else -(-len(rows) // num_groups)
+    assert float(normalised.abs().max()) <= 2 * math.sqrt(2 * max(n - 1, 1)) / EQUAL_RTOL
 
 
 @pytest.mark.parametrize(
