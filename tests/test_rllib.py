@@ -37,9 +37,8 @@ def test_module_policy_is_the_rollout_workers_distribution():
     prompts = env.task.tables["eval"].slice(0, 6).append_column("group_id", pa.array(range(6), pa.int64()))
     batch = RolloutWorker(config.model.path, config.rollout, seed=1).generate(prompts, group_size=2, step=1)
     observations, actions, expected = [], [], []
-    for index, response, logprobs in zip(
-        batch.column("group_id").to_pylist(), batch.column("response_ids").to_pylist(), batch.column("behaviour_logprobs").to_pylist()
-    ):
+    columns = [batch.column(name).to_pylist() for name in ("group_id", "response_ids", "behaviour_logprobs")]
+    for index, response, logprobs in zip(*columns):
         obs, _ = env.reset(options={"index": index})
         for token, logprob in zip(response, logprobs):
             observations.append(obs)
@@ -52,10 +51,11 @@ def test_module_policy_is_the_rollout_workers_distribution():
     logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(actions)[:, None]).squeeze(-1)
     assert torch.allclose(logp, torch.tensor(expected), atol=1e-5)
     # and the learner's recomputation on tokenforge's own layout agrees with it
-    sequences = build_sequences(batch.column("prompt_ids").to_pylist(), batch.column("response_ids").to_pylist(), env.pad_id)
+    responses = batch.column("response_ids").to_pylist()
+    sequences = build_sequences(batch.column("prompt_ids").to_pylist(), responses, env.pad_id)
     with torch.no_grad():
         learner_logp, _ = response_logprobs(module.model, sequences)
-    flat = torch.cat([learner_logp[i, : len(r)] for i, r in enumerate(batch.column("response_ids").to_pylist())])
+    flat = torch.cat([learner_logp[i, : len(r)] for i, r in enumerate(responses)])
     assert torch.allclose(flat, logp, atol=1e-5)
 
 
@@ -72,7 +72,10 @@ def test_value_head_is_detached_by_default():
 
 @pytest.mark.parametrize(
     ("model_config", "message"),
-    [({"model_path": str(BUILTIN_MODEL), "value_hiden": 8}, "unknown key 'value_hiden'"), ({}, "'model_path' is missing")],
+    [
+        ({"model_path": str(BUILTIN_MODEL), "value_hiden": 8}, "unknown key 'value_hiden'"),
+        ({}, "'model_path' is missing"),
+    ],
 )
 def test_module_config_errors_are_one_line(model_config, message):
     env = TokenEnv(split="eval")
@@ -132,23 +135,21 @@ def test_tokenforge_eval_reads_the_module_weights(trained, tmp_path):
     config = env_train_config({"data.max_eval_samples": 200})
     in_process = GreedyEvaluator(config)(module.hf_state_dict())
     saved = save_hf_checkpoint(module, config, tmp_path / "rllib_final")
-    assert evaluate_checkpoint(str(saved), overrides=["data.max_eval_samples=200"])["eval/exact_match"] == pytest.approx(
-        in_process["eval/exact_match"]
-    )
+    by_command = evaluate_checkpoint(str(saved), overrides=["data.max_eval_samples=200"])
+    assert by_command["eval/exact_match"] == pytest.approx(in_process["eval/exact_match"])
     assert 0.3 < in_process["eval/exact_match"] < 1.0  # still the warm start's neighbourhood after 2 small updates
 
 
 def first_prompts(episodes) -> set[tuple[int, ...]]:
     """The prompt (first observation's real tokens) of every episode that starts in these chunks."""
-    return {
-        tuple(e.get_observations(0)["tokens"][: e.get_observations(0)["length"]].tolist()) for e in episodes if e.t_started == 0
-    }
+    starts = [e.get_observations(0) for e in episodes if e.t_started == 0]
+    return {tuple(obs["tokens"][: obs["length"]].tolist()) for obs in starts}
 
 
 def test_sampling_draws_new_prompts_on_every_call(trained):
     """With a debugging seed, RLlib's complete_episodes mode resets all envs with that seed on every
     sample() call and replays the same prompts each iteration; ppo_config's mode must not."""
-    algo, _, _, env = trained
+    algo = trained[0]
     seen = [first_prompts(algo.env_runner.sample()) for _ in range(3)]
     assert all(seen) and not (seen[1] <= seen[0] or seen[2] <= seen[0] | seen[1])
 

@@ -75,7 +75,8 @@ def test_episode_rewards_equal_the_reward_pool(ray_cluster, sampled):
     dense, final = TokenEnv(config, split="eval"), TokenEnv(config, split="eval", reward_timing="final")
     pooled = TokenEnv(config, split="eval", reward_backend="pool", reward_timing="final")
     try:
-        for i, (response, index) in enumerate(zip(batch.column("response_ids").to_pylist(), batch.column("group_id").to_pylist())):
+        responses, indices = batch.column("response_ids").to_pylist(), batch.column("group_id").to_pylist()
+        for i, (response, index) in enumerate(zip(responses, indices)):
             total = sum(expected[i])
             for env in (dense, final, pooled):
                 rewards, ends, info = play(env, index, response)
@@ -147,7 +148,9 @@ def test_reset_order_and_seeding():
 
 
 def test_env_config_takes_dotted_tokenforge_keys():
-    env = from_env_config({"reward.weights.digit_match": 0.25, "split": "eval", "overrides": ["rollout.max_new_tokens=4"]})
+    env = from_env_config(
+        {"reward.weights.digit_match": 0.25, "split": "eval", "overrides": ["rollout.max_new_tokens=4"]}
+    )
     assert env.weights == {"exact_match": 1.0, "digit_match": 0.25}
     assert env.max_new_tokens == 4 and env.split == "eval"
     assert env_train_config({"reward.weights.digit_match": 0.25}).reward.weights["digit_match"] == 0.25
@@ -156,9 +159,15 @@ def test_env_config_takes_dotted_tokenforge_keys():
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: from_env_config({"reward_timming": "final"}), "env_config key 'reward_timming' is neither an env option"),
+        (
+            lambda: from_env_config({"reward_timming": "final"}),
+            "env_config key 'reward_timming' is neither an env option",
+        ),
         (lambda: from_env_config({"trainer.totl_steps": 3}), "config key 'trainer.totl_steps': unknown config key"),
-        (lambda: from_env_config({"reward.weights.nope": 1.0}), "component 'nope' is not configured and is not a component type"),
+        (
+            lambda: from_env_config({"reward.weights.nope": 1.0}),
+            "component 'nope' is not configured and is not a component type",
+        ),
         (lambda: TokenEnv(split="test"), "env option 'split': 'test' is not one of train, eval"),
         (lambda: TokenEnv(reward_backend="remote"), "env option 'reward_backend': 'remote' is not one of local, pool"),
         (lambda: TokenEnv(reward_backend="pool"), "env option 'reward_backend': 'pool' scores once per episode"),
@@ -199,12 +208,13 @@ def test_pool_backend_needs_ray():
     code = "from pipeline.token_env import TokenEnv; TokenEnv(reward_backend='pool', reward_timing='final')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
-    assert "TokenforgeError: env option 'reward_backend': 'pool' needs a running Ray (call ray.init() first)" in result.stderr
+    expected = "TokenforgeError: env option 'reward_backend': 'pool' needs a running Ray (call ray.init() first)"
+    assert expected in result.stderr
 
 
 def test_bad_actions_and_reset_options():
     env = TokenEnv(split="eval")
-    with pytest.raises(TokenforgeError, match="reset option 'index': 5000 is not a prompt index of split 'eval' \\(0-999\\)"):
+    with pytest.raises(TokenforgeError, match=r"reset option 'index': 5000 is not a prompt index of split 'eval' \(0-999\)"):
         env.reset(options={"index": 5000})
     env.reset()
     with pytest.raises(TokenforgeError, match=r"action 15 is not a token id in \[0, 15\)"):
