@@ -8,6 +8,7 @@ skipped (weights untouched) when the advantages, loss or gradient norm are not f
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from pathlib import Path
@@ -20,7 +21,8 @@ from pipeline.batch import pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, TrainConfig
 from pipeline.errors import TokenforgeError
 from pipeline.loss import policy_loss
-from pipeline.models import build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
+from pipeline.lora import add_adapters, is_adapter_dir, merged_state_dict
+from pipeline.models import DTYPES, build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
 from pipeline.rewards import normalize_rewards
 
 LEARNER_STATE = "learner_state.pt"
@@ -38,21 +40,54 @@ def lr_factor(learner: LearnerConfig, k: int, total_updates: int) -> float:
     return learner.min_lr_ratio + (1 - learner.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
 
 
+def without_dropout(model: torch.nn.Module, train: bool) -> torch.nn.Module:
+    """`model` in train mode (`train`: HF recomputes activations only then) or eval mode, with every dropout
+    but LoRA's own switched off, so that the learner's log-probs are those the rollout workers sampled with."""
+    model.train(train)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            if "lora_dropout" in name:
+                module.train()  # model.lora.dropout, when set, regularises the adapters
+            else:
+                module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0  # attention implementations that read it in train mode
+    return model
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation (gradient) checkpointing: transformers >= 5.2x calls it activation_checkpointing_enable."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class Learner:
     def __init__(self, config: TrainConfig, policy_path: str, reference_path: str, use_gpu: bool = False):
+        """`policy_path`: the policy's weights (a model dir, a checkpoint, or a LoRA checkpoint's adapter);
+        `reference_path`: the base model (the KL reference, and the base that LoRA adapters sit on)."""
         torch.manual_seed(config.seed)
         torch.set_num_threads(config.learner.num_threads)
         self.config = config
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         trust = config.model.trust_remote_code
-        self.tokenizer = load_tokenizer(policy_path, trust)
-        # eval mode: no dropout, so learner log-probs are those the rollout workers sampled with
-        self.model = load_model(policy_path, trust, self.device).eval()
-        self.reference = None
-        if config.algorithm.needs_reference:
-            self.reference = load_model(reference_path, trust, self.device).eval().requires_grad_(False)
+        self.tokenizer = load_tokenizer(reference_path, trust)  # the base's: training never changes it
+        dtype = "bfloat16" if config.learner.precision == "bf16" else "float32"
+        if config.model.lora is None:
+            self.model = load_model(policy_path, trust, self.device, dtype)
+        else:  # the base stays frozen; with a LoRA checkpoint, its adapters are loaded
+            base = load_model(reference_path, trust, self.device, dtype)
+            self.model = add_adapters(base, config.model.lora, policy_path if is_adapter_dir(policy_path) else None)
+        if config.learner.gradient_checkpointing:
+            enable_checkpointing(self.model)
+        without_dropout(self.model, train=config.learner.gradient_checkpointing)
+        self.reference = None  # with LoRA the reference is the policy with its adapters switched off
+        if config.algorithm.needs_reference and config.model.lora is None:
+            reference = load_model(reference_path, trust, self.device, config.model.dtype)
+            self.reference = reference.eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            [p for p in self.model.parameters() if p.requires_grad],  # LoRA: the adapters only
             lr=config.learner.lr,
             betas=config.learner.adam_betas,
             weight_decay=config.learner.weight_decay,
@@ -80,15 +115,18 @@ class Learner:
         # r_t = sum_i w_i * norm_i(r_i)_t  (norm_i: the component's `normalize`, identity by default), in float64
         token_rewards = torch.zeros_like(mask, dtype=STATS_DTYPE)
         for name, weight in self.config.reward.weights.items():
-            component = pad_right(batch.column(reward_column(name)).to_pylist()).to(self.device)
+            rows = batch.column(reward_column(name)).to_pylist()
+            applies = torch.tensor([row is not None for row in rows], device=self.device)  # None: not applicable
+            component = pad_right([row or [] for row in rows], width=mask.shape[1]).to(self.device)  # ... scoring 0
             mode = self.config.reward.components[name].normalize
-            token_rewards += weight * normalize_rewards(component, mask, group_ids, mode)
-            per_sample = component.sum(1)  # metrics of the raw component
-            metrics[f"reward/{name}/mean"] = float(per_sample.mean())
-            metrics[f"reward/{name}/std"] = float(per_sample.std()) if len(per_sample) > 1 else 0.0
+            token_rewards += weight * normalize_rewards(component, mask * applies[:, None], group_ids, mode)
+            per_sample = component.sum(1)[applies]  # metrics of the raw component, over the samples it applies to
+            if len(per_sample):
+                metrics[f"reward/{name}/mean"] = float(per_sample.mean())
+                metrics[f"reward/{name}/std"] = float(per_sample.std()) if len(per_sample) > 1 else 0.0
         metrics["reward/total/mean"] = float(token_rewards.sum(1).mean())
 
-        ref_logprobs = self._reference_logprobs(sequences) if self.reference is not None else None
+        ref_logprobs = self._reference_logprobs(sequences) if algo.needs_reference else None
         if algo.kl_in_reward_coef > 0:
             # r_t -= beta * KL_t, KL of the sampling policy against the reference
             without_kl = token_rewards
@@ -166,9 +204,10 @@ class Learner:
         kept_tokens = float(mask.sum())
         totals = {"loss/policy": 0.0}
         for rows in self._micro_batches(mask.shape[0]):
-            logprobs, entropy = response_logprobs(
-                self.model, select_rows(sequences, rows), self.config.rollout.temperature
-            )
+            with self.autocast():
+                logprobs, entropy = response_logprobs(
+                    self.model, select_rows(sequences, rows), self.config.rollout.temperature, cfg.logprob_chunk_tokens
+                )
             loss, parts = policy_loss(
                 logprobs,
                 behaviour[rows],
@@ -199,25 +238,37 @@ class Learner:
         size = self.config.learner.micro_batch_size
         return [slice(start, start + size) for start in range(0, batch_size, size)]
 
+    def autocast(self):
+        """bf16 autocast of the forward pass under learner.precision=bf16-mixed (a no-op otherwise)."""
+        mixed = self.config.learner.precision == "bf16-mixed"
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16, enabled=mixed)
+
     @torch.no_grad()
     def _reference_logprobs(self, sequences) -> torch.Tensor:
-        temperature = self.config.rollout.temperature
-        return torch.cat(
-            [
-                response_logprobs(self.reference, select_rows(sequences, rows), temperature)[0]
-                for rows in self._micro_batches(sequences["input_ids"].shape[0])
-            ]
-        )
+        temperature, chunk = self.config.rollout.temperature, self.config.learner.logprob_chunk_tokens
+        model = self.reference if self.reference is not None else self.model
+        adapters_off = self.model.disable_adapter() if self.reference is None else contextlib.nullcontext()
+        with adapters_off, self.autocast():
+            return torch.cat(
+                [
+                    response_logprobs(model, select_rows(sequences, rows), temperature, chunk)[0]
+                    for rows in self._micro_batches(sequences["input_ids"].shape[0])
+                ]
+            )
 
     def get_version(self) -> int:
         return self.policy_version
 
     def get_weights(self) -> dict[str, torch.Tensor]:
-        """CPU copy of the policy weights (published once per sync; every rollout worker reads it)."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        """CPU copy of the policy weights in the rollout dtype (model.dtype), LoRA adapters merged in
+        (published once per sync; every rollout worker reads it)."""
+        weights = self.model.state_dict() if self.config.model.lora is None else merged_state_dict(self.model)
+        dtype = DTYPES[self.config.model.dtype]
+        return {k: v.detach().to("cpu", dtype, copy=True) for k, v in weights.items()}
 
     def save(self, directory: str) -> None:
-        """HF-format model + tokenizer (safetensors) and the optimizer/version/RNG state."""
+        """HF-format model (or, with LoRA, the adapter) + tokenizer (safetensors) and the
+        optimizer/version/RNG state."""
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         state = {

@@ -3,6 +3,7 @@
     tokenforge train [-c CONFIG] [key=value ...]      train (default: the built-in addition task)
     tokenforge train --resume OUTPUT_DIR [key=value]  continue a run from its latest checkpoint
     tokenforge eval CHECKPOINT_DIR [--data FILE]      greedy eval metrics of any checkpoint
+    tokenforge export CHECKPOINT_DIR OUT [--merge]    a checkpoint as a plain HF model (LoRA merged)
     tokenforge train --help-config                    every config key with its default and meaning
     tokenforge tune SPEC.yaml [key=value ...]         Ray Tune search over whole pipelines
     tokenforge tune --resume EXPERIMENT_DIR           continue an interrupted search
@@ -37,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="eval prompts (.jsonl/.parquet); default: the run's eval file or the built-in one")
     evaluate.add_argument("--debug", action="store_true", help="show tracebacks")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. trainer.eval_metrics=[exact_match])")
+
+    exporting = commands.add_parser("export", help="write a checkpoint as a plain HF model (merging a LoRA adapter)")
+    exporting.add_argument("checkpoint", help="checkpoint directory (output_dir/checkpoints/step_N)")
+    exporting.add_argument("out", help="directory to write the model and tokenizer to")
+    exporting.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base (else the adapter is written)")
+    exporting.add_argument("--debug", action="store_true", help="show tracebacks")
 
     tuning = commands.add_parser("tune", help="Ray Tune search over whole pipelines (see docs/tuning.md)")
     tuning.add_argument("spec", nargs="?", help="tune spec YAML (base config, search space, tune block)")
@@ -90,6 +97,15 @@ def run_train(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in record.items() if k.startswith(("step", "eval/", "time/elapsed"))}))
 
 
+def run_export(args: argparse.Namespace) -> None:
+    from pipeline.lora import export, is_adapter_dir
+    from pipeline.models import check_model_dir
+
+    if not is_adapter_dir(args.checkpoint):
+        check_model_dir(args.checkpoint, key="checkpoint")
+    print(f"wrote {export(args.checkpoint, args.out, args.merge)}")
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from pipeline.evaluate import evaluate_checkpoint
 
@@ -99,7 +115,13 @@ def run_eval(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"train": run_train, "eval": run_eval, "tune": run_tune, "validate-cluster": run_validate_cluster}
+        commands = {
+            "train": run_train,
+            "eval": run_eval,
+            "export": run_export,
+            "tune": run_tune,
+            "validate-cluster": run_validate_cluster,
+        }
         commands[args.command](args)
     except TokenforgeError as error:
         if args.debug:

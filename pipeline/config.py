@@ -41,18 +41,46 @@ class Section(BaseModel):
 Resources = dict[str, Annotated[float, Field(ge=0)]]  # custom Ray resources: name -> amount
 
 
+class LoraConfig(Section):
+    r: int = Field(8, ge=1)
+    """Rank of the LoRA update B @ A."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale: the update is (alpha / r) * B @ A."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA branch's input (0 keeps learner and rollout log-probs identical)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]), or all-linear (every linear layer but the output head)."""
+
+
 class ModelConfig(Section):
     path: str | None = None
     """Local HF model directory; null = the built-in model of `task`."""
     trust_remote_code: bool = False
     """Allow custom modelling code shipped with the model (off unless you trust the files)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights of the rollout workers and the reference model (the learner's: learner.precision)."""
+    chat_template: str | None = None
+    """A Jinja chat-template file used instead of (or in the absence of) the tokenizer's own."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters only ({r, alpha, dropout, target_modules}, needs `peft`); null = full fine-tuning."""
 
 
 class DataConfig(Section):
     train_file: str | None = None
-    """Training prompts, .jsonl or .parquet with a `prompt` field; null = the built-in ones of `task`."""
-    eval_file: str | None = None
-    """Held-out prompts in the same format; null = the built-in eval set of `task`."""
+    """Training prompts: a .jsonl/.json/.parquet/.csv file, a saved or parquet dataset directory, or a dataset name; null = the built-in ones of `task`."""
+    eval_file: str | None = "auto"
+    """Held-out prompts in the same forms; null = no evaluation; auto = the built-in eval set of `task` if train_file is null, else none."""
+    train_split: str = "train"
+    """Split of a dataset directory or name to train on."""
+    eval_split: str = "test"
+    """Split of a dataset directory or name to evaluate on."""
+    add_special_tokens: bool = True
+    """Tokenize text prompts with the tokenizer's special tokens (e.g. BOS), as `tokenizer(text)` and TRL do."""
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run has held-out prompts (see eval_file)."""
+        return self.eval_file is not None and not (self.eval_file == "auto" and self.train_file is not None)
     shuffle: bool = True
     """Reshuffle the training prompts every epoch (seeded)."""
     max_eval_samples: int | None = Field(None, ge=1)
@@ -85,6 +113,10 @@ class RolloutConfig(Section):
     """Nucleus sampling mass (1 = off)."""
     max_new_tokens: int = Field(8, ge=1)
     """Longest response; also the fixed length of seq-mean-token-sum-norm."""
+    stop_token_ids: list[int] = []
+    """Token ids that end a response (besides the tokenizer's EOS), e.g. a chat model's end-of-turn token."""
+    stop: list[str] = []
+    """Strings that end a response once generated (the token completing one is kept)."""
     num_cpus_per_worker: float = Field(0.5, gt=0)
     """Ray CPUs reserved by each rollout worker."""
     num_gpus_per_worker: float = Field(0.0, ge=0)
@@ -192,6 +224,12 @@ class LearnerConfig(Section):
     """Custom Ray resources for the learner (see rollout.resources_per_worker)."""
     num_threads: int = Field(2, ge=1)
     """torch intra-op threads in the learner."""
+    precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"
+    """fp32; bf16-mixed (fp32 weights and optimizer, bf16 autocast forward); bf16 (bf16 weights). Log-probs are fp32 in all."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them (less memory, ~30% more time)."""
+    logprob_chunk_tokens: int = Field(4096, ge=1)
+    """Tokens whose fp32 log-softmax over the vocabulary is held at once (chunks are recomputed in the backward)."""
     max_nonfinite_steps: int = Field(3, ge=1)
     """Stop the run after this many consecutive steps whose loss or gradient norm was NaN/inf (each is skipped)."""
 

@@ -24,12 +24,13 @@ from actors.learner import Learner
 from actors.rollout_worker import RolloutWorker
 from pipeline import checkpoint
 from pipeline.actor_group import ActorGroup
-from pipeline.batch import mean_reward
+from pipeline.batch import DATASET_PROMPT, mean_reward
 from pipeline.config import TrainConfig, save_config
 from pipeline.data import PromptSampler, load_prompts
 from pipeline.errors import TokenforgeError
 from pipeline.metrics_log import METRICS_FILE, MetricsLog
 from pipeline.models import builtin_paths, context_length, load_tokenizer
+from pipeline.prompts import encode_prompts, set_chat_template
 from pipeline.reward_components import COMPONENTS
 from pipeline.reward_pool import RewardPool
 
@@ -37,44 +38,54 @@ Report = Callable[[dict, Path | None], None]
 
 
 def with_builtin_defaults(config: TrainConfig) -> TrainConfig:
-    """Fill null model/data paths with the built-in task's (the resolved config names them)."""
+    """Fill null model/data paths with the built-in task's (the resolved config names them). An `auto`
+    eval file is the built-in eval set only when the training prompts are the built-in ones too."""
     config = config.model_copy(deep=True)
     model, train, evaluation = builtin_paths(config.task)
+    if config.data.eval_file == "auto":
+        config.data.eval_file = str(evaluation) if config.data.evaluates else None
     config.model.path = config.model.path or str(model)
     config.data.train_file = config.data.train_file or str(train)
-    config.data.eval_file = config.data.eval_file or str(evaluation)
     return config
 
 
-def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table]:
-    """Train and eval prompts, checked against the reward components, tokenizer and context length."""
+def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
+    """Train and eval prompts (None: data.eval_file is null), checked against the reward components,
+    the chat template and the context length."""
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    set_chat_template(tokenizer, config.model.chat_template)
     limit = context_length(config.model.path, config.model.trust_remote_code)
     needed = set()
     for name, spec in config.reward.components.items():
         needed.update(COMPONENTS[spec.type].required_columns(config.component_options(name)))
+    data = config.data
     tables = []
-    for key, path in [("data.train_file", config.data.train_file), ("data.eval_file", config.data.eval_file)]:
-        table = load_prompts(path, key)
+    for key, source, split in [("data.train_file", data.train_file, data.train_split), ("data.eval_file", data.eval_file, data.eval_split)]:
+        if source is None:
+            tables.append(None)
+            continue
+        table = load_prompts(source, key, split)
         missing = sorted(needed - set(table.column_names))
         if missing:
             raise TokenforgeError(
                 f"{key}: the reward components need fields {missing}, missing from the file (set the component's `column` option to use another field)"
             )
-        lengths = [
-            len(ids) for ids in tokenizer(table.column("prompt").to_pylist(), add_special_tokens=False).input_ids
-        ]
-        longest = max(range(len(lengths)), key=lengths.__getitem__)
-        if lengths[longest] + config.rollout.max_new_tokens > limit:
+        try:
+            _, ids = encode_prompts(tokenizer, table.column(DATASET_PROMPT).to_pylist(), data.add_special_tokens)
+        except TokenforgeError as error:
+            raise TokenforgeError(f"{key}: {error}") from None
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        if len(ids[longest]) + config.rollout.max_new_tokens > limit:
             raise TokenforgeError(
-                f"{key}: prompt {longest} has {lengths[longest]} tokens; with rollout.max_new_tokens="
+                f"{key}: prompt {longest} has {len(ids[longest])} tokens; with rollout.max_new_tokens="
                 f"{config.rollout.max_new_tokens} it exceeds the model context of {limit} tokens"
             )
         tables.append(table)
     train_table, eval_table = tables
-    if config.data.max_eval_samples:
-        eval_table = eval_table.slice(0, config.data.max_eval_samples)
-    eval_table = eval_table.append_column("group_id", pa.array(range(eval_table.num_rows), pa.int64()))
+    if eval_table is not None:
+        if data.max_eval_samples:
+            eval_table = eval_table.slice(0, data.max_eval_samples)
+        eval_table = eval_table.append_column("group_id", pa.array(range(eval_table.num_rows), pa.int64()))
     return train_table, eval_table
 
 
@@ -140,7 +151,18 @@ class Pipeline:
     """The driver's handles on the three actor roles."""
 
     def __init__(self, config: TrainConfig, policy_path: str, run_id: str):
+        """Rollout and reward workers start from model.path; the learner from `policy_path` (model.path or
+        the checkpoint to resume): call sync_weights() before generating from a checkpoint. Use it as a
+        context manager: every actor it started is killed on the way out, whatever happens."""
         self.config = config
+        self.groups: list[ActorGroup] = []
+        try:
+            self._start(config, policy_path, run_id)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, config: TrainConfig, policy_path: str, run_id: str) -> None:
         timeout = config.trainer.actor_timeout_s
         rollout = config.rollout
         self.rollout = ActorGroup(
@@ -152,9 +174,11 @@ class Pipeline:
             num_gpus=rollout.num_gpus_per_worker,
             resources=rollout.resources_per_worker,
             timeout_s=timeout,
-            init_args=(policy_path, rollout, config.seed, config.model.trust_remote_code),
+            init_args=(config, config.model.path),
         )
-        self.reward = RewardPool(config, policy_path, run_id)
+        self.groups.append(self.rollout)
+        self.reward = RewardPool(config, config.model.path, run_id)
+        self.groups.append(self.reward.group)
         gpus = learner_gpus(config)
         self.learner = ActorGroup(
             Learner,
@@ -167,14 +191,26 @@ class Pipeline:
             timeout_s=timeout,
             init_args=(config, policy_path, config.model.path, gpus > 0),
         )
+        self.groups.append(self.learner)
+
+    def close(self) -> None:
+        for group in self.groups:
+            for actor in group.actors:
+                ray.kill(actor)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def generate(self, prompts: pa.Table, step: int, greedy: bool = False) -> pa.Table:
         group_size = 1 if greedy else self.config.rollout.group_size
         return self.rollout.map_shards("generate", prompts, group_size=group_size, greedy=greedy, step=step)
 
-    def score(self, batch: pa.Table, names: list[str]) -> pa.Table:
+    def score(self, batch: pa.Table, names: list[str], step: int) -> pa.Table:
         """`batch` with one reward/<name> column per component, without the samples dropped by on_error=drop."""
-        scored, dropped = self.reward.score(batch, names)
+        scored, dropped = self.reward.score(batch, names, step)
         return scored.filter(pc.invert(dropped))
 
     def sync_weights(self) -> int:
@@ -185,13 +221,13 @@ class Pipeline:
         self.rollout.call_all("set_weights", weights, version)
         return version
 
-    def evaluate(self, eval_prompts: pa.Table, step: int) -> dict[str, float]:
+    def evaluate(self, eval_prompts: pa.Table | None, step: int) -> dict[str, float]:
+        """eval/<metric> of greedy samples on the held-out prompts ({} without them)."""
+        if eval_prompts is None:
+            return {}
         names = self.config.trainer.eval_metrics
-        scored = self.score(self.generate(eval_prompts, step, greedy=True), names)
+        scored = self.score(self.generate(eval_prompts, step, greedy=True), names, step)
         return {f"eval/{name}": mean_reward(scored, name) for name in names}
-
-    def actor_groups(self) -> list[ActorGroup]:
-        return [self.rollout, self.reward.group, self.learner]
 
 
 @contextmanager
@@ -200,6 +236,58 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
     start = time.time()
     yield
     timings[key] = time.time() - start
+
+
+def run_steps(
+    config: TrainConfig,
+    pipeline: Pipeline,
+    sampler: PromptSampler,
+    eval_prompts: pa.Table | None,
+    log: MetricsLog,
+    out: Path,
+    done_steps: int,
+    report: Report | None,
+) -> dict:
+    """The training loop from step `done_steps` + 1 on; returns the last metrics record."""
+    trainer_cfg = config.trainer
+    record: dict = {}
+    if done_steps == 0 and eval_prompts is not None:
+        record = log.write(0, pipeline.evaluate(eval_prompts, step=0))
+        if report:
+            report(record, None)
+    for step in range(done_steps + 1, trainer_cfg.total_steps + 1):
+        timings: dict[str, float] = {}
+        with timed(timings, "time/step_s"):
+            prompts = sampler.next_batch(first_group_id=step * trainer_cfg.prompts_per_step)
+            with timed(timings, "time/rollout_s"):
+                rollouts = pipeline.generate(prompts, step)
+            with timed(timings, "time/reward_s"):
+                rollouts = pipeline.score(rollouts, list(config.reward.weights), step)
+            with timed(timings, "time/learn_s"):
+                metrics = (
+                    pipeline.learner.call_all("train_step", rollouts, step=step)[0]
+                    if rollouts.num_rows
+                    else {"learner/tokens": 0.0}
+                )
+            with timed(timings, "time/sync_s"):
+                pipeline.sync_weights()
+        metrics.update(timings)
+        metrics.update(pipeline.reward.take_counts())
+        metrics["throughput/tokens_per_s"] = metrics["learner/tokens"] / timings["time/step_s"]
+        metrics["throughput/samples_per_s"] = rollouts.num_rows / timings["time/step_s"]
+
+        is_last = step == trainer_cfg.total_steps
+        if step % trainer_cfg.eval_every == 0 or is_last:
+            metrics.update(pipeline.evaluate(eval_prompts, step))
+        saved = None
+        if step % trainer_cfg.save_every == 0 or is_last or (report and step % trainer_cfg.eval_every == 0):
+            partial = checkpoint.partial_dir(out, step)
+            pipeline.learner.call_all("save", str(partial))
+            saved = checkpoint.finish(partial, {"step": step, "sampler": sampler.state(), "elapsed_s": log.elapsed()})
+        record = log.write(step, metrics)
+        if report and any(k.startswith("eval/") for k in metrics):
+            report(record, saved)
+    return record
 
 
 def train(config: TrainConfig, resume: bool = False, report: Report | None = None) -> dict[str, float]:
@@ -224,59 +312,17 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
 
     connect_ray(config)
     check_resources(config)
-    pipeline = Pipeline(config, str(latest or config.model.path), run_id=uuid.uuid4().hex[:8])
-    placement = {group.role: group.node_ids() for group in pipeline.actor_groups()}  # where each actor runs
-    (out / "placement.json").write_text(json.dumps(placement, indent=1))
-    if latest:
-        version = pipeline.learner.call_all("load_state", str(latest))[0]
-        pipeline.rollout.call_all("set_policy_version", version)
-    sampler = PromptSampler(train_prompts, config.trainer.prompts_per_step, config.seed, config.data.shuffle)
-    sampler.load_state(state["sampler"])
-    log = MetricsLog(out, config.trainer.total_steps, resume_step=state["step"], elapsed_s=state["elapsed_s"])
-    trainer_cfg = config.trainer
-    record: dict = {}
-    try:
-        if state["step"] == 0:
-            record = log.write(0, pipeline.evaluate(eval_prompts, step=0))
-            if report:
-                report(record, None)
-        for step in range(state["step"] + 1, trainer_cfg.total_steps + 1):
-            timings: dict[str, float] = {}
-            with timed(timings, "time/step_s"):
-                prompts = sampler.next_batch(first_group_id=step * trainer_cfg.prompts_per_step)
-                with timed(timings, "time/rollout_s"):
-                    rollouts = pipeline.generate(prompts, step)
-                with timed(timings, "time/reward_s"):
-                    rollouts = pipeline.score(rollouts, list(config.reward.weights))
-                with timed(timings, "time/learn_s"):
-                    metrics = (
-                        pipeline.learner.call_all("train_step", rollouts, step=step)[0]
-                        if rollouts.num_rows
-                        else {"learner/tokens": 0.0}
-                    )
-                with timed(timings, "time/sync_s"):
-                    pipeline.sync_weights()
-            metrics.update(timings)
-            metrics.update(pipeline.reward.take_counts())
-            metrics["throughput/tokens_per_s"] = metrics["learner/tokens"] / timings["time/step_s"]
-            metrics["throughput/samples_per_s"] = rollouts.num_rows / timings["time/step_s"]
-
-            is_last = step == trainer_cfg.total_steps
-            if step % trainer_cfg.eval_every == 0 or is_last:
-                metrics.update(pipeline.evaluate(eval_prompts, step))
-            saved = None
-            if step % trainer_cfg.save_every == 0 or is_last or (report and step % trainer_cfg.eval_every == 0):
-                partial = checkpoint.partial_dir(out, step)
-                pipeline.learner.call_all("save", str(partial))
-                saved = checkpoint.finish(
-                    partial, {"step": step, "sampler": sampler.state(), "elapsed_s": log.elapsed()}
-                )
-            record = log.write(step, metrics)
-            if report and any(k.startswith("eval/") for k in metrics):
-                report(record, saved)
-    finally:
-        log.close()
-        for group in pipeline.actor_groups():
-            for actor in group.actors:
-                ray.kill(actor)
+    with Pipeline(config, str(latest or config.model.path), run_id=uuid.uuid4().hex[:8]) as pipeline:
+        placement = {group.role: group.node_ids() for group in pipeline.groups}  # where each actor runs
+        (out / "placement.json").write_text(json.dumps(placement, indent=1))
+        if latest:
+            pipeline.learner.call_all("load_state", str(latest))
+            pipeline.sync_weights()  # the rollout workers started from model.path
+        sampler = PromptSampler(train_prompts, config.trainer.prompts_per_step, config.seed, config.data.shuffle)
+        sampler.load_state(state["sampler"])
+        log = MetricsLog(out, config.trainer.total_steps, resume_step=state["step"], elapsed_s=state["elapsed_s"])
+        try:
+            record = run_steps(config, pipeline, sampler, eval_prompts, log, out, state["step"], report)
+        finally:
+            log.close()
     return record

@@ -51,7 +51,8 @@ def run_trial(params: dict[str, Any], base: dict) -> None:
             shutil.copytree(source, target)
         weights = hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()
         with open(trial_dir / RESTORES_FILE, "a") as f:
-            f.write(json.dumps({"step": state["step"], "params": params, "model_sha256": weights}) + "\n")
+            record = {"step": state["step"], "params": params, "model_sha256": weights, "source": restored.path}
+            f.write(json.dumps(record) + "\n")
     elif out.exists():
         shutil.rmtree(out)  # a retry with nothing to restore starts over
 

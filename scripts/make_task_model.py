@@ -19,7 +19,7 @@ import torch
 from sacrebleu.metrics import CHRF
 
 from actors.rollout_worker import RolloutWorker
-from pipeline.config import RolloutConfig
+from pipeline.config import load_config
 from pipeline.models import ASSETS
 from pipeline.tiny_model import make_char_tokenizer, make_tiny_gpt2
 
@@ -73,7 +73,7 @@ TASKS = {
 def evaluate(task: Task, worker: RolloutWorker, model: torch.nn.Module, rows: list[dict]) -> float:
     worker.set_weights(model.state_dict(), version=0)
     prompts = pa.Table.from_pylist([{"prompt": r["prompt"], "group_id": i} for i, r in enumerate(rows)])
-    return task.metric(worker.generate(prompts, group_size=1, greedy=True).column("completion").to_pylist(), rows)
+    return task.metric(worker.generate(prompts, group_size=1, greedy=True).column("response").to_pylist(), rows)
 
 
 def main() -> None:
@@ -99,7 +99,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    worker = RolloutWorker(str(out), RolloutConfig(max_new_tokens=task.max_new_tokens, num_threads=2))
+    worker = RolloutWorker(load_config(overrides=[f"rollout.max_new_tokens={task.max_new_tokens}", "rollout.num_threads=2"]), str(out))
 
     train, evaluation = read_jsonl(ASSETS / args.task / "train.jsonl"), read_jsonl(ASSETS / args.task / "eval.jsonl")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)

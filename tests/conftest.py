@@ -30,7 +30,7 @@ def ray_cluster():
     """A real local Ray with 2 CPUs, shared by every end-to-end test."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)  # the same cluster on a GPU machine
     yield ray
     ray.shutdown()
 
