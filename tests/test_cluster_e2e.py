@@ -112,14 +112,17 @@ def test_requests_without_the_token_are_refused(cluster):
         assert ok.status == 200
 
 
-def test_train_job_places_actors_on_both_nodes_as_configured(cluster, tmp_path):
-    out = tmp_path / "train"
-    submit(
-        cluster, "tokenforge", "train", f"output_dir={out}", "trainer.total_steps=4", "trainer.eval_every=2",
+def test_train_job_places_actors_on_both_nodes_as_configured(cluster):
+    # A relative output_dir inside a job lands under ~/tokenforge-outputs on the driver's node (the job's HOME is
+    # this session's temp HOME), not in Ray's temporary unpacked copy of the working dir.
+    out = Path.home() / "tokenforge-outputs" / "runs" / "e2e-train"
+    logs = submit(
+        cluster, "tokenforge", "train", "output_dir=runs/e2e-train", "trainer.total_steps=4", "trainer.eval_every=2",
         "trainer.prompts_per_step=8", "rollout.group_size=4", "data.max_eval_samples=50",
         "learner.resources={head_node: 0.5}", "rollout.resources_per_worker={worker_node: 0.5}",
         "rollout.num_cpus_per_worker=0.5", "reward.resources_per_worker={worker_node: 0.25}",
     )
+    assert f"tokenforge: output_dir runs/e2e-train -> {out} " in logs
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4] and "eval/exact_match" in records[-1]
     placement = json.loads((out / "placement.json").read_text())
@@ -127,8 +130,20 @@ def test_train_job_places_actors_on_both_nodes_as_configured(cluster, tmp_path):
     assert rollout == reward != learner  # the worker node's resource vs the head's
 
 
-def test_smoke_tune_job(cluster, tmp_path):
-    logs = submit(cluster, "tokenforge", "tune", "tune_configs/smoke.yaml", f"tune.storage_path={tmp_path}", "tune.max_concurrent_trials=1")
-    rows = (tmp_path / "smoke" / "trials.csv").read_text().splitlines()
+def test_resubmitted_train_job_writes_beside_the_first_run(cluster):
+    first = Path.home() / "tokenforge-outputs" / "runs" / "e2e-again"
+    args = ["output_dir=runs/e2e-again", "trainer.total_steps=1", "trainer.prompts_per_step=4", "rollout.group_size=2", "data.max_eval_samples=8"]
+    submit(cluster, "tokenforge", "train", *args)
+    logs = submit(cluster, "tokenforge", "train", *args)
+    assert f"-> {first}-2 " in logs and f"{first} holds an earlier run" in logs
+    for run in (first, Path(f"{first}-2")):
+        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_smoke_tune_job(cluster):
+    # The spec's relative storage_path (tune_results) inside a job: under ~/tokenforge-outputs.
+    experiment = Path.home() / "tokenforge-outputs" / "tune_results" / "smoke"
+    logs = submit(cluster, "tokenforge", "tune", "tune_configs/smoke.yaml", "tune.max_concurrent_trials=1")
+    rows = (experiment / "trials.csv").read_text().splitlines()
     assert len(rows) == 3 and all(r.endswith(",12,TERMINATED") for r in rows[1:]), logs[-2000:]
-    assert (tmp_path / "smoke" / "best_config.yaml").is_file()
+    assert (experiment / "best_config.yaml").is_file()
