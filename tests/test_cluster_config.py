@@ -17,7 +17,9 @@ SHIPPED = [REPO / "cluster.yaml", REPO / "cluster.local.yaml"]
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_cluster_files_pass(path, capsys):
     main(["validate-cluster", str(path)])
-    assert "open ports: SSH only" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "auth token private on every node: ok (~/.ray/auth_token)" in out and "keeps .venv and .git out: ok" in out
+    assert ("open ports: SSH only" if path.name == "cluster.yaml" else "provider local has no security group; firewall") in out
 
 
 def broken(tmp_path: Path, change) -> Path:
@@ -39,6 +41,11 @@ CASES = {
     "dashboard host unset": (lambda c: set_head_command(c, "--dashboard-host=127.0.0.1", ""), "does not set --dashboard-host"),
     "auth disabled": (lambda c: set_head_command(c, "RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"), "starts Ray without token auth"),
     "worker without auth": (lambda c: c.update(worker_start_ray_commands=["ray stop", "ray start --address=$RAY_HEAD_IP:6379"]), "`ray start --address=$RAY_HEAD_IP:6379` starts Ray without token auth"),
+    "token left as copied": (lambda c: c.update(setup_commands=[]), "copies the Ray auth token to ~/.ray/auth_token but no head setup command makes it private; add `chmod 600 ~/.ray/auth_token`"),
+    "token private on the head only": (lambda c: c.update(setup_commands=[], head_setup_commands=["chmod 0600 ~/.ray/auth_token"]), "no worker setup command makes it private"),
+    "chmod of another file": (lambda c: c.update(setup_commands=["chmod 600 ~/.ray/auth_token.bak"]), "no head setup command makes it private"),
+    "checkout shipped with its venv": (lambda c: c.pop("rsync_exclude"), "copies this checkout to ~/tokenforge with .venv and .git in it"),
+    "checkout shipped with its git history": (lambda c: c.update(rsync_exclude=["/.venv/"]), "with .git in it"),
     "dashboard port open": (lambda c: c["provider"]["security_group"]["IpPermissions"].append({"FromPort": 8265, "ToPort": 8265, "IpProtocol": "TCP"}), "opens ports 8265-8265; open SSH (22) only"),
 }
 
@@ -62,3 +69,8 @@ def test_missing_or_unreadable_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("- just\n- a list\n")
     with pytest.raises(ClusterConfigError, match="a mapping with a `provider` section"):
         validate_cluster(tmp_path / "bad.yaml")
+
+
+def test_rsync_filter_counts_as_excludes(tmp_path):
+    path = broken(tmp_path, lambda c: (c.pop("rsync_exclude"), c.update(rsync_filter=[".gitignore"])))
+    validate_cluster(path)
