@@ -25,6 +25,9 @@ started=$SECONDS
 sshd_pid=
 dash_pid=
 cluster_up=0
+control_dir=$(python3 -c 'import getpass, hashlib, sys  # where `ray` keeps its ssh control sockets for this cluster
+h = lambda text: hashlib.sha256(text.encode()).hexdigest()[:10]
+print("/tmp/ray_ssh_" + h(getpass.getuser()) + "/" + h(sys.argv[1]))' "$(sed -n 's/^cluster_name: *//p' "$repo/cluster.local.yaml")")
 
 log() { echo "[test_ray_up $(date +%H:%M:%S)] $*"; }
 fail() { log "FAILED: $*" >&2; exit 1; }
@@ -54,7 +57,8 @@ cleanup() {
         userdel -r "$user" 2>/dev/null
     fi
     if [[ -n $sshd_pid ]] && kill "$sshd_pid" 2>/dev/null; then wait "$sshd_pid" 2>/dev/null; fi
-    rm -rf "$state"
+    rm -rf "$state" "$control_dir"  # the latter: ssh control sockets of `ray` for this cluster name
+    rmdir "$(dirname "$control_dir")" 2>/dev/null
     echo
     echo "test_ray_up: step durations"
     printf '  %s\n' "${steps[@]}"
@@ -80,9 +84,20 @@ fi
 rm -rf "$state"
 mkdir -m 700 "$state"
 
-# The client: the checkout's venv; its own HOME (the token `ray get-auth-token` makes) and RAY_TMPDIR (the
-# local provider's cluster state); usage stats off here and, through `ray up`, on the node.
-export HOME=$state/client-home RAY_TMPDIR=$state/client-tmp RAY_USAGE_STATS_ENABLED=0
+# The node's pip gets the sources this machine's pip has (on this project's CI machine: a wheelhouse with the
+# CPU build of torch, and no route to PyTorch's CPU index), as a site-wide pip.conf gives them on your machines.
+pip_config=$("$repo/.venv/bin/pip" config list 2>/dev/null || true)
+torch_version=$(sed -n 's/^torch==\([^ #]*\).*/\1/p' "$repo/constraints.txt")
+if "$repo/.venv/bin/pip" install -q --dry-run --no-deps --ignore-installed "torch==$torch_version+cpu" >/dev/null 2>&1; then
+    log "pip's sources here hold torch $torch_version+cpu: the head installs it from them"
+else
+    log "no torch $torch_version+cpu in pip's sources here: the head fetches it from PyTorch's CPU index (needs that host)"
+fi
+export pip_config
+
+# The client: the checkout's venv; its own HOME (the token `ray get-auth-token` makes), RAY_TMPDIR (the local
+# provider's cluster state) and TMPDIR (ray's config cache); usage stats off here and, through `ray up`, on the node.
+export HOME=$state/client-home RAY_TMPDIR=$state/client-tmp TMPDIR=$state/client-tmp RAY_USAGE_STATS_ENABLED=0
 export PATH=$repo/.venv/bin:$PATH
 unset RAY_ADDRESS RAY_AUTH_MODE RAY_AUTH_TOKEN RAY_AUTH_TOKEN_PATH VIRTUAL_ENV
 mkdir -p "$HOME" "$RAY_TMPDIR"
@@ -113,6 +128,19 @@ make_user() {
     install -d -m 700 -o "$user" -g "$user" "$home/.ssh" "$home/rt"
     ssh-keygen -q -t ed25519 -N '' -C tokenforge-test-ray-up -f "$state/id_ed25519"
     install -m 600 -o "$user" -g "$user" "$state/id_ed25519.pub" "$home/.ssh/authorized_keys"
+    install -d -m 755 -o "$user" -g "$user" "$home/.config" "$home/.config/pip"
+    python - "$home/.config/pip/pip.conf" <<'EOF'
+import os, re, sys
+values = {}  # `pip config list`: environment first (it wins), then the config files
+for line in os.environ["pip_config"].splitlines():
+    match = re.match(r"^[^.]+\.([\w-]+)='(.*)'$", line)
+    if match:
+        values.setdefault(match.group(1), match.group(2))
+with open(sys.argv[1], "w") as f:
+    f.write("[global]\n" + "".join(f"{key} = {value}\n" for key, value in values.items()))
+print("node pip.conf:", ", ".join(f"{k}={v}" for k, v in values.items()) or "(empty)")
+EOF
+    chown "$user:$user" "$home/.config/pip/pip.conf"
     ssh-keygen -q -t ed25519 -N '' -f "$state/ssh_host_ed25519_key"
     # An sshd of our own on 127.0.0.1 only, for this user only; RAY_TMPDIR keeps its Ray out of /tmp/ray.
     cat > "$state/sshd_config" <<EOF
@@ -215,6 +243,11 @@ submit_train() {
     out=$(on_head 'echo CHECK steps=$(python -c "import json, sys; print([json.loads(l)[\"step\"] for l in open(sys.argv[1])])" ~/tokenforge-outputs/runs/default/metrics.jsonl | tr -d " ")')
     grep -qx 'CHECK steps=\[0,1,2,3,4,5\]' <<<"$out" || fail "train: no 5-step metrics.jsonl under ~/tokenforge-outputs/runs/default: $out"
     echo "steps 0-5 in ~/tokenforge-outputs/runs/default/metrics.jsonl"
+    # docs/cluster.md: fetch the run.
+    # shellcheck disable=SC2088  # a path on the head
+    ray rsync-down "$cfg" '~/tokenforge-outputs/runs/default' "$state/from-cluster"
+    [[ -s $state/from-cluster/default/metrics.jsonl ]] || fail "ray rsync-down: no $state/from-cluster/default/metrics.jsonl"
+    echo "ray rsync-down fetched the run: $(find "$state/from-cluster" -type f | wc -l) files"
 }
 
 dashboard_port() { cat "$state/dashboard.port"; }
@@ -226,8 +259,12 @@ submit_tune() {  # submit_tune N: the smoke tune through the Jobs API, as docs/c
     grep -q "tune.storage_path/tune.name tune_results/smoke -> /home/$user/tokenforge-outputs/tune_results/$2 " "$state/tune$1.log" \
         || fail "tune $1: results not in ~/tokenforge-outputs/tune_results/$2"
     local out
-    out=$(on_head "echo CHECK trials=\$(grep -c ',12,TERMINATED\$' ~/tokenforge-outputs/tune_results/$2/trials.csv)")
+    out=$(on_head "echo CHECK trials=\$(grep -c ',12,TERMINATED' ~/tokenforge-outputs/tune_results/$2/trials.csv)")
     grep -qx 'CHECK trials=2' <<<"$out" || fail "tune $1: expected 2 finished trials in ~/tokenforge-outputs/tune_results/$2/trials.csv: $out"
+    local succeeded
+    succeeded=$(ray job list | grep "JobType.SUBMISSION" | grep -c "JobStatus.SUCCEEDED" || true)
+    echo "ray job list: $succeeded succeeded job(s)"
+    ((succeeded == $1)) || fail "ray job list: expected $1 succeeded job(s)"
 }
 submit_tune_1() { submit_tune 1 smoke; }
 submit_tune_2() { submit_tune 2 smoke-2; }
