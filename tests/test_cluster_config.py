@@ -2,6 +2,7 @@
 
 import copy
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,24 @@ def test_missing_or_unreadable_files(tmp_path):
 def test_rsync_filter_counts_as_excludes(tmp_path):
     path = broken(tmp_path, lambda c: (c.pop("rsync_exclude"), c.update(rsync_filter=[".gitignore"])))
     validate_cluster(path)
+
+
+def test_nodes_install_the_torch_the_readme_installs():
+    """constraints.txt pins torch (nodes install exactly that version) and it is the README's torch==X."""
+    pins = re.findall(r"^torch==(\S+)", (REPO / "constraints.txt").read_text(), re.M)
+    readme = set(re.findall(r"torch==(\d[\w.]*)", (REPO / "README.md").read_text()))
+    assert len(pins) == 1 and readme == {pins[0]}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_nodes_set_up_by_node_type(path):
+    """Head: the CPU torch build; workers: the CUDA build; both through the venv of scripts/setup_node.sh."""
+    config = yaml.safe_load(path.read_text())
+    assert config["head_setup_commands"] == ["bash ~/tokenforge/scripts/setup_node.sh cpu"]
+    assert config["worker_setup_commands"] == ["bash ~/tokenforge/scripts/setup_node.sh cuda"]
+    assert not any("pip install" in c for c in config["setup_commands"])  # no pip into the system Python (PEP 668)
+
+
+def test_setup_node_refuses_an_unknown_build():
+    result = subprocess.run(["bash", str(REPO / "scripts" / "setup_node.sh"), "gpu"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "usage: setup_node.sh cpu|cuda" in result.stderr

@@ -59,6 +59,9 @@ def processes_of(temp_dir: str) -> list[int]:
 @pytest.fixture(scope="module")
 def cluster():
     temp_dir = tempfile.mkdtemp(prefix="tf-ray-", dir="/tmp")  # short: Ray's socket paths live below it
+    # The worker node's own temp dir, as on a separate machine: two nodes sharing one would share Ray's unpacked
+    # working_dir copies, and one node's agent replaces the copy a job driver on the other is running in.
+    worker_temp_dir = tempfile.mkdtemp(prefix="tf-ray-w-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     gcs, dashboard, client = free_ports(3)
@@ -70,14 +73,15 @@ def cluster():
     ]
     worker = [
         str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-        "--num-cpus=1", '--resources={"worker_node": 1}', "--disable-usage-stats", *node_ports(22000),
+        "--num-cpus=1", '--resources={"worker_node": 1}', f"--temp-dir={worker_temp_dir}", "--disable-usage-stats",
+        *node_ports(22000),
     ]
     try:
         subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
         subprocess.run(worker, env=env, check=True, capture_output=True, timeout=180)
         yield {"env": {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}, "dashboard": dashboard}
     finally:
-        for pid in processes_of(temp_dir):
+        for pid in processes_of(temp_dir) + processes_of(worker_temp_dir):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
