@@ -256,6 +256,7 @@ submit_tune() {  # submit_tune N: the smoke tune through the Jobs API, as docs/c
     RAY_ADDRESS=http://127.0.0.1:$(dashboard_port)
     export RAY_ADDRESS RAY_AUTH_MODE=token
     ray job submit --working-dir . -- tokenforge tune tune_configs/smoke.yaml | tee "$state/tune$1.log" | grep -v '^\s*$' | tail -25
+    grep "^tokenforge: " "$state/tune$1.log" || true
     grep -q "tune.storage_path/tune.name tune_results/smoke -> /home/$user/tokenforge-outputs/tune_results/$2 " "$state/tune$1.log" \
         || fail "tune $1: results not in ~/tokenforge-outputs/tune_results/$2"
     local out
