@@ -12,8 +12,8 @@
 #
 # Needs root: installs openssh-server, rsync and python3-venv if missing, creates and removes the user,
 # starts and stops the sshd. On any exit (trap): ray down, the user's processes, the sshd (by PID), the
-# user and the temp files go. Every step has a time limit; each step's duration is printed; exit 1 on
-# any failure. Usage: bash scripts/test_ray_up.sh
+# user and the temp files go. Every step has a time limit (58 min in all at worst; about 4 min when it
+# passes on 2 cores); each step's duration is printed; exit 1 on any failure. Usage: bash scripts/test_ray_up.sh
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -300,15 +300,15 @@ nothing_left() {
     return 1
 }
 
-step "prerequisites (openssh-server, rsync, python3-venv)" 600 prerequisites
+step "prerequisites (openssh-server, rsync, python3-venv)" 300 prerequisites
 step "user $user, key pair, sshd config" 60 make_user
 start_sshd
 log "sshd on 127.0.0.1:22, PID $sshd_pid"
 step "cluster file, auth token, validate-cluster" 120 fill_cluster_file
 cluster_up=1
-step "ray up" 1200 ray_up
+step "ray up" 900 ray_up
 step "head: ray status, token 0600, venv, CPU torch, excludes" 180 check_head
-step "ray submit: 5-step train" 600 submit_train
+step "ray submit: 5-step train" 300 submit_train
 
 # `ray dashboard` (an SSH port-forward) in the background, stdin from /dev/null so that the shell does not
 # stop it; a free local port because this machine's 8265 is the head's own.
@@ -326,11 +326,11 @@ except urllib.error.HTTPError: pass" 2>/dev/null && return 0
     return 1
 }
 step "ray dashboard: port-forward" 90 wait_dashboard
-step "ray job submit: smoke tune" 900 submit_tune_1
-step "ray job submit: smoke tune again" 900 submit_tune_2
+step "ray job submit: smoke tune" 600 submit_tune_1
+step "ray job submit: smoke tune again" 600 submit_tune_2
 step "Jobs API: no token / wrong token refused" 60 jobs_api_auth
 kill -- "-$dash_pid" 2>/dev/null || true
 dash_pid=
-step "ray down" 300 ray_down
+step "ray down" 180 ray_down
 cluster_up=0
 step "nothing of $user left running" 90 nothing_left
