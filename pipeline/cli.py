@@ -66,19 +66,22 @@ def run_validate_cluster(args: argparse.Namespace) -> None:
 
 def run_tune(args: argparse.Namespace) -> None:
     from pipeline import tune
+    from pipeline.run_paths import resolve_existing
 
     if bool(args.spec) == bool(args.resume):
         raise TokenforgeError("tune takes a SPEC.yaml or --resume EXPERIMENT_DIR (one of them)")
     if args.resume:
         if args.overrides:
             raise TokenforgeError("--resume continues the experiment as it was; drop the key=value overrides")
-        tune.resume(args.resume)
+        tune.resume(resolve_existing(args.resume))
     else:
         tune.run(args.spec, args.overrides)
 
 
 def run_train(args: argparse.Namespace) -> None:
     from pipeline.config import describe_fields, load_config
+    from pipeline.metrics_log import METRICS_FILE
+    from pipeline.run_paths import resolve_existing, resolve_new
     from pipeline.trainer import train
 
     if args.help_config:
@@ -87,12 +90,14 @@ def run_train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.config:
             raise TokenforgeError("--resume takes the run's own config.yaml; drop -c")
+        args.resume = resolve_existing(args.resume)
         config_file = Path(args.resume) / "config.yaml"
         if not config_file.is_file():
             raise TokenforgeError(f"--resume: {str(config_file)!r} does not exist; is {args.resume!r} a tokenforge output_dir?")
         config = load_config(config_file, [*args.overrides, f"output_dir={args.resume}"])
     else:
         config = load_config(args.config, args.overrides)
+        config.output_dir = resolve_new(config.output_dir, lambda path: (path / METRICS_FILE).exists(), "output_dir")
     record = train(config, resume=bool(args.resume))
     print(json.dumps({k: v for k, v in record.items() if k.startswith(("step", "eval/", "time/elapsed"))}))
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from ray import tune
 
-from pipeline import checkpoint
+from pipeline import checkpoint, run_paths
 from pipeline.config import TrainConfig, config_with, save_config
 from pipeline.errors import TokenforgeError
 from pipeline.trainer import actor_bundles, connect_ray, learner_gpus, train
@@ -76,8 +76,11 @@ def run(spec_path: str, overrides: list[str] = ()) -> Path:
     connect_ray(base)
     base = config_with(base, {"learner.num_gpus": learner_gpus(base)})  # trials and bundles agree on GPUs
     block = spec.tune
-    remote = "://" in block.storage_path  # s3://, gs://: Tune writes there; our summary files stay local
-    storage = block.storage_path if remote else str(Path(block.storage_path).resolve())
+    remote = run_paths.is_uri(block.storage_path)  # s3://, gs://: Tune writes there; our summary files stay local
+    if not remote:  # inside a Ray job a relative storage_path goes under the output root, with a fresh name if taken
+        chosen = Path(run_paths.resolve_new(str(Path(block.storage_path) / block.name), Path.exists, "tune.storage_path/tune.name"))
+        block.storage_path, block.name = str(chosen.parent.resolve()), chosen.name
+    storage = block.storage_path
     experiment = Path("tune_results" if remote else storage) / block.name
     if not remote and experiment.exists():
         raise TokenforgeError(f"tune experiment {str(experiment)!r} exists; resume it with --resume or set tune.name")
