@@ -42,14 +42,16 @@ def test_each_search_algorithm_proposes_trials_in_the_space(ray_cluster, tmp_pat
 
 
 def test_asha_stops_the_worse_trial_early(ray_cluster, tmp_path):
-    """lr 1e-6 cannot move the model; lr 2e-3 does: ASHA (grace 1 report, reduction 2) keeps one to the end."""
-    spec = write_spec(tmp_path, {"learner.lr": {"strategy": "grid", "values": [1e-6, 2e-3]}},
-                      {"name": "asha", "max_concurrent_trials": 2, "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2}},
+    """One trial at a time (so the order is fixed): lr 5e-4 runs to the end; then lr 0.5, which wrecks the
+    model within two steps, reaches ASHA's first rung (2 reports) below it and is stopped there."""
+    spec = write_spec(tmp_path, {"learner.lr": {"strategy": "grid", "values": [5e-4, 0.5]}},
+                      {"name": "asha", "max_concurrent_trials": 1, "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2}},
                       base={"trainer.total_steps": 12, "trainer.eval_every": 2, "learner.warmup_steps": 0})
     experiment = run_experiment(str(spec))
     finished(experiment)
-    steps = sorted(max(r["step"] for r in metrics(trial)) for trial in trial_dirs(experiment))
-    assert steps[0] < 12 == steps[1], steps
+    last = {json.loads((trial / "params.json").read_text())["learner.lr"]: max(r["step"] for r in metrics(trial))
+            for trial in trial_dirs(experiment)}
+    assert last == {5e-4: 12, 0.5: 2}, last
 
 
 def test_pb2_explores_the_bounded_space_from_checkpoints(ray_cluster, tmp_path):
