@@ -50,6 +50,10 @@ def storage_errors(uri: str) -> Iterator[None]:
         raise TokenforgeError(f"storage {uri!r}: {reason} (storage.uri / output_dir)") from None
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -70,12 +74,18 @@ class Storage:
             self.fs, self.root = pafs.FileSystem.from_uri(uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
+    def child(self, relative: str) -> Storage:
+        """The storage of a directory below this one (a URI keeps its ?options)."""
+        base, sep, options = self.uri.partition("?")
+        return Storage(f"{base.rstrip('/')}/{relative}{sep}{options}")
+
     def path(self, relative: str = "") -> str:
         return f"{self.root.rstrip('/')}/{relative}" if relative else self.root
 
     def display(self, relative: str = "") -> str:
-        """The URI of a file or directory of the run, for messages."""
-        return f"{self.uri.rstrip('/')}/{relative}" if relative else self.uri
+        """The URI of a file or directory of the run, for messages (without a URI's ?options)."""
+        base = self.uri.split("?", 1)[0].rstrip("/")
+        return f"{base}/{relative}" if relative else base
 
     def exists(self, relative: str) -> bool:
         with storage_errors(self.display(relative)):
@@ -121,6 +131,14 @@ class Storage:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
+
+    def missing_files(self, directory: str, files: dict[str, dict]) -> list[str]:
+        """The names in `files` ({name: {size, ...}}) that `directory` lacks or holds with another size."""
+        with storage_errors(self.display(directory)):
+            infos = self.fs.get_file_info([self.path(f"{directory}/{name}") for name in files])
+        return [
+            name for name, info in zip(files, infos) if info.type != pafs.FileType.File or info.size != files[name]["size"]
+        ]
 
     def list_dir(self, relative: str) -> list[str]:
         """Names directly under `relative` ([] if it does not exist)."""
@@ -170,8 +188,16 @@ def checkpoint_dir(step: int) -> str:
 
 
 def publish_checkpoint(storage: Storage, step: int, files: dict[str, dict]) -> str:
-    """Write the manifest of step_N last: from now on the checkpoint exists. Returns its directory."""
+    """Write the manifest of step_N last, once every file is there: from now on the checkpoint exists.
+    Returns its directory."""
     directory = checkpoint_dir(step)
+    missing = storage.missing_files(directory, files)
+    if missing:  # written by another process (the learner) to storage this process does not see
+        raise TokenforgeError(
+            f"checkpoint {storage.display(directory)!r}: {', '.join(missing)}, written by the learner, is not visible "
+            f"from the driver: {storage.display()!r} is a disk local to each node; set storage.uri to storage every "
+            "node shares (s3://..., gs://..., a path on a shared mount)"
+        )
     storage.write_text(f"{directory}/{MANIFEST}", json.dumps({"step": step, "files": files}, indent=1))
     return directory
 
@@ -180,18 +206,20 @@ def read_manifest(storage: Storage, directory: str) -> dict | None:
     """The checkpoint's manifest if it is complete: present, parseable, and every file there with its size."""
     try:
         manifest = json.loads(storage.read_text(f"{directory}/{MANIFEST}"))
-        infos = storage.fs.get_file_info([storage.path(f"{directory}/{name}") for name in manifest["files"]])
+        complete = not storage.missing_files(directory, manifest["files"])
     except (TokenforgeError, ValueError, KeyError, TypeError):
         return None
-    sizes = [entry["size"] for entry in manifest["files"].values()]
-    if any(info.type != pafs.FileType.File or info.size != size for info, size in zip(infos, sizes)):
-        return None
-    return manifest
+    return manifest if complete else None
 
 
 def checkpoint_steps(storage: Storage) -> list[int]:
     """Steps of every step_N directory, published or not, ascending."""
     return sorted(int(m.group(1)) for name in storage.list_dir(CHECKPOINTS) if (m := STEP_DIR.match(name)))
+
+
+def published_steps(storage: Storage) -> list[int]:
+    """Steps of the published checkpoints, ascending."""
+    return [s for s in checkpoint_steps(storage) if read_manifest(storage, checkpoint_dir(s)) is not None]
 
 
 def latest_checkpoint(storage: Storage) -> tuple[str, dict] | None:
@@ -214,7 +242,7 @@ def remove_unpublished(storage: Storage) -> list[int]:
 def prune_checkpoints(storage: Storage, keep: int, protected: set[int] = frozenset()) -> list[int]:
     """Delete all but the newest `keep` published checkpoints (and those in `protected`, e.g. the best).
     The manifest goes first, so a prune cut short leaves an unpublished directory, never a broken checkpoint."""
-    published = [s for s in checkpoint_steps(storage) if read_manifest(storage, checkpoint_dir(s)) is not None]
+    published = published_steps(storage)
     doomed = [s for s in published[: max(0, len(published) - keep)] if s not in protected]
     for step in doomed:
         storage.fs.delete_file(storage.path(f"{checkpoint_dir(step)}/{MANIFEST}"))
