@@ -122,8 +122,20 @@ def run_eval(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.overrides, args.trust_run_config), indent=1))
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; key=value overrides may also follow options (`eval MODEL --data F key=value`), which
+    argparse alone leaves unparsed once an option has ended the positional list."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         commands = {
             "train": run_train,

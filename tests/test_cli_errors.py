@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli import main, parse
 
 
 def run_cli(argv, capsys) -> str:
@@ -182,3 +182,14 @@ def test_a_run_config_that_would_run_code_needs_trust_run_config(capsys, tmp_pat
         assert "pass --trust-run-config if you trust this run directory" in err
     # trusted, it goes on (to the next check: this run has no checkpoint yet)
     assert "is a run without a published checkpoint" in run_cli(["eval", str(run), "--trust-run-config"], capsys)
+
+
+def test_overrides_may_follow_options(capsys):
+    """`tokenforge eval MODEL --data FILE key=value`, as a user writes it: the override is kept, in order;
+    an unknown option is still refused."""
+    assert parse(["eval", "model", "a.b=1", "--data", "f.jsonl", "c.d=2"]).overrides == ["a.b=1", "c.d=2"]
+    with pytest.raises(SystemExit) as stop:
+        parse(["eval", "model", "--data", "f.jsonl", "--bogus"])
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["validate-cluster", "cluster.yaml", "x=1"])  # a command without overrides
