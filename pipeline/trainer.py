@@ -294,6 +294,8 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
     while True:
         try:
             return attempt(config, storage, train_prompts, eval_prompts, resume or failures > 0, report)
+        except KeyboardInterrupt:
+            raise TokenforgeError(f"interrupted; continue from the last checkpoint with: tokenforge train --resume {storage.display()}") from None
         except RECOVERABLE as error:
             failures += 1
             cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

@@ -135,6 +135,19 @@ def test_a_driver_sigkilled_at_random_moments_resumes_exactly(straight, ray_clus
     assert not unpublished(out)  # the resume deleted what a kill cut short
 
 
+def test_ctrl_c_is_one_line_with_the_resume_command(ray_cluster, tmp_path):
+    """SIGINT (Ctrl-C) of the driver mid-run: no traceback, one line naming the --resume command, exit 2."""
+    out = tmp_path / "run"
+    process = driver(out, ray_cluster.get_runtime_context().gcs_address)
+    while not (out / "metrics.jsonl").exists() and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    log = process.communicate(timeout=60)[0]
+    assert process.returncode == 2, log[-3000:]
+    assert f"tokenforge: error: interrupted; continue from the last checkpoint with: tokenforge train --resume {out}" in log
+    assert "Traceback" not in log
+
+
 def test_a_full_or_read_only_disk_is_one_line_naming_the_run(tmp_path):
     """A 200 KiB tmpfs (the first checkpoint does not fit) and a read-only one, each mounted over the run
     directory in a private mount namespace of the driver's process."""

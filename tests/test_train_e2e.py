@@ -152,3 +152,26 @@ def test_train_joins_a_running_cluster_by_ray_address(ray_cluster, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     placement = json.loads((out / "placement.json").read_text())
     assert placement["learner"][0]["node_id"] == ray_cluster.get_runtime_context().get_node_id()  # the session's (only) node
+
+
+def test_lora_bf16_checkpointed_chat_model_resumes_and_exports(ray_cluster, tmp_path, capsys):
+    """The shipped chat model (a Llama with a BPE tokenizer and a chat template) with LoRA adapters, a
+    bf16-mixed learner and gradient checkpointing: 2 steps, a resume to 4, and the last checkpoint's merged
+    export loads as a plain HF model that differs from the base only where the adapters trained."""
+    out, exported = tmp_path / "run", tmp_path / "exported"
+    lora = "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
+    common = ["task=chat_addition", lora, "learner.precision=bf16-mixed", "learner.gradient_checkpointing=true",
+              "learner.lr=1e-2", "trainer.prompts_per_step=8", "rollout.group_size=4", "trainer.eval_every=2",
+              "trainer.save_every=2", "data.max_eval_samples=16", f"output_dir={out}"]
+    main(["train", *common, "trainer.total_steps=2"])
+    main(["train", "--resume", str(out), "trainer.total_steps=4"])
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3, 4]
+    checkpoint = out / "checkpoints" / "step_4"
+    assert (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "model.safetensors").exists()
+
+    main(["export", str(checkpoint), str(exported), "--merge"])
+    merged = AutoModelForCausalLM.from_pretrained(exported).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(with_builtin_defaults(load_config(overrides=["task=chat_addition"])).model.path).state_dict()
+    assert merged.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(".q_proj." in k or ".v_proj." in k for k in changed)
