@@ -121,12 +121,13 @@ def response_logprobs(
     so a (B, R, vocab) fp32 tensor never exists at once.
     """
     ids, width = sequences["input_ids"], sequences["prompt_width"]
-    logits = model(
-        input_ids=ids, attention_mask=sequences["attention_mask"], position_ids=sequences["position_ids"]
-    ).logits
-    # logits at position p predict token p + 1: the response starts at `width`, predicted from width - 1
-    flat = logits[:, width - 1 : -1].reshape(-1, logits.shape[-1])
-    targets = ids[:, width:].reshape(-1)
+    # logits at position p predict token p + 1: the response starts at `width`, predicted from width - 1,
+    # so only the last R + 1 positions need logits (the prompt's are never computed where the model allows).
+    # The last position predicts nothing; it gets a dummy target and is dropped at the end, so that the
+    # logits are flattened as a view, never copied.
+    logits = last_logits(model, sequences, ids.shape[1] - width + 1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    targets = torch.nn.functional.pad(ids[:, width:], (0, 1)).reshape(-1)
     if torch.is_grad_enabled():  # keep only the logits for the backward; recompute each chunk's fp32 softmax there
         chunk = functools.partial(torch.utils.checkpoint.checkpoint, token_logprob_entropy, use_reentrant=False)
     else:
@@ -135,10 +136,22 @@ def response_logprobs(
         chunk(flat[i : i + chunk_tokens], targets[i : i + chunk_tokens], temperature)
         for i in range(0, flat.shape[0], chunk_tokens)
     ]
-    shape = ids[:, width:].shape
-    logprobs = torch.cat([p[0] for p in parts]).reshape(shape)
-    entropy = torch.cat([p[1] for p in parts]).reshape(shape)
+    logprobs = torch.cat([p[0] for p in parts]).reshape(logits.shape[:2])[:, :-1]
+    entropy = torch.cat([p[1] for p in parts]).reshape(logits.shape[:2])[:, :-1]
     return logprobs, entropy
+
+
+def last_logits(model: torch.nn.Module, sequences: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """The logits of the last `keep` positions: (B, keep, vocab) in the model's dtype. HF causal LMs take
+    `logits_to_keep` and apply their head (and any logit soft-capping) to those positions only."""
+    inputs = {k: sequences[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    except TypeError as error:  # a model whose forward has no logits_to_keep: all positions, then sliced
+        if "logits_to_keep" not in str(error):
+            raise
+        logits = model(**inputs).logits
+    return logits[:, -keep:]
 
 
 def token_logprob_entropy(

@@ -136,6 +136,27 @@ def test_chunked_fp32_logprobs_and_their_gradients_equal_the_whole_softmax(built
         assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(grads, results[0][2]))
 
 
+def test_logprobs_of_the_kept_logits_equal_those_of_every_position(builtin_model_path):
+    """The learner asks for the response positions' logits only (`logits_to_keep`); a model without that
+    argument computes every position's and is sliced: same log-probs, same entropies, to 1e-6."""
+    model = load_model(builtin_model_path)
+
+    class EveryPosition(torch.nn.Module):  # a forward without logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    sequences = build_sequences([[3, 4, 5], [6, 7]], [[8, 9, 10, 11], [12]], pad_id=0)
+    kept, every = response_logprobs(model, sequences), response_logprobs(EveryPosition(model), sequences)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kept, every))
+    full = model(**{k: sequences[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
+    by_hand = torch.log_softmax(full[:, 2:-1].float(), -1).gather(-1, sequences["input_ids"][:, 3:, None]).squeeze(-1)
+    assert torch.allclose(kept[0], by_hand, atol=1e-6)
+
+
 def sampled_batch(config, model_path, prompts=None):
     worker = RolloutWorker(config, model_path)
     prompts = prompts or pa.table({"prompt": [CHAT, [{"role": "user", "content": "What is 7+8?"}]], "answer": ["42", "15"], "group_id": [0, 1]})
