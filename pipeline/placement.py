@@ -13,7 +13,9 @@ autoscaler on a cluster whose GPU nodes start at zero.
 from __future__ import annotations
 
 import os
+import secrets
 import time
+from pathlib import Path
 
 import ray
 
@@ -29,7 +31,24 @@ def connect_ray(config: TrainConfig) -> None:
     if address:
         ray.init(address=address)
     else:
+        make_token_private()
         ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
+
+
+def make_token_private() -> None:
+    """Before a local Ray starts with token auth: Ray 2.60 writes the token it generates with the default umask
+    (0644: any local user could read it and act on the cluster). Write it first, 0600, as Ray would
+    (secrets.token_hex(32), where Ray looks); an existing token file of ours is made 0600 too."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as token:
+            token.write(secrets.token_hex(32))
+    elif path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+        print(f"tokenforge: made the Ray auth token private (chmod 600 {path})", flush=True)
 
 
 def actor_bundles(config: TrainConfig) -> list[dict[str, float]]:

@@ -108,3 +108,25 @@ def test_ssh_open_to_a_narrow_range_is_no_warning(tmp_path):
 
     lines = validate_cluster(broken(tmp_path, narrow))
     assert "open ports: SSH only" in lines and not any("WARNING" in line for line in lines)
+
+
+def test_a_local_ray_token_is_made_private(monkeypatch, tmp_path):
+    """Ray 2.60 writes the token of a new local cluster 0644; tokenforge writes it first, 0600, and makes an
+    existing token file of the user's 0600."""
+    from pipeline.placement import make_token_private
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    token = tmp_path / ".ray" / "auth_token"
+    make_token_private()
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
+    before = token.read_text()
+    token.chmod(0o644)
+    make_token_private()
+    assert token.stat().st_mode & 0o777 == 0o600 and token.read_text() == before  # the same token, kept
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    token.unlink()
+    make_token_private()
+    assert not token.exists()  # no token auth, no token
