@@ -125,8 +125,10 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint_with_mutated_params(ray
         assert hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest() == restore["model_sha256"]
     exploits = [(trial, r) for trial, r in restores if Path(r["source"]).parents[2] != trial]
     assert exploits, "PBT never exploited"
-    for trial, restore in exploits:  # another trial's (the donor's) weights, not its own at that step
-        assert restore["model_sha256"] != checkpoint_hashes(trial).get(restore["step"])
+    for trial, restore in exploits:  # the donor's weights at that step (the restore replaced the trial's own there)
+        donor = Path(restore["source"]).parents[2]
+        assert donor != trial and checkpoint_hashes(donor)[restore["step"]] == restore["model_sha256"]
+        assert checkpoint_hashes(trial)[restore["step"]] == restore["model_sha256"]
         before = [r for r in metrics(trial) if r["step"] == restore["step"]][0]["learner/lr"]
         after = [r for r in metrics(trial) if r["step"] == restore["step"] + 1]
         assert after and after[-1]["learner/lr"] == pytest.approx(restore["params"]["learner.lr"])  # mutated lr in effect
@@ -176,13 +178,15 @@ def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path):
             process.wait()
     first = {trial: max(r["step"] for r in metrics(trial)) for trial in trial_dirs(experiment)}
     assert first and min(first.values()) < 24, first
-    registered = {trial: sorted(trial.glob("checkpoint_*/checkpoint.json")) for trial in first}
+    # the run checkpoints Tune's registered checkpoints point at (read now: the resumed run prunes them)
+    registered = {trial: [json.loads(p.read_text())["checkpoint"] for p in sorted(trial.glob("checkpoint_*/checkpoint.json"))]
+                  for trial in first}
     assert any(len(pointers) >= 2 for pointers in registered.values())
     resume_experiment(str(experiment))
     for trial, stopped_at in first.items():
         assert [r["step"] for r in metrics(trial)] == list(range(25))  # every step exactly once
         if len(registered[trial]) >= 2 and stopped_at < 24:  # it continued from a checkpoint instead of starting over
-            earliest = int(json.loads(registered[trial][0].read_text())["checkpoint"].rsplit("_", 1)[1])
+            earliest = int(registered[trial][0].rsplit("_", 1)[1])
             restores = [json.loads(line)["step"] for line in (trial / RESTORES_FILE).read_text().splitlines()]
             assert restores and restores[-1] >= earliest
     assert all(r.endswith(",24,TERMINATED") for r in (experiment / "trials.csv").read_text().splitlines()[1:])
