@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from pipeline.config import load_config
 from pipeline.trainer import train
 
+pytestmark = pytest.mark.slow  # minutes of real faults: CI runs them as their own step (pytest -m slow)
+
 REPO = Path(__file__).parent.parent
 TINY = [  # a short run that checkpoints often
     "trainer.total_steps=8", "trainer.eval_every=4", "trainer.save_every=2", "trainer.prompts_per_step=8",

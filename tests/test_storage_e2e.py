@@ -23,6 +23,8 @@ from pipeline.storage import Storage, latest_checkpoint
 from pipeline.trainer import train
 from pipeline.tune import resume as resume_experiment
 
+pytestmark = pytest.mark.slow  # minutes of S3 and multi-node clusters: CI runs them as their own step (pytest -m slow)
+
 REPO = Path(__file__).parent.parent
 TINY = ["trainer.total_steps=6", "trainer.eval_every=3", "trainer.save_every=3", "trainer.prompts_per_step=8",
         "rollout.group_size=4", "data.max_eval_samples=20"]
