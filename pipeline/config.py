@@ -96,6 +96,10 @@ class TrainerConfig(Section):
     """Greedy held-out evaluation every N steps (and at step 0 and the last step)."""
     eval_metrics: list[str] = ["exact_match"]
     """Reward components scored on greedy eval samples, reported as eval/<name> (mean per-sample total)."""
+    dump_rollouts_every: int | None = Field(None, ge=0)
+    """Write the step's scored rollout batch to rollouts/step_N.parquet every N steps (and the last); null = on every eval step; 0 = never."""
+    dump_eval: bool = True
+    """Write each eval's greedy samples with per-sample metrics to eval/step_N.parquet."""
     save_every: int = Field(100, ge=1)
     """Write a checkpoint every N steps (and at the last step)."""
     keep_checkpoints: int | None = Field(3, ge=1)

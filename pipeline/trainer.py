@@ -26,6 +26,7 @@ import ray
 
 from actors.learner import Learner
 from actors.rollout_worker import RolloutWorker
+from pipeline import dumps
 from pipeline import storage as store
 from pipeline.actor_group import ACTOR_LOST, ActorGroup, ActorTimeout
 from pipeline.batch import mean_reward
@@ -127,12 +128,15 @@ class Pipeline:
         self.rollout.call_all("set_weights", self.weights, self.version)
         return self.version
 
-    def evaluate(self, eval_prompts: pa.Table | None, step: int) -> dict[str, float]:
-        """eval/<metric> of greedy samples on the held-out prompts ({} without them)."""
+    def evaluate(self, eval_prompts: pa.Table | None, step: int, storage: Storage) -> dict[str, float]:
+        """eval/<metric> of greedy samples on the held-out prompts ({} without them); the scored samples
+        go to eval/step_N.parquet (trainer.dump_eval)."""
         if eval_prompts is None:
             return {}
         names = self.config.trainer.eval_metrics
         scored = self.score(self.generate(eval_prompts, step, greedy=True), names, step)
+        if self.config.trainer.dump_eval:
+            dumps.write_dump(storage, dumps.EVAL, step, dumps.eval_dump(scored, names))
         return {f"eval/{name}": mean_reward(scored, name) for name in names}
 
     def take_faults(self) -> dict[str, float]:
@@ -187,7 +191,7 @@ def run_steps(
     trainer_cfg = config.trainer
     record: dict = {}
     if done_steps == 0 and eval_prompts is not None:
-        record = log.write(0, pipeline.evaluate(eval_prompts, step=0))
+        record = log.write(0, pipeline.evaluate(eval_prompts, 0, storage))
         if report:
             report(record, None)
     for step in range(done_steps + 1, trainer_cfg.total_steps + 1):
@@ -207,6 +211,10 @@ def run_steps(
                 )
             with timed(timings, "time/sync_s"):
                 pipeline.sync_weights()
+            if rollouts.num_rows and dumps.dumps_rollouts(trainer_cfg, step):
+                with timed(timings, "time/dump_s"):
+                    learned = pipeline.learner.call_all("learned_columns")[0]
+                    dumps.write_dump(storage, dumps.ROLLOUTS, step, dumps.rollout_dump(rollouts, learned))
         metrics.update(timings)
         metrics.update(pipeline.take_faults())
         metrics["rollout/samples"] = float(generated)  # prompts_per_step x group_size, whatever failed on the way
@@ -215,7 +223,7 @@ def run_steps(
 
         is_last = step == trainer_cfg.total_steps
         if step % trainer_cfg.eval_every == 0 or is_last:
-            metrics.update(pipeline.evaluate(eval_prompts, step))
+            metrics.update(pipeline.evaluate(eval_prompts, step, storage))
         record = log.write(step, metrics)  # durable before the checkpoint that covers it is published
         saved = None
         if step % trainer_cfg.save_every == 0 or is_last or (report and step % trainer_cfg.eval_every == 0):
