@@ -7,6 +7,8 @@
     tokenforge train --help-config                    every config key with its default and meaning
     tokenforge tune SPEC.yaml [key=value ...]         Ray Tune search over whole pipelines
     tokenforge tune --resume EXPERIMENT_DIR           continue an interrupted search
+    tokenforge samples RUN [--step N] [--worst K | --best K | --group G] [--eval]
+                                                      a run's dumped completions with token-level rewards
     tokenforge validate-cluster FILE                  Ray schema + security checks of a cluster YAML
 
 Errors in the user's input print one line and exit 2; `--debug` shows the traceback.
@@ -52,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted experiment")
     tuning.add_argument("--debug", action="store_true", help="show tracebacks")
     tuning.add_argument("overrides", nargs="*", metavar="key=value", help="dotted spec overrides (e.g. tune.num_samples=4)")
+
+    samples = commands.add_parser("samples", help="show a run's dumped completions with their token-level rewards")
+    samples.add_argument("run", help="the run directory (output_dir) or storage URI")
+    samples.add_argument("--step", type=int, help="the dump's step (default: the latest)")
+    which = samples.add_mutually_exclusive_group()
+    which.add_argument("--worst", type=int, metavar="K", help="the K groups with the lowest mean reward (the default, K=5)")
+    which.add_argument("--best", type=int, metavar="K", help="the K groups with the highest mean reward")
+    which.add_argument("--group", type=int, metavar="G", help="the samples of group G")
+    samples.add_argument("--eval", action="store_true", help="the eval dump's greedy samples instead of the rollouts")
+    samples.add_argument("--debug", action="store_true", help="show tracebacks")
 
     cluster = commands.add_parser("validate-cluster", help="check a cluster YAML: Ray's schema and tokenforge's security rules")
     cluster.add_argument("file", help="cluster YAML (e.g. cluster.yaml, cluster.local.yaml)")
@@ -107,6 +119,18 @@ def run_train(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in record.items() if k.startswith(("step", "eval/", "time/elapsed"))}))
 
 
+def run_samples(args: argparse.Namespace) -> None:
+    from pipeline.run_paths import is_uri, resolve_existing
+    from pipeline.samples_view import show_samples
+
+    for option in ("worst", "best"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise TokenforgeError(f"--{option} takes a number of groups >= 1, got {getattr(args, option)}")
+    if not is_uri(args.run) and not Path(resolve_existing(args.run)).is_dir():
+        raise TokenforgeError(f"run directory {args.run!r} does not exist; pass a run's output_dir or storage URI")
+    show_samples(resolve_existing(args.run), args.step, args.worst, args.best, args.group, args.eval)
+
+
 def run_export(args: argparse.Namespace) -> None:
     from pipeline.lora import export, is_adapter_dir
     from pipeline.models import check_model_dir
@@ -142,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             "eval": run_eval,
             "export": run_export,
             "tune": run_tune,
+            "samples": run_samples,
             "validate-cluster": run_validate_cluster,
         }
         commands[args.command](args)
