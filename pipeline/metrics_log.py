@@ -36,9 +36,11 @@ def read_metrics(storage: Storage) -> list[dict]:
 
 
 class MetricsLog:
-    def __init__(self, storage: Storage, total_steps: int, keep_through: int = -1, elapsed_s: float = 0.0):
+    def __init__(
+        self, storage: Storage, total_steps: int, keep_through: int = -1, elapsed_s: float = 0.0, progress: bool = True
+    ):
         """`keep_through`: the step of the checkpoint a resumed run continues from (-1: from scratch); the
-        lines written after it are dropped."""
+        lines written after it are dropped. `progress`: show the progress line on stderr."""
         self.storage = storage
         self.total_steps = total_steps
         self.start = time.time() - elapsed_s  # time/elapsed_s continues across resumes
@@ -54,6 +56,7 @@ class MetricsLog:
         events = storage.path(TENSORBOARD) if storage.local else self.scratch.name
         self.tensorboard = SummaryWriter(events, purge_step=keep_through + 1 if resumed else None)
         self.interactive = sys.stderr.isatty()
+        self.progress = progress
 
     def elapsed(self) -> float:
         return time.time() - self.start
@@ -65,7 +68,8 @@ class MetricsLog:
             self.tensorboard.add_scalar(key, value, step)
         self.tensorboard.flush()
         self.latest_eval.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
-        self._progress(step, metrics)
+        if self.progress:
+            self._progress(step, metrics)
         return record
 
     def sync_tensorboard(self) -> None:
@@ -74,16 +78,16 @@ class MetricsLog:
             self.storage.upload_dir(Path(self.scratch.name), TENSORBOARD)
 
     def _progress(self, step: int, metrics: dict[str, float]) -> None:
-        done = step - self.first_step
-        rate = (time.time() - self.first_time) / done if done > 0 else 0.0
-        eta = rate * (self.total_steps - step)
+        done = step - self.first_step  # steps timed by this process (0 at step 0 and right after a resume)
         parts = [f"step {step}/{self.total_steps}"]
         if "reward/total/mean" in metrics:
             parts.append(f"reward {metrics['reward/total/mean']:.3f}")
         parts += [f"{k} {v:.3f}" for k, v in self.latest_eval.items()]
         if "throughput/tokens_per_s" in metrics:
             parts.append(f"{metrics['throughput/tokens_per_s']:.0f} tok/s")
-        parts.append(f"elapsed {self.elapsed():.0f}s ETA {eta:.0f}s")
+        parts.append(f"elapsed {self.elapsed():.0f}s")
+        if done > 0:  # no rate yet before the first timed step: an ETA would be a guess
+            parts[-1] += f" ETA {(time.time() - self.first_time) / done * (self.total_steps - step):.0f}s"
         line = " | ".join(parts)
         is_eval = any(k.startswith("eval/") for k in metrics)
         if self.interactive:

@@ -273,7 +273,8 @@ def attempt(config: TrainConfig, storage: Storage, train_prompts, eval_prompts, 
         sampler = PromptSampler(train_prompts, config.trainer.prompts_per_step, config.seed, config.data.shuffle)
         sampler.load_state(state["sampler"])
         keep_through = state["step"] if latest else -1  # from step 0, even its eval line is redone
-        log = MetricsLog(storage, config.trainer.total_steps, keep_through, elapsed_s=state["elapsed_s"])
+        log = MetricsLog(storage, config.trainer.total_steps, keep_through, elapsed_s=state["elapsed_s"],
+                         progress=report is None)  # under Tune its status table shows the trials' progress
         try:
             return run_steps(config, storage, pipeline, sampler, eval_prompts, log, state["step"], report)
         finally:

@@ -61,7 +61,7 @@ def test_train_resume_and_eval_with_every_artifact_on_s3(ray_cluster, s3, tmp_pa
     main(["train", "--resume", uri, "trainer.total_steps=9"])
     assert steps_of(run) == list(range(10))
     capsys.readouterr()
-    main(["eval", uri, "data.max_eval_samples=20"])  # a run at a URI: its newest checkpoint
+    main(["eval", uri, "data.max_eval_samples=20", "--json"])  # a run at a URI: its newest checkpoint
     result = json.loads(capsys.readouterr().out)
     assert result["checkpoint"].endswith("checkpoints/step_9") and result["eval_samples"] == 20
 
