@@ -29,6 +29,7 @@ from pipeline.placement import actor_bundles, connect_ray, decide_learner_gpus, 
 from pipeline.next_steps import after_tune
 from pipeline.report import draw, experiment_panels, trial_label
 from pipeline.storage import Storage
+from pipeline.trackers import tune_callbacks
 from pipeline.trainer import train
 from pipeline.tune_spec import TuneSpec, load_spec, param_space, scheduler, searcher
 
@@ -74,6 +75,8 @@ def run_trial(params: dict[str, Any], base: dict, experiment_uri: str, keep: int
     run = trial.child("run")
     config.storage.uri = run.uri
     config.trainer.max_failures = 0  # a failure ends the trial; Tune retries it (tune.max_failures) from its checkpoint
+    # W&B / MLflow: one tracker run per trial made by Tune's own callbacks (tune_callbacks), not by the trial
+    config.trainer.loggers = [name for name in config.trainer.loggers if name not in ("wandb", "mlflow")]
     own = config.trainer.keep_checkpoints  # every checkpoint Tune keeps must still exist: keep at least as many
     config.trainer.keep_checkpoints = None if keep is None or own is None else max(keep, own)
     trial.write_text(SEARCHED_FILE, json.dumps(params))
@@ -138,14 +141,15 @@ def run(spec_path: str, overrides: list[str] = ()) -> str:
             search_alg=searcher(spec),
             scheduler=scheduler(spec),
         ),
-        run_config=run_config(spec, block.storage_path),
+        run_config=run_config(spec, base, block.storage_path),
     )
     return write_results(spec, base, tuner.fit(), experiment)
 
 
-def run_config(spec: TuneSpec, storage: str) -> tune.RunConfig:
+def run_config(spec: TuneSpec, base: TrainConfig, storage: str) -> tune.RunConfig:
     block = spec.tune
     return tune.RunConfig(
+        callbacks=tune_callbacks(base),  # W&B / MLflow runs, one per trial, for the base config's trainer.loggers
         name=block.name,
         storage_path=storage,
         failure_config=tune.FailureConfig(max_failures=block.max_failures),
