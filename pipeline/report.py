@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import textwrap
 from dataclasses import dataclass, field
 
 import yaml
@@ -135,7 +136,9 @@ def draw(panels: list[Panel], title: str) -> bytes:
         axis.set_xlabel(panel.xlabel, fontsize=8)
         axis.tick_params(labelsize=7)
         if panel.note:
-            axis.text(0.5, 0.5, panel.note, ha="center", va="center", wrap=True, fontsize=8, transform=axis.transAxes)
+            axis.text(0.5, 0.5, textwrap.fill(panel.note, 45), ha="center", va="center", fontsize=8, transform=axis.transAxes)
+            axis.set_xticks([])
+            axis.set_yticks([])
         elif panel.stacked:
             x = next(iter(panel.series.values()))[0]
             axis.stackplot(x, *[y for _, y in panel.series.values()], labels=list(panel.series))

@@ -57,6 +57,11 @@ def test_train_resume_and_eval_with_every_artifact_on_s3(ray_cluster, s3, tmp_pa
     directory, manifest = latest_checkpoint(run)
     assert directory == "checkpoints/step_6" and {"model.safetensors", "learner_state.pt", "trainer_state.json"} <= set(manifest["files"])
     assert run.list_dir("rollouts") == ["step_3.parquet", "step_6.parquet"] and run.list_dir("eval") == ["step_0.parquet", "step_3.parquet", "step_6.parquet"]
+    capsys.readouterr()
+    main(["samples", uri, "--worst", "1"])  # read back from the URI
+    assert capsys.readouterr().out.startswith(f"{uri.split('?')[0]}/rollouts/step_6.parquet: worst 1 groups")
+    main(["report", uri])
+    assert run.exists("report.png") and run.exists("report.md")
     assert not (tmp_path / "unused").exists()  # nothing on the local disk
     main(["train", "--resume", uri, "trainer.total_steps=9"])
     assert steps_of(run) == list(range(10))
