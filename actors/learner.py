@@ -9,6 +9,7 @@ skipped (weights untouched) when the advantages, loss or gradient norm are not f
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import tempfile
 import warnings
@@ -18,7 +19,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.advantages import STATS_DTYPE, compute_advantages, kl_penalty
-from pipeline.batch import pad_right, response_mask, reward_column
+from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, TrainConfig
 from pipeline.errors import TokenforgeError
 from pipeline.loss import policy_loss
@@ -194,11 +195,13 @@ class Learner:
                 self.scheduler.step()
         self._count_nonfinite(skipped, step)
         self.policy_version += 1
+        self.last_step = (batch.column("response_ids"), token_rewards, advantages, mask)  # for learned_columns()
         lengths = mask.sum(1)
         metrics.update(totals)
         metrics.update(
             {
                 "advantage/abs_mean": float((advantages.abs() * mask).sum() / mask.sum()),
+                "advantage/zero_frac": float((advantages == 0).all(dim=1).float().mean()),  # samples without signal
                 "response/length_mean": float(lengths.mean()),
                 "response/finished_frac": sum(batch.column("finished").to_pylist()) / batch.num_rows,
                 "learner/policy_version": float(self.policy_version),
@@ -207,6 +210,22 @@ class Learner:
             }
         )
         return metrics
+
+    def learned_columns(self) -> pa.Table:
+        """The last train_step's per-token rewards, advantages and decoded tokens, row-aligned with its batch
+        (pipeline.batch.LEARNED_SCHEMA); the driver appends them to the rollout dump."""
+        response_ids, token_rewards, advantages, mask = self.last_step
+        lengths = mask.sum(1).long().tolist()
+        ids = response_ids.to_pylist()
+        flat = self.tokenizer.batch_decode([[t] for row in ids for t in row])  # each token on its own
+        starts = [0, *itertools.accumulate(len(row) for row in ids)]
+        columns = {
+            "token_rewards": [row[:n] for row, n in zip(token_rewards.float().cpu().tolist(), lengths)],
+            "total_reward": (token_rewards * mask).sum(1).cpu().tolist(),
+            "advantages": [row[:n] for row, n in zip(advantages.float().cpu().tolist(), lengths)],
+            "response_tokens": [flat[a:b] for a, b in zip(starts, starts[1:])],
+        }
+        return pa.Table.from_pydict(columns, schema=LEARNED_SCHEMA)
 
     def _out_of_memory_as_one_line(self, fn, *args):
         """fn(*args), with running out of GPU (or CPU) memory reported as one line naming the setting to lower."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 
 import pyarrow as pa
+import ray
 import torch
 
 from pipeline.actor_group import StaleWeights
@@ -53,6 +54,7 @@ class RolloutWorker:
         self.seed = config.seed
         self.generator = torch.Generator(device=self.device)
         self.policy_version = 0
+        self.name = (ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None) or "local"
 
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         self.model.load_state_dict(state_dict)  # copied into the rollout dtype
@@ -92,6 +94,7 @@ class RolloutWorker:
             "response": self.tokenizer.batch_decode(response_ids, skip_special_tokens=True),
             "finished": finished,
             "policy_version": [self.policy_version] * len(row_list),
+            "worker": [self.name] * len(row_list),
         }
         return make_rollout_table(core, prompts.take(pa.array(rows.numpy())))
 

@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tokenforge-distill-") as workdir:
         teacher = args.teacher or make_teacher(Path(workdir))
-        teacher_eval = json.loads(subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", str(teacher)], check=True, capture_output=True, text=True).stdout)
+        teacher_eval = json.loads(subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", str(teacher), "--json"], check=True, capture_output=True, text=True).stdout)
         print(f"teacher {teacher}: eval/exact_match {teacher_eval['eval/exact_match']:.3f}")
         overrides = [
             f"reward.components.teacher={{type: teacher_logprob, path: '{teacher}'}}",

@@ -1,8 +1,9 @@
 """The rollout batch: one pyarrow Table per step. This module is its only schema definition.
 
 Rows are samples. Core columns are below; the prompt's own dataset columns ride along unchanged
-(`prompt` itself, text or a conversation, and e.g. `answer`, `completion`), and reward scoring adds
-one `reward/<component>` column per component holding one float per response token.
+(`prompt` itself, text or a conversation, and e.g. `answer`, `completion`), reward scoring adds
+one `reward/<component>` column per component holding one float per response token, and the
+learner's per-token rewards and advantages (LEARNED_SCHEMA) complete it in the rollout dumps.
 """
 
 from __future__ import annotations
@@ -22,9 +23,20 @@ ROLLOUT_SCHEMA = pa.schema(
         ("response", pa.string()),  # decoded response, special tokens removed
         ("finished", pa.bool_()),  # ended with EOS (False = cut at max_new_tokens)
         ("policy_version", pa.int64()),  # learner update count of the weights that sampled it
+        ("worker", pa.string()),  # the rollout worker that sampled it (its Ray actor name; "local" outside Ray)
     ]
 )
 CORE_COLUMNS = frozenset(ROLLOUT_SCHEMA.names)
+# What the learner computed from a scored batch, row-aligned with it (Learner.learned_columns): the
+# rollout dumps (pipeline/dumps.py) are the scored batch with these columns appended.
+LEARNED_SCHEMA = pa.schema(
+    [
+        ("token_rewards", pa.list_(pa.float32())),  # r_t = sum_i w_i * norm_i(r_i)_t (- beta * KL_t), per response token
+        ("total_reward", pa.float64()),  # sum_t r_t
+        ("advantages", pa.list_(pa.float32())),  # A_t of the advantage estimator, per response token
+        ("response_tokens", pa.list_(pa.string())),  # each response token decoded on its own
+    ]
+)
 REWARD_PREFIX = "reward/"
 TOKEN_REWARD_TYPE = pa.list_(pa.float32())
 
@@ -37,8 +49,11 @@ DATASET_PROMPT = "prompt"  # the dataset's prompt column (text, or a list of {ro
 
 
 def metadata_columns(table: pa.Table) -> list[str]:
-    """The dataset's own columns carried through (everything not core and not a reward), `prompt` included."""
-    return [n for n in table.column_names if n not in CORE_COLUMNS and not n.startswith(REWARD_PREFIX)]
+    """The dataset's own columns carried through (everything not core, learned or a reward), `prompt` included."""
+    return [
+        n for n in table.column_names
+        if n not in CORE_COLUMNS and n not in LEARNED_SCHEMA.names and not n.startswith(REWARD_PREFIX)
+    ]
 
 
 def make_rollout_table(core: dict[str, list], metadata: pa.Table) -> pa.Table:

@@ -7,6 +7,9 @@
     tokenforge train --help-config                    every config key with its default and meaning
     tokenforge tune SPEC.yaml [key=value ...]         Ray Tune search over whole pipelines
     tokenforge tune --resume EXPERIMENT_DIR           continue an interrupted search
+    tokenforge samples RUN [--step N] [--worst K | --best K | --group G] [--eval]
+                                                      a run's dumped completions with token-level rewards
+    tokenforge report RUN_OR_EXPERIMENT               report.png + report.md: the run's (or every trial's) curves
     tokenforge validate-cluster FILE                  Ray schema + security checks of a cluster YAML
 
 Errors in the user's input print one line and exit 2; `--debug` shows the traceback.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", help="a checkpoint (output_dir/checkpoints/step_N), a run (its newest checkpoint) or any HF model dir; local or a URI")
     evaluate.add_argument("--trust-run-config", action="store_true", help="allow the run's config to run remote model code or python rewards")
     evaluate.add_argument("--data", help="eval prompts (.jsonl/.parquet); default: the run's eval file or the built-in one")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object (for scripts)")
     evaluate.add_argument("--debug", action="store_true", help="show tracebacks")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. trainer.eval_metrics=[exact_match])")
 
@@ -52,6 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted experiment")
     tuning.add_argument("--debug", action="store_true", help="show tracebacks")
     tuning.add_argument("overrides", nargs="*", metavar="key=value", help="dotted spec overrides (e.g. tune.num_samples=4)")
+
+    samples = commands.add_parser("samples", help="show a run's dumped completions with their token-level rewards")
+    samples.add_argument("run", help="the run directory (output_dir) or storage URI")
+    samples.add_argument("--step", type=int, help="the dump's step (default: the latest)")
+    which = samples.add_mutually_exclusive_group()
+    which.add_argument("--worst", type=int, metavar="K", help="the K groups with the lowest mean reward (the default, K=5)")
+    which.add_argument("--best", type=int, metavar="K", help="the K groups with the highest mean reward")
+    which.add_argument("--group", type=int, metavar="G", help="the samples of group G")
+    samples.add_argument("--eval", action="store_true", help="the eval dump's greedy samples instead of the rollouts")
+    samples.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    reporting = commands.add_parser("report", help="plot a run's metrics (or a Tune experiment's trials) to report.png and report.md")
+    reporting.add_argument("run", help="a run directory (output_dir) or storage URI, or a tokenforge tune experiment directory")
+    reporting.add_argument("--debug", action="store_true", help="show tracebacks")
 
     cluster = commands.add_parser("validate-cluster", help="check a cluster YAML: Ray's schema and tokenforge's security rules")
     cluster.add_argument("file", help="cluster YAML (e.g. cluster.yaml, cluster.local.yaml)")
@@ -84,6 +103,7 @@ def run_train(args: argparse.Namespace) -> None:
     from pipeline.config import describe_fields, load_config
     from pipeline.evaluate import load_run_config
     from pipeline.metrics_log import METRICS_FILE
+    from pipeline.next_steps import after_train
     from pipeline.run_paths import resolve_existing, resolve_new
     from pipeline.storage import Storage, is_uri
     from pipeline.trainer import train
@@ -104,7 +124,32 @@ def run_train(args: argparse.Namespace) -> None:
         config = load_config(args.config, args.overrides)
         config.output_dir = resolve_new(config.output_dir, lambda path: (path / METRICS_FILE).exists(), "output_dir")
     record = train(config, resume=bool(args.resume))
-    print(json.dumps({k: v for k, v in record.items() if k.startswith(("step", "eval/", "time/elapsed"))}))
+    print(after_train(Storage(config.run_uri), record), flush=True)
+
+
+def run_samples(args: argparse.Namespace) -> None:
+    from pipeline.run_paths import is_uri, resolve_existing
+    from pipeline.samples_view import show_samples
+
+    for option in ("worst", "best"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise TokenforgeError(f"--{option} takes a number of groups >= 1, got {getattr(args, option)}")
+    if not is_uri(args.run) and not Path(resolve_existing(args.run)).is_dir():
+        raise TokenforgeError(f"run directory {args.run!r} does not exist; pass a run's output_dir or storage URI")
+    show_samples(resolve_existing(args.run), args.step, args.worst, args.best, args.group, args.eval)
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from pipeline.next_steps import after_report
+    from pipeline.report import write_report
+    from pipeline.run_paths import is_uri, resolve_existing
+    from pipeline.tune import SPEC_FILE
+
+    location = resolve_existing(args.run)
+    if not is_uri(location) and not Path(location).is_dir():
+        raise TokenforgeError(f"run directory {args.run!r} does not exist; pass a run's output_dir or storage URI, or a tune experiment")
+    target = write_report(location)
+    print(after_report(target, target.exists(SPEC_FILE)))
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -118,8 +163,10 @@ def run_export(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from pipeline.evaluate import evaluate_checkpoint
+    from pipeline.next_steps import after_eval
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.overrides, args.trust_run_config), indent=1))
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.overrides, args.trust_run_config)
+    print(json.dumps(result, indent=1) if args.json else after_eval(result))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -136,12 +183,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.command in ("train", "tune") and "RAY_ADDRESS" not in os.environ:
+        # Token auth is tokenforge's default (DESIGN.md). Saying so before Ray is imported is Ray's supported way
+        # to start a local Ray with it without the warning "Token authentication is enabled ... Set
+        # RAY_AUTH_MODE=disabled to opt out" opening every run; a RAY_AUTH_MODE the user set wins.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         commands = {
             "train": run_train,
             "eval": run_eval,
             "export": run_export,
             "tune": run_tune,
+            "samples": run_samples,
+            "report": run_report,
             "validate-cluster": run_validate_cluster,
         }
         commands[args.command](args)

@@ -96,6 +96,14 @@ class TrainerConfig(Section):
     """Greedy held-out evaluation every N steps (and at step 0 and the last step)."""
     eval_metrics: list[str] = ["exact_match"]
     """Reward components scored on greedy eval samples, reported as eval/<name> (mean per-sample total)."""
+    loggers: list[Literal["tensorboard", "wandb", "mlflow", "jsonl"]] = ["tensorboard", "jsonl"]
+    """Where metrics go: metrics.jsonl (always: resume and reports read it), TensorBoard, W&B, MLflow (extras tokenforge[wandb] / [mlflow], set up by their env vars)."""
+    tracker_project: str = "tokenforge"
+    """W&B project / MLflow experiment of the run (trainer.loggers wandb / mlflow)."""
+    dump_rollouts_every: int | None = Field(None, ge=0)
+    """Write the step's scored rollout batch to rollouts/step_N.parquet every N steps (and the last); null = on every eval step; 0 = never."""
+    dump_eval: bool = True
+    """Write each eval's greedy samples with per-sample metrics to eval/step_N.parquet."""
     save_every: int = Field(100, ge=1)
     """Write a checkpoint every N steps (and at the last step)."""
     keep_checkpoints: int | None = Field(3, ge=1)
@@ -106,6 +114,16 @@ class TrainerConfig(Section):
     """Restart the pipeline in-process from the last checkpoint after this many failures (a dead learner, a lost node) before giving up."""
     actor_timeout_s: float = Field(600.0, gt=0)
     """Longest wait for one actor call before the run stops with an error naming the actor."""
+
+
+    @model_validator(mode="after")
+    def keep_jsonl(self) -> TrainerConfig:
+        if "jsonl" not in self.loggers:
+            raise ConfigError(
+                "config key 'trainer.loggers': metrics.jsonl (jsonl) is the run's own record that --resume, keep_best "
+                f"and tokenforge report read; keep it in the list, e.g. {sorted({*self.loggers, 'jsonl'})}"
+            )
+        return self
 
 
 class RolloutConfig(Section):

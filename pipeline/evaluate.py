@@ -96,7 +96,11 @@ def evaluate_checkpoint(
         rollout = RolloutWorker(config, str(model_dir))
         scorer = RewardWorker(config, str(model_dir), names)
         samples = rollout.generate(eval_prompts, group_size=1, greedy=True)
-    result = {"checkpoint": holder.display(directory) if holder else str(directory), "eval_samples": samples.num_rows}
+    result = {
+        "checkpoint": holder.display(directory) if holder else str(directory),
+        "run": run.display() if run else None,
+        "eval_samples": samples.num_rows,
+    }
     scored, dropped = scorer.score_all(samples, names)
     scored = scored.filter(pc.invert(dropped))
     result.update({f"eval/{name}": mean_reward(scored, name) for name in names})

@@ -1,4 +1,5 @@
-"""Per-step metrics: metrics.jsonl (through the run's storage), TensorBoard events and a live progress line.
+"""Per-step metrics: metrics.jsonl (through the run's storage), TensorBoard events, the trackers of
+pipeline/trackers.py (W&B, MLflow) and a live progress line.
 
 A metrics line is durable before the checkpoint that covers it is published (the trainer writes the
 line first). On resume the file is cut back to the checkpoint's step in one atomic rewrite (a torn
@@ -15,8 +16,10 @@ import time
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from pipeline.storage import Storage
+from pipeline.trackers import Trackers
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -36,9 +39,19 @@ def read_metrics(storage: Storage) -> list[dict]:
 
 
 class MetricsLog:
-    def __init__(self, storage: Storage, total_steps: int, keep_through: int = -1, elapsed_s: float = 0.0):
+    def __init__(
+        self,
+        storage: Storage,
+        total_steps: int,
+        keep_through: int = -1,
+        elapsed_s: float = 0.0,
+        progress: bool = True,
+        tensorboard: bool = True,
+        trackers: Trackers | None = None,
+    ):
         """`keep_through`: the step of the checkpoint a resumed run continues from (-1: from scratch); the
-        lines written after it are dropped."""
+        lines written after it are dropped. `progress`: show the progress line on stderr. `tensorboard`:
+        write TensorBoard events; `trackers`: W&B / MLflow runs that get every record too."""
         self.storage = storage
         self.total_steps = total_steps
         self.start = time.time() - elapsed_s  # time/elapsed_s continues across resumes
@@ -50,10 +63,13 @@ class MetricsLog:
             storage.write_text(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
         # TensorBoard writes local files: into the run directory when it is local, else into a scratch
         # directory copied to storage with every checkpoint (sync_tensorboard)
-        self.scratch = None if storage.local else tempfile.TemporaryDirectory(prefix="tokenforge-tb-")
-        events = storage.path(TENSORBOARD) if storage.local else self.scratch.name
-        self.tensorboard = SummaryWriter(events, purge_step=keep_through + 1 if resumed else None)
+        self.scratch = None if storage.local or not tensorboard else tempfile.TemporaryDirectory(prefix="tokenforge-tb-")
+        events = storage.path(TENSORBOARD) if storage.local else self.scratch.name if self.scratch else None
+        self.tensorboard = SummaryWriter(events, purge_step=keep_through + 1 if resumed else None) if tensorboard else None
+        self.trackers = trackers
         self.interactive = sys.stderr.isatty()
+        self.bar: tqdm | None = None  # the live progress bar, on a terminal
+        self.progress = progress
 
     def elapsed(self) -> float:
         return time.time() - self.start
@@ -61,11 +77,15 @@ class MetricsLog:
     def write(self, step: int, metrics: dict[str, float]) -> dict:
         record = {"step": step, "time/elapsed_s": round(self.elapsed(), 3), **metrics}
         self.storage.append_text(METRICS_FILE, json.dumps(record) + "\n")
-        for key, value in metrics.items():
-            self.tensorboard.add_scalar(key, value, step)
-        self.tensorboard.flush()
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()
+        if self.trackers is not None:
+            self.trackers.log(step, metrics)
         self.latest_eval.update({k: v for k, v in metrics.items() if k.startswith("eval/")})
-        self._progress(step, metrics)
+        if self.progress:
+            self._progress(step, metrics)
         return record
 
     def sync_tensorboard(self) -> None:
@@ -74,24 +94,42 @@ class MetricsLog:
             self.storage.upload_dir(Path(self.scratch.name), TENSORBOARD)
 
     def _progress(self, step: int, metrics: dict[str, float]) -> None:
-        done = step - self.first_step
-        rate = (time.time() - self.first_time) / done if done > 0 else 0.0
-        eta = rate * (self.total_steps - step)
-        parts = [f"step {step}/{self.total_steps}"]
+        """On a terminal, a live tqdm bar (step, ETA, reward, last eval, throughput) with each eval's line kept
+        above it; otherwise (a log file, a Ray job) one plain line per step."""
+        done = step - self.first_step  # steps timed by this process (0 at step 0 and right after a resume)
+        fields = []
         if "reward/total/mean" in metrics:
-            parts.append(f"reward {metrics['reward/total/mean']:.3f}")
-        parts += [f"{k} {v:.3f}" for k, v in self.latest_eval.items()]
+            fields.append(f"reward {metrics['reward/total/mean']:.3f}")
+        fields += [f"{k} {v:.3f}" for k, v in self.latest_eval.items()]
         if "throughput/tokens_per_s" in metrics:
-            parts.append(f"{metrics['throughput/tokens_per_s']:.0f} tok/s")
-        parts.append(f"elapsed {self.elapsed():.0f}s ETA {eta:.0f}s")
-        line = " | ".join(parts)
-        is_eval = any(k.startswith("eval/") for k in metrics)
-        if self.interactive:
-            print("\r" + line.ljust(100), end="\n" if is_eval or step == self.total_steps else "", file=sys.stderr, flush=True)
-        elif is_eval or step % 10 == 0 or step == self.total_steps:
+            fields.append(f"{metrics['throughput/tokens_per_s']:.0f} tok/s")
+        timing = f"elapsed {self.elapsed():.0f}s"
+        if done > 0:  # no rate yet before the first timed step: an ETA would be a guess
+            timing += f" ETA {(time.time() - self.first_time) / done * (self.total_steps - step):.0f}s"
+        line = " | ".join([f"step {step}/{self.total_steps}", *fields, timing])
+        if not self.interactive:
             print(line, file=sys.stderr, flush=True)
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=self.total_steps, initial=step, desc="step", file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{desc} {n_fmt}/{total_fmt} {bar} {elapsed}<{remaining}, {postfix}")
+        if any(k.startswith("eval/") for k in metrics):
+            self.bar.write(line, file=sys.stderr)
+        self.bar.set_postfix_str(" | ".join(fields), refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def log_samples(self, step: int, samples) -> None:
+        """An eval's scored samples (the eval dump's table) to the trackers that show tables."""
+        if self.trackers is not None:
+            self.trackers.log_samples(step, samples)
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.trackers is not None:
+            self.trackers.close()
+        if self.tensorboard is None:
+            return
         self.sync_tensorboard()
         self.tensorboard.close()
         if self.scratch is not None:

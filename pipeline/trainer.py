@@ -26,6 +26,7 @@ import ray
 
 from actors.learner import Learner
 from actors.rollout_worker import RolloutWorker
+from pipeline import dumps
 from pipeline import storage as store
 from pipeline.actor_group import ACTOR_LOST, ActorGroup, ActorTimeout
 from pipeline.batch import mean_reward
@@ -37,6 +38,7 @@ from pipeline.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 from pipeline.placement import clear_resource_request, connect_ray, decide_learner_gpus, ensure_resources
 from pipeline.reward_pool import RewardPool
 from pipeline.storage import Storage
+from pipeline.trackers import Trackers
 
 Report = Callable[[dict, str | None], None]  # (metrics record, published checkpoint directory or None)
 TRAINER_STATE = "trainer_state.json"
@@ -127,13 +129,14 @@ class Pipeline:
         self.rollout.call_all("set_weights", self.weights, self.version)
         return self.version
 
-    def evaluate(self, eval_prompts: pa.Table | None, step: int) -> dict[str, float]:
-        """eval/<metric> of greedy samples on the held-out prompts ({} without them)."""
+    def evaluate(self, eval_prompts: pa.Table | None, step: int) -> tuple[dict[str, float], pa.Table | None]:
+        """(eval/<metric> of greedy samples on the held-out prompts, those samples scored with eval/<metric>
+        per sample: the eval dump's table); ({}, None) without eval prompts."""
         if eval_prompts is None:
-            return {}
+            return {}, None
         names = self.config.trainer.eval_metrics
         scored = self.score(self.generate(eval_prompts, step, greedy=True), names, step)
-        return {f"eval/{name}": mean_reward(scored, name) for name in names}
+        return {f"eval/{name}": mean_reward(scored, name) for name in names}, dumps.eval_dump(scored, names)
 
     def take_faults(self) -> dict[str, float]:
         """fault/* and reward/* counters since the last call (for the step's metrics)."""
@@ -186,8 +189,21 @@ def run_steps(
     """The training loop from step `done_steps` + 1 on; returns the last metrics record."""
     trainer_cfg = config.trainer
     record: dict = {}
+
+    def evaluate(step: int, metrics: dict[str, float]) -> pa.Table | None:
+        """Eval metrics into `metrics`; the samples to eval/step_N.parquet (trainer.dump_eval)."""
+        scores, samples = pipeline.evaluate(eval_prompts, step)
+        metrics.update(scores)
+        if samples is not None and trainer_cfg.dump_eval:
+            with timed(metrics, "time/eval_dump_s"):
+                dumps.write_dump(storage, dumps.EVAL, step, samples)
+        return samples
+
     if done_steps == 0 and eval_prompts is not None:
-        record = log.write(0, pipeline.evaluate(eval_prompts, step=0))
+        metrics: dict[str, float] = {}
+        samples = evaluate(0, metrics)
+        record = log.write(0, metrics)
+        log.log_samples(0, samples)
         if report:
             report(record, None)
     for step in range(done_steps + 1, trainer_cfg.total_steps + 1):
@@ -207,6 +223,10 @@ def run_steps(
                 )
             with timed(timings, "time/sync_s"):
                 pipeline.sync_weights()
+            if rollouts.num_rows and dumps.dumps_rollouts(trainer_cfg, step):
+                with timed(timings, "time/dump_s"):
+                    learned = pipeline.learner.call_all("learned_columns")[0]
+                    dumps.write_dump(storage, dumps.ROLLOUTS, step, dumps.rollout_dump(rollouts, learned))
         metrics.update(timings)
         metrics.update(pipeline.take_faults())
         metrics["rollout/samples"] = float(generated)  # prompts_per_step x group_size, whatever failed on the way
@@ -214,9 +234,10 @@ def run_steps(
         metrics["throughput/samples_per_s"] = rollouts.num_rows / timings["time/step_s"]
 
         is_last = step == trainer_cfg.total_steps
-        if step % trainer_cfg.eval_every == 0 or is_last:
-            metrics.update(pipeline.evaluate(eval_prompts, step))
+        samples = evaluate(step, metrics) if step % trainer_cfg.eval_every == 0 or is_last else None
         record = log.write(step, metrics)  # durable before the checkpoint that covers it is published
+        if samples is not None:
+            log.log_samples(step, samples)
         saved = None
         if step % trainer_cfg.save_every == 0 or is_last or (report and step % trainer_cfg.eval_every == 0):
             log.sync_tensorboard()
@@ -265,7 +286,11 @@ def attempt(config: TrainConfig, storage: Storage, train_prompts, eval_prompts, 
         sampler = PromptSampler(train_prompts, config.trainer.prompts_per_step, config.seed, config.data.shuffle)
         sampler.load_state(state["sampler"])
         keep_through = state["step"] if latest else -1  # from step 0, even its eval line is redone
-        log = MetricsLog(storage, config.trainer.total_steps, keep_through, elapsed_s=state["elapsed_s"])
+        log = MetricsLog(
+            storage, config.trainer.total_steps, keep_through, elapsed_s=state["elapsed_s"],
+            progress=report is None,  # under Tune its status table shows the trials' progress
+            tensorboard="tensorboard" in config.trainer.loggers, trackers=Trackers(config, storage),
+        )
         try:
             return run_steps(config, storage, pipeline, sampler, eval_prompts, log, state["step"], report)
         finally:

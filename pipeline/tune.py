@@ -26,12 +26,16 @@ from pipeline import storage as store
 from pipeline.config import TrainConfig, config_to_yaml, config_with
 from pipeline.errors import TokenforgeError
 from pipeline.placement import actor_bundles, connect_ray, decide_learner_gpus, ensure_resources
+from pipeline.next_steps import after_tune
+from pipeline.report import draw, experiment_panels, trial_label
 from pipeline.storage import Storage
+from pipeline.trackers import tune_callbacks
 from pipeline.trainer import train
 from pipeline.tune_spec import TuneSpec, load_spec, param_space, scheduler, searcher
 
 SPEC_FILE = "tokenforge_tune.yaml"  # spec + resolved base config, kept in the experiment dir for --resume
 RESTORES_FILE = "restores.jsonl"  # in each trial's directory: one line per start from a checkpoint (PBT exploit or retry)
+SEARCHED_FILE = "searched.json"  # in each trial's directory: the values it searched (as it last started; PBT mutates them)
 POINTER = "checkpoint.json"  # what a Tune checkpoint holds: where the real one is (the run's own storage)
 
 
@@ -71,8 +75,11 @@ def run_trial(params: dict[str, Any], base: dict, experiment_uri: str, keep: int
     run = trial.child("run")
     config.storage.uri = run.uri
     config.trainer.max_failures = 0  # a failure ends the trial; Tune retries it (tune.max_failures) from its checkpoint
+    # W&B / MLflow: one tracker run per trial made by Tune's own callbacks (tune_callbacks), not by the trial
+    config.trainer.loggers = [name for name in config.trainer.loggers if name not in ("wandb", "mlflow")]
     own = config.trainer.keep_checkpoints  # every checkpoint Tune keeps must still exist: keep at least as many
     config.trainer.keep_checkpoints = None if keep is None or own is None else max(keep, own)
+    trial.write_text(SEARCHED_FILE, json.dumps(params))
     restored = tune.get_checkpoint()
     if restored:
         with restored.as_directory() as pointer_dir:
@@ -134,17 +141,19 @@ def run(spec_path: str, overrides: list[str] = ()) -> str:
             search_alg=searcher(spec),
             scheduler=scheduler(spec),
         ),
-        run_config=run_config(spec, block.storage_path),
+        run_config=run_config(spec, base, block.storage_path),
     )
     return write_results(spec, base, tuner.fit(), experiment)
 
 
-def run_config(spec: TuneSpec, storage: str) -> tune.RunConfig:
+def run_config(spec: TuneSpec, base: TrainConfig, storage: str) -> tune.RunConfig:
     block = spec.tune
     return tune.RunConfig(
+        callbacks=tune_callbacks(base),  # W&B / MLflow runs, one per trial, for the base config's trainer.loggers
         name=block.name,
         storage_path=storage,
         failure_config=tune.FailureConfig(max_failures=block.max_failures),
+        verbose=1,  # the status table only: no per-result dumps of every metric of every report
         checkpoint_config=tune.CheckpointConfig(num_to_keep=block.num_to_keep),
         progress_reporter=tune.CLIReporter(
             parameter_columns=list(spec.search),
@@ -178,7 +187,7 @@ def write_results(spec: TuneSpec, base: TrainConfig, results: tune.ResultGrid, e
         values = history[metric].dropna().tolist() if history is not None and metric in history else []
         rows.append(
             {
-                "trial": Path(result.path).name,
+                "trial": Path(result.path).name if result.path else "",
                 **{key: result.config.get(key) for key in params},
                 metric: values[-1] if values else None,
                 f"best {metric}": (max(values) if mode == "max" else min(values)) if values else None,
@@ -191,16 +200,19 @@ def write_results(spec: TuneSpec, base: TrainConfig, results: tune.ResultGrid, e
     writer.writeheader()
     writer.writerows(rows)
     experiment.write_text("trials.csv", table.getvalue())
-    print_table(rows)
+    print_table([{"trial": trial_label(result.config, params), **{k: v for k, v in row.items() if k not in ("trial", *params)}}
+                 for result, row in zip(results, rows)])
     finished = [r for r in results if not r.error and r.metrics_dataframe is not None and metric in r.metrics_dataframe]
     if finished:
         best = results.get_best_result(metric=metric, mode=mode, scope="last", filter_nan_and_inf=True)
         best_config = config_with(base, best.config)
         best_config.output_dir = f"runs/{spec.tune.name}-best"
         experiment.write_text("best_config.yaml", config_to_yaml(best_config))
-        print(f"best trial {Path(best.path).name}: {metric} {best.metrics.get(metric)}; config: {experiment.display('best_config.yaml')}")
-    experiment.write_bytes("objective.png", plot_objective(results, metric))
+        print(f"best trial: {trial_label(best.config, params)}: {metric} {best.metrics.get(metric)}; config: {experiment.display('best_config.yaml')}")
+    panels, _ = experiment_panels(experiment)  # every trial's objective, labelled by its searched values
+    experiment.write_bytes("objective.png", draw(panels, f"Tune experiment {experiment.display()}"))
     print(f"results: {experiment.display()} (trials.csv, best_config.yaml, objective.png)")
+    print(after_tune(experiment, experiment.child(f"{Path(best.path).name}/run") if finished else None), flush=True)
     return experiment.uri
 
 
@@ -212,27 +224,3 @@ def print_table(rows: list[dict]) -> None:
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     for row in cells:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
-
-
-def plot_objective(results: tune.ResultGrid, metric: str) -> bytes:
-    """The objective of every trial against its step, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for result in results:
-        history = result.metrics_dataframe
-        if history is not None and metric in history:
-            points = history[["step", metric]].dropna()
-            axis.plot(points["step"], points[metric], marker="o", markersize=3, label=Path(result.path).name[-24:])
-    axis.set_xlabel("training step")
-    axis.set_ylabel(metric)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=110)
-    plt.close(figure)
-    return png.getvalue()
-

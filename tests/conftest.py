@@ -42,3 +42,17 @@ def builtin_model_path() -> str:
     from pipeline.models import BUILTIN_MODEL
 
     return str(BUILTIN_MODEL)
+
+
+OBSERVED = ["trainer.total_steps=4", "trainer.eval_every=2", "trainer.prompts_per_step=16", "data.max_eval_samples=50"]
+
+
+@pytest.fixture(scope="session")
+def observed_run(ray_cluster, tmp_path_factory):
+    """A 4-step run of the default task (eval and dumps at steps 0/2/4) for the dump, samples and report tests."""
+    from pipeline.config import load_config
+    from pipeline.trainer import train
+
+    out = tmp_path_factory.mktemp("observed") / "run"
+    train(load_config(overrides=[*OBSERVED, f"output_dir={out}"]))
+    return out

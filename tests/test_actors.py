@@ -87,6 +87,7 @@ def scored_rows(responses: list[str], answer: str, worker: RolloutWorker) -> pa.
         "response": [r.replace("$", "") for r in responses],
         "finished": [r.endswith("$") for r in responses],
         "policy_version": [0] * len(ids),
+        "worker": ["local"] * len(ids),
     }
     return make_rollout_table(core, pa.table({"prompt": ["a+b="] * len(ids), "answer": [answer] * len(ids)}))
 

@@ -149,12 +149,13 @@ def test_eval_data_with_dropped_samples_leaves_them_out_of_the_means(capsys, tmp
                                            {"prompt": "3+4=", "answer": "not 7"}])
     fns = f"{__file__.rsplit('/', 1)[0]}/reward_fns.py"
     main(["eval", builtin_model_path, f"reward.components.sevens={{type: python, function: '{fns}:fail_on_seven', on_error: drop}}",
-          "trainer.eval_metrics=[exact_match, sevens]", "reward.weights={exact_match: 1.0}", "--data", data])
+          "trainer.eval_metrics=[exact_match, sevens]", "reward.weights={exact_match: 1.0}", "--data", data, "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["eval_samples"] == 3
     assert result["eval/exact_match"] == 1.0 and result["eval/sevens"] == 1.0  # over the 2 samples kept
     main(["eval", builtin_model_path, "--data", data])  # without the dropping component: 2 of 3
-    assert json.loads(capsys.readouterr().out)["eval/exact_match"] == pytest.approx(2 / 3)
+    assert capsys.readouterr().out == (f"tokenforge: evaluated {builtin_model_path} on 3 samples (eval/exact_match 0.6667); "
+                                       f"next: tokenforge train model.path={builtin_model_path}\n")
 
 
 def test_words_example_config_is_valid_and_its_inputs_load():

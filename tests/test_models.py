@@ -102,6 +102,7 @@ def chat_batch(tokenizer, responses: list[list[int]], answers: list[str], prompt
         "response": tokenizer.batch_decode(responses, skip_special_tokens=True),
         "finished": [True] * len(responses),
         "policy_version": [0] * len(responses),
+        "worker": ["local"] * len(responses),
     }
     metadata = pa.Table.from_pylist([{"prompt": prompt, "answer": a} for a in answers])
     return make_rollout_table(core, metadata)

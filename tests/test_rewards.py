@@ -199,6 +199,7 @@ def rollout_batch(tokenizer, completions: list[str], answers: list[str]) -> pa.T
         "response": completions,
         "finished": [True] * len(ids),
         "policy_version": [0] * len(ids),
+        "worker": ["local"] * len(ids),
     }
     return make_rollout_table(core, pa.table({"prompt": ["1+2="] * len(ids), "answer": answers}))
 
@@ -322,6 +323,7 @@ def hand_batch(tokenizer, prompts: list, responses: list[str], **columns) -> pa.
         "response": responses,
         "finished": [True] * len(ids),
         "policy_version": [0] * len(ids),
+        "worker": ["local"] * len(ids),
     }
     return make_rollout_table(core, pa.Table.from_pylist([{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]))
 

@@ -58,11 +58,17 @@ def test_train_resume_and_eval_with_every_artifact_on_s3(ray_cluster, s3, tmp_pa
     assert run.list_dir("checkpoints") == ["step_3", "step_6"] and run.list_dir("tensorboard")
     directory, manifest = latest_checkpoint(run)
     assert directory == "checkpoints/step_6" and {"model.safetensors", "learner_state.pt", "trainer_state.json"} <= set(manifest["files"])
+    assert run.list_dir("rollouts") == ["step_3.parquet", "step_6.parquet"] and run.list_dir("eval") == ["step_0.parquet", "step_3.parquet", "step_6.parquet"]
+    capsys.readouterr()
+    main(["samples", uri, "--worst", "1"])  # read back from the URI
+    assert capsys.readouterr().out.startswith(f"{uri.split('?')[0]}/rollouts/step_6.parquet: worst 1 groups")
+    main(["report", uri])
+    assert run.exists("report.png") and run.exists("report.md")
     assert not (tmp_path / "unused").exists()  # nothing on the local disk
     main(["train", "--resume", uri, "trainer.total_steps=9"])
     assert steps_of(run) == list(range(10))
     capsys.readouterr()
-    main(["eval", uri, "data.max_eval_samples=20"])  # a run at a URI: its newest checkpoint
+    main(["eval", uri, "data.max_eval_samples=20", "--json"])  # a run at a URI: its newest checkpoint
     result = json.loads(capsys.readouterr().out)
     assert result["checkpoint"].endswith("checkpoints/step_9") and result["eval_samples"] == 20
 

@@ -63,7 +63,7 @@ def test_checkpoints_are_published_hf_models_with_trainer_state_and_old_ones_pru
 
 
 def test_eval_command_on_a_checkpoint(short_run, capsys):
-    main(["eval", str(short_run / "checkpoints" / "step_40")])
+    main(["eval", str(short_run / "checkpoints" / "step_40"), "--json"])
     result = json.loads(capsys.readouterr().out)
     final = read_metrics(short_run)[-1]
     assert result["eval_samples"] == 200  # the run's own config (max_eval_samples) applies

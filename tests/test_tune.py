@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.trainer import train
+from test_report import drawn_series
 from pipeline.tune import RESTORES_FILE
 from pipeline.tune import resume as resume_experiment
 from pipeline.tune import run as run_experiment
@@ -81,8 +83,15 @@ def metrics(trial: Path) -> list[dict]:
     return [json.loads(line) for line in (trial / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_smoke_spec_end_to_end(ray_cluster, tmp_path):
+def test_smoke_spec_end_to_end(ray_cluster, tmp_path, capsys):
     experiment = Path(run_experiment(str(SMOKE), [f"tune.storage_path={tmp_path}"]))
+    console = capsys.readouterr().out
+    assert "Result for " not in console and len(console.splitlines()) < 100  # status tables + the summary, no per-result dumps
+    summary = console[console.rindex("trial "):].splitlines()  # the final table: one row per trial, named by its values
+    assert summary[1].startswith("digit_match=0 ") and summary[2].startswith("digit_match=0.5 ")
+    assert summary[-1].startswith(f"tokenforge: experiment {experiment}; best trial's run {experiment}/run_trial_")
+    assert summary[-1].endswith(f"next: tokenforge report {experiment} | tensorboard --logdir {experiment} | tokenforge samples "
+                                + summary[-1].split("best trial's run ")[1].split(" ")[0])
     rows = (experiment / "trials.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("trial,reward.weights.digit_match,eval/exact_match")
     assert all(row.endswith(",12,TERMINATED") for row in rows[1:])
@@ -92,9 +101,18 @@ def test_smoke_spec_end_to_end(ray_cluster, tmp_path):
         assert all((trial / "run" / p["checkpoint"] / "MANIFEST.json").is_file() for p in pointers)
         assert [r["step"] for r in metrics(trial) if "eval/exact_match" in r] == [0, 4, 8, 12]
     assert (experiment / "objective.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn_series(experiment / "objective.png") == [  # the legend: the searched values, not trial names
+        "eval/exact_match of every trial: digit_match=0", "eval/exact_match of every trial: digit_match=0.5"]
+    main(["report", str(experiment)])
+    assert capsys.readouterr().out.startswith(f"tokenforge: wrote {experiment}/report.png and {experiment}/report.md")
+    assert drawn_series(experiment / "report.png") == drawn_series(experiment / "objective.png")
+    report = (experiment / "report.md").read_text()
     best = load_config(experiment / "best_config.yaml", [f"output_dir={tmp_path / 'best'}", "trainer.total_steps=2"])
     final = {float(row.split(",")[1]): float(row.split(",")[2]) for row in rows[1:]}  # weight -> last eval
     assert final[best.reward.weights["digit_match"]] == max(final.values())  # the best trial's, not any trial's
+    assert f"| `reward.weights.digit_match` | {best.reward.weights['digit_match']} |" in report
+    assert re.search(rf"Best trial: `run_trial_\w+_reward_weights_digit_match={best.reward.weights['digit_match']:.4f}_[^`]+`, "
+                     rf"eval/exact_match {max(final.values()):.4g}", report)
     assert train(best)["step"] == 2
 
 
