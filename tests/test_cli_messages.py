@@ -23,7 +23,7 @@ def test_a_fresh_train_says_where_its_results_are_without_auth_warning_or_a_zero
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Token authentication is enabled" not in result.stderr  # token auth is on, and said so before Ray starts
-    assert (home / ".ray" / "auth_token").is_file()
+    assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600  # Ray alone would write it 0644
     step0 = next(line for line in result.stderr.splitlines() if line.startswith("step 0/2"))
     assert "ETA" not in step0, step0  # no rate before the first step: no `ETA 0s`
     assert result.stdout.strip().splitlines()[-1] == (
