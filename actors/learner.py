@@ -8,7 +8,10 @@ skipped (weights untouched) when the advantages, loss or gradient norm are not f
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,12 +19,14 @@ import pyarrow as pa
 import torch
 
 from pipeline.advantages import STATS_DTYPE, compute_advantages, kl_penalty
-from pipeline.batch import pad_right, response_mask, reward_column
+from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, TrainConfig
 from pipeline.errors import TokenforgeError
 from pipeline.loss import policy_loss
-from pipeline.models import build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
+from pipeline.lora import add_adapters, is_adapter_dir, merged_state_dict
+from pipeline.models import DTYPES, build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
 from pipeline.rewards import normalize_rewards
+from pipeline.storage import Storage, local_copy, read_manifest
 
 LEARNER_STATE = "learner_state.pt"
 
@@ -38,21 +43,75 @@ def lr_factor(learner: LearnerConfig, k: int, total_updates: int) -> float:
     return learner.min_lr_ratio + (1 - learner.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
 
 
+def without_dropout(model: torch.nn.Module, train: bool) -> torch.nn.Module:
+    """`model` in train mode (`train`: HF recomputes activations only then) or eval mode, with every dropout
+    but LoRA's own switched off, so that the learner's log-probs are those the rollout workers sampled with."""
+    model.train(train)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            if "lora_dropout" in name:
+                module.train()  # model.lora.dropout, when set, regularises the adapters
+            else:
+                module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0  # attention implementations that read it in train mode
+    return model
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation (gradient) checkpointing: transformers >= 5.2x calls it activation_checkpointing_enable."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class Learner:
-    def __init__(self, config: TrainConfig, policy_path: str, reference_path: str, use_gpu: bool = False):
+    def __init__(
+        self,
+        config: TrainConfig,
+        policy_path: str,
+        reference_path: str,
+        use_gpu: bool = False,
+        resume: tuple[str, str] | None = None,
+    ):
+        """`policy_path`: the policy's weights (a model dir, a checkpoint, or a LoRA checkpoint's adapter);
+        `reference_path`: the base model (the KL reference, and the base that LoRA adapters sit on);
+        `resume`: (storage URI, checkpoint directory) of a published checkpoint to continue from instead
+        (this process downloads it and loads weights, optimizer and schedule)."""
+        if resume is None:
+            self._build(config, policy_path, reference_path, use_gpu)
+            return
+        storage = Storage(resume[0])
+        manifest = read_manifest(storage, resume[1])
+        if manifest is None:
+            raise TokenforgeError(f"checkpoint {storage.display(resume[1])!r} is not published (no valid manifest)")
+        with local_copy(storage, resume[1], manifest) as local:
+            self._build(config, str(local), reference_path, use_gpu)
+            self.load_state(str(local))
+
+    def _build(self, config: TrainConfig, policy_path: str, reference_path: str, use_gpu: bool) -> None:
         torch.manual_seed(config.seed)
         torch.set_num_threads(config.learner.num_threads)
         self.config = config
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         trust = config.model.trust_remote_code
-        self.tokenizer = load_tokenizer(policy_path, trust)
-        # eval mode: no dropout, so learner log-probs are those the rollout workers sampled with
-        self.model = load_model(policy_path, trust, self.device).eval()
-        self.reference = None
-        if config.algorithm.needs_reference:
-            self.reference = load_model(reference_path, trust, self.device).eval().requires_grad_(False)
+        self.tokenizer = load_tokenizer(reference_path, trust)  # the base's: training never changes it
+        dtype = "bfloat16" if config.learner.precision == "bf16" else "float32"
+        if config.model.lora is None:
+            self.model = load_model(policy_path, trust, self.device, dtype)
+        else:  # the base stays frozen; with a LoRA checkpoint, its adapters are loaded
+            base = load_model(reference_path, trust, self.device, dtype)
+            self.model = add_adapters(base, config.model.lora, policy_path if is_adapter_dir(policy_path) else None)
+        if config.learner.gradient_checkpointing:
+            enable_checkpointing(self.model)
+        without_dropout(self.model, train=config.learner.gradient_checkpointing)
+        self.reference = None  # with LoRA the reference is the policy with its adapters switched off
+        if config.algorithm.needs_reference and config.model.lora is None:
+            reference = load_model(reference_path, trust, self.device, config.model.dtype)
+            self.reference = reference.eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            [p for p in self.model.parameters() if p.requires_grad],  # LoRA: the adapters only
             lr=config.learner.lr,
             betas=config.learner.adam_betas,
             weight_decay=config.learner.weight_decay,
@@ -80,15 +139,18 @@ class Learner:
         # r_t = sum_i w_i * norm_i(r_i)_t  (norm_i: the component's `normalize`, identity by default), in float64
         token_rewards = torch.zeros_like(mask, dtype=STATS_DTYPE)
         for name, weight in self.config.reward.weights.items():
-            component = pad_right(batch.column(reward_column(name)).to_pylist()).to(self.device)
+            rows = batch.column(reward_column(name)).to_pylist()
+            applies = torch.tensor([row is not None for row in rows], device=self.device)  # None: not applicable
+            component = pad_right([row or [] for row in rows], width=mask.shape[1]).to(self.device)  # ... scoring 0
             mode = self.config.reward.components[name].normalize
-            token_rewards += weight * normalize_rewards(component, mask, group_ids, mode)
-            per_sample = component.sum(1)  # metrics of the raw component
-            metrics[f"reward/{name}/mean"] = float(per_sample.mean())
-            metrics[f"reward/{name}/std"] = float(per_sample.std()) if len(per_sample) > 1 else 0.0
+            token_rewards += weight * normalize_rewards(component, mask * applies[:, None], group_ids, mode)
+            per_sample = component.sum(1)[applies]  # metrics of the raw component, over the samples it applies to
+            if len(per_sample):
+                metrics[f"reward/{name}/mean"] = float(per_sample.mean())
+                metrics[f"reward/{name}/std"] = float(per_sample.std()) if len(per_sample) > 1 else 0.0
         metrics["reward/total/mean"] = float(token_rewards.sum(1).mean())
 
-        ref_logprobs = self._reference_logprobs(sequences) if self.reference is not None else None
+        ref_logprobs = self._reference_logprobs(sequences) if algo.needs_reference else None
         if algo.kl_in_reward_coef > 0:
             # r_t -= beta * KL_t, KL of the sampling policy against the reference
             without_kl = token_rewards
@@ -122,7 +184,7 @@ class Learner:
         skipped = 0
         for _ in range(self.config.learner.updates_per_batch):
             if len(keep) and finite:
-                totals = self._gradients(*kept, kept_ref, counts)
+                totals = self._out_of_memory_as_one_line(self._gradients, *kept, kept_ref, counts)
                 finite = math.isfinite(totals["loss/policy"]) and math.isfinite(totals["loss/grad_norm"])
                 if finite:  # a NaN/inf loss or gradient never reaches the weights (nor Adam's moments)
                     self.optimizer.step()
@@ -133,11 +195,13 @@ class Learner:
                 self.scheduler.step()
         self._count_nonfinite(skipped, step)
         self.policy_version += 1
+        self.last_step = (batch.column("response_ids"), token_rewards, advantages, mask)  # for learned_columns()
         lengths = mask.sum(1)
         metrics.update(totals)
         metrics.update(
             {
                 "advantage/abs_mean": float((advantages.abs() * mask).sum() / mask.sum()),
+                "advantage/zero_frac": float((advantages == 0).all(dim=1).float().mean()),  # samples without signal
                 "response/length_mean": float(lengths.mean()),
                 "response/finished_frac": sum(batch.column("finished").to_pylist()) / batch.num_rows,
                 "learner/policy_version": float(self.policy_version),
@@ -146,6 +210,35 @@ class Learner:
             }
         )
         return metrics
+
+    def learned_columns(self) -> pa.Table:
+        """The last train_step's per-token rewards, advantages and decoded tokens, row-aligned with its batch
+        (pipeline.batch.LEARNED_SCHEMA); the driver appends them to the rollout dump."""
+        response_ids, token_rewards, advantages, mask = self.last_step
+        lengths = mask.sum(1).long().tolist()
+        ids = response_ids.to_pylist()
+        flat = self.tokenizer.batch_decode([[t] for row in ids for t in row])  # each token on its own
+        starts = [0, *itertools.accumulate(len(row) for row in ids)]
+        columns = {
+            "token_rewards": [row[:n] for row, n in zip(token_rewards.float().cpu().tolist(), lengths)],
+            "total_reward": (token_rewards * mask).sum(1).cpu().tolist(),
+            "advantages": [row[:n] for row, n in zip(advantages.float().cpu().tolist(), lengths)],
+            "response_tokens": [flat[a:b] for a, b in zip(starts, starts[1:])],
+        }
+        return pa.Table.from_pydict(columns, schema=LEARNED_SCHEMA)
+
+    def _out_of_memory_as_one_line(self, fn, *args):
+        """fn(*args), with running out of GPU (or CPU) memory reported as one line naming the setting to lower."""
+        try:
+            return fn(*args)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+                raise
+            size = self.config.learner.micro_batch_size
+            raise TokenforgeError(
+                f"the learner ran out of {self.device} memory in a micro-batch of up to {size} samples; lower "
+                f"learner.micro_batch_size (now {size}), or set learner.gradient_checkpointing / learner.precision=bf16-mixed"
+            ) from None
 
     def _count_nonfinite(self, skipped: int, step: int | None) -> None:
         """Stop the run after learner.max_nonfinite_steps consecutive steps with a skipped (non-finite) update."""
@@ -166,9 +259,10 @@ class Learner:
         kept_tokens = float(mask.sum())
         totals = {"loss/policy": 0.0}
         for rows in self._micro_batches(mask.shape[0]):
-            logprobs, entropy = response_logprobs(
-                self.model, select_rows(sequences, rows), self.config.rollout.temperature
-            )
+            with self.autocast():
+                logprobs, entropy = response_logprobs(
+                    self.model, select_rows(sequences, rows), self.config.rollout.temperature, cfg.logprob_chunk_tokens
+                )
             loss, parts = policy_loss(
                 logprobs,
                 behaviour[rows],
@@ -199,25 +293,44 @@ class Learner:
         size = self.config.learner.micro_batch_size
         return [slice(start, start + size) for start in range(0, batch_size, size)]
 
+    def autocast(self):
+        """bf16 autocast of the forward pass under learner.precision=bf16-mixed (a no-op otherwise)."""
+        mixed = self.config.learner.precision == "bf16-mixed"
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16, enabled=mixed)
+
     @torch.no_grad()
     def _reference_logprobs(self, sequences) -> torch.Tensor:
-        temperature = self.config.rollout.temperature
-        return torch.cat(
-            [
-                response_logprobs(self.reference, select_rows(sequences, rows), temperature)[0]
-                for rows in self._micro_batches(sequences["input_ids"].shape[0])
-            ]
-        )
+        temperature, chunk = self.config.rollout.temperature, self.config.learner.logprob_chunk_tokens
+        model = self.reference if self.reference is not None else self.model
+        adapters_off = self.model.disable_adapter() if self.reference is None else contextlib.nullcontext()
+        with adapters_off, self.autocast():
+            return torch.cat(
+                [
+                    response_logprobs(model, select_rows(sequences, rows), temperature, chunk)[0]
+                    for rows in self._micro_batches(sequences["input_ids"].shape[0])
+                ]
+            )
 
     def get_version(self) -> int:
         return self.policy_version
 
     def get_weights(self) -> dict[str, torch.Tensor]:
-        """CPU copy of the policy weights (published once per sync; every rollout worker reads it)."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        """CPU copy of the policy weights in the rollout dtype (model.dtype), LoRA adapters merged in
+        (published once per sync; every rollout worker reads it)."""
+        weights = self.model.state_dict() if self.config.model.lora is None else merged_state_dict(self.model)
+        dtype = DTYPES[self.config.model.dtype]
+        return {k: v.detach().to("cpu", dtype, copy=True) for k, v in weights.items()}
 
-    def save(self, directory: str) -> None:
-        """HF-format model + tokenizer (safetensors) and the optimizer/version/RNG state."""
+    def save(self, storage_uri: str, directory: str) -> dict[str, dict]:
+        """Upload the HF-format model (or, with LoRA, the adapter) + tokenizer (safetensors) and the
+        optimizer/version/RNG state to `directory` of the run's storage, from this process. Returns the
+        manifest entries ({file: {size, sha256}}); the driver publishes the checkpoint."""
+        with tempfile.TemporaryDirectory(prefix="tokenforge-save-") as scratch:
+            self.save_local(scratch)
+            return Storage(storage_uri).upload_dir(scratch, directory)
+
+    def save_local(self, directory: str) -> None:
+        """The checkpoint's files in a local directory."""
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         state = {

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from pipeline.batch import TOKEN_REWARD_TYPE, metadata_columns, reward_column
+from pipeline.batch import DATASET_PROMPT, TOKEN_REWARD_TYPE, metadata_columns, reward_column
 from pipeline.config import TrainConfig
 from pipeline.models import load_tokenizer
+from pipeline.prompts import as_completion
 from pipeline.reward_components import COMPONENTS
-from pipeline.rewards import ComponentEnv, RewardError, RewardInputs, describe_sample, score_component
+from pipeline.rewards import ComponentEnv, RewardError, RewardInputs, TrainerState, describe_sample, score_component
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Scores:
     """One component's scores for a shard: a float per response token per sample, and the samples
     (shard row indices) that failed and were handled by on_error=zero/drop."""
 
-    rows: list[list[float]]
+    rows: list[list[float] | None]  # None: the component does not apply to the sample
     failed: list[int]
 
     @staticmethod
@@ -48,6 +49,30 @@ def with_scores(batch: pa.Table, scores: dict[str, Scores], config: TrainConfig)
     return batch, pa.array(dropped)
 
 
+def token_spans(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]:
+    """[start, end) of the characters each token contributes to `text` (the decode of `ids` without special
+    tokens; special tokens get an empty span). From the tokenizer's offset mapping of `text` when it
+    re-encodes to the same tokens (the usual case), else by decoding growing prefixes: either way a BPE
+    token covering several characters gets all of them, never its text decoded on its own."""
+    special = set(tokenizer.all_special_ids)
+    plain = [t for t in ids if t not in special]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) if tokenizer.is_fast else None
+    if encoded is not None and encoded.input_ids == plain:
+        plain_spans = [tuple(span) for span in encoded.offset_mapping]
+    else:
+        ends = [len(tokenizer.decode(plain[: k + 1], skip_special_tokens=True)) for k in range(len(plain))]
+        plain_spans = list(zip([0, *ends[:-1]], ends))
+    spans, k, position = [], 0, 0
+    for token in ids:
+        if token in special:
+            spans.append((position, position))
+        else:
+            spans.append(plain_spans[k])
+            position = plain_spans[k][1]
+            k += 1
+    return spans
+
+
 class RewardWorker:
     def __init__(self, config: TrainConfig, tokenizer_path: str, names: list[str], use_gpu: bool = False):
         self.config = config
@@ -57,40 +82,41 @@ class RewardWorker:
         for name in names:
             spec = config.reward.components[name]
             self.components[name] = COMPONENTS[spec.type](config.component_options(name), env)
-        self._token_text: dict[int, str] = {}
+        self.stop_ids = frozenset({self.tokenizer.eos_token_id, *config.rollout.stop_token_ids})
 
-    def _decode_token(self, token_id: int) -> str:
-        if token_id not in self._token_text:
-            self._token_text[token_id] = self.tokenizer.decode([token_id])
-        return self._token_text[token_id]
-
-    def inputs(self, batch: pa.Table) -> RewardInputs:
+    def inputs(self, batch: pa.Table, step: int = 0) -> RewardInputs:
         response_ids = batch.column("response_ids").to_pylist()
+        texts = batch.column("response").to_pylist()
+        prompts = batch.column(DATASET_PROMPT).to_pylist()
         return RewardInputs(
-            prompts=batch.column("prompt").to_pylist(),
-            completions=batch.column("completion").to_pylist(),
+            prompts=prompts,
+            completions=[as_completion(p, text) for p, text in zip(prompts, texts)],
             completion_ids=response_ids,
-            completion_tokens=[[self._decode_token(t) for t in ids] for ids in response_ids],
-            columns={name: batch.column(name).to_pylist() for name in metadata_columns(batch)},
-            eos_token=self.tokenizer.eos_token,
+            texts=texts,
+            token_spans=[token_spans(self.tokenizer, ids, text) for ids, text in zip(response_ids, texts)],
+            columns={name: batch.column(name).to_pylist() for name in metadata_columns(batch) if name != DATASET_PROMPT},
+            stop_ids=self.stop_ids,
+            prompt_texts=batch.column("prompt_text").to_pylist(),
             prompt_ids=batch.column("prompt_ids").to_pylist(),
             behaviour_logprobs=batch.column("behaviour_logprobs").to_pylist(),
             sample_ids=batch.column("sample_id").to_pylist(),
+            trainer_state=TrainerState(global_step=step, max_steps=self.config.trainer.total_steps),
         )
 
-    def score_all(self, batch: pa.Table, names: list[str]) -> tuple[pa.Table, pa.Array]:
+    def score_all(self, batch: pa.Table, names: list[str], step: int = 0) -> tuple[pa.Table, pa.Array]:
         """In-process scoring of several components: `batch` with their reward columns, and the drop mask."""
-        return with_scores(batch, {name: self.score(batch, name) for name in names}, self.config)
+        return with_scores(batch, {name: self.score(batch, name, step) for name in names}, self.config)
 
-    def score(self, batch: pa.Table, name: str) -> Scores:
-        """Component `name` on every sample of `batch`. If the batch call fails, samples are scored one by
-        one to find the failing ones: on_error=raise stops with the first, zero/drop score them 0."""
-        inputs, component = self.inputs(batch), self.components[name]
+    def score(self, batch: pa.Table, name: str, step: int = 0) -> Scores:
+        """Component `name` on every sample of `batch` (`step`: the trainer step, for trainer_state). If the
+        batch call fails, samples are scored one by one to find the failing ones: on_error=raise stops
+        with the first, zero/drop score them 0."""
+        inputs, component = self.inputs(batch, step), self.components[name]
         try:
             return Scores(score_component(name, component, inputs), [])
         except Exception as batch_error:  # noqa: BLE001 - any user-code error is handled by on_error
             rows, failed = [], []
-            for i in range(len(inputs.prompts)):
+            for i in range(len(inputs.texts)):
                 try:
                     rows += score_component(name, component, inputs.select([i]))
                 except Exception as error:  # noqa: BLE001

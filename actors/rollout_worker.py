@@ -8,11 +8,14 @@ from __future__ import annotations
 import inspect
 
 import pyarrow as pa
+import ray
 import torch
 
-from pipeline.batch import make_rollout_table
-from pipeline.config import RolloutConfig
+from pipeline.actor_group import StaleWeights
+from pipeline.batch import DATASET_PROMPT, make_rollout_table
+from pipeline.config import TrainConfig
 from pipeline.models import load_model, load_tokenizer, positions_from_mask
+from pipeline.prompts import encode_prompts, set_chat_template
 
 
 def sample_tokens(
@@ -36,77 +39,82 @@ def sample_tokens(
 class RolloutWorker:
     """Generates `group_size` samples per prompt with the current policy weights."""
 
-    def __init__(self, model_path: str, config: RolloutConfig, seed: int = 0, trust_remote_code: bool = False):
-        torch.set_num_threads(config.num_threads)
-        self.config = config
-        self.device = "cuda" if config.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        self.model = load_model(model_path, trust_remote_code, self.device).eval()
+    def __init__(self, config: TrainConfig, model_path: str):
+        rollout = config.rollout
+        torch.set_num_threads(rollout.num_threads)
+        self.config = rollout
+        self.add_special_tokens = config.data.add_special_tokens
+        self.device = "cuda" if rollout.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        self.tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+        set_chat_template(self.tokenizer, config.model.chat_template)
+        self.model = load_model(model_path, config.model.trust_remote_code, self.device, config.model.dtype).eval()
         # the KV-cache keyword: `cache` since transformers 5.24, `past_key_values` before and in most remote code
         self.cache_key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        self.seed = seed
+        self.stop_ids = torch.tensor(sorted({self.tokenizer.eos_token_id, *rollout.stop_token_ids}), device=self.device)
+        self.seed = config.seed
         self.generator = torch.Generator(device=self.device)
         self.policy_version = 0
+        self.name = (ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None) or "local"
 
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        self.model.load_state_dict(state_dict)
-        return self.set_policy_version(version)
-
-    def set_policy_version(self, version: int) -> int:
+        self.model.load_state_dict(state_dict)  # copied into the rollout dtype
         self.policy_version = version
         return version
 
     @torch.no_grad()
-    def generate(self, prompts: pa.Table, group_size: int, greedy: bool = False, step: int = 0) -> pa.Table:
+    def generate(
+        self, prompts: pa.Table, group_size: int, greedy: bool = False, step: int = 0, version: int | None = None
+    ) -> pa.Table:
         """Rollout batch (pipeline.batch schema) for a table of prompts with a `group_id` column.
 
         The sampling RNG is seeded from (seed, step, first group id), so a shard's samples do not
-        depend on which worker drew it, nor on whether the run was resumed.
+        depend on which worker drew it, nor on whether the run was resumed. `version`: the policy
+        version the caller expects; a worker holding other weights (restarted by Ray since the last
+        sync) raises StaleWeights instead of sampling from them.
         """
+        if version is not None and version != self.policy_version:
+            raise StaleWeights(f"holds policy version {self.policy_version}, asked for {version}")
         self.generator.manual_seed(hash((self.seed, step, prompts.column("group_id")[0].as_py())) % 2**63)
         rows = torch.arange(prompts.num_rows).repeat_interleave(group_size)  # prompt row of each sample
         row_list = rows.tolist()
-        texts = prompts.column("prompt").to_pylist()
-        prompt_ids = self.tokenizer(texts, add_special_tokens=False).input_ids
+        texts, prompt_ids = encode_prompts(self.tokenizer, prompts.column(DATASET_PROMPT).to_pylist(), self.add_special_tokens)
         encoded = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")  # left padding
         ids = encoded.input_ids[rows].to(self.device)
         attention = encoded.attention_mask[rows].to(self.device)
-        tokens, logprobs = self._sample(ids, attention, greedy)
-
-        eos = self.tokenizer.eos_token_id
-        response_ids, behaviour, finished = [], [], []
-        for token_row, logprob_row in zip(tokens.tolist(), logprobs.tolist()):
-            length = token_row.index(eos) + 1 if eos in token_row else len(token_row)
-            response_ids.append(token_row[:length])
-            behaviour.append(logprob_row[:length])
-            finished.append(eos in token_row)
+        tokens, logprobs, lengths, finished = self._sample(ids, attention, greedy)
+        response_ids = [row[:n] for row, n in zip(tokens.tolist(), lengths)]
         group_ids = prompts.column("group_id").to_pylist()
         core = {
             "sample_id": [group_ids[r] * group_size + k for r in range(prompts.num_rows) for k in range(group_size)],
             "group_id": [group_ids[r] for r in row_list],
-            "prompt": [texts[r] for r in row_list],
+            "prompt_text": [texts[r] for r in row_list],
             "prompt_ids": [prompt_ids[r] for r in row_list],
             "response_ids": response_ids,
-            "behaviour_logprobs": behaviour,
-            "completion": self.tokenizer.batch_decode(response_ids, skip_special_tokens=True),
+            "behaviour_logprobs": [row[:n] for row, n in zip(logprobs.tolist(), lengths)],
+            "response": self.tokenizer.batch_decode(response_ids, skip_special_tokens=True),
             "finished": finished,
             "policy_version": [self.policy_version] * len(row_list),
+            "worker": [self.name] * len(row_list),
         }
         return make_rollout_table(core, prompts.take(pa.array(rows.numpy())))
 
-    def _sample(self, ids: torch.Tensor, attention: torch.Tensor, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Autoregressive sampling with a KV cache; rows stop at EOS (later tokens are EOS-padded)."""
-        cfg, eos = self.config, self.tokenizer.eos_token_id
+    def _sample(self, ids: torch.Tensor, attention: torch.Tensor, greedy: bool):
+        """Autoregressive sampling with a KV cache. A row stops at EOS, at a `rollout.stop_token_ids` token or
+        once its text ends with a `rollout.stop` string (that token is kept); else at max_new_tokens.
+        Returns tokens and log-probs (B, T), each row's length and whether it stopped (not cut)."""
+        cfg = self.config
         positions = positions_from_mask(attention)
         out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
+        lengths = torch.full((ids.shape[0],), cfg.max_new_tokens, dtype=torch.long, device=self.device)
         tokens, logprobs = [], []
-        for _ in range(cfg.max_new_tokens):
+        for t in range(cfg.max_new_tokens):
             token, logprob = sample_tokens(out.logits[:, -1], cfg.temperature, cfg.top_p, greedy, self.generator)
-            token = token.masked_fill(done, eos)
-            tokens.append(token)
+            tokens.append(token.masked_fill(done, self.tokenizer.pad_token_id))
             logprobs.append(logprob.masked_fill(done, 0.0))
-            done |= token == eos
+            stopped = ~done & (torch.isin(token, self.stop_ids) | self._ends_with_stop_string(torch.stack(tokens, 1)))
+            lengths[stopped] = t + 1
+            done |= stopped
             if done.all():
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
@@ -118,4 +126,11 @@ class RolloutWorker:
                 **{self.cache_key: getattr(out, self.cache_key)},
                 use_cache=True,
             )
-        return torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu()
+        return torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), lengths.tolist(), done.tolist()
+
+    def _ends_with_stop_string(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows whose decoded text so far ends with one of `rollout.stop` (all False without stop strings)."""
+        if not self.config.stop:
+            return torch.zeros(tokens.shape[0], dtype=torch.bool, device=self.device)
+        texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
+        return torch.tensor([text.endswith(tuple(self.config.stop)) for text in texts], device=self.device)

@@ -47,7 +47,7 @@ def synchronize() -> None:
 def check(size: str, path: Path, prompts: int, steps: int) -> None:
     gpu = torch.cuda.is_available()
     config = load_config(overrides=[f"rollout.num_gpus_per_worker={int(gpu)}", "learner.micro_batch_size=128"])
-    worker = RolloutWorker(str(path), config.rollout, seed=0)
+    worker = RolloutWorker(config, str(path))
     learner = Learner(config, str(path), str(path), use_gpu=gpu)
     scorer = RewardWorker(config, str(path), list(config.reward.weights))
     rows = [json.loads(line) for line in BUILTIN_TRAIN.read_text().splitlines()[:prompts]]

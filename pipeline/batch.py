@@ -1,8 +1,9 @@
 """The rollout batch: one pyarrow Table per step. This module is its only schema definition.
 
-Rows are samples. Core columns are below; the prompt's own dataset columns (e.g. `answer`)
-ride along unchanged, and reward scoring adds one `reward/<component>` column per component
-holding one float per response token.
+Rows are samples. Core columns are below; the prompt's own dataset columns ride along unchanged
+(`prompt` itself, text or a conversation, and e.g. `answer`, `completion`), reward scoring adds
+one `reward/<component>` column per component holding one float per response token, and the
+learner's per-token rewards and advantages (LEARNED_SCHEMA) complete it in the rollout dumps.
 """
 
 from __future__ import annotations
@@ -15,16 +16,27 @@ ROLLOUT_SCHEMA = pa.schema(
     [
         ("sample_id", pa.int64()),  # unique within the step: group_id * group_size + k
         ("group_id", pa.int64()),  # samples of the same prompt share it
-        ("prompt", pa.string()),
+        ("prompt_text", pa.string()),  # the prompt as the model saw it (a conversation rendered by its chat template)
         ("prompt_ids", pa.list_(pa.int32())),
         ("response_ids", pa.list_(pa.int32())),  # generated tokens, EOS included when emitted
         ("behaviour_logprobs", pa.list_(pa.float32())),  # log pi_behaviour of each response token
-        ("completion", pa.string()),  # decoded response, special tokens removed
+        ("response", pa.string()),  # decoded response, special tokens removed
         ("finished", pa.bool_()),  # ended with EOS (False = cut at max_new_tokens)
         ("policy_version", pa.int64()),  # learner update count of the weights that sampled it
+        ("worker", pa.string()),  # the rollout worker that sampled it (its Ray actor name; "local" outside Ray)
     ]
 )
 CORE_COLUMNS = frozenset(ROLLOUT_SCHEMA.names)
+# What the learner computed from a scored batch, row-aligned with it (Learner.learned_columns): the
+# rollout dumps (pipeline/dumps.py) are the scored batch with these columns appended.
+LEARNED_SCHEMA = pa.schema(
+    [
+        ("token_rewards", pa.list_(pa.float32())),  # r_t = sum_i w_i * norm_i(r_i)_t (- beta * KL_t), per response token
+        ("total_reward", pa.float64()),  # sum_t r_t
+        ("advantages", pa.list_(pa.float32())),  # A_t of the advantage estimator, per response token
+        ("response_tokens", pa.list_(pa.string())),  # each response token decoded on its own
+    ]
+)
 REWARD_PREFIX = "reward/"
 TOKEN_REWARD_TYPE = pa.list_(pa.float32())
 
@@ -33,9 +45,15 @@ def reward_column(component: str) -> str:
     return f"{REWARD_PREFIX}{component}"
 
 
+DATASET_PROMPT = "prompt"  # the dataset's prompt column (text, or a list of {role, content} messages)
+
+
 def metadata_columns(table: pa.Table) -> list[str]:
-    """The dataset's own columns carried through (everything not core and not a reward)."""
-    return [n for n in table.column_names if n not in CORE_COLUMNS and not n.startswith(REWARD_PREFIX)]
+    """The dataset's own columns carried through (everything not core, learned or a reward), `prompt` included."""
+    return [
+        n for n in table.column_names
+        if n not in CORE_COLUMNS and n not in LEARNED_SCHEMA.names and not n.startswith(REWARD_PREFIX)
+    ]
 
 
 def make_rollout_table(core: dict[str, list], metadata: pa.Table) -> pa.Table:
@@ -47,9 +65,9 @@ def make_rollout_table(core: dict[str, list], metadata: pa.Table) -> pa.Table:
     return table
 
 
-def pad_right(rows: list[list], value: float = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Ragged rows -> (batch, max_len) tensor padded on the right with `value`."""
-    width = max((len(r) for r in rows), default=0)
+def pad_right(rows: list[list], value: float = 0, dtype: torch.dtype = torch.float32, width: int | None = None) -> torch.Tensor:
+    """Ragged rows -> (batch, width) tensor padded on the right with `value` (width: the longest row's by default)."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
     out = torch.full((len(rows), width), value, dtype=dtype)
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.as_tensor(row, dtype=dtype)
@@ -64,6 +82,6 @@ def response_mask(table: pa.Table) -> torch.Tensor:
 
 
 def mean_reward(table: pa.Table, component: str) -> float:
-    """Mean over samples of a component's total reward (sum over the sample's tokens)."""
-    sums = [sum(row) for row in table.column(reward_column(component)).to_pylist()]
+    """Mean over the samples it applies to of a component's total reward (sum over the sample's tokens)."""
+    sums = [sum(row) for row in table.column(reward_column(component)).to_pylist() if row is not None]
     return sum(sums) / len(sums) if sums else 0.0

@@ -5,7 +5,12 @@ autoscaler's JSON schema: unknown keys, fractional resources, ...), then:
 - every `ray start --head` binds the dashboard / Jobs API to loopback (`--dashboard-host=127.0.0.1`);
   0.0.0.0 exposes a remote-code-execution endpoint (CVE-2023-48022);
 - every `ray start` runs with `RAY_AUTH_MODE=token`;
-- an AWS security group opens no port but SSH (22).
+- an AWS security group opens no port but SSH (22), and no rule with IpProtocol -1 (every port); SSH
+  open to 0.0.0.0/0 is a warning; for provider `local` (no security group) it says what it could not check;
+- a Ray auth token copied by file_mounts is made private (`chmod 600`) by the setup commands of the head
+  and of the workers: rsync copies the local file's mode, 0644 where it was made with umask 022;
+- a file mount of the checkout (`.`) keeps `.venv` and `.git` out (rsync_exclude, or an rsync_filter):
+  a local venv is GBs and tens of thousands of files, copied to every node.
 """
 
 from __future__ import annotations
@@ -45,12 +50,16 @@ def validate_cluster(path: str | Path) -> list[str]:
         check_dashboard_host(path, command)
     for command in head + workers:
         check_token_auth(path, command)
-    check_open_ports(path, config)
+    ports = check_open_ports(path, config)
+    tokens = check_token_private(path, config)
+    check_checkout_excludes(path, config)
     return [
         "Ray schema: ok (prepare_config + validate_config)",
         f"dashboard/Jobs API on loopback: ok ({len(head)} head start command(s))",
         f"RAY_AUTH_MODE=token: ok ({len(head) + len(workers)} start command(s))",
-        "open ports: SSH only",
+        ports,
+        f"auth token private on every node: ok ({', '.join(tokens) or 'no token in file_mounts'})",
+        "checkout sync keeps .venv and .git out: ok",
     ]
 
 
@@ -89,12 +98,61 @@ def check_token_auth(path: Path, command: str) -> None:
         )
 
 
-def check_open_ports(path: Path, config: dict) -> None:
+def check_open_ports(path: Path, config: dict) -> str:
+    """Raise unless the security group opens SSH (22) only; return the summary line, with a warning for SSH
+    open to the whole internet and a plain statement of what cannot be checked for provider `local`."""
+    if config["provider"].get("type") == "local":
+        return ("open ports: NOT CHECKED: provider local has no security group; Ray's GCS, raylet and agent ports listen "
+                "on the network, guarded only by token auth: firewall them to the cluster's machines (docs/cluster.md)")
     group = config.get("provider", {}).get("security_group") or {}
+    world = False
     for rule in group.get("IpPermissions", []):
+        if str(rule.get("IpProtocol")) == "-1":
+            raise ClusterConfigError(
+                f"{path}: provider.security_group has a rule with IpProtocol -1, which opens every port and protocol; "
+                "open SSH (22) only and reach the dashboard through `ray dashboard` (an SSH port-forward)"
+            )
         ports = (rule.get("FromPort"), rule.get("ToPort"))
         if ports != (22, 22):
             raise ClusterConfigError(
                 f"{path}: provider.security_group opens ports {ports[0]}-{ports[1]}; open SSH (22) only "
                 "and reach the dashboard through `ray dashboard` (an SSH port-forward)"
             )
+        world |= any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", []))
+        world |= any(r.get("CidrIpv6") == "::/0" for r in rule.get("Ipv6Ranges", []))
+    if world:
+        return "open ports: SSH only; WARNING: SSH is open to the whole internet (0.0.0.0/0): restrict CidrIp to your address range"
+    return "open ports: SSH only"
+
+
+PRIVATE_MODES = r"(?:0?600|u=rw,go=|go-rwx|og-rwx)"
+
+
+def check_token_private(path: Path, config: dict) -> list[str]:
+    """Every auth token that file_mounts copies is chmod'ed private by the head's and the workers' setup."""
+    tokens = [remote for remote in (config.get("file_mounts") or {}) if "auth_token" in remote]
+    common = config.get("setup_commands") or []
+    roles = {"head": common + (config.get("head_setup_commands") or []), "worker": common + (config.get("worker_setup_commands") or [])}
+    for token in tokens:
+        pattern = re.compile(rf"chmod\s+{PRIVATE_MODES}\s+{re.escape(token)}(?:\s|;|&|$)")
+        for role, commands in roles.items():
+            if not any(pattern.search(command) for command in commands):
+                raise ClusterConfigError(
+                    f"{path}: file_mounts copies the Ray auth token to {token} but no {role} setup command makes it "
+                    f"private; add `chmod 600 {token}` to setup_commands (rsync keeps the local file's mode, often 0644)"
+                )
+    return tokens
+
+
+def check_checkout_excludes(path: Path, config: dict) -> None:
+    """A mount of the checkout itself must not copy the local venv and git history to every node."""
+    checkout = [remote for remote, local in (config.get("file_mounts") or {}).items() if str(local).rstrip("/") in (".", "")]
+    if not checkout or config.get("rsync_filter"):
+        return
+    excluded = {str(p).strip("/").removeprefix("**/").removesuffix("/**") for p in config.get("rsync_exclude") or []}
+    missing = [name for name in (".venv", ".git") if name not in excluded]
+    if missing:
+        raise ClusterConfigError(
+            f"{path}: file_mounts copies this checkout to {checkout[0]} with {' and '.join(missing)} in it (a local venv is GBs); "
+            "add rsync_exclude: [.git, /.venv/, /runs/, /tune_results/, __pycache__/] (or an rsync_filter)"
+        )

@@ -41,18 +41,46 @@ class Section(BaseModel):
 Resources = dict[str, Annotated[float, Field(ge=0)]]  # custom Ray resources: name -> amount
 
 
+class LoraConfig(Section):
+    r: int = Field(8, ge=1)
+    """Rank of the LoRA update B @ A."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale: the update is (alpha / r) * B @ A."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA branch's input (0 keeps learner and rollout log-probs identical)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]), or all-linear (every linear layer but the output head)."""
+
+
 class ModelConfig(Section):
     path: str | None = None
     """Local HF model directory; null = the built-in model of `task`."""
     trust_remote_code: bool = False
     """Allow custom modelling code shipped with the model (off unless you trust the files)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights of the rollout workers and the reference model (the learner's: learner.precision)."""
+    chat_template: str | None = None
+    """A Jinja chat-template file used instead of (or in the absence of) the tokenizer's own."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters only ({r, alpha, dropout, target_modules}, needs `peft`); null = full fine-tuning."""
 
 
 class DataConfig(Section):
     train_file: str | None = None
-    """Training prompts, .jsonl or .parquet with a `prompt` field; null = the built-in ones of `task`."""
-    eval_file: str | None = None
-    """Held-out prompts in the same format; null = the built-in eval set of `task`."""
+    """Training prompts: a .jsonl/.json/.parquet/.csv file, a saved or parquet dataset directory, or a dataset name; null = the built-in ones of `task`."""
+    eval_file: str | None = "auto"
+    """Held-out prompts in the same forms; null = no evaluation; auto = the built-in eval set of `task` if train_file is null, else none."""
+    train_split: str = "train"
+    """Split of a dataset directory or name to train on."""
+    eval_split: str = "test"
+    """Split of a dataset directory or name to evaluate on."""
+    add_special_tokens: bool = True
+    """Tokenize text prompts with the tokenizer's special tokens (e.g. BOS), as `tokenizer(text)` and TRL do."""
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run has held-out prompts (see eval_file)."""
+        return self.eval_file is not None and not (self.eval_file == "auto" and self.train_file is not None)
     shuffle: bool = True
     """Reshuffle the training prompts every epoch (seeded)."""
     max_eval_samples: int | None = Field(None, ge=1)
@@ -68,10 +96,34 @@ class TrainerConfig(Section):
     """Greedy held-out evaluation every N steps (and at step 0 and the last step)."""
     eval_metrics: list[str] = ["exact_match"]
     """Reward components scored on greedy eval samples, reported as eval/<name> (mean per-sample total)."""
+    loggers: list[Literal["tensorboard", "wandb", "mlflow", "jsonl"]] = ["tensorboard", "jsonl"]
+    """Where metrics go: metrics.jsonl (always: resume and reports read it), TensorBoard, W&B, MLflow (extras tokenforge[wandb] / [mlflow], set up by their env vars)."""
+    tracker_project: str = "tokenforge"
+    """W&B project / MLflow experiment of the run (trainer.loggers wandb / mlflow)."""
+    dump_rollouts_every: int | None = Field(None, ge=0)
+    """Write the step's scored rollout batch to rollouts/step_N.parquet every N steps (and the last); null = on every eval step; 0 = never."""
+    dump_eval: bool = True
+    """Write each eval's greedy samples with per-sample metrics to eval/step_N.parquet."""
     save_every: int = Field(100, ge=1)
     """Write a checkpoint every N steps (and at the last step)."""
+    keep_checkpoints: int | None = Field(3, ge=1)
+    """Keep the newest N published checkpoints (older ones are deleted); null = keep all."""
+    keep_best: bool = False
+    """Also keep the checkpoint with the best first eval metric (trainer.eval_metrics[0], higher is better)."""
+    max_failures: int = Field(3, ge=0)
+    """Restart the pipeline in-process from the last checkpoint after this many failures (a dead learner, a lost node) before giving up."""
     actor_timeout_s: float = Field(600.0, gt=0)
     """Longest wait for one actor call before the run stops with an error naming the actor."""
+
+
+    @model_validator(mode="after")
+    def keep_jsonl(self) -> TrainerConfig:
+        if "jsonl" not in self.loggers:
+            raise ConfigError(
+                "config key 'trainer.loggers': metrics.jsonl (jsonl) is the run's own record that --resume, keep_best "
+                f"and tokenforge report read; keep it in the list, e.g. {sorted({*self.loggers, 'jsonl'})}"
+            )
+        return self
 
 
 class RolloutConfig(Section):
@@ -85,6 +137,10 @@ class RolloutConfig(Section):
     """Nucleus sampling mass (1 = off)."""
     max_new_tokens: int = Field(8, ge=1)
     """Longest response; also the fixed length of seq-mean-token-sum-norm."""
+    stop_token_ids: list[int] = []
+    """Token ids that end a response (besides the tokenizer's EOS), e.g. a chat model's end-of-turn token."""
+    stop: list[str] = []
+    """Strings that end a response once generated (the token completing one is kept)."""
     num_cpus_per_worker: float = Field(0.5, gt=0)
     """Ray CPUs reserved by each rollout worker."""
     num_gpus_per_worker: float = Field(0.0, ge=0)
@@ -185,15 +241,26 @@ class LearnerConfig(Section):
     updates_per_batch: int = Field(1, ge=1)
     """Optimizer steps on each rollout batch (>1 is off-policy: use is_cap or ppo_clip)."""
     num_gpus: float | None = Field(None, ge=0)
-    """Ray GPUs for the learner; null = 1 if the cluster has a GPU, else 0 (CPU)."""
+    """Ray GPUs for the learner (at most 1: the learner uses one device); null = 1 if the cluster has or can autoscale a GPU, else CPU (said at start)."""
     num_cpus: float = Field(1.0, gt=0)
     """Ray CPUs reserved by the learner."""
     resources: Resources = {}
     """Custom Ray resources for the learner (see rollout.resources_per_worker)."""
     num_threads: int = Field(2, ge=1)
     """torch intra-op threads in the learner."""
+    precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"
+    """fp32; bf16-mixed (fp32 weights and optimizer, bf16 autocast forward); bf16 (bf16 weights). Log-probs are fp32 in all."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them (less memory, ~30% more time)."""
+    logprob_chunk_tokens: int = Field(4096, ge=1)
+    """Tokens whose fp32 log-softmax over the vocabulary is held at once (chunks are recomputed in the backward)."""
     max_nonfinite_steps: int = Field(3, ge=1)
     """Stop the run after this many consecutive steps whose loss or gradient norm was NaN/inf (each is skipped)."""
+
+
+class StorageConfig(Section):
+    uri: str | None = None
+    """Where every artifact of the run goes: a local path or a pyarrow.fs URI (s3://bucket/prefix, gs://..., file:///mnt/shared/x); null = output_dir."""
 
 
 class RayConfig(Section):
@@ -211,7 +278,7 @@ class TrainConfig(Section):
     seed: int = 0
     """Seed of prompt order, sampling and initialisation."""
     output_dir: str = "runs/default"
-    """Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints go."""
+    """Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints go (unless storage.uri is set)."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig()
@@ -219,11 +286,12 @@ class TrainConfig(Section):
     reward: RewardConfig = RewardConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     learner: LearnerConfig = LearnerConfig()
+    storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def check_learning_signal(self) -> TrainConfig:
-        """Refuse combinations that silently learn nothing, or learn off-policy without a correction."""
+        """Refuse combinations that silently learn nothing, reserve resources nothing uses, or learn off-policy uncorrected."""
         algo, group_size = self.algorithm, self.rollout.group_size
         if group_size < 2 and algo.estimator in GROUP_BASELINE:
             raise ConfigError(
@@ -240,6 +308,11 @@ class TrainConfig(Section):
             raise ConfigError(
                 f"config key 'learner.updates_per_batch': {self.learner.updates_per_batch} updates per batch are "
                 "off-policy after the first; set algorithm.is_cap (e.g. 2.0) or algorithm.loss=ppo_clip"
+            )
+        if (self.learner.num_gpus or 0) > 1:
+            raise ConfigError(
+                f"config key 'learner.num_gpus': the learner trains on one device, so {self.learner.num_gpus:g} GPUs would "
+                "be reserved and sit idle (there is no multi-GPU learner yet); use 1"
             )
         if algo.kl_loss_kind == "k1":
             raise ConfigError(
@@ -281,6 +354,11 @@ class TrainConfig(Section):
                 raise ConfigError(f"config key 'reward.components.{name}': {error}") from None
         return self
 
+    @property
+    def run_uri(self) -> str:
+        """Where the run's artifacts live: storage.uri, else output_dir."""
+        return self.storage.uri or self.output_dir
+
     def component_options(self, name: str) -> BaseModel:
         """The validated options of component `name` (an instance of its type's Options)."""
         spec = self.reward.components[name]
@@ -320,15 +398,33 @@ def config_with(config: TrainConfig, values: dict[str, Any]) -> TrainConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """YAML file (optional) + dotted overrides -> validated TrainConfig."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    if path is None:
+        return config_from_yaml("{}", "", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    return config_from_yaml(path.read_text(), str(path), overrides)
+
+
+def config_from_yaml(text: str, source: str, overrides: list[str] = ()) -> TrainConfig:
+    """YAML text (from the file or URI `source`) + dotted overrides -> validated TrainConfig."""
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {source!r} must hold a mapping of sections")
     return config_with(validate_config(data), dict(parse_override(text) for text in overrides))
+
+
+def code_it_would_run(config: TrainConfig) -> list[str]:
+    """The settings of `config` that run code from outside tokenforge: remote model code, python reward
+    functions. A run directory's config.yaml needs the user's consent (--trust-run-config) for these."""
+    found = ["model.trust_remote_code"] if config.model.trust_remote_code else []
+    for name, spec in config.reward.components.items():
+        options = spec.options()
+        if spec.type == "python":
+            found.append(f"reward.components.{name} (python function {options.get('function')})")
+        if options.get("trust_remote_code"):
+            found.append(f"reward.components.{name}.trust_remote_code")
+    return found
 
 
 def first_error(error: ValidationError, what: str, prefix: tuple = (), unknown: str = "unknown key") -> ConfigError:
@@ -346,8 +442,9 @@ def validate_config(data: dict) -> TrainConfig:
         raise first_error(error, "config key", unknown="unknown config key (see `tokenforge train --help-config`)") from None
 
 
-def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+def config_to_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML (`tokenforge train -c` accepts it)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:

@@ -1,4 +1,12 @@
-"""Prompt files (loaded with `datasets`) and the seeded, resumable prompt sampler."""
+"""Prompt datasets (loaded with `datasets`, held as pyarrow Tables) and the seeded, resumable prompt sampler.
+
+`data.train_file` / `data.eval_file` may be: a `.jsonl`, `.json`, `.parquet` or `.csv` file; a directory
+written by `datasets.Dataset.save_to_disk` (or a DatasetDict's, then `data.*_split` picks the split);
+a directory of parquet shards; or anything else `datasets.load_dataset` takes, e.g. a dataset name
+(offline from the local cache when HF_DATASETS_OFFLINE=1) or a local dataset repository, with
+`data.train_split` / `data.eval_split`. Each row needs a `prompt`: text, or a conversation (a list of
+{role, content} messages, TRL's conversational format). Other fields ride along to the rewards.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +18,50 @@ import pyarrow as pa
 
 from pipeline.batch import CORE_COLUMNS
 from pipeline.errors import TokenforgeError
+from pipeline.prompts import check_prompt
 
-LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_prompts(path: str | Path, key: str) -> pa.Table:
-    """A prompt file as a pyarrow Table; `key` (e.g. data.train_file) names it in errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise TokenforgeError(f"{key}: file {str(path)!r} does not exist")
-    if path.suffix not in LOADERS:
-        raise TokenforgeError(f"{key}: {str(path)!r} must be one of {', '.join(LOADERS)}")
+def read_dataset(source: str, split: str) -> datasets.Dataset:
+    """The `split` of a file, a saved dataset directory, a directory of parquet shards or a `load_dataset` name."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in FILE_BUILDERS:
+            raise ValueError(f"a file must be one of {', '.join(FILE_BUILDERS)}")
+        return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        saved = datasets.load_from_disk(str(path))  # Dataset.save_to_disk / DatasetDict.save_to_disk
+        return saved[split] if isinstance(saved, datasets.DatasetDict) else saved
+    if path.is_dir() and not any(path.glob("*.md")) and list(path.glob("*.parquet")):
+        return datasets.load_dataset("parquet", data_files=str(path / "*.parquet"), split="train")
+    return datasets.load_dataset(source, split=split)  # a dataset name or a local dataset repository
+
+
+def load_prompts(source: str | Path, key: str, split: str = "train") -> pa.Table:
+    """A prompt dataset as a pyarrow Table; `key` (e.g. data.train_file) names it in errors."""
+    source = str(source)
     datasets.disable_progress_bars()
     try:
-        table = datasets.load_dataset(LOADERS[path.suffix], data_files=str(path), split="train").data.table
-    except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable files
-        raise TokenforgeError(f"{key}: cannot read {str(path)!r}: {error}") from None
+        dataset = read_dataset(source, split)
+    except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable or unknown sources
+        missing = not Path(source).exists() and ("/" in source.strip("./") or Path(source).suffix)
+        if missing and isinstance(error, (FileNotFoundError, datasets.exceptions.DatasetNotFoundError)):
+            raise TokenforgeError(f"{key}: {source!r} does not exist (a file, a dataset directory or a cached dataset name)") from None
+        first_line = next(iter(str(error).splitlines()), "")
+        raise TokenforgeError(f"{key}: cannot read {source!r}: {type(error).__name__}: {first_line}") from None
+    if len(dataset) == 0:  # datasets refuses empty files itself; an empty split of a dataset can still get here
+        raise TokenforgeError(f"{key}: {source!r} holds no prompts")
+    table = dataset.data.table
     if "prompt" not in table.column_names:
-        raise TokenforgeError(f"{key}: {str(path)!r} has no `prompt` field (fields: {', '.join(table.column_names)})")
-    reserved = sorted(set(table.column_names) & CORE_COLUMNS - {"prompt"})
+        raise TokenforgeError(f"{key}: {source!r} has no `prompt` field (fields: {', '.join(table.column_names)})")
+    reserved = sorted(set(table.column_names) & CORE_COLUMNS)
     if reserved:
-        raise TokenforgeError(f"{key}: {str(path)!r} uses reserved field names {reserved}; rename them")
+        raise TokenforgeError(f"{key}: {source!r} uses field names tokenforge reserves for rollouts {reserved}; rename them")
     for row, prompt in enumerate(table.column("prompt").to_pylist()):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise TokenforgeError(f"{key}: {str(path)!r} row {row} has an empty or non-text prompt")
-    if table.num_rows == 0:
-        raise TokenforgeError(f"{key}: {str(path)!r} holds no prompts")
+        problem = check_prompt(prompt)
+        if problem:
+            raise TokenforgeError(f"{key}: {source!r} row {row}: the prompt {problem}")
     return table.combine_chunks()
 
 

@@ -6,16 +6,21 @@ generation (rollout worker) and for scoring (learner), so positions agree.
 
 from __future__ import annotations
 
+import functools
+import logging
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.errors import TokenforgeError
 
 ASSETS = Path(__file__).parent / "assets"
-BUILTIN_TASKS = ("addition", "words")  # made by scripts/make_task_data.py and scripts/make_task_model.py
+BUILTIN_TASKS = ("addition", "words", "chat_addition")  # made by scripts/make_task_data.py and make_task_model.py
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger("tokenforge")
 
 
 def builtin_paths(task: str) -> tuple[Path, Path, Path]:
@@ -36,15 +41,21 @@ def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
     return path
 
 
+_warned_pad: set[str] = set()
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, padding on the left; it must define EOS and PAD."""
+    """The model's tokenizer, padding on the left; it must define EOS. Without a pad token it pads with
+    EOS (as peers do; padding is masked out everywhere), logged once per process."""
     path = check_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    for role in ("eos", "pad"):
-        if getattr(tokenizer, f"{role}_token_id") is None:
-            raise TokenforgeError(
-                f"tokenizer in {str(path)!r} has no {role} token; set `{role}_token` in its tokenizer_config.json"
-            )
+    if tokenizer.eos_token_id is None:
+        raise TokenforgeError(f"tokenizer in {str(path)!r} has no eos token; set `eos_token` in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        if str(path) not in _warned_pad:
+            _warned_pad.add(str(path))
+            log.warning("tokenizer in %r has no pad token: padding with its eos token %r", str(path), tokenizer.eos_token)
     tokenizer.padding_side = "left"
     return tokenizer
 
@@ -57,11 +68,13 @@ def context_length(path: str | Path, trust_remote_code: bool = False) -> int:
     raise TokenforgeError(f"model config in {str(path)!r} states no context length (max_position_embeddings)")
 
 
-def load_model(path: str | Path, trust_remote_code: bool = False, device: str = "cpu") -> torch.nn.Module:
+def load_model(
+    path: str | Path, trust_remote_code: bool = False, device: str = "cpu", dtype: str = "float32"
+) -> torch.nn.Module:
     transformers.logging.set_verbosity_error()  # no per-load progress bars in every actor's log
     transformers.logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(
-        check_model_dir(path), trust_remote_code=trust_remote_code, dtype=torch.float32
+        check_model_dir(path), trust_remote_code=trust_remote_code, dtype=DTYPES[dtype]
     )
     return model.to(device)
 
@@ -98,19 +111,54 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(
-    model: torch.nn.Module, sequences: dict[str, torch.Tensor], temperature: float = 1.0
+    model: torch.nn.Module, sequences: dict[str, torch.Tensor], temperature: float = 1.0, chunk_tokens: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(y_t | prefix) and the entropy H_t of pi(. | prefix) for each response token: (B, R) each.
+    """log pi(y_t | prefix) and the entropy H_t of pi(. | prefix) for each response token: (B, R) each, fp32.
 
-    pi is softmax(logits / temperature), the distribution the rollout worker samples from.
+    pi is softmax(logits / temperature), the distribution the rollout worker samples from. The
+    logits stay in the model's dtype; the fp32 log-softmax over the vocabulary is taken
+    `chunk_tokens` tokens at a time and recomputed in the backward pass (activation checkpointing),
+    so a (B, R, vocab) fp32 tensor never exists at once.
     """
     ids, width = sequences["input_ids"], sequences["prompt_width"]
-    logits = model(
-        input_ids=ids, attention_mask=sequences["attention_mask"], position_ids=sequences["position_ids"]
-    ).logits
-    # logits at position p predict token p + 1: the response starts at `width`, predicted from width - 1
-    log_pi = torch.log_softmax(logits[:, width - 1 : -1].float() / temperature, dim=-1)
-    logprobs = log_pi.gather(-1, ids[:, width:, None]).squeeze(-1)
-    # H_t = -sum_v pi(v) log pi(v), with 0 log 0 = 0 (a -inf logit would otherwise give 0 * -inf = NaN)
-    entropy = -torch.where(torch.isneginf(log_pi), 0.0, log_pi.exp() * log_pi).sum(-1)
+    # logits at position p predict token p + 1: the response starts at `width`, predicted from width - 1,
+    # so only the last R + 1 positions need logits (the prompt's are never computed where the model allows).
+    # The last position predicts nothing; it gets a dummy target and is dropped at the end, so that the
+    # logits are flattened as a view, never copied.
+    logits = last_logits(model, sequences, ids.shape[1] - width + 1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    targets = torch.nn.functional.pad(ids[:, width:], (0, 1)).reshape(-1)
+    if torch.is_grad_enabled():  # keep only the logits for the backward; recompute each chunk's fp32 softmax there
+        chunk = functools.partial(torch.utils.checkpoint.checkpoint, token_logprob_entropy, use_reentrant=False)
+    else:
+        chunk = token_logprob_entropy
+    parts = [
+        chunk(flat[i : i + chunk_tokens], targets[i : i + chunk_tokens], temperature)
+        for i in range(0, flat.shape[0], chunk_tokens)
+    ]
+    logprobs = torch.cat([p[0] for p in parts]).reshape(logits.shape[:2])[:, :-1]
+    entropy = torch.cat([p[1] for p in parts]).reshape(logits.shape[:2])[:, :-1]
     return logprobs, entropy
+
+
+def last_logits(model: torch.nn.Module, sequences: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
+    """The logits of the last `keep` positions: (B, keep, vocab) in the model's dtype. HF causal LMs take
+    `logits_to_keep` and apply their head (and any logit soft-capping) to those positions only."""
+    inputs = {k: sequences[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    except TypeError as error:  # a model whose forward has no logits_to_keep: all positions, then sliced
+        if "logits_to_keep" not in str(error):
+            raise
+        logits = model(**inputs).logits
+    return logits[:, -keep:]
+
+
+def token_logprob_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For (N, vocab) logits and (N,) targets: log pi(target) and H(pi), pi = softmax(logits / T) in fp32."""
+    log_pi = torch.log_softmax(logits.float() / temperature, dim=-1)
+    # H = -sum_v pi(v) log pi(v), with 0 log 0 = 0 (a -inf logit would otherwise give 0 * -inf = NaN)
+    entropy = -torch.where(torch.isneginf(log_pi), 0.0, log_pi.exp() * log_pi).sum(-1)
+    return log_pi.gather(-1, targets[:, None]).squeeze(-1), entropy

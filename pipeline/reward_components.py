@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.models import build_sequences, check_model_dir, load_model, load_tokenizer, response_logprobs
+from pipeline.prompts import is_conversation
 from pipeline.rewards import COMPONENTS, ComponentEnv, RewardComponent, RewardError, RewardInputs, register_component
 
 __all__ = ["COMPONENTS"]  # the registry, with every built-in component registered
@@ -81,34 +82,36 @@ class ExactMatch(ReferenceComponent):
 
     def __call__(self, inputs: RewardInputs) -> list[float]:
         refs = inputs.columns[self.options.column]
-        return [float(any(self.same(c, r) for r in references(ref))) for c, ref in zip(inputs.completions, refs)]
+        return [float(any(self.same(c, r) for r in references(ref))) for c, ref in zip(inputs.texts, refs)]
 
 
 @register_component("digit_match")
 class DigitMatch(ReferenceComponent):
-    """Token-level credit for each answer character generated in its place, and for EOS in its place.
+    """Token-level credit for each answer character generated in its place, and for the stop token (EOS)
+    in its place.
 
-    With answer a (n characters), a token covering characters [k, k+len) earns
-    (number of them equal to a[k:k+len]) / (n + 1); EOS earns 1 / (n + 1) when everything before
-    it is exactly a. A fully correct response therefore earns 1 in total.
+    With answer a (n characters), a token whose text covers characters [s, e) of the completion earns
+    (number of them equal to a[s:e]) / (n + 1), so one BPE token covering several digits earns for each;
+    the stop token earns 1 / (n + 1) when everything before it is exactly a. A fully correct response
+    therefore earns 1 in total. Character positions come from RewardInputs.token_spans.
     """
 
     Options = ColumnOptions
 
     def __call__(self, inputs: RewardInputs) -> list[list[float]]:
         rows = []
-        for tokens, answer in zip(inputs.completion_tokens, inputs.columns[self.options.column]):
+        for ids, spans, text, answer in zip(
+            inputs.completion_ids, inputs.token_spans, inputs.texts, inputs.columns[self.options.column]
+        ):
             answer = str(answer)
             unit = 1.0 / (len(answer) + 1)
-            row, text = [], ""
-            for token in tokens:
-                if token == inputs.eos_token:
-                    row.append(unit if text == answer else 0.0)
+            row = []
+            for token, (start, end) in zip(ids, spans):
+                if token in inputs.stop_ids:
+                    row.append(unit if text[:start] == answer else 0.0)
                     break
-                offset = len(text)
-                row.append(unit * sum(c == answer[offset + j] for j, c in enumerate(token) if offset + j < len(answer)))
-                text += token
-            rows.append(row + [0.0] * (len(tokens) - len(row)))
+                row.append(unit * sum(text[j] == answer[j] for j in range(start, min(end, len(answer)))))
+            rows.append(row + [0.0] * (len(ids) - len(row)))
         return rows
 
 
@@ -135,7 +138,7 @@ class RegexMatch(RewardComponent):
     def __call__(self, inputs: RewardInputs) -> list[float]:
         o = self.options
         find = re.compile(o.pattern, re.DOTALL).fullmatch if o.full_match else re.compile(o.pattern, re.DOTALL).search
-        return [o.match if find(c) else o.miss for c in inputs.completions]
+        return [o.match if find(c) else o.miss for c in inputs.texts]
 
 
 @register_component("length_penalty")
@@ -177,7 +180,7 @@ class SacrebleuComponent(ReferenceComponent):
 
     def __call__(self, inputs: RewardInputs) -> list[float]:
         refs = inputs.columns[self.options.column]
-        return [self.metric.sentence_score(c, references(r)).score / 100 for c, r in zip(inputs.completions, refs)]
+        return [self.metric.sentence_score(c, references(r)).score / 100 for c, r in zip(inputs.texts, refs)]
 
 
 @register_component("bleu")
@@ -207,10 +210,12 @@ class Chrf(SacrebleuComponent):
 
 @register_component("rouge")
 class Rouge(ReferenceComponent):
-    """ROUGE F-measure (rouge-score; best over references)."""
+    """ROUGE F-measure, precision or recall of the completion against its reference (rouge-score; best
+    over references). Precision = overlap / completion length, recall = overlap / reference length."""
 
     class Options(ReferenceOptions):
         rouge_type: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = "rougeL"
+        measure: Literal["fmeasure", "precision", "recall"] = "fmeasure"
 
     def __init__(self, options: Options, env: ComponentEnv):
         super().__init__(options, env)
@@ -221,8 +226,8 @@ class Rouge(ReferenceComponent):
     def __call__(self, inputs: RewardInputs) -> list[float]:
         o, refs = self.options, inputs.columns[self.options.column]
         return [
-            max(self.scorer.score(r, c)[o.rouge_type].fmeasure for r in references(ref))
-            for c, ref in zip(inputs.completions, refs)
+            max(getattr(self.scorer.score(r, c)[o.rouge_type], o.measure) for r in references(ref))  # (target, prediction)
+            for c, ref in zip(inputs.texts, refs)
         ]
 
 
@@ -245,7 +250,9 @@ def batches(n: int, size: int) -> list[range]:
 
 @register_component("classifier")
 class Classifier(RewardComponent):
-    """Probability (or logit) of `label` under a local HF sequence-classification model."""
+    """Probability (or logit) of `label` under a local HF sequence-classification model. A conversation is
+    rendered with the reward model's own chat template (its turns, then the completion as the assistant's
+    turn; `text: completion` scores the assistant turn alone) when it has one, else scored as plain text."""
 
     class Options(ModelOptions):
         label: int | str = 1
@@ -270,13 +277,23 @@ class Classifier(RewardComponent):
         if not isinstance(self.label, int) or not 0 <= self.label < self.model.config.num_labels:
             raise RewardError(f"classifier {options.path!r} has no label {options.label!r} (labels: {label2id})")
 
+    def render(self, inputs: RewardInputs, i: int) -> tuple[str, bool]:
+        """The text the reward model scores for sample i, and whether it is already templated."""
+        both = self.options.text == "prompt_completion"
+        if is_conversation(inputs.prompts[i]) and self.tokenizer.chat_template:
+            messages = (inputs.prompts[i] if both else []) + inputs.completions[i]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False), True
+        prompt = inputs.prompt_texts[i] if inputs.prompt_texts else str(inputs.prompts[i])
+        return (prompt + inputs.texts[i] if both else inputs.texts[i]), False
+
     @torch.no_grad()
     def __call__(self, inputs: RewardInputs) -> list[float]:
-        both = self.options.text == "prompt_completion"
-        texts = [p + c if both else c for p, c in zip(inputs.prompts, inputs.completions)]
+        rendered = [self.render(inputs, i) for i in range(len(inputs.texts))]
+        # a chat template already holds the special tokens: add none a second time
+        ids = [self.tokenizer(text, add_special_tokens=not templated).input_ids for text, templated in rendered]
         out = []
-        for rows in batches(len(texts), self.options.batch_size):
-            encoded = self.tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True).to(self.env.device)
+        for rows in batches(len(ids), self.options.batch_size):
+            encoded = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(self.env.device)
             logits = self.model(**encoded).logits.float()
             scores = logits.softmax(-1) if self.options.output == "probability" else logits
             out += scores[:, self.label].tolist()
@@ -345,9 +362,11 @@ def import_function(spec: str):
 
 @register_component("python")
 class PythonFunction(RewardComponent):
-    """A user function called as f(prompts=, completions=, completion_ids=, **dataset_columns) on the
-    batch (the TRL reward-function signature); it returns a float per sample (sequence-level) or a
-    list of floats per sample (token-level). `async def` functions are awaited."""
+    """A user function called exactly as TRL calls reward functions:
+    f(prompts=, completions=, completion_ids=, trainer_state=, **dataset_columns) on the batch, with
+    conversations and their completions as message lists. It returns per sample a float
+    (sequence-level), a list of floats (token-level) or None (not applicable: the sample gets nothing
+    from it, TRL's rule). `async def` functions are awaited."""
 
     class Options(BaseOptions):
         function: str
@@ -365,7 +384,11 @@ class PythonFunction(RewardComponent):
 
     def __call__(self, inputs: RewardInputs) -> list:
         kwargs = dict(
-            inputs.columns, prompts=inputs.prompts, completions=inputs.completions, completion_ids=inputs.completion_ids
+            inputs.columns,
+            prompts=inputs.prompts,
+            completions=inputs.completions,
+            completion_ids=inputs.completion_ids,
+            trainer_state=inputs.trainer_state,
         )
         result = self.function(**kwargs)
         if inspect.isawaitable(result):

@@ -58,7 +58,7 @@ class RewardPool:
     def actors(self) -> list:
         return self.group.actors
 
-    def score(self, batch: pa.Table, names: list[str]) -> tuple[pa.Table, pa.Array]:
+    def score(self, batch: pa.Table, names: list[str], step: int = 0) -> tuple[pa.Table, pa.Array]:
         """`batch` with one reward/<name> column per component, and a boolean `dropped` mask (on_error=drop)."""
         if not self.started:
             self.group.get([actor.__ray_ready__.remote() for actor in self.actors])
@@ -70,7 +70,7 @@ class RewardPool:
 
         def submit(shard: int, name: str, attempt: int, worker: int, deadline: float | None = None) -> None:
             worker %= len(self.actors)
-            ref = self.actors[worker].score.remote(shards[shard], name)
+            ref = self.actors[worker].score.remote(shards[shard], name, step)
             pending[ref] = Task(shard, name, attempt, worker, deadline or time.monotonic() + self.config.reward.timeout_s)
 
         def next_worker(after: int) -> int:
@@ -107,7 +107,7 @@ class RewardPool:
                     self.counts["reward/worker_deaths"] += not task.innocent
                     retry(task, f"its worker died ({type(error).__name__})")
                 except ray.exceptions.RayTaskError as error:
-                    cause = error.as_instanceof_cause()
+                    cause = error.cause  # the worker's own exception (str(error) holds the remote traceback)
                     if isinstance(cause, TokenforgeError):
                         raise TokenforgeError(str(cause)) from None
                     raise

@@ -24,18 +24,29 @@ from pipeline.errors import TokenforgeError
 
 
 @dataclass
+class TrainerState:
+    """What TRL passes reward functions as `trainer_state` (the fields they read)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+
+
+@dataclass
 class RewardInputs:
     """One batch as reward components see it (lists are row-aligned)."""
 
-    prompts: list[str]
-    completions: list[str]
+    prompts: list  # the dataset's prompts: text, or a conversation (a list of {role, content} messages)
+    completions: list  # as TRL gives them: text, or [{"role": "assistant", "content": text}] for a conversation
     completion_ids: list[list[int]]
-    completion_tokens: list[list[str]]  # each response token decoded on its own; EOS is `eos_token`
+    texts: list[str]  # each completion's text: the decoded response, special tokens removed
+    token_spans: list[list[tuple[int, int]]]  # per response token, its [start, end) characters in texts[i]
     columns: dict[str, list]  # the dataset's own columns, e.g. columns["answer"]
-    eos_token: str
+    stop_ids: frozenset[int] = frozenset()  # token ids that end a response (EOS, rollout.stop_token_ids)
+    prompt_texts: list[str] = field(default_factory=list)  # the prompts as the model saw them
     prompt_ids: list[list[int]] = field(default_factory=list)
     behaviour_logprobs: list[list[float]] = field(default_factory=list)  # log pi of each response token
     sample_ids: list[int] = field(default_factory=list)  # for error messages
+    trainer_state: TrainerState = field(default_factory=TrainerState)
 
     def select(self, rows: Sequence[int]) -> RewardInputs:
         """The same batch restricted to `rows`."""
@@ -80,7 +91,8 @@ class RewardComponent(ABC):
 
     @abstractmethod
     def __call__(self, inputs: RewardInputs) -> list:
-        """Per sample: one float (sequence-level) or one float per response token (token-level)."""
+        """Per sample: one float (sequence-level), one float per response token (token-level), or None
+        when the component does not apply to the sample (TRL's rule: it then adds nothing)."""
 
 
 COMPONENTS: dict[str, type[RewardComponent]] = {}
@@ -102,13 +114,16 @@ class RewardError(TokenforgeError):
     """A component failed or returned something unusable; the message names component and sample."""
 
 
-def score_component(name: str, component: RewardComponent, inputs: RewardInputs) -> list[list[float]]:
-    """Run one component and return one float per response token for every sample."""
+def score_component(name: str, component: RewardComponent, inputs: RewardInputs) -> list[list[float] | None]:
+    """Run one component and return one float per response token for every sample (None: not applicable)."""
     scores = component(inputs)
     if len(scores) != len(inputs.completion_ids):
         raise RewardError(f"reward {name!r} returned {len(scores)} scores for {len(inputs.completion_ids)} samples")
     rows = []
     for i, (score, ids) in enumerate(zip(scores, inputs.completion_ids)):
+        if score is None:
+            rows.append(None)
+            continue
         if isinstance(score, (list, tuple)) or (hasattr(score, "ndim") and score.ndim == 1):  # token-level
             row = [float(x) for x in score]
             if len(row) != len(ids):
@@ -129,7 +144,8 @@ def score_component(name: str, component: RewardComponent, inputs: RewardInputs)
 
 def describe_sample(inputs: RewardInputs, i: int) -> str:
     sample = inputs.sample_ids[i] if inputs.sample_ids else i
-    return f"sample {sample} (prompt {inputs.prompts[i]!r})"
+    prompt = repr(inputs.prompts[i])
+    return f"sample {sample} (prompt {prompt if len(prompt) <= 80 else prompt[:77] + '...'})"
 
 
 NORMALIZATIONS = ("none", "batch", "group")

@@ -162,6 +162,8 @@ def check_objective(spec: TuneSpec, base: TrainConfig) -> None:
             "and trials cannot be compared by it (the search would favour large weights); "
             "optimise a held-out eval metric such as eval/exact_match"
         )
+    if not base.data.evaluates:
+        raise ConfigError("tune.metric: trials are compared on held-out prompts, but the base config has none; set data.eval_file")
     known = [f"eval/{name}" for name in base.trainer.eval_metrics]
     if metric not in known:
         raise ConfigError(
@@ -221,7 +223,7 @@ def known(kind: str, name: str, registry) -> None:
 
 def require(library: str, what: str) -> None:
     if importlib.util.find_spec(library) is None:
-        package = {"bayes_opt": "bayesian-optimization", "sklearn": "scikit-learn"}.get(library, library)
+        package = {"bayes_opt": "'bayesian-optimization<2'", "sklearn": "scikit-learn"}.get(library, library)  # Ray 2.60 needs 1.x
         raise ConfigError(f"{what} needs the `{package}` package: pip install {package}")
 
 

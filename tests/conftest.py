@@ -23,6 +23,8 @@ _TOKEN.parent.mkdir()
 _TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
 os.environ.pop("RAY_ADDRESS", None)
+for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(key, value)  # the local moto S3 server of the storage tests (Ray's workers inherit them)
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +32,7 @@ def ray_cluster():
     """A real local Ray with 2 CPUs, shared by every end-to-end test."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)  # the same cluster on a GPU machine
     yield ray
     ray.shutdown()
 
@@ -40,3 +42,17 @@ def builtin_model_path() -> str:
     from pipeline.models import BUILTIN_MODEL
 
     return str(BUILTIN_MODEL)
+
+
+OBSERVED = ["trainer.total_steps=4", "trainer.eval_every=2", "trainer.prompts_per_step=16", "data.max_eval_samples=50"]
+
+
+@pytest.fixture(scope="session")
+def observed_run(ray_cluster, tmp_path_factory):
+    """A 4-step run of the default task (eval and dumps at steps 0/2/4) for the dump, samples and report tests."""
+    from pipeline.config import load_config
+    from pipeline.trainer import train
+
+    out = tmp_path_factory.mktemp("observed") / "run"
+    train(load_config(overrides=[*OBSERVED, f"output_dir={out}"]))
+    return out

@@ -2,16 +2,18 @@
 
 import asyncio
 import os
-import tempfile
 import time
 from pathlib import Path
-
-CRASH_MARKER = Path(tempfile.gettempdir()) / "tokenforge-test-crash-once"
 
 
 def completion_length(prompts, completions, completion_ids, **columns):
     """Sequence-level: the completion's character count."""
     return [float(len(c)) for c in completions]
+
+
+def content_length(prompts, completions, completion_ids, **columns):
+    """Sequence-level: the completion's character count; a conversational completion is a message list."""
+    return [float(len(c[0]["content"] if isinstance(c, list) else c)) for c in completions]
 
 
 async def async_token_index(prompts, completions, completion_ids, **columns):
@@ -33,22 +35,26 @@ def hang(prompts, completions, completion_ids, **columns):
     return [0.0] * len(completions)
 
 
-def crash_once(prompts, completions, completion_ids, **columns):
-    """Kills its worker process the first time it runs (until CRASH_MARKER exists), then scores 1."""
+def crash_once(prompts, completions, completion_ids, marker_dir, row, **columns):
+    """Kills its worker process the first time it runs (until `crashed` exists in the dataset column
+    `marker_dir`, a per-test directory), then scores 1 and appends the `row` of every sample it scored
+    to `scored`, so a test can tell "scored once" from "scored twice"."""
+    directory = Path(marker_dir[0])
     try:
-        os.close(os.open(CRASH_MARKER, os.O_CREAT | os.O_EXCL))  # atomic: only one worker ever crashes
+        os.close(os.open(directory / "crashed", os.O_CREAT | os.O_EXCL))  # atomic: only one worker ever crashes
     except FileExistsError:
+        with open(directory / "scored", "a") as log:
+            log.write("".join(f"{r}\n" for r in row))
         return [1.0] * len(completions)
     os._exit(1)
 
 
-FAIL_COUNTER = Path(tempfile.gettempdir()) / "tokenforge-test-fail-counter"
-
-
-def fail_on_sixth_call(prompts, completions, completion_ids, **columns):
-    """Scores 0; raises on the sixth call ever (a counter file survives worker and trial restarts)."""
-    calls = int(FAIL_COUNTER.read_text()) + 1 if FAIL_COUNTER.exists() else 1
-    FAIL_COUNTER.write_text(str(calls))
+def fail_on_sixth_call(prompts, completions, completion_ids, marker_dir, **columns):
+    """Scores 0; raises on the sixth call ever (a counter file in the per-test directory `marker_dir`, a
+    dataset column, survives worker and trial restarts)."""
+    counter = Path(marker_dir[0]) / "calls"
+    calls = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(calls))
     if calls == 6:
         raise RuntimeError("flaky reward service")
     return [0.0] * len(completions)

@@ -11,21 +11,26 @@ from actors.learner import Learner, lr_factor
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline.batch import ROLLOUT_SCHEMA, make_rollout_table, pad_right, response_mask, reward_column
-from pipeline.config import LearnerConfig, RolloutConfig, load_config
+from pipeline.config import LearnerConfig, load_config
 from pipeline.errors import TokenforgeError
 from pipeline.models import build_sequences, load_model, response_logprobs
 
 PROMPTS = pa.table({"prompt": ["13+54=", "2+2=", "99+99="], "answer": ["67", "4", "198"], "group_id": [10, 11, 12]})
 
 
+def config_with_rollout(seed: int = 0, **rollout):
+    """The default config with these rollout settings."""
+    return load_config(overrides=[f"seed={seed}", *(f"rollout.{k}={v}" for k, v in rollout.items())])
+
+
 @pytest.fixture(scope="module")
 def worker(builtin_model_path):
-    return RolloutWorker(builtin_model_path, RolloutConfig(temperature=0.7, max_new_tokens=6), seed=3)
+    return RolloutWorker(config_with_rollout(temperature=0.7, max_new_tokens=6, seed=3), builtin_model_path)
 
 
 def test_rollout_batch_follows_schema(worker):
     batch = worker.generate(PROMPTS, group_size=4, step=1)
-    assert batch.schema.names == [*ROLLOUT_SCHEMA.names, "answer"]
+    assert batch.schema.names == [*ROLLOUT_SCHEMA.names, "prompt", "answer"]  # the dataset's columns ride along
     assert batch.num_rows == 12
     assert batch.column("sample_id").to_pylist() == [g * 4 + k for g in (10, 11, 12) for k in range(4)]
     assert batch.column("answer").to_pylist() == ["67"] * 4 + ["4"] * 4 + ["198"] * 4
@@ -34,6 +39,16 @@ def test_rollout_batch_follows_schema(worker):
         assert 1 <= len(ids) <= 6 and len(logps) == len(ids)
         assert all(lp <= 0 for lp in logps)
         assert finished == (ids[-1] == eos) and eos not in ids[:-1]
+
+
+def test_top_p_keeps_only_the_nucleus(builtin_model_path):
+    """top_p below the top token's probability leaves only that token: sampling equals greedy decoding."""
+    config = config_with_rollout(temperature=1.0, top_p=1e-6, max_new_tokens=6, seed=5)
+    nucleus = RolloutWorker(config, builtin_model_path).generate(PROMPTS, group_size=4, step=3)
+    greedy = RolloutWorker(config, builtin_model_path).generate(PROMPTS, group_size=4, greedy=True)
+    assert nucleus.column("response_ids").to_pylist() == greedy.column("response_ids").to_pylist()
+    wide = RolloutWorker(config_with_rollout(max_new_tokens=6, seed=5), builtin_model_path).generate(PROMPTS, group_size=4, step=3)
+    assert wide.column("response_ids").to_pylist() != greedy.column("response_ids").to_pylist()
 
 
 def test_sampling_is_seeded_by_step_and_greedy_is_deterministic(worker):
@@ -65,15 +80,16 @@ def scored_rows(responses: list[str], answer: str, worker: RolloutWorker) -> pa.
     core = {
         "sample_id": list(range(len(ids))),
         "group_id": [0] * len(ids),
-        "prompt": ["a+b="] * len(ids),
+        "prompt_text": ["a+b="] * len(ids),
         "prompt_ids": [tok("1+2=").input_ids] * len(ids),
         "response_ids": ids,
         "behaviour_logprobs": [[-1.0] * len(r) for r in ids],
-        "completion": [r.replace("$", "") for r in responses],
+        "response": [r.replace("$", "") for r in responses],
         "finished": [r.endswith("$") for r in responses],
         "policy_version": [0] * len(ids),
+        "worker": ["local"] * len(ids),
     }
-    return make_rollout_table(core, pa.table({"answer": [answer] * len(ids)}))
+    return make_rollout_table(core, pa.table({"prompt": ["a+b="] * len(ids), "answer": [answer] * len(ids)}))
 
 
 def test_reward_worker_scores_exact_and_digit_match(worker, builtin_model_path):
@@ -103,8 +119,9 @@ def scored(batch: pa.Table, config, model_path: str) -> pa.Table:
     return table
 
 
-def test_learner_step_applies_weights_exactly_and_publishes_loadable_weights(learner_and_batch, worker):
+def test_learner_step_applies_weights_exactly_and_publishes_loadable_weights(learner_and_batch, builtin_model_path):
     learner, batch = learner_and_batch
+    worker = RolloutWorker(config_with_rollout(max_new_tokens=6), builtin_model_path)  # its own: set_weights changes it
     before = {k: v.clone() for k, v in learner.get_weights().items()}
     metrics = learner.train_step(batch)
     expected = 2.0 * metrics["reward/exact_match/mean"] + 0.5 * metrics["reward/digit_match/mean"]
@@ -140,7 +157,7 @@ def test_learner_raises_the_likelihood_of_winning_samples(learner_and_batch):
 def test_learner_checkpoint_round_trip(learner_and_batch, tmp_path, builtin_model_path):
     learner, batch = learner_and_batch
     learner.train_step(batch)
-    learner.save(str(tmp_path))
+    learner.save_local(str(tmp_path))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in learner.get_weights().items())
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "tokenizer.json").is_file()
@@ -173,7 +190,7 @@ def test_kl_in_the_reward_lowers_the_rewards_by_beta_times_kl(builtin_model_path
     moved = Learner(load_config(overrides=["learner.lr=1e-3"]), builtin_model_path, builtin_model_path)
     for _ in range(3):
         moved.train_step(batch)
-    sampler = RolloutWorker(builtin_model_path, RolloutConfig(max_new_tokens=6), seed=4)
+    sampler = RolloutWorker(config_with_rollout(max_new_tokens=6, seed=4), builtin_model_path)
     sampler.set_weights(moved.get_weights(), 3)
     config = load_config(overrides=["algorithm.kl_in_reward_coef=0.5"])
     fresh = scored(sampler.generate(PROMPTS, group_size=8, step=1), config, builtin_model_path)
@@ -288,3 +305,27 @@ def test_non_finite_steps_are_skipped_and_the_run_goes_on_until_too_many(learner
     learner.train_step(inf_loss, step=5)
     with pytest.raises(TokenforgeError, match="2 consecutive steps up to step 6 had a NaN/inf advantage, loss or gradient norm"):
         learner.train_step(inf_reward, step=6)
+
+
+def test_several_updates_per_batch_are_importance_weighted(learner_and_batch, builtin_model_path):
+    """updates_per_batch=2 with is_cap: the second update sees pi_theta != pi_behaviour (the first moved it),
+    so the IS weights leave 1 and the cap binds on some tokens."""
+    _, batch = learner_and_batch
+    config = load_config(overrides=["learner.updates_per_batch=2", "algorithm.is_cap=1.0", "learner.lr=1e-3", "learner.warmup_steps=0"])
+    learner = Learner(config, builtin_model_path, builtin_model_path)
+    metrics = learner.train_step(batch)  # the metrics are the last update's
+    assert metrics["policy/is_weight/mean"] != pytest.approx(1.0, abs=1e-4)
+    assert 0.0 < metrics["policy/is_weight/clip_frac"] < 1.0
+    assert learner.scheduler.last_epoch == 2 and learner.get_version() == 1  # two updates, one policy version
+
+
+def test_group_normalisation_is_applied_by_the_learner(learner_and_batch, builtin_model_path):
+    """normalize: group makes every group's composite total 0 on average; without it, the mean total is
+    the weighted reward itself."""
+    _, batch = learner_and_batch
+    plain = Learner(load_config(), builtin_model_path, builtin_model_path).train_step(batch)
+    config = load_config(overrides=["reward.components.exact_match.normalize=group", "reward.components.digit_match.normalize=group"])
+    normalised = Learner(config, builtin_model_path, builtin_model_path).train_step(batch)
+    assert plain["reward/total/mean"] > 0.1
+    assert normalised["reward/total/mean"] == pytest.approx(0.0, abs=1e-9)
+    assert normalised["reward/exact_match/mean"] == plain["reward/exact_match/mean"]  # metrics of the raw component

@@ -5,9 +5,11 @@ import shutil
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli import main, parse
 
 
 def run_cli(argv, capsys) -> str:
@@ -47,11 +49,19 @@ def test_missing_model_path(capsys, tmp_path):
 def test_dataset_missing_or_without_prompt_or_with_empty_prompt(capsys, tmp_path):
     out = f"output_dir={tmp_path / 'out'}"
     err = run_cli(["train", f"data.train_file={tmp_path / 'nope.jsonl'}", out], capsys)
-    assert "data.train_file: file" in err and "does not exist" in err
+    assert "data.train_file: '" in err and "nope.jsonl' does not exist" in err
     no_prompt = jsonl(tmp_path / "q.jsonl", [{"question": "1+1=", "answer": "2"}])
     assert "has no `prompt` field (fields: question, answer)" in run_cli(["train", f"data.train_file={no_prompt}", out], capsys)
     empty = jsonl(tmp_path / "e.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": " ", "answer": "0"}])
-    assert "row 1 has an empty or non-text prompt" in run_cli(["train", f"data.eval_file={empty}", out], capsys)
+    assert "e.jsonl' row 1: the prompt is empty" in run_cli(["train", f"data.eval_file={empty}", out], capsys)
+    messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    rows = [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}, {"prompt": [{"role": "user", "content": None}], "answer": "0"}]
+    pq.write_table(pa.Table.from_pylist(rows, pa.schema([("prompt", messages), ("answer", pa.string())])), tmp_path / "c.parquet")
+    err = run_cli(["train", f"data.eval_file={tmp_path / 'c.parquet'}", out], capsys)
+    assert "c.parquet' row 1: the prompt message 0 is not {role: str, content: str}" in err
+    chat = jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}])
+    err = run_cli(["train", f"data.eval_file={chat}", out], capsys)  # the char-level model has no chat template
+    assert "data.eval_file: a prompt is a conversation (a list of messages) but the tokenizer has no chat template; set model.chat_template" in err
     no_answer = jsonl(tmp_path / "a.jsonl", [{"prompt": "1+1="}])
     assert "need fields ['answer']" in run_cli(["train", f"data.train_file={no_answer}", out], capsys)
 
@@ -62,14 +72,30 @@ def test_prompt_longer_than_context(capsys, tmp_path):
     assert "prompt 1 has 33 tokens; with rollout.max_new_tokens=8 it exceeds the model context of 32 tokens" in err
 
 
-@pytest.mark.parametrize("role", ["pad", "eos"])
-def test_tokenizer_without_pad_or_eos(capsys, tmp_path, model_copy, role):
-    config_file = model_copy / "tokenizer_config.json"
+def without_token(model_dir, role: str):
+    config_file = model_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(config_file.read_text())
     tokenizer_config.pop(f"{role}_token")
     config_file.write_text(json.dumps(tokenizer_config))
+
+
+def test_tokenizer_without_eos(capsys, tmp_path, model_copy):
+    without_token(model_copy, "eos")
     err = run_cli(["train", f"model.path={model_copy}", f"output_dir={tmp_path / 'out'}"], capsys)
-    assert f"has no {role} token; set `{role}_token`" in err
+    assert "has no eos token; set `eos_token`" in err
+
+
+def test_tokenizer_without_pad_pads_with_eos(model_copy, caplog):
+    from pipeline.models import load_tokenizer
+
+    without_token(model_copy, "pad")
+    with caplog.at_level("WARNING", logger="tokenforge"):
+        tokenizer = load_tokenizer(model_copy)
+        load_tokenizer(model_copy)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert [r.getMessage() for r in caplog.records].count(
+        f"tokenizer in {str(model_copy)!r} has no pad token: padding with its eos token '<eos>'"
+    ) == 1  # logged once
 
 
 def test_resume_without_a_run(capsys, tmp_path):
@@ -87,8 +113,10 @@ def test_real_process_prints_no_traceback(tmp_path):
 
 def test_resources_the_cluster_can_never_provide_fail_fast(ray_cluster, capsys, tmp_path):
     out = f"output_dir={tmp_path / 'out'}"
+    err = run_cli(["train", "learner.num_gpus=1", out], capsys)
+    assert "the actors need 1 GPU in total but the Ray cluster has 0" in err
     err = run_cli(["train", "learner.num_gpus=8", out], capsys)
-    assert "the actors need 8 GPU in total but the Ray cluster has 0" in err
+    assert "'learner.num_gpus': the learner trains on one device, so 8 GPUs would be reserved and sit idle" in err
     err = run_cli(["train", "rollout.resources_per_worker={tpu_pod: 1}", out], capsys)
     assert "the actors need 1 tpu_pod in total but the Ray cluster has 0" in err
 
@@ -96,3 +124,73 @@ def test_resources_the_cluster_can_never_provide_fail_fast(ray_cluster, capsys, 
 def test_reward_component_needs_a_column_the_data_lacks(capsys, tmp_path):
     err = run_cli(["train", "reward.weights={chrf: 1.0}", f"output_dir={tmp_path / 'out'}"], capsys)
     assert "data.train_file: the reward components need fields ['reference'], missing from the file" in err
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'rollout.num_workers'"):
+        main(["train", "--debug", "rollout.num_workers=0"])
+
+
+def test_help_config_lists_every_key_with_its_default(capsys):
+    from pipeline.config import describe_fields
+
+    main(["train", "--help-config"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == describe_fields() and len(lines) > 60
+    assert "learner.max_nonfinite_steps = 3  # Stop the run after this many consecutive steps" in "\n".join(lines)
+
+
+def test_eval_data_with_dropped_samples_leaves_them_out_of_the_means(capsys, tmp_path, builtin_model_path):
+    """`tokenforge eval --data`: a component whose on_error is `drop` removes its failing samples from every
+    eval mean; the shipped model solves one-digit sums, and its answer 7 to 3+4= (marked wrong here) is dropped."""
+    data = jsonl(tmp_path / "eval.jsonl", [{"prompt": "2+2=", "answer": "4"}, {"prompt": "1+5=", "answer": "6"},
+                                           {"prompt": "3+4=", "answer": "not 7"}])
+    fns = f"{__file__.rsplit('/', 1)[0]}/reward_fns.py"
+    main(["eval", builtin_model_path, f"reward.components.sevens={{type: python, function: '{fns}:fail_on_seven', on_error: drop}}",
+          "trainer.eval_metrics=[exact_match, sevens]", "reward.weights={exact_match: 1.0}", "--data", data, "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval_samples"] == 3
+    assert result["eval/exact_match"] == 1.0 and result["eval/sevens"] == 1.0  # over the 2 samples kept
+    main(["eval", builtin_model_path, "--data", data])  # without the dropping component: 2 of 3
+    assert capsys.readouterr().out == (f"tokenforge: evaluated {builtin_model_path} on 3 samples (eval/exact_match 0.6667); "
+                                       f"next: tokenforge train model.path={builtin_model_path}\n")
+
+
+def test_words_example_config_is_valid_and_its_inputs_load():
+    from pipeline.config import load_config
+    from pipeline.inputs import load_inputs, with_builtin_defaults
+
+    config = with_builtin_defaults(load_config(f"{__file__.rsplit('/', 2)[0]}/examples/words.yaml"))
+    train_prompts, eval_prompts = load_inputs(config)
+    assert config.task == "words" and config.model.path.endswith("assets/words/model")
+    assert train_prompts.num_rows == 800 and eval_prompts.num_rows == 200 and "reference" in eval_prompts.column_names
+
+
+def test_a_run_config_that_would_run_code_needs_trust_run_config(capsys, tmp_path):
+    from pipeline.config import config_to_yaml, load_config
+
+    fns = f"{__file__.rsplit('/', 1)[0]}/reward_fns.py"
+    run = tmp_path / "run"
+    run.mkdir()
+    config = load_config(overrides=[f"reward.components.mine={{type: python, function: '{fns}:completion_length'}}", "reward.weights.mine=1",
+                                    "model.trust_remote_code=true"])
+    (run / "config.yaml").write_text(config_to_yaml(config))
+    for command in (["eval", str(run)], ["train", "--resume", str(run)]):
+        err = run_cli(command, capsys)
+        assert "config.yaml enables model.trust_remote_code, reward.components.mine (python function" in err
+        assert "pass --trust-run-config if you trust this run directory" in err
+    # trusted, it goes on (to the next check: this run has no checkpoint yet)
+    assert "is a run without a published checkpoint" in run_cli(["eval", str(run), "--trust-run-config"], capsys)
+
+
+def test_overrides_may_follow_options(capsys):
+    """`tokenforge eval MODEL --data FILE key=value`, as a user writes it: the override is kept, in order;
+    an unknown option is still refused."""
+    assert parse(["eval", "model", "a.b=1", "--data", "f.jsonl", "c.d=2"]).overrides == ["a.b=1", "c.d=2"]
+    with pytest.raises(SystemExit) as stop:
+        parse(["eval", "model", "--data", "f.jsonl", "--bogus"])
+    assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["validate-cluster", "cluster.yaml", "x=1"])  # a command without overrides

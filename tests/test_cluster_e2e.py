@@ -4,84 +4,27 @@ resources, then `ray job submit --working-dir .`. Stops everything it started (a
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from local_cluster import BIN, LocalCluster
 
 REPO = Path(__file__).parent.parent
-BIN = Path(sys.executable).parent
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def node_ports(first_worker_port: int) -> list[str]:
-    manager, objects, agent, agent_grpc, runtime_env, metrics = free_ports(6)
-    return [
-        f"--node-manager-port={manager}",
-        f"--object-manager-port={objects}",
-        f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env}",
-        f"--metrics-export-port={metrics}",
-        f"--min-worker-port={first_worker_port}",
-        f"--max-worker-port={first_worker_port + 99}",
-    ]
-
-
-def processes_of(temp_dir: str) -> list[int]:
-    """PIDs whose command line mentions this cluster's temp dir (its GCS, raylets, agents, workers)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and temp_dir in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    temp_dir = tempfile.mkdtemp(prefix="tf-ray-", dir="/tmp")  # short: Ray's socket paths live below it
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dashboard, client = free_ports(3)
-    head = [
-        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        "--num-cpus=2", '--resources={"head_node": 1}', f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        *node_ports(21000),
-    ]
-    worker = [
-        str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-        "--num-cpus=1", '--resources={"worker_node": 1}', "--disable-usage-stats", *node_ports(22000),
-    ]
+    nodes = LocalCluster()
     try:
-        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
-        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=180)
-        yield {"env": {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}, "dashboard": dashboard}
+        nodes.start_head(cpus=2, resources='{"head_node": 1}')
+        nodes.add_node(cpus=1, resources='{"worker_node": 1}')
+        yield {"env": {**nodes.env, "RAY_ADDRESS": f"http://127.0.0.1:{nodes.dashboard}"}, "dashboard": nodes.dashboard}
     finally:
-        for pid in processes_of(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        nodes.shutdown()
 
 
 def submit(cluster, *command: str, timeout: int = 600) -> str:
@@ -112,23 +55,38 @@ def test_requests_without_the_token_are_refused(cluster):
         assert ok.status == 200
 
 
-def test_train_job_places_actors_on_both_nodes_as_configured(cluster, tmp_path):
-    out = tmp_path / "train"
-    submit(
-        cluster, "tokenforge", "train", f"output_dir={out}", "trainer.total_steps=4", "trainer.eval_every=2",
+def test_train_job_places_actors_on_both_nodes_as_configured(cluster):
+    # A relative output_dir inside a job lands under ~/tokenforge-outputs on the driver's node (the job's HOME is
+    # this session's temp HOME), not in Ray's temporary unpacked copy of the working dir.
+    out = Path.home() / "tokenforge-outputs" / "runs" / "e2e-train"
+    logs = submit(
+        cluster, "tokenforge", "train", "output_dir=runs/e2e-train", "trainer.total_steps=4", "trainer.eval_every=2",
         "trainer.prompts_per_step=8", "rollout.group_size=4", "data.max_eval_samples=50",
         "learner.resources={head_node: 0.5}", "rollout.resources_per_worker={worker_node: 0.5}",
         "rollout.num_cpus_per_worker=0.5", "reward.resources_per_worker={worker_node: 0.25}",
     )
+    assert f"tokenforge: output_dir runs/e2e-train -> {out} " in logs
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4] and "eval/exact_match" in records[-1]
     placement = json.loads((out / "placement.json").read_text())
     (learner,), (rollout,), (reward,) = placement["learner"], placement["rollout"], placement["reward"]
-    assert rollout == reward != learner  # the worker node's resource vs the head's
+    assert rollout["node_id"] == reward["node_id"] != learner["node_id"]  # the worker node's resource vs the head's
 
 
-def test_smoke_tune_job(cluster, tmp_path):
-    logs = submit(cluster, "tokenforge", "tune", "tune_configs/smoke.yaml", f"tune.storage_path={tmp_path}", "tune.max_concurrent_trials=1")
-    rows = (tmp_path / "smoke" / "trials.csv").read_text().splitlines()
+def test_resubmitted_train_job_writes_beside_the_first_run(cluster):
+    first = Path.home() / "tokenforge-outputs" / "runs" / "e2e-again"
+    args = ["output_dir=runs/e2e-again", "trainer.total_steps=1", "trainer.prompts_per_step=4", "rollout.group_size=2", "data.max_eval_samples=8"]
+    submit(cluster, "tokenforge", "train", *args)
+    logs = submit(cluster, "tokenforge", "train", *args)
+    assert f"-> {first}-2 " in logs and f"{first} holds an earlier run" in logs
+    for run in (first, Path(f"{first}-2")):
+        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_smoke_tune_job(cluster):
+    # The spec's relative storage_path (tune_results) inside a job: under ~/tokenforge-outputs.
+    experiment = Path.home() / "tokenforge-outputs" / "tune_results" / "smoke"
+    logs = submit(cluster, "tokenforge", "tune", "tune_configs/smoke.yaml", "tune.max_concurrent_trials=1")
+    rows = (experiment / "trials.csv").read_text().splitlines()
     assert len(rows) == 3 and all(r.endswith(",12,TERMINATED") for r in rows[1:]), logs[-2000:]
-    assert (tmp_path / "smoke" / "best_config.yaml").is_file()
+    assert (experiment / "best_config.yaml").is_file()

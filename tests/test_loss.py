@@ -49,6 +49,18 @@ def test_ppo_clip_by_hand():
     assert metrics["is_weight/clip_frac"] == pytest.approx(0.5)
 
 
+def test_ppo_clip_low_binds_below_one_minus_eps():
+    logp, behaviour = T([[-1.5, -1.5]]), T([[-1.0, -1.0]])  # ratio e^-0.5 = 0.6065 on both tokens
+    advantages, mask = T([[-1.0, 1.0]]), T([[1.0, 1.0]])
+    loss, metrics = policy_loss(logp, behaviour, advantages, mask, loss="ppo_clip", clip_low=0.3, clip_high=0.2)
+    # A = -1: -min(-0.6065, -(1 - 0.3)) = 0.7 (clipped: no gradient) ; A = 1: -min(0.6065, 0.7) = -0.6065
+    assert loss.item() == pytest.approx((0.7 - math.exp(-0.5)) / 2)
+    assert metrics["is_weight/clip_frac"] == pytest.approx(0.5)
+    theta = logp.clone().requires_grad_()
+    policy_loss(theta, behaviour, advantages, mask, loss="ppo_clip", clip_low=0.3)[0].backward()
+    assert theta.grad[0, 0] == 0.0 and theta.grad[0, 1] != 0.0
+
+
 def test_kl_and_entropy_terms():
     ref = LOGP - 0.5  # log-ratio 0.5 everywhere: k2 = 0.5 * 0.5^2 = 0.125
     entropy = torch.full_like(LOGP, 2.0)

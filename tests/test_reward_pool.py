@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import ray
-from reward_fns import CRASH_MARKER
 from test_rewards import rollout_batch
 
 from pipeline.batch import reward_column
@@ -84,16 +84,16 @@ def test_a_raising_component_through_the_pool(make_pool, batch, policy):
     assert pool.take_counts()["reward/user/errors"] == 2
 
 
-def test_a_worker_that_dies_mid_batch_loses_and_double_counts_nothing(make_pool, batch):
-    CRASH_MARKER.unlink(missing_ok=True)
-    try:
-        pool = make_pool("crash_once", "raise", retries=1)
-        scored, dropped = pool.score(batch, ["exact_match", "user"])
-    finally:
-        CRASH_MARKER.unlink(missing_ok=True)
+def test_a_worker_that_dies_mid_batch_loses_and_double_counts_nothing(make_pool, batch, tmp_path):
+    rows = list(range(batch.num_rows))
+    marked = batch.append_column("marker_dir", pa.array([str(tmp_path)] * len(rows))).append_column("row", pa.array(rows))
+    pool = make_pool("crash_once", "raise", retries=1)
+    scored, dropped = pool.score(marked, ["exact_match", "user"])
+    assert (tmp_path / "crashed").exists()  # a worker really died
     assert scored.num_rows == batch.num_rows and not any(dropped.to_pylist())
     assert scored.column("sample_id").to_pylist() == batch.column("sample_id").to_pylist()
-    assert totals(scored, "user") == [1] * 6  # every sample scored exactly once
+    assert totals(scored, "user") == [1] * 6
+    assert sorted(map(int, (tmp_path / "scored").read_text().split())) == rows  # every sample scored exactly once
     assert totals(scored, "exact_match") == [1, 0, 0, 0, 1, 0]
     counts = pool.take_counts()
     assert counts.get("reward/resubmits", 0) + counts.get("reward/worker_deaths", 0) >= 1

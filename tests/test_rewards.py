@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from actors.reward_worker import RewardWorker
 from pipeline.advantages import EQUAL_RTOL
-from pipeline.batch import make_rollout_table
+from pipeline.batch import make_rollout_table, reward_column
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.models import build_sequences, load_model, load_tokenizer, response_logprobs
@@ -34,15 +34,27 @@ FNS = Path(__file__).parent / "reward_fns.py"
 
 
 def inputs(completions, columns=None, tokens=None) -> RewardInputs:
-    """Char-level inputs: one token per character, ids 0.. for simplicity."""
+    """Char-level inputs: one token per character (or per entry of `tokens`, '<eos>' the stop token id 0),
+    ids 1.. for the others."""
     tokens = tokens or [list(c) for c in completions]
+    spans, ids = [], []
+    for row in tokens:
+        position, row_spans, row_ids = 0, [], []
+        for k, token in enumerate(row):
+            text = "" if token == "<eos>" else token
+            row_spans.append((position, position + len(text)))
+            row_ids.append(0 if token == "<eos>" else k + 1)
+            position += len(text)
+        spans.append(row_spans)
+        ids.append(row_ids)
     return RewardInputs(
         prompts=[f"p{i}" for i in range(len(completions))],
         completions=completions,
-        completion_ids=[list(range(len(t))) for t in tokens],
-        completion_tokens=tokens,
+        completion_ids=ids,
+        texts=completions,
+        token_spans=spans,
         columns=columns or {},
-        eos_token="<eos>",
+        stop_ids=frozenset({0}),
         sample_ids=[100 + i for i in range(len(completions))],
     )
 
@@ -95,6 +107,12 @@ def test_reference_metrics_match_the_libraries():
     assert totals(score("bleu", batch)) == [bleu.sentence_score(h, [r]).score / 100 for h, r in zip(hyps, refs)]
     assert totals(score("chrf", batch)) == [chrf.sentence_score(h, [r]).score / 100 for h, r in zip(hyps, refs)]
     assert totals(score("rouge", batch)) == [rouge.score(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)]
+    # ROUGE-L is asymmetric in its precision/recall: a short hypothesis of a long reference has recall
+    # 2/6 and precision 1, so swapping hypothesis and reference would change a recall-based score
+    short = inputs(["the mat"], {"reference": ["the cat sat on the mat"]})
+    recall = score("rouge", short, measure="recall")
+    assert sum(recall[0]) == pytest.approx(rouge.score("the cat sat on the mat", "the mat")["rougeL"].recall) == pytest.approx(2 / 6)
+    assert sum(score("rouge", short, measure="precision")[0]) == pytest.approx(1.0)
     assert totals(score("chrf", batch))[1] == 1.0 and 0 < sum(score("bleu", batch)[0]) < 1
     assert sum(score("chrf", inputs(["zzz"], {"reference": ["abc"]}))[0]) == 0.0
 
@@ -110,9 +128,10 @@ def test_classifier_returns_the_probability_of_the_chosen_label(tmp_path):
     batch = inputs(["ab", "cab"])
     with torch.no_grad():
         expected = [model(**tokenizer(t, return_tensors="pt")).logits.softmax(-1)[0, 2].item() for t in ["ab", "cab"]]
+        raw = [model(**tokenizer(t, return_tensors="pt")).logits[0, 2].item() for t in ["ab", "cab"]]
     assert totals(score("classifier", batch, ComponentEnv(tokenizer), path=str(tmp_path), label=2)) == expected
     logits = score("classifier", batch, ComponentEnv(tokenizer), path=str(tmp_path), label=2, output="logit")
-    assert [sum(r) for r in logits] != [sum(r) for r in score("classifier", batch, ComponentEnv(tokenizer), path=str(tmp_path), label=2)]
+    assert [sum(r) for r in logits] == [pytest.approx(x, abs=1e-6) for x in raw]  # the raw logit, not a log-softmax
     with pytest.raises(RewardError, match="no label 'positive'"):
         build("classifier", ComponentEnv(tokenizer), path=str(tmp_path), label="positive")
 
@@ -173,15 +192,16 @@ def rollout_batch(tokenizer, completions: list[str], answers: list[str]) -> pa.T
     core = {
         "sample_id": list(range(len(ids))),
         "group_id": [0] * len(ids),
-        "prompt": ["1+2="] * len(ids),
+        "prompt_text": ["1+2="] * len(ids),
         "prompt_ids": [tokenizer("1+2=").input_ids] * len(ids),
         "response_ids": ids,
         "behaviour_logprobs": [[-1.0] * len(r) for r in ids],
-        "completion": completions,
+        "response": completions,
         "finished": [True] * len(ids),
         "policy_version": [0] * len(ids),
+        "worker": ["local"] * len(ids),
     }
-    return make_rollout_table(core, pa.table({"answer": answers}))
+    return make_rollout_table(core, pa.table({"prompt": ["1+2="] * len(ids), "answer": answers}))
 
 
 @pytest.mark.parametrize("policy", ["raise", "zero", "drop"])
@@ -285,3 +305,59 @@ def test_components_resolve_to_explicit_specs():
     assert config.reward.components["exact_match"].type == "exact_match"
     assert config.component_options("fmt").pattern == "\\d+"
     assert config.reward.components["fmt"].normalize == "group"
+
+
+TRL_FNS = Path(__file__).parent / "trl_reward_fns.py"
+
+
+def hand_batch(tokenizer, prompts: list, responses: list[str], **columns) -> pa.Table:
+    """A rollout batch of given responses (char model: one token per character, then EOS)."""
+    ids = [tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for r in responses]
+    core = {
+        "sample_id": list(range(len(ids))),
+        "group_id": list(range(len(ids))),
+        "prompt_text": [str(p) for p in prompts],
+        "prompt_ids": [[3]] * len(ids),
+        "response_ids": ids,
+        "behaviour_logprobs": [[-1.0] * len(r) for r in ids],
+        "response": responses,
+        "finished": [True] * len(ids),
+        "policy_version": [0] * len(ids),
+        "worker": ["local"] * len(ids),
+    }
+    return make_rollout_table(core, pa.Table.from_pylist([{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]))
+
+
+def trl_worker(builtin_model_path, *names: str) -> RewardWorker:
+    overrides = [f"reward.components.{n}={{type: python, function: '{TRL_FNS}:{n}'}}" for n in names]
+    config = load_config(overrides=[*overrides, f"reward.weights={{{', '.join(f'{n}: 1.0' for n in names)}}}"])
+    return RewardWorker(config, builtin_model_path, list(names))
+
+
+def test_trl_documentation_reward_functions_run_unchanged(builtin_model_path):
+    tok = load_tokenizer(builtin_model_path)
+    chat = [{"role": "user", "content": "add"}]
+    conversational = hand_batch(tok, [chat, chat], ["<think>a</think><answer>b</answer>", "no tags"])
+    worker = trl_worker(builtin_model_path, "format_reward_func")
+    assert [sum(r) for r in worker.score(conversational, "format_reward_func").rows] == [1.0, 0.0]  # message lists
+    text = hand_batch(tok, ["1+1=", "2+2="], ["\\boxed{2}", "x" * 23], ground_truth=["2", "4"])
+    worker = trl_worker(builtin_model_path, "reward_len", "accuracy_reward")
+    assert [sum(r) for r in worker.score(text, "reward_len").rows] == [-11.0, -3.0]
+    assert [sum(r) for r in worker.score(text, "accuracy_reward").rows] == [1.0, 0.0]
+
+
+def test_none_means_not_applicable_in_scores_metrics_and_eval_means(builtin_model_path):
+    from actors.learner import Learner
+    from pipeline.batch import mean_reward
+
+    tok = load_tokenizer(builtin_model_path)
+    batch = hand_batch(tok, ["a", "b", "c", "d"], ["1", "22", "3", "44"], task=["math", "chat", "math", "chat"])
+    worker = trl_worker(builtin_model_path, "math_only")
+    scored, dropped = worker.score_all(batch, ["math_only"], step=7)
+    rows = scored.column(reward_column("math_only")).to_pylist()
+    assert rows == [[0.0, 7.0], None, [0.0, 7.0], None] and not any(dropped.to_pylist())
+    assert mean_reward(scored, "math_only") == 7.0  # over the samples it applies to
+    config = load_config(overrides=[f"reward.components.math_only={{type: python, function: '{TRL_FNS}:math_only'}}",
+                                     "reward.weights={math_only: 1.0}", "algorithm.estimator=reinforce"])
+    metrics = Learner(config, builtin_model_path, builtin_model_path).train_step(scored)
+    assert metrics["reward/math_only/mean"] == 7.0 and metrics["reward/total/mean"] == 3.5  # None adds 0 to the total

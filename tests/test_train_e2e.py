@@ -1,15 +1,22 @@
 """End to end on a real local Ray: train, checkpoints, resume, eval of a checkpoint."""
 
 import json
+import time
 
 import pytest
+import ray
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pipeline.cli import main
+from pipeline.evaluate import evaluate_checkpoint
+from pipeline.models import BUILTIN_MODEL
 from pipeline.config import load_config
-from pipeline.trainer import train
+from pipeline.errors import TokenforgeError
+from pipeline.inputs import with_builtin_defaults
+from pipeline.placement import decide_learner_gpus
+from pipeline.trainer import Pipeline, train
 
 SMALL = ["trainer.eval_every=10", "trainer.save_every=10", "data.max_eval_samples=200"]
 
@@ -30,7 +37,9 @@ def test_short_run_writes_everything_and_reward_rises(short_run):
     records = read_metrics(short_run)
     assert [r["step"] for r in records] == list(range(41))
     assert [r["step"] for r in records if "eval/exact_match" in r] == [0, 10, 20, 30, 40]
-    assert all(0.0 <= r["eval/exact_match"] <= 1.0 for r in records if "eval/exact_match" in r)
+    # step 0 evaluates the shipped model: the same figure `tokenforge eval` (no Ray) gives for it
+    baseline = evaluate_checkpoint(str(BUILTIN_MODEL), overrides=["data.max_eval_samples=200"])
+    assert records[0]["eval/exact_match"] == baseline["eval/exact_match"] and 0.3 < baseline["eval/exact_match"] < 0.8
     trained = records[1:]
     for key in ("reward/exact_match/mean", "reward/digit_match/mean", "loss/policy", "time/step_s", "throughput/tokens_per_s", "response/length_mean", "time/elapsed_s"):
         assert all(key in r for r in trained), key
@@ -41,10 +50,12 @@ def test_short_run_writes_everything_and_reward_rises(short_run):
     assert load_config(short_run / "config.yaml").model.path.endswith("assets/addition/model")
 
 
-def test_checkpoints_are_hf_models_with_trainer_state(short_run):
+def test_checkpoints_are_published_hf_models_with_trainer_state_and_old_ones_pruned(short_run):
     steps = sorted(p.name for p in (short_run / "checkpoints").iterdir())
-    assert steps == ["step_10", "step_20", "step_30", "step_40"]
+    assert steps == ["step_20", "step_30", "step_40"]  # trainer.keep_checkpoints: the newest 3
     last = short_run / "checkpoints" / "step_40"
+    manifest = json.loads((last / "MANIFEST.json").read_text())
+    assert manifest["step"] == 40 and set(manifest["files"]) == {p.name for p in last.iterdir()} - {"MANIFEST.json"}
     model = AutoModelForCausalLM.from_pretrained(last)
     assert torch.equal(model.state_dict()["lm_head.weight"], load_file(last / "model.safetensors")["transformer.wte.weight"])
     state = json.loads((last / "trainer_state.json").read_text())
@@ -52,7 +63,7 @@ def test_checkpoints_are_hf_models_with_trainer_state(short_run):
 
 
 def test_eval_command_on_a_checkpoint(short_run, capsys):
-    main(["eval", str(short_run / "checkpoints" / "step_40")])
+    main(["eval", str(short_run / "checkpoints" / "step_40"), "--json"])
     result = json.loads(capsys.readouterr().out)
     final = read_metrics(short_run)[-1]
     assert result["eval_samples"] == 200  # the run's own config (max_eval_samples) applies
@@ -65,7 +76,7 @@ def test_rerun_into_a_used_output_dir_is_refused(short_run, capsys):
     assert "already holds a run; resume it with --resume" in capsys.readouterr().err
 
 
-def test_resume_continues_exactly_where_it_stopped(ray_cluster, tmp_path):
+def test_resume_continues_exactly_where_it_stopped(ray_cluster, tmp_path, capsys):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     common = [*SMALL, "trainer.prompts_per_step=16", "trainer.save_every=3", "trainer.eval_every=3"]
     train(load_config(overrides=[*common, "trainer.total_steps=6", f"output_dir={straight}"]))
@@ -79,5 +90,88 @@ def test_resume_continues_exactly_where_it_stopped(ray_cluster, tmp_path):
         assert a["loss/policy"] == pytest.approx(b["loss/policy"], rel=1e-4, abs=1e-6)
     assert resumed[-1]["learner/policy_version"] == 6.0
     assert resumed[-1]["time/elapsed_s"] >= resumed[3]["time/elapsed_s"]
+    before = (interrupted / "config.yaml").stat().st_mtime_ns
+    main(["train", "--resume", str(interrupted)])  # a finished run: says so, starts nothing, rewrites nothing
+    assert f"{interrupted} is complete (step 6 of 6)" in capsys.readouterr().out
+    assert (interrupted / "config.yaml").stat().st_mtime_ns == before
     final = [load_file(run / "checkpoints" / "step_6" / "model.safetensors") for run in (straight, interrupted)]
     assert all(torch.allclose(final[0][k], final[1][k], atol=1e-5) for k in final[0])
+
+
+def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster, tmp_path, builtin_model_path):
+    """Sharding across 2 rollout workers and one weight sync to both: after a learner step, each worker
+    holds exactly the learner's weights and version, and the two shards make up the planned samples."""
+    import pyarrow as pa
+
+    from pipeline.data import PromptSampler, load_prompts
+
+    config = with_builtin_defaults(load_config(overrides=["rollout.num_workers=2", "rollout.num_cpus_per_worker=0.25", "learner.num_cpus=0.25", "reward.num_cpus_per_worker=0.25"]))
+    with Pipeline(decide_learner_gpus(config), run_id="two-workers") as pipeline:
+        prompts = PromptSampler(load_prompts(config.data.train_file, "train"), 10, seed=0).next_batch(first_group_id=0)
+        rollouts = pipeline.generate(prompts, step=1)
+        assert rollouts.num_rows == 10 * config.rollout.group_size
+        assert rollouts.column("group_id").to_pylist() == [g for g in range(10) for _ in range(config.rollout.group_size)]
+        scored = pipeline.score(rollouts, list(config.reward.weights), step=1)
+        pipeline.learner.call_all("train_step", scored, step=1)
+        assert pipeline.sync_weights() == 1
+        learner_weights = pipeline.learner.call_all("get_weights")[0]
+
+        def worker_state(worker):
+            return worker.policy_version, {k: v.clone() for k, v in worker.model.state_dict().items()}
+
+        states = pipeline.rollout.get([a.__ray_call__.remote(worker_state) for a in pipeline.rollout.actors])
+        assert len(states) == 2
+        for version, weights in states:
+            assert version == 1 and all(torch.equal(weights[k], v) for k, v in learner_weights.items())
+        assert set(pipeline.generate(prompts, step=2).column("policy_version").to_pylist()) == {1}
+
+
+def test_an_actor_that_does_not_answer_in_time_stops_the_run_naming_it(ray_cluster, tmp_path):
+    config = load_config(overrides=["trainer.actor_timeout_s=0.001", f"output_dir={tmp_path / 'out'}", "trainer.total_steps=2"])
+    with pytest.raises(TokenforgeError, match=r"(rollout|reward|learner) actor gave no answer within 0s \(trainer.actor_timeout_s\)"):
+        train(config)
+    deadline = time.time() + 30  # and none of its actors is left holding the cluster's CPUs
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_train_joins_a_running_cluster_by_ray_address(ray_cluster, tmp_path):
+    """`ray.address` (here in a separate process, as a user would run it) joins the session's cluster."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "joined"
+    address = ray_cluster.get_runtime_context().gcs_address
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", f"ray.address={address}", f"output_dir={out}", "trainer.total_steps=2",
+         "trainer.prompts_per_step=8", "rollout.group_size=4", "data.max_eval_samples=20", "learner.num_cpus=0.25",
+         "rollout.num_cpus_per_worker=0.25", "reward.num_cpus_per_worker=0.25"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    placement = json.loads((out / "placement.json").read_text())
+    assert placement["learner"][0]["node_id"] == ray_cluster.get_runtime_context().get_node_id()  # the session's (only) node
+
+
+def test_lora_bf16_checkpointed_chat_model_resumes_and_exports(ray_cluster, tmp_path, capsys):
+    """The shipped chat model (a Llama with a BPE tokenizer and a chat template) with LoRA adapters, a
+    bf16-mixed learner and gradient checkpointing: 2 steps, a resume to 4, and the last checkpoint's merged
+    export loads as a plain HF model that differs from the base only where the adapters trained."""
+    out, exported = tmp_path / "run", tmp_path / "exported"
+    lora = "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
+    common = ["task=chat_addition", lora, "learner.precision=bf16-mixed", "learner.gradient_checkpointing=true",
+              "learner.lr=1e-2", "trainer.prompts_per_step=8", "rollout.group_size=4", "trainer.eval_every=2",
+              "trainer.save_every=2", "data.max_eval_samples=16", f"output_dir={out}"]
+    main(["train", *common, "trainer.total_steps=2"])
+    main(["train", "--resume", str(out), "trainer.total_steps=4"])
+    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3, 4]
+    checkpoint = out / "checkpoints" / "step_4"
+    assert (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "model.safetensors").exists()
+
+    main(["export", str(checkpoint), str(exported), "--merge"])
+    merged = AutoModelForCausalLM.from_pretrained(exported).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(with_builtin_defaults(load_config(overrides=["task=chat_addition"])).model.path).state_dict()
+    assert merged.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(".q_proj." in k or ".v_proj." in k for k in changed)

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from reward_fns import FAIL_COUNTER
 
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.trainer import train
+from test_report import drawn_series
 from pipeline.tune import RESTORES_FILE
 from pipeline.tune import resume as resume_experiment
 from pipeline.tune import run as run_experiment
@@ -82,54 +83,93 @@ def metrics(trial: Path) -> list[dict]:
     return [json.loads(line) for line in (trial / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_smoke_spec_end_to_end(ray_cluster, tmp_path):
-    experiment = run_experiment(str(SMOKE), [f"tune.storage_path={tmp_path}"])
+def test_smoke_spec_end_to_end(ray_cluster, tmp_path, capsys):
+    experiment = Path(run_experiment(str(SMOKE), [f"tune.storage_path={tmp_path}"]))
+    console = capsys.readouterr().out
+    assert "Result for " not in console and len(console.splitlines()) < 100  # status tables + the summary, no per-result dumps
+    summary = console[console.rindex("trial "):].splitlines()  # the final table: one row per trial, named by its values
+    assert summary[1].startswith("digit_match=0 ") and summary[2].startswith("digit_match=0.5 ")
+    assert summary[-1].startswith(f"tokenforge: experiment {experiment}; best trial's run {experiment}/run_trial_")
+    assert summary[-1].endswith(f"next: tokenforge report {experiment} | tensorboard --logdir {experiment} | tokenforge samples "
+                                + summary[-1].split("best trial's run ")[1].split(" ")[0])
     rows = (experiment / "trials.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("trial,reward.weights.digit_match,eval/exact_match")
     assert all(row.endswith(",12,TERMINATED") for row in rows[1:])
     for trial in trial_dirs(experiment):
-        assert list(trial.glob("checkpoint_*/model.safetensors")), trial  # Tune kept the reported checkpoints
+        pointers = [json.loads(p.read_text()) for p in trial.glob("checkpoint_*/checkpoint.json")]  # Tune's checkpoints
+        assert pointers and all(p["run_uri"] == str(trial / "run") for p in pointers), trial  # point at the run's own
+        assert all((trial / "run" / p["checkpoint"] / "MANIFEST.json").is_file() for p in pointers)
         assert [r["step"] for r in metrics(trial) if "eval/exact_match" in r] == [0, 4, 8, 12]
     assert (experiment / "objective.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn_series(experiment / "objective.png") == [  # the legend: the searched values, not trial names
+        "eval/exact_match of every trial: digit_match=0", "eval/exact_match of every trial: digit_match=0.5"]
+    main(["report", str(experiment)])
+    assert capsys.readouterr().out.startswith(f"tokenforge: wrote {experiment}/report.png and {experiment}/report.md")
+    assert drawn_series(experiment / "report.png") == drawn_series(experiment / "objective.png")
+    report = (experiment / "report.md").read_text()
     best = load_config(experiment / "best_config.yaml", [f"output_dir={tmp_path / 'best'}", "trainer.total_steps=2"])
-    assert best.reward.weights["digit_match"] in (0.0, 0.5)
+    final = {float(row.split(",")[1]): float(row.split(",")[2]) for row in rows[1:]}  # weight -> last eval
+    assert final[best.reward.weights["digit_match"]] == max(final.values())  # the best trial's, not any trial's
+    assert f"| `reward.weights.digit_match` | {best.reward.weights['digit_match']} |" in report
+    assert re.search(rf"Best trial: `run_trial_\w+_reward_weights_digit_match={best.reward.weights['digit_match']:.4f}_[^`]+`, "
+                     rf"eval/exact_match {max(final.values()):.4g}", report)
     assert train(best)["step"] == 2
+
+
+def checkpoint_hashes(trial: Path) -> dict[int, str]:
+    """step -> sha256 of the weights of each published checkpoint of the trial's run."""
+    return {
+        json.loads((c / "trainer_state.json").read_text())["step"]: hashlib.sha256((c / "model.safetensors").read_bytes()).hexdigest()
+        for c in (trial / "run" / "checkpoints").glob("step_*") if (c / "MANIFEST.json").is_file()
+    }
 
 
 def test_pbt_exploit_continues_from_the_donor_checkpoint_with_mutated_params(ray_cluster, tmp_path):
     spec = write_spec(
         tmp_path,
-        {"learner.lr": {"strategy": "choice", "values": [1e-4, 2e-3]}},
+        {"learner.lr": {"strategy": "loguniform", "values": [1e-4, 3e-3]}},  # a resample is always a new lr
         {"name": "pbt", "num_samples": 2, "num_to_keep": None,
          "scheduler": {"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 1.0,
                        "synch": True}},  # perturb once both trials reported: no race with a late-starting trial
         base={"learner.lr_schedule": "constant", "learner.warmup_steps": 0},
     )
-    experiment = run_experiment(str(spec))
+    experiment = Path(run_experiment(str(spec)))
     restores = [(trial, json.loads(line)) for trial in trial_dirs(experiment) if (trial / RESTORES_FILE).exists()
                 for line in (trial / RESTORES_FILE).read_text().splitlines()]
-    assert restores, "PBT never exploited"
-    donor_weights = {hashlib.sha256(p.read_bytes()).hexdigest() for p in experiment.glob("*/checkpoint_*/model.safetensors")}
-    for trial, restore in restores:
-        assert restore["step"] > 0 and restore["model_sha256"] in donor_weights  # the donor's step and weights
+    for trial, restore in restores:  # synchronous PBT also pauses trials and resumes them from their own checkpoint
+        source = Path(restore["source"])  # the checkpoint Tune pointed at: its step and its very weights were restored
+        assert restore["step"] > 0 and source.parents[2].parent == experiment  # <experiment>/<trial>/run/checkpoints/step_N
+        assert json.loads((source / "trainer_state.json").read_text())["step"] == restore["step"]
+        assert hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest() == restore["model_sha256"]
+    exploits = [(trial, r) for trial, r in restores if Path(r["source"]).parents[2] != trial]
+    assert exploits, "PBT never exploited"
+    for trial, restore in exploits:  # the donor's weights at that step (the restore replaced the trial's own there)
+        donor = Path(restore["source"]).parents[2]
+        assert donor != trial and checkpoint_hashes(donor)[restore["step"]] == restore["model_sha256"]
+        assert checkpoint_hashes(trial)[restore["step"]] == restore["model_sha256"]
+        before = [r for r in metrics(trial) if r["step"] == restore["step"]][0]["learner/lr"]
         after = [r for r in metrics(trial) if r["step"] == restore["step"] + 1]
         assert after and after[-1]["learner/lr"] == pytest.approx(restore["params"]["learner.lr"])  # mutated lr in effect
+        assert after[-1]["learner/lr"] != pytest.approx(before)  # and it is not the lr the trial had
     assert all(r.endswith(",8,TERMINATED") for r in (experiment / "trials.csv").read_text().splitlines()[1:])
 
 
-def test_a_crashing_trial_is_retried_from_its_last_checkpoint(ray_cluster, tmp_path):
-    FAIL_COUNTER.unlink(missing_ok=True)
+def test_a_crashing_trial_is_retried_from_its_last_checkpoint(ray_cluster, tmp_path, builtin_model_path):
     fns = Path(__file__).parent / "reward_fns.py"
+    train_file = tmp_path / "train.jsonl"  # the built-in prompts plus a per-test `marker_dir` column for the counter
+    rows = [json.loads(line) for line in (Path(builtin_model_path).parent / "train.jsonl").read_text().splitlines()[:200]]
+    train_file.write_text("".join(json.dumps({**r, "marker_dir": str(tmp_path)}) + "\n" for r in rows))
     spec = write_spec(
         tmp_path,
         {"reward.weights.flaky": {"strategy": "choice", "values": [0.1]}},
         {"name": "retry", "max_failures": 1},
-        base={"reward.components.flaky": {"type": "python", "function": f"{fns}:fail_on_sixth_call"}, "reward.weights.flaky": 0.1},
+        base={"reward.components.flaky": {"type": "python", "function": f"{fns}:fail_on_sixth_call"}, "reward.weights.flaky": 0.1,
+              "data.train_file": str(train_file), "data.eval_file": str(Path(builtin_model_path).parent / "eval.jsonl")},
     )
-    try:
-        experiment = run_experiment(str(spec))
-    finally:
-        FAIL_COUNTER.unlink(missing_ok=True)
+    experiment = Path(run_experiment(str(spec)))
+    # steps 1-5, the sixth call failing at step 6, its 32 samples rescored one by one (all pass alone, so the
+    # step fails), then steps 5-8 again from the step-4 checkpoint: 5 + 1 + 32 + 4
+    assert (tmp_path / "calls").read_text() == "42"
     (trial,) = trial_dirs(experiment)
     restores = [json.loads(line) for line in (trial / RESTORES_FILE).read_text().splitlines()]
     assert [r["step"] for r in restores] == [4]  # failed in step 6; the last checkpoint was step 4
@@ -143,14 +183,28 @@ def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tune", str(spec)], env=env, cwd=REPO)
     experiment = tmp_path / "results" / "interrupted"
-    deadline = time.time() + 240
-    while not list(experiment.glob("*/checkpoint_*/trainer_state.json")) and time.time() < deadline:
-        time.sleep(1)
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) is not None
-    first = {trial.name: max(r["step"] for r in metrics(trial)) for trial in trial_dirs(experiment)}
+    try:
+        deadline = time.time() + 240
+        # a trial's second Tune checkpoint: Tune has surely registered its first by then
+        while not list(experiment.glob("*/checkpoint_000001/checkpoint.json")) and time.time() < deadline:
+            time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0  # Tune stops gracefully on Ctrl-C and the command says where to resume
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    first = {trial: max(r["step"] for r in metrics(trial)) for trial in trial_dirs(experiment)}
     assert first and min(first.values()) < 24, first
+    # the run checkpoints Tune's registered checkpoints point at (read now: the resumed run prunes them)
+    registered = {trial: [json.loads(p.read_text())["checkpoint"] for p in sorted(trial.glob("checkpoint_*/checkpoint.json"))]
+                  for trial in first}
+    assert any(len(pointers) >= 2 for pointers in registered.values())
     resume_experiment(str(experiment))
-    for trial in trial_dirs(experiment):
-        assert [r["step"] for r in metrics(trial)][-1] == 24
+    for trial, stopped_at in first.items():
+        assert [r["step"] for r in metrics(trial)] == list(range(25))  # every step exactly once
+        if len(registered[trial]) >= 2 and stopped_at < 24:  # it continued from a checkpoint instead of starting over
+            earliest = int(registered[trial][0].rsplit("_", 1)[1])
+            restores = [json.loads(line)["step"] for line in (trial / RESTORES_FILE).read_text().splitlines()]
+            assert restores and restores[-1] >= earliest
     assert all(r.endswith(",24,TERMINATED") for r in (experiment / "trials.csv").read_text().splitlines()[1:])

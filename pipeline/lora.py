@@ -1,0 +1,86 @@
+"""LoRA through `peft`: the learner trains adapters only; rollout workers get merged weights.
+
+With `model.lora` set, the learner's policy is the base model (model.path, frozen) plus LoRA adapters
+on the target modules: W x + (alpha / r) * B A x. Only A and B require gradients, so the optimizer
+(and its state) covers the adapters alone. Checkpoints hold the adapter (peft's
+adapter_model.safetensors + adapter_config.json); `tokenforge export` writes a plain HF model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.config import LoraConfig
+from pipeline.errors import TokenforgeError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def require_peft():
+    try:
+        import peft
+    except ImportError:
+        raise TokenforgeError("model.lora needs the `peft` package: pip install peft (or 'tokenforge[lora]')") from None
+    return peft
+
+
+def add_adapters(model: torch.nn.Module, options: LoraConfig, checkpoint: str | None = None) -> torch.nn.Module:
+    """`model` wrapped with fresh LoRA adapters, or with the trainable adapters saved in `checkpoint`."""
+    peft = require_peft()
+    if checkpoint is not None:
+        return peft.PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+    config = peft.LoraConfig(
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=options.target_modules,
+        bias="none",
+    )
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as error:  # e.g. target modules that the model does not have
+        raise TokenforgeError(f"model.lora: {str(error).splitlines()[0]}") from None
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict, under its own names, with every adapter's update added:
+    W' = W + (alpha / r) * B @ A (peft's get_delta_weight). The adapters stay unmerged in `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    merged = {
+        key.replace(".base_layer.", "."): value.detach().clone()
+        for key, value in base.state_dict().items()
+        if ".lora_" not in key
+    }
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                weight = f"{name}.weight"
+                merged[weight] = merged[weight] + module.get_delta_weight(adapter).to(merged[weight].dtype)
+    return merged
+
+
+def export(checkpoint: str | Path, out: str | Path, merge: bool) -> Path:
+    """Write a checkpoint as a plain HF model (merging a LoRA adapter into its base when `merge`), or copy
+    its adapter as it is (`merge` false). A full-weight checkpoint is saved as it is either way."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    if not is_adapter_dir(checkpoint):
+        AutoModelForCausalLM.from_pretrained(checkpoint).save_pretrained(out)
+    else:
+        peft = require_peft()
+        base_path = json.loads((checkpoint / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), checkpoint)
+        (model.merge_and_unload() if merge else model).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,83 @@
+"""Dataset prompts -> the text and token ids the model sees. One place, used by the rollout worker,
+the start-up checks and `tokenforge eval`, so every path tokenizes a prompt the same way.
+
+- Plain text is tokenized as `tokenizer(text)` does by default: with the tokenizer's own special
+  tokens (e.g. the BOS that Llama/Gemma tokenizers add in their post-processor), as TRL does.
+  `data.add_special_tokens: false` turns that off.
+- A conversation (TRL's conversational format: a list of {role, content} messages) is rendered with
+  the tokenizer's chat template (`add_generation_prompt=True`) and the rendered text is tokenized
+  *without* adding special tokens: the template already holds them, so BOS never appears twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.errors import TokenforgeError
+
+
+def is_conversation(prompt: Any) -> bool:
+    return isinstance(prompt, list)
+
+
+def check_prompt(prompt: Any) -> str | None:
+    """What is wrong with one dataset prompt (None if nothing): a non-empty string, or a non-empty list of
+    {role, content} messages with string values."""
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "is empty"
+    if not is_conversation(prompt):
+        return f"is neither text nor a list of messages ({type(prompt).__name__})"
+    if not prompt:
+        return "is an empty list of messages"
+    for k, message in enumerate(prompt):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+            return f"message {k} is not {{role: str, content: str}}"
+    return None
+
+
+def set_chat_template(tokenizer: PreTrainedTokenizerBase, template_file: str | None) -> None:
+    """Use the Jinja template in `template_file` (model.chat_template) instead of, or in the absence of,
+    the tokenizer's own."""
+    if template_file is None:
+        return
+    path = Path(template_file)
+    if not path.is_file():
+        raise TokenforgeError(f"model.chat_template: file {str(path)!r} does not exist")
+    tokenizer.chat_template = path.read_text()
+
+
+def render(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> str:
+    """The text of a prompt as the model sees it (a conversation through the chat template)."""
+    if not is_conversation(prompt):
+        return prompt
+    if not tokenizer.chat_template:
+        raise TokenforgeError(
+            "a prompt is a conversation (a list of messages) but the tokenizer has no chat template; "
+            "set model.chat_template to a Jinja template file"
+        )
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list, add_special_tokens: bool = True
+) -> tuple[list[str], list[list[int]]]:
+    """(rendered text, token ids) of every prompt, in order."""
+    texts = [render(tokenizer, p) for p in prompts]
+    ids: list[list[int]] = [[] for _ in prompts]
+    for conversational in (False, True):  # one batched tokenizer call per kind
+        rows = [i for i, p in enumerate(prompts) if is_conversation(p) == conversational]
+        if rows:
+            special = add_special_tokens and not conversational
+            encoded = tokenizer([texts[i] for i in rows], add_special_tokens=special).input_ids
+            for i, row_ids in zip(rows, encoded):
+                ids[i] = row_ids
+    return texts, ids
+
+
+def as_completion(prompt: Any, text: str) -> str | list[dict]:
+    """A completion as reward functions get it (TRL's rule): text for a text prompt, a list with one
+    assistant message for a conversation."""
+    return [{"role": "assistant", "content": text}] if is_conversation(prompt) else text

@@ -1,0 +1,55 @@
+"""What a new user meets on the command line: where the results are, what to run next, no noise."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.cli import main
+
+REPO = Path(__file__).parent.parent
+
+
+def test_a_fresh_train_says_where_its_results_are_without_auth_warning_or_a_zero_eta(tmp_path):
+    """A real `tokenforge train` as a new user runs it: a fresh HOME, no RAY_AUTH_MODE, a local Ray."""
+    home, out = tmp_path / "home", tmp_path / "run"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", f"output_dir={out}", "trainer.total_steps=2", "trainer.eval_every=2",
+         "trainer.prompts_per_step=8", "rollout.group_size=4", "data.max_eval_samples=20", "ray.num_cpus=2"],
+        capture_output=True, text=True, timeout=400, check=False, env={**env, "HOME": str(home)}, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Token authentication is enabled" not in result.stderr  # token auth is on, and said so before Ray starts
+    assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600  # Ray alone would write it 0644
+    step0 = next(line for line in result.stderr.splitlines() if line.startswith("step 0/2"))
+    assert "ETA" not in step0, step0  # no rate before the first step: no `ETA 0s`
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"tokenforge: run {out} at step 2 (eval/exact_match {re.search(r'eval/exact_match ([0-9.]+)', result.stdout).group(1)}); "
+        f"last checkpoint: {out}/checkpoints/step_2; next: tokenforge report {out} | tokenforge samples {out} | "
+        f"tensorboard --logdir {out}/tensorboard | tokenforge eval {out}"
+    )
+
+
+def test_resume_of_a_finished_run_says_so_and_where_it_is(observed_run, capsys):
+    before = (observed_run / "config.yaml").stat().st_mtime_ns
+    main(["train", "--resume", str(observed_run)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"tokenforge: {observed_run} is complete (step 4 of 4); raise trainer.total_steps to train on"
+    assert lines[-1].startswith(f"tokenforge: run {observed_run} at step 4 (eval/exact_match ")
+    assert f"last checkpoint: {observed_run}/checkpoints/step_4; next: tokenforge report {observed_run}" in lines[-1]
+    assert (observed_run / "config.yaml").stat().st_mtime_ns == before
+
+
+def test_eval_of_a_run_directory_takes_its_latest_checkpoint(observed_run, capsys):
+    main(["eval", str(observed_run)])
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(
+        rf"tokenforge: evaluated {observed_run}/checkpoints/step_4 on 50 samples \(eval/exact_match [0-9.]+\); "
+        rf"next: tokenforge samples {observed_run} --eval \| tokenforge report {observed_run}", line), line
+
+
+def test_readme_gives_the_tensorboard_command_a_default_run_prints():
+    assert "tensorboard --logdir runs/default/tensorboard" in (REPO / "README.md").read_text()

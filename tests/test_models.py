@@ -1,0 +1,272 @@
+"""Real-model conventions without Ray: BOS and chat templates, BPE tokens in token-level rewards, stop
+rules, chunked fp32 log-probs, mixed precision, gradient checkpointing, LoRA and export."""
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from chat_tokenizer import make_bpe_chat_tokenizer
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from actors.learner import Learner
+from actors.reward_worker import RewardWorker, token_spans
+from actors.rollout_worker import RolloutWorker
+from pipeline.batch import response_mask
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.models import build_sequences, load_model, response_logprobs
+from pipeline.prompts import encode_prompts
+from pipeline.inputs import with_builtin_defaults
+
+CHAT = [{"role": "user", "content": "What is 12+30?"}]
+FNS = Path(__file__).parent / "reward_fns.py"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_bpe_chat_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, tokenizer):
+    """A tiny random Llama with the BPE chat tokenizer, saved as a local HF model directory."""
+    path = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def chat_config(chat_model, *overrides):
+    """The random chat model with a reward whose value differs between samples (the completion's length in
+    characters), so that every group has advantages to learn from."""
+    return with_builtin_defaults(load_config(overrides=[
+        f"model.path={chat_model}", "rollout.max_new_tokens=6", "reward.weights={chars: 1.0}",
+        f"reward.components.chars={{type: python, function: '{FNS}:content_length'}}", *overrides,
+    ]))
+
+
+def test_text_prompts_get_the_tokenizers_bos_and_chats_get_it_once(tokenizer):
+    texts, ids = encode_prompts(tokenizer, ["What is 1+1?", CHAT])
+    assert ids[0] == tokenizer("What is 1+1?").input_ids and ids[0][0] == tokenizer.bos_token_id  # as TRL does
+    assert ids[1] == tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert ids[1].count(tokenizer.bos_token_id) == 1 and texts[1].endswith("<|assistant|>\n")
+    assert tokenizer(texts[1]).input_ids[:2] == [tokenizer.bos_token_id] * 2  # the trap: BOS twice
+    _, plain = encode_prompts(tokenizer, ["What is 1+1?"], add_special_tokens=False)  # data.add_special_tokens
+    assert tokenizer.bos_token_id not in plain[0]
+
+
+def test_token_spans_follow_bpe_tokens_that_cover_several_characters(tokenizer):
+    ids = tokenizer("4567", add_special_tokens=False).input_ids + tokenizer(" and 123", add_special_tokens=False).input_ids
+    ids.append(tokenizer.eos_token_id)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    spans = token_spans(tokenizer, ids, text)
+    assert [text[s:e] for s, e in spans] == [*(tokenizer.decode([t]) for t in ids[:-1]), ""]
+    assert text[spans[0][0] : spans[0][1]] == "4567" and spans[-1] == (len(text), len(text))  # one token, 4 digits
+    # the slow path (when the text re-encodes to other tokens): decoding growing prefixes gives the same spans
+    split = [tokenizer.convert_tokens_to_ids(c) for c in "4567"] + ids[1:]
+    assert tokenizer.decode(split, skip_special_tokens=True) == text
+    assert [text[s:e] for s, e in token_spans(tokenizer, split, text)] == [*"4567", *(text[s:e] for s, e in spans[1:])]
+
+
+def test_digit_match_credits_each_digit_a_bpe_token_covers(tokenizer, chat_model):
+    """Answer 4567 as the one token '4567' earns 4/5, then EOS in place 1/5; answer 123 as '12' + '4' earns
+    2/4 for the first token only (and EOS is not in place)."""
+    config = load_config(overrides=[f"model.path={chat_model}", "reward.weights={digit_match: 1.0}"])
+    worker = RewardWorker(config, chat_model, ["digit_match"])
+    token = tokenizer.convert_tokens_to_ids
+    right, partial = [token("4567"), tokenizer.eos_token_id], [token("12"), token("4"), tokenizer.eos_token_id]
+    assert tokenizer.unk_token_id not in right + partial
+    rows = worker.score(chat_batch(tokenizer, [right, partial], answers=["4567", "123"]), "digit_match").rows
+    assert rows[0] == [pytest.approx(4 / 5), pytest.approx(1 / 5)]
+    assert rows[1] == [pytest.approx(2 / 4), 0.0, 0.0]
+
+
+def chat_batch(tokenizer, responses: list[list[int]], answers: list[str], prompt=CHAT) -> pa.Table:
+    from pipeline.batch import make_rollout_table
+
+    texts, ids = encode_prompts(tokenizer, [prompt])
+    core = {
+        "sample_id": list(range(len(responses))),
+        "group_id": [0] * len(responses),
+        "prompt_text": texts * len(responses),
+        "prompt_ids": ids * len(responses),
+        "response_ids": responses,
+        "behaviour_logprobs": [[-1.0] * len(r) for r in responses],
+        "response": tokenizer.batch_decode(responses, skip_special_tokens=True),
+        "finished": [True] * len(responses),
+        "policy_version": [0] * len(responses),
+        "worker": ["local"] * len(responses),
+    }
+    metadata = pa.Table.from_pylist([{"prompt": prompt, "answer": a} for a in answers])
+    return make_rollout_table(core, metadata)
+
+
+def test_rollouts_stop_at_stop_tokens_and_strings(builtin_model_path):
+    prompts = pa.table({"prompt": ["13+54=", "2+2=", "99+99="], "group_id": [0, 1, 2]})
+    plain = RolloutWorker(load_config(overrides=["rollout.max_new_tokens=6"]), builtin_model_path)
+    free = plain.generate(prompts, group_size=4, step=1)
+    nine = plain.tokenizer.convert_tokens_to_ids("9")
+    by_token = RolloutWorker(load_config(overrides=["rollout.max_new_tokens=6", f"rollout.stop_token_ids=[{nine}]"]), builtin_model_path)
+    by_string = RolloutWorker(load_config(overrides=["rollout.max_new_tokens=6", "rollout.stop=['9']"]), builtin_model_path)
+    for worker in (by_token, by_string):
+        batch = worker.generate(prompts, group_size=4, step=1)  # same seed and step: same samples, cut earlier
+        for cut, full, finished in zip(*(t.column("response_ids").to_pylist() for t in (batch, free)), batch.column("finished").to_pylist()):
+            expected = full[: full.index(nine) + 1] if nine in full else full
+            assert cut == expected and finished == (nine in full or full[-1] == plain.tokenizer.eos_token_id)
+    assert any(nine in r for r in free.column("response_ids").to_pylist())  # the test exercises a stop
+
+
+def test_chunked_fp32_logprobs_and_their_gradients_equal_the_whole_softmax(builtin_model_path):
+    model = load_model(builtin_model_path)
+    sequences = build_sequences([[3, 4, 5], [6, 7]], [[8, 9, 10, 11], [12]], pad_id=0)
+    results = []
+    for chunk in (10_000, 3, 1):
+        model.zero_grad()
+        logprobs, entropy = response_logprobs(model, sequences, temperature=0.7, chunk_tokens=chunk)
+        (logprobs.sum() + entropy.sum()).backward()
+        results.append((logprobs.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
+    for logprobs, entropy, grads in results[1:]:
+        assert torch.allclose(logprobs, results[0][0], atol=1e-6) and torch.allclose(entropy, results[0][1], atol=1e-6)
+        assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(grads, results[0][2]))
+
+
+def test_logprobs_of_the_kept_logits_equal_those_of_every_position(builtin_model_path):
+    """The learner asks for the response positions' logits only (`logits_to_keep`); a model without that
+    argument computes every position's and is sliced: same log-probs, same entropies, to 1e-6."""
+    model = load_model(builtin_model_path)
+
+    class EveryPosition(torch.nn.Module):  # a forward without logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    sequences = build_sequences([[3, 4, 5], [6, 7]], [[8, 9, 10, 11], [12]], pad_id=0)
+    kept, every = response_logprobs(model, sequences), response_logprobs(EveryPosition(model), sequences)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kept, every))
+    full = model(**{k: sequences[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
+    by_hand = torch.log_softmax(full[:, 2:-1].float(), -1).gather(-1, sequences["input_ids"][:, 3:, None]).squeeze(-1)
+    assert torch.allclose(kept[0], by_hand, atol=1e-6)
+
+
+def sampled_batch(config, model_path, prompts=None):
+    worker = RolloutWorker(config, model_path)
+    prompts = prompts or pa.table({"prompt": [CHAT, [{"role": "user", "content": "What is 7+8?"}]], "answer": ["42", "15"], "group_id": [0, 1]})
+    batch = worker.generate(prompts, group_size=4, step=1)
+    names = list(config.reward.weights)
+    return RewardWorker(config, model_path, names).score_all(batch, names)[0]
+
+
+def learner_logprobs(learner: Learner, batch: pa.Table) -> torch.Tensor:
+    sequences = build_sequences(batch.column("prompt_ids").to_pylist(), batch.column("response_ids").to_pylist(), learner.tokenizer.pad_token_id)
+    with torch.no_grad(), learner.autocast():
+        return response_logprobs(learner.model, sequences, learner.config.rollout.temperature)[0]
+
+
+def max_logprob_gap(learner: Learner, batch: pa.Table) -> float:
+    """max |log pi_learner - log pi_behaviour| over the batch's response tokens (0 = on-policy ratio exactly 1)."""
+    from pipeline.batch import pad_right
+
+    mask = response_mask(batch).bool()
+    behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist())
+    return float((learner_logprobs(learner, batch) - behaviour)[mask].abs().max())
+
+
+def test_learner_log_probs_match_the_samplers_on_a_chat_model(chat_model):
+    """fp32: within 1e-4 (the on-policy ratio is 1); bf16 sampling against an fp32 learner: the measured gap is
+    documented in docs/models.md and bounded here."""
+    config = chat_config(chat_model, "rollout.temperature=0.9")
+    batch = sampled_batch(config, chat_model)
+    assert max_logprob_gap(Learner(config, chat_model, chat_model), batch) < 1e-4
+    bf16 = chat_config(chat_model, "rollout.temperature=0.9", "model.dtype=bfloat16")
+    assert 1e-4 < max_logprob_gap(Learner(bf16, chat_model, chat_model), sampled_batch(bf16, chat_model)) < 0.1
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
+def test_bf16_learners_take_a_finite_step_close_to_fp32(chat_model, precision):
+    config = chat_config(chat_model)
+    batch = sampled_batch(config, chat_model)
+    fp32 = Learner(config, chat_model, chat_model)
+    low = Learner(chat_config(chat_model, f"learner.precision={precision}"), chat_model, chat_model)
+    assert (next(low.model.parameters()).dtype == torch.bfloat16) == (precision == "bf16")
+    assert torch.allclose(learner_logprobs(low, batch), learner_logprobs(fp32, batch), atol=0.1)
+    metrics = low.train_step(batch)
+    assert metrics["learner/skipped_nonfinite"] == 0 and math.isfinite(metrics["loss/policy"])
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_gradient_checkpointing_gives_the_same_gradient(chat_model):
+    grads = []
+    for checkpointing in (False, True):
+        learner = Learner(chat_config(chat_model, f"learner.gradient_checkpointing={checkpointing}"), chat_model, chat_model)
+        store = {}
+        learner.optimizer.step = lambda store=store, model=learner.model: store.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        learner.train_step(sampled_batch(learner.config, chat_model))
+        grads.append(store)
+    assert grads[0] and all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+LORA = "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
+
+
+def test_lora_trains_adapters_only_and_publishes_merged_weights(chat_model, tmp_path):
+    config = chat_config(chat_model, LORA, "learner.lr=1e-2", "algorithm.kl_coef=0.05")
+    learner = Learner(config, chat_model, chat_model)
+    trainable = {n for n, p in learner.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert sum(len(group["params"]) for group in learner.optimizer.param_groups) == len(trainable)  # adapters only
+    base = load_model(chat_model).state_dict()
+    assert all(torch.equal(base[k], v) for k, v in learner.get_weights().items())  # B = 0 at the start
+    batch = sampled_batch(config, chat_model)
+    metrics = learner.train_step(batch)
+    assert metrics["policy/kl"] == pytest.approx(0.0, abs=1e-6)  # reference = the policy with its adapters off
+    learner.train_step(batch)
+    merged = learner.get_weights()
+    changed = {k for k in merged if not torch.equal(merged[k], base[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    sampler = RolloutWorker(config, chat_model)  # merged weights load into a plain model and give its log-probs
+    sampler.set_weights(merged, 2)
+    assert max_logprob_gap(learner, sampler.generate(pa.table({"prompt": [CHAT], "group_id": [0]}), 4, step=3)) < 1e-4
+
+    learner.save_local(str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "adapter_model.safetensors").is_file() and not (tmp_path / "ckpt" / "model.safetensors").exists()
+    resumed = Learner(config, str(tmp_path / "ckpt"), chat_model)
+    assert resumed.load_state(str(tmp_path / "ckpt")) == 2
+    assert all(torch.allclose(resumed.get_weights()[k], v) for k, v in merged.items())
+    main(["export", str(tmp_path / "ckpt"), str(tmp_path / "plain"), "--merge"])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").state_dict()
+    assert all(torch.allclose(exported[k], v, atol=1e-6) for k, v in merged.items())
+    assert json.loads((tmp_path / "plain" / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_classifier_scores_a_conversation_through_the_reward_models_chat_template(tokenizer, tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from pipeline.reward_components import COMPONENTS
+    from pipeline.rewards import ComponentEnv
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, num_labels=2, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    response = tokenizer("42", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    config = load_config(overrides=[f"model.path={tmp_path}", "reward.weights={exact_match: 1.0}"])
+    inputs = RewardWorker(config, str(tmp_path), []).inputs(chat_batch(tokenizer, [response], answers=["42"]))
+    classifier = COMPONENTS["classifier"](COMPONENTS["classifier"].Options(path=str(tmp_path), text="prompt_completion"), ComponentEnv(tokenizer))
+    conversation = CHAT + [{"role": "assistant", "content": "42"}]
+    assert inputs.completions[0] == conversation[-1:]  # TRL's form of a conversational completion
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
+    with torch.no_grad():
+        expected = model(**tokenizer(rendered, add_special_tokens=False, return_tensors="pt")).logits.softmax(-1)[0, 1].item()
+    assert classifier(inputs) == [pytest.approx(expected, abs=1e-6)]
