@@ -34,9 +34,9 @@ from actors.rollout_worker import RolloutWorker
 from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig
 from pipeline.errors import ConfigError
+from pipeline.inputs import load_inputs
 from pipeline.models import load_model, load_tokenizer
 from pipeline.token_env import ENV_ID, env_train_config, register_rllib_env
-from pipeline.trainer import load_inputs
 
 MODULE_OPTIONS = {
     "model_path": "local HF causal LM directory (required; ppo_config fills it from the env's config)",
@@ -167,7 +167,7 @@ class GreedyEvaluator:
     def __init__(self, config: TrainConfig):
         self.config = config
         _, self.prompts = load_inputs(config)
-        self.rollout = RolloutWorker(config.model.path, config.rollout, config.seed, config.model.trust_remote_code)
+        self.rollout = RolloutWorker(config, config.model.path)
         self.scorer = RewardWorker(config, config.model.path, config.trainer.eval_metrics)
 
     def __call__(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, float]:

@@ -1,10 +1,12 @@
 """Text generation as a token-level MDP: a gymnasium environment over any tokenforge task.
 
 An episode is one prompt; an action is one token id; the observation is the token ids so far
-(prompt + response, right-padded to a fixed width) and their count; the episode ends
-(`terminated`) at EOS or after `rollout.max_new_tokens` response tokens. Both ends are real ends
+(prompt + response, right-padded to a fixed width; the prompt encoded as the rollout worker
+encodes it, a conversation through the chat template) and their count; the episode ends
+(`terminated`) where the rollout worker ends a response (EOS, a `rollout.stop_token_ids` token, a
+`rollout.stop` string) or after `rollout.max_new_tokens` response tokens. Both ends are real ends
 of the completion (it is scored as it stands), so `truncated` is never set and RL libraries do
-not bootstrap past them; `info["finished"]` says whether EOS was emitted.
+not bootstrap past them; `info["finished"]` says whether the response stopped by itself.
 
 Rewards are the task's weighted reward components (`reward.weights`), computed by the reward
 pool's own code (`RewardWorker.score_all`, in-process, or the `RewardPool` actors):
@@ -44,12 +46,13 @@ except ImportError as error:  # pragma: no cover - depends on the install
     raise ImportError("pipeline.token_env needs gymnasium: pip install 'tokenforge[rllib]'") from error
 
 from actors.reward_worker import RewardWorker
-from pipeline.batch import make_rollout_table, reward_column
+from pipeline.batch import DATASET_PROMPT, make_rollout_table, reward_column
 from pipeline.config import TrainConfig, config_with, load_config, parse_override, validate_config
 from pipeline.errors import ConfigError, TokenforgeError
+from pipeline.inputs import load_inputs, with_builtin_defaults
 from pipeline.models import load_tokenizer
+from pipeline.prompts import encode_prompts, set_chat_template
 from pipeline.rewards import FLOAT32_MAX
-from pipeline.trainer import load_inputs, with_builtin_defaults
 
 ENV_ID = "tokenforge/TokenGeneration-v0"
 SPLITS = ("train", "eval")
@@ -159,7 +162,8 @@ class Task:
 
     config: TrainConfig
     tables: dict[str, pa.Table]  # split -> prompt rows (dataset columns)
-    prompt_ids: dict[str, list[list[int]]]
+    prompt_texts: dict[str, list[str]]  # split -> each prompt as the model sees it (chat template applied)
+    prompt_ids: dict[str, list[list[int]]]  # split -> its token ids, as the rollout worker encodes them
     width: int  # longest prompt (both splits) + max_new_tokens: the observation's token width
     vocab_size: int
     tokenizer: Any
@@ -177,15 +181,19 @@ def load_task(config: TrainConfig, with_scorer: bool) -> Task:
 
         train, evaluation = load_inputs(config)
         tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
-        tables = {"train": train, "eval": evaluation.drop_columns(["group_id"])}
-        prompt_ids = {
-            split: tokenizer(table.column("prompt").to_pylist(), add_special_tokens=False).input_ids
-            for split, table in tables.items()
-        }
+        set_chat_template(tokenizer, config.model.chat_template)
+        tables = {"train": train}
+        if evaluation is not None:  # data.eval_file: null leaves the env without an eval split
+            tables["eval"] = evaluation.drop_columns(["group_id"])
+        prompt_texts, prompt_ids = {}, {}
+        for split, table in tables.items():
+            prompts = table.column(DATASET_PROMPT).to_pylist()
+            prompt_texts[split], prompt_ids[split] = encode_prompts(tokenizer, prompts, config.data.add_special_tokens)
         longest = max(len(ids) for rows in prompt_ids.values() for ids in rows)
         model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
         vocab_size = int(model_config.get_text_config().vocab_size)
-        task = Task(config, tables, prompt_ids, longest + config.rollout.max_new_tokens, vocab_size, tokenizer)
+        width = longest + config.rollout.max_new_tokens
+        task = Task(config, tables, prompt_texts, prompt_ids, width, vocab_size, tokenizer)
         _TASKS[key] = task
     if with_scorer and task.scorer is None:
         task.scorer = RewardWorker(config, config.model.path, list(config.reward.weights))
@@ -232,6 +240,8 @@ class TokenEnv(gym.Env):
             raise ConfigError(f"env option 'render_mode': {render_mode!r} is not one of None, 'ansi'")
         self.split, self.reward_backend, self.reward_timing, self.render_mode = split, reward_backend, reward_timing, render_mode
         self.task = load_task(self.config, with_scorer=reward_backend == "local")
+        if split not in self.task.tables:
+            raise ConfigError("env option 'split': 'eval' needs held-out prompts, and data.eval_file is null")
         self.weights = dict(self.config.reward.weights)
         self.pool = None
         if reward_backend == "pool":
@@ -244,6 +254,9 @@ class TokenEnv(gym.Env):
             self.pool = RewardPool(self.config, self.config.model.path, run_id=f"env-{uuid.uuid4().hex[:8]}")
         tokenizer = self.task.tokenizer
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        # a response ends as the rollout worker ends it: EOS, a rollout.stop_token_ids token, a rollout.stop string
+        self.stop_ids = frozenset({self.eos_id, *self.config.rollout.stop_token_ids})
+        self.stop_strings = tuple(self.config.rollout.stop)
         self.max_new_tokens = self.config.rollout.max_new_tokens
         self.width = self.task.width
         self.action_space = spaces.Discrete(self.task.vocab_size)
@@ -288,7 +301,7 @@ class TokenEnv(gym.Env):
             raise TokenforgeError(f"action {action} is not a token id in [0, {self.action_space.n})")
         token = int(action)
         self._response.append(token)
-        finished = token == self.eos_id
+        finished = token in self.stop_ids or self._ends_with_stop_string()
         self._done = finished or len(self._response) >= self.max_new_tokens
         info: dict[str, Any] = {}
         if self._done:
@@ -301,7 +314,7 @@ class TokenEnv(gym.Env):
 
     def render(self):
         if self.render_mode == "ansi":
-            return self.prompt + self.task.tokenizer.decode(self._response, skip_special_tokens=False)
+            return self.prompt_text + self.task.tokenizer.decode(self._response, skip_special_tokens=False)
         return None
 
     def close(self):
@@ -315,8 +328,14 @@ class TokenEnv(gym.Env):
     # -- internals -----------------------------------------------------------------------------
 
     @property
-    def prompt(self) -> str:
-        return self.task.tables[self.split].column("prompt")[self._index].as_py()
+    def prompt_text(self) -> str:
+        """The episode's prompt as the model sees it (a conversation rendered by the chat template)."""
+        return self.task.prompt_texts[self.split][self._index]
+
+    def _ends_with_stop_string(self) -> bool:
+        if not self.stop_strings:
+            return False
+        return self.task.tokenizer.decode(self._response, skip_special_tokens=True).endswith(self.stop_strings)
 
     def _observation(self) -> dict[str, np.ndarray]:
         ids = self.task.prompt_ids[self.split][self._index] + self._response
@@ -330,13 +349,14 @@ class TokenEnv(gym.Env):
         core = {
             "sample_id": [self._episodes],
             "group_id": [self._episodes],
-            "prompt": [self.prompt],
+            "prompt_text": [self.prompt_text],
             "prompt_ids": [self.task.prompt_ids[self.split][self._index]],
             "response_ids": [list(self._response)],
             "behaviour_logprobs": [[0.0] * len(self._response)],  # the env does not know the policy
-            "completion": [self.task.tokenizer.decode(self._response, skip_special_tokens=True)],
+            "response": [self.task.tokenizer.decode(self._response, skip_special_tokens=True)],
             "finished": [finished],
             "policy_version": [0],
+            "worker": ["token_env"],
         }
         return make_rollout_table(core, prompt_row)
 
@@ -353,6 +373,8 @@ class TokenEnv(gym.Env):
             try:
                 score = scorer.components[name](inputs)[0]
             except Exception:  # noqa: BLE001, S112 - judged on the whole completion at the end
+                continue
+            if score is None:  # does not apply to this sample (so far): pays nothing
                 continue
             if not is_token_level(score):
                 self._sequence_level.add(name)
@@ -375,10 +397,11 @@ class TokenEnv(gym.Env):
         rows = {name: scored.column(reward_column(name))[0].as_py() for name in names}
         per_token = [0.0] * len(self._response)  # r_t = sum_i w_i * r_i,t, summed in the learner's order
         for name, weight in self.weights.items():
-            per_token = [r + weight * x for r, x in zip(per_token, rows[name])]
+            if rows[name] is not None:  # None: the component does not apply to the sample, it adds nothing
+                per_token = [r + weight * x for r, x in zip(per_token, rows[name])]
         total = sum(per_token)
         info = {
-            "completion": batch.column("completion")[0].as_py(),
+            "response": batch.column("response")[0].as_py(),
             "finished": finished,
             "reward_rows": rows,
             "reward_total": total,

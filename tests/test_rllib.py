@@ -35,7 +35,8 @@ def test_module_policy_is_the_rollout_workers_distribution():
     module = build_module(env)
     config = env.config
     prompts = env.task.tables["eval"].slice(0, 6).append_column("group_id", pa.array(range(6), pa.int64()))
-    batch = RolloutWorker(config.model.path, config.rollout, seed=1).generate(prompts, group_size=2, step=1)
+    worker = RolloutWorker(config.model_copy(update={"seed": 1}), config.model.path)
+    batch = worker.generate(prompts, group_size=2, step=1)
     observations, actions, expected = [], [], []
     columns = [batch.column(name).to_pylist() for name in ("group_id", "response_ids", "behaviour_logprobs")]
     for index, response, logprobs in zip(*columns):

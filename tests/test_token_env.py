@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 from gymnasium.utils.env_checker import check_env
 
+from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline.batch import reward_column
 from pipeline.errors import ConfigError, TokenforgeError
@@ -49,7 +50,9 @@ def sampled():
     config = resolve_config(overrides=["data.max_eval_samples=24", "rollout.max_new_tokens=3"])
     env = TokenEnv(config, split="eval")
     prompts = env.task.tables["eval"].append_column("group_id", pa.array(range(24), pa.int64()))
-    worker = RolloutWorker(config.model.path, config.rollout.model_copy(update={"temperature": 1.5}), seed=7)
+    worker_config = config.model_copy(update={"seed": 7}, deep=True)
+    worker_config.rollout.temperature = 1.5
+    worker = RolloutWorker(worker_config, config.model.path)
     batch = worker.generate(prompts, group_size=4, step=1)
     return config, batch
 
@@ -84,7 +87,7 @@ def test_episode_rewards_equal_the_reward_pool(ray_cluster, sampled):
                 assert sum(rewards) == pytest.approx(total, rel=1e-12, abs=1e-12)
                 assert info["reward_total"] == pytest.approx(total, rel=1e-12, abs=1e-12)
                 assert info["finished"] == finished[i]
-                assert info["completion"] == batch.column("completion")[i].as_py()
+                assert info["response"] == batch.column("response")[i].as_py()
             # dense: every step pays the pool's per-token composite reward of that token
             rewards, _, _ = play(dense, index, response)
             assert rewards == pytest.approx(expected[i], rel=1e-12, abs=1e-12)
@@ -114,15 +117,45 @@ def test_a_component_that_looks_ahead_is_settled_on_the_last_step():
     assert sum(rewards) == pytest.approx(2.0 * 1.0 + 0.5 * 1.0)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["task=chat_addition"],  # conversations through the chat template, BOS, BPE tokens of several digits
+        ["rollout.stop=['4']", "rollout.stop_token_ids=[9]"],  # the rollout worker's other ends of a response
+    ],
+    ids=["chat_addition", "stop_strings_and_ids"],
+)
+def test_env_replays_the_rollout_workers_samples(overrides):
+    """The env sees the prompt ids the rollout worker sampled from, ends an episode where the worker ended
+    the response, and pays the in-process reward worker's per-token rows (sampled at temperature 1.5)."""
+    config = resolve_config(overrides=["data.max_eval_samples=16", "rollout.temperature=1.5", *overrides])
+    env = TokenEnv(config, split="eval")
+    prompts = env.task.tables["eval"].append_column("group_id", pa.array(range(16), pa.int64()))
+    batch = RolloutWorker(config, config.model.path).generate(prompts, group_size=4, step=1)
+    scored, _ = RewardWorker(config, config.model.path, list(config.reward.weights)).score_all(
+        batch, list(config.reward.weights)
+    )
+    expected = weighted_rows(scored, config.reward.weights)
+    finished = batch.column("finished").to_pylist()
+    assert any(finished)
+    columns = ("group_id", "prompt_ids", "response_ids", "response")
+    for i, (index, prompt_ids, response, text) in enumerate(zip(*(batch.column(c).to_pylist() for c in columns))):
+        assert env.task.prompt_ids["eval"][index] == prompt_ids
+        rewards, ends, info = play(env, index, response)
+        assert ends == [False] * (len(response) - 1) + [True]
+        assert info["finished"] == finished[i] and info["response"] == text
+        assert rewards == pytest.approx(expected[i], rel=1e-12, abs=1e-12)
+
+
 def test_episode_ends_at_eos_or_max_new_tokens():
     env = TokenEnv(overrides=["rollout.max_new_tokens=3"], split="eval")
     digit = env.task.tokenizer.convert_tokens_to_ids("5")
     rewards, ends, info = play(env, 0, [digit] * 3)
-    assert ends == [False, False, True] and info["finished"] is False and info["completion"] == "555"
+    assert ends == [False, False, True] and info["finished"] is False and info["response"] == "555"
     with pytest.raises(TokenforgeError, match=r"^step\(\) on a finished episode; call reset\(\) first$"):
         env.step(digit)
     _, ends, info = play(env, 0, [env.eos_id])
-    assert ends == [True] and info["finished"] is True and info["completion"] == ""
+    assert ends == [True] and info["finished"] is True and info["response"] == ""
 
 
 def test_observation_is_prompt_then_response_right_padded():
@@ -184,7 +217,7 @@ def test_env_config_takes_dotted_tokenforge_keys():
         ),
         (
             lambda: TokenEnv(overrides=["task=subtraction"]),
-            "config key 'task': Input should be 'addition' or 'words'",
+            "config key 'task': Input should be 'addition', 'words' or 'chat_addition'",
         ),
     ],
 )
@@ -228,4 +261,4 @@ def test_render_shows_prompt_and_completion():
     env.reset(options={"index": 0})
     for char in "67":
         env.step(env.task.tokenizer.convert_tokens_to_ids(char))
-    assert env.render() == env.prompt + "67"
+    assert env.render() == env.prompt_text + "67"
