@@ -98,7 +98,7 @@ def run_rllib(seed: int, samples: int, eval_every: int, ppo: list[str], workdir:
         subprocess.run(command, check=True, env=subprocess_env(workdir), stdout=log, stderr=log)
     wall = time.time() - start
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    check = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", str(out / "final")], check=True,
+    check = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", str(out / "final"), "--json"], check=True,
                            capture_output=True, text=True, env=subprocess_env(workdir))
     return {
         "seed": seed,
