@@ -43,6 +43,7 @@ def ppo_run(out: Path, seed: int, samples: int, eval_every: int, ppo: dict) -> N
     """The RLlib arm: PPO until `samples` episodes, greedy eval every `eval_every`; out/metrics.jsonl
     (tokenforge's field names plus `samples`) and out/final (HF checkpoint for `tokenforge eval`)."""
     import ray
+    import torch
 
     from pipeline.rllib_policy import GreedyEvaluator, ppo_config, save_hf_checkpoint
     from pipeline.token_env import env_train_config
@@ -51,6 +52,9 @@ def ppo_run(out: Path, seed: int, samples: int, eval_every: int, ppo: dict) -> N
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     config = env_train_config()
     evaluate = GreedyEvaluator(config)
+    # the evaluator's RolloutWorker set this process to rollout.num_threads (1); RLlib samples and learns here,
+    # so give it the threads tokenforge's learner gets (learner.num_threads, 2)
+    torch.set_num_threads(config.learner.num_threads)
     algo = ppo_config(seed=seed, **ppo).build_algo()
     start = time.time()
     with open(out / "metrics.jsonl", "w") as log:
