@@ -320,14 +320,14 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
         try:
             return attempt(config, storage, train_prompts, eval_prompts, resume or failures > 0, report)
         except KeyboardInterrupt:
-            raise TokenforgeError(f"interrupted; continue from the last checkpoint with: tokenforge train --resume {storage.display()}") from None
+            raise TokenforgeError(f"interrupted; continue from the last checkpoint with: tokenforge train --resume {storage.for_commands()}") from None
         except RECOVERABLE as error:
             failures += 1
             cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             if failures > config.trainer.max_failures:
                 raise TokenforgeError(
                     f"the run failed {failures} times (trainer.max_failures={config.trainer.max_failures}), last: {cause}; "
-                    f"continue it with: tokenforge train --resume {storage.display()}"
+                    f"continue it with: tokenforge train --resume {storage.for_commands()}"
                 ) from None
             print(f"tokenforge: failure {failures} of at most {config.trainer.max_failures} ({cause}); "
                   "restarting the pipeline from the last checkpoint", flush=True)

@@ -55,13 +55,20 @@ def restore_into(run: Storage, pointer: dict) -> dict:
             "(pruned? keep trainer.keep_checkpoints >= tune.num_to_keep)"
         )
     target = store.checkpoint_dir(manifest["step"])
-    if (run.uri, target) != (source.uri, pointer["checkpoint"]):
+    if store.read_manifest(run, target) != manifest:  # not already this run's (however its URI is spelled)
+        # copied in full before anything of this run is deleted: a donor that prunes the checkpoint meanwhile
+        # fails the restore but costs this run nothing
+        staging = f"{store.CHECKPOINTS}/incoming"
+        run.delete_dir(staging)
+        for name in manifest["files"]:
+            run.write_bytes(f"{staging}/{name}", source.read_bytes(f"{pointer['checkpoint']}/{name}"))
         # later checkpoints of this trial's own must not win a resume over the restored one; earlier ones stay
         # (Tune may still hand them to another trial)
         for step in [s for s in store.checkpoint_steps(run) if s >= manifest["step"]]:
             run.delete_dir(store.checkpoint_dir(step))
         for name in manifest["files"]:
-            run.write_bytes(f"{target}/{name}", source.read_bytes(f"{pointer['checkpoint']}/{name}"))
+            run.move(f"{staging}/{name}", f"{target}/{name}")
+        run.delete_dir(staging)
         store.publish_checkpoint(run, manifest["step"], manifest["files"])
     weights = next(manifest["files"][n]["sha256"] for n in ("model.safetensors", "adapter_model.safetensors") if n in manifest["files"])
     return {"step": manifest["step"], "model_sha256": weights, "source": source.display(pointer["checkpoint"])}
