@@ -150,7 +150,7 @@ class Learner:
                 metrics[f"reward/{name}/std"] = float(per_sample.std()) if len(per_sample) > 1 else 0.0
         metrics["reward/total/mean"] = float(token_rewards.sum(1).mean())
 
-        ref_logprobs = self._reference_logprobs(sequences) if algo.needs_reference else None
+        ref_logprobs = self._out_of_memory_as_one_line(self._reference_logprobs, sequences) if algo.needs_reference else None
         if algo.kl_in_reward_coef > 0:
             # r_t -= beta * KL_t, KL of the sampling policy against the reference
             without_kl = token_rewards
