@@ -17,9 +17,9 @@ Everything is validated here, before any trial starts (docs/tuning.md explains e
 
 from __future__ import annotations
 
-import os
 import importlib.util
 import inspect
+import os
 from pathlib import Path
 from typing import Any, Literal
 
