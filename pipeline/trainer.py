@@ -38,7 +38,7 @@ from pipeline.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 from pipeline.placement import clear_resource_request, connect_ray, decide_learner_gpus, ensure_resources
 from pipeline.reward_pool import RewardPool
 from pipeline.storage import Storage
-from pipeline.trackers import Trackers
+from pipeline.trackers import Trackers, require_loggers
 
 Report = Callable[[dict, str | None], None]  # (metrics record, published checkpoint directory or None)
 TRAINER_STATE = "trainer_state.json"
@@ -302,6 +302,7 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
     config = with_builtin_defaults(config)
     storage = Storage(config.run_uri)
     train_prompts, eval_prompts = load_inputs(config)
+    require_loggers(config)
     if not resume and storage.exists(METRICS_FILE):
         raise TokenforgeError(
             f"{storage.display()!r} already holds a run; resume it with --resume or pick another output_dir / storage.uri"
