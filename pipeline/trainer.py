@@ -276,8 +276,9 @@ def attempt(config: TrainConfig, storage: Storage, train_prompts, eval_prompts, 
         if config.ray.autoscale_wait_s:
             clear_resource_request()  # placed: the autoscaler may scale idle nodes down again
         storage.write_text("placement.json", json.dumps(placement, indent=1))
-        for role, actors in placement.items():
-            print(f"tokenforge: {role}: " + ", ".join(f"{a['device']} on {a['node_ip']}" for a in actors), flush=True)
+        if report is None:  # a Tune trial's are in its placement.json: Tune's console shows the trials
+            for role, actors in placement.items():
+                print(f"tokenforge: {role}: " + ", ".join(f"{a['device']} on {a['node_ip']}" for a in actors), flush=True)
         if config.learner.num_gpus and placement["learner"][0]["device"] == "cpu":
             print(f"tokenforge: the learner holds a Ray GPU but torch sees no CUDA device on {placement['learner'][0]['node_ip']}: "
                   "it runs on CPU there (install a CUDA build of torch on GPU nodes)", flush=True)
