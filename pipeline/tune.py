@@ -13,7 +13,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,7 @@ def run_trial(params: dict[str, Any], base: dict, experiment_uri: str, keep: int
     """One trial: the base config with this trial's params, trained with reports to Tune. Its run lives
     in the experiment's storage (trial directory/run); Tune's checkpoints point at the run's own."""
     config = config_with(TrainConfig.model_validate(base), params)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Checkpoint successfully created" line per report
     trial = Storage(experiment_uri).child(Path(tune.get_context().get_trial_dir()).name)
     run = trial.child("run")
     config.storage.uri = run.uri
@@ -162,12 +165,29 @@ def run_config(spec: TuneSpec, base: TrainConfig, storage: str) -> tune.RunConfi
         failure_config=tune.FailureConfig(max_failures=block.max_failures),
         verbose=1,  # the status table only: no per-result dumps of every metric of every report
         checkpoint_config=tune.CheckpointConfig(num_to_keep=block.num_to_keep),
-        progress_reporter=tune.CLIReporter(
+        progress_reporter=LiveTable(
             parameter_columns=list(spec.search),
             metric_columns=["step", block.metric, "reward/total/mean", "throughput/samples_per_s"],
-            max_report_frequency=30,
+            max_report_frequency=5 if sys.stdout.isatty() else 30,
         ),
     )
+
+
+class LiveTable(tune.CLIReporter):
+    """Tune's status table, redrawn in place on a terminal (cursor up over the last one, clear, draw);
+    printed anew each time elsewhere (a log keeps every table)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drawn = 0  # lines of the table on screen
+
+    def report(self, trials, done: bool, *sys_info: str) -> None:
+        table = self._progress_str(trials, done, *sys_info)
+        if not sys.stdout.isatty():
+            print(table, flush=True)
+            return
+        print((f"\x1b[{self.drawn}F\x1b[J" if self.drawn else "") + table, flush=True)
+        self.drawn = table.count("\n") + 1
 
 
 def resume(experiment_uri: str) -> str:

@@ -222,3 +222,24 @@ def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path):
             restores = [json.loads(line)["step"] for line in (trial / RESTORES_FILE).read_text().splitlines()]
             assert restores and restores[-1] >= earliest
     assert all(r.endswith(",24,TERMINATED") for r in (experiment / "trials.csv").read_text().splitlines()[1:])
+
+
+def test_the_status_table_is_redrawn_in_place_on_a_terminal(monkeypatch):
+    """On a terminal each report moves the cursor up over the previous table and clears it; in a log each table stays."""
+    import io
+
+    from pipeline.tune import LiveTable
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, redrawn in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr("sys.stdout", stream)
+        reporter = LiveTable(metric_columns=["step"])
+        reporter.report([], False, "first")
+        first = stream.getvalue()
+        reporter.report([], True, "second")
+        second = stream.getvalue()[len(first):]
+        assert "\x1b[J" not in first and ("== Status ==" in first) and "second" in second
+        assert second.startswith(f"\x1b[{first.count(chr(10))}F\x1b[J") == redrawn, repr(second[:20])
