@@ -1,0 +1,192 @@
+"""Tests written to kill mutants that survived scripts/mutation_test.sh (docs/testing.md lists them).
+
+Each test pins down one behaviour the rest of the suite left open; its docstring names what it pins.
+"""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.advantages import compute_advantages, kl_penalty, masked_whiten
+
+T = torch.tensor
+
+
+# --- pipeline.advantages ---------------------------------------------------------------------------
+
+
+def test_kl_penalty_defaults_to_k1_and_refuses_mismatched_shapes():
+    logp, ref = T([[-1.0, -0.25]]), T([[-2.0, -0.5]])
+    assert torch.equal(kl_penalty(logp, ref), kl_penalty(logp, ref, "k1"))
+    with pytest.raises(ValueError, match=r"^shape mismatch: logprobs=\(2, 2\), ref_logprobs=\(1, 2\); all must be \(batch, tokens\)$"):
+        kl_penalty(logp.repeat(2, 1), ref)  # (1, 2) would broadcast silently
+
+
+def test_k3_clamps_the_log_ratio_to_plus_minus_20():
+    """k3 = exp(-d) + d - 1 with d = logp - logp_ref clamped to [-20, 20] (docs/algorithms.md)."""
+    logp, ref = T([[-30.0, -1.0, -0.5]]), T([[-1.0, -30.0, -0.5]])  # d = -29, +29, 0
+    k3 = kl_penalty(logp, ref, "k3")
+    assert k3[0, 0].item() == pytest.approx(math.exp(20.0) - 20.0 - 1.0, rel=1e-6)
+    assert k3[0, 1].item() == pytest.approx(math.exp(-20.0) + 20.0 - 1.0, rel=1e-6)
+    assert k3[0, 2].item() == 0.0
+
+
+def test_kl_penalty_is_float32_for_any_input_precision():
+    """Both log-probs are converted to float32 before the difference: float64 inputs give the float32 result."""
+    logp = torch.tensor([[-1 / 3, -2 / 7]], dtype=torch.float64)
+    ref = torch.tensor([[-1 / 7, -1 / 9]], dtype=torch.float64)
+    for kind in ("k1", "k2", "k3"):
+        kl = kl_penalty(logp, ref, kind)
+        assert kl.dtype == torch.float32
+        assert torch.equal(kl, kl_penalty(logp.float(), ref.float(), kind))
+
+
+def test_masked_whiten_centres_by_default_and_computes_in_float64():
+    values = T([[1 / 3, 2 / 3, 9.0], [1 / 7, 0.0, 0.0]])
+    mask = T([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    out = masked_whiten(values, mask)
+    assert out.dtype == torch.float64
+    valid = values[mask.bool()].double()
+    expected = (valid - valid.mean()) / torch.sqrt(valid.var(unbiased=False) + 1e-8)
+    assert torch.allclose(out[mask.bool()], expected, rtol=1e-12, atol=0)
+    assert out[0, 2] == 0 and out[1, 1] == 0
+
+
+def test_whitening_a_single_valid_token():
+    """One valid token: its mean is itself and its variance 0, so centred whitening gives exactly 0 and the
+    uncentred form divides by sqrt(1e-8) only."""
+    mask = T([[1.0, 0.0]])
+    assert torch.equal(compute_advantages("reinforce++", T([[0.7, 5.0]]), mask, T([0])), torch.zeros(1, 2))
+    expected = torch.tensor([[0.5 / math.sqrt(1e-8), 0.0]], dtype=torch.float64)
+    assert torch.allclose(masked_whiten(T([[0.5, 5.0]]), mask, center=False), expected, rtol=1e-12, atol=0)
+
+
+# --- actors.rollout_worker: sample_tokens and the generation loop ---------------------------------------
+
+from actors.rollout_worker import RolloutWorker, sample_tokens  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+
+DYADIC = torch.log(T([[0.5, 0.25, 0.125, 0.125], [0.125, 0.125, 0.25, 0.5]]))  # softmax gives these exactly
+
+
+def sampled_from(monkeypatch, logits, temperature, top_p, seed=0):
+    """(tokens, logprobs, the weights torch.multinomial drew from)."""
+    drawn = []
+    real = torch.multinomial
+
+    def recording(probs, *args, **kwargs):
+        drawn.append(probs.clone())
+        return real(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", recording)
+    tokens, logprobs = sample_tokens(logits, temperature, top_p, False, torch.Generator().manual_seed(seed))
+    return tokens, logprobs, drawn[0]
+
+
+def test_sample_tokens_draws_from_the_tempered_softmax_and_reports_its_log_prob(monkeypatch):
+    logits = T([[1.0, -0.5, 0.25, 2.0], [0.0, 3.0, -1.0, 0.5], [0.3, 0.2, 0.1, 0.0]])
+    tokens, logprobs, probs = sampled_from(monkeypatch, logits, 0.7, 1.0)
+    log_pi = torch.log_softmax(logits / 0.7, dim=-1)
+    assert tokens.shape == (3,) and logprobs.shape == (3,)
+    assert torch.equal(probs, log_pi.exp())  # top_p = 1: nothing cut, not even tokens of probability < 2^-24
+    assert torch.equal(logprobs, log_pi.gather(-1, tokens[:, None]).squeeze(-1))
+    tiny = T([[0.0, -18.0]])  # p = [1 - 1.5e-8, 1.5e-8]: in float32 the mass before token 1 rounds to 1.0
+    assert sampled_from(monkeypatch, tiny, 1.0, 1.0)[2][0, 1] > 0
+
+
+def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_top_p(monkeypatch):
+    """Nucleus with exact dyadic probabilities: top_p = 0.75 keeps the two most likely tokens of each row
+    (their mass is exactly 0.75; the third token's preceding mass equals top_p, so it is cut)."""
+    _, _, probs = sampled_from(monkeypatch, DYADIC, 1.0, 0.75)
+    assert torch.equal(probs, T([[0.5, 0.25, 0.0, 0.0], [0.0, 0.0, 0.25, 0.5]]))
+    tokens, logprobs, _ = sampled_from(monkeypatch, DYADIC.repeat(200, 1), 1.0, 0.75, seed=3)
+    assert set(tokens[0::2].tolist()) == {0, 1} and set(tokens[1::2].tolist()) == {2, 3}
+    assert torch.equal(logprobs, torch.log_softmax(DYADIC.repeat(200, 1), -1).gather(-1, tokens[:, None]).squeeze(-1))  # untruncated pi
+
+
+def test_sample_tokens_greedy_and_one_row():
+    logits = T([[0.1, 0.9, 0.3], [2.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+    tokens, logprobs = sample_tokens(logits, 0.5, 0.9, True, torch.Generator())
+    assert tokens.tolist() == [1, 0, 2]
+    assert torch.allclose(logprobs, torch.log_softmax(logits / 0.5, -1).max(-1).values)
+    one, one_logprob = sample_tokens(logits[:1], 1.0, 1.0, False, torch.Generator().manual_seed(0))
+    assert one.shape == (1,) and one_logprob.shape == (1,)
+
+
+def test_sampling_uses_only_the_given_generator():
+    logits = torch.zeros(64, 5)
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        draws.append(sample_tokens(logits, 1.0, 0.9, False, torch.Generator().manual_seed(7))[0])
+    assert torch.equal(draws[0], draws[1])
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for the policy in RolloutWorker._sample: at generation step t, row i puts logit 2 on
+    script[i][t] (0 elsewhere), and every call is recorded with its cache."""
+
+    def __init__(self, script, vocab):
+        super().__init__()
+        self.script, self.vocab, self.calls = script, vocab, []
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None):
+        step = len(self.calls)
+        self.calls.append(dict(input_ids=input_ids.clone(), attention_mask=attention_mask.clone(),
+                               position_ids=position_ids.clone(), use_cache=use_cache, cache=past_key_values))
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        for i, row in enumerate(self.script):
+            logits[i, -1, row[min(step, len(row) - 1)]] = 2.0
+        return type("Out", (), {"logits": logits, "past_key_values": ("cache", step)})()
+
+
+def scripted_worker(builtin_model_path, script, **rollout):
+    config = load_config(overrides=[f"rollout.{k}={v}" for k, v in rollout.items()])
+    worker = RolloutWorker(config, builtin_model_path)
+    worker.model = ScriptedModel(script, len(worker.tokenizer))
+    worker.cache_key = "past_key_values"
+    return worker
+
+
+def test_generation_loop_stops_rows_at_eos_pads_after_it_and_feeds_the_cache(builtin_model_path):
+    eos, pad = 1, 0
+    script = [[5, eos, 7, eos], [6, 6, 6, 6], [eos, 8, 8, 8]]  # stops at step 1, never, at step 0
+    worker = scripted_worker(builtin_model_path, script, max_new_tokens=4, temperature=0.5)
+    ids = T([[pad, 3, 4], [3, 4, 4], [pad, pad, 3]])
+    attention = (ids != pad).long()
+    tokens, logprobs, lengths, finished = worker._sample(ids, attention, greedy=True)
+    assert tokens.tolist() == [[5, eos, pad, pad], [6, 6, 6, 6], [eos, pad, pad, pad]]
+    assert lengths == [2, 4, 1] and finished == [True, False, True]
+    top = float(torch.log_softmax(T([2.0] + [0.0] * 14) / 0.5, -1)[0])  # log pi of the scripted token
+    assert torch.allclose(logprobs, T([[top, top, 0, 0], [top] * 4, [top, 0, 0, 0]]))
+    assert (logprobs[tokens == pad] == 0).all()
+    calls = worker.model.calls
+    assert len(calls) >= 4  # the prompt, then one call per generated token (but the last, at least)
+    assert torch.equal(calls[0]["input_ids"], ids) and torch.equal(calls[0]["attention_mask"], attention)
+    assert calls[0]["position_ids"].tolist() == [[0, 0, 1], [0, 1, 2], [0, 0, 0]]
+    for t, call in enumerate(calls[1:4], start=1):
+        assert call["use_cache"] is True and call["cache"] == ("cache", t - 1)  # the previous call's cache
+        assert call["input_ids"].tolist() == [[row[t - 1]] for row in script]  # the token sampled last
+        assert torch.equal(call["attention_mask"], torch.cat([attention, torch.ones(3, t, dtype=torch.long)], 1))
+        assert call["position_ids"].tolist() == [[1 + t], [2 + t], [t]]
+    assert calls[0]["use_cache"] is True
+
+
+def test_generation_loop_ends_as_soon_as_every_row_stopped(builtin_model_path):
+    eos = 1
+    worker = scripted_worker(builtin_model_path, [[5, eos], [eos]], max_new_tokens=6)
+    ids = T([[3, 4], [3, 4]])
+    tokens, logprobs, lengths, finished = worker._sample(ids, torch.ones_like(ids), greedy=True)
+    assert tokens.shape == (2, 2) and lengths == [2, 1] and finished == [True, True]
+    assert len(worker.model.calls) == 2
+
+
+def test_generation_loop_samples_unless_greedy_with_the_configured_top_p(builtin_model_path):
+    """Scripted logit 2 vs 0 elsewhere: sampling leaves the scripted token often; top_p = 1e-6 keeps only it."""
+    script = [[5] * 6] * 4
+    ids = T([[3, 4]] * 4)
+    sampled = scripted_worker(builtin_model_path, script, max_new_tokens=6)._sample(ids, torch.ones_like(ids), greedy=False)[0]
+    assert (sampled != 5).any()
+    nucleus = scripted_worker(builtin_model_path, script, max_new_tokens=6, top_p=1e-6)._sample(ids, torch.ones_like(ids), greedy=False)[0]
+    assert (nucleus == 5).all()
