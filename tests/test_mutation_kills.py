@@ -4,6 +4,7 @@ Each test pins down one behaviour the rest of the suite left open; its docstring
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -190,3 +191,135 @@ def test_generation_loop_samples_unless_greedy_with_the_configured_top_p(builtin
     assert (sampled != 5).any()
     nucleus = scripted_worker(builtin_model_path, script, max_new_tokens=6, top_p=1e-6)._sample(ids, torch.ones_like(ids), greedy=False)[0]
     assert (nucleus == 5).all()
+
+
+# --- pipeline.rewards: normalize_rewards and score_component ------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from pipeline.rewards import FLOAT32_MAX, RewardComponent, RewardInputs, normalize_rewards, score_component  # noqa: E402
+
+
+def test_normalisation_divides_every_token_and_takes_the_mean_off_the_last_valid_one():
+    """Token-level rows of lengths 3, 2, 1 (padding holds garbage): s = [1/3 + 1/7 + 1, 2/3 + 1/9, 5/7];
+    r_jt / (std(s) + 1e-6), minus mean(s) / (std(s) + 1e-6) on each row's last valid token, exactly."""
+    rewards = torch.tensor([[1 / 3, 1 / 7, 1.0, 9.0], [2 / 3, 1 / 9, 7.0, 7.0], [5 / 7, 3.0, 3.0, 3.0]], dtype=torch.float64)
+    mask = T([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    out = normalize_rewards(rewards, mask, torch.tensor([4, 4, 4]), "group")
+    totals = (rewards * mask).sum(1)
+    scale = 1.0 / (totals.std() + 1e-6)
+    expected = torch.where(mask.bool(), rewards, 0.0) * scale
+    for row, last in enumerate([2, 1, 0]):
+        expected[row, last] -= totals.mean() * scale
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-15)
+    assert torch.equal(normalize_rewards(rewards.float(), mask, torch.tensor([4, 4, 4]), "none"), rewards.float().double())
+
+
+def test_samples_a_component_does_not_apply_to_take_no_part_in_its_normalisation():
+    """A row with an all-zero mask (the component returned None for it) neither counts in the group's mean
+    and std nor receives anything."""
+    rewards = T([[0.0, 1.0], [0.0, 0.5], [9.0, 9.0], [0.0, 0.2]])
+    applies = T([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
+    groups = torch.tensor([0, 0, 0, 0])
+    out = normalize_rewards(rewards, applies, groups, "batch")
+    alone = normalize_rewards(rewards[[0, 1, 3]], applies[[0, 1, 3]], groups[:3], "batch")
+    assert torch.equal(out[[0, 1, 3]], alone) and torch.equal(out[2], torch.zeros(2, dtype=torch.float64))
+
+
+class Fixed(RewardComponent):
+    """A component returning the given per-sample scores."""
+
+    def __init__(self, scores):
+        super().__init__(None, None)
+        self.scores = scores
+
+    def __call__(self, inputs):
+        return self.scores
+
+
+def three_samples(lengths=(3, 2, 1)) -> RewardInputs:
+    ids = [[7] * n for n in lengths]
+    return RewardInputs(prompts=["a", "b", "c"], completions=["x"] * 3, completion_ids=ids, texts=["x"] * 3,
+                        token_spans=[[(0, 0)] * n for n in lengths], columns={}, sample_ids=[5, 6, 7])
+
+
+def test_score_component_reads_arrays_as_token_rewards_and_scalars_as_sequence_rewards():
+    scores = [np.array([0.25, 0.5, 1 / 3]), torch.tensor([1.5, -2.0]), np.float64(0.75)]
+    assert score_component("c", Fixed(scores), three_samples()) == [
+        [0.25, 0.5, pytest.approx(1 / 3)], [1.5, -2.0], [0.75]
+    ]
+    assert score_component("c", Fixed([2.5, None, torch.tensor(4.0)]), three_samples()) == [[0.0, 0.0, 2.5], None, [4.0]]
+
+
+def test_the_largest_float32_is_a_valid_reward_and_anything_beyond_is_not():
+    assert score_component("c", Fixed([FLOAT32_MAX, [-FLOAT32_MAX, 0.0], 1.0]), three_samples()) == [
+        [0.0, 0.0, FLOAT32_MAX], [-FLOAT32_MAX, 0.0], [1.0]
+    ]
+    from pipeline.rewards import RewardError
+
+    beyond = float(np.nextafter(FLOAT32_MAX, np.inf))
+    with pytest.raises(RewardError, match=r"^reward 'c', sample 6 \(prompt 'b'\): NaN, inf or a value beyond float32's range"):
+        score_component("c", Fixed([1.0, [beyond, 0.0], 1.0]), three_samples())
+
+
+# --- pipeline.loss ------------------------------------------------------------------------------------
+
+from pipeline.loss import LOSSES, policy_loss  # noqa: E402
+
+LOGP = T([[-1.0, -2.0], [-0.5, 0.0]])
+ADV = T([[1.0, 2.0], [3.0, 0.0]])
+MASK = T([[1.0, 1.0], [1.0, 0.0]])
+
+
+def test_ppo_clip_defaults_to_0_2_on_both_sides():
+    logp, behaviour = T([[-1.5, -0.5]]), T([[-1.0, -1.0]])  # ratios e^-0.5 = 0.61 and e^0.5 = 1.65
+    advantages, mask = T([[-1.0, 1.0]]), T([[1.0, 1.0]])
+    loss, metrics = policy_loss(logp, behaviour, advantages, mask, loss="ppo_clip")
+    # A = -1: -min(-0.61, -0.8) = 0.8 ; A = 1: -min(1.65, 1.2) = -1.2
+    assert loss.item() == pytest.approx((0.8 - 1.2) / 2)
+    assert metrics["is_weight/clip_frac"] == 1.0
+    token_loss, parts = LOSSES["ppo_clip"](logp, behaviour, advantages)  # the registered function's own defaults
+    assert torch.allclose(token_loss, T([[0.8, -1.2]])) and parts["clipped"].tolist() == [[True, True]]
+
+
+def test_nothing_counts_as_clipped_or_capped_on_policy():
+    """On-policy (ratio exactly 1): no PPO clip binds and a cap of exactly 1 does not count as capping."""
+    ppo = policy_loss(LOGP, LOGP, ADV, MASK, loss="ppo_clip")[1]
+    capped = policy_loss(LOGP, LOGP, ADV, MASK, is_cap=1.0)[1]
+    for metrics in (ppo, capped):
+        assert metrics["is_weight/mean"] == 1.0 and metrics["is_weight/clip_frac"] == 0.0
+
+
+def test_kl_in_the_loss_defaults_to_k2():
+    ref = LOGP - 0.5
+    loss, metrics = policy_loss(LOGP, LOGP, ADV, MASK, ref_logprobs=ref, kl_coef=0.1)
+    assert metrics["kl"] == pytest.approx(0.125)  # 0.5 * 0.5^2
+    assert loss.item() == pytest.approx(6.5 / 3 + 0.1 * 0.125)
+
+
+def test_every_shape_mismatch_is_named():
+    good = dict(logprobs=LOGP, behaviour_logprobs=LOGP, advantages=ADV, mask=MASK)
+    for name in good:
+        bad = dict(good, **{name: good[name][:, :1]})  # (2, 1) would broadcast silently
+        shapes = ", ".join(f"{k}={(2, 1) if k == name else (2, 2)}" for k in good)
+        with pytest.raises(ValueError, match=f"^{re.escape(f'shape mismatch: {shapes}; all must be (batch, tokens)')}$"):
+            policy_loss(**bad)
+    for extra in ("ref_logprobs", "entropy"):
+        with pytest.raises(ValueError, match=re.escape(f"shape mismatch: logprobs=(2, 2), {extra}=(2, 1)")):
+            policy_loss(**good, **{extra: LOGP[:, :1]})
+
+
+def test_non_finite_behaviour_logprobs_are_refused_but_padding_may_hold_anything():
+    with pytest.raises(ValueError, match=r"^behaviour_logprobs holds NaN or inf at sample 1, token 0$"):
+        policy_loss(LOGP, T([[-1.0, -1.0], [float("-inf"), 0.0]]), ADV, MASK)
+    garbage = T([[-1.0, -2.0], [-0.5, float("nan")]])
+    assert policy_loss(LOGP, garbage, ADV, MASK)[0].item() == pytest.approx(6.5 / 3)
+
+
+def test_a_single_valid_token_and_a_single_sequence():
+    mask = T([[1.0, 0.0]])
+    logp, advantages = T([[-2.0, -1.0]]), T([[1.5, 4.0]])
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        loss, metrics = policy_loss(logp, logp, advantages, mask, agg=agg)
+        assert loss.item() == 3.0 and metrics["is_weight/mean"] == 1.0, agg  # -1.5 * -2, over 1 token / 1 sequence
