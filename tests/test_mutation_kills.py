@@ -323,3 +323,113 @@ def test_a_single_valid_token_and_a_single_sequence():
     for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
         loss, metrics = policy_loss(logp, logp, advantages, mask, agg=agg)
         assert loss.item() == 3.0 and metrics["is_weight/mean"] == 1.0, agg  # -1.5 * -2, over 1 token / 1 sequence
+
+
+# --- actors.learner -----------------------------------------------------------------------------------
+
+import warnings  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+
+from actors.learner import Learner  # noqa: E402
+from pipeline.batch import TOKEN_REWARD_TYPE, make_rollout_table, pad_right, response_mask, reward_column  # noqa: E402
+from pipeline.errors import TokenforgeError  # noqa: E402
+from pipeline.models import build_sequences, response_logprobs  # noqa: E402
+
+EOS = 1
+RESPONSES = [[4, EOS], [5, 6, EOS], [4, EOS], [4, EOS]]  # groups 0 | 1; group 1's samples are identical
+EXACT = [[0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+DIGIT = [[1 / 3, 1 / 3], [1 / 3, 0.0, 0.0], [1 / 3, 1 / 3], [1 / 3, 1 / 3]]
+
+
+def hand_scored_batch(exact=EXACT, digit=DIGIT, finished=(True, False, True, True)) -> pa.Table:
+    core = {
+        "sample_id": [0, 1, 2, 3],
+        "group_id": [0, 0, 1, 1],
+        "prompt_text": ["1+2="] * 4,
+        "prompt_ids": [[4, 13, 5, 14]] * 4,
+        "response_ids": RESPONSES,
+        "behaviour_logprobs": [[-1.0 - 0.1 * k for k in range(len(r))] for r in RESPONSES],
+        "response": ["1", "23", "1", "1"],
+        "finished": list(finished),
+        "policy_version": [0] * 4,
+    }
+    table = make_rollout_table(core, pa.table({"prompt": ["1+2="] * 4, "answer": ["3"] * 4}))
+    table = table.append_column(reward_column("exact_match"), pa.array(exact, type=TOKEN_REWARD_TYPE))
+    return table.append_column(reward_column("digit_match"), pa.array(digit, type=TOKEN_REWARD_TYPE))
+
+
+def learner_for(builtin_model_path, *overrides):
+    config = load_config(overrides=["reward.weights={exact_match: 2.0, digit_match: 0.5}", *overrides])
+    return Learner(config, builtin_model_path, builtin_model_path)
+
+
+def test_learner_step_reports_every_metric_with_its_value(builtin_model_path):
+    learner = learner_for(builtin_model_path)
+    batch = hand_scored_batch()
+    metrics = learner.train_step(batch)
+    assert set(metrics) == {
+        "reward/exact_match/mean", "reward/exact_match/std", "reward/digit_match/mean", "reward/digit_match/std",
+        "reward/total/mean", "learner/kept_frac", "loss/policy", "loss/grad_norm", "learner/lr",
+        "policy/is_weight/mean", "policy/is_weight/clip_frac", "policy/entropy", "advantage/abs_mean",
+        "response/length_mean", "response/finished_frac", "learner/policy_version", "learner/tokens",
+        "learner/skipped_nonfinite",
+    }
+    digit_totals = torch.tensor([2 / 3, 1 / 3, 2 / 3, 2 / 3])
+    assert metrics["reward/exact_match/mean"] == 0.75 and metrics["reward/exact_match/std"] == pytest.approx(0.5)
+    assert metrics["reward/digit_match/mean"] == pytest.approx(7 / 12)
+    assert metrics["reward/digit_match/std"] == pytest.approx(float(digit_totals.std()))
+    assert metrics["reward/total/mean"] == pytest.approx(2.0 * 0.75 + 0.5 * 7 / 12)
+    assert metrics["learner/kept_frac"] == 0.5  # group 1 is all equal: A = 0, left out
+    mask = response_mask(batch)
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
+    advantages = compute_advantages("grpo", rewards, mask, torch.tensor([0, 0, 1, 1]))
+    assert metrics["advantage/abs_mean"] == pytest.approx(float((advantages.abs() * mask).sum() / 9))
+    assert metrics["response/length_mean"] == 2.25 and metrics["learner/tokens"] == 9.0
+    assert metrics["response/finished_frac"] == 0.75
+    assert metrics["learner/policy_version"] == 1.0 and metrics["learner/skipped_nonfinite"] == 0.0
+    assert metrics["learner/lr"] == pytest.approx(learner.config.learner.lr / (learner.config.learner.warmup_steps + 1))
+    assert learner.train_step(batch)["learner/policy_version"] == 2.0 and learner.get_version() == 2
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_learner_loss_is_the_policy_loss_of_the_whole_batch(builtin_model_path, agg):
+    """loss/policy equals policy_loss on the full batch (with its own token and sequence counts and max_len =
+    rollout.max_new_tokens), although zero-advantage samples were left out of the pass; likewise the metrics."""
+    learner = learner_for(builtin_model_path, f"algorithm.agg={agg}", "learner.micro_batch_size=1")
+    batch = hand_scored_batch()
+    mask = response_mask(batch)
+    sequences = build_sequences(batch.column("prompt_ids").to_pylist(), RESPONSES, learner.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logprobs, entropy = response_logprobs(learner.model, sequences, learner.config.rollout.temperature)
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
+    advantages = compute_advantages("grpo", rewards, mask, torch.tensor([0, 0, 1, 1]))
+    behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist())
+    expected, parts = policy_loss(logprobs, behaviour, advantages, mask, agg=agg, max_len=learner.config.rollout.max_new_tokens)
+    kept = policy_loss(logprobs[:2], behaviour[:2], advantages[:2], mask[:2], agg=agg)[1]  # metrics: over the kept rows
+    metrics = learner.train_step(batch)
+    assert metrics["loss/policy"] == pytest.approx(float(expected), rel=1e-5)
+    assert metrics["policy/is_weight/mean"] == pytest.approx(kept["is_weight/mean"], rel=1e-5)
+    assert metrics["policy/entropy"] == pytest.approx(float((entropy[:2] * mask[:2]).sum() / mask[:2].sum()), rel=1e-5)
+
+
+def test_a_component_that_applies_to_one_sample_has_std_0(builtin_model_path):
+    learner = learner_for(builtin_model_path)
+    digit = [None, [0.25, 0.0, 0.5], None, None]
+    metrics = learner.train_step(hand_scored_batch(digit=digit))
+    assert metrics["reward/digit_match/mean"] == 0.75 and metrics["reward/digit_match/std"] == 0.0
+    assert metrics["reward/total/mean"] == pytest.approx(2.0 * 0.75 + 0.5 * 0.75 / 4)
+
+
+def test_skipped_updates_are_counted_per_update_and_warn_about_nothing(builtin_model_path):
+    learner = learner_for(builtin_model_path, "learner.updates_per_batch=2", "algorithm.is_cap=2.0", "learner.max_nonfinite_steps=1")
+    inf = [[0.0, float("inf")], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+    with pytest.raises(TokenforgeError, match=r"^1 consecutive steps up to update 1 had a NaN/inf"):
+        learner.train_step(hand_scored_batch(exact=inf))  # no `step`: the update number names it
+    learner = learner_for(builtin_model_path, "learner.updates_per_batch=2", "algorithm.is_cap=2.0")
+    assert learner.train_step(hand_scored_batch(exact=inf))["learner/skipped_nonfinite"] == 2.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learner.train_step(hand_scored_batch(exact=inf))  # the schedule steps without optimizer steps, silently
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    assert learner.scheduler.last_epoch == 4
