@@ -433,3 +433,71 @@ def test_skipped_updates_are_counted_per_update_and_warn_about_nothing(builtin_m
         learner.train_step(hand_scored_batch(exact=inf))  # the schedule steps without optimizer steps, silently
     assert not [w for w in caught if "lr_scheduler" in str(w.message)]
     assert learner.scheduler.last_epoch == 4
+
+
+# --- pipeline.reward_components -----------------------------------------------------------------------
+
+from transformers import GPT2Config, GPT2ForSequenceClassification  # noqa: E402
+
+from pipeline.models import load_tokenizer  # noqa: E402
+from pipeline.reward_components import COMPONENTS  # noqa: E402
+from pipeline.rewards import ComponentEnv  # noqa: E402
+from pipeline.tiny_model import make_char_tokenizer  # noqa: E402
+
+
+def text_inputs(completions, **columns) -> RewardInputs:
+    return RewardInputs(prompts=[f"p{i}" for i in range(len(completions))], completions=completions,
+                        completion_ids=[[7] * max(1, len(c)) for c in completions], texts=completions,
+                        token_spans=[[(0, 0)] * max(1, len(c)) for c in completions], columns=columns)
+
+
+def component(type_name, env=None, **options):
+    cls = COMPONENTS[type_name]
+    return cls(cls.Options(**options), env)
+
+
+def test_exact_match_whitespace_and_case_options_do_only_what_they_say():
+    refs = {"answer": ["hello world", "a b", "straße"]}
+    batch = text_inputs(["helloworld", "ab", "STRASSE"], **refs)
+    assert component("exact_match")(batch) == [0.0, 0.0, 0.0]
+    assert component("exact_match", ignore_whitespace=True)(batch) == [1.0, 1.0, 0.0]
+    # case-insensitive compares lower-cased text: "STRASSE".lower() is "strasse", not "straße"
+    assert component("exact_match", case_sensitive=False)(batch) == [0.0, 0.0, 0.0]
+    assert component("exact_match", case_sensitive=False)(text_inputs(["Hello World"], **refs)) == [1.0]
+
+
+def test_length_penalty_without_a_buffer_is_0_up_to_max_length_then_minus_1():
+    lengths = text_inputs(["a" * 9, "a" * 10, "a" * 11])
+    assert component("length_penalty", max_length=10)(lengths) == [0.0, 0.0, -1.0]
+    assert component("length_penalty", max_length=10, buffer=2)(lengths) == [-0.5, -1.0, -1.0]
+
+
+def tiny_classifier(tmp_path):
+    tokenizer = make_char_tokenizer("abc")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=3)
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = tokenizer.pad_token_id
+    GPT2ForSequenceClassification(config).eval().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return tokenizer
+
+
+def test_classifier_scores_do_not_depend_on_the_batch_size(tmp_path):
+    tokenizer = tiny_classifier(tmp_path)
+    batch = text_inputs(["ab", "cabba", "c"])
+    for output in ("probability", "logit"):
+        whole = component("classifier", ComponentEnv(tokenizer), path=str(tmp_path), label=1, output=output)(batch)
+        pairs = component("classifier", ComponentEnv(tokenizer), path=str(tmp_path), label=1, output=output, batch_size=2)(batch)
+        assert len(whole) == 3 and pairs == pytest.approx(whole, abs=1e-6)
+
+
+def test_teacher_logprob_does_not_depend_on_the_batch_size(builtin_model_path):
+    tokenizer = load_tokenizer(builtin_model_path)
+    prompt_ids = [tokenizer(p).input_ids for p in ("12+30=", "5+5=", "1+1=")]
+    response_ids = [tokenizer(r).input_ids + [tokenizer.eos_token_id] for r in ("42", "10", "2")]
+    batch = RewardInputs(["a", "b", "c"], ["42", "10", "2"], response_ids, ["42", "10", "2"], [[(0, 1)] * 3] * 3, {},
+                         prompt_ids=prompt_ids)
+    whole = component("teacher_logprob", ComponentEnv(tokenizer), path=builtin_model_path)(batch)
+    pairs = component("teacher_logprob", ComponentEnv(tokenizer), path=builtin_model_path, batch_size=2)(batch)
+    assert [len(r) for r in whole] == [3, 3, 2]
+    assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(whole, pairs))
