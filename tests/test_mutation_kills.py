@@ -5,11 +5,33 @@ Each test pins down one behaviour the rest of the suite left open; its docstring
 
 import math
 import re
+import warnings
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
+from transformers import GPT2Config, GPT2ForSequenceClassification
 
+from actors.learner import Learner
+from actors.rollout_worker import RolloutWorker, sample_tokens
 from pipeline.advantages import compute_advantages, kl_penalty, masked_whiten
+from pipeline.batch import TOKEN_REWARD_TYPE, make_rollout_table, pad_right, response_mask, reward_column
+from pipeline.config import load_config
+from pipeline.errors import TokenforgeError
+from pipeline.loss import LOSSES, policy_loss
+from pipeline.models import build_sequences, load_tokenizer, response_logprobs
+from pipeline.reward_components import COMPONENTS
+from pipeline.rewards import (
+    FLOAT32_MAX,
+    ComponentEnv,
+    RewardComponent,
+    RewardError,
+    RewardInputs,
+    normalize_rewards,
+    score_component,
+)
+from pipeline.tiny_model import make_char_tokenizer
 
 T = torch.tensor
 
@@ -65,8 +87,6 @@ def test_whitening_a_single_valid_token():
 
 # --- actors.rollout_worker: sample_tokens and the generation loop ---------------------------------------
 
-from actors.rollout_worker import RolloutWorker, sample_tokens  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
 
 DYADIC = torch.log(T([[0.5, 0.25, 0.125, 0.125], [0.125, 0.125, 0.25, 0.5]]))  # softmax gives these exactly
 
@@ -195,10 +215,6 @@ def test_generation_loop_samples_unless_greedy_with_the_configured_top_p(builtin
 
 # --- pipeline.rewards: normalize_rewards and score_component ------------------------------------------
 
-import numpy as np  # noqa: E402
-
-from pipeline.rewards import FLOAT32_MAX, RewardComponent, RewardInputs, normalize_rewards, score_component  # noqa: E402
-
 
 def test_normalisation_divides_every_token_and_takes_the_mean_off_the_last_valid_one():
     """Token-level rows of lengths 3, 2, 1 (padding holds garbage): s = [1/3 + 1/7 + 1, 2/3 + 1/9, 5/7];
@@ -256,8 +272,6 @@ def test_the_largest_float32_is_a_valid_reward_and_anything_beyond_is_not():
     assert score_component("c", Fixed([FLOAT32_MAX, [-FLOAT32_MAX, 0.0], 1.0]), three_samples()) == [
         [0.0, 0.0, FLOAT32_MAX], [-FLOAT32_MAX, 0.0], [1.0]
     ]
-    from pipeline.rewards import RewardError
-
     beyond = float(np.nextafter(FLOAT32_MAX, np.inf))
     with pytest.raises(RewardError, match=r"^reward 'c', sample 6 \(prompt 'b'\): NaN, inf or a value beyond float32's range"):
         score_component("c", Fixed([1.0, [beyond, 0.0], 1.0]), three_samples())
@@ -265,7 +279,6 @@ def test_the_largest_float32_is_a_valid_reward_and_anything_beyond_is_not():
 
 # --- pipeline.loss ------------------------------------------------------------------------------------
 
-from pipeline.loss import LOSSES, policy_loss  # noqa: E402
 
 LOGP = T([[-1.0, -2.0], [-0.5, 0.0]])
 ADV = T([[1.0, 2.0], [3.0, 0.0]])
@@ -327,14 +340,6 @@ def test_a_single_valid_token_and_a_single_sequence():
 
 # --- actors.learner -----------------------------------------------------------------------------------
 
-import warnings  # noqa: E402
-
-import pyarrow as pa  # noqa: E402
-
-from actors.learner import Learner  # noqa: E402
-from pipeline.batch import TOKEN_REWARD_TYPE, make_rollout_table, pad_right, response_mask, reward_column  # noqa: E402
-from pipeline.errors import TokenforgeError  # noqa: E402
-from pipeline.models import build_sequences, response_logprobs  # noqa: E402
 
 EOS = 1
 RESPONSES = [[4, EOS], [5, 6, EOS], [4, EOS], [4, EOS]]  # groups 0 | 1; group 1's samples are identical
@@ -436,13 +441,6 @@ def test_skipped_updates_are_counted_per_update_and_warn_about_nothing(builtin_m
 
 
 # --- pipeline.reward_components -----------------------------------------------------------------------
-
-from transformers import GPT2Config, GPT2ForSequenceClassification  # noqa: E402
-
-from pipeline.models import load_tokenizer  # noqa: E402
-from pipeline.reward_components import COMPONENTS  # noqa: E402
-from pipeline.rewards import ComponentEnv  # noqa: E402
-from pipeline.tiny_model import make_char_tokenizer  # noqa: E402
 
 
 def text_inputs(completions, **columns) -> RewardInputs:
