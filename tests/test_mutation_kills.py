@@ -85,6 +85,44 @@ def test_whitening_a_single_valid_token():
     assert torch.allclose(masked_whiten(T([[0.5, 5.0]]), mask, center=False), expected, rtol=1e-12, atol=0)
 
 
+def test_unknown_names_list_every_known_one_exactly():
+    with pytest.raises(ValueError, match=r"^unknown advantage estimator 'gae'; known: grpo, reinforce, reinforce\+\+, reinforce\+\+_baseline, rloo$"):
+        compute_advantages("gae", T([[1.0]]), T([[1.0]]), T([0]))
+    with pytest.raises(ValueError, match=r"^unknown loss 'dpo'; known: ppo_clip, reinforce$"):
+        policy_loss(T([[0.0]]), T([[0.0]]), T([[0.0]]), T([[1.0]]), loss="dpo")
+
+
+def test_an_empty_batch_gives_empty_advantages():
+    for name in ("reinforce", "rloo", "grpo", "reinforce++", "reinforce++_baseline"):
+        advantages = compute_advantages(name, torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+        assert advantages.shape == (0, 3) and advantages.dtype == torch.float32
+
+
+def test_rloo_scales_with_the_rewards_down_to_tiny_magnitudes():
+    """Exact zeros come only from values equal up to EQUAL_RTOL x the rewards' own size: rewards of 1e-7 and 2e-7
+    are as different as 1 and 2 (A scales with them), while 1000 and 1000 + 1e-4 count as equal."""
+    mask, groups = T([[1.0, 1.0], [1.0, 1.0]]), T([0, 0])
+    for scale in (1.0, 1e-3, 1e-7):
+        rewards = torch.tensor([[0.0, 1.0], [0.0, 2.0]], dtype=torch.float64) * scale
+        assert torch.allclose(compute_advantages("rloo", rewards, mask, groups), T([[-1.0, -1.0], [1.0, 1.0]]) * scale, rtol=1e-5, atol=0)
+    near = torch.tensor([[0.0, 1000.0], [0.0, 1000.0001]], dtype=torch.float64)
+    for name in ("rloo", "grpo", "reinforce++_baseline"):
+        assert torch.equal(compute_advantages(name, near, mask, groups), torch.zeros(2, 2))
+
+
+def test_the_equality_tolerance_is_inclusive_and_uses_discounted_magnitudes():
+    """Values exactly EQUAL_RTOL x M apart count as equal (M = 2^40 from a +-2^39 pair of tokens; 1e-6 x 2^40 is
+    exact in float64); and M is sum_k gamma^(k-t) |r_k|, so a far-off +-1e6 pair hardly widens it with gamma = 0.1."""
+    tolerance = 1e-6 * 2.0**40
+    rewards = torch.tensor([[tolerance, 0.0], [2.0**39, -(2.0**39)]], dtype=torch.float64)
+    advantages = compute_advantages("rloo", rewards, torch.ones(2, 2), T([0, 0]))
+    assert advantages[:, 0].tolist() == [0.0, 0.0]  # spread == tolerance at t = 0: equal
+    assert (advantages[:, 1] != 0).all()
+    rewards = torch.tensor([[1.0, 0.0, 1e6, -1e6], [1.5, 0.0, 1e6, -1e6]], dtype=torch.float64)
+    advantages = compute_advantages("rloo", rewards, torch.ones(2, 4), T([0, 0]), gamma=0.1)
+    assert torch.allclose(advantages[:, 0], T([-0.5, 0.5]))  # spread 0.5 > 1e-6 x (1.5 + 0.01e6 + 0.001e6)
+
+
 # --- actors.rollout_worker: sample_tokens and the generation loop ---------------------------------------
 
 
@@ -241,6 +279,8 @@ def test_samples_a_component_does_not_apply_to_take_no_part_in_its_normalisation
     out = normalize_rewards(rewards, applies, groups, "batch")
     alone = normalize_rewards(rewards[[0, 1, 3]], applies[[0, 1, 3]], groups[:3], "batch")
     assert torch.equal(out[[0, 1, 3]], alone) and torch.equal(out[2], torch.zeros(2, dtype=torch.float64))
+    equal = T([[1 / 3, 1 / 3], [0.0, 2 / 3], [9.0, 9.0], [2 / 3, 0.0]])  # totals 2/3 but for the row it skips
+    assert torch.equal(normalize_rewards(equal, applies, groups, "group"), torch.zeros(4, 2, dtype=torch.float64))
 
 
 class Fixed(RewardComponent):
