@@ -539,3 +539,17 @@ def test_teacher_logprob_does_not_depend_on_the_batch_size(builtin_model_path):
     pairs = component("teacher_logprob", ComponentEnv(tokenizer), path=builtin_model_path, batch_size=2)(batch)
     assert [len(r) for r in whole] == [3, 3, 2]
     assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(whole, pairs))
+
+
+def test_python_function_specs_split_at_the_last_colon_and_name_what_is_wrong(tmp_path):
+    from pipeline.reward_components import import_function
+
+    folder = tmp_path / "a:b"  # a colon in the path: the function name follows the last one
+    folder.mkdir()
+    (folder / "fns.py").write_text("def twice(completions, **kw):\n    return [2.0 for _ in completions]\n")
+    assert import_function(f"{folder}/fns.py:twice")(completions=["x"]) == [2.0]
+    for spec in (":twice", "fns.py:", "twice"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(repr(spec))} is not module:function \(e\.g\. my_rewards:format_reward\)$"):
+            import_function(spec)
+    with pytest.raises(ValueError, match=rf"^file {re.escape(repr(str(folder / 'none.py')))} does not exist$"):
+        import_function(f"{folder}/none.py:twice")
