@@ -553,3 +553,25 @@ def test_python_function_specs_split_at_the_last_colon_and_name_what_is_wrong(tm
             import_function(spec)
     with pytest.raises(ValueError, match=rf"^file {re.escape(repr(str(folder / 'none.py')))} does not exist$"):
         import_function(f"{folder}/none.py:twice")
+
+
+def test_classifier_labels_by_name_or_index_within_range_and_prompt_completion_text(tmp_path):
+    tokenizer = make_char_tokenizer("abc")
+    torch.manual_seed(1)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=3,
+                        id2label={0: "neg", 1: "mid", 2: "pos"}, label2id={"neg": 0, "mid": 1, "pos": 2})
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = tokenizer.pad_token_id
+    GPT2ForSequenceClassification(config).eval().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    env, path = ComponentEnv(tokenizer), str(tmp_path)
+    batch = text_inputs(["ab", "cab"])
+    assert component("classifier", env, path=path, label="pos")(batch) == component("classifier", env, path=path, label=2)(batch)
+    assert component("classifier", env, path=path, label=0)(batch) != component("classifier", env, path=path, label=1)(batch)
+    for bad in (3, -1, "other"):
+        with pytest.raises(RewardError, match=rf"^classifier {re.escape(repr(path))} has no label {re.escape(repr(bad))} \(labels: "):
+            component("classifier", env, path=path, label=bad)
+    joined = component("classifier", env, path=path)(text_inputs(["caab", "bccab"]))
+    batch.prompt_texts = ["ca", "bc"]  # the prompts as the model saw them come first
+    assert component("classifier", env, path=path, text="prompt_completion")(batch) == pytest.approx(joined, abs=1e-6)
+    batch.prompt_texts, batch.prompts = [], ["ca", "bc"]  # without them: the dataset's prompt text
+    assert component("classifier", env, path=path, text="prompt_completion")(batch) == pytest.approx(joined, abs=1e-6)
