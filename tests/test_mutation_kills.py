@@ -267,7 +267,8 @@ def test_normalisation_divides_every_token_and_takes_the_mean_off_the_last_valid
         expected[row, last] -= totals.mean() * scale
     assert out.dtype == torch.float64
     assert torch.allclose(out, expected, rtol=1e-12, atol=1e-15)
-    assert torch.equal(normalize_rewards(rewards.float(), mask, torch.tensor([4, 4, 4]), "none"), rewards.float().double())
+    unchanged = normalize_rewards(rewards.float(), mask, torch.tensor([4, 4, 4]), "none")
+    assert unchanged.dtype == torch.float64 and torch.equal(unchanged, rewards.float().double())  # float64 in every mode
 
 
 def test_samples_a_component_does_not_apply_to_take_no_part_in_its_normalisation():
