@@ -438,11 +438,17 @@ def test_learner_step_reports_every_metric_with_its_value(builtin_model_path):
     assert learner.train_step(batch)["learner/policy_version"] == 2.0 and learner.get_version() == 2
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
-def test_learner_loss_is_the_policy_loss_of_the_whole_batch(builtin_model_path, agg):
-    """loss/policy equals policy_loss on the full batch (with its own token and sequence counts and max_len =
-    rollout.max_new_tokens), although zero-advantage samples were left out of the pass; likewise the metrics."""
-    learner = learner_for(builtin_model_path, f"algorithm.agg={agg}", "learner.micro_batch_size=1")
+@pytest.mark.parametrize(
+    ("agg", "loss", "clip"),
+    [("token-mean", "reinforce", {}), ("seq-mean-token-sum-norm", "reinforce", {}),
+     ("seq-mean-token-mean", "ppo_clip", {"clip_low": 0.05, "clip_high": 0.1})],
+)
+def test_learner_loss_is_the_policy_loss_of_the_whole_batch(builtin_model_path, agg, loss, clip):
+    """loss/policy equals policy_loss on the full batch with the configured loss, aggregation and clip range (its own
+    token and sequence counts, max_len = rollout.max_new_tokens), although zero-advantage samples were left out of
+    the pass; the policy metrics are token means over the kept samples."""
+    overrides = [f"algorithm.agg={agg}", f"algorithm.loss={loss}", "learner.micro_batch_size=1"]
+    learner = learner_for(builtin_model_path, *overrides, *(f"algorithm.{k}={v}" for k, v in clip.items()))
     batch = hand_scored_batch()
     mask = response_mask(batch)
     sequences = build_sequences(batch.column("prompt_ids").to_pylist(), RESPONSES, learner.tokenizer.pad_token_id)
@@ -450,13 +456,41 @@ def test_learner_loss_is_the_policy_loss_of_the_whole_batch(builtin_model_path, 
         logprobs, entropy = response_logprobs(learner.model, sequences, learner.config.rollout.temperature)
     rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
     advantages = compute_advantages("grpo", rewards, mask, torch.tensor([0, 0, 1, 1]))
-    behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist())
-    expected, parts = policy_loss(logprobs, behaviour, advantages, mask, agg=agg, max_len=learner.config.rollout.max_new_tokens)
-    kept = policy_loss(logprobs[:2], behaviour[:2], advantages[:2], mask[:2], agg=agg)[1]  # metrics: over the kept rows
+    behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist())  # far from the model's: ratios leave 1
+    expected, _ = policy_loss(logprobs, behaviour, advantages, mask, agg=agg, loss=loss, max_len=learner.config.rollout.max_new_tokens, **clip)
+    kept = policy_loss(logprobs[:2], behaviour[:2], advantages[:2], mask[:2], agg=agg, loss=loss, **clip)[1]
     metrics = learner.train_step(batch)
     assert metrics["loss/policy"] == pytest.approx(float(expected), rel=1e-5)
     assert metrics["policy/is_weight/mean"] == pytest.approx(kept["is_weight/mean"], rel=1e-5)
+    assert metrics["policy/is_weight/clip_frac"] == pytest.approx(kept["is_weight/clip_frac"], rel=1e-5)
     assert metrics["policy/entropy"] == pytest.approx(float((entropy[:2] * mask[:2]).sum() / mask[:2].sum()), rel=1e-5)
+    if loss == "ppo_clip":
+        assert 0 < metrics["policy/is_weight/clip_frac"] < 1  # the clip range binds on some tokens, not all
+
+
+def first_gradient(learner, batch) -> torch.Tensor:
+    """The gradient of the learner's next update (its optimizer step replaced by a recorder), flattened."""
+    grads = []
+    learner.optimizer.step = lambda: grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters()]))
+    learner.train_step(batch)
+    return grads[0]
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_entropy_and_kl_loss_terms_reach_the_gradient(builtin_model_path):
+    """entropy_coef and kl_coef (with kl_loss_kind) each change the update; the KL gradient is 0 while the policy
+    equals the reference, so the policy first takes a step away from it."""
+    batch = hand_scored_batch()
+    plain = first_gradient(learner_for(builtin_model_path), batch)
+    assert not torch.allclose(first_gradient(learner_for(builtin_model_path, "algorithm.entropy_coef=0.5"), batch), plain)
+    moved = learner_for(builtin_model_path, "learner.lr=1e-2", "learner.warmup_steps=0")
+    moved.train_step(batch)
+    grads = {}
+    for name, overrides in {"none": [], "k2": ["algorithm.kl_coef=0.5"], "k3": ["algorithm.kl_coef=0.5", "algorithm.kl_loss_kind=k3"]}.items():
+        learner = learner_for(builtin_model_path, "algorithm.skip_zero_advantage=false", *overrides)
+        learner.model.load_state_dict(moved.model.state_dict())
+        grads[name] = first_gradient(learner, batch)
+    assert not torch.allclose(grads["k2"], grads["none"]) and not torch.allclose(grads["k3"], grads["k2"])
 
 
 def test_a_component_that_applies_to_one_sample_has_std_0(builtin_model_path):
