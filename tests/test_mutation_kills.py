@@ -610,3 +610,12 @@ def test_classifier_labels_by_name_or_index_within_range_and_prompt_completion_t
     assert component("classifier", env, path=path, text="prompt_completion")(batch) == pytest.approx(joined, abs=1e-6)
     batch.prompt_texts, batch.prompts = [], ["ca", "bc"]  # without them: the dataset's prompt text
     assert component("classifier", env, path=path, text="prompt_completion")(batch) == pytest.approx(joined, abs=1e-6)
+
+
+def test_cosine_schedule_of_one_update_after_warmup_and_beyond_the_last_update():
+    from actors.learner import lr_factor
+    from pipeline.config import LearnerConfig
+
+    cosine = LearnerConfig(warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.2)
+    assert [lr_factor(cosine, k, 6) for k in (4, 5)] == [1.0, pytest.approx(0.2)]  # 1 update to decay over
+    assert lr_factor(cosine, 30, 20) == pytest.approx(0.2)  # past the planned updates it stays at the floor
