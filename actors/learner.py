@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from pipeline.loss import policy_loss
 from pipeline.lora import add_adapters, is_adapter_dir, merged_state_dict
 from pipeline.models import DTYPES, build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
 from pipeline.rewards import normalize_rewards
+from pipeline.storage import Storage, local_copy, read_manifest
 
 LEARNER_STATE = "learner_state.pt"
 
@@ -64,9 +66,30 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
 
 
 class Learner:
-    def __init__(self, config: TrainConfig, policy_path: str, reference_path: str, use_gpu: bool = False):
+    def __init__(
+        self,
+        config: TrainConfig,
+        policy_path: str,
+        reference_path: str,
+        use_gpu: bool = False,
+        resume: tuple[str, str] | None = None,
+    ):
         """`policy_path`: the policy's weights (a model dir, a checkpoint, or a LoRA checkpoint's adapter);
-        `reference_path`: the base model (the KL reference, and the base that LoRA adapters sit on)."""
+        `reference_path`: the base model (the KL reference, and the base that LoRA adapters sit on);
+        `resume`: (storage URI, checkpoint directory) of a published checkpoint to continue from instead
+        (this process downloads it and loads weights, optimizer and schedule)."""
+        if resume is None:
+            self._build(config, policy_path, reference_path, use_gpu)
+            return
+        storage = Storage(resume[0])
+        manifest = read_manifest(storage, resume[1])
+        if manifest is None:
+            raise TokenforgeError(f"checkpoint {storage.display(resume[1])!r} is not published (no valid manifest)")
+        with local_copy(storage, resume[1], manifest) as local:
+            self._build(config, str(local), reference_path, use_gpu)
+            self.load_state(str(local))
+
+    def _build(self, config: TrainConfig, policy_path: str, reference_path: str, use_gpu: bool) -> None:
         torch.manual_seed(config.seed)
         torch.set_num_threads(config.learner.num_threads)
         self.config = config
@@ -160,7 +183,7 @@ class Learner:
         skipped = 0
         for _ in range(self.config.learner.updates_per_batch):
             if len(keep) and finite:
-                totals = self._gradients(*kept, kept_ref, counts)
+                totals = self._out_of_memory_as_one_line(self._gradients, *kept, kept_ref, counts)
                 finite = math.isfinite(totals["loss/policy"]) and math.isfinite(totals["loss/grad_norm"])
                 if finite:  # a NaN/inf loss or gradient never reaches the weights (nor Adam's moments)
                     self.optimizer.step()
@@ -184,6 +207,19 @@ class Learner:
             }
         )
         return metrics
+
+    def _out_of_memory_as_one_line(self, fn, *args):
+        """fn(*args), with running out of GPU (or CPU) memory reported as one line naming the setting to lower."""
+        try:
+            return fn(*args)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+                raise
+            size = self.config.learner.micro_batch_size
+            raise TokenforgeError(
+                f"the learner ran out of {self.device} memory in a micro-batch of up to {size} samples; lower "
+                f"learner.micro_batch_size (now {size}), or set learner.gradient_checkpointing / learner.precision=bf16-mixed"
+            ) from None
 
     def _count_nonfinite(self, skipped: int, step: int | None) -> None:
         """Stop the run after learner.max_nonfinite_steps consecutive steps with a skipped (non-finite) update."""
@@ -266,9 +302,16 @@ class Learner:
         dtype = DTYPES[self.config.model.dtype]
         return {k: v.detach().to("cpu", dtype, copy=True) for k, v in weights.items()}
 
-    def save(self, directory: str) -> None:
-        """HF-format model (or, with LoRA, the adapter) + tokenizer (safetensors) and the
-        optimizer/version/RNG state."""
+    def save(self, storage_uri: str, directory: str) -> dict[str, dict]:
+        """Upload the HF-format model (or, with LoRA, the adapter) + tokenizer (safetensors) and the
+        optimizer/version/RNG state to `directory` of the run's storage, from this process. Returns the
+        manifest entries ({file: {size, sha256}}); the driver publishes the checkpoint."""
+        with tempfile.TemporaryDirectory(prefix="tokenforge-save-") as scratch:
+            self.save_local(scratch)
+            return Storage(storage_uri).upload_dir(scratch, directory)
+
+    def save_local(self, directory: str) -> None:
+        """The checkpoint's files in a local directory."""
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         state = {

@@ -10,6 +10,7 @@ import inspect
 import pyarrow as pa
 import torch
 
+from pipeline.actor_group import StaleWeights
 from pipeline.batch import DATASET_PROMPT, make_rollout_table
 from pipeline.config import TrainConfig
 from pipeline.models import load_model, load_tokenizer, positions_from_mask
@@ -59,12 +60,18 @@ class RolloutWorker:
         return version
 
     @torch.no_grad()
-    def generate(self, prompts: pa.Table, group_size: int, greedy: bool = False, step: int = 0) -> pa.Table:
+    def generate(
+        self, prompts: pa.Table, group_size: int, greedy: bool = False, step: int = 0, version: int | None = None
+    ) -> pa.Table:
         """Rollout batch (pipeline.batch schema) for a table of prompts with a `group_id` column.
 
         The sampling RNG is seeded from (seed, step, first group id), so a shard's samples do not
-        depend on which worker drew it, nor on whether the run was resumed.
+        depend on which worker drew it, nor on whether the run was resumed. `version`: the policy
+        version the caller expects; a worker holding other weights (restarted by Ray since the last
+        sync) raises StaleWeights instead of sampling from them.
         """
+        if version is not None and version != self.policy_version:
+            raise StaleWeights(f"holds policy version {self.policy_version}, asked for {version}")
         self.generator.manual_seed(hash((self.seed, step, prompts.column("group_id")[0].as_py())) % 2**63)
         rows = torch.arange(prompts.num_rows).repeat_interleave(group_size)  # prompt row of each sample
         row_list = rows.tolist()

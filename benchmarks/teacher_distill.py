@@ -18,14 +18,14 @@ from pathlib import Path
 
 from default_train import run_seed
 
-from pipeline import checkpoint
+from pipeline.storage import Storage, latest_checkpoint
 
 
 def make_teacher(workdir: Path) -> Path:
     out = workdir / "teacher"
     env = {**os.environ, "HOME": str(workdir), "RAY_AUTH_MODE": "token"}
     subprocess.run([sys.executable, "-m", "pipeline.cli", "train", f"output_dir={out}"], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return checkpoint.latest(out)
+    return out / latest_checkpoint(Storage(str(out)))[0]
 
 
 def main() -> None:

@@ -1,13 +1,31 @@
-"""A group of Ray actors of one plain class, created with explicit resources and called with a timeout."""
+"""A group of Ray actors of one plain class, created with explicit resources and called with a timeout.
+
+A group with `max_restarts` != 0 survives a dead actor: Ray restarts it, and `map_shards` gives the
+restarted actor its state back (`on_restart`) and resubmits the shard it lost.
+"""
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 import ray
 
 from pipeline.errors import TokenforgeError
+
+
+class ActorTimeout(TokenforgeError):
+    """An actor did not answer within trainer.actor_timeout_s (the run may restart the pipeline)."""
+
+
+class StaleWeights(Exception):
+    """A rollout worker asked to generate with weights it does not hold (it was restarted since the sync)."""
+
+
+ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # died, or restarting
 
 
 def shard_bounds(num_rows: int, parts: int) -> list[tuple[int, int]]:
@@ -33,6 +51,7 @@ class ActorGroup:
     ):
         self.role, self.timeout_s = role, timeout_s
         self.run_id, self.init_args, self.replaced = run_id, init_args, 0
+        self.faults: Counter = Counter()  # restarts and resubmitted shards since the last take_faults()
         self.remote_cls = ray.remote(cls)
         self.options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources, "max_restarts": max_restarts}
         self.actors = [self._start(f"{i}") for i in range(count)]
@@ -53,27 +72,80 @@ class ActorGroup:
         try:
             return ray.get(refs, timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise TokenforgeError(
+            raise ActorTimeout(
                 f"{self.role} actor gave no answer within {self.timeout_s:.0f}s (trainer.actor_timeout_s)"
             ) from None
         except ray.exceptions.RayTaskError as error:
-            cause = error.as_instanceof_cause()
+            cause = error.cause  # the actor's own exception (str(error) holds the remote traceback)
+            if isinstance(cause, StaleWeights):
+                raise StaleWeights(str(cause)) from None
             if isinstance(cause, TokenforgeError):
                 raise TokenforgeError(f"{self.role}: {cause}") from None
             raise
 
-    def node_ids(self) -> list[str]:
-        """The Ray node each actor runs on."""
-        return self.get([a.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()) for a in self.actors])
+    def placements(self) -> list[dict[str, str]]:
+        """Where each actor runs: Ray node id and address, and the torch device it computes on."""
+
+        def where(instance) -> dict[str, str]:
+            context = ray.get_runtime_context()
+            node = context.get_node_id()
+            address = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node), "?")
+            return {"node_id": node, "node_ip": address, "device": str(getattr(instance, "device", "cpu"))}
+
+        return self.get([a.__ray_call__.remote(where) for a in self.actors])
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list:
-        return self.get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+        """`method(*args, **kwargs)` on every actor; an actor Ray restarts meanwhile gets the call again."""
+        refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+        return [self._survive(i, ref, lambda actor: getattr(actor, method).remote(*args, **kwargs)) for i, ref in enumerate(refs)]
 
-    def submit_shards(self, method: str, table: pa.Table, **kwargs: Any) -> list:
-        """Split `table` into one contiguous shard per actor and start `method(shard, **kwargs)` on each."""
+    def map_shards(
+        self, method: str, table: pa.Table, on_restart: Callable[[Any], None] | None = None, **kwargs: Any
+    ) -> pa.Table:
+        """`method(shard, **kwargs)` over one contiguous shard of `table` per actor, results concatenated in
+        row order. A shard whose actor dies (or was restarted since it got its state: StaleWeights) is
+        resubmitted once Ray has restarted the actor and `on_restart(actor)` has given it back its state
+        (e.g. the current weights)."""
         shards = [table.slice(start, length) for start, length in shard_bounds(table.num_rows, len(self.actors))]
-        return [getattr(actor, method).remote(shard, **kwargs) for actor, shard in zip(self.actors, shards)]
+        refs = [getattr(actor, method).remote(shard, **kwargs) for actor, shard in zip(self.actors, shards)]
 
-    def map_shards(self, method: str, table: pa.Table, **kwargs: Any) -> pa.Table:
-        """`method` over shards of `table`, results concatenated in row order."""
-        return pa.concat_tables(self.get(self.submit_shards(method, table, **kwargs)))
+        def resubmit(i: int) -> Callable:
+            def again(actor):
+                self.faults["fault/resubmitted_shards"] += 1
+                return getattr(actor, method).remote(shards[i], **kwargs)
+
+            return again
+
+        return pa.concat_tables([self._survive(i, ref, resubmit(i), on_restart) for i, ref in enumerate(refs)])
+
+    def _survive(self, i: int, ref, again: Callable, on_restart: Callable[[Any], None] | None = None) -> Any:
+        """The result of `ref` on actor i. If the actor died (a group with max_restarts only), wait for Ray
+        to restart it, give it its state back (`on_restart`) and run `again(actor)` instead (twice at most)."""
+        for attempt in range(3):
+            try:
+                return self.get([ref])[0]
+            except (*ACTOR_LOST, StaleWeights):
+                if attempt == 2 or self.options["max_restarts"] == 0:
+                    raise
+                actor = self.actors[i]
+                self.wait_restarted(actor)
+                self.faults[f"fault/{self.role}_restarts"] += 1
+                if on_restart is not None:
+                    on_restart(actor)
+                ref = again(actor)
+
+    def wait_restarted(self, actor) -> None:
+        """Block until Ray has restarted `actor` (up to the group's timeout)."""
+        deadline = time.time() + self.timeout_s
+        while True:
+            try:
+                self.get([actor.__ray_ready__.remote()])
+                return
+            except ACTOR_LOST:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def take_faults(self) -> dict[str, float]:
+        faults, self.faults = self.faults, Counter()
+        return {k: float(v) for k, v in faults.items()}

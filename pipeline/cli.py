@@ -28,13 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a policy (default: built-in addition task)")
     train.add_argument("-c", "--config", help="YAML config file")
-    train.add_argument("--resume", metavar="OUTPUT_DIR", help="continue the run in OUTPUT_DIR from its latest checkpoint")
+    train.add_argument("--resume", metavar="RUN", help="continue the run in RUN (output_dir or storage URI) from its latest checkpoint")
+    train.add_argument("--trust-run-config", action="store_true", help="allow the run's config to run remote model code or python rewards")
     train.add_argument("--help-config", action="store_true", help="list every config key and exit")
     train.add_argument("--debug", action="store_true", help="show tracebacks")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
     evaluate = commands.add_parser("eval", help="print greedy eval metrics of a checkpoint")
-    evaluate.add_argument("checkpoint", help="checkpoint directory (HF model) or any local HF model directory")
+    evaluate.add_argument("checkpoint", help="a checkpoint (output_dir/checkpoints/step_N), a run (its newest checkpoint) or any HF model dir; local or a URI")
+    evaluate.add_argument("--trust-run-config", action="store_true", help="allow the run's config to run remote model code or python rewards")
     evaluate.add_argument("--data", help="eval prompts (.jsonl/.parquet); default: the run's eval file or the built-in one")
     evaluate.add_argument("--debug", action="store_true", help="show tracebacks")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. trainer.eval_metrics=[exact_match])")
@@ -80,8 +82,10 @@ def run_tune(args: argparse.Namespace) -> None:
 
 def run_train(args: argparse.Namespace) -> None:
     from pipeline.config import describe_fields, load_config
+    from pipeline.evaluate import load_run_config
     from pipeline.metrics_log import METRICS_FILE
     from pipeline.run_paths import resolve_existing, resolve_new
+    from pipeline.storage import Storage, is_uri
     from pipeline.trainer import train
 
     if args.help_config:
@@ -90,11 +94,12 @@ def run_train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.config:
             raise TokenforgeError("--resume takes the run's own config.yaml; drop -c")
-        args.resume = resolve_existing(args.resume)
-        config_file = Path(args.resume) / "config.yaml"
-        if not config_file.is_file():
-            raise TokenforgeError(f"--resume: {str(config_file)!r} does not exist; is {args.resume!r} a tokenforge output_dir?")
-        config = load_config(config_file, [*args.overrides, f"output_dir={args.resume}"])
+        location = resolve_existing(args.resume)
+        where = [f"storage.uri={location}"] if is_uri(location) else ["storage.uri=null", f"output_dir={location}"]
+        run = Storage(location)
+        if not run.exists("config.yaml"):
+            raise TokenforgeError(f"--resume: {run.display('config.yaml')!r} does not exist; is {args.resume!r} a tokenforge run?")
+        config = load_run_config(run, [*args.overrides, *where], args.trust_run_config)
     else:
         config = load_config(args.config, args.overrides)
         config.output_dir = resolve_new(config.output_dir, lambda path: (path / METRICS_FILE).exists(), "output_dir")
@@ -114,7 +119,7 @@ def run_export(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     from pipeline.evaluate import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.overrides), indent=1))
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.overrides, args.trust_run_config), indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:

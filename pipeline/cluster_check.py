@@ -5,7 +5,8 @@ autoscaler's JSON schema: unknown keys, fractional resources, ...), then:
 - every `ray start --head` binds the dashboard / Jobs API to loopback (`--dashboard-host=127.0.0.1`);
   0.0.0.0 exposes a remote-code-execution endpoint (CVE-2023-48022);
 - every `ray start` runs with `RAY_AUTH_MODE=token`;
-- an AWS security group opens no port but SSH (22);
+- an AWS security group opens no port but SSH (22), and no rule with IpProtocol -1 (every port); SSH
+  open to 0.0.0.0/0 is a warning; for provider `local` (no security group) it says what it could not check;
 - a Ray auth token copied by file_mounts is made private (`chmod 600`) by the setup commands of the head
   and of the workers: rsync copies the local file's mode, 0644 where it was made with umask 022;
 - a file mount of the checkout (`.`) keeps `.venv` and `.git` out (rsync_exclude, or an rsync_filter):
@@ -49,15 +50,14 @@ def validate_cluster(path: str | Path) -> list[str]:
         check_dashboard_host(path, command)
     for command in head + workers:
         check_token_auth(path, command)
-    check_open_ports(path, config)
+    ports = check_open_ports(path, config)
     tokens = check_token_private(path, config)
     check_checkout_excludes(path, config)
     return [
         "Ray schema: ok (prepare_config + validate_config)",
         f"dashboard/Jobs API on loopback: ok ({len(head)} head start command(s))",
         f"RAY_AUTH_MODE=token: ok ({len(head) + len(workers)} start command(s))",
-        "open ports: SSH only" if config["provider"].get("type") != "local"
-        else "open ports: provider local has no security group; firewall Ray's ports to the cluster's machines (docs/cluster.md)",
+        ports,
         f"auth token private on every node: ok ({', '.join(tokens) or 'no token in file_mounts'})",
         "checkout sync keeps .venv and .git out: ok",
     ]
@@ -98,15 +98,31 @@ def check_token_auth(path: Path, command: str) -> None:
         )
 
 
-def check_open_ports(path: Path, config: dict) -> None:
+def check_open_ports(path: Path, config: dict) -> str:
+    """Raise unless the security group opens SSH (22) only; return the summary line, with a warning for SSH
+    open to the whole internet and a plain statement of what cannot be checked for provider `local`."""
+    if config["provider"].get("type") == "local":
+        return ("open ports: NOT CHECKED: provider local has no security group; Ray's GCS, raylet and agent ports listen "
+                "on the network, guarded only by token auth: firewall them to the cluster's machines (docs/cluster.md)")
     group = config.get("provider", {}).get("security_group") or {}
+    world = False
     for rule in group.get("IpPermissions", []):
+        if str(rule.get("IpProtocol")) == "-1":
+            raise ClusterConfigError(
+                f"{path}: provider.security_group has a rule with IpProtocol -1, which opens every port and protocol; "
+                "open SSH (22) only and reach the dashboard through `ray dashboard` (an SSH port-forward)"
+            )
         ports = (rule.get("FromPort"), rule.get("ToPort"))
         if ports != (22, 22):
             raise ClusterConfigError(
                 f"{path}: provider.security_group opens ports {ports[0]}-{ports[1]}; open SSH (22) only "
                 "and reach the dashboard through `ray dashboard` (an SSH port-forward)"
             )
+        world |= any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", []))
+        world |= any(r.get("CidrIpv6") == "::/0" for r in rule.get("Ipv6Ranges", []))
+    if world:
+        return "open ports: SSH only; WARNING: SSH is open to the whole internet (0.0.0.0/0): restrict CidrIp to your address range"
+    return "open ports: SSH only"
 
 
 PRIVATE_MODES = r"(?:0?600|u=rw,go=|go-rwx|og-rwx)"

@@ -98,6 +98,12 @@ class TrainerConfig(Section):
     """Reward components scored on greedy eval samples, reported as eval/<name> (mean per-sample total)."""
     save_every: int = Field(100, ge=1)
     """Write a checkpoint every N steps (and at the last step)."""
+    keep_checkpoints: int | None = Field(3, ge=1)
+    """Keep the newest N published checkpoints (older ones are deleted); null = keep all."""
+    keep_best: bool = False
+    """Also keep the checkpoint with the best first eval metric (trainer.eval_metrics[0], higher is better)."""
+    max_failures: int = Field(3, ge=0)
+    """Restart the pipeline in-process from the last checkpoint after this many failures (a dead learner, a lost node) before giving up."""
     actor_timeout_s: float = Field(600.0, gt=0)
     """Longest wait for one actor call before the run stops with an error naming the actor."""
 
@@ -217,7 +223,7 @@ class LearnerConfig(Section):
     updates_per_batch: int = Field(1, ge=1)
     """Optimizer steps on each rollout batch (>1 is off-policy: use is_cap or ppo_clip)."""
     num_gpus: float | None = Field(None, ge=0)
-    """Ray GPUs for the learner; null = 1 if the cluster has a GPU, else 0 (CPU)."""
+    """Ray GPUs for the learner (at most 1: the learner uses one device); null = 1 if the cluster has or can autoscale a GPU, else CPU (said at start)."""
     num_cpus: float = Field(1.0, gt=0)
     """Ray CPUs reserved by the learner."""
     resources: Resources = {}
@@ -232,6 +238,11 @@ class LearnerConfig(Section):
     """Tokens whose fp32 log-softmax over the vocabulary is held at once (chunks are recomputed in the backward)."""
     max_nonfinite_steps: int = Field(3, ge=1)
     """Stop the run after this many consecutive steps whose loss or gradient norm was NaN/inf (each is skipped)."""
+
+
+class StorageConfig(Section):
+    uri: str | None = None
+    """Where every artifact of the run goes: a local path or a pyarrow.fs URI (s3://bucket/prefix, gs://..., file:///mnt/shared/x); null = output_dir."""
 
 
 class RayConfig(Section):
@@ -249,7 +260,7 @@ class TrainConfig(Section):
     seed: int = 0
     """Seed of prompt order, sampling and initialisation."""
     output_dir: str = "runs/default"
-    """Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints go."""
+    """Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints go (unless storage.uri is set)."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig()
@@ -257,11 +268,12 @@ class TrainConfig(Section):
     reward: RewardConfig = RewardConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     learner: LearnerConfig = LearnerConfig()
+    storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def check_learning_signal(self) -> TrainConfig:
-        """Refuse combinations that silently learn nothing, or learn off-policy without a correction."""
+        """Refuse combinations that silently learn nothing, reserve resources nothing uses, or learn off-policy uncorrected."""
         algo, group_size = self.algorithm, self.rollout.group_size
         if group_size < 2 and algo.estimator in GROUP_BASELINE:
             raise ConfigError(
@@ -278,6 +290,11 @@ class TrainConfig(Section):
             raise ConfigError(
                 f"config key 'learner.updates_per_batch': {self.learner.updates_per_batch} updates per batch are "
                 "off-policy after the first; set algorithm.is_cap (e.g. 2.0) or algorithm.loss=ppo_clip"
+            )
+        if (self.learner.num_gpus or 0) > 1:
+            raise ConfigError(
+                f"config key 'learner.num_gpus': the learner trains on one device, so {self.learner.num_gpus:g} GPUs would "
+                "be reserved and sit idle (there is no multi-GPU learner yet); use 1"
             )
         if algo.kl_loss_kind == "k1":
             raise ConfigError(
@@ -319,6 +336,11 @@ class TrainConfig(Section):
                 raise ConfigError(f"config key 'reward.components.{name}': {error}") from None
         return self
 
+    @property
+    def run_uri(self) -> str:
+        """Where the run's artifacts live: storage.uri, else output_dir."""
+        return self.storage.uri or self.output_dir
+
     def component_options(self, name: str) -> BaseModel:
         """The validated options of component `name` (an instance of its type's Options)."""
         spec = self.reward.components[name]
@@ -358,15 +380,33 @@ def config_with(config: TrainConfig, values: dict[str, Any]) -> TrainConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """YAML file (optional) + dotted overrides -> validated TrainConfig."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    if path is None:
+        return config_from_yaml("{}", "", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    return config_from_yaml(path.read_text(), str(path), overrides)
+
+
+def config_from_yaml(text: str, source: str, overrides: list[str] = ()) -> TrainConfig:
+    """YAML text (from the file or URI `source`) + dotted overrides -> validated TrainConfig."""
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {source!r} must hold a mapping of sections")
     return config_with(validate_config(data), dict(parse_override(text) for text in overrides))
+
+
+def code_it_would_run(config: TrainConfig) -> list[str]:
+    """The settings of `config` that run code from outside tokenforge: remote model code, python reward
+    functions. A run directory's config.yaml needs the user's consent (--trust-run-config) for these."""
+    found = ["model.trust_remote_code"] if config.model.trust_remote_code else []
+    for name, spec in config.reward.components.items():
+        options = spec.options()
+        if spec.type == "python":
+            found.append(f"reward.components.{name} (python function {options.get('function')})")
+        if options.get("trust_remote_code"):
+            found.append(f"reward.components.{name}.trust_remote_code")
+    return found
 
 
 def first_error(error: ValidationError, what: str, prefix: tuple = (), unknown: str = "unknown key") -> ConfigError:
@@ -384,8 +424,9 @@ def validate_config(data: dict) -> TrainConfig:
         raise first_error(error, "config key", unknown="unknown config key (see `tokenforge train --help-config`)") from None
 
 
-def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+def config_to_yaml(config: TrainConfig) -> str:
+    """The resolved config as YAML (`tokenforge train -c` accepts it)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
 def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:

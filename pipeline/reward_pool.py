@@ -107,7 +107,7 @@ class RewardPool:
                     self.counts["reward/worker_deaths"] += not task.innocent
                     retry(task, f"its worker died ({type(error).__name__})")
                 except ray.exceptions.RayTaskError as error:
-                    cause = error.as_instanceof_cause()
+                    cause = error.cause  # the worker's own exception (str(error) holds the remote traceback)
                     if isinstance(cause, TokenforgeError):
                         raise TokenforgeError(str(cause)) from None
                     raise

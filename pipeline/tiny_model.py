@@ -1,12 +1,14 @@
-"""Tiny causal LMs with a character-level tokenizer, made from scratch (no hub download).
+"""Tiny causal LMs made from scratch (no hub download): char-level GPT-2s, and a Llama with a BPE chat tokenizer.
 
 Used by scripts/make_task_model.py for the shipped models and by the tests.
 """
 
 from __future__ import annotations
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from collections.abc import Iterable
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 DEFAULT_ALPHABET = "0123456789+-=* abcdefghijklmnopqrstuvwxyz.,?"
@@ -41,3 +43,98 @@ def make_tiny_gpt2(
         attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config)
+
+
+# --- a tiny modern chat model: byte-level BPE tokenizer with BOS and a Llama-3-style chat template, Llama body ---
+
+CHAT_BOS, CHAT_EOT, CHAT_PAD = "<|begin_of_text|>", "<|eot_id|>", "<|pad|>"
+CHAT_SPECIAL_TOKENS = [CHAT_BOS, "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", CHAT_EOT, CHAT_PAD]
+# Llama 3's pre-tokenizer split: digits in groups of up to three, never glued to a space or a letter
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Llama 3's chat template: BOS, then per turn a role header, the trimmed content and the end-of-turn token
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def chat_corpus_text(messages: list[dict[str, str]]) -> str:
+    """A conversation as the BPE trainer should see it: the chat template's text between its special tokens."""
+    return "".join(f"{m['role']}\n\n{m['content'].strip()}" for m in messages)
+
+
+def make_bpe_chat_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `corpus` (see chat_corpus_text), Llama-3 style.
+
+    Calling the tokenizer adds BOS (a TemplateProcessing post-processor, as in Llama/Gemma tokenizers;
+    `add_special_tokens=False` leaves it out); the chat template starts with the BOS *string*, so a
+    rendered conversation must be tokenised with `add_special_tokens=False` to hold one BOS, not two.
+    EOS is the end-of-turn token `<|eot_id|>` that closes every turn, so generation stops after the
+    assistant's answer. Pads on the left. Every token in CHAT_SPECIAL_TOKENS is special in tokenizer.json, so
+    skip_special_tokens drops it; tokenizer_config.json names only BOS, EOS and PAD (transformers 5 would write
+    the others as a list of `extra_special_tokens`, which transformers 4.x cannot read).
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=CHAT_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{CHAT_BOS}:0 $A:0",
+        pair=f"{CHAT_BOS}:0 $A:0 {CHAT_BOS}:1 $B:1",
+        special_tokens=[(CHAT_BOS, backend.token_to_id(CHAT_BOS))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=CHAT_BOS,
+        eos_token=CHAT_EOT,
+        pad_token=CHAT_PAD,
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def make_tiny_llama(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 128,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 512,
+    max_position_embeddings: int = 128,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention) sized for `tokenizer`.
+
+    head_dim = hidden_size / num_attention_heads = 32 by default: vLLM's CPU backend refuses 16.
+    About 1.05M parameters with a 512-token vocabulary.
+    """
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)

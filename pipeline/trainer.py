@@ -2,19 +2,23 @@
 
 `train(config)` is the whole run. It validates every input before Ray starts, creates the three
 actor roles with resources from config, evaluates greedily at step 0 and every
-`trainer.eval_every` steps, writes metrics and checkpoints, and can resume. Ray Tune (and any
-other caller) gets each eval step's metrics and checkpoint through the `report` callback.
+`trainer.eval_every` steps, writes metrics and checkpoints through the run's storage, and can resume.
+Ray Tune (and any other caller) gets each eval step's metrics and checkpoint through the `report`
+callback.
+
+Faults: a rollout or reward worker that dies is restarted by Ray and its shard resubmitted (the
+rollout worker first gets the current weights back). A dead learner, a lost node or an actor that
+stops answering ends the attempt: the pipeline is rebuilt from the last published checkpoint, up to
+`trainer.max_failures` times, then the run stops naming the cause and the `--resume` command.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,147 +26,41 @@ import ray
 
 from actors.learner import Learner
 from actors.rollout_worker import RolloutWorker
-from pipeline import checkpoint
-from pipeline.actor_group import ActorGroup
-from pipeline.batch import DATASET_PROMPT, mean_reward
-from pipeline.config import TrainConfig, save_config
-from pipeline.data import PromptSampler, load_prompts
+from pipeline import storage as store
+from pipeline.actor_group import ACTOR_LOST, ActorGroup, ActorTimeout
+from pipeline.batch import mean_reward
+from pipeline.config import TrainConfig, config_to_yaml
+from pipeline.data import PromptSampler
 from pipeline.errors import TokenforgeError
-from pipeline.metrics_log import METRICS_FILE, MetricsLog
-from pipeline.models import builtin_paths, context_length, load_tokenizer
-from pipeline.prompts import encode_prompts, set_chat_template
-from pipeline.reward_components import COMPONENTS
+from pipeline.inputs import load_inputs, with_builtin_defaults
+from pipeline.metrics_log import METRICS_FILE, MetricsLog, read_metrics
+from pipeline.placement import clear_resource_request, connect_ray, decide_learner_gpus, ensure_resources
 from pipeline.reward_pool import RewardPool
+from pipeline.storage import Storage
 
-Report = Callable[[dict, Path | None], None]
-
-
-def with_builtin_defaults(config: TrainConfig) -> TrainConfig:
-    """Fill null model/data paths with the built-in task's (the resolved config names them). An `auto`
-    eval file is the built-in eval set only when the training prompts are the built-in ones too."""
-    config = config.model_copy(deep=True)
-    model, train, evaluation = builtin_paths(config.task)
-    if config.data.eval_file == "auto":
-        config.data.eval_file = str(evaluation) if config.data.evaluates else None
-    config.model.path = config.model.path or str(model)
-    config.data.train_file = config.data.train_file or str(train)
-    return config
-
-
-def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
-    """Train and eval prompts (None: data.eval_file is null), checked against the reward components,
-    the chat template and the context length."""
-    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
-    set_chat_template(tokenizer, config.model.chat_template)
-    limit = context_length(config.model.path, config.model.trust_remote_code)
-    needed = set()
-    for name, spec in config.reward.components.items():
-        needed.update(COMPONENTS[spec.type].required_columns(config.component_options(name)))
-    data = config.data
-    tables = []
-    for key, source, split in [("data.train_file", data.train_file, data.train_split), ("data.eval_file", data.eval_file, data.eval_split)]:
-        if source is None:
-            tables.append(None)
-            continue
-        table = load_prompts(source, key, split)
-        missing = sorted(needed - set(table.column_names))
-        if missing:
-            raise TokenforgeError(
-                f"{key}: the reward components need fields {missing}, missing from the file (set the component's `column` option to use another field)"
-            )
-        try:
-            _, ids = encode_prompts(tokenizer, table.column(DATASET_PROMPT).to_pylist(), data.add_special_tokens)
-        except TokenforgeError as error:
-            raise TokenforgeError(f"{key}: {error}") from None
-        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
-        if len(ids[longest]) + config.rollout.max_new_tokens > limit:
-            raise TokenforgeError(
-                f"{key}: prompt {longest} has {len(ids[longest])} tokens; with rollout.max_new_tokens="
-                f"{config.rollout.max_new_tokens} it exceeds the model context of {limit} tokens"
-            )
-        tables.append(table)
-    train_table, eval_table = tables
-    if eval_table is not None:
-        if data.max_eval_samples:
-            eval_table = eval_table.slice(0, data.max_eval_samples)
-        eval_table = eval_table.append_column("group_id", pa.array(range(eval_table.num_rows), pa.int64()))
-    return train_table, eval_table
-
-
-def connect_ray(config: TrainConfig) -> None:
-    """Join `ray.address` or RAY_ADDRESS if given, else start a local Ray."""
-    if ray.is_initialized():
-        return
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
-
-
-def learner_gpus(config: TrainConfig) -> float:
-    if config.learner.num_gpus is not None:
-        return config.learner.num_gpus
-    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-
-
-def actor_bundles(config: TrainConfig) -> list[dict[str, float]]:
-    """Ray resources of every actor: the learner, then each rollout worker, then each reward worker."""
-
-    def bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
-        return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
-
-    rollout, reward = config.rollout, config.reward
-    return [
-        bundle(config.learner.num_cpus, learner_gpus(config), config.learner.resources),
-        *[bundle(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.resources_per_worker)] * rollout.num_workers,
-        *[bundle(reward.num_cpus_per_worker, reward.num_gpus_per_worker, reward.resources_per_worker)] * reward.num_workers,
-    ]
-
-
-def check_resources(config: TrainConfig) -> None:
-    """Fail fast when the cluster can never hold the actors this config asks for. With
-    `ray.autoscale_wait_s` > 0, first ask Ray's autoscaler for them and wait that long."""
-    wanted: dict[str, float] = {}
-    for bundle in actor_bundles(config):
-        for name, amount in bundle.items():
-            wanted[name] = wanted.get(name, 0) + amount
-
-    def missing() -> dict[str, tuple[float, float]]:
-        have = ray.cluster_resources()
-        return {r: (amount, have.get(r, 0)) for r, amount in wanted.items() if amount > have.get(r, 0) + 1e-9}
-
-    if missing() and config.ray.autoscale_wait_s > 0:
-        from ray.autoscaler.sdk import request_resources
-
-        request_resources(bundles=[{r: a for r, a in wanted.items() if a > 0}])
-        deadline = time.time() + config.ray.autoscale_wait_s
-        while missing() and time.time() < deadline:
-            time.sleep(5)
-    for resource, (amount, have) in missing().items():
-        raise TokenforgeError(
-            f"the actors need {amount:g} {resource} in total but the Ray cluster has {have:g}"
-            + (f" (after waiting ray.autoscale_wait_s={config.ray.autoscale_wait_s:g}s for the autoscaler)" if config.ray.autoscale_wait_s else "")
-            + "; lower learner.num_cpus/num_gpus/resources, rollout.*_per_worker, reward.*_per_worker or the worker counts"
-        )
+Report = Callable[[dict, str | None], None]  # (metrics record, published checkpoint directory or None)
+TRAINER_STATE = "trainer_state.json"
+# What ends an attempt but not the run: a dead or restarting actor, a lost node, an actor that stopped answering
+RECOVERABLE = (*ACTOR_LOST, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError, ActorTimeout)
 
 
 class Pipeline:
-    """The driver's handles on the three actor roles."""
+    """The driver's handles on the three actor roles, and the weights the rollout workers must hold."""
 
-    def __init__(self, config: TrainConfig, policy_path: str, run_id: str):
-        """Rollout and reward workers start from model.path; the learner from `policy_path` (model.path or
-        the checkpoint to resume): call sync_weights() before generating from a checkpoint. Use it as a
-        context manager: every actor it started is killed on the way out, whatever happens."""
+    def __init__(self, config: TrainConfig, run_id: str, resume: tuple[str, str] | None = None):
+        """Rollout and reward workers start from model.path; the learner too, or from the published
+        checkpoint `resume` = (storage URI, directory). Use it as a context manager: every actor it
+        started is killed on the way out, whatever happens."""
         self.config = config
         self.groups: list[ActorGroup] = []
+        self.weights, self.version = None, 0  # the last synced weights (an ObjectRef) and their version
         try:
-            self._start(config, policy_path, run_id)
+            self._start(config, run_id, resume)
         except BaseException:
             self.close()
             raise
 
-    def _start(self, config: TrainConfig, policy_path: str, run_id: str) -> None:
+    def _start(self, config: TrainConfig, run_id: str, resume: tuple[str, str] | None) -> None:
         timeout = config.trainer.actor_timeout_s
         rollout = config.rollout
         self.rollout = ActorGroup(
@@ -175,21 +73,21 @@ class Pipeline:
             resources=rollout.resources_per_worker,
             timeout_s=timeout,
             init_args=(config, config.model.path),
+            max_restarts=-1,  # a dead worker comes back; generate() gives it the current weights first
         )
         self.groups.append(self.rollout)
         self.reward = RewardPool(config, config.model.path, run_id)
         self.groups.append(self.reward.group)
-        gpus = learner_gpus(config)
         self.learner = ActorGroup(
             Learner,
             1,
             role="learner",
             run_id=run_id,
             num_cpus=config.learner.num_cpus,
-            num_gpus=gpus,
+            num_gpus=config.learner.num_gpus,
             resources=config.learner.resources,
             timeout_s=timeout,
-            init_args=(config, policy_path, config.model.path, gpus > 0),
+            init_args=(config, config.model.path, config.model.path, config.learner.num_gpus > 0, resume),
         )
         self.groups.append(self.learner)
 
@@ -206,7 +104,15 @@ class Pipeline:
 
     def generate(self, prompts: pa.Table, step: int, greedy: bool = False) -> pa.Table:
         group_size = 1 if greedy else self.config.rollout.group_size
-        return self.rollout.map_shards("generate", prompts, group_size=group_size, greedy=greedy, step=step)
+        return self.rollout.map_shards(
+            "generate", prompts, on_restart=self._give_weights, group_size=group_size, greedy=greedy, step=step,
+            version=self.version,
+        )
+
+    def _give_weights(self, worker) -> None:
+        """A restarted rollout worker holds model.path's weights: give it the current ones and their version."""
+        if self.weights is not None:
+            self.rollout.get([worker.set_weights.remote(self.weights, self.version)])
 
     def score(self, batch: pa.Table, names: list[str], step: int) -> pa.Table:
         """`batch` with one reward/<name> column per component, without the samples dropped by on_error=drop."""
@@ -216,10 +122,10 @@ class Pipeline:
     def sync_weights(self) -> int:
         """Learner -> every rollout worker: one object in the object store, fetched by each worker."""
         learner = self.learner.actors[0]
-        version = self.learner.get([learner.get_version.remote()])[0]
-        weights = learner.get_weights.remote()  # one ObjectRef; Ray resolves it in each worker
-        self.rollout.call_all("set_weights", weights, version)
-        return version
+        self.version = self.learner.get([learner.get_version.remote()])[0]
+        self.weights = learner.get_weights.remote()  # one ObjectRef; Ray resolves it in each worker
+        self.rollout.call_all("set_weights", self.weights, self.version)
+        return self.version
 
     def evaluate(self, eval_prompts: pa.Table | None, step: int) -> dict[str, float]:
         """eval/<metric> of greedy samples on the held-out prompts ({} without them)."""
@@ -228,6 +134,10 @@ class Pipeline:
         names = self.config.trainer.eval_metrics
         scored = self.score(self.generate(eval_prompts, step, greedy=True), names, step)
         return {f"eval/{name}": mean_reward(scored, name) for name in names}
+
+    def take_faults(self) -> dict[str, float]:
+        """fault/* and reward/* counters since the last call (for the step's metrics)."""
+        return {**self.rollout.take_faults(), **self.reward.take_counts()}
 
 
 @contextmanager
@@ -238,13 +148,38 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
     timings[key] = time.time() - start
 
 
+def save_checkpoint(storage: Storage, pipeline: Pipeline, step: int, trainer_state: dict) -> str:
+    """Upload the learner's files (from the learner's process) and the trainer state, then publish the
+    manifest, last; returns the checkpoint's directory."""
+    directory = store.checkpoint_dir(step)
+    files = pipeline.learner.call_all("save", storage.uri, directory)[0]
+    state = json.dumps(trainer_state, indent=1).encode()
+    storage.write_bytes(f"{directory}/{TRAINER_STATE}", state)
+    files[TRAINER_STATE] = {"size": len(state), "sha256": store.sha256_bytes(state)}
+    return store.publish_checkpoint(storage, step, files)
+
+
+def prune(storage: Storage, config: TrainConfig) -> None:
+    """trainer.keep_checkpoints newest checkpoints, plus the best by the first eval metric with keep_best."""
+    keep = config.trainer.keep_checkpoints
+    if keep is None:
+        return
+    protected = set()
+    metric = f"eval/{config.trainer.eval_metrics[0]}"
+    if config.trainer.keep_best:
+        published = set(store.published_steps(storage))
+        scored = [(r[metric], r["step"]) for r in read_metrics(storage) if metric in r and r["step"] in published]
+        protected = {max(scored)[1]} if scored else set()
+    store.prune_checkpoints(storage, keep, protected)
+
+
 def run_steps(
     config: TrainConfig,
+    storage: Storage,
     pipeline: Pipeline,
     sampler: PromptSampler,
     eval_prompts: pa.Table | None,
     log: MetricsLog,
-    out: Path,
     done_steps: int,
     report: Report | None,
 ) -> dict:
@@ -261,6 +196,7 @@ def run_steps(
             prompts = sampler.next_batch(first_group_id=step * trainer_cfg.prompts_per_step)
             with timed(timings, "time/rollout_s"):
                 rollouts = pipeline.generate(prompts, step)
+            generated = rollouts.num_rows
             with timed(timings, "time/reward_s"):
                 rollouts = pipeline.score(rollouts, list(config.reward.weights), step)
             with timed(timings, "time/learn_s"):
@@ -272,57 +208,99 @@ def run_steps(
             with timed(timings, "time/sync_s"):
                 pipeline.sync_weights()
         metrics.update(timings)
-        metrics.update(pipeline.reward.take_counts())
+        metrics.update(pipeline.take_faults())
+        metrics["rollout/samples"] = float(generated)  # prompts_per_step x group_size, whatever failed on the way
         metrics["throughput/tokens_per_s"] = metrics["learner/tokens"] / timings["time/step_s"]
         metrics["throughput/samples_per_s"] = rollouts.num_rows / timings["time/step_s"]
 
         is_last = step == trainer_cfg.total_steps
         if step % trainer_cfg.eval_every == 0 or is_last:
             metrics.update(pipeline.evaluate(eval_prompts, step))
+        record = log.write(step, metrics)  # durable before the checkpoint that covers it is published
         saved = None
         if step % trainer_cfg.save_every == 0 or is_last or (report and step % trainer_cfg.eval_every == 0):
-            partial = checkpoint.partial_dir(out, step)
-            pipeline.learner.call_all("save", str(partial))
-            saved = checkpoint.finish(partial, {"step": step, "sampler": sampler.state(), "elapsed_s": log.elapsed()})
-        record = log.write(step, metrics)
+            log.sync_tensorboard()
+            state = {"step": step, "sampler": sampler.state(), "elapsed_s": log.elapsed()}
+            saved = save_checkpoint(storage, pipeline, step, state)
+            prune(storage, config)
         if report and any(k.startswith("eval/") for k in metrics):
             report(record, saved)
     return record
 
 
-def train(config: TrainConfig, resume: bool = False, report: Report | None = None) -> dict[str, float]:
-    """Run (or resume) training; returns the last step's metrics record."""
-    config = with_builtin_defaults(config)
-    out = Path(config.output_dir)
-    train_prompts, eval_prompts = load_inputs(config)
-    latest = checkpoint.latest(out) if resume else None
-    if resume and latest is None:
-        raise TokenforgeError(f"--resume: no checkpoint under {str(out / 'checkpoints')!r}")
-    if not resume and (out / METRICS_FILE).exists():
-        raise TokenforgeError(
-            f"output_dir {str(out)!r} already holds a run; resume it with --resume or pick another output_dir"
-        )
-    state = (
-        checkpoint.read_trainer_state(latest)
-        if latest
-        else {"step": 0, "sampler": {"epoch": 0, "position": 0}, "elapsed_s": 0.0}
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
+def start_state(storage: Storage, resume: bool) -> tuple[str | None, dict]:
+    """(the checkpoint directory to resume from or None, its trainer state or a fresh one). Resuming, a
+    checkpoint cut short (no valid manifest) is deleted first, and without any checkpoint the run
+    starts again from step 0."""
+    fresh = {"step": 0, "sampler": {"epoch": 0, "position": 0}, "elapsed_s": 0.0}
+    if not resume:
+        return None, fresh
+    store.remove_unpublished(storage)
+    latest = store.latest_checkpoint(storage)
+    if latest is None:
+        return None, fresh
+    directory, _ = latest
+    return directory, json.loads(storage.read_text(f"{directory}/{TRAINER_STATE}"))
 
-    connect_ray(config)
-    check_resources(config)
-    with Pipeline(config, str(latest or config.model.path), run_id=uuid.uuid4().hex[:8]) as pipeline:
-        placement = {group.role: group.node_ids() for group in pipeline.groups}  # where each actor runs
-        (out / "placement.json").write_text(json.dumps(placement, indent=1))
+
+def attempt(config: TrainConfig, storage: Storage, train_prompts, eval_prompts, resume: bool, report: Report | None) -> dict:
+    """One attempt at the run: actors from scratch (or from the last published checkpoint) to the last step."""
+    ensure_resources(config)  # a restart after a lost node waits (ray.autoscale_wait_s) for a replacement
+    latest, state = start_state(storage, resume)
+    if resume:
+        print(f"tokenforge: resuming {storage.display()} from "
+              + (f"{latest} (step {state['step']})" if latest else "step 0 (no checkpoint yet)"), flush=True)
+    with Pipeline(config, run_id=uuid.uuid4().hex[:8], resume=(storage.uri, latest) if latest else None) as pipeline:
+        placement = {group.role: group.placements() for group in pipeline.groups}
+        if config.ray.autoscale_wait_s:
+            clear_resource_request()  # placed: the autoscaler may scale idle nodes down again
+        storage.write_text("placement.json", json.dumps(placement, indent=1))
+        for role, actors in placement.items():
+            print(f"tokenforge: {role}: " + ", ".join(f"{a['device']} on {a['node_ip']}" for a in actors), flush=True)
+        if config.learner.num_gpus and placement["learner"][0]["device"] == "cpu":
+            print(f"tokenforge: the learner holds a Ray GPU but torch sees no CUDA device on {placement['learner'][0]['node_ip']}: "
+                  "it runs on CPU there (install a CUDA build of torch on GPU nodes)", flush=True)
         if latest:
-            pipeline.learner.call_all("load_state", str(latest))
             pipeline.sync_weights()  # the rollout workers started from model.path
         sampler = PromptSampler(train_prompts, config.trainer.prompts_per_step, config.seed, config.data.shuffle)
         sampler.load_state(state["sampler"])
-        log = MetricsLog(out, config.trainer.total_steps, resume_step=state["step"], elapsed_s=state["elapsed_s"])
+        keep_through = state["step"] if latest else -1  # from step 0, even its eval line is redone
+        log = MetricsLog(storage, config.trainer.total_steps, keep_through, elapsed_s=state["elapsed_s"])
         try:
-            record = run_steps(config, pipeline, sampler, eval_prompts, log, out, state["step"], report)
+            return run_steps(config, storage, pipeline, sampler, eval_prompts, log, state["step"], report)
         finally:
             log.close()
-    return record
+
+
+def train(config: TrainConfig, resume: bool = False, report: Report | None = None) -> dict[str, float]:
+    """Run (or resume) training; returns the last step's metrics record."""
+    config = with_builtin_defaults(config)
+    storage = Storage(config.run_uri)
+    train_prompts, eval_prompts = load_inputs(config)
+    if not resume and storage.exists(METRICS_FILE):
+        raise TokenforgeError(
+            f"{storage.display()!r} already holds a run; resume it with --resume or pick another output_dir / storage.uri"
+        )
+    if resume:
+        latest = store.latest_checkpoint(storage)
+        if latest and latest[1]["step"] >= config.trainer.total_steps:
+            print(f"tokenforge: {storage.display()} is complete (step {latest[1]['step']} of "
+                  f"{config.trainer.total_steps}); raise trainer.total_steps to train on", flush=True)
+            return next((r for r in reversed(read_metrics(storage)) if r["step"] == latest[1]["step"]), {})
+    storage.write_text("config.yaml", config_to_yaml(config))
+    connect_ray(config)
+    config = decide_learner_gpus(config)
+    failures = 0
+    while True:
+        try:
+            return attempt(config, storage, train_prompts, eval_prompts, resume or failures > 0, report)
+        except RECOVERABLE as error:
+            failures += 1
+            cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            if failures > config.trainer.max_failures:
+                raise TokenforgeError(
+                    f"the run failed {failures} times (trainer.max_failures={config.trainer.max_failures}), last: {cause}; "
+                    f"continue it with: tokenforge train --resume {storage.display()}"
+                ) from None
+            print(f"tokenforge: failure {failures} of at most {config.trainer.max_failures} ({cause}); "
+                  "restarting the pipeline from the last checkpoint", flush=True)

@@ -11,24 +11,28 @@ current (possibly mutated) hyperparameters.
 from __future__ import annotations
 
 import csv
-import hashlib
+import io
 import json
 import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 from ray import tune
 
-from pipeline import checkpoint, run_paths
-from pipeline.config import TrainConfig, config_with, save_config
+from pipeline import run_paths
+from pipeline import storage as store
+from pipeline.config import TrainConfig, config_to_yaml, config_with
 from pipeline.errors import TokenforgeError
-from pipeline.trainer import actor_bundles, connect_ray, learner_gpus, train
+from pipeline.placement import actor_bundles, connect_ray, decide_learner_gpus, ensure_resources
+from pipeline.storage import Storage
+from pipeline.trainer import train
 from pipeline.tune_spec import TuneSpec, load_spec, param_space, scheduler, searcher
 
 SPEC_FILE = "tokenforge_tune.yaml"  # spec + resolved base config, kept in the experiment dir for --resume
-RESTORES_FILE = "restores.jsonl"  # one line per trial start from a checkpoint (PBT exploit or retry)
+RESTORES_FILE = "restores.jsonl"  # in each trial's directory: one line per start from a checkpoint (PBT exploit or retry)
+POINTER = "checkpoint.json"  # what a Tune checkpoint holds: where the real one is (the run's own storage)
 
 
 def trial_resources(config: TrainConfig, driver_cpus: float) -> tune.PlacementGroupFactory:
@@ -36,59 +40,91 @@ def trial_resources(config: TrainConfig, driver_cpus: float) -> tune.PlacementGr
     return tune.PlacementGroupFactory([{"CPU": driver_cpus}, *actor_bundles(config)])
 
 
-def run_trial(params: dict[str, Any], base: dict) -> None:
-    """One trial: the base config with this trial's params, trained with reports to Tune."""
+def restore_into(run: Storage, pointer: dict) -> dict:
+    """Copy the published checkpoint a Tune checkpoint points at (the trial's own, or a PBT donor's) into
+    `run` as its only checkpoint, manifest last; returns what was restored (for restores.jsonl)."""
+    source = Storage(pointer["run_uri"])
+    manifest = store.read_manifest(source, pointer["checkpoint"])
+    if manifest is None:
+        raise TokenforgeError(
+            f"Tune restores {source.display(pointer['checkpoint'])!r}, which is gone or unpublished "
+            "(pruned? keep trainer.keep_checkpoints >= tune.num_to_keep)"
+        )
+    target = store.checkpoint_dir(manifest["step"])
+    if (run.uri, target) != (source.uri, pointer["checkpoint"]):
+        # later checkpoints of this trial's own must not win a resume over the restored one; earlier ones stay
+        # (Tune may still hand them to another trial)
+        for step in [s for s in store.checkpoint_steps(run) if s >= manifest["step"]]:
+            run.delete_dir(store.checkpoint_dir(step))
+        for name in manifest["files"]:
+            run.write_bytes(f"{target}/{name}", source.read_bytes(f"{pointer['checkpoint']}/{name}"))
+        store.publish_checkpoint(run, manifest["step"], manifest["files"])
+    weights = next(manifest["files"][n]["sha256"] for n in ("model.safetensors", "adapter_model.safetensors") if n in manifest["files"])
+    return {"step": manifest["step"], "model_sha256": weights, "source": source.display(pointer["checkpoint"])}
+
+
+def run_trial(params: dict[str, Any], base: dict, experiment_uri: str, keep: int | None) -> None:
+    """One trial: the base config with this trial's params, trained with reports to Tune. Its run lives
+    in the experiment's storage (trial directory/run); Tune's checkpoints point at the run's own."""
     config = config_with(TrainConfig.model_validate(base), params)
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    out = trial_dir / "run"
-    config.output_dir = str(out)
+    trial = Storage(experiment_uri).child(Path(tune.get_context().get_trial_dir()).name)
+    run = trial.child("run")
+    config.storage.uri = run.uri
+    config.trainer.max_failures = 0  # a failure ends the trial; Tune retries it (tune.max_failures) from its checkpoint
+    own = config.trainer.keep_checkpoints  # every checkpoint Tune keeps must still exist: keep at least as many
+    config.trainer.keep_checkpoints = None if keep is None or own is None else max(keep, own)
     restored = tune.get_checkpoint()
     if restored:
-        with restored.as_directory() as source:
-            state = checkpoint.read_trainer_state(Path(source))
-            shutil.rmtree(checkpoint.checkpoint_root(out), ignore_errors=True)  # only the restored state counts
-            target = checkpoint.checkpoint_root(out) / f"step_{state['step']}"
-            shutil.copytree(source, target)
-        weights = hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()
-        with open(trial_dir / RESTORES_FILE, "a") as f:
-            record = {"step": state["step"], "params": params, "model_sha256": weights, "source": restored.path}
-            f.write(json.dumps(record) + "\n")
-    elif out.exists():
-        shutil.rmtree(out)  # a retry with nothing to restore starts over
+        with restored.as_directory() as pointer_dir:
+            pointer = json.loads((Path(pointer_dir) / POINTER).read_text())
+        restore = restore_into(run, pointer)
+        trial.append_text(RESTORES_FILE, json.dumps({**restore, "params": params}) + "\n")
+    else:
+        run.delete_dir("")  # a retry with nothing to restore starts over
 
-    def report(record: dict, saved: Path | None) -> None:
-        tune.report(record, checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved else None)
+    def report(record: dict, saved: str | None) -> None:
+        if saved is None:
+            tune.report(record)
+            return
+        with tempfile.TemporaryDirectory(prefix="tokenforge-pointer-") as pointer_dir:
+            (Path(pointer_dir) / POINTER).write_text(json.dumps({"run_uri": run.uri, "checkpoint": saved}))
+            tune.report(record, checkpoint=tune.Checkpoint.from_directory(pointer_dir))
 
     train(config, resume=restored is not None, report=report)
 
 
-def trainable(spec: TuneSpec, base: TrainConfig):
+def trainable(spec: TuneSpec, base: TrainConfig, experiment_uri: str):
     """The trial function with the base config bound and resources from each trial's own config."""
     return tune.with_resources(
-        tune.with_parameters(run_trial, base=base.model_dump(mode="json")),
+        tune.with_parameters(run_trial, base=base.model_dump(mode="json"), experiment_uri=experiment_uri, keep=spec.tune.num_to_keep),
         lambda params: trial_resources(config_with(base, params), spec.tune.driver_cpus),
     )
 
 
-def run(spec_path: str, overrides: list[str] = ()) -> Path:
-    """Validate the spec, run the experiment, write the results; returns the results dir."""
+def check_trials_fit(spec: TuneSpec, base: TrainConfig) -> None:
+    """Every trial's placement group (driver + actors) must fit the cluster, or it would wait forever."""
+    driver = {"CPU": spec.tune.driver_cpus}
+    for params in [{}, *[{k: d.example()} for k, d in spec.search.items()]]:
+        ensure_resources(base, [driver, *actor_bundles(config_with(base, params))])
+
+
+def run(spec_path: str, overrides: list[str] = ()) -> str:
+    """Validate the spec, run the experiment, write the results; returns the experiment's URI."""
     spec, base = load_spec(spec_path, overrides)
     connect_ray(base)
-    base = config_with(base, {"learner.num_gpus": learner_gpus(base)})  # trials and bundles agree on GPUs
+    base = decide_learner_gpus(base)  # trials and bundles agree on GPUs
+    check_trials_fit(spec, base)
     block = spec.tune
-    remote = run_paths.is_uri(block.storage_path)  # s3://, gs://: Tune writes there; our summary files stay local
-    if not remote:  # inside a Ray job a relative storage_path goes under the output root, with a fresh name if taken
+    if not store.is_uri(block.storage_path):  # inside a Ray job a relative storage_path goes under the output root
         chosen = Path(run_paths.resolve_new(str(Path(block.storage_path) / block.name), Path.exists, "tune.storage_path/tune.name"))
         block.storage_path, block.name = str(chosen.parent.resolve()), chosen.name
-    storage = block.storage_path
-    experiment = Path("tune_results" if remote else storage) / block.name
-    if not remote and experiment.exists():
-        raise TokenforgeError(f"tune experiment {str(experiment)!r} exists; resume it with --resume or set tune.name")
-    experiment.mkdir(parents=True, exist_ok=True)
-    (experiment / SPEC_FILE).write_text(yaml.safe_dump({"spec": spec.model_dump(mode="json"), "base": base.model_dump(mode="json")}))
+    experiment = Storage(block.storage_path).child(block.name)
+    if experiment.list_dir(""):
+        raise TokenforgeError(f"tune experiment {experiment.display()!r} exists; resume it with --resume or set tune.name")
+    experiment.write_text(SPEC_FILE, yaml.safe_dump({"spec": spec.model_dump(mode="json"), "base": base.model_dump(mode="json")}))
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, trimmed by the reporter below
     tuner = tune.Tuner(
-        trainable(spec, base),
+        trainable(spec, base, experiment.uri),
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             metric=block.metric,
@@ -98,7 +134,7 @@ def run(spec_path: str, overrides: list[str] = ()) -> Path:
             search_alg=searcher(spec),
             scheduler=scheduler(spec),
         ),
-        run_config=run_config(spec, storage),
+        run_config=run_config(spec, block.storage_path),
     )
     return write_results(spec, base, tuner.fit(), experiment)
 
@@ -118,20 +154,21 @@ def run_config(spec: TuneSpec, storage: str) -> tune.RunConfig:
     )
 
 
-def resume(experiment_dir: str) -> Path:
-    """Continue an interrupted experiment (unfinished and errored trials)."""
-    experiment = Path(experiment_dir).resolve()
-    saved = experiment / SPEC_FILE
-    if not saved.is_file():
-        raise TokenforgeError(f"--resume: {str(experiment)!r} is not a tokenforge tune experiment (no {SPEC_FILE})")
-    data = yaml.safe_load(saved.read_text())
+def resume(experiment_uri: str) -> str:
+    """Continue an interrupted experiment (unfinished and errored trials), local or at a URI."""
+    experiment = Storage(experiment_uri)
+    if not experiment.exists(SPEC_FILE):
+        raise TokenforgeError(f"--resume: {experiment.display()!r} is not a tokenforge tune experiment (no {SPEC_FILE})")
+    data = yaml.safe_load(experiment.read_text(SPEC_FILE))
     spec, base = TuneSpec.model_validate(data["spec"]), TrainConfig.model_validate(data["base"])
     connect_ray(base)
-    tuner = tune.Tuner.restore(str(experiment), trainable=trainable(spec, base), resume_unfinished=True, resume_errored=True)
+    tuner = tune.Tuner.restore(
+        experiment.uri, trainable=trainable(spec, base, experiment.uri), resume_unfinished=True, resume_errored=True
+    )
     return write_results(spec, base, tuner.fit(), experiment)
 
 
-def write_results(spec: TuneSpec, base: TrainConfig, results: tune.ResultGrid, experiment: Path) -> Path:
+def write_results(spec: TuneSpec, base: TrainConfig, results: tune.ResultGrid, experiment: Storage) -> str:
     """trials.csv + console table, best_config.yaml (a train config), objective.png."""
     metric, mode = spec.tune.metric, spec.tune.mode
     params = list(spec.search)
@@ -149,21 +186,22 @@ def write_results(spec: TuneSpec, base: TrainConfig, results: tune.ResultGrid, e
                 "status": "ERROR" if result.error else "TERMINATED",
             }
         )
-    with open(experiment / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["trial"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    experiment.write_text("trials.csv", table.getvalue())
     print_table(rows)
     finished = [r for r in results if not r.error and r.metrics_dataframe is not None and metric in r.metrics_dataframe]
     if finished:
         best = results.get_best_result(metric=metric, mode=mode, scope="last", filter_nan_and_inf=True)
         best_config = config_with(base, best.config)
         best_config.output_dir = f"runs/{spec.tune.name}-best"
-        save_config(best_config, experiment / "best_config.yaml")
-        print(f"best trial {Path(best.path).name}: {metric} {best.metrics.get(metric)}; config: {experiment / 'best_config.yaml'}")
-    plot_objective(results, metric, experiment / "objective.png")
-    print(f"results: {experiment} (trials.csv, best_config.yaml, objective.png)")
-    return experiment
+        experiment.write_text("best_config.yaml", config_to_yaml(best_config))
+        print(f"best trial {Path(best.path).name}: {metric} {best.metrics.get(metric)}; config: {experiment.display('best_config.yaml')}")
+    experiment.write_bytes("objective.png", plot_objective(results, metric))
+    print(f"results: {experiment.display()} (trials.csv, best_config.yaml, objective.png)")
+    return experiment.uri
 
 
 def print_table(rows: list[dict]) -> None:
@@ -176,7 +214,11 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
 
 
-def plot_objective(results: tune.ResultGrid, metric: str, path: Path) -> None:
+def plot_objective(results: tune.ResultGrid, metric: str) -> bytes:
+    """The objective of every trial against its step, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
@@ -189,6 +231,8 @@ def plot_objective(results: tune.ResultGrid, metric: str, path: Path) -> None:
     axis.set_ylabel(metric)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
     plt.close(figure)
+    return png.getvalue()
 

@@ -1,14 +1,23 @@
-"""Make a built-in task's tiny model: a char-level GPT-2, warm-started by supervised learning.
+"""Make a built-in task's tiny model from scratch, warm-started by supervised learning.
 
-Trains on the task's training prompts (loss on answer tokens and EOS only) and stops as soon as
-the greedy eval metric (addition: exact match; words: chrF) reaches --target, so that RL has room
-to improve it. Saves a HF-format model (safetensors) + tokenizer. Deterministic for a given seed on CPU.
+- addition, words: a char-level GPT-2.
+- chat-addition: a Llama (RoPE, RMSNorm, SwiGLU, GQA, head_dim 32) with a byte-level BPE tokenizer trained
+  here on the task's conversations plus some plain English, BOS added by the tokenizer, and a Llama-3-style
+  chat template; the model answers in the assistant turn and ends it with the end-of-turn token (its EOS).
 
-    python scripts/make_task_model.py --task addition|words [--target T] [--out pipeline/assets/<task>/model]
+Trains on the task's training prompts (loss on answer tokens and EOS only; conversational prompts are
+rendered with the chat template and its generation prompt) and stops as soon as the greedy eval metric
+(exact match; words: chrF) reaches --target, so that RL has room to improve it. Saves a HF-format model
+(safetensors) + tokenizer. Deterministic for a given seed on CPU.
+
+    python scripts/make_task_model.py --task addition|words|chat-addition [--target T] [--out DIR]
+
+DIR defaults to pipeline/assets/<task, '-' as '_'>/model; the task's data comes from next to it.
 """
 
 import argparse
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,15 +26,29 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 from sacrebleu.metrics import CHRF
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from actors.rollout_worker import RolloutWorker
 from pipeline.config import load_config
 from pipeline.models import ASSETS
-from pipeline.tiny_model import make_char_tokenizer, make_tiny_gpt2
+from pipeline.prompts import encode_prompts
+from pipeline.tiny_model import (
+    chat_corpus_text,
+    make_bpe_chat_tokenizer,
+    make_char_tokenizer,
+    make_tiny_gpt2,
+    make_tiny_llama,
+)
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def operand_shape(row: dict) -> tuple[int, ...]:
+    """Digit counts of the operands in the (last message of the) prompt: (1, 2) for "7+35=" or "Add 7 and 35."."""
+    text = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+    return tuple(len(x) for x in re.findall(r"\d+", text))
 
 
 def balanced_by_shape(train: list[dict], size: int) -> list[dict]:
@@ -34,7 +57,7 @@ def balanced_by_shape(train: list[dict], size: int) -> list[dict]:
     explore its way out of a shape where every sample is wrong at the same digit)."""
     by_shape = {}  # operand digit counts -> rows, e.g. (1, 2) for "7+35="
     for row in train:
-        by_shape.setdefault(tuple(len(x) for x in row["prompt"][:-1].split("+")), []).append(row)
+        by_shape.setdefault(operand_shape(row), []).append(row)
     shapes = sorted(by_shape)
     picks = torch.randint(len(shapes), (size,))
     return [by_shape[shapes[s]][torch.randint(len(by_shape[shapes[s]]), ()).item()] for s in picks.tolist()]
@@ -45,7 +68,7 @@ def uniform(train: list[dict], size: int) -> list[dict]:
 
 
 def exact_match(completions: list[str], rows: list[dict]) -> float:
-    return sum(c == r["answer"] for c, r in zip(completions, rows)) / len(rows)
+    return sum(c.strip() == r["answer"] for c, r in zip(completions, rows)) / len(rows)
 
 
 def chrf(completions: list[str], rows: list[dict]) -> float:
@@ -53,61 +76,138 @@ def chrf(completions: list[str], rows: list[dict]) -> float:
     return sum(metric.sentence_score(c, [r["reference"]]).score / 100 for c, r in zip(completions, rows)) / len(rows)
 
 
+# Plain English for the BPE trainer besides the task's conversations, so that not every merge is digits.
+ENGLISH = """Hello! How can I help you today? I am a small language model, trained from scratch on arithmetic.
+Sure, here is the answer. Thank you for asking; let me know if there is anything else you would like.
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+Numbers can be added, subtracted, multiplied and divided. The sum of two numbers is their total.
+Please write only the number, without any explanation. Could you check my work? That looks right to me.
+We trained the tokenizer on this text and on the questions, so that words get merges of their own.
+Every morning the baker opens the shop early, and the smell of fresh bread fills the whole street.
+Rivers carry water from the mountains to the sea; along the way they shape valleys, plains and deltas.
+Learning a new language takes patience: practice a little every day and listen to native speakers.
+The library closes at six in the evening, but books can be returned through the slot by the door.
+Scientists measure the temperature of the ocean at many depths to understand how the climate changes.
+If you are not sure about a result, try a smaller example first and compare it with what you expect.
+Good questions are short and precise. Good answers are correct, clear and no longer than they need to be.
+Our team meets on Tuesdays to plan the week, review open problems and decide who works on what.
+Children often count on their fingers before they learn to carry a digit from one column to the next.
+The weather was cold and windy, so we stayed inside, drank hot tea and played a game of chess.
+Computers represent text as a sequence of tokens; a tokenizer decides where one token ends and the next begins.
+Remember to save your work often, and keep a backup copy somewhere safe in case something goes wrong.
+She walked through the market, buying apples, onions, cheese and a loaf of bread for the picnic.
+Mathematics is the study of patterns, quantities, shapes and the relations between them.
+Thanks for your patience while I think about this. Here is what I found, step by step.
+The train leaves the station at a quarter past nine and arrives in the city just before noon.
+Write clearly, check your spelling, and ask a friend to read the draft before you send it."""
+
+
+def chat_tokenizer(train: list[dict]) -> PreTrainedTokenizerFast:
+    """BPE (512 tokens) on every training conversation with its answer, plus as many characters of the English
+    above. With that mix most merges are words and the most frequent digit pairs ("10" to "17", the start of
+    every sum from 100 up) get tokens of their own: about half the answers take fewer tokens than characters,
+    most operands stay one digit per token. With the conversations alone every number up to 116 becomes one
+    token, and the warm start then learns the sums of atomic numbers far more slowly (0.28 after 8,000 steps,
+    against 0.41 after 575 steps with this mix)."""
+    conversations = [chat_corpus_text([*r["prompt"], {"role": "assistant", "content": r["answer"]}]) for r in train]
+    repeats = sum(map(len, conversations)) // len(ENGLISH)
+    return make_bpe_chat_tokenizer(conversations + ENGLISH.splitlines() * repeats, vocab_size=512)
+
+
 @dataclass
 class Task:
-    alphabet: str
+    make_tokenizer: Callable[[list[dict]], PreTrainedTokenizerFast]  # from the training rows
+    make_model: Callable[[PreTrainedTokenizerFast], PreTrainedModel]
     max_new_tokens: int
-    n_positions: int
     target: float  # default --target
     eval_every: int  # default --eval-every
+    lr: float  # default --lr
     draw_batch: Callable[[list[dict], int], list[dict]]
     metric: Callable[[list[str], list[dict]], float]
+    # written into tokenizer_config.json, as transformers 4.x (e.g. vLLM's) knows no "TokenizersBackend"
+    tokenizer_class: str | None = None
+
+
+def char_task(alphabet: str, n_positions: int, **kwargs) -> Task:
+    return Task(
+        make_tokenizer=lambda train: make_char_tokenizer(alphabet),
+        make_model=lambda tokenizer: make_tiny_gpt2(tokenizer, n_positions=n_positions),
+        **kwargs,
+    )
 
 
 TASKS = {
-    "addition": Task("0123456789+=", 5, 32, 0.55, 25, balanced_by_shape, exact_match),
-    "words": Task("0123456789= -abcdefghijklmnopqrstuvwxyz", 32, 48, 0.55, 5, uniform, chrf),
+    "addition": char_task(
+        "0123456789+=", 32, max_new_tokens=5, target=0.55, eval_every=25, lr=2e-3, draw_batch=balanced_by_shape,
+        metric=exact_match,
+    ),
+    "words": char_task(
+        "0123456789= -abcdefghijklmnopqrstuvwxyz", 48, max_new_tokens=32, target=0.55, eval_every=5, lr=2e-3,
+        draw_batch=uniform, metric=chrf,
+    ),
+    "chat-addition": Task(
+        make_tokenizer=chat_tokenizer,
+        make_model=make_tiny_llama,
+        max_new_tokens=6,  # the answer is 1-3 tokens, then the end-of-turn token
+        target=0.40,
+        eval_every=25,
+        lr=1e-3,  # at 2e-3 held-out exact match jumped between 0.26 and 0.47 from one eval to the next
+        draw_batch=balanced_by_shape,
+        metric=exact_match,
+        tokenizer_class="PreTrainedTokenizerFast",
+    ),
 }
 
 
-def evaluate(task: Task, worker: RolloutWorker, model: torch.nn.Module, rows: list[dict]) -> float:
+def save_tokenizer(task: Task, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    tokenizer.save_pretrained(out, save_jinja_files=False)  # the chat template inside tokenizer_config.json
+    if task.tokenizer_class:
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        config["tokenizer_class"] = task.tokenizer_class
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def greedy_completions(worker: RolloutWorker, model: torch.nn.Module, rows: list[dict]) -> list[str]:
+    """Greedy completions, decoded without special tokens: the prompt text tokenised without adding any."""
     worker.set_weights(model.state_dict(), version=0)
     prompts = pa.Table.from_pylist([{"prompt": r["prompt"], "group_id": i} for i, r in enumerate(rows)])
-    return task.metric(worker.generate(prompts, group_size=1, greedy=True).column("response").to_pylist(), rows)
+    return worker.generate(prompts, group_size=1, greedy=True).column("response").to_pylist()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=TASKS, default="addition")
-    parser.add_argument("--out", type=Path, help="default: pipeline/assets/<task>/model")
+    parser.add_argument("--out", type=Path, help="default: pipeline/assets/<task, '-' as '_'>/model")
     parser.add_argument("--target", type=float, help="stop once the eval metric reaches this (default: per task)")
     parser.add_argument("--seed", default=0, type=int)
-    parser.add_argument("--lr", default=2e-3, type=float)
+    parser.add_argument("--lr", type=float, help="default: per task")
     parser.add_argument("--batch-size", default=64, type=int)
     parser.add_argument("--eval-every", type=int, help="default: per task")
     parser.add_argument("--max-steps", default=20000, type=int)
     args = parser.parse_args()
 
     task = TASKS[args.task]
-    out = args.out or ASSETS / args.task / "model"
+    data = ASSETS / args.task.replace("-", "_")
+    out = args.out or data / "model"
     target = task.target if args.target is None else args.target
     eval_every = args.eval_every or task.eval_every
+    train, evaluation = read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl")
+    start, score = time.time(), 0.0
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
-    tokenizer = make_char_tokenizer(task.alphabet)
-    model = make_tiny_gpt2(tokenizer, n_positions=task.n_positions)
+    tokenizer = task.make_tokenizer(train)
+    model = task.make_model(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(task, tokenizer, out)
     worker = RolloutWorker(load_config(overrides=[f"rollout.max_new_tokens={task.max_new_tokens}", "rollout.num_threads=2"]), str(out))
 
-    train, evaluation = read_jsonl(ASSETS / args.task / "train.jsonl"), read_jsonl(ASSETS / args.task / "eval.jsonl")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    start, score = time.time(), 0.0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr or task.lr)
     for step in range(1, args.max_steps + 1):
         rows = task.draw_batch(train, args.batch_size)
-        prompts = [tokenizer(r["prompt"]).input_ids for r in rows]
-        answers = [tokenizer(r["answer"]).input_ids + [tokenizer.eos_token_id] for r in rows]
+        # prompts tokenised exactly as the rollout worker does (BOS once); the answer without special tokens
+        _, prompts = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+        answers = [tokenizer(r["answer"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for r in rows]
         width = max(len(p) + len(a) for p, a in zip(prompts, answers))
         ids = torch.full((len(rows), width), tokenizer.pad_token_id)
         labels = torch.full_like(ids, -100)  # loss only on the answer and EOS
@@ -120,15 +220,23 @@ def main() -> None:
         optimizer.step()
         if step % eval_every == 0:
             model.eval()
-            score = evaluate(task, worker, model, evaluation)
+            score = task.metric(greedy_completions(worker, model, evaluation), evaluation)
             model.train()
             print(f"step {step} loss {loss.item():.3f} eval {task.metric.__name__} {score:.3f} ({time.time() - start:.0f}s)")
             if score >= target:
                 break
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(task, tokenizer, out)
     params = sum(p.numel() for p in model.parameters())
     print(f"saved {params / 1e6:.2f}M-parameter model with eval {task.metric.__name__} {score:.3f} to {out}")
+    if task.draw_batch is balanced_by_shape:
+        model.eval()
+        completions = greedy_completions(worker, model, evaluation)
+        for shape in sorted({operand_shape(r) for r in evaluation}):
+            picked = [i for i, r in enumerate(evaluation) if operand_shape(r) == shape]
+            value = task.metric([completions[i] for i in picked], [evaluation[i] for i in picked])
+            print(f"  {'+'.join(map(str, shape))} digits: {task.metric.__name__} {value:.3f} on {len(picked)} prompts")
+    print(f"took {time.time() - start:.0f}s")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ _TOKEN.parent.mkdir()
 _TOKEN.write_text(secrets.token_hex(32))
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN)
 os.environ.pop("RAY_ADDRESS", None)
+for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(key, value)  # the local moto S3 server of the storage tests (Ray's workers inherit them)
 
 
 @pytest.fixture(scope="session")

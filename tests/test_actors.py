@@ -156,7 +156,7 @@ def test_learner_raises_the_likelihood_of_winning_samples(learner_and_batch):
 def test_learner_checkpoint_round_trip(learner_and_batch, tmp_path, builtin_model_path):
     learner, batch = learner_and_batch
     learner.train_step(batch)
-    learner.save(str(tmp_path))
+    learner.save_local(str(tmp_path))
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in learner.get_weights().items())
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "tokenizer.json").is_file()

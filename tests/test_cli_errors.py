@@ -113,8 +113,10 @@ def test_real_process_prints_no_traceback(tmp_path):
 
 def test_resources_the_cluster_can_never_provide_fail_fast(ray_cluster, capsys, tmp_path):
     out = f"output_dir={tmp_path / 'out'}"
+    err = run_cli(["train", "learner.num_gpus=1", out], capsys)
+    assert "the actors need 1 GPU in total but the Ray cluster has 0" in err
     err = run_cli(["train", "learner.num_gpus=8", out], capsys)
-    assert "the actors need 8 GPU in total but the Ray cluster has 0" in err
+    assert "'learner.num_gpus': the learner trains on one device, so 8 GPUs would be reserved and sit idle" in err
     err = run_cli(["train", "rollout.resources_per_worker={tpu_pod: 1}", out], capsys)
     assert "the actors need 1 tpu_pod in total but the Ray cluster has 0" in err
 
@@ -157,9 +159,26 @@ def test_eval_data_with_dropped_samples_leaves_them_out_of_the_means(capsys, tmp
 
 def test_words_example_config_is_valid_and_its_inputs_load():
     from pipeline.config import load_config
-    from pipeline.trainer import load_inputs, with_builtin_defaults
+    from pipeline.inputs import load_inputs, with_builtin_defaults
 
     config = with_builtin_defaults(load_config(f"{__file__.rsplit('/', 2)[0]}/examples/words.yaml"))
     train_prompts, eval_prompts = load_inputs(config)
     assert config.task == "words" and config.model.path.endswith("assets/words/model")
     assert train_prompts.num_rows == 800 and eval_prompts.num_rows == 200 and "reference" in eval_prompts.column_names
+
+
+def test_a_run_config_that_would_run_code_needs_trust_run_config(capsys, tmp_path):
+    from pipeline.config import config_to_yaml, load_config
+
+    fns = f"{__file__.rsplit('/', 1)[0]}/reward_fns.py"
+    run = tmp_path / "run"
+    run.mkdir()
+    config = load_config(overrides=[f"reward.components.mine={{type: python, function: '{fns}:completion_length'}}", "reward.weights.mine=1",
+                                    "model.trust_remote_code=true"])
+    (run / "config.yaml").write_text(config_to_yaml(config))
+    for command in (["eval", str(run)], ["train", "--resume", str(run)]):
+        err = run_cli(command, capsys)
+        assert "config.yaml enables model.trust_remote_code, reward.components.mine (python function" in err
+        assert "pass --trust-run-config if you trust this run directory" in err
+    # trusted, it goes on (to the next check: this run has no checkpoint yet)
+    assert "is a run without a published checkpoint" in run_cli(["eval", str(run), "--trust-run-config"], capsys)

@@ -20,7 +20,9 @@ def test_shipped_cluster_files_pass(path, capsys):
     main(["validate-cluster", str(path)])
     out = capsys.readouterr().out
     assert "auth token private on every node: ok (~/.ray/auth_token)" in out and "keeps .venv and .git out: ok" in out
-    assert ("open ports: SSH only" if path.name == "cluster.yaml" else "provider local has no security group; firewall") in out
+    expected = ("open ports: SSH only; WARNING: SSH is open to the whole internet (0.0.0.0/0)" if path.name == "cluster.yaml"
+                else "open ports: NOT CHECKED: provider local has no security group")
+    assert expected in out
 
 
 def broken(tmp_path: Path, change) -> Path:
@@ -47,6 +49,7 @@ CASES = {
     "chmod of another file": (lambda c: c.update(setup_commands=["chmod 600 ~/.ray/auth_token.bak"]), "no head setup command makes it private"),
     "checkout shipped with its venv": (lambda c: c.pop("rsync_exclude"), "copies this checkout to ~/tokenforge with .venv and .git in it"),
     "checkout shipped with its git history": (lambda c: c.update(rsync_exclude=["/.venv/"]), "with .git in it"),
+    "every port and protocol": (lambda c: c["provider"]["security_group"]["IpPermissions"].append({"IpProtocol": "-1", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}), "has a rule with IpProtocol -1, which opens every port and protocol"),
     "dashboard port open": (lambda c: c["provider"]["security_group"]["IpPermissions"].append({"FromPort": 8265, "ToPort": 8265, "IpProtocol": "TCP"}), "opens ports 8265-8265; open SSH (22) only"),
 }
 
@@ -96,3 +99,12 @@ def test_nodes_set_up_by_node_type(path):
 def test_setup_node_refuses_an_unknown_build():
     result = subprocess.run(["bash", str(REPO / "scripts" / "setup_node.sh"), "gpu"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "usage: setup_node.sh cpu|cuda" in result.stderr
+
+
+def test_ssh_open_to_a_narrow_range_is_no_warning(tmp_path):
+    def narrow(config):
+        for rule in config["provider"]["security_group"]["IpPermissions"]:
+            rule["IpRanges"] = [{"CidrIp": "203.0.113.0/24"}]
+
+    lines = validate_cluster(broken(tmp_path, narrow))
+    assert "open ports: SSH only" in lines and not any("WARNING" in line for line in lines)

@@ -4,88 +4,27 @@ resources, then `ray job submit --working-dir .`. Stops everything it started (a
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from local_cluster import BIN, LocalCluster
 
 REPO = Path(__file__).parent.parent
-BIN = Path(sys.executable).parent
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def node_ports(first_worker_port: int) -> list[str]:
-    manager, objects, agent, agent_grpc, runtime_env, metrics = free_ports(6)
-    return [
-        f"--node-manager-port={manager}",
-        f"--object-manager-port={objects}",
-        f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={runtime_env}",
-        f"--metrics-export-port={metrics}",
-        f"--min-worker-port={first_worker_port}",
-        f"--max-worker-port={first_worker_port + 99}",
-    ]
-
-
-def processes_of(temp_dir: str) -> list[int]:
-    """PIDs whose command line mentions this cluster's temp dir (its GCS, raylets, agents, workers)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and temp_dir in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    temp_dir = tempfile.mkdtemp(prefix="tf-ray-", dir="/tmp")  # short: Ray's socket paths live below it
-    # The worker node's own temp dir, as on a separate machine: two nodes sharing one would share Ray's unpacked
-    # working_dir copies, and one node's agent replaces the copy a job driver on the other is running in.
-    worker_temp_dir = tempfile.mkdtemp(prefix="tf-ray-w-", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dashboard, client = free_ports(3)
-    head = [
-        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        "--num-cpus=2", '--resources={"head_node": 1}', f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        *node_ports(21000),
-    ]
-    worker = [
-        str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-        "--num-cpus=1", '--resources={"worker_node": 1}', f"--temp-dir={worker_temp_dir}", "--disable-usage-stats",
-        *node_ports(22000),
-    ]
+    nodes = LocalCluster()
     try:
-        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
-        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=180)
-        yield {"env": {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}, "dashboard": dashboard}
+        nodes.start_head(cpus=2, resources='{"head_node": 1}')
+        nodes.add_node(cpus=1, resources='{"worker_node": 1}')
+        yield {"env": {**nodes.env, "RAY_ADDRESS": f"http://127.0.0.1:{nodes.dashboard}"}, "dashboard": nodes.dashboard}
     finally:
-        for pid in processes_of(temp_dir) + processes_of(worker_temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        nodes.shutdown()
 
 
 def submit(cluster, *command: str, timeout: int = 600) -> str:
@@ -131,7 +70,7 @@ def test_train_job_places_actors_on_both_nodes_as_configured(cluster):
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4] and "eval/exact_match" in records[-1]
     placement = json.loads((out / "placement.json").read_text())
     (learner,), (rollout,), (reward,) = placement["learner"], placement["rollout"], placement["reward"]
-    assert rollout == reward != learner  # the worker node's resource vs the head's
+    assert rollout["node_id"] == reward["node_id"] != learner["node_id"]  # the worker node's resource vs the head's
 
 
 def test_resubmitted_train_job_writes_beside_the_first_run(cluster):

@@ -19,7 +19,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.models import build_sequences, load_model, response_logprobs
 from pipeline.prompts import encode_prompts
-from pipeline.trainer import with_builtin_defaults
+from pipeline.inputs import with_builtin_defaults
 
 CHAT = [{"role": "user", "content": "What is 12+30?"}]
 FNS = Path(__file__).parent / "reward_fns.py"
@@ -215,7 +215,7 @@ def test_lora_trains_adapters_only_and_publishes_merged_weights(chat_model, tmp_
     sampler.set_weights(merged, 2)
     assert max_logprob_gap(learner, sampler.generate(pa.table({"prompt": [CHAT], "group_id": [0]}), 4, step=3)) < 1e-4
 
-    learner.save(str(tmp_path / "ckpt"))
+    learner.save_local(str(tmp_path / "ckpt"))
     assert (tmp_path / "ckpt" / "adapter_model.safetensors").is_file() and not (tmp_path / "ckpt" / "model.safetensors").exists()
     resumed = Learner(config, str(tmp_path / "ckpt"), chat_model)
     assert resumed.load_state(str(tmp_path / "ckpt")) == 2

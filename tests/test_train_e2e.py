@@ -14,7 +14,9 @@ from pipeline.evaluate import evaluate_checkpoint
 from pipeline.models import BUILTIN_MODEL
 from pipeline.config import load_config
 from pipeline.errors import TokenforgeError
-from pipeline.trainer import Pipeline, train, with_builtin_defaults
+from pipeline.inputs import with_builtin_defaults
+from pipeline.placement import decide_learner_gpus
+from pipeline.trainer import Pipeline, train
 
 SMALL = ["trainer.eval_every=10", "trainer.save_every=10", "data.max_eval_samples=200"]
 
@@ -48,10 +50,12 @@ def test_short_run_writes_everything_and_reward_rises(short_run):
     assert load_config(short_run / "config.yaml").model.path.endswith("assets/addition/model")
 
 
-def test_checkpoints_are_hf_models_with_trainer_state(short_run):
+def test_checkpoints_are_published_hf_models_with_trainer_state_and_old_ones_pruned(short_run):
     steps = sorted(p.name for p in (short_run / "checkpoints").iterdir())
-    assert steps == ["step_10", "step_20", "step_30", "step_40"]
+    assert steps == ["step_20", "step_30", "step_40"]  # trainer.keep_checkpoints: the newest 3
     last = short_run / "checkpoints" / "step_40"
+    manifest = json.loads((last / "MANIFEST.json").read_text())
+    assert manifest["step"] == 40 and set(manifest["files"]) == {p.name for p in last.iterdir()} - {"MANIFEST.json"}
     model = AutoModelForCausalLM.from_pretrained(last)
     assert torch.equal(model.state_dict()["lm_head.weight"], load_file(last / "model.safetensors")["transformer.wte.weight"])
     state = json.loads((last / "trainer_state.json").read_text())
@@ -72,7 +76,7 @@ def test_rerun_into_a_used_output_dir_is_refused(short_run, capsys):
     assert "already holds a run; resume it with --resume" in capsys.readouterr().err
 
 
-def test_resume_continues_exactly_where_it_stopped(ray_cluster, tmp_path):
+def test_resume_continues_exactly_where_it_stopped(ray_cluster, tmp_path, capsys):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     common = [*SMALL, "trainer.prompts_per_step=16", "trainer.save_every=3", "trainer.eval_every=3"]
     train(load_config(overrides=[*common, "trainer.total_steps=6", f"output_dir={straight}"]))
@@ -86,6 +90,10 @@ def test_resume_continues_exactly_where_it_stopped(ray_cluster, tmp_path):
         assert a["loss/policy"] == pytest.approx(b["loss/policy"], rel=1e-4, abs=1e-6)
     assert resumed[-1]["learner/policy_version"] == 6.0
     assert resumed[-1]["time/elapsed_s"] >= resumed[3]["time/elapsed_s"]
+    before = (interrupted / "config.yaml").stat().st_mtime_ns
+    main(["train", "--resume", str(interrupted)])  # a finished run: says so, starts nothing, rewrites nothing
+    assert f"{interrupted} is complete (step 6 of 6)" in capsys.readouterr().out
+    assert (interrupted / "config.yaml").stat().st_mtime_ns == before
     final = [load_file(run / "checkpoints" / "step_6" / "model.safetensors") for run in (straight, interrupted)]
     assert all(torch.allclose(final[0][k], final[1][k], atol=1e-5) for k in final[0])
 
@@ -98,7 +106,7 @@ def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster
     from pipeline.data import PromptSampler, load_prompts
 
     config = with_builtin_defaults(load_config(overrides=["rollout.num_workers=2", "rollout.num_cpus_per_worker=0.25", "learner.num_cpus=0.25", "reward.num_cpus_per_worker=0.25"]))
-    with Pipeline(config, builtin_model_path, run_id="two-workers") as pipeline:
+    with Pipeline(decide_learner_gpus(config), run_id="two-workers") as pipeline:
         prompts = PromptSampler(load_prompts(config.data.train_file, "train"), 10, seed=0).next_batch(first_group_id=0)
         rollouts = pipeline.generate(prompts, step=1)
         assert rollouts.num_rows == 10 * config.rollout.group_size
@@ -143,4 +151,4 @@ def test_train_joins_a_running_cluster_by_ray_address(ray_cluster, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     placement = json.loads((out / "placement.json").read_text())
-    assert placement["learner"] == [ray_cluster.get_runtime_context().get_node_id()]  # the session's (only) node
+    assert placement["learner"][0]["node_id"] == ray_cluster.get_runtime_context().get_node_id()  # the session's (only) node

@@ -82,12 +82,14 @@ def metrics(trial: Path) -> list[dict]:
 
 
 def test_smoke_spec_end_to_end(ray_cluster, tmp_path):
-    experiment = run_experiment(str(SMOKE), [f"tune.storage_path={tmp_path}"])
+    experiment = Path(run_experiment(str(SMOKE), [f"tune.storage_path={tmp_path}"]))
     rows = (experiment / "trials.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("trial,reward.weights.digit_match,eval/exact_match")
     assert all(row.endswith(",12,TERMINATED") for row in rows[1:])
     for trial in trial_dirs(experiment):
-        assert list(trial.glob("checkpoint_*/model.safetensors")), trial  # Tune kept the reported checkpoints
+        pointers = [json.loads(p.read_text()) for p in trial.glob("checkpoint_*/checkpoint.json")]  # Tune's checkpoints
+        assert pointers and all(p["run_uri"] == str(trial / "run") for p in pointers), trial  # point at the run's own
+        assert all((trial / "run" / p["checkpoint"] / "MANIFEST.json").is_file() for p in pointers)
         assert [r["step"] for r in metrics(trial) if "eval/exact_match" in r] == [0, 4, 8, 12]
     assert (experiment / "objective.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     best = load_config(experiment / "best_config.yaml", [f"output_dir={tmp_path / 'best'}", "trainer.total_steps=2"])
@@ -97,10 +99,10 @@ def test_smoke_spec_end_to_end(ray_cluster, tmp_path):
 
 
 def checkpoint_hashes(trial: Path) -> dict[int, str]:
-    """step -> sha256 of the weights of each checkpoint Tune kept for `trial`."""
+    """step -> sha256 of the weights of each published checkpoint of the trial's run."""
     return {
         json.loads((c / "trainer_state.json").read_text())["step"]: hashlib.sha256((c / "model.safetensors").read_bytes()).hexdigest()
-        for c in trial.glob("checkpoint_*")
+        for c in (trial / "run" / "checkpoints").glob("step_*") if (c / "MANIFEST.json").is_file()
     }
 
 
@@ -113,15 +115,15 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint_with_mutated_params(ray
                        "synch": True}},  # perturb once both trials reported: no race with a late-starting trial
         base={"learner.lr_schedule": "constant", "learner.warmup_steps": 0},
     )
-    experiment = run_experiment(str(spec))
+    experiment = Path(run_experiment(str(spec)))
     restores = [(trial, json.loads(line)) for trial in trial_dirs(experiment) if (trial / RESTORES_FILE).exists()
                 for line in (trial / RESTORES_FILE).read_text().splitlines()]
     for trial, restore in restores:  # synchronous PBT also pauses trials and resumes them from their own checkpoint
-        source = Path(restore["source"])  # the checkpoint Tune handed over: its step and its very weights were restored
-        assert restore["step"] > 0 and source.parent.parent == experiment
+        source = Path(restore["source"])  # the checkpoint Tune pointed at: its step and its very weights were restored
+        assert restore["step"] > 0 and source.parents[2].parent == experiment  # <experiment>/<trial>/run/checkpoints/step_N
         assert json.loads((source / "trainer_state.json").read_text())["step"] == restore["step"]
         assert hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest() == restore["model_sha256"]
-    exploits = [(trial, r) for trial, r in restores if Path(r["source"]).parent != trial]
+    exploits = [(trial, r) for trial, r in restores if Path(r["source"]).parents[2] != trial]
     assert exploits, "PBT never exploited"
     for trial, restore in exploits:  # another trial's (the donor's) weights, not its own at that step
         assert restore["model_sha256"] != checkpoint_hashes(trial).get(restore["step"])
@@ -144,7 +146,7 @@ def test_a_crashing_trial_is_retried_from_its_last_checkpoint(ray_cluster, tmp_p
         base={"reward.components.flaky": {"type": "python", "function": f"{fns}:fail_on_sixth_call"}, "reward.weights.flaky": 0.1,
               "data.train_file": str(train_file), "data.eval_file": str(Path(builtin_model_path).parent / "eval.jsonl")},
     )
-    experiment = run_experiment(str(spec))
+    experiment = Path(run_experiment(str(spec)))
     # steps 1-5, the sixth call failing at step 6, its 32 samples rescored one by one (all pass alone, so the
     # step fails), then steps 5-8 again from the step-4 checkpoint: 5 + 1 + 32 + 4
     assert (tmp_path / "calls").read_text() == "42"
@@ -163,7 +165,8 @@ def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path):
     experiment = tmp_path / "results" / "interrupted"
     try:
         deadline = time.time() + 240
-        while not list(experiment.glob("*/checkpoint_*/trainer_state.json")) and time.time() < deadline:
+        # a trial's second Tune checkpoint: Tune has surely registered its first by then
+        while not list(experiment.glob("*/checkpoint_000001/checkpoint.json")) and time.time() < deadline:
             time.sleep(1)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0  # Tune stops gracefully on Ctrl-C and the command says where to resume
@@ -173,12 +176,13 @@ def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path):
             process.wait()
     first = {trial: max(r["step"] for r in metrics(trial)) for trial in trial_dirs(experiment)}
     assert first and min(first.values()) < 24, first
-    checkpointed = {trial: checkpoint_hashes(trial) for trial in first}
-    assert any(checkpointed.values())
+    registered = {trial: sorted(trial.glob("checkpoint_*/checkpoint.json")) for trial in first}
+    assert any(len(pointers) >= 2 for pointers in registered.values())
     resume_experiment(str(experiment))
     for trial, stopped_at in first.items():
         assert [r["step"] for r in metrics(trial)] == list(range(25))  # every step exactly once
-        if checkpointed[trial] and stopped_at < 24:  # it continued from its checkpoint instead of starting over
+        if len(registered[trial]) >= 2 and stopped_at < 24:  # it continued from a checkpoint instead of starting over
+            earliest = int(json.loads(registered[trial][0].read_text())["checkpoint"].rsplit("_", 1)[1])
             restores = [json.loads(line)["step"] for line in (trial / RESTORES_FILE).read_text().splitlines()]
-            assert restores and restores[-1] in checkpointed[trial]  # one of its checkpoints (Tune's last registered)
+            assert restores and restores[-1] >= earliest
     assert all(r.endswith(",24,TERMINATED") for r in (experiment / "trials.csv").read_text().splitlines()[1:])

@@ -7,6 +7,7 @@ package, without it. They carry the `search` mark and are left out of the README
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from test_tune import metrics, trial_dirs, write_spec
@@ -36,7 +37,7 @@ def test_each_search_algorithm_proposes_trials_in_the_space(ray_cluster, tmp_pat
     spec = write_spec(tmp_path, {"reward.weights.digit_match": {"strategy": "uniform", "values": [0.1, 0.9]}},
                       {"name": search_alg, "search_alg": search_alg, "num_samples": 2, "max_concurrent_trials": 2},
                       base={"trainer.total_steps": 4})
-    rows = finished(run_experiment(str(spec)))
+    rows = finished(Path(run_experiment(str(spec))))
     weights = [float(row[1]) for row in rows]
     assert len(rows) == 2 and all(0.1 <= w <= 0.9 for w in weights) and weights[0] != weights[1]
 
@@ -47,7 +48,7 @@ def test_asha_stops_the_worse_trial_early(ray_cluster, tmp_path):
     spec = write_spec(tmp_path, {"learner.lr": {"strategy": "grid", "values": [5e-4, 0.5]}},
                       {"name": "asha", "max_concurrent_trials": 1, "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2}},
                       base={"trainer.total_steps": 12, "trainer.eval_every": 2, "learner.warmup_steps": 0})
-    experiment = run_experiment(str(spec))
+    experiment = Path(run_experiment(str(spec)))
     finished(experiment)
     last = {json.loads((trial / "params.json").read_text())["learner.lr"]: max(r["step"] for r in metrics(trial))
             for trial in trial_dirs(experiment)}
@@ -61,7 +62,7 @@ def test_pb2_explores_the_bounded_space_from_checkpoints(ray_cluster, tmp_path):
                       {"name": "pb2", "num_samples": 2, "max_concurrent_trials": 2,
                        "scheduler": {"name": "pb2", "perturbation_interval": 2, "quantile_fraction": 0.5, "synch": True}},
                       base={"trainer.total_steps": 8, "learner.lr_schedule": "constant", "learner.warmup_steps": 0})
-    experiment = run_experiment(str(spec))
+    experiment = Path(run_experiment(str(spec)))
     finished(experiment)
     restores = [json.loads(line) for trial in trial_dirs(experiment) if (trial / RESTORES_FILE).exists()
                 for line in (trial / RESTORES_FILE).read_text().splitlines()]

@@ -1,0 +1,66 @@
+"""A run's inputs: the built-in task's defaults and the prompt datasets, checked before Ray starts
+against the reward components, the chat template and the model's context length."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipeline.batch import DATASET_PROMPT
+from pipeline.config import TrainConfig
+from pipeline.data import load_prompts
+from pipeline.errors import TokenforgeError
+from pipeline.models import builtin_paths, context_length, load_tokenizer
+from pipeline.prompts import encode_prompts, set_chat_template
+from pipeline.reward_components import COMPONENTS
+
+
+def with_builtin_defaults(config: TrainConfig) -> TrainConfig:
+    """Fill null model/data paths with the built-in task's (the resolved config names them). An `auto`
+    eval file is the built-in eval set only when the training prompts are the built-in ones too."""
+    config = config.model_copy(deep=True)
+    model, train, evaluation = builtin_paths(config.task)
+    if config.data.eval_file == "auto":
+        config.data.eval_file = str(evaluation) if config.data.evaluates else None
+    config.model.path = config.model.path or str(model)
+    config.data.train_file = config.data.train_file or str(train)
+    return config
+
+
+def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
+    """Train and eval prompts (None: data.eval_file is null), checked against the reward components,
+    the chat template and the context length."""
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    set_chat_template(tokenizer, config.model.chat_template)
+    limit = context_length(config.model.path, config.model.trust_remote_code)
+    needed = set()
+    for name, spec in config.reward.components.items():
+        needed.update(COMPONENTS[spec.type].required_columns(config.component_options(name)))
+    data = config.data
+    tables = []
+    for key, source, split in [("data.train_file", data.train_file, data.train_split), ("data.eval_file", data.eval_file, data.eval_split)]:
+        if source is None:
+            tables.append(None)
+            continue
+        table = load_prompts(source, key, split)
+        missing = sorted(needed - set(table.column_names))
+        if missing:
+            raise TokenforgeError(
+                f"{key}: the reward components need fields {missing}, missing from the file (set the component's `column` option to use another field)"
+            )
+        try:
+            _, ids = encode_prompts(tokenizer, table.column(DATASET_PROMPT).to_pylist(), data.add_special_tokens)
+        except TokenforgeError as error:
+            raise TokenforgeError(f"{key}: {error}") from None
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        if len(ids[longest]) + config.rollout.max_new_tokens > limit:
+            raise TokenforgeError(
+                f"{key}: prompt {longest} has {len(ids[longest])} tokens; with rollout.max_new_tokens="
+                f"{config.rollout.max_new_tokens} it exceeds the model context of {limit} tokens"
+            )
+        tables.append(table)
+    train_table, eval_table = tables
+    if eval_table is not None:
+        if data.max_eval_samples:
+            eval_table = eval_table.slice(0, data.max_eval_samples)
+        eval_table = eval_table.append_column("group_id", pa.array(range(eval_table.num_rows), pa.int64()))
+    return train_table, eval_table

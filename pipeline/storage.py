@@ -1,0 +1,257 @@
+"""Every artifact of a run goes through this one storage layer (`pyarrow.fs`), written by the process
+that holds the data: the learner uploads its own weights and optimizer state, the driver its
+trainer state, metrics and config. A run lives under one `storage.uri`: a local path (the default:
+`output_dir`) or any `pyarrow.fs` URI (`s3://bucket/prefix`, `gs://...`, `file:///mnt/shared/...`),
+so no process ever relies on another node's local disk.
+
+Durability rules (DESIGN.md "publish last"):
+- a file is written whole or not at all: local files go to a temporary name, are fsynced and renamed;
+  an object-store PUT is atomic by itself;
+- a checkpoint exists only once its MANIFEST.json (every file with size and sha256) is written, last;
+  a checkpoint directory without a valid manifest is never loaded and is cleaned up on resume;
+- appends (metrics.jsonl) are fsynced on local storage; an object store has no append, so the
+  whole object is rewritten.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from pipeline.errors import TokenforgeError
+
+MANIFEST = "MANIFEST.json"
+CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+@contextmanager
+def storage_errors(uri: str) -> Iterator[None]:
+    """A full disk, a missing permission or an unreachable bucket as one line naming the URI."""
+    try:
+        yield
+    except OSError as error:
+        reason = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
+                  errno.EROFS: "read-only file system"}.get(error.errno, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        raise TokenforgeError(f"storage {uri!r}: {reason} (storage.uri / output_dir)") from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Storage:
+    """A run's directory: `uri` (local path or pyarrow.fs URI); paths below it are relative, '/'-separated."""
+
+    uri: str
+
+    def __post_init__(self) -> None:
+        uri = self.uri if is_uri(self.uri) else str(Path(self.uri).expanduser().resolve())
+        with storage_errors(self.uri):
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def child(self, relative: str) -> Storage:
+        """The storage of a directory below this one (a URI keeps its ?options)."""
+        base, sep, options = self.uri.partition("?")
+        return Storage(f"{base.rstrip('/')}/{relative}{sep}{options}")
+
+    def path(self, relative: str = "") -> str:
+        return f"{self.root.rstrip('/')}/{relative}" if relative else self.root
+
+    def display(self, relative: str = "") -> str:
+        """The URI of a file or directory of the run, for messages (without a URI's ?options)."""
+        base = self.uri.split("?", 1)[0].rstrip("/")
+        return f"{base}/{relative}" if relative else base
+
+    def exists(self, relative: str) -> bool:
+        with storage_errors(self.display(relative)):
+            return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, relative: str) -> bytes:
+        with storage_errors(self.display(relative)), self.fs.open_input_stream(self.path(relative)) as f:
+            return f.read()
+
+    def read_text(self, relative: str) -> str:
+        return self.read_bytes(relative).decode()
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Atomically replace `relative` with `data` (readers see the old or the new file, never a part)."""
+        target = self.path(relative)
+        with storage_errors(self.display(relative)):
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            if not self.local:
+                with self.fs.open_output_stream(target) as f:
+                    f.write(data)
+                return
+            temporary = f"{target}.tmp-{os.getpid()}"
+            with open(temporary, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, target)
+            fsync_dir(os.path.dirname(target))
+
+    def write_text(self, relative: str, text: str) -> None:
+        self.write_bytes(relative, text.encode())
+
+    def append_text(self, relative: str, text: str) -> None:
+        """Append `text` durably (fsynced locally; an object store rewrites the whole object)."""
+        if not self.local:
+            old = self.read_bytes(relative) if self.exists(relative) else b""
+            self.write_bytes(relative, old + text.encode())
+            return
+        target = self.path(relative)
+        with storage_errors(self.display(relative)):
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            with open(target, "a") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def missing_files(self, directory: str, files: dict[str, dict]) -> list[str]:
+        """The names in `files` ({name: {size, ...}}) that `directory` lacks or holds with another size."""
+        with storage_errors(self.display(directory)):
+            infos = self.fs.get_file_info([self.path(f"{directory}/{name}") for name in files])
+        return [
+            name for name, info in zip(files, infos) if info.type != pafs.FileType.File or info.size != files[name]["size"]
+        ]
+
+    def list_dir(self, relative: str) -> list[str]:
+        """Names directly under `relative` ([] if it does not exist)."""
+        if not self.exists(relative):
+            return []
+        with storage_errors(self.display(relative)):
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path(relative)))
+        return sorted(info.base_name for info in infos)
+
+    def delete_dir(self, relative: str) -> None:
+        with storage_errors(self.display(relative)):
+            if self.exists(relative):
+                self.fs.delete_dir(self.path(relative))
+
+    def upload_dir(self, local: str | Path, relative: str) -> dict[str, dict]:
+        """Copy every file of the local directory `local` to `relative`/; returns {name: {size, sha256}}."""
+        files = {}
+        for file in sorted(Path(local).iterdir()):
+            if file.is_file():
+                self.write_bytes(f"{relative}/{file.name}", file.read_bytes())
+                files[file.name] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
+        return files
+
+    def download_dir(self, relative: str, local: str | Path, manifest: dict | None = None) -> Path:
+        """Copy the files under `relative`/ to the local directory `local`, checking them against `manifest`."""
+        local = Path(local)
+        local.mkdir(parents=True, exist_ok=True)
+        names = manifest["files"] if manifest else [n for n in self.list_dir(relative) if n != MANIFEST]
+        for name in names:
+            (local / name).write_bytes(self.read_bytes(f"{relative}/{name}"))
+            if manifest and sha256_file(local / name) != manifest["files"][name]["sha256"]:
+                raise TokenforgeError(f"checkpoint {self.display(relative)!r}: {name} does not match its manifest (sha256)")
+        return local
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dir(step: int) -> str:
+    return f"{CHECKPOINTS}/step_{step}"
+
+
+def publish_checkpoint(storage: Storage, step: int, files: dict[str, dict]) -> str:
+    """Write the manifest of step_N last, once every file is there: from now on the checkpoint exists.
+    Returns its directory."""
+    directory = checkpoint_dir(step)
+    missing = storage.missing_files(directory, files)
+    if missing:  # written by another process (the learner) to storage this process does not see
+        raise TokenforgeError(
+            f"checkpoint {storage.display(directory)!r}: {', '.join(missing)}, written by the learner, is not visible "
+            f"from the driver: {storage.display()!r} is a disk local to each node; set storage.uri to storage every "
+            "node shares (s3://..., gs://..., a path on a shared mount)"
+        )
+    storage.write_text(f"{directory}/{MANIFEST}", json.dumps({"step": step, "files": files}, indent=1))
+    return directory
+
+
+def read_manifest(storage: Storage, directory: str) -> dict | None:
+    """The checkpoint's manifest if it is complete: present, parseable, and every file there with its size."""
+    try:
+        manifest = json.loads(storage.read_text(f"{directory}/{MANIFEST}"))
+        complete = not storage.missing_files(directory, manifest["files"])
+    except (TokenforgeError, ValueError, KeyError, TypeError):
+        return None
+    return manifest if complete else None
+
+
+def checkpoint_steps(storage: Storage) -> list[int]:
+    """Steps of every step_N directory, published or not, ascending."""
+    return sorted(int(m.group(1)) for name in storage.list_dir(CHECKPOINTS) if (m := STEP_DIR.match(name)))
+
+
+def published_steps(storage: Storage) -> list[int]:
+    """Steps of the published checkpoints, ascending."""
+    return [s for s in checkpoint_steps(storage) if read_manifest(storage, checkpoint_dir(s)) is not None]
+
+
+def latest_checkpoint(storage: Storage) -> tuple[str, dict] | None:
+    """(directory, manifest) of the newest published checkpoint, or None."""
+    for step in reversed(checkpoint_steps(storage)):
+        manifest = read_manifest(storage, checkpoint_dir(step))
+        if manifest is not None:
+            return checkpoint_dir(step), manifest
+    return None
+
+
+def remove_unpublished(storage: Storage) -> list[int]:
+    """Delete every step_N directory without a valid manifest (a save cut short); returns their steps."""
+    removed = [s for s in checkpoint_steps(storage) if read_manifest(storage, checkpoint_dir(s)) is None]
+    for step in removed:
+        storage.delete_dir(checkpoint_dir(step))
+    return removed
+
+
+def prune_checkpoints(storage: Storage, keep: int, protected: set[int] = frozenset()) -> list[int]:
+    """Delete all but the newest `keep` published checkpoints (and those in `protected`, e.g. the best).
+    The manifest goes first, so a prune cut short leaves an unpublished directory, never a broken checkpoint."""
+    published = published_steps(storage)
+    doomed = [s for s in published[: max(0, len(published) - keep)] if s not in protected]
+    for step in doomed:
+        storage.fs.delete_file(storage.path(f"{checkpoint_dir(step)}/{MANIFEST}"))
+        storage.delete_dir(checkpoint_dir(step))
+    return doomed
+
+
+@contextmanager
+def local_copy(storage: Storage, directory: str, manifest: dict) -> Iterator[Path]:
+    """A checkpoint's files in a local temporary directory (verified against the manifest), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="tokenforge-ckpt-") as scratch:
+        yield storage.download_dir(directory, scratch, manifest)

@@ -1,0 +1,154 @@
+"""Faults caused for real on a real local Ray: SIGKILL of a rollout worker, a reward worker, the learner
+and the driver; a full and a read-only disk under the run directory. Each run must finish (or stop
+with one line) with every planned step exactly once and nothing half-written ever loaded."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import load_config
+from pipeline.trainer import train
+
+REPO = Path(__file__).parent.parent
+TINY = [  # a short run that checkpoints often
+    "trainer.total_steps=8", "trainer.eval_every=4", "trainer.save_every=2", "trainer.prompts_per_step=8",
+    "rollout.group_size=4", "data.max_eval_samples=20", "trainer.keep_checkpoints=null",
+]
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / "step_8" / "model.safetensors")
+
+
+def kill_when(out: Path, role: str, at_step: int) -> threading.Thread:
+    """A thread that SIGKILLs the process of this run's `role` actor once metrics.jsonl reaches `at_step`."""
+
+    before = set(ray.util.list_named_actors())  # actors of earlier runs still being torn down
+
+    def run() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if (out / "metrics.jsonl").exists() and any(r["step"] >= at_step for r in records(out)):
+                break
+            time.sleep(0.2)
+        (name,) = [n for n in set(ray.util.list_named_actors()) - before if n.endswith(f"-{role}-0")]
+        pid = ray.get(ray.get_actor(name).__ray_call__.remote(lambda _: os.getpid()))
+        os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture(scope="module")
+def straight(ray_cluster, tmp_path_factory) -> Path:
+    """The same run without faults: every faulted run must end with exactly its weights."""
+    out = tmp_path_factory.mktemp("straight")
+    train(load_config(overrides=[*TINY, f"output_dir={out}"]))
+    return out
+
+
+@pytest.mark.parametrize("role", ["rollout", "reward"])
+def test_a_killed_worker_is_restarted_and_the_step_completes_with_every_sample(straight, tmp_path, role):
+    out = tmp_path / "run"
+    killer = kill_when(out, role, at_step=3)
+    train(load_config(overrides=[*TINY, f"output_dir={out}"]))
+    killer.join(timeout=5)
+    lines = records(out)
+    assert [r["step"] for r in lines] == list(range(9))
+    assert all(r["rollout/samples"] == 32 for r in lines[1:])  # 8 prompts x 4 samples, every step
+    faults = sum(r.get("fault/rollout_restarts", 0) + r.get("reward/worker_deaths", 0) + r.get("reward/resubmits", 0) for r in lines)
+    assert faults >= 1
+    torch.testing.assert_close(final_weights(out), final_weights(straight), rtol=0, atol=1e-6)  # nothing lost or doubled
+
+
+def test_a_killed_learner_restarts_the_pipeline_from_the_last_checkpoint(straight, tmp_path, capsys):
+    out = tmp_path / "run"
+    killer = kill_when(out, "learner", at_step=5)
+    train(load_config(overrides=[*TINY, f"output_dir={out}"]))
+    killer.join(timeout=5)
+    assert "failure 1 of at most 3" in capsys.readouterr().out
+    assert [r["step"] for r in records(out)] == list(range(9))  # steps after step 4's checkpoint redone, once
+    torch.testing.assert_close(final_weights(out), final_weights(straight), rtol=0, atol=1e-6)
+
+
+def driver(out: Path, address: str, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "pipeline.cli", "train", *extra]
+    if not extra or extra[0] != "--resume":
+        command += [*TINY, f"output_dir={out}"]
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def unpublished(out: Path) -> set[str]:
+    root = out / "checkpoints"
+    return {p.name for p in root.glob("step_*") if not (p / "MANIFEST.json").exists()} if root.is_dir() else set()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_driver_sigkilled_at_random_moments_resumes_exactly(straight, ray_cluster, tmp_path, seed):
+    """SIGKILL the driver at a random moment, resume, SIGKILL it again inside a checkpoint's publication (a
+    checkpoint directory without its manifest yet), resume to the end: every step exactly once, the straight
+    run's weights, and the checkpoint that was cut short never loaded (and deleted)."""
+    rng = random.Random(seed)
+    out, address = tmp_path / "run", ray_cluster.get_runtime_context().gcs_address
+    process, logs, cut_short = driver(out, address), [], set()
+    for kill in range(2):  # once at a random moment, then once inside publication
+        if kill == 1:  # wait for a save in progress, then kill it there
+            deadline = time.time() + 60
+            while not unpublished(out) and process.poll() is None and time.time() < deadline:
+                time.sleep(0.005)
+            cut_short = unpublished(out)
+        else:  # a random moment once the run has begun (before config.yaml there is nothing to resume)
+            while not (out / "metrics.jsonl").exists() and process.poll() is None:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0, 4))
+        if process.poll() is not None:
+            break
+        process.send_signal(signal.SIGKILL)
+        logs.append(process.communicate()[0])
+        process = driver(out, address, "--resume", str(out))
+    log = process.communicate(timeout=300)[0]
+    logs.append(log)
+    assert len(logs) >= 3 and cut_short, "the driver was not killed inside a checkpoint's publication"
+    resumed = re.search(r"resuming .* from (checkpoints/step_\d+|step 0)", logs[2])  # the start after that kill
+    assert resumed and resumed.group(1).split("/")[-1] not in cut_short  # never the checkpoint cut short
+    assert process.returncode == 0, log[-3000:]
+    assert [r["step"] for r in records(out)] == list(range(9))
+    torch.testing.assert_close(final_weights(out), final_weights(straight), rtol=0, atol=1e-6)
+    assert not unpublished(out)  # the resume deleted what a kill cut short
+
+
+def test_a_full_or_read_only_disk_is_one_line_naming_the_run(tmp_path):
+    """A 200 KiB tmpfs (the first checkpoint does not fit) and a read-only one, each mounted over the run
+    directory in a private mount namespace of the driver's process."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs mount namespaces (unshare --mount) to mount a small tmpfs")
+    for options, reason in (("size=200k", "no space left"), ("ro", "read-only file system")):
+        out = tmp_path / options.replace("=", "")
+        out.mkdir()
+        script = (f"mount -t tmpfs -o {options} tmpfs {out} && exec {sys.executable} -m pipeline.cli train "
+                  f"output_dir={out} {' '.join(TINY)} ray.num_cpus=2")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
+        result = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+                                capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+        assert result.returncode == 2, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("tokenforge: error: ") and f"storage '{out}/" in last and reason in last, result.stderr[-2000:]

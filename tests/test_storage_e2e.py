@@ -1,0 +1,200 @@
+"""A run's artifacts in one storage URI, on a real S3-compatible server (moto's server mode on 127.0.0.1,
+as Ray's own storage tests use) and across nodes that do not share a disk: a two-node local cluster
+whose worker node sees the driver's run directory as an empty tmpfs of its own (a private mount
+namespace), so any process reading another node's local files fails the test, as across machines.
+Also node loss and placement on an advertised (fake) GPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from local_cluster import LocalCluster, can_mask, free_ports
+from test_tune import write_spec
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.storage import Storage, latest_checkpoint
+from pipeline.trainer import train
+from pipeline.tune import resume as resume_experiment
+
+REPO = Path(__file__).parent.parent
+TINY = ["trainer.total_steps=6", "trainer.eval_every=3", "trainer.save_every=3", "trainer.prompts_per_step=8",
+        "rollout.group_size=4", "data.max_eval_samples=20"]
+SMALL_ACTORS = ["learner.num_cpus=0.25", "rollout.num_cpus_per_worker=0.25", "reward.num_cpus_per_worker=0.25"]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 with one bucket; yields a function naming a fresh prefix's URI."""
+    from moto.server import ThreadedMotoServer
+
+    (port,) = free_ports(1)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True).create_dir("runs")
+    names = iter(range(1000))
+    yield lambda: f"s3://runs/test-{next(names)}?{options}"
+    server.stop()
+
+
+def steps_of(storage: Storage) -> list[int]:
+    return [json.loads(line)["step"] for line in storage.read_text("metrics.jsonl").splitlines()]
+
+
+def test_train_resume_and_eval_with_every_artifact_on_s3(ray_cluster, s3, tmp_path, capsys):
+    uri = s3()
+    train(load_config(overrides=[*TINY, f"storage.uri={uri}", f"output_dir={tmp_path / 'unused'}"]))
+    run = Storage(uri)
+    assert steps_of(run) == list(range(7)) and run.exists("config.yaml") and run.exists("placement.json")
+    assert run.list_dir("checkpoints") == ["step_3", "step_6"] and run.list_dir("tensorboard")
+    directory, manifest = latest_checkpoint(run)
+    assert directory == "checkpoints/step_6" and {"model.safetensors", "learner_state.pt", "trainer_state.json"} <= set(manifest["files"])
+    assert not (tmp_path / "unused").exists()  # nothing on the local disk
+    main(["train", "--resume", uri, "trainer.total_steps=9"])
+    assert steps_of(run) == list(range(10))
+    capsys.readouterr()
+    main(["eval", uri, "data.max_eval_samples=20"])  # a run at a URI: its newest checkpoint
+    result = json.loads(capsys.readouterr().out)
+    assert result["checkpoint"].endswith("checkpoints/step_9") and result["eval_samples"] == 20
+
+
+def test_tune_on_s3_with_a_retried_trial_and_a_resume_from_the_uri(ray_cluster, s3, tmp_path, builtin_model_path):
+    """Two trials write everything to S3; one trial's reward fails once (its trial restarts from its
+    checkpoint); the experiment is interrupted (SIGINT) and resumed with `tune --resume s3://...`."""
+    fns = Path(__file__).parent / "reward_fns.py"
+    train_file = tmp_path / "train.jsonl"
+    rows = [json.loads(line) for line in (Path(builtin_model_path).parent / "train.jsonl").read_text().splitlines()[:200]]
+    train_file.write_text("".join(json.dumps({**r, "marker_dir": str(tmp_path)}) + "\n" for r in rows))
+    uri = s3()
+    root, _, options = uri.partition("?")
+    spec = write_spec(
+        tmp_path, {"reward.weights.digit_match": {"strategy": "grid", "values": [0.0, 0.5]}},
+        {"name": "s3tune", "max_failures": 1, "max_concurrent_trials": 2},
+        base={"trainer.total_steps": 12, "reward.components.flaky": {"type": "python", "function": f"{fns}:fail_on_sixth_call"},
+              "reward.weights.flaky": 0.1, "data.train_file": str(train_file), "data.eval_file": str(Path(builtin_model_path).parent / "eval.jsonl")},
+    )
+    spec.write_text(spec.read_text().replace(str(tmp_path / "results"), f"{root}?{options}"))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tune", str(spec)], env=env, cwd=REPO)
+    experiment = Storage(f"{root}/s3tune?{options}")
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not any(
+            latest_checkpoint(experiment.child(f"{t}/run")) for t in experiment.list_dir("") if t.startswith("run_trial")
+        ):
+            time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    resume_experiment(experiment.uri)
+    trials = [t for t in experiment.list_dir("") if t.startswith("run_trial")]
+    assert len(trials) == 2
+    for trial in trials:
+        assert steps_of(experiment.child(f"{trial}/run")) == list(range(13))
+    rows = experiment.read_text("trials.csv").splitlines()[1:]
+    assert len(rows) == 2 and all(r.endswith(",12,TERMINATED") for r in rows)
+    restores = [json.loads(line) for t in trials if experiment.exists(f"{t}/restores.jsonl")
+                for line in experiment.read_text(f"{t}/restores.jsonl").splitlines()]
+    assert restores and all(r["source"].startswith(root) for r in restores)  # restored from S3
+    assert int((tmp_path / "calls").read_text()) > 6  # the flaky reward did fail once
+
+
+@pytest.fixture
+def masked_cluster(tmp_path, s3):
+    """Head (the driver's node) + a worker node that sees `tmp_path` as its own empty disk; the learner
+    must run on the worker node (its resource), the rollout and reward workers on the head."""
+    if not can_mask():
+        pytest.skip("needs mount namespaces (unshare --mount) to give a node its own disk")
+    nodes = LocalCluster({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+    try:
+        nodes.start_head(cpus=2, resources='{"head_node": 1}')
+        nodes.add_node(cpus=1, resources='{"learner_node": 1}', masked=tmp_path)
+        yield nodes
+    finally:
+        nodes.shutdown()
+
+
+def driver(nodes: LocalCluster, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {**nodes.env, "RAY_ADDRESS": nodes.gcs, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *TINY, *SMALL_ACTORS, *args],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_nodes_without_a_shared_disk_need_storage_uri(masked_cluster, tmp_path, s3):
+    """A local output_dir is on the driver's disk only: the learner's checkpoint files, written on its own
+    node, are not there, and the run stops at the first checkpoint saying so. With storage.uri on S3
+    (reachable from every node) the same run completes, and nothing is written to the local disk."""
+    pinned = ["learner.resources={learner_node: 1}", "rollout.resources_per_worker={head_node: 0.1}",
+              "reward.resources_per_worker={head_node: 0.1}"]
+    local = driver(masked_cluster, f"output_dir={tmp_path / 'local'}", *pinned)
+    assert local.returncode == 2, local.stderr[-2000:]
+    assert "not visible from the driver" in local.stderr and "storage.uri" in local.stderr
+    uri = s3()
+    shared = driver(masked_cluster, f"storage.uri={uri}", f"output_dir={tmp_path / 'unused'}", *pinned)
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    run = Storage(uri)
+    assert steps_of(run) == list(range(7)) and latest_checkpoint(run)[0] == "checkpoints/step_6"
+    placement = json.loads(run.read_text("placement.json"))
+    assert placement["learner"][0]["node_id"] != placement["rollout"][0]["node_id"]
+
+
+def test_a_lost_node_is_survived_once_the_autoscaler_gives_a_replacement(tmp_path):
+    """The learner's node dies (every process of it SIGKILLed) at step 4 of 40; the run restarts from the
+    step-3 checkpoint once a replacement node with the learner's resource has joined (what an autoscaler does),
+    and ends with every step once."""
+    nodes = LocalCluster()
+    try:
+        nodes.start_head(cpus=2, resources='{"head_node": 1}')
+        first = nodes.add_node(cpus=1, resources='{"learner_node": 1}')
+        out = tmp_path / "run"
+        env = {**nodes.env, "RAY_ADDRESS": nodes.gcs, "PYTHONUNBUFFERED": "1"}
+        args = [*TINY, "trainer.total_steps=40", *SMALL_ACTORS, f"output_dir={out}", "learner.resources={learner_node: 1}",
+                "learner.num_gpus=0", "ray.autoscale_wait_s=120"]  # 40 steps: a few seconds left after step 4
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *args], env=env, cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5):
+            time.sleep(0.5)
+        nodes.kill_node(first)
+        time.sleep(5)
+        nodes.add_node(cpus=1, resources='{"learner_node": 1}')
+        log = process.communicate(timeout=400)[0]
+        assert process.returncode == 0, log[-3000:]
+        assert "failure 1 of at most 3" in log
+        assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(41))
+    finally:
+        nodes.shutdown()
+
+
+def test_the_learner_takes_the_gpu_node_and_says_where_it_runs(tmp_path):
+    """A second node advertises one (fake) GPU: learner.num_gpus null decides 1 GPU, the learner lands on that
+    node, and the first log lines say so (torch sees no CUDA there, which the run also says)."""
+    nodes = LocalCluster()
+    try:
+        nodes.start_head(cpus=2)
+        nodes.add_node(cpus=1, gpus=1)
+        out = tmp_path / "run"
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "train", *TINY, *SMALL_ACTORS, "trainer.total_steps=1", f"output_dir={out}"],
+            env={**nodes.env, "RAY_ADDRESS": nodes.gcs}, cwd=REPO, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        placement = json.loads((out / "placement.json").read_text())
+        gpu_node = next(n["NodeID"] for n in json.loads(subprocess.run(
+            [sys.executable, "-c", "import ray, json; ray.init(); print(json.dumps(ray.nodes()))"],
+            env={**nodes.env, "RAY_ADDRESS": nodes.gcs}, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+            if n["Resources"].get("GPU"))
+        assert placement["learner"][0]["node_id"] == gpu_node
+        assert "learner holds a Ray GPU but torch sees no CUDA device" in result.stdout
+    finally:
+        nodes.shutdown()
