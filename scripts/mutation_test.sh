@@ -29,6 +29,8 @@
 # tests mutants without a result (delete the folder to start over). For a mutant's diff:
 #   cd .mutation/learner && ../../.venv/bin/mutmut show 'actors.learner.x_lr_factor__mutmut_3'
 # Each module prints its wall time, its counts and its survivors.
+# After adding tests, RETEST=1 scripts/mutation_test.sh <module> clears the results of that module's
+# survivors (result "survived"), so that only they run again.
 #
 # mutmut switches mutants on inside functions that run at test time; code that runs at import time (the
 # registry decorators register_estimator, register_loss, register_component) only ever runs unmutated
@@ -95,6 +97,19 @@ pytest_add_cli_args = ["-p", "no:cacheprovider"]
 process_isolation = "forkserver"
 EOF
     read -r -a patterns <<<"${globs[$module]}"
+    if [[ ${RETEST:-0} == 1 && -d $work/mutants ]]; then  # survivors only: their result back to "not checked"
+        (cd "$work" && "$venv/bin/python" - "${patterns[@]}" <<'PY'
+import fnmatch, json, pathlib, sys
+for meta in pathlib.Path("mutants").rglob("*.py.meta"):
+    data = json.loads(meta.read_text())
+    codes = data["exit_code_by_key"]
+    again = [k for k, c in codes.items() if c == 0 and any(fnmatch.fnmatch(k, p) for p in sys.argv[1:])]
+    codes.update(dict.fromkeys(again, None))
+    meta.write_text(json.dumps(data))
+    print(f"{meta}: {len(again)} survivors to run again")
+PY
+        )
+    fi
     echo "=== $module: ${files[$module]}, mutants ${patterns[*]}; tests: ${tests[$module]} test_mutation_kills"
     begin=$SECONDS
     (cd "$work" && "$venv/bin/mutmut" run --max-children "$children" "${patterns[@]}") >"$work/run.log" 2>&1 || {

@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from actors.learner import Learner
 from actors.rollout_worker import RolloutWorker, sample_tokens
-from pipeline.advantages import compute_advantages, kl_penalty, masked_whiten
+from pipeline.advantages import GroupStats, compute_advantages, kl_penalty, masked_whiten, outcome_aligned, returns_to_go
 from pipeline.batch import TOKEN_REWARD_TYPE, make_rollout_table, pad_right, response_mask, reward_column
 from pipeline.config import load_config
 from pipeline.errors import TokenforgeError
@@ -121,6 +121,44 @@ def test_the_equality_tolerance_is_inclusive_and_uses_discounted_magnitudes():
     rewards = torch.tensor([[1.0, 0.0, 1e6, -1e6], [1.5, 0.0, 1e6, -1e6]], dtype=torch.float64)
     advantages = compute_advantages("rloo", rewards, torch.ones(2, 4), T([0, 0]), gamma=0.1)
     assert torch.allclose(advantages[:, 0], T([-0.5, 0.5]))  # spread 0.5 > 1e-6 x (1.5 + 0.01e6 + 0.001e6)
+
+
+def test_returns_to_go_names_token_rewards_when_a_valid_reward_is_not_finite():
+    with pytest.raises(ValueError, match=r"^token_rewards holds NaN or inf at sample 1, token 0$"):
+        returns_to_go(T([[1.0, 0.0], [math.inf, 0.0]]), T([[1.0, 0.0], [1.0, 0.0]]))
+
+
+def test_returns_to_go_sums_float32_rewards_in_float64():
+    """G_t is float64 whatever the rewards' precision: 1e8 + 1 (not a float32) survives the sum."""
+    returns = returns_to_go(T([[1e8, 1.0]]), T([[1.0, 1.0]]))
+    assert returns.dtype == torch.float64
+    assert returns.tolist() == [[100000001.0, 1.0]]
+
+
+def test_group_stats_of_float32_values_are_float64():
+    """GroupStats converts float32 values and magnitudes to float64 (its docstring: every tensor float64)."""
+    values = T([[1e8], [1.0], [3.0]])
+    stats = GroupStats(values, values.abs(), T([1.0, 1.0, 1.0]), T([0, 0, 1]))
+    for name in ("values", "count", "total", "mean", "std"):
+        assert getattr(stats, name).dtype == torch.float64, name
+    assert stats.total[:, 0].tolist() == [100000001.0, 100000001.0, 3.0]
+    assert stats.mean[:, 0].tolist() == [50000000.5, 50000000.5, 3.0]  # a group of one: its own value
+
+
+def test_grpo_divides_by_std_plus_eps():
+    """A = (G - mean) / (std + 1e-6): with rewards 0 and 2e-6 (unequal: spread 2e-6 > 1e-6 x 2e-6) the
+    unbiased std is sqrt(2) x 1e-6, so A = +-1e-6 / ((sqrt(2) + 1) x 1e-6)."""
+    rewards = torch.tensor([[0.0], [2e-6]], dtype=torch.float64)
+    advantages = compute_advantages("grpo", rewards, torch.ones(2, 1), T([0, 0]))
+    expected = 1 / (math.sqrt(2) + 1)
+    assert torch.allclose(advantages[:, 0], T([-expected, expected]), rtol=1e-5, atol=0)
+
+
+def test_outcome_aligned_stays_on_the_inputs_device():
+    """Positions are made on the mask's device (the meta device stands in for a GPU: mixing devices raises)."""
+    mask = T([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]).to("meta")
+    aligned = outcome_aligned(torch.zeros(2, 3, dtype=torch.float64, device="meta"), mask)
+    assert aligned.device.type == "meta" and aligned.shape == (2, 3)
 
 
 # --- actors.rollout_worker: sample_tokens and the generation loop ---------------------------------------
