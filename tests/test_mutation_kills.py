@@ -375,6 +375,35 @@ def test_ppo_clip_defaults_to_0_2_on_both_sides():
     assert torch.allclose(token_loss, T([[0.8, -1.2]])) and parts["clipped"].tolist() == [[True, True]]
 
 
+def test_policy_loss_passes_clip_high_to_ppo():
+    """A clip_high other than the default reaches the PPO loss: ratio e^0.3 = 1.35 with A = 1 is clipped at
+    1 + 0.1, not at 1 + 0.5."""
+    logp, behaviour, advantages, mask = T([[-0.7]]), T([[-1.0]]), T([[1.0]]), T([[1.0]])
+    for clip_high, expected in ((0.1, -1.1), (0.5, -math.exp(0.3))):
+        loss, _ = policy_loss(logp, behaviour, advantages, mask, loss="ppo_clip", clip_high=clip_high)
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_policy_loss_is_float32_whatever_the_masks_type():
+    """The mask is converted to float32 first: a bool, int or float64 mask gives the float32 mask's loss and
+    metrics, and a float32 loss."""
+    logp, behaviour, advantages = T([[-0.5, -1.0, -2.0]]), T([[-0.75, -1.0, -1.5]]), T([[1 / 3, -0.5, 2.0]])
+    entropy = torch.tensor([[1 / 3, 0.5, 1 / 7]], dtype=torch.float64)
+    reference = policy_loss(logp, behaviour, advantages, T([[1.0, 1.0, 0.0]]), agg="seq-mean-token-mean", entropy=entropy)
+    for dtype in (torch.bool, torch.int64, torch.float64):
+        mask = torch.tensor([[1, 1, 0]], dtype=dtype)
+        loss, metrics = policy_loss(logp, behaviour, advantages, mask, agg="seq-mean-token-mean", entropy=entropy)
+        assert loss.dtype == torch.float32 and torch.equal(loss, reference[0]), dtype
+        assert metrics == reference[1]
+    # metrics are float32 token means, also of float64 inputs: mean(float32(1/3), float32(1/2))
+    assert reference[1]["entropy"] == float((T([1 / 3]) + T([0.5])) / 2)
+
+
+def test_k1_in_the_loss_is_refused_with_the_exact_message():
+    with pytest.raises(ValueError, match=r"^kl_kind 'k1' in the loss has zero expected gradient; use k2 or k3$"):
+        policy_loss(T([[-0.5]]), T([[-0.5]]), T([[1.0]]), T([[1.0]]), ref_logprobs=T([[-1.0]]), kl_coef=0.1, kl_kind="k1")
+
+
 def test_nothing_counts_as_clipped_or_capped_on_policy():
     """On-policy (ratio exactly 1): no PPO clip binds and a cap of exactly 1 does not count as capping."""
     ppo = policy_loss(LOGP, LOGP, ADV, MASK, loss="ppo_clip")[1]
