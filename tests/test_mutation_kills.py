@@ -404,6 +404,14 @@ def test_k1_in_the_loss_is_refused_with_the_exact_message():
         policy_loss(T([[-0.5]]), T([[-0.5]]), T([[1.0]]), T([[1.0]]), ref_logprobs=T([[-1.0]]), kl_coef=0.1, kl_kind="k1")
 
 
+def test_kl_and_entropy_coefficients_without_their_tensors_are_refused_with_exact_messages():
+    args = (T([[-0.5]]), T([[-0.5]]), T([[1.0]]), T([[1.0]]))
+    with pytest.raises(ValueError, match=r"^kl_coef > 0 needs ref_logprobs \(enable the reference model\)$"):
+        policy_loss(*args, kl_coef=0.1)
+    with pytest.raises(ValueError, match=r"^entropy_coef > 0 needs the per-token entropy tensor$"):
+        policy_loss(*args, entropy_coef=0.01)
+
+
 def test_nothing_counts_as_clipped_or_capped_on_policy():
     """On-policy (ratio exactly 1): no PPO clip binds and a cap of exactly 1 does not count as capping."""
     ppo = policy_loss(LOGP, LOGP, ADV, MASK, loss="ppo_clip")[1]
