@@ -30,7 +30,9 @@
 #   cd .mutation/learner && ../../.venv/bin/mutmut show 'actors.learner.x_lr_factor__mutmut_3'
 # Each module prints its wall time, its counts and its survivors.
 # After adding tests, RETEST=1 scripts/mutation_test.sh <module> clears the results of that module's
-# survivors (result "survived"), so that only they run again.
+# survivors (result "survived"), so that only they run again; RETEST='<glob> ...' only those survivors whose
+# names match, e.g. RETEST='*policy_loss__mutmut_36 *policy_loss__mutmut_82' scripts/mutation_test.sh loss
+# (a survivor runs every test that calls its function: re-running the equivalent ones costs the most).
 #
 # mutmut switches mutants on inside functions that run at test time; code that runs at import time (the
 # registry decorators register_estimator, register_loss, register_component) only ever runs unmutated
@@ -97,13 +99,17 @@ pytest_add_cli_args = ["-p", "no:cacheprovider"]
 process_isolation = "forkserver"
 EOF
     read -r -a patterns <<<"${globs[$module]}"
-    if [[ ${RETEST:-0} == 1 && -d $work/mutants ]]; then  # survivors only: their result back to "not checked"
-        (cd "$work" && "$venv/bin/python" - "${patterns[@]}" <<'PY'
+    if [[ -n ${RETEST:-} && $RETEST != 0 && -d $work/mutants ]]; then  # survivors only: back to "not checked"
+        (cd "$work" && "$venv/bin/python" - "$RETEST" "${patterns[@]}" <<'PY'
 import fnmatch, json, pathlib, sys
+only = None if sys.argv[1] == "1" else sys.argv[1].split()
 for meta in pathlib.Path("mutants").rglob("*.py.meta"):
     data = json.loads(meta.read_text())
     codes = data["exit_code_by_key"]
-    again = [k for k, c in codes.items() if c == 0 and any(fnmatch.fnmatch(k, p) for p in sys.argv[1:])]
+    again = [
+        k for k, c in codes.items()
+        if c == 0 and any(fnmatch.fnmatch(k, p) for p in sys.argv[2:]) and (only is None or any(fnmatch.fnmatch(k, p) for p in only))
+    ]
     codes.update(dict.fromkeys(again, None))
     meta.write_text(json.dumps(data))
     print(f"{meta}: {len(again)} survivors to run again")
