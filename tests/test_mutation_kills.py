@@ -474,6 +474,7 @@ def hand_scored_batch(exact=EXACT, digit=DIGIT, finished=(True, False, True, Tru
         "response": ["1", "23", "1", "1"],
         "finished": list(finished),
         "policy_version": [0] * 4,
+        "worker": ["local"] * 4,
     }
     table = make_rollout_table(core, pa.table({"prompt": ["1+2="] * 4, "answer": ["3"] * 4}))
     table = table.append_column(reward_column("exact_match"), pa.array(exact, type=TOKEN_REWARD_TYPE))
@@ -494,8 +495,9 @@ def test_learner_step_reports_every_metric_with_its_value(builtin_model_path):
         "reward/total/mean", "learner/kept_frac", "loss/policy", "loss/grad_norm", "learner/lr",
         "policy/is_weight/mean", "policy/is_weight/clip_frac", "policy/entropy", "advantage/abs_mean",
         "response/length_mean", "response/finished_frac", "learner/policy_version", "learner/tokens",
-        "learner/skipped_nonfinite",
+        "learner/skipped_nonfinite", "advantage/zero_frac",
     }
+    assert metrics["advantage/zero_frac"] == 0.5  # group 1's two samples: every token's advantage exactly 0
     digit_totals = torch.tensor([2 / 3, 1 / 3, 2 / 3, 2 / 3])
     assert metrics["reward/exact_match/mean"] == 0.75 and metrics["reward/exact_match/std"] == pytest.approx(0.5)
     assert metrics["reward/digit_match/mean"] == pytest.approx(7 / 12)
