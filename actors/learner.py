@@ -150,7 +150,7 @@ class Learner:
                 metrics[f"reward/{name}/std"] = float(per_sample.std()) if len(per_sample) > 1 else 0.0
         metrics["reward/total/mean"] = float(token_rewards.sum(1).mean())
 
-        ref_logprobs = self._reference_logprobs(sequences) if algo.needs_reference else None
+        ref_logprobs = self._out_of_memory_as_one_line(self._reference_logprobs, sequences) if algo.needs_reference else None
         if algo.kl_in_reward_coef > 0:
             # r_t -= beta * KL_t, KL of the sampling policy against the reference
             without_kl = token_rewards
@@ -317,9 +317,10 @@ class Learner:
     def get_weights(self) -> dict[str, torch.Tensor]:
         """CPU copy of the policy weights in the rollout dtype (model.dtype), LoRA adapters merged in
         (published once per sync; every rollout worker reads it)."""
-        weights = self.model.state_dict() if self.config.model.lora is None else merged_state_dict(self.model)
+        lora = self.config.model.lora is not None
+        weights = merged_state_dict(self.model) if lora else self.model.state_dict()  # merged: already a CPU copy
         dtype = DTYPES[self.config.model.dtype]
-        return {k: v.detach().to("cpu", dtype, copy=True) for k, v in weights.items()}
+        return {k: v.detach().to("cpu", dtype, copy=not lora) for k, v in weights.items()}
 
     def save(self, storage_uri: str, directory: str) -> dict[str, dict]:
         """Upload the HF-format model (or, with LoRA, the adapter) + tokenizer (safetensors) and the

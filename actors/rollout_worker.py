@@ -100,19 +100,20 @@ class RolloutWorker:
 
     def _sample(self, ids: torch.Tensor, attention: torch.Tensor, greedy: bool):
         """Autoregressive sampling with a KV cache. A row stops at EOS, at a `rollout.stop_token_ids` token or
-        once its text ends with a `rollout.stop` string (that token is kept); else at max_new_tokens.
+        once its text reaches a `rollout.stop` string (that token is kept); else at max_new_tokens.
         Returns tokens and log-probs (B, T), each row's length and whether it stopped (not cut)."""
         cfg = self.config
         positions = positions_from_mask(attention)
         out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
         lengths = torch.full((ids.shape[0],), cfg.max_new_tokens, dtype=torch.long, device=self.device)
-        tokens, logprobs = [], []
+        tokens, logprobs, text_lengths = [], [], [0] * ids.shape[0]
         for t in range(cfg.max_new_tokens):
             token, logprob = sample_tokens(out.logits[:, -1], cfg.temperature, cfg.top_p, greedy, self.generator)
             tokens.append(token.masked_fill(done, self.tokenizer.pad_token_id))
             logprobs.append(logprob.masked_fill(done, 0.0))
-            stopped = ~done & (torch.isin(token, self.stop_ids) | self._ends_with_stop_string(torch.stack(tokens, 1)))
+            stop_string = self._reached_stop_string(torch.stack(tokens, 1), text_lengths)
+            stopped = ~done & (torch.isin(token, self.stop_ids) | stop_string)
             lengths[stopped] = t + 1
             done |= stopped
             if done.all():
@@ -128,9 +129,15 @@ class RolloutWorker:
             )
         return torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), lengths.tolist(), done.tolist()
 
-    def _ends_with_stop_string(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Rows whose decoded text so far ends with one of `rollout.stop` (all False without stop strings)."""
+    def _reached_stop_string(self, tokens: torch.Tensor, text_lengths: list[int]) -> torch.Tensor:
+        """Rows whose text gained one of `rollout.stop` with their last token, wherever in that token's text the
+        string ends (a BPE token such as ".\n" runs past a stop "."). `text_lengths[i]`: row i's decoded
+        length before that token, updated here. All False without stop strings."""
         if not self.config.stop:
             return torch.zeros(tokens.shape[0], dtype=torch.bool, device=self.device)
         texts = self.tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=True)
-        return torch.tensor([text.endswith(tuple(self.config.stop)) for text in texts], device=self.device)
+        reached = []
+        for i, text in enumerate(texts):  # a stop string that ends in the new text, even if it began earlier
+            reached.append(any(stop in text[max(0, text_lengths[i] - len(stop) + 1) :] for stop in self.config.stop))
+            text_lengths[i] = len(text)
+        return torch.tensor(reached, device=self.device)

@@ -75,6 +75,12 @@ class ActorGroup:
             raise ActorTimeout(
                 f"{self.role} actor gave no answer within {self.timeout_s:.0f}s (trainer.actor_timeout_s)"
             ) from None
+        except ray.exceptions.ActorDiedError as error:
+            if not error.actor_init_failed:
+                raise
+            # the constructor raised (bad config the driver could not check, e.g. LoRA target modules): no restart
+            # can help, so it is not a fault to recover from; Ray's message ends with the constructor's error
+            raise TokenforgeError(f"{self.role} could not start: {str(error).strip().splitlines()[-1]}") from None
         except ray.exceptions.RayTaskError as error:
             cause = error.cause  # the actor's own exception (str(error) holds the remote traceback)
             if isinstance(cause, StaleWeights):

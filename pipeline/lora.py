@@ -50,13 +50,14 @@ def add_adapters(model: torch.nn.Module, options: LoraConfig, checkpoint: str | 
 
 
 def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's state dict, under its own names, with every adapter's update added:
-    W' = W + (alpha / r) * B @ A (peft's get_delta_weight). The adapters stay unmerged in `model`."""
+    """The base model's state dict on the CPU, under its own names, with every adapter's update added:
+    W' = W + (alpha / r) * B @ A (peft's get_delta_weight, one layer at a time on the model's device). The
+    adapters stay unmerged in `model`, and the device never holds a second copy of the base weights."""
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
     merged = {
-        key.replace(".base_layer.", "."): value.detach().clone()
+        key.replace(".base_layer.", "."): value.detach().to("cpu", copy=True)
         for key, value in base.state_dict().items()
         if ".lora_" not in key
     }
@@ -64,7 +65,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, LoraLayer):
             for adapter in module.active_adapters:
                 weight = f"{name}.weight"
-                merged[weight] = merged[weight] + module.get_delta_weight(adapter).to(merged[weight].dtype)
+                merged[weight] += module.get_delta_weight(adapter).detach().to("cpu", merged[weight].dtype)
     return merged
 
 

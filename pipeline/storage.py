@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipeline.errors import TokenforgeError
@@ -69,9 +70,13 @@ class Storage:
     uri: str
 
     def __post_init__(self) -> None:
-        uri = self.uri if is_uri(self.uri) else str(Path(self.uri).expanduser().resolve())
+        if not is_uri(self.uri):  # absolute: the string travels to actors and Tune trials in other directories
+            self.uri = str(Path(self.uri).expanduser().resolve())
         with storage_errors(self.uri):
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+            except (pa.ArrowInvalid, ValueError) as error:  # an unknown scheme or URI option
+                raise TokenforgeError(f"storage {self.display()!r}: {error} (storage.uri / output_dir)") from None
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def child(self, relative: str) -> Storage:
@@ -86,6 +91,11 @@ class Storage:
         """The URI of a file or directory of the run, for messages (without a URI's ?options)."""
         base = self.uri.split("?", 1)[0].rstrip("/")
         return f"{base}/{relative}" if relative else base
+
+    def for_commands(self) -> str:
+        """The URI to put in a command the user may copy (`--resume ...`), with its ?options, which an
+        S3-compatible server needs (pyarrow takes credentials from the environment, never from the URI)."""
+        return f"'{self.uri}'" if "?" in self.uri else self.uri  # '?' and '&' are special to the shell
 
     def exists(self, relative: str) -> bool:
         with storage_errors(self.display(relative)):
@@ -148,6 +158,16 @@ class Storage:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path(relative)))
         return sorted(info.base_name for info in infos)
 
+    def delete_file(self, relative: str) -> None:
+        with storage_errors(self.display(relative)):
+            self.fs.delete_file(self.path(relative))
+
+    def move(self, relative: str, to: str) -> None:
+        """Rename a file (on object stores: a server-side copy, then a delete)."""
+        with storage_errors(self.display(relative)):
+            self.fs.create_dir(self.path(to).rsplit("/", 1)[0], recursive=True)
+            self.fs.move(self.path(relative), self.path(to))
+
     def delete_dir(self, relative: str) -> None:
         with storage_errors(self.display(relative)):
             if self.exists(relative):
@@ -203,11 +223,17 @@ def publish_checkpoint(storage: Storage, step: int, files: dict[str, dict]) -> s
 
 
 def read_manifest(storage: Storage, directory: str) -> dict | None:
-    """The checkpoint's manifest if it is complete: present, parseable, and every file there with its size."""
+    """The checkpoint's manifest if it is complete: present, parseable, and every file there with its size.
+    A storage that cannot be read (network, permissions) raises: only a checkpoint known to be incomplete is
+    None, since callers delete those."""
+    path = f"{directory}/{MANIFEST}"
+    if not storage.exists(path):
+        return None
     try:
-        manifest = json.loads(storage.read_text(f"{directory}/{MANIFEST}"))
-        complete = not storage.missing_files(directory, manifest["files"])
-    except (TokenforgeError, ValueError, KeyError, TypeError):
+        manifest = json.loads(storage.read_text(path))
+        files = manifest["files"]
+        complete = not storage.missing_files(directory, files)
+    except (ValueError, KeyError, TypeError):  # not a manifest of ours
         return None
     return manifest if complete else None
 
@@ -245,7 +271,7 @@ def prune_checkpoints(storage: Storage, keep: int, protected: set[int] = frozens
     published = published_steps(storage)
     doomed = [s for s in published[: max(0, len(published) - keep)] if s not in protected]
     for step in doomed:
-        storage.fs.delete_file(storage.path(f"{checkpoint_dir(step)}/{MANIFEST}"))
+        storage.delete_file(f"{checkpoint_dir(step)}/{MANIFEST}")
         storage.delete_dir(checkpoint_dir(step))
     return doomed
 

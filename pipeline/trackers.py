@@ -66,6 +66,13 @@ def sample_rows(table: pa.Table, limit: int = 64) -> dict[str, list]:
             for name in names}
 
 
+def require_loggers(config: TrainConfig) -> None:
+    """Every tracker package trainer.loggers names is installed (checked before Ray starts)."""
+    for logger in config.trainer.loggers:
+        if logger in EXTRAS:
+            require(logger)
+
+
 class Trackers:
     """The W&B and MLflow runs of one tokenforge run (none when trainer.loggers names neither)."""
 

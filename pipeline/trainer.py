@@ -38,7 +38,7 @@ from pipeline.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 from pipeline.placement import clear_resource_request, connect_ray, decide_learner_gpus, ensure_resources
 from pipeline.reward_pool import RewardPool
 from pipeline.storage import Storage
-from pipeline.trackers import Trackers
+from pipeline.trackers import Trackers, require_loggers
 
 Report = Callable[[dict, str | None], None]  # (metrics record, published checkpoint directory or None)
 TRAINER_STATE = "trainer_state.json"
@@ -276,8 +276,9 @@ def attempt(config: TrainConfig, storage: Storage, train_prompts, eval_prompts, 
         if config.ray.autoscale_wait_s:
             clear_resource_request()  # placed: the autoscaler may scale idle nodes down again
         storage.write_text("placement.json", json.dumps(placement, indent=1))
-        for role, actors in placement.items():
-            print(f"tokenforge: {role}: " + ", ".join(f"{a['device']} on {a['node_ip']}" for a in actors), flush=True)
+        if report is None:  # a Tune trial's are in its placement.json: Tune's console shows the trials
+            for role, actors in placement.items():
+                print(f"tokenforge: {role}: " + ", ".join(f"{a['device']} on {a['node_ip']}" for a in actors), flush=True)
         if config.learner.num_gpus and placement["learner"][0]["device"] == "cpu":
             print(f"tokenforge: the learner holds a Ray GPU but torch sees no CUDA device on {placement['learner'][0]['node_ip']}: "
                   "it runs on CPU there (install a CUDA build of torch on GPU nodes)", flush=True)
@@ -302,6 +303,7 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
     config = with_builtin_defaults(config)
     storage = Storage(config.run_uri)
     train_prompts, eval_prompts = load_inputs(config)
+    require_loggers(config)
     if not resume and storage.exists(METRICS_FILE):
         raise TokenforgeError(
             f"{storage.display()!r} already holds a run; resume it with --resume or pick another output_dir / storage.uri"
@@ -320,14 +322,14 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
         try:
             return attempt(config, storage, train_prompts, eval_prompts, resume or failures > 0, report)
         except KeyboardInterrupt:
-            raise TokenforgeError(f"interrupted; continue from the last checkpoint with: tokenforge train --resume {storage.display()}") from None
+            raise TokenforgeError(f"interrupted; continue from the last checkpoint with: tokenforge train --resume {storage.for_commands()}") from None
         except RECOVERABLE as error:
             failures += 1
             cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             if failures > config.trainer.max_failures:
                 raise TokenforgeError(
                     f"the run failed {failures} times (trainer.max_failures={config.trainer.max_failures}), last: {cause}; "
-                    f"continue it with: tokenforge train --resume {storage.display()}"
+                    f"continue it with: tokenforge train --resume {storage.for_commands()}"
                 ) from None
             print(f"tokenforge: failure {failures} of at most {config.trainer.max_failures} ({cause}); "
                   "restarting the pipeline from the last checkpoint", flush=True)

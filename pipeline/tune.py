@@ -13,7 +13,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -55,13 +57,20 @@ def restore_into(run: Storage, pointer: dict) -> dict:
             "(pruned? keep trainer.keep_checkpoints >= tune.num_to_keep)"
         )
     target = store.checkpoint_dir(manifest["step"])
-    if (run.uri, target) != (source.uri, pointer["checkpoint"]):
+    if store.read_manifest(run, target) != manifest:  # not already this run's (however its URI is spelled)
+        # copied in full before anything of this run is deleted: a donor that prunes the checkpoint meanwhile
+        # fails the restore but costs this run nothing
+        staging = f"{store.CHECKPOINTS}/incoming"
+        run.delete_dir(staging)
+        for name in manifest["files"]:
+            run.write_bytes(f"{staging}/{name}", source.read_bytes(f"{pointer['checkpoint']}/{name}"))
         # later checkpoints of this trial's own must not win a resume over the restored one; earlier ones stay
         # (Tune may still hand them to another trial)
         for step in [s for s in store.checkpoint_steps(run) if s >= manifest["step"]]:
             run.delete_dir(store.checkpoint_dir(step))
         for name in manifest["files"]:
-            run.write_bytes(f"{target}/{name}", source.read_bytes(f"{pointer['checkpoint']}/{name}"))
+            run.move(f"{staging}/{name}", f"{target}/{name}")
+        run.delete_dir(staging)
         store.publish_checkpoint(run, manifest["step"], manifest["files"])
     weights = next(manifest["files"][n]["sha256"] for n in ("model.safetensors", "adapter_model.safetensors") if n in manifest["files"])
     return {"step": manifest["step"], "model_sha256": weights, "source": source.display(pointer["checkpoint"])}
@@ -71,6 +80,7 @@ def run_trial(params: dict[str, Any], base: dict, experiment_uri: str, keep: int
     """One trial: the base config with this trial's params, trained with reports to Tune. Its run lives
     in the experiment's storage (trial directory/run); Tune's checkpoints point at the run's own."""
     config = config_with(TrainConfig.model_validate(base), params)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Checkpoint successfully created" line per report
     trial = Storage(experiment_uri).child(Path(tune.get_context().get_trial_dir()).name)
     run = trial.child("run")
     config.storage.uri = run.uri
@@ -155,12 +165,29 @@ def run_config(spec: TuneSpec, base: TrainConfig, storage: str) -> tune.RunConfi
         failure_config=tune.FailureConfig(max_failures=block.max_failures),
         verbose=1,  # the status table only: no per-result dumps of every metric of every report
         checkpoint_config=tune.CheckpointConfig(num_to_keep=block.num_to_keep),
-        progress_reporter=tune.CLIReporter(
+        progress_reporter=LiveTable(
             parameter_columns=list(spec.search),
             metric_columns=["step", block.metric, "reward/total/mean", "throughput/samples_per_s"],
-            max_report_frequency=30,
+            max_report_frequency=5 if sys.stdout.isatty() else 30,
         ),
     )
+
+
+class LiveTable(tune.CLIReporter):
+    """Tune's status table, redrawn in place on a terminal (cursor up over the last one, clear, draw);
+    printed anew each time elsewhere (a log keeps every table)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drawn = 0  # lines of the table on screen
+
+    def report(self, trials, done: bool, *sys_info: str) -> None:
+        table = self._progress_str(trials, done, *sys_info)
+        if not sys.stdout.isatty():
+            print(table, flush=True)
+            return
+        print((f"\x1b[{self.drawn}F\x1b[J" if self.drawn else "") + table, flush=True)
+        self.drawn = table.count("\n") + 1
 
 
 def resume(experiment_uri: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,12 +128,21 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[TuneSpec, Tr
     base_file = spec.base.config
     if base_file and not Path(base_file).is_absolute():
         base_file = str(path.parent / base_file) if (path.parent / base_file).is_file() else base_file
-    base = config_with(load_config(base_file), spec.base.overrides)
+    base = absolute_local_paths(config_with(load_config(base_file), spec.base.overrides))
     check_search(spec, base)
     check_objective(spec, base)
     scheduler(spec)
     searcher(spec)
     return spec, base
+
+
+def absolute_local_paths(base: TrainConfig) -> TrainConfig:
+    """Relative model and data paths that exist here, made absolute: Tune runs each trial in its own working
+    directory (its trial folder), where a path relative to this one would name nothing."""
+    keys = {"model.path": base.model.path, "model.chat_template": base.model.chat_template,
+            "data.train_file": base.data.train_file, "data.eval_file": base.data.eval_file}
+    found = {k: os.path.abspath(v) for k, v in keys.items() if v and not Path(v).is_absolute() and Path(v).exists()}
+    return config_with(base, found) if found else base
 
 
 def check_search(spec: TuneSpec, base: TrainConfig) -> None:

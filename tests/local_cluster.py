@@ -17,19 +17,27 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+GIVEN_PORTS: set[int] = set()  # every port handed out in this process: the OS may offer a closed one again
+
+
 def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
+    """`count` ports free now and never handed out before by this process."""
+    sockets, ports = [], []
+    while len(ports) < count:  # the sockets stay open until all are drawn, so no port comes twice in one call
+        sockets.append(socket.socket())
+        sockets[-1].bind(("127.0.0.1", 0))
+        port = sockets[-1].getsockname()[1]
+        if port not in GIVEN_PORTS:
+            ports.append(port)
     for s in sockets:
         s.close()
+    GIVEN_PORTS.update(ports)
     return ports
 
 
 def node_ports() -> list[str]:
     manager, objects, agent, agent_grpc, runtime_env, metrics, first_worker = free_ports(7)
-    first_worker = 20000 + first_worker % 20000  # a block of 100 worker ports, away from the ephemeral range
+    first_worker = 10000 + first_worker % 20000  # a block of 100 worker ports below the ephemeral range (32768-)
     return [
         f"--node-manager-port={manager}",
         f"--object-manager-port={objects}",

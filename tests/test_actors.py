@@ -1,6 +1,9 @@
 """The three actor classes used directly, without Ray, on the shipped tiny model."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -329,3 +332,39 @@ def test_group_normalisation_is_applied_by_the_learner(learner_and_batch, builti
     assert plain["reward/total/mean"] > 0.1
     assert normalised["reward/total/mean"] == pytest.approx(0.0, abs=1e-9)
     assert normalised["reward/exact_match/mean"] == plain["reward/exact_match/mean"]  # metrics of the raw component
+
+
+OUT_OF_MEMORY = """
+import os, resource, sys
+import pyarrow as pa
+from actors.learner import Learner
+from actors.reward_worker import RewardWorker
+from actors.rollout_worker import RolloutWorker
+from pipeline.config import load_config
+from pipeline.data import load_prompts
+from pipeline.errors import TokenforgeError
+from pipeline.inputs import with_builtin_defaults
+
+config = with_builtin_defaults(load_config(overrides=["algorithm.kl_coef=0.1", "learner.micro_batch_size=4096"]))
+prompts = load_prompts(config.data.train_file, "train").slice(0, 256)
+batch = RolloutWorker(config, config.model.path).generate(prompts.append_column("group_id", pa.array(range(256))), group_size=8)
+scored = RewardWorker(config, config.model.path, list(config.reward.weights)).score_all(batch, list(config.reward.weights))[0]
+learner = Learner(config, config.model.path, config.model.path)
+mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+resource.setrlimit(resource.RLIMIT_AS, (mapped + 300 * 2**20, resource.RLIM_INFINITY))  # 300 MiB more, at most
+try:
+    learner.train_step(scored, step=1)
+except TokenforgeError as error:
+    sys.exit(f"ONE LINE: {error}")
+"""
+
+
+def test_running_out_of_memory_in_the_learner_is_one_line_naming_the_micro_batch():
+    """A real allocation failure (the address space capped 300 MiB above the loaded learner, a 2,048-sample
+    micro-batch with a KL reference): the first forward to fail, the reference's, is the one-line message."""
+    result = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).parent.parent)
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ONE LINE: the learner ran out of cpu memory in a micro-batch of up to 4096 samples; lower "
+        "learner.micro_batch_size (now 4096), or set learner.gradient_checkpointing / learner.precision=bf16-mixed"
+    ), result.stderr[-2000:]

@@ -121,6 +121,18 @@ def test_resources_the_cluster_can_never_provide_fail_fast(ray_cluster, capsys, 
     assert "the actors need 1 tpu_pod in total but the Ray cluster has 0" in err
 
 
+def test_an_actor_that_cannot_start_is_one_line_without_restarts(ray_cluster, capsys, tmp_path):
+    """Config only an actor can check (LoRA target modules the model lacks) fails in the learner's
+    constructor: one line with the constructor's error, and no pipeline restarts (none could help)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "task=chat_addition", "model.lora={r: 4, alpha: 8, target_modules: [no_such_proj]}",
+              f"output_dir={tmp_path / 'out'}"])
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]  # (Ray may forward the worker's own log lines before it)
+    assert exit_info.value.code == 2 and last.startswith("tokenforge: error: learner could not start: ") and "no_such_proj" in last
+    assert "failure 1 of at most" not in captured.out
+
+
 def test_reward_component_needs_a_column_the_data_lacks(capsys, tmp_path):
     err = run_cli(["train", "reward.weights={chrf: 1.0}", f"output_dir={tmp_path / 'out'}"], capsys)
     assert "data.train_file: the reward components need fields ['reference'], missing from the file" in err

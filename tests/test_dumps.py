@@ -68,3 +68,10 @@ def test_missing_dumps_are_one_line_naming_what_exists(tmp_path):
     with pytest.raises(TokenforgeError, match=r"rollouts/step_4.parquet' does not exist; steps with rollouts dumps: 5$"):
         dumps.read_dump(storage, dumps.ROLLOUTS, 4)
     assert dumps.read_dump(storage, dumps.ROLLOUTS)[0] == 5
+
+
+def test_docs_list_every_column_of_the_dump_schema():
+    from pathlib import Path
+
+    docs = (Path(__file__).parent.parent / "docs" / "observability.md").read_text()
+    assert [n for n in [*ROLLOUT_SCHEMA.names, *LEARNED_SCHEMA.names] if f"| `{n}` |" not in docs] == []

@@ -123,6 +123,20 @@ def test_rollouts_stop_at_stop_tokens_and_strings(builtin_model_path):
     assert any(nine in r for r in free.column("response_ids").to_pylist())  # the test exercises a stop
 
 
+def test_a_stop_string_inside_a_multi_character_token_stops_the_row():
+    """On the shipped chat model's BPE tokenizer a row stops on the token that brings a `rollout.stop`
+    string, wherever in the token's text the string ends ("13" is one token: stop "1" stops there, though the
+    text ends in "3"); a string split across two tokens stops on the second; text seen before does not."""
+    config = with_builtin_defaults(load_config(overrides=["task=chat_addition", "rollout.stop=['1', '9+']"]))
+    worker = RolloutWorker(config, config.model.path)
+    thirteen, nine, plus = (worker.tokenizer.convert_tokens_to_ids(t) for t in ("13", "9", "+"))
+    assert worker.tokenizer.decode([thirteen]) == "13"
+    lengths = [0, 0]
+    assert worker._reached_stop_string(torch.tensor([[thirteen], [nine]]), lengths).tolist() == [True, False]
+    assert lengths == [2, 1]
+    assert worker._reached_stop_string(torch.tensor([[thirteen, nine], [nine, plus]]), lengths).tolist() == [False, True]
+
+
 def test_chunked_fp32_logprobs_and_their_gradients_equal_the_whole_softmax(builtin_model_path):
     model = load_model(builtin_model_path)
     sequences = build_sequences([[3, 4, 5], [6, 7]], [[8, 9, 10, 11], [12]], pad_id=0)

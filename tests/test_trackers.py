@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.errors import TokenforgeError
-from pipeline.trackers import require, tune_callbacks
+from pipeline.cli import main
+from pipeline.trackers import tune_callbacks
 from pipeline.trainer import train
 
 needs_mlflow = pytest.mark.skipif(find_spec("mlflow") is None, reason="needs the mlflow package: pip install 'tokenforge[mlflow]'")
@@ -116,7 +116,11 @@ def test_tune_trials_log_through_ray_tunes_own_callbacks():
     assert tune_callbacks(load_config()) == []
 
 
-def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
+def test_a_missing_extra_is_one_line_naming_it_before_ray_starts(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
-    with pytest.raises(TokenforgeError, match=r"trainer.loggers has 'wandb' but the wandb package is not installed: pip install 'tokenforge\[wandb\]'"):
-        require("wandb")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "trainer.loggers=[jsonl, wandb]", f"output_dir={tmp_path / 'run'}"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        "tokenforge: error: trainer.loggers has 'wandb' but the wandb package is not installed: "
+        "pip install 'tokenforge[wandb]', or drop it from trainer.loggers\n")
+    assert not (tmp_path / "run").exists()

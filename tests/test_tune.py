@@ -69,6 +69,20 @@ def test_bad_specs_are_rejected_before_any_trial(tmp_path, search, tune, message
         load_spec(write_spec(tmp_path, search, tune))
 
 
+def test_relative_data_and_model_paths_reach_trials_absolute(tmp_path, monkeypatch, builtin_model_path):
+    """Tune runs a trial in its trial folder: relative paths that exist where `tokenforge tune` runs are
+    made absolute; a dataset name (no such file here) stays as it is."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").symlink_to(builtin_model_path)
+    (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    spec = write_spec(tmp_path, {"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {},
+                      {"model.path": "model", "data.train_file": "train.jsonl", "data.eval_file": "train.jsonl"})
+    _, base = load_spec(spec)
+    assert (base.model.path, base.data.train_file) == (str(tmp_path / "model"), str(tmp_path / "train.jsonl"))
+    _, named = load_spec(spec, ["base.overrides={data.train_file: some/dataset, data.eval_file: some/dataset}"])
+    assert named.data.train_file == "some/dataset"
+
+
 def test_shipped_specs_validate():
     for path in sorted((REPO / "tune_configs").glob("*.yaml")):
         spec, _ = load_spec(path)
@@ -208,3 +222,24 @@ def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path):
             restores = [json.loads(line)["step"] for line in (trial / RESTORES_FILE).read_text().splitlines()]
             assert restores and restores[-1] >= earliest
     assert all(r.endswith(",24,TERMINATED") for r in (experiment / "trials.csv").read_text().splitlines()[1:])
+
+
+def test_the_status_table_is_redrawn_in_place_on_a_terminal(monkeypatch):
+    """On a terminal each report moves the cursor up over the previous table and clears it; in a log each table stays."""
+    import io
+
+    from pipeline.tune import LiveTable
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, redrawn in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr("sys.stdout", stream)
+        reporter = LiveTable(metric_columns=["step"])
+        reporter.report([], False, "first")
+        first = stream.getvalue()
+        reporter.report([], True, "second")
+        second = stream.getvalue()[len(first):]
+        assert "\x1b[J" not in first and ("== Status ==" in first) and "second" in second
+        assert second.startswith(f"\x1b[{first.count(chr(10))}F\x1b[J") == redrawn, repr(second[:20])

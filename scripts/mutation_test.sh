@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Mutation testing (mutmut 3) of the learning-critical code with the fast unit tests (no Ray). Not part of
+# CI: it takes hours on 2 cores (docs/testing.md has the per-module times, scores and every survivor).
+#
+#   scripts/mutation_test.sh                  # every module below, one after the other
+#   scripts/mutation_test.sh advantages loss  # only these
+#   MUTMUT_CHILDREN=1 scripts/mutation_test.sh learner
+#
+# Module             what is mutated                                           tests that may kill a mutant
+#   advantages         pipeline/advantages.py (whole)                            test_advantages, test_loss, test_rewards
+#   loss               pipeline/loss.py (whole)                                  test_loss
+#   rewards            pipeline/rewards.py: normalize_rewards, score_component   test_rewards
+#   reward_components  pipeline/reward_components.py (whole)                     test_rewards, test_models
+#   learner            actors/learner.py: lr_factor, Learner.train_step,         test_actors, test_models, test_rewards
+#                      _gradients, _count_nonfinite, _micro_batches,
+#                      _reference_logprobs
+#   rollout_worker     actors/rollout_worker.py: sample_tokens,                  test_actors, test_models
+#                      RolloutWorker._sample (the generation loop)
+# (each module's tests plus tests/test_mutation_kills.py). mutmut runs, for each mutant, only those of the
+# listed tests that called the mutated function.
+#
+# mutmut 3 mutates the bodies of functions and methods only: not module-level code (here: the AGGREGATIONS
+# lambdas of pipeline/loss.py), and not functions under a decorator other than @staticmethod/@classmethod.
+# So that the registered estimators and losses and the @torch.no_grad() methods are mutated too,
+# scripts/mutation_undecorate.py moves those decorators to the end of the module in the copy (same behaviour).
+#
+# Each module runs in its own copy of the code, .mutation/<module>/ (git-ignored), with the [tool.mutmut]
+# section written below; mutmut keeps its results in .mutation/<module>/mutants/, so a second run only
+# tests mutants without a result (delete the folder to start over). For a mutant's diff:
+#   cd .mutation/learner && ../../.venv/bin/mutmut show 'actors.learner.x_lr_factor__mutmut_3'
+# Each module prints its wall time, its counts and its survivors.
+# After adding tests, RETEST=1 scripts/mutation_test.sh <module> clears the results of that module's
+# survivors (result "survived"), so that only they run again; RETEST='<glob> ...' only those survivors whose
+# names match, e.g. RETEST='*policy_loss__mutmut_36 *policy_loss__mutmut_82' scripts/mutation_test.sh loss
+# (a survivor runs every test that calls its function: re-running the equivalent ones costs the most).
+#
+# mutmut switches mutants on inside functions that run at test time; code that runs at import time (the
+# registry decorators register_estimator, register_loss, register_component) only ever runs unmutated
+# there. Survivors in those functions are re-checked by applying the mutant to a copy of the source and
+# running the module's tests in a fresh interpreter (reported as "killed at import" or "survived").
+#
+# On a shared machine, run each module under your CPU lock, e.g.
+#   for m in advantages loss; do flock -o /tmp/cpu.lock scripts/mutation_test.sh $m; done
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+venv=${VENV:-$repo/.venv}
+children=${MUTMUT_CHILDREN:-$(nproc)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per mutant worker, MUTMUT_CHILDREN workers at a time
+
+declare -A files=(
+    [advantages]=pipeline/advantages.py
+    [loss]=pipeline/loss.py
+    [rewards]=pipeline/rewards.py
+    [reward_components]=pipeline/reward_components.py
+    [learner]=actors/learner.py
+    [rollout_worker]=actors/rollout_worker.py
+)
+declare -A globs=(
+    [advantages]="pipeline.advantages.*"
+    [loss]="pipeline.loss.*"
+    [rewards]="pipeline.rewards.x_normalize_rewards__mutmut_* pipeline.rewards.x_score_component__mutmut_*"
+    [reward_components]="pipeline.reward_components.*"
+    [learner]="actors.learner.x_lr_factor__mutmut_* actors.learner.xǁLearnerǁtrain_step__mutmut_* actors.learner.xǁLearnerǁ_gradients__mutmut_* actors.learner.xǁLearnerǁ_count_nonfinite__mutmut_* actors.learner.xǁLearnerǁ_micro_batches__mutmut_* actors.learner.xǁLearnerǁ_reference_logprobs__mutmut_*"
+    [rollout_worker]="actors.rollout_worker.x_sample_tokens__mutmut_* actors.rollout_worker.xǁRolloutWorkerǁ_sample__mutmut_*"
+)
+declare -A tests=(
+    [advantages]="test_advantages test_loss test_rewards"
+    [loss]="test_loss"
+    [rewards]="test_rewards"
+    [reward_components]="test_rewards test_models"
+    [learner]="test_actors test_models test_rewards"
+    [rollout_worker]="test_actors test_models"
+)
+order=(advantages loss rewards reward_components learner rollout_worker)
+modules=("$@")
+((${#modules[@]})) || modules=("${order[@]}")
+for module in "${modules[@]}"; do
+    [[ -n ${files[$module]:-} ]] || { echo "unknown module '$module'; known: ${order[*]}" >&2; exit 2; }
+done
+
+for module in "${modules[@]}"; do
+    work=$repo/.mutation/$module
+    mkdir -p "$work"
+    # the code and tests as they are now (mutmut regenerates the mutants of a changed file)
+    rm -rf "$work/tests"
+    cp -r "$repo/pipeline" "$repo/actors" "$repo/tests" "$work/"
+    "$venv/bin/python" "$repo/scripts/mutation_undecorate.py" "$work/${files[$module]}"
+    selection=$(for t in ${tests[$module]} test_mutation_kills; do printf '"tests/%s.py", ' "$t"; done)
+    sed '/^\[tool\.mutmut\]/,$d' "$repo/pyproject.toml" >"$work/pyproject.toml"
+    cat >>"$work/pyproject.toml" <<EOF
+
+[tool.mutmut]
+source_paths = ["pipeline/", "actors/"]
+only_mutate = ["${files[$module]}"]
+pytest_add_cli_args_test_selection = [${selection%, }]
+pytest_add_cli_args = ["-p", "no:cacheprovider"]
+# torch is not fork-safe once its thread pools have run (children forked from the process that ran the
+# tests hang): fork every mutant's worker from a server that only imported and collected the tests
+process_isolation = "forkserver"
+EOF
+    read -r -a patterns <<<"${globs[$module]}"
+    if [[ -n ${RETEST:-} && $RETEST != 0 && -d $work/mutants ]]; then  # survivors only: back to "not checked"
+        (cd "$work" && "$venv/bin/python" - "$RETEST" "${patterns[@]}" <<'PY'
+import fnmatch, json, pathlib, sys
+only = None if sys.argv[1] == "1" else sys.argv[1].split()
+for meta in pathlib.Path("mutants").rglob("*.py.meta"):
+    data = json.loads(meta.read_text())
+    codes = data["exit_code_by_key"]
+    again = [
+        k for k, c in codes.items()
+        if c == 0 and any(fnmatch.fnmatch(k, p) for p in sys.argv[2:]) and (only is None or any(fnmatch.fnmatch(k, p) for p in only))
+    ]
+    codes.update(dict.fromkeys(again, None))
+    meta.write_text(json.dumps(data))
+    print(f"{meta}: {len(again)} survivors to run again")
+PY
+        )
+    fi
+    echo "=== $module: ${files[$module]}, mutants ${patterns[*]}; tests: ${tests[$module]} test_mutation_kills"
+    begin=$SECONDS
+    (cd "$work" && "$venv/bin/mutmut" run --max-children "$children" "${patterns[@]}") >"$work/run.log" 2>&1 || {
+        tr '\r' '\n' <"$work/run.log" | tail -30 >&2
+        echo "mutmut failed on $module (log: $work/run.log)" >&2
+        exit 1
+    }
+    echo "$module: mutmut run took $((SECONDS - begin)) s"
+    (cd "$work" && "$venv/bin/python" "$repo/scripts/mutation_report.py" "$venv" \
+        "$(for t in ${tests[$module]} test_mutation_kills; do printf 'tests/%s.py ' "$t"; done)" "${patterns[@]}")
+done

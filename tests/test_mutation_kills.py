@@ -1,0 +1,698 @@
+"""Tests written to kill mutants that survived scripts/mutation_test.sh (docs/testing.md lists them).
+
+Each test pins down one behaviour the rest of the suite left open; its docstring names what it pins.
+"""
+
+import math
+import re
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from transformers import GPT2Config, GPT2ForSequenceClassification
+
+from actors.learner import Learner
+from actors.rollout_worker import RolloutWorker, sample_tokens
+from pipeline.advantages import GroupStats, compute_advantages, kl_penalty, masked_whiten, outcome_aligned, returns_to_go
+from pipeline.batch import TOKEN_REWARD_TYPE, make_rollout_table, pad_right, response_mask, reward_column
+from pipeline.config import load_config
+from pipeline.errors import TokenforgeError
+from pipeline.loss import LOSSES, policy_loss
+from pipeline.models import build_sequences, load_tokenizer, response_logprobs
+from pipeline.reward_components import COMPONENTS
+from pipeline.rewards import (
+    FLOAT32_MAX,
+    ComponentEnv,
+    RewardComponent,
+    RewardError,
+    RewardInputs,
+    normalize_rewards,
+    score_component,
+)
+from pipeline.tiny_model import make_char_tokenizer
+
+T = torch.tensor
+
+
+# --- pipeline.advantages ---------------------------------------------------------------------------
+
+
+def test_kl_penalty_defaults_to_k1_and_refuses_mismatched_shapes():
+    logp, ref = T([[-1.0, -0.25]]), T([[-2.0, -0.5]])
+    assert torch.equal(kl_penalty(logp, ref), kl_penalty(logp, ref, "k1"))
+    with pytest.raises(ValueError, match=r"^shape mismatch: logprobs=\(2, 2\), ref_logprobs=\(1, 2\); all must be \(batch, tokens\)$"):
+        kl_penalty(logp.repeat(2, 1), ref)  # (1, 2) would broadcast silently
+
+
+def test_k3_clamps_the_log_ratio_to_plus_minus_20():
+    """k3 = exp(-d) + d - 1 with d = logp - logp_ref clamped to [-20, 20] (docs/algorithms.md)."""
+    logp, ref = T([[-30.0, -1.0, -0.5]]), T([[-1.0, -30.0, -0.5]])  # d = -29, +29, 0
+    k3 = kl_penalty(logp, ref, "k3")
+    assert k3[0, 0].item() == pytest.approx(math.exp(20.0) - 20.0 - 1.0, rel=1e-6)
+    assert k3[0, 1].item() == pytest.approx(math.exp(-20.0) + 20.0 - 1.0, rel=1e-6)
+    assert k3[0, 2].item() == 0.0
+
+
+def test_kl_penalty_is_float32_for_any_input_precision():
+    """Both log-probs are converted to float32 before the difference: float64 inputs give the float32 result."""
+    logp = torch.tensor([[-1 / 3, -2 / 7]], dtype=torch.float64)
+    ref = torch.tensor([[-1 / 7, -1 / 9]], dtype=torch.float64)
+    for kind in ("k1", "k2", "k3"):
+        kl = kl_penalty(logp, ref, kind)
+        assert kl.dtype == torch.float32
+        assert torch.equal(kl, kl_penalty(logp.float(), ref.float(), kind))
+
+
+def test_masked_whiten_centres_by_default_and_computes_in_float64():
+    values = T([[1 / 3, 2 / 3, 9.0], [1 / 7, 0.0, 0.0]])
+    mask = T([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    out = masked_whiten(values, mask)
+    assert out.dtype == torch.float64
+    valid = values[mask.bool()].double()
+    expected = (valid - valid.mean()) / torch.sqrt(valid.var(unbiased=False) + 1e-8)
+    assert torch.allclose(out[mask.bool()], expected, rtol=1e-12, atol=0)
+    assert out[0, 2] == 0 and out[1, 1] == 0
+
+
+def test_whitening_a_single_valid_token():
+    """One valid token: its mean is itself and its variance 0, so centred whitening gives exactly 0 and the
+    uncentred form divides by sqrt(1e-8) only."""
+    mask = T([[1.0, 0.0]])
+    assert torch.equal(compute_advantages("reinforce++", T([[0.7, 5.0]]), mask, T([0])), torch.zeros(1, 2))
+    expected = torch.tensor([[0.5 / math.sqrt(1e-8), 0.0]], dtype=torch.float64)
+    assert torch.allclose(masked_whiten(T([[0.5, 5.0]]), mask, center=False), expected, rtol=1e-12, atol=0)
+
+
+def test_unknown_names_list_every_known_one_exactly():
+    with pytest.raises(ValueError, match=r"^unknown advantage estimator 'gae'; known: grpo, reinforce, reinforce\+\+, reinforce\+\+_baseline, rloo$"):
+        compute_advantages("gae", T([[1.0]]), T([[1.0]]), T([0]))
+    with pytest.raises(ValueError, match=r"^unknown loss 'dpo'; known: ppo_clip, reinforce$"):
+        policy_loss(T([[0.0]]), T([[0.0]]), T([[0.0]]), T([[1.0]]), loss="dpo")
+
+
+def test_an_empty_batch_gives_empty_advantages():
+    for name in ("reinforce", "rloo", "grpo", "reinforce++", "reinforce++_baseline"):
+        advantages = compute_advantages(name, torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+        assert advantages.shape == (0, 3) and advantages.dtype == torch.float32
+
+
+def test_rloo_scales_with_the_rewards_down_to_tiny_magnitudes():
+    """Exact zeros come only from values equal up to EQUAL_RTOL x the rewards' own size: rewards of 1e-7 and 2e-7
+    are as different as 1 and 2 (A scales with them), while 1000 and 1000 + 1e-4 count as equal."""
+    mask, groups = T([[1.0, 1.0], [1.0, 1.0]]), T([0, 0])
+    for scale in (1.0, 1e-3, 1e-7):
+        rewards = torch.tensor([[0.0, 1.0], [0.0, 2.0]], dtype=torch.float64) * scale
+        assert torch.allclose(compute_advantages("rloo", rewards, mask, groups), T([[-1.0, -1.0], [1.0, 1.0]]) * scale, rtol=1e-5, atol=0)
+    near = torch.tensor([[0.0, 1000.0], [0.0, 1000.0001]], dtype=torch.float64)
+    for name in ("rloo", "grpo", "reinforce++_baseline"):
+        assert torch.equal(compute_advantages(name, near, mask, groups), torch.zeros(2, 2))
+
+
+def test_the_equality_tolerance_is_inclusive_and_uses_discounted_magnitudes():
+    """Values exactly EQUAL_RTOL x M apart count as equal (M = 2^40 from a +-2^39 pair of tokens; 1e-6 x 2^40 is
+    exact in float64); and M is sum_k gamma^(k-t) |r_k|, so a far-off +-1e6 pair hardly widens it with gamma = 0.1."""
+    tolerance = 1e-6 * 2.0**40
+    rewards = torch.tensor([[tolerance, 0.0], [2.0**39, -(2.0**39)]], dtype=torch.float64)
+    advantages = compute_advantages("rloo", rewards, torch.ones(2, 2), T([0, 0]))
+    assert advantages[:, 0].tolist() == [0.0, 0.0]  # spread == tolerance at t = 0: equal
+    assert (advantages[:, 1] != 0).all()
+    rewards = torch.tensor([[1.0, 0.0, 1e6, -1e6], [1.5, 0.0, 1e6, -1e6]], dtype=torch.float64)
+    advantages = compute_advantages("rloo", rewards, torch.ones(2, 4), T([0, 0]), gamma=0.1)
+    assert torch.allclose(advantages[:, 0], T([-0.5, 0.5]))  # spread 0.5 > 1e-6 x (1.5 + 0.01e6 + 0.001e6)
+
+
+def test_returns_to_go_names_token_rewards_when_a_valid_reward_is_not_finite():
+    with pytest.raises(ValueError, match=r"^token_rewards holds NaN or inf at sample 1, token 0$"):
+        returns_to_go(T([[1.0, 0.0], [math.inf, 0.0]]), T([[1.0, 0.0], [1.0, 0.0]]))
+
+
+def test_returns_to_go_sums_float32_rewards_in_float64():
+    """G_t is float64 whatever the rewards' precision: 1e8 + 1 (not a float32) survives the sum."""
+    returns = returns_to_go(T([[1e8, 1.0]]), T([[1.0, 1.0]]))
+    assert returns.dtype == torch.float64
+    assert returns.tolist() == [[100000001.0, 1.0]]
+
+
+def test_group_stats_of_float32_values_are_float64():
+    """GroupStats converts float32 values and magnitudes to float64 (its docstring: every tensor float64)."""
+    values = T([[1e8], [1.0], [3.0]])
+    stats = GroupStats(values, values.abs(), T([1.0, 1.0, 1.0]), T([0, 0, 1]))
+    for name in ("values", "count", "total", "mean", "std"):
+        assert getattr(stats, name).dtype == torch.float64, name
+    assert stats.total[:, 0].tolist() == [100000001.0, 100000001.0, 3.0]
+    assert stats.mean[:, 0].tolist() == [50000000.5, 50000000.5, 3.0]  # a group of one: its own value
+
+
+def test_grpo_divides_by_std_plus_eps():
+    """A = (G - mean) / (std + 1e-6): with rewards 0 and 2e-6 (unequal: spread 2e-6 > 1e-6 x 2e-6) the
+    unbiased std is sqrt(2) x 1e-6, so A = +-1e-6 / ((sqrt(2) + 1) x 1e-6)."""
+    rewards = torch.tensor([[0.0], [2e-6]], dtype=torch.float64)
+    advantages = compute_advantages("grpo", rewards, torch.ones(2, 1), T([0, 0]))
+    expected = 1 / (math.sqrt(2) + 1)
+    assert torch.allclose(advantages[:, 0], T([-expected, expected]), rtol=1e-5, atol=0)
+
+
+def test_outcome_aligned_stays_on_the_inputs_device():
+    """Positions are made on the mask's device (the meta device stands in for a GPU: mixing devices raises)."""
+    mask = T([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]).to("meta")
+    aligned = outcome_aligned(torch.zeros(2, 3, dtype=torch.float64, device="meta"), mask)
+    assert aligned.device.type == "meta" and aligned.shape == (2, 3)
+
+
+# --- actors.rollout_worker: sample_tokens and the generation loop ---------------------------------------
+
+
+DYADIC = torch.log(T([[0.5, 0.25, 0.125, 0.125], [0.125, 0.125, 0.25, 0.5]]))  # softmax gives these exactly
+
+
+def sampled_from(monkeypatch, logits, temperature, top_p, seed=0):
+    """(tokens, logprobs, the weights torch.multinomial drew from)."""
+    drawn = []
+    real = torch.multinomial
+
+    def recording(probs, *args, **kwargs):
+        drawn.append(probs.clone())
+        return real(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", recording)
+    tokens, logprobs = sample_tokens(logits, temperature, top_p, False, torch.Generator().manual_seed(seed))
+    return tokens, logprobs, drawn[0]
+
+
+def test_sample_tokens_draws_from_the_tempered_softmax_and_reports_its_log_prob(monkeypatch):
+    logits = T([[1.0, -0.5, 0.25, 2.0], [0.0, 3.0, -1.0, 0.5], [0.3, 0.2, 0.1, 0.0]])
+    tokens, logprobs, probs = sampled_from(monkeypatch, logits, 0.7, 1.0)
+    log_pi = torch.log_softmax(logits / 0.7, dim=-1)
+    assert tokens.shape == (3,) and logprobs.shape == (3,)
+    assert torch.equal(probs, log_pi.exp())  # top_p = 1: nothing cut, not even tokens of probability < 2^-24
+    assert torch.equal(logprobs, log_pi.gather(-1, tokens[:, None]).squeeze(-1))
+    tiny = T([[0.0, -18.0]])  # p = [1 - 1.5e-8, 1.5e-8]: in float32 the mass before token 1 rounds to 1.0
+    assert sampled_from(monkeypatch, tiny, 1.0, 1.0)[2][0, 1] > 0
+
+
+def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_top_p(monkeypatch):
+    """Nucleus with exact dyadic probabilities: top_p = 0.75 keeps the two most likely tokens of each row
+    (their mass is exactly 0.75; the third token's preceding mass equals top_p, so it is cut)."""
+    _, _, probs = sampled_from(monkeypatch, DYADIC, 1.0, 0.75)
+    assert torch.equal(probs, T([[0.5, 0.25, 0.0, 0.0], [0.0, 0.0, 0.25, 0.5]]))
+    tokens, logprobs, _ = sampled_from(monkeypatch, DYADIC.repeat(200, 1), 1.0, 0.75, seed=3)
+    assert set(tokens[0::2].tolist()) == {0, 1} and set(tokens[1::2].tolist()) == {2, 3}
+    assert torch.equal(logprobs, torch.log_softmax(DYADIC.repeat(200, 1), -1).gather(-1, tokens[:, None]).squeeze(-1))  # untruncated pi
+
+
+def test_sample_tokens_greedy_and_one_row():
+    logits = T([[0.1, 0.9, 0.3], [2.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+    tokens, logprobs = sample_tokens(logits, 0.5, 0.9, True, torch.Generator())
+    assert tokens.tolist() == [1, 0, 2]
+    assert torch.allclose(logprobs, torch.log_softmax(logits / 0.5, -1).max(-1).values)
+    one, one_logprob = sample_tokens(logits[:1], 1.0, 1.0, False, torch.Generator().manual_seed(0))
+    assert one.shape == (1,) and one_logprob.shape == (1,)
+
+
+def test_sampling_uses_only_the_given_generator():
+    logits = torch.zeros(64, 5)
+    draws = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        draws.append(sample_tokens(logits, 1.0, 0.9, False, torch.Generator().manual_seed(7))[0])
+    assert torch.equal(draws[0], draws[1])
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for the policy in RolloutWorker._sample: at generation step t, row i puts logit 2 on
+    script[i][t] (0 elsewhere), and every call is recorded with its cache."""
+
+    def __init__(self, script, vocab):
+        super().__init__()
+        self.script, self.vocab, self.calls = script, vocab, []
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None):
+        step = len(self.calls)
+        self.calls.append(dict(input_ids=input_ids.clone(), attention_mask=attention_mask.clone(),
+                               position_ids=position_ids.clone(), use_cache=use_cache, cache=past_key_values))
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        for i, row in enumerate(self.script):
+            logits[i, -1, row[min(step, len(row) - 1)]] = 2.0
+        return type("Out", (), {"logits": logits, "past_key_values": ("cache", step)})()
+
+
+def scripted_worker(builtin_model_path, script, **rollout):
+    config = load_config(overrides=[f"rollout.{k}={v}" for k, v in rollout.items()])
+    worker = RolloutWorker(config, builtin_model_path)
+    worker.model = ScriptedModel(script, len(worker.tokenizer))
+    worker.cache_key = "past_key_values"
+    return worker
+
+
+def test_generation_loop_stops_rows_at_eos_pads_after_it_and_feeds_the_cache(builtin_model_path):
+    eos, pad = 1, 0
+    script = [[5, eos, 7, eos], [6, 6, 6, 6], [eos, 8, 8, 8]]  # stops at step 1, never, at step 0
+    worker = scripted_worker(builtin_model_path, script, max_new_tokens=4, temperature=0.5)
+    ids = T([[pad, 3, 4], [3, 4, 4], [pad, pad, 3]])
+    attention = (ids != pad).long()
+    tokens, logprobs, lengths, finished = worker._sample(ids, attention, greedy=True)
+    assert tokens.tolist() == [[5, eos, pad, pad], [6, 6, 6, 6], [eos, pad, pad, pad]]
+    assert lengths == [2, 4, 1] and finished == [True, False, True]
+    top = float(torch.log_softmax(T([2.0] + [0.0] * 14) / 0.5, -1)[0])  # log pi of the scripted token
+    assert torch.allclose(logprobs, T([[top, top, 0, 0], [top] * 4, [top, 0, 0, 0]]))
+    assert (logprobs[tokens == pad] == 0).all()
+    calls = worker.model.calls
+    assert len(calls) >= 4  # the prompt, then one call per generated token (but the last, at least)
+    assert torch.equal(calls[0]["input_ids"], ids) and torch.equal(calls[0]["attention_mask"], attention)
+    assert calls[0]["position_ids"].tolist() == [[0, 0, 1], [0, 1, 2], [0, 0, 0]]
+    for t, call in enumerate(calls[1:4], start=1):
+        assert call["use_cache"] is True and call["cache"] == ("cache", t - 1)  # the previous call's cache
+        assert call["input_ids"].tolist() == [[row[t - 1]] for row in script]  # the token sampled last
+        assert torch.equal(call["attention_mask"], torch.cat([attention, torch.ones(3, t, dtype=torch.long)], 1))
+        assert call["position_ids"].tolist() == [[1 + t], [2 + t], [t]]
+    assert calls[0]["use_cache"] is True
+
+
+def test_generation_loop_ends_as_soon_as_every_row_stopped(builtin_model_path):
+    eos = 1
+    worker = scripted_worker(builtin_model_path, [[5, eos], [eos]], max_new_tokens=6)
+    ids = T([[3, 4], [3, 4]])
+    tokens, logprobs, lengths, finished = worker._sample(ids, torch.ones_like(ids), greedy=True)
+    assert tokens.shape == (2, 2) and lengths == [2, 1] and finished == [True, True]
+    assert len(worker.model.calls) == 2
+
+
+def test_generation_loop_samples_unless_greedy_with_the_configured_top_p(builtin_model_path):
+    """Scripted logit 2 vs 0 elsewhere: sampling leaves the scripted token often; top_p = 1e-6 keeps only it."""
+    script = [[5] * 6] * 4
+    ids = T([[3, 4]] * 4)
+    sampled = scripted_worker(builtin_model_path, script, max_new_tokens=6)._sample(ids, torch.ones_like(ids), greedy=False)[0]
+    assert (sampled != 5).any()
+    nucleus = scripted_worker(builtin_model_path, script, max_new_tokens=6, top_p=1e-6)._sample(ids, torch.ones_like(ids), greedy=False)[0]
+    assert (nucleus == 5).all()
+
+
+# --- pipeline.rewards: normalize_rewards and score_component ------------------------------------------
+
+
+def test_normalisation_divides_every_token_and_takes_the_mean_off_the_last_valid_one():
+    """Token-level rows of lengths 3, 2, 1 (padding holds garbage): s = [1/3 + 1/7 + 1, 2/3 + 1/9, 5/7];
+    r_jt / (std(s) + 1e-6), minus mean(s) / (std(s) + 1e-6) on each row's last valid token, exactly."""
+    rewards = torch.tensor([[1 / 3, 1 / 7, 1.0, 9.0], [2 / 3, 1 / 9, 7.0, 7.0], [5 / 7, 3.0, 3.0, 3.0]], dtype=torch.float64)
+    mask = T([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    out = normalize_rewards(rewards, mask, torch.tensor([4, 4, 4]), "group")
+    totals = (rewards * mask).sum(1)
+    scale = 1.0 / (totals.std() + 1e-6)
+    expected = torch.where(mask.bool(), rewards, 0.0) * scale
+    for row, last in enumerate([2, 1, 0]):
+        expected[row, last] -= totals.mean() * scale
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-15)
+    unchanged = normalize_rewards(rewards.float(), mask, torch.tensor([4, 4, 4]), "none")
+    assert unchanged.dtype == torch.float64 and torch.equal(unchanged, rewards.float().double())  # float64 in every mode
+
+
+def test_samples_a_component_does_not_apply_to_take_no_part_in_its_normalisation():
+    """A row with an all-zero mask (the component returned None for it) neither counts in the group's mean
+    and std nor receives anything."""
+    rewards = T([[0.0, 1.0], [0.0, 0.5], [9.0, 9.0], [0.0, 0.2]])
+    applies = T([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
+    groups = torch.tensor([0, 0, 0, 0])
+    out = normalize_rewards(rewards, applies, groups, "batch")
+    alone = normalize_rewards(rewards[[0, 1, 3]], applies[[0, 1, 3]], groups[:3], "batch")
+    assert torch.equal(out[[0, 1, 3]], alone) and torch.equal(out[2], torch.zeros(2, dtype=torch.float64))
+    equal = T([[1 / 3, 1 / 3], [0.0, 2 / 3], [9.0, 9.0], [2 / 3, 0.0]])  # totals 2/3 but for the row it skips
+    assert torch.equal(normalize_rewards(equal, applies, groups, "group"), torch.zeros(4, 2, dtype=torch.float64))
+
+
+class Fixed(RewardComponent):
+    """A component returning the given per-sample scores."""
+
+    def __init__(self, scores):
+        super().__init__(None, None)
+        self.scores = scores
+
+    def __call__(self, inputs):
+        return self.scores
+
+
+def three_samples(lengths=(3, 2, 1)) -> RewardInputs:
+    ids = [[7] * n for n in lengths]
+    return RewardInputs(prompts=["a", "b", "c"], completions=["x"] * 3, completion_ids=ids, texts=["x"] * 3,
+                        token_spans=[[(0, 0)] * n for n in lengths], columns={}, sample_ids=[5, 6, 7])
+
+
+def test_score_component_reads_arrays_as_token_rewards_and_scalars_as_sequence_rewards():
+    scores = [np.array([0.25, 0.5, 1 / 3]), torch.tensor([1.5, -2.0]), np.float64(0.75)]
+    assert score_component("c", Fixed(scores), three_samples()) == [
+        [0.25, 0.5, pytest.approx(1 / 3)], [1.5, -2.0], [0.75]
+    ]
+    assert score_component("c", Fixed([2.5, None, torch.tensor(4.0)]), three_samples()) == [[0.0, 0.0, 2.5], None, [4.0]]
+
+
+def test_the_largest_float32_is_a_valid_reward_and_anything_beyond_is_not():
+    assert score_component("c", Fixed([FLOAT32_MAX, [-FLOAT32_MAX, 0.0], 1.0]), three_samples()) == [
+        [0.0, 0.0, FLOAT32_MAX], [-FLOAT32_MAX, 0.0], [1.0]
+    ]
+    beyond = float(np.nextafter(FLOAT32_MAX, np.inf))
+    with pytest.raises(RewardError, match=r"^reward 'c', sample 6 \(prompt 'b'\): NaN, inf or a value beyond float32's range"):
+        score_component("c", Fixed([1.0, [beyond, 0.0], 1.0]), three_samples())
+
+
+# --- pipeline.loss ------------------------------------------------------------------------------------
+
+
+LOGP = T([[-1.0, -2.0], [-0.5, 0.0]])
+ADV = T([[1.0, 2.0], [3.0, 0.0]])
+MASK = T([[1.0, 1.0], [1.0, 0.0]])
+
+
+def test_ppo_clip_defaults_to_0_2_on_both_sides():
+    logp, behaviour = T([[-1.5, -0.5]]), T([[-1.0, -1.0]])  # ratios e^-0.5 = 0.61 and e^0.5 = 1.65
+    advantages, mask = T([[-1.0, 1.0]]), T([[1.0, 1.0]])
+    loss, metrics = policy_loss(logp, behaviour, advantages, mask, loss="ppo_clip")
+    # A = -1: -min(-0.61, -0.8) = 0.8 ; A = 1: -min(1.65, 1.2) = -1.2
+    assert loss.item() == pytest.approx((0.8 - 1.2) / 2)
+    assert metrics["is_weight/clip_frac"] == 1.0
+    token_loss, parts = LOSSES["ppo_clip"](logp, behaviour, advantages)  # the registered function's own defaults
+    assert torch.allclose(token_loss, T([[0.8, -1.2]])) and parts["clipped"].tolist() == [[True, True]]
+
+
+def test_policy_loss_passes_clip_high_to_ppo():
+    """A clip_high other than the default reaches the PPO loss: ratio e^0.3 = 1.35 with A = 1 is clipped at
+    1 + 0.1, not at 1 + 0.5."""
+    logp, behaviour, advantages, mask = T([[-0.7]]), T([[-1.0]]), T([[1.0]]), T([[1.0]])
+    for clip_high, expected in ((0.1, -1.1), (0.5, -math.exp(0.3))):
+        loss, _ = policy_loss(logp, behaviour, advantages, mask, loss="ppo_clip", clip_high=clip_high)
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_policy_loss_is_float32_whatever_the_masks_type():
+    """The mask is converted to float32 first: a bool, int or float64 mask gives the float32 mask's loss and
+    metrics, and a float32 loss."""
+    logp, behaviour, advantages = T([[-0.5, -1.0, -2.0]]), T([[-0.75, -1.0, -1.5]]), T([[1 / 3, -0.5, 2.0]])
+    entropy = torch.tensor([[1 / 3, 0.5, 1 / 7]], dtype=torch.float64)
+    reference = policy_loss(logp, behaviour, advantages, T([[1.0, 1.0, 0.0]]), agg="seq-mean-token-mean", entropy=entropy)
+    for dtype in (torch.bool, torch.int64, torch.float64):
+        mask = torch.tensor([[1, 1, 0]], dtype=dtype)
+        loss, metrics = policy_loss(logp, behaviour, advantages, mask, agg="seq-mean-token-mean", entropy=entropy)
+        assert loss.dtype == torch.float32 and torch.equal(loss, reference[0]), dtype
+        assert metrics == reference[1]
+    # metrics are float32 token means, also of float64 inputs: mean(float32(1/3), float32(1/2))
+    assert reference[1]["entropy"] == float((T([1 / 3]) + T([0.5])) / 2)
+
+
+def test_k1_in_the_loss_is_refused_with_the_exact_message():
+    with pytest.raises(ValueError, match=r"^kl_kind 'k1' in the loss has zero expected gradient; use k2 or k3$"):
+        policy_loss(T([[-0.5]]), T([[-0.5]]), T([[1.0]]), T([[1.0]]), ref_logprobs=T([[-1.0]]), kl_coef=0.1, kl_kind="k1")
+
+
+def test_kl_and_entropy_coefficients_without_their_tensors_are_refused_with_exact_messages():
+    args = (T([[-0.5]]), T([[-0.5]]), T([[1.0]]), T([[1.0]]))
+    with pytest.raises(ValueError, match=r"^kl_coef > 0 needs ref_logprobs \(enable the reference model\)$"):
+        policy_loss(*args, kl_coef=0.1)
+    with pytest.raises(ValueError, match=r"^entropy_coef > 0 needs the per-token entropy tensor$"):
+        policy_loss(*args, entropy_coef=0.01)
+
+
+def test_nothing_counts_as_clipped_or_capped_on_policy():
+    """On-policy (ratio exactly 1): no PPO clip binds and a cap of exactly 1 does not count as capping."""
+    ppo = policy_loss(LOGP, LOGP, ADV, MASK, loss="ppo_clip")[1]
+    capped = policy_loss(LOGP, LOGP, ADV, MASK, is_cap=1.0)[1]
+    for metrics in (ppo, capped):
+        assert metrics["is_weight/mean"] == 1.0 and metrics["is_weight/clip_frac"] == 0.0
+
+
+def test_kl_in_the_loss_defaults_to_k2():
+    ref = LOGP - 0.5
+    loss, metrics = policy_loss(LOGP, LOGP, ADV, MASK, ref_logprobs=ref, kl_coef=0.1)
+    assert metrics["kl"] == pytest.approx(0.125)  # 0.5 * 0.5^2
+    assert loss.item() == pytest.approx(6.5 / 3 + 0.1 * 0.125)
+
+
+def test_every_shape_mismatch_is_named():
+    good = dict(logprobs=LOGP, behaviour_logprobs=LOGP, advantages=ADV, mask=MASK)
+    for name in good:
+        bad = dict(good, **{name: good[name][:, :1]})  # (2, 1) would broadcast silently
+        shapes = ", ".join(f"{k}={(2, 1) if k == name else (2, 2)}" for k in good)
+        with pytest.raises(ValueError, match=f"^{re.escape(f'shape mismatch: {shapes}; all must be (batch, tokens)')}$"):
+            policy_loss(**bad)
+    for extra in ("ref_logprobs", "entropy"):
+        with pytest.raises(ValueError, match=re.escape(f"shape mismatch: logprobs=(2, 2), {extra}=(2, 1)")):
+            policy_loss(**good, **{extra: LOGP[:, :1]})
+
+
+def test_non_finite_behaviour_logprobs_are_refused_but_padding_may_hold_anything():
+    with pytest.raises(ValueError, match=r"^behaviour_logprobs holds NaN or inf at sample 1, token 0$"):
+        policy_loss(LOGP, T([[-1.0, -1.0], [float("-inf"), 0.0]]), ADV, MASK)
+    garbage = T([[-1.0, -2.0], [-0.5, float("nan")]])
+    assert policy_loss(LOGP, garbage, ADV, MASK)[0].item() == pytest.approx(6.5 / 3)
+
+
+def test_a_single_valid_token_and_a_single_sequence():
+    mask = T([[1.0, 0.0]])
+    logp, advantages = T([[-2.0, -1.0]]), T([[1.5, 4.0]])
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        loss, metrics = policy_loss(logp, logp, advantages, mask, agg=agg)
+        assert loss.item() == 3.0 and metrics["is_weight/mean"] == 1.0, agg  # -1.5 * -2, over 1 token / 1 sequence
+
+
+# --- actors.learner -----------------------------------------------------------------------------------
+
+
+EOS = 1
+RESPONSES = [[4, EOS], [5, 6, EOS], [4, EOS], [4, EOS]]  # groups 0 | 1; group 1's samples are identical
+EXACT = [[0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+DIGIT = [[1 / 3, 1 / 3], [1 / 3, 0.0, 0.0], [1 / 3, 1 / 3], [1 / 3, 1 / 3]]
+
+
+def hand_scored_batch(exact=EXACT, digit=DIGIT, finished=(True, False, True, True)) -> pa.Table:
+    core = {
+        "sample_id": [0, 1, 2, 3],
+        "group_id": [0, 0, 1, 1],
+        "prompt_text": ["1+2="] * 4,
+        "prompt_ids": [[4, 13, 5, 14]] * 4,
+        "response_ids": RESPONSES,
+        "behaviour_logprobs": [[-1.0 - 0.1 * k for k in range(len(r))] for r in RESPONSES],
+        "response": ["1", "23", "1", "1"],
+        "finished": list(finished),
+        "policy_version": [0] * 4,
+        "worker": ["local"] * 4,
+    }
+    table = make_rollout_table(core, pa.table({"prompt": ["1+2="] * 4, "answer": ["3"] * 4}))
+    table = table.append_column(reward_column("exact_match"), pa.array(exact, type=TOKEN_REWARD_TYPE))
+    return table.append_column(reward_column("digit_match"), pa.array(digit, type=TOKEN_REWARD_TYPE))
+
+
+def learner_for(builtin_model_path, *overrides):
+    config = load_config(overrides=["reward.weights={exact_match: 2.0, digit_match: 0.5}", *overrides])
+    return Learner(config, builtin_model_path, builtin_model_path)
+
+
+def test_learner_step_reports_every_metric_with_its_value(builtin_model_path):
+    learner = learner_for(builtin_model_path)
+    batch = hand_scored_batch()
+    metrics = learner.train_step(batch)
+    assert set(metrics) == {
+        "reward/exact_match/mean", "reward/exact_match/std", "reward/digit_match/mean", "reward/digit_match/std",
+        "reward/total/mean", "learner/kept_frac", "loss/policy", "loss/grad_norm", "learner/lr",
+        "policy/is_weight/mean", "policy/is_weight/clip_frac", "policy/entropy", "advantage/abs_mean",
+        "response/length_mean", "response/finished_frac", "learner/policy_version", "learner/tokens",
+        "learner/skipped_nonfinite", "advantage/zero_frac",
+    }
+    assert metrics["advantage/zero_frac"] == 0.5  # group 1's two samples: every token's advantage exactly 0
+    digit_totals = torch.tensor([2 / 3, 1 / 3, 2 / 3, 2 / 3])
+    assert metrics["reward/exact_match/mean"] == 0.75 and metrics["reward/exact_match/std"] == pytest.approx(0.5)
+    assert metrics["reward/digit_match/mean"] == pytest.approx(7 / 12)
+    assert metrics["reward/digit_match/std"] == pytest.approx(float(digit_totals.std()))
+    assert metrics["reward/total/mean"] == pytest.approx(2.0 * 0.75 + 0.5 * 7 / 12)
+    assert metrics["learner/kept_frac"] == 0.5  # group 1 is all equal: A = 0, left out
+    mask = response_mask(batch)
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
+    advantages = compute_advantages("grpo", rewards, mask, torch.tensor([0, 0, 1, 1]))
+    assert metrics["advantage/abs_mean"] == pytest.approx(float((advantages.abs() * mask).sum() / 9))
+    assert metrics["response/length_mean"] == 2.25 and metrics["learner/tokens"] == 9.0
+    assert metrics["response/finished_frac"] == 0.75
+    assert metrics["learner/policy_version"] == 1.0 and metrics["learner/skipped_nonfinite"] == 0.0
+    assert metrics["learner/lr"] == pytest.approx(learner.config.learner.lr / (learner.config.learner.warmup_steps + 1))
+    assert learner.train_step(batch)["learner/policy_version"] == 2.0 and learner.get_version() == 2
+
+
+@pytest.mark.parametrize(
+    ("agg", "loss", "clip"),
+    [("token-mean", "reinforce", {}), ("seq-mean-token-sum-norm", "reinforce", {}),
+     ("seq-mean-token-mean", "ppo_clip", {"clip_low": 0.05, "clip_high": 0.1})],
+)
+def test_learner_loss_is_the_policy_loss_of_the_whole_batch(builtin_model_path, agg, loss, clip):
+    """loss/policy equals policy_loss on the full batch with the configured loss, aggregation and clip range (its own
+    token and sequence counts, max_len = rollout.max_new_tokens), although zero-advantage samples were left out of
+    the pass; the policy metrics are token means over the kept samples."""
+    overrides = [f"algorithm.agg={agg}", f"algorithm.loss={loss}", "learner.micro_batch_size=1"]
+    learner = learner_for(builtin_model_path, *overrides, *(f"algorithm.{k}={v}" for k, v in clip.items()))
+    batch = hand_scored_batch()
+    mask = response_mask(batch)
+    sequences = build_sequences(batch.column("prompt_ids").to_pylist(), RESPONSES, learner.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logprobs, entropy = response_logprobs(learner.model, sequences, learner.config.rollout.temperature)
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
+    advantages = compute_advantages("grpo", rewards, mask, torch.tensor([0, 0, 1, 1]))
+    behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist())  # far from the model's: ratios leave 1
+    expected, _ = policy_loss(logprobs, behaviour, advantages, mask, agg=agg, loss=loss, max_len=learner.config.rollout.max_new_tokens, **clip)
+    kept = policy_loss(logprobs[:2], behaviour[:2], advantages[:2], mask[:2], agg=agg, loss=loss, **clip)[1]
+    metrics = learner.train_step(batch)
+    assert metrics["loss/policy"] == pytest.approx(float(expected), rel=1e-5)
+    assert metrics["policy/is_weight/mean"] == pytest.approx(kept["is_weight/mean"], rel=1e-5)
+    assert metrics["policy/is_weight/clip_frac"] == pytest.approx(kept["is_weight/clip_frac"], rel=1e-5)
+    assert metrics["policy/entropy"] == pytest.approx(float((entropy[:2] * mask[:2]).sum() / mask[:2].sum()), rel=1e-5)
+    if loss == "ppo_clip":
+        assert 0 < metrics["policy/is_weight/clip_frac"] < 1  # the clip range binds on some tokens, not all
+
+
+def first_gradient(learner, batch) -> torch.Tensor:
+    """The gradient of the learner's next update (its optimizer step replaced by a recorder), flattened."""
+    grads = []
+    learner.optimizer.step = lambda: grads.append(torch.cat([p.grad.flatten() for p in learner.model.parameters()]))
+    learner.train_step(batch)
+    return grads[0]
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_entropy_and_kl_loss_terms_reach_the_gradient(builtin_model_path):
+    """entropy_coef and kl_coef (with kl_loss_kind) each change the update; the KL gradient is 0 while the policy
+    equals the reference, so the policy first takes a step away from it."""
+    batch = hand_scored_batch()
+    plain = first_gradient(learner_for(builtin_model_path), batch)
+    assert not torch.allclose(first_gradient(learner_for(builtin_model_path, "algorithm.entropy_coef=0.5"), batch), plain)
+    moved = learner_for(builtin_model_path, "learner.lr=1e-2", "learner.warmup_steps=0")
+    moved.train_step(batch)
+    grads = {}
+    for name, overrides in {"none": [], "k2": ["algorithm.kl_coef=0.5"], "k3": ["algorithm.kl_coef=0.5", "algorithm.kl_loss_kind=k3"]}.items():
+        learner = learner_for(builtin_model_path, "algorithm.skip_zero_advantage=false", *overrides)
+        learner.model.load_state_dict(moved.model.state_dict())
+        grads[name] = first_gradient(learner, batch)
+    assert not torch.allclose(grads["k2"], grads["none"]) and not torch.allclose(grads["k3"], grads["k2"])
+
+
+def test_a_component_that_applies_to_one_sample_has_std_0(builtin_model_path):
+    learner = learner_for(builtin_model_path)
+    digit = [None, [0.25, 0.0, 0.5], None, None]
+    metrics = learner.train_step(hand_scored_batch(digit=digit))
+    assert metrics["reward/digit_match/mean"] == 0.75 and metrics["reward/digit_match/std"] == 0.0
+    assert metrics["reward/total/mean"] == pytest.approx(2.0 * 0.75 + 0.5 * 0.75 / 4)
+
+
+def test_skipped_updates_are_counted_per_update_and_warn_about_nothing(builtin_model_path):
+    learner = learner_for(builtin_model_path, "learner.updates_per_batch=2", "algorithm.is_cap=2.0", "learner.max_nonfinite_steps=1")
+    inf = [[0.0, float("inf")], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+    with pytest.raises(TokenforgeError, match=r"^1 consecutive steps up to update 1 had a NaN/inf"):
+        learner.train_step(hand_scored_batch(exact=inf))  # no `step`: the update number names it
+    learner = learner_for(builtin_model_path, "learner.updates_per_batch=2", "algorithm.is_cap=2.0")
+    assert learner.train_step(hand_scored_batch(exact=inf))["learner/skipped_nonfinite"] == 2.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learner.train_step(hand_scored_batch(exact=inf))  # the schedule steps without optimizer steps, silently
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    assert learner.scheduler.last_epoch == 4
+
+
+# --- pipeline.reward_components -----------------------------------------------------------------------
+
+
+def text_inputs(completions, **columns) -> RewardInputs:
+    return RewardInputs(prompts=[f"p{i}" for i in range(len(completions))], completions=completions,
+                        completion_ids=[[7] * max(1, len(c)) for c in completions], texts=completions,
+                        token_spans=[[(0, 0)] * max(1, len(c)) for c in completions], columns=columns)
+
+
+def component(type_name, env=None, **options):
+    cls = COMPONENTS[type_name]
+    return cls(cls.Options(**options), env)
+
+
+def test_exact_match_whitespace_and_case_options_do_only_what_they_say():
+    refs = {"answer": ["hello world", "a b", "straße"]}
+    batch = text_inputs(["helloworld", "ab", "STRASSE"], **refs)
+    assert component("exact_match")(batch) == [0.0, 0.0, 0.0]
+    assert component("exact_match", ignore_whitespace=True)(batch) == [1.0, 1.0, 0.0]
+    # case-insensitive compares lower-cased text: "STRASSE".lower() is "strasse", not "straße"
+    assert component("exact_match", case_sensitive=False)(batch) == [0.0, 0.0, 0.0]
+    assert component("exact_match", case_sensitive=False)(text_inputs(["Hello World"], **refs)) == [1.0]
+
+
+def test_length_penalty_without_a_buffer_is_0_up_to_max_length_then_minus_1():
+    lengths = text_inputs(["a" * 9, "a" * 10, "a" * 11])
+    assert component("length_penalty", max_length=10)(lengths) == [0.0, 0.0, -1.0]
+    assert component("length_penalty", max_length=10, buffer=2)(lengths) == [-0.5, -1.0, -1.0]
+
+
+def tiny_classifier(tmp_path):
+    tokenizer = make_char_tokenizer("abc")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=3)
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = tokenizer.pad_token_id
+    GPT2ForSequenceClassification(config).eval().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return tokenizer
+
+
+def test_classifier_scores_do_not_depend_on_the_batch_size(tmp_path):
+    tokenizer = tiny_classifier(tmp_path)
+    batch = text_inputs(["ab", "cabba", "c"])
+    for output in ("probability", "logit"):
+        whole = component("classifier", ComponentEnv(tokenizer), path=str(tmp_path), label=1, output=output)(batch)
+        pairs = component("classifier", ComponentEnv(tokenizer), path=str(tmp_path), label=1, output=output, batch_size=2)(batch)
+        assert len(whole) == 3 and pairs == pytest.approx(whole, abs=1e-6)
+
+
+def test_teacher_logprob_does_not_depend_on_the_batch_size(builtin_model_path):
+    tokenizer = load_tokenizer(builtin_model_path)
+    prompt_ids = [tokenizer(p).input_ids for p in ("12+30=", "5+5=", "1+1=")]
+    response_ids = [tokenizer(r).input_ids + [tokenizer.eos_token_id] for r in ("42", "10", "2")]
+    batch = RewardInputs(["a", "b", "c"], ["42", "10", "2"], response_ids, ["42", "10", "2"], [[(0, 1)] * 3] * 3, {},
+                         prompt_ids=prompt_ids)
+    whole = component("teacher_logprob", ComponentEnv(tokenizer), path=builtin_model_path)(batch)
+    pairs = component("teacher_logprob", ComponentEnv(tokenizer), path=builtin_model_path, batch_size=2)(batch)
+    assert [len(r) for r in whole] == [3, 3, 2]
+    assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(whole, pairs))
+
+
+def test_python_function_specs_split_at_the_last_colon_and_name_what_is_wrong(tmp_path):
+    from pipeline.reward_components import import_function
+
+    folder = tmp_path / "a:b"  # a colon in the path: the function name follows the last one
+    folder.mkdir()
+    (folder / "fns.py").write_text("def twice(completions, **kw):\n    return [2.0 for _ in completions]\n")
+    assert import_function(f"{folder}/fns.py:twice")(completions=["x"]) == [2.0]
+    for spec in (":twice", "fns.py:", "twice"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(repr(spec))} is not module:function \(e\.g\. my_rewards:format_reward\)$"):
+            import_function(spec)
+    with pytest.raises(ValueError, match=rf"^file {re.escape(repr(str(folder / 'none.py')))} does not exist$"):
+        import_function(f"{folder}/none.py:twice")
+
+
+def test_classifier_labels_by_name_or_index_within_range_and_prompt_completion_text(tmp_path):
+    tokenizer = make_char_tokenizer("abc")
+    torch.manual_seed(1)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=3,
+                        id2label={0: "neg", 1: "mid", 2: "pos"}, label2id={"neg": 0, "mid": 1, "pos": 2})
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = tokenizer.pad_token_id
+    GPT2ForSequenceClassification(config).eval().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    env, path = ComponentEnv(tokenizer), str(tmp_path)
+    batch = text_inputs(["ab", "cab"])
+    assert component("classifier", env, path=path, label="pos")(batch) == component("classifier", env, path=path, label=2)(batch)
+    assert component("classifier", env, path=path, label=0)(batch) != component("classifier", env, path=path, label=1)(batch)
+    for bad in (3, -1, "other"):
+        with pytest.raises(RewardError, match=rf"^classifier {re.escape(repr(path))} has no label {re.escape(repr(bad))} \(labels: "):
+            component("classifier", env, path=path, label=bad)
+    joined = component("classifier", env, path=path)(text_inputs(["caab", "bccab"]))
+    batch.prompt_texts = ["ca", "bc"]  # the prompts as the model saw them come first
+    assert component("classifier", env, path=path, text="prompt_completion")(batch) == pytest.approx(joined, abs=1e-6)
+    batch.prompt_texts, batch.prompts = [], ["ca", "bc"]  # without them: the dataset's prompt text
+    assert component("classifier", env, path=path, text="prompt_completion")(batch) == pytest.approx(joined, abs=1e-6)
+
+
+def test_cosine_schedule_of_one_update_after_warmup_and_beyond_the_last_update():
+    from actors.learner import lr_factor
+    from pipeline.config import LearnerConfig
+
+    cosine = LearnerConfig(warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.2)
+    assert [lr_factor(cosine, k, 6) for k in (4, 5)] == [1.0, pytest.approx(0.2)]  # 1 update to decay over
+    assert lr_factor(cosine, 30, 20) == pytest.approx(0.2)  # past the planned updates it stays at the floor
