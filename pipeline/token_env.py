@@ -301,7 +301,7 @@ class TokenEnv(gym.Env):
             raise TokenforgeError(f"action {action} is not a token id in [0, {self.action_space.n})")
         token = int(action)
         self._response.append(token)
-        finished = token in self.stop_ids or self._ends_with_stop_string()
+        finished = token in self.stop_ids or self._reached_stop_string()
         self._done = finished or len(self._response) >= self.max_new_tokens
         info: dict[str, Any] = {}
         if self._done:
@@ -332,10 +332,14 @@ class TokenEnv(gym.Env):
         """The episode's prompt as the model sees it (a conversation rendered by the chat template)."""
         return self.task.prompt_texts[self.split][self._index]
 
-    def _ends_with_stop_string(self) -> bool:
+    def _reached_stop_string(self) -> bool:
+        """Whether the newest token brought a `rollout.stop` string into the text, wherever in that token's text
+        the string ends (the rollout worker's rule: a BPE token such as "43" runs past a stop "4")."""
         if not self.stop_strings:
             return False
-        return self.task.tokenizer.decode(self._response, skip_special_tokens=True).endswith(self.stop_strings)
+        before = len(self.task.tokenizer.decode(self._response[:-1], skip_special_tokens=True))
+        text = self.task.tokenizer.decode(self._response, skip_special_tokens=True)
+        return any(stop in text[max(0, before - len(stop) + 1) :] for stop in self.stop_strings)
 
     def _observation(self) -> dict[str, np.ndarray]:
         ids = self.task.prompt_ids[self.split][self._index] + self._response

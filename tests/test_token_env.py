@@ -122,8 +122,9 @@ def test_a_component_that_looks_ahead_is_settled_on_the_last_step():
     [
         ["task=chat_addition"],  # conversations through the chat template, BOS, BPE tokens of several digits
         ["rollout.stop=['4']", "rollout.stop_token_ids=[9]"],  # the rollout worker's other ends of a response
+        ["task=chat_addition", "rollout.stop=['4']"],  # a stop string inside a BPE token of several digits
     ],
-    ids=["chat_addition", "stop_strings_and_ids"],
+    ids=["chat_addition", "stop_strings_and_ids", "stop_string_inside_a_token"],
 )
 def test_env_replays_the_rollout_workers_samples(overrides):
     """The env sees the prompt ids the rollout worker sampled from, ends an episode where the worker ended
@@ -145,6 +146,19 @@ def test_env_replays_the_rollout_workers_samples(overrides):
         assert ends == [False] * (len(response) - 1) + [True]
         assert info["finished"] == finished[i] and info["response"] == text
         assert rewards == pytest.approx(expected[i], rel=1e-12, abs=1e-12)
+
+
+def test_a_stop_string_inside_a_token_ends_the_episode():
+    """The rollout worker's rule: a token whose text brings a stop string ends the response, even when the
+    string ends inside the token's text (chat_addition's BPE has tokens of two digits)."""
+    env = TokenEnv(overrides=["task=chat_addition", "rollout.max_new_tokens=4"], split="eval")
+    two = next(t for t in env.task.tokenizer.get_vocab() if len(t) == 2 and t.isdigit() and t[0] != t[1])
+    stopping = TokenEnv(env.config, overrides=[f"rollout.stop=['{two[0]}']"], split="eval")
+    token = env.task.tokenizer.convert_tokens_to_ids(two)
+    _, ends, info = play(stopping, 0, [token])
+    assert ends == [True] and info["finished"] is True and info["response"] == two
+    _, ends, info = play(env, 0, [token] * 4)  # without the stop string: cut at max_new_tokens
+    assert ends == [False, False, False, True] and info["finished"] is False
 
 
 def test_episode_ends_at_eos_or_max_new_tokens():
