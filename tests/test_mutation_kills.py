@@ -322,6 +322,25 @@ def test_samples_a_component_does_not_apply_to_take_no_part_in_its_normalisation
     assert torch.equal(normalize_rewards(equal, applies, groups, "group"), torch.zeros(4, 2, dtype=torch.float64))
 
 
+def test_normalisation_sums_float32_rewards_in_float64():
+    """Float32 rewards are converted before the totals are summed: 1e8 + 1 (not a float32) keeps its 1, so the
+    result equals that of the same rewards in float64."""
+    rewards = T([[1e8, 1.0], [1e8, 0.0], [0.0, 3.0]])
+    mask, groups = torch.ones(3, 2), torch.tensor([0, 0, 0])
+    for mode in ("batch", "group"):
+        assert torch.equal(normalize_rewards(rewards, mask, groups, mode), normalize_rewards(rewards.double(), mask, groups, mode))
+
+
+def test_the_equality_tolerance_of_normalisation_is_each_groups_own_magnitude():
+    """Group 0's totals 1 and 1 + 1e-5 differ by more than 1e-6 x their size, so they are normalised to -+0.707;
+    huge rewards in group 1 do not widen group 0's tolerance (its magnitude is per sample, not the batch's)."""
+    rewards = torch.tensor([[1.0], [1.00001], [1e6], [-1e6]], dtype=torch.float64)
+    out = normalize_rewards(rewards, torch.ones(4, 1), torch.tensor([0, 0, 1, 1]), "group")
+    half_spread = 0.5e-5
+    expected = half_spread / (math.sqrt(2) * half_spread + 1e-6)
+    assert torch.allclose(out[:2, 0], torch.tensor([-expected, expected], dtype=torch.float64), rtol=1e-9, atol=0)
+
+
 class Fixed(RewardComponent):
     """A component returning the given per-sample scores."""
 
