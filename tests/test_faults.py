@@ -91,9 +91,9 @@ def test_a_killed_learner_restarts_the_pipeline_from_the_last_checkpoint(straigh
 
 
 def driver(out: Path, address: str, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pipeline.cli", "train", *extra]
-    if not extra or extra[0] != "--resume":
-        command += [*TINY, f"output_dir={out}"]
+    """`tokenforge train` of the TINY run into `out` (then `extra` overrides), or `extra` = ("--resume", ...)."""
+    resuming = extra[:1] == ("--resume",)
+    command = [sys.executable, "-m", "pipeline.cli", "train", *([] if resuming else [*TINY, f"output_dir={out}"]), *extra]
     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -110,21 +110,23 @@ def test_a_driver_sigkilled_at_random_moments_resumes_exactly(straight, ray_clus
     run's weights, and the checkpoint that was cut short never loaded (and deleted)."""
     rng = random.Random(seed)
     out, address = tmp_path / "run", ray_cluster.get_runtime_context().gcs_address
-    process, logs, cut_short = driver(out, address), [], set()
+    # a checkpoint every step: the more publications, the more windows to be killed in (same weights)
+    process, logs, cut_short, left = driver(out, address, "trainer.save_every=1"), [], set(), set()
     for kill in range(2):  # once at a random moment, then once inside publication
-        if kill == 1:  # wait for a save in progress, then kill it there
+        if kill == 1:  # wait for a save in progress (not one the first kill left behind), then kill it there
             deadline = time.time() + 60
-            while not unpublished(out) and process.poll() is None and time.time() < deadline:
+            while not unpublished(out) - left and process.poll() is None and time.time() < deadline:
+                pass  # no sleep: a publication on a fast disk takes milliseconds
+            cut_short = unpublished(out) - left
+        else:  # a random moment in the run's first half, counted in steps (seconds differ between machines)
+            lines, metrics = rng.randint(1, 4), out / "metrics.jsonl"  # lines: step 0 (the first eval), 1, ...
+            while process.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= lines):
                 time.sleep(0.005)
-            cut_short = unpublished(out)
-        else:  # a random moment once the run has begun (before config.yaml there is nothing to resume)
-            while not (out / "metrics.jsonl").exists() and process.poll() is None:
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0, 1.5))  # within the run even on a fast machine (8 steps take seconds)
         if process.poll() is not None:
             break
         process.send_signal(signal.SIGKILL)
         logs.append(process.communicate()[0])
+        left = unpublished(out)
         process = driver(out, address, "--resume", str(out))
     log = process.communicate(timeout=300)[0]
     logs.append(log)
