@@ -1,7 +1,8 @@
 """The built-in reward components (see pipeline/rewards.py for the interface and docs/rewards.md).
 
 Rule-based: exact_match, regex_match, length_penalty, digit_match (token-level).
-Reference-based (sacrebleu, rouge-score; sentence scores in [0, 1]): bleu, chrf, rouge.
+Reference-based (sacrebleu, rouge-score; sentence scores in [0, 1]): bleu, chrf, rouge; chrf and rouge (rougeL)
+also as token-level rewards (`level: token`) that sum to the sentence score.
 Model-based (local HF models, batched on the worker's device): classifier, teacher_logprob (token-level).
 User code: python (`module:function` or `path/to/file.py:function`, sync or async).
 """
@@ -14,6 +15,7 @@ import importlib.util
 import inspect
 import re
 import string
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +45,20 @@ class ReferenceOptions(BaseOptions):
 
 def references(value) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+Level = Literal["sequence", "token"]
+
+
+def chars_to_tokens(char_credit: list[float], spans: list[tuple[int, int]]) -> list[float]:
+    """Per-token reward from per-character credit: a token earns the credit of the characters it covers,
+    r_t = sum_{j in [start_t, end_t)} c_j (a token covering no character, e.g. EOS, earns 0)."""
+    return [sum(char_credit[start:end]) for start, end in spans]
+
+
+def as_level(token_rows: list[list[float]], level: Level) -> list:
+    """A token-level component's rewards as asked: per token, or their sum as one sequence-level reward."""
+    return token_rows if level == "token" else [sum(row) for row in token_rows]
 
 
 class ReferenceComponent(RewardComponent):
@@ -88,15 +104,17 @@ class ExactMatch(ReferenceComponent):
 @register_component("digit_match")
 class DigitMatch(ReferenceComponent):
     """Token-level credit for each answer character generated in its place, and for the stop token (EOS)
-    in its place.
+    in its place; any answer text, not only digits.
 
     With answer a (n characters), a token whose text covers characters [s, e) of the completion earns
     (number of them equal to a[s:e]) / (n + 1), so one BPE token covering several digits earns for each;
     the stop token earns 1 / (n + 1) when everything before it is exactly a. A fully correct response
-    therefore earns 1 in total. Character positions come from RewardInputs.token_spans.
+    therefore earns 1 in total. Character positions come from RewardInputs.token_spans. `level: sequence`
+    gives the same total as one reward on the last token (partial credit without per-token placement).
     """
 
-    Options = ColumnOptions
+    class Options(ColumnOptions):
+        level: Level = "token"
 
     def __call__(self, inputs: RewardInputs) -> list[list[float]]:
         rows = []
@@ -112,7 +130,7 @@ class DigitMatch(ReferenceComponent):
                     break
                 row.append(unit * sum(text[j] == answer[j] for j in range(start, min(end, len(answer)))))
             rows.append(row + [0.0] * (len(ids) - len(row)))
-        return rows
+        return as_level(rows, self.options.level)
 
 
 @register_component("regex_match")
@@ -178,6 +196,9 @@ class LengthPenalty(RewardComponent):
 class SacrebleuComponent(ReferenceComponent):
     """A sacrebleu sentence metric (`self.metric`, set by the subclass) / 100, against the references."""
 
+    def sentence_scores(self, text: str, refs: list[str]) -> list[float]:
+        return [self.metric.sentence_score(text, [r]).score / 100 for r in refs]
+
     def __call__(self, inputs: RewardInputs) -> list[float]:
         refs = inputs.columns[self.options.column]
         return [self.metric.sentence_score(c, references(r)).score / 100 for c, r in zip(inputs.texts, refs)]
@@ -194,12 +215,44 @@ class Bleu(SacrebleuComponent):
         self.metric = BLEU(effective_order=True)
 
 
+def matched_char_ngrams(text: str, reference: str, max_order: int) -> list[float]:
+    """chrF's character n-gram matches placed on the characters of `text`: per character j,
+    m_j = sum over orders n (with n-grams on both sides) of the matched n-grams covering j, each / (n * H_n),
+    H_n = the number of n-grams of `text`; so sum_j m_j = sum_n M_n / H_n, the sum of chrF's n-gram precisions.
+    As in chrF, whitespace is removed first; of the k occurrences of an n-gram that the reference holds
+    only c times, the first min(k, c) count as matched (chrF's clipped count)."""
+    kept = [j for j, ch in enumerate(text) if not ch.isspace()]  # chrF's n-grams skip whitespace
+    letters = "".join(text[j] for j in kept)
+    reference = "".join(reference.split())
+    credit = [0.0] * len(text)
+    for n in range(1, max_order + 1):
+        grams = [letters[k : k + n] for k in range(len(letters) - n + 1)]
+        available = Counter(reference[k : k + n] for k in range(len(reference) - n + 1))
+        if not grams or not available:
+            continue  # an order without n-grams on one side is not in chrF's average
+        for k, gram in enumerate(grams):
+            if available[gram] > 0:
+                available[gram] -= 1
+                for j in kept[k : k + n]:
+                    credit[j] += 1 / (n * len(grams))
+    return credit
+
+
 @register_component("chrf")
 class Chrf(SacrebleuComponent):
-    """Sentence chrF (sacrebleu; word_order=2 gives chrF++) / 100."""
+    """Sentence chrF (sacrebleu; word_order=2 gives chrF++) / 100. `level: token`: the sentence score S
+    (best reference) shared out over the response tokens in proportion to the matched character n-grams
+    they cover, r_t = S * m_t / sum_t m_t (m from `matched_char_ngrams`), so sum_t r_t = S."""
 
     class Options(ReferenceOptions):
         word_order: int = Field(0, ge=0)
+        level: Level = "sequence"
+
+        @model_validator(mode="after")
+        def token_level_is_char_only(self):
+            if self.level == "token" and self.word_order:
+                raise ValueError("level: token shares out character n-gram matches only; use word_order: 0")
+            return self
 
     def __init__(self, options: Options, env: ComponentEnv):
         super().__init__(options, env)
@@ -207,15 +260,67 @@ class Chrf(SacrebleuComponent):
 
         self.metric = CHRF(word_order=options.word_order)
 
+    def __call__(self, inputs: RewardInputs) -> list:
+        if self.options.level == "sequence":
+            return super().__call__(inputs)
+        rows = []
+        for text, spans, ref in zip(inputs.texts, inputs.token_spans, inputs.columns[self.options.column]):
+            refs = references(ref)
+            scores = self.sentence_scores(text, refs)
+            best = max(range(len(refs)), key=scores.__getitem__)
+            credit = matched_char_ngrams(text, refs[best], self.metric.char_order)
+            total = sum(credit)
+            rows.append(chars_to_tokens([scores[best] * c / total if total else 0.0 for c in credit], spans))
+        return rows
+
+
+def rouge_words(text: str) -> list[tuple[str, int, int]]:
+    """rouge-score's default tokenisation (lowercase, runs of [a-z0-9], no stemming) with each word's
+    [start, end) characters in `text`."""
+    lowered, origin = [], []  # text.lower() char by char, and the index in `text` of each of its characters
+    for j, ch in enumerate(text):
+        lowered.append(ch.lower())
+        origin += [j] * len(lowered[-1])
+    lowered = "".join(lowered)
+    return [(m.group(), origin[m.start()], origin[m.end() - 1] + 1) for m in re.finditer(r"[a-z0-9]+", lowered)]
+
+
+def lcs_positions(a: list[str], b: list[str]) -> list[int]:
+    """Indices into `a` of one longest common subsequence of a and b (dynamic programme, then backtrack)."""
+    lengths = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]  # lengths[i][j] = LCS of a[i:] and b[j:]
+    for i in range(len(a) - 1, -1, -1):
+        for j in range(len(b) - 1, -1, -1):
+            lengths[i][j] = lengths[i + 1][j + 1] + 1 if a[i] == b[j] else max(lengths[i + 1][j], lengths[i][j + 1])
+    used, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        if a[i] == b[j]:
+            used.append(i)
+            i, j = i + 1, j + 1
+        elif lengths[i + 1][j] >= lengths[i][j + 1]:
+            i += 1
+        else:
+            j += 1
+    return used
+
 
 @register_component("rouge")
 class Rouge(ReferenceComponent):
     """ROUGE F-measure, precision or recall of the completion against its reference (rouge-score; best
-    over references). Precision = overlap / completion length, recall = overlap / reference length."""
+    over references). Precision = overlap / completion length, recall = overlap / reference length.
+    `level: token` (rougeL): with L = the LCS of completion words c and reference words r, ROUGE-L is L * u
+    (u = 2 / (|c| + |r|) for the F-measure, 1 / |c| precision, 1 / |r| recall); each completion word in
+    the LCS earns u, spread evenly over its characters, so the tokens' rewards sum to the sentence score."""
 
     class Options(ReferenceOptions):
         rouge_type: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = "rougeL"
         measure: Literal["fmeasure", "precision", "recall"] = "fmeasure"
+        level: Level = "sequence"
+
+        @model_validator(mode="after")
+        def token_level_is_rouge_l(self):
+            if self.level == "token" and self.rouge_type != "rougeL":
+                raise ValueError("level: token is defined for rouge_type: rougeL (credit by the longest common subsequence)")
+            return self
 
     def __init__(self, options: Options, env: ComponentEnv):
         super().__init__(options, env)
@@ -223,12 +328,32 @@ class Rouge(ReferenceComponent):
 
         self.scorer = RougeScorer([options.rouge_type])
 
-    def __call__(self, inputs: RewardInputs) -> list[float]:
-        o, refs = self.options, inputs.columns[self.options.column]
-        return [
-            max(getattr(self.scorer.score(r, c)[o.rouge_type], o.measure) for r in references(ref))  # (target, prediction)
-            for c, ref in zip(inputs.texts, refs)
-        ]
+    def score(self, text: str, reference: str) -> float:
+        return getattr(self.scorer.score(reference, text)[self.options.rouge_type], self.options.measure)  # (target, prediction)
+
+    def word_credit(self, text: str, reference: str) -> list[float]:
+        """Per character of `text`: u / len(word) on the characters of each LCS word (see the class doc)."""
+        words, ref_words = rouge_words(text), [w for w, _, _ in rouge_words(reference)]
+        unit = {
+            "fmeasure": 2 / (len(words) + len(ref_words)) if words or ref_words else 0.0,
+            "precision": 1 / len(words) if words else 0.0,
+            "recall": 1 / len(ref_words) if ref_words else 0.0,
+        }[self.options.measure]
+        credit = [0.0] * len(text)
+        for i in lcs_positions([w for w, _, _ in words], ref_words):
+            _, start, end = words[i]
+            for j in range(start, end):
+                credit[j] = unit / (end - start)
+        return credit
+
+    def __call__(self, inputs: RewardInputs) -> list:
+        rows = []
+        for text, spans, ref in zip(inputs.texts, inputs.token_spans, inputs.columns[self.options.column]):
+            refs = references(ref)
+            scores = [self.score(text, r) for r in refs]
+            best = max(range(len(refs)), key=scores.__getitem__)
+            rows.append(scores[best] if self.options.level == "sequence" else chars_to_tokens(self.word_credit(text, refs[best]), spans))
+        return rows
 
 
 class ModelOptions(BaseOptions):

@@ -17,7 +17,7 @@ pool's own code (`RewardWorker.score_all`, in-process, or the `RewardPool` actor
   the rest, `pool total - already paid`. The episode's rewards therefore always sum to the
   pool's per-sample total, and each step's reward equals the pool's per-token row
   (`sum_i w_i * r_i,t`) for every component whose token value depends only on the tokens up to t
-  (all built-in token-level ones: `digit_match`, `teacher_logprob`). A component that looks ahead
+  (`digit_match`, `teacher_logprob`; not `rouge`/`chrf` at `level: token`). A component that looks ahead
   is settled on the last step. Sequence-level components pay on the last step.
 - `reward_timing="final"`: the whole completion is scored once at the end and the total is paid on
   the last step (0 before it): one scoring call per episode.

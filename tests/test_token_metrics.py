@@ -1,0 +1,127 @@
+"""Token-level versions of the reference metrics (rouge and chrf at `level: token`) and digit_match at
+`level: sequence`: the per-token rewards sum to the library's sentence score for any text and any
+tokenisation, and the credit lands on the tokens that earn it."""
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rouge_score.rouge_scorer import RougeScorer
+from rouge_score.tokenizers import DefaultTokenizer
+from sacrebleu.metrics import CHRF
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.reward_components import COMPONENTS, rouge_words
+from pipeline.rewards import ComponentEnv, RewardInputs
+
+WORDS = ["ann", "bob", "3", "cats", "5", "pens", "Ann", "CATS", "has", "x"]
+
+
+def component(type_name: str, **options):
+    cls = COMPONENTS[type_name]
+    return cls(cls.Options(**options), ComponentEnv(tokenizer=None))
+
+
+def tokenised(texts: list[str], cuts: list[list[int]], columns: dict) -> RewardInputs:
+    """Each text split into tokens at `cuts` (character positions), then a stop token covering nothing."""
+    spans = []
+    for text, row_cuts in zip(texts, cuts):
+        bounds = sorted({0, len(text), *(c for c in row_cuts if 0 < c < len(text))})
+        spans.append([*zip(bounds, bounds[1:]), (len(text), len(text))])
+    return RewardInputs(
+        prompts=[""] * len(texts),
+        completions=texts,
+        completion_ids=[[1] * (len(s) - 1) + [0] for s in spans],
+        texts=texts,
+        token_spans=spans,
+        columns=columns,
+        stop_ids=frozenset({0}),
+    )
+
+
+# texts with words, punctuation, case, repeats and characters float32 or ASCII assumptions would miss
+texts = st.lists(st.sampled_from([*WORDS, ",", " ", ".", "é", "İ", "  "]), max_size=12).map(" ".join)
+cut_lists = st.lists(st.integers(0, 80), max_size=20)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=texts, reference=texts, cuts=cut_lists, measure=st.sampled_from(["fmeasure", "precision", "recall"]))
+def test_token_rouge_l_sums_to_the_sentence_score_for_any_tokenisation(text, reference, cuts, measure):
+    inputs = tokenised([text], [cuts], {"reference": [reference]})
+    rewards = component("rouge", level="token", measure=measure)(inputs)[0]
+    expected = getattr(RougeScorer(["rougeL"]).score(reference, text)["rougeL"], measure)
+    assert len(rewards) == len(inputs.completion_ids[0])
+    assert sum(rewards) == pytest.approx(expected, abs=1e-9)
+    assert min(rewards) >= 0 and rewards[-1] == 0  # the stop token covers no character
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=texts, refs=st.lists(texts, min_size=1, max_size=3), cuts=cut_lists)
+def test_token_chrf_sums_to_the_sentence_score_for_any_tokenisation(text, refs, cuts):
+    inputs = tokenised([text], [cuts], {"reference": [refs]})
+    rewards = component("chrf", level="token")(inputs)[0]
+    assert sum(rewards) == pytest.approx(CHRF().sentence_score(text, refs).score / 100, abs=1e-9)
+    assert min(rewards) >= 0 and rewards[-1] == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(max_size=40))
+@settings(max_examples=100, deadline=None)
+@given(text=texts, reference=texts)
+def test_token_chrf_gives_nothing_to_characters_the_reference_lacks(text, reference):
+    inputs = tokenised([text], [list(range(len(text)))], {"reference": [reference]})
+    rewards = component("chrf", level="token")(inputs)[0]
+    for ch, reward in zip(text, rewards):
+        if ch not in reference:
+            assert reward == 0, ch
+
+
+def test_rouge_words_are_rouge_scores_tokens_with_their_characters(text):
+    words = rouge_words(text)
+    assert [w for w, _, _ in words] == DefaultTokenizer().tokenize(text)
+    for word, start, end in words:
+        assert re.sub(r"[^a-z0-9]", "", text[start:end].lower()) == word
+
+
+def test_token_rouge_l_credits_only_the_words_of_the_common_subsequence():
+    # completion words [bob, 5, dogs, ann], reference [ann, 3, cats, bob, 5, pens]: LCS = (bob, 5), F = 2*2/(4+6)
+    text = "bob 5 dogs ann"
+    rewards = component("rouge", level="token")(tokenised([text], [list(range(len(text)))], {"reference": ["ann 3 cats, bob 5 pens"]}))[0]
+    per_char = dict(zip(text, rewards))
+    assert rewards[0:3] == pytest.approx([0.2 / 3] * 3)  # "bob": u = 2 / 10, spread over its 3 characters
+    assert rewards[4] == pytest.approx(0.2)  # "5"
+    assert sum(rewards) == pytest.approx(0.4)
+    assert sum(rewards[6:]) == 0  # "dogs" is not in the reference, "ann" is but not in the LCS
+    assert per_char[" "] == 0
+
+
+def test_token_chrf_pays_right_characters_in_the_wrong_order_far_less_than_the_right_order():
+    reference = "abcdefghijklmnop"
+    inputs = tokenised([reference, reference[::-1]], [list(range(16))] * 2, {"reference": [reference] * 2})
+    right, reversed_ = component("chrf", level="token")(inputs)
+    assert sum(right) == pytest.approx(1.0)
+    assert 0 < sum(reversed_) < 0.25  # every unigram matches, no longer n-gram does
+    assert min(right[:-1]) > 0  # every character earns; the stop token covers none
+
+
+def test_digit_match_at_sequence_level_is_its_token_rewards_summed():
+    inputs = tokenised(["olleh", "olxeh", "ol"], [list(range(5))] * 3, {"answer": ["olleh"] * 3})
+    tokens = component("digit_match")(inputs)
+    assert component("digit_match", level="sequence")(inputs) == pytest.approx([sum(r) for r in tokens])
+    assert component("digit_match", level="sequence")(inputs)[0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("{type: rouge, rouge_type: rouge1, level: token}", "level: token is defined for rouge_type: rougeL"),
+        ("{type: chrf, word_order: 2, level: token}", "level: token shares out character n-gram matches only; use word_order: 0"),
+        ("{type: chrf, level: word}", "'reward.components.m.level'"),
+    ],
+)
+def test_token_level_metric_options_that_cannot_work_are_one_line_errors(options, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        load_config(overrides=[f"reward.components.m={options}", "reward.weights={m: 1.0}"])
+    assert "\n" not in str(error.value)
