@@ -4,11 +4,17 @@
   pairs shuffled with a fixed seed; 1,000 held out for evaluation, 9,000 for training.
 - words: prompts `n=` (0-999), fields `reference` and `answer` = the number in English words
   ("342=" -> "three hundred forty-two"), a toy translation task scored with chrF. 200 held out.
+- reverse: prompts `s=`, s a random string of 10-20 lowercase letters; field `answer` = s reversed (12-30
+  tokens with EOS on a char-level model): a long-output task where one wrong character zeroes exact match.
+  10,000 prompts, 500 held out.
+- summarize: prompts `<document> =`, a document of 60-150 characters holding 1-3 facts ("ann has 3 cats.")
+  among distractor sentences; fields `reference` and `answer` = the facts in order, compressed
+  ("ann 3 cats, bob 5 pens"). 10,000 prompts, 500 held out.
 - chat-addition: the addition task as a chat: `prompt` is a conversational (TRL-style) list of messages,
   `[{"role": "user", "content": "What is 37+45?"}]`, in one of several phrasings, a quarter of them after
   a short system message; `answer` = the decimal sum. The same operand pairs as addition are held out.
 
-    python scripts/make_task_data.py --task addition|words|chat-addition [--out pipeline/assets/<task dir>]
+    python scripts/make_task_data.py --task addition|words|reverse|summarize|chat-addition [--out pipeline/assets/<task dir>]
 """
 
 import argparse
@@ -67,7 +73,50 @@ def words_rows() -> tuple[list[dict], int]:
     return [{"prompt": f"{n}=", "reference": in_words(n), "answer": in_words(n)} for n in numbers], 200
 
 
-TASKS = {"addition": addition_rows, "words": words_rows, "chat-addition": chat_addition_rows}
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def reverse_rows() -> tuple[list[dict], int]:
+    rng = random.Random(1234)
+    strings = ["".join(rng.choice(LETTERS) for _ in range(rng.randint(10, 20))) for _ in range(10_000)]
+    return [{"prompt": f"{s}=", "answer": s[::-1]} for s in strings], 500
+
+
+NAMES = ["ann", "bob", "cy", "dan", "eve", "fay", "gus", "hal", "ida", "jo", "kim", "lou", "max", "ned", "ola", "pam"]
+THINGS = ["cats", "dogs", "pens", "cups", "hats", "keys", "maps", "eggs", "bags", "kites"]
+DISTRACTORS = [
+    "it was a sunny day.", "the room was quiet.", "nobody said a word.", "the bus was late.",
+    "rain fell all night.", "the tea was cold.", "a bell rang twice.", "the shop was shut.",
+    "we sat by the door.", "the wind was strong.", "it got dark early.", "the lamp was on.",
+]
+
+
+def summarize_rows() -> tuple[list[dict], int]:
+    """Documents of 60-150 characters: 1-3 facts ("ann has 3 cats.") among distractor sentences, in random
+    order; the summary lists the facts in document order as "ann 3 cats, bob 5 pens"."""
+    rng, rows = random.Random(1234), []
+    while len(rows) < 10_000:
+        facts = [(name, rng.randint(2, 9), rng.choice(THINGS)) for name in rng.sample(NAMES, rng.randint(1, 3))]
+        sentences = [f"{n} has {k} {t}." for n, k, t in facts]
+        while sum(len(x) + 1 for x in sentences) < 60 + rng.randint(0, 60):
+            sentences.append(rng.choice(DISTRACTORS))
+        rng.shuffle(sentences)
+        document = " ".join(sentences)
+        if not 60 <= len(document) <= 150:
+            continue
+        in_order = sorted(facts, key=lambda f: document.index(f"{f[0]} has "))
+        summary = ", ".join(f"{n} {k} {t}" for n, k, t in in_order)
+        rows.append({"prompt": f"{document} =", "reference": summary, "answer": summary})
+    return rows, 500
+
+
+TASKS = {
+    "addition": addition_rows,
+    "words": words_rows,
+    "reverse": reverse_rows,
+    "summarize": summarize_rows,
+    "chat-addition": chat_addition_rows,
+}
 
 
 def main() -> None:

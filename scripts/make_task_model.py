@@ -1,16 +1,16 @@
 """Make a built-in task's tiny model from scratch, warm-started by supervised learning.
 
-- addition, words: a char-level GPT-2.
+- addition, words, reverse, summarize: a char-level GPT-2.
 - chat-addition: a Llama (RoPE, RMSNorm, SwiGLU, GQA, head_dim 32) with a byte-level BPE tokenizer trained
   here on the task's conversations plus some plain English, BOS added by the tokenizer, and a Llama-3-style
   chat template; the model answers in the assistant turn and ends it with the end-of-turn token (its EOS).
 
 Trains on the task's training prompts (loss on answer tokens and EOS only; conversational prompts are
 rendered with the chat template and its generation prompt) and stops as soon as the greedy eval metric
-(exact match; words: chrF) reaches --target, so that RL has room to improve it. Saves a HF-format model
+(exact match; words: chrF; summarize: ROUGE-L) reaches --target, so that RL has room to improve it. Saves a HF-format model
 (safetensors) + tokenizer. Deterministic for a given seed on CPU.
 
-    python scripts/make_task_model.py --task addition|words|chat-addition [--target T] [--out DIR]
+    python scripts/make_task_model.py --task addition|words|reverse|summarize|chat-addition [--target T] [--out DIR]
 
 DIR defaults to pipeline/assets/<task, '-' as '_'>/model; the task's data comes from next to it.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
+from rouge_score.rouge_scorer import RougeScorer
 from sacrebleu.metrics import CHRF
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
@@ -76,6 +77,16 @@ def chrf(completions: list[str], rows: list[dict]) -> float:
     return sum(metric.sentence_score(c, [r["reference"]]).score / 100 for c, r in zip(completions, rows)) / len(rows)
 
 
+def rouge_l(completions: list[str], rows: list[dict]) -> float:
+    scorer = RougeScorer(["rougeL"])
+    return sum(scorer.score(r["reference"], c)["rougeL"].fmeasure for c, r in zip(completions, rows)) / len(rows)
+
+
+def char_accuracy(completions: list[str], rows: list[dict]) -> float:
+    """Characters in their place / answer length (reported beside exact match for long answers)."""
+    return sum(sum(a == b for a, b in zip(c, r["answer"])) / len(r["answer"]) for c, r in zip(completions, rows)) / len(rows)
+
+
 # Plain English for the BPE trainer besides the task's conversations, so that not every merge is digits.
 ENGLISH = """Hello! How can I help you today? I am a small language model, trained from scratch on arithmetic.
 Sure, here is the answer. Thank you for asking; let me know if there is anything else you would like.
@@ -124,14 +135,15 @@ class Task:
     lr: float  # default --lr
     draw_batch: Callable[[list[dict], int], list[dict]]
     metric: Callable[[list[str], list[dict]], float]
+    also_report: Callable[[list[str], list[dict]], float] | None = None  # printed beside the metric at each eval
     # written into tokenizer_config.json, as transformers 4.x (e.g. vLLM's) knows no "TokenizersBackend"
     tokenizer_class: str | None = None
 
 
-def char_task(alphabet: str, n_positions: int, **kwargs) -> Task:
+def char_task(alphabet: str, n_positions: int, n_embd: int = 128, n_layer: int = 4, **kwargs) -> Task:
     return Task(
         make_tokenizer=lambda train: make_char_tokenizer(alphabet),
-        make_model=lambda tokenizer: make_tiny_gpt2(tokenizer, n_positions=n_positions),
+        make_model=lambda tokenizer: make_tiny_gpt2(tokenizer, n_embd=n_embd, n_layer=n_layer, n_positions=n_positions),
         **kwargs,
     )
 
@@ -144,6 +156,20 @@ TASKS = {
     "words": char_task(
         "0123456789= -abcdefghijklmnopqrstuvwxyz", 48, max_new_tokens=32, target=0.55, eval_every=5, lr=2e-3,
         draw_batch=uniform, metric=chrf,
+    ),
+    # long answers (10-20 letters): stop while most characters are right but few whole answers are.
+    # 0.16M parameters (n_embd 64, 3 layers): learns reversal in ~1,000 steps, and RL steps stay cheap
+    "reverse": char_task(
+        "abcdefghijklmnopqrstuvwxyz=", 48, n_embd=64, n_layer=3, max_new_tokens=24, target=0.15, eval_every=50, lr=3e-3,
+        draw_batch=uniform, metric=exact_match, also_report=char_accuracy,
+    ),
+    # ROUGE-L sits near 0.70 for ~1,500 steps while the model writes the commonest number for every fact
+    # (6% of numbers right), then copying numbers is learned in a jump (0.72 -> 0.84, exact match 0.09 ->
+    # 0.35 between steps 1,600 and 1,700, --threads 1): stopping at 0.8 leaves RL a policy that sometimes
+    # copies (a signal to reinforce); the one stopped at 0.6, before the jump, did not improve under RL
+    "summarize": char_task(
+        "abcdefghijklmnopqrstuvwxyz0123456789 .,=", 192, n_embd=64, n_layer=3, max_new_tokens=48, target=0.8, eval_every=50, lr=2e-3,
+        draw_batch=uniform, metric=rouge_l, also_report=exact_match,
     ),
     "chat-addition": Task(
         make_tokenizer=chat_tokenizer,
@@ -184,6 +210,7 @@ def main() -> None:
     parser.add_argument("--batch-size", default=64, type=int)
     parser.add_argument("--eval-every", type=int, help="default: per task")
     parser.add_argument("--max-steps", default=20000, type=int)
+    parser.add_argument("--threads", default=2, type=int, help="torch threads (1 on a machine shared with another job)")
     args = parser.parse_args()
 
     task = TASKS[args.task]
@@ -194,13 +221,13 @@ def main() -> None:
     train, evaluation = read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl")
     start, score = time.time(), 0.0
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     tokenizer = task.make_tokenizer(train)
     model = task.make_model(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     save_tokenizer(task, tokenizer, out)
-    worker = RolloutWorker(load_config(overrides=[f"rollout.max_new_tokens={task.max_new_tokens}", "rollout.num_threads=2"]), str(out))
+    worker = RolloutWorker(load_config(overrides=[f"rollout.max_new_tokens={task.max_new_tokens}", f"rollout.num_threads={args.threads}"]), str(out))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr or task.lr)
     for step in range(1, args.max_steps + 1):
@@ -220,9 +247,11 @@ def main() -> None:
         optimizer.step()
         if step % eval_every == 0:
             model.eval()
-            score = task.metric(greedy_completions(worker, model, evaluation), evaluation)
+            completions = greedy_completions(worker, model, evaluation)
+            score = task.metric(completions, evaluation)
             model.train()
-            print(f"step {step} loss {loss.item():.3f} eval {task.metric.__name__} {score:.3f} ({time.time() - start:.0f}s)")
+            extra = f" {task.also_report.__name__} {task.also_report(completions, evaluation):.3f}" if task.also_report else ""
+            print(f"step {step} loss {loss.item():.3f} eval {task.metric.__name__} {score:.3f}{extra} ({time.time() - start:.0f}s)", flush=True)
             if score >= target:
                 break
     model.save_pretrained(out)

@@ -170,14 +170,25 @@ def test_eval_data_with_dropped_samples_leaves_them_out_of_the_means(capsys, tmp
                                        f"next: tokenforge train model.path={builtin_model_path}\n")
 
 
-def test_words_example_config_is_valid_and_its_inputs_load():
+@pytest.mark.parametrize(
+    ("example", "task", "train_rows", "eval_rows", "column"),
+    [
+        ("words", "words", 800, 200, "reference"),
+        ("reverse", "reverse", 9500, 500, "answer"),
+        ("summarize", "summarize", 9500, 500, "reference"),
+        ("chat_addition", "chat_addition", 9000, 1000, "answer"),
+    ],
+)
+def test_example_configs_are_valid_and_their_inputs_and_models_load(example, task, train_rows, eval_rows, column):
     from pipeline.config import load_config
     from pipeline.inputs import load_inputs, with_builtin_defaults
+    from pipeline.models import load_tokenizer
 
-    config = with_builtin_defaults(load_config(f"{__file__.rsplit('/', 2)[0]}/examples/words.yaml"))
+    config = with_builtin_defaults(load_config(f"{__file__.rsplit('/', 2)[0]}/examples/{example}.yaml"))
     train_prompts, eval_prompts = load_inputs(config)
-    assert config.task == "words" and config.model.path.endswith("assets/words/model")
-    assert train_prompts.num_rows == 800 and eval_prompts.num_rows == 200 and "reference" in eval_prompts.column_names
+    assert config.task == task and config.model.path.endswith(f"assets/{task}/model")
+    assert train_prompts.num_rows == train_rows and eval_prompts.num_rows == eval_rows and column in eval_prompts.column_names
+    assert load_tokenizer(config.model.path).eos_token_id is not None
 
 
 def test_a_run_config_that_would_run_code_needs_trust_run_config(capsys, tmp_path):
