@@ -50,12 +50,6 @@ def references(value) -> list[str]:
 Level = Literal["sequence", "token"]
 
 
-def chars_to_tokens(char_credit: list[float], spans: list[tuple[int, int]]) -> list[float]:
-    """Per-token reward from per-character credit: a token earns the credit of the characters it covers,
-    r_t = sum_{j in [start_t, end_t)} c_j (a token covering no character, e.g. EOS, earns 0)."""
-    return [sum(char_credit[start:end]) for start, end in spans]
-
-
 def as_level(token_rows: list[list[float]], level: Level) -> list:
     """A token-level component's rewards as asked: per token, or their sum as one sequence-level reward."""
     return token_rows if level == "token" else [sum(row) for row in token_rows]
@@ -215,34 +209,53 @@ class Bleu(SacrebleuComponent):
         self.metric = BLEU(effective_order=True)
 
 
-def matched_char_ngrams(text: str, reference: str, max_order: int) -> list[float]:
-    """chrF's character n-gram matches placed on the characters of `text`: per character j,
-    m_j = sum over orders n (with n-grams on both sides) of the matched n-grams covering j, each / (n * H_n),
-    H_n = the number of n-grams of `text`; so sum_j m_j = sum_n M_n / H_n, the sum of chrF's n-gram precisions.
-    As in chrF, whitespace is removed first; of the k occurrences of an n-gram that the reference holds
-    only c times, the first min(k, c) count as matched (chrF's clipped count)."""
-    kept = [j for j, ch in enumerate(text) if not ch.isspace()]  # chrF's n-grams skip whitespace
-    letters = "".join(text[j] for j in kept)
+def increments(scores: list[float]) -> list[float]:
+    """r_t = score(prefix_t) - score(prefix_{t-1}), score(empty) = 0: the rewards sum to the last score, and
+    r_t depends only on the tokens up to t, so returns-to-go G_t = score(full) - score(prefix_{t-1})."""
+    return [now - before for before, now in zip([0.0, *scores], scores)]
+
+
+def chrf_from_statistics(hyp: list[int], ref: list[int], match: list[int], beta: float) -> float:
+    """sacrebleu's sentence chrF / 100 from per-order n-gram counts (CHRF._compute_f_score without eps
+    smoothing): precision and recall averaged over the orders that have n-grams on both sides, then
+    F_beta = (1 + b^2) P R / (b^2 P + R)."""
+    orders = [(m / h, m / r) for h, r, m in zip(hyp, ref, match) if h > 0 and r > 0]
+    if not orders:
+        return 0.0
+    precision = sum(p for p, _ in orders) / len(orders)
+    recall = sum(r for _, r in orders) / len(orders)
+    factor = beta**2
+    return (1 + factor) * precision * recall / (factor * precision + recall) if precision + recall else 0.0
+
+
+def prefix_chrf(text: str, ends: list[int], reference: str, max_order: int, beta: float) -> list[float]:
+    """chrF of text[:end] against `reference` for every end in `ends` (ascending), updating the clipped
+    n-gram matches one character at a time: O(len(text) * max_order). Whitespace is removed first, as in chrF."""
     reference = "".join(reference.split())
-    credit = [0.0] * len(text)
-    for n in range(1, max_order + 1):
-        grams = [letters[k : k + n] for k in range(len(letters) - n + 1)]
-        available = Counter(reference[k : k + n] for k in range(len(reference) - n + 1))
-        if not grams or not available:
-            continue  # an order without n-grams on one side is not in chrF's average
-        for k, gram in enumerate(grams):
-            if available[gram] > 0:
-                available[gram] -= 1
-                for j in kept[k : k + n]:
-                    credit[j] += 1 / (n * len(grams))
-    return credit
+    ref_grams = [Counter(reference[k : k + n] for k in range(len(reference) - n + 1)) for n in range(1, max_order + 1)]
+    ref_counts = [sum(c.values()) for c in ref_grams]
+    seen = [Counter() for _ in range(max_order)]
+    hyp_counts, matches, letters, scores, j = [0] * max_order, [0] * max_order, "", [], 0
+    for end in ends:
+        for ch in text[j:end]:
+            if ch.isspace():
+                continue
+            letters += ch
+            for n in range(1, min(max_order, len(letters)) + 1):  # the n-grams that end at this character
+                gram = letters[-n:]
+                seen[n - 1][gram] += 1
+                hyp_counts[n - 1] += 1
+                matches[n - 1] += seen[n - 1][gram] <= ref_grams[n - 1][gram]  # chrF clips matches at the reference count
+        j = max(j, end)
+        scores.append(chrf_from_statistics(hyp_counts, ref_counts, matches, beta))
+    return scores
 
 
 @register_component("chrf")
 class Chrf(SacrebleuComponent):
-    """Sentence chrF (sacrebleu; word_order=2 gives chrF++) / 100. `level: token`: the sentence score S
-    (best reference) shared out over the response tokens in proportion to the matched character n-grams
-    they cover, r_t = S * m_t / sum_t m_t (m from `matched_char_ngrams`), so sum_t r_t = S."""
+    """Sentence chrF (sacrebleu; word_order=2 gives chrF++) / 100. `level: token`: each token earns what it
+    adds to the score, r_t = chrF(prefix_t) - chrF(prefix_{t-1}) against the best reference, so the rewards
+    sum to the sentence score and a token's reward never depends on the tokens after it."""
 
     class Options(ReferenceOptions):
         word_order: int = Field(0, ge=0)
@@ -266,11 +279,8 @@ class Chrf(SacrebleuComponent):
         rows = []
         for text, spans, ref in zip(inputs.texts, inputs.token_spans, inputs.columns[self.options.column]):
             refs = references(ref)
-            scores = self.sentence_scores(text, refs)
-            best = max(range(len(refs)), key=scores.__getitem__)
-            credit = matched_char_ngrams(text, refs[best], self.metric.char_order)
-            total = sum(credit)
-            rows.append(chars_to_tokens([scores[best] * c / total if total else 0.0 for c in credit], spans))
+            best = max(zip(self.sentence_scores(text, refs), refs))[1]
+            rows.append(increments(prefix_chrf(text, [end for _, end in spans], best, self.metric.char_order, self.metric.beta)))
         return rows
 
 
@@ -285,31 +295,22 @@ def rouge_words(text: str) -> list[tuple[str, int, int]]:
     return [(m.group(), origin[m.start()], origin[m.end() - 1] + 1) for m in re.finditer(r"[a-z0-9]+", lowered)]
 
 
-def lcs_positions(a: list[str], b: list[str]) -> list[int]:
-    """Indices into `a` of one longest common subsequence of a and b (dynamic programme, then backtrack)."""
-    lengths = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]  # lengths[i][j] = LCS of a[i:] and b[j:]
-    for i in range(len(a) - 1, -1, -1):
-        for j in range(len(b) - 1, -1, -1):
-            lengths[i][j] = lengths[i + 1][j + 1] + 1 if a[i] == b[j] else max(lengths[i + 1][j], lengths[i][j + 1])
-    used, i, j = [], 0, 0
-    while i < len(a) and j < len(b):
-        if a[i] == b[j]:
-            used.append(i)
-            i, j = i + 1, j + 1
-        elif lengths[i + 1][j] >= lengths[i][j + 1]:
-            i += 1
-        else:
-            j += 1
-    return used
+def lcs_row(previous: list[int], word: str, reference: list[str]) -> list[int]:
+    """The LCS table's next row: row[j] = LCS(completion words so far + [word], reference[:j])."""
+    row = [0]
+    for j, ref_word in enumerate(reference, start=1):
+        row.append(previous[j - 1] + 1 if word == ref_word else max(previous[j], row[j - 1]))
+    return row
 
 
 @register_component("rouge")
 class Rouge(ReferenceComponent):
     """ROUGE F-measure, precision or recall of the completion against its reference (rouge-score; best
     over references). Precision = overlap / completion length, recall = overlap / reference length.
-    `level: token` (rougeL): with L = the LCS of completion words c and reference words r, ROUGE-L is L * u
-    (u = 2 / (|c| + |r|) for the F-measure, 1 / |c| precision, 1 / |r| recall); each completion word in
-    the LCS earns u, spread evenly over its characters, so the tokens' rewards sum to the sentence score."""
+    `level: token` (rougeL): each token earns what it adds to the score, r_t = ROUGE-L(prefix_t) -
+    ROUGE-L(prefix_{t-1}) against the best reference (a word cut by the prefix counts as the word so far),
+    so the rewards sum to the sentence score, a word that extends the LCS earns, and a word that does not
+    costs what it lowers the precision by, at the token that wrote it."""
 
     class Options(ReferenceOptions):
         rouge_type: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = "rougeL"
@@ -325,26 +326,35 @@ class Rouge(ReferenceComponent):
     def __init__(self, options: Options, env: ComponentEnv):
         super().__init__(options, env)
         from rouge_score.rouge_scorer import RougeScorer
+        from rouge_score.scoring import fmeasure
 
         self.scorer = RougeScorer([options.rouge_type])
+        self.fmeasure = fmeasure
 
     def score(self, text: str, reference: str) -> float:
         return getattr(self.scorer.score(reference, text)[self.options.rouge_type], self.options.measure)  # (target, prediction)
 
-    def word_credit(self, text: str, reference: str) -> list[float]:
-        """Per character of `text`: u / len(word) on the characters of each LCS word (see the class doc)."""
+    def measure(self, lcs: int, words: int, ref_words: int) -> float:
+        """rouge-score's value for an LCS of `lcs` words between `words` completion and `ref_words` reference words."""
+        if not lcs:
+            return 0.0
+        precision, recall = lcs / words, lcs / ref_words
+        return {"precision": precision, "recall": recall, "fmeasure": self.fmeasure(precision, recall)}[self.options.measure]
+
+    def prefix_scores(self, text: str, ends: list[int], reference: str) -> list[float]:
+        """ROUGE-L of text[:end] for every end in `ends` (ascending): one LCS row per completed word, plus
+        the row of the word the prefix cuts, O(len(text) * reference words)."""
         words, ref_words = rouge_words(text), [w for w, _, _ in rouge_words(reference)]
-        unit = {
-            "fmeasure": 2 / (len(words) + len(ref_words)) if words or ref_words else 0.0,
-            "precision": 1 / len(words) if words else 0.0,
-            "recall": 1 / len(ref_words) if ref_words else 0.0,
-        }[self.options.measure]
-        credit = [0.0] * len(text)
-        for i in lcs_positions([w for w, _, _ in words], ref_words):
-            _, start, end = words[i]
-            for j in range(start, end):
-                credit[j] = unit / (end - start)
-        return credit
+        rows, scores = [[0] * (len(ref_words) + 1)], []  # rows[i]: the LCS row after the first i words
+        for end in ends:
+            while len(rows) <= len(words) and words[len(rows) - 1][2] <= end:  # words finished by `end`
+                rows.append(lcs_row(rows[-1], words[len(rows) - 1][0], ref_words))
+            row, count = rows[-1], len(rows) - 1
+            if count < len(words) and words[count][1] < end:  # the prefix ends inside the next word
+                for part, _, _ in rouge_words(text[words[count][1] : end]):
+                    row, count = lcs_row(row, part, ref_words), count + 1
+            scores.append(self.measure(row[-1], count, len(ref_words)))
+        return scores
 
     def __call__(self, inputs: RewardInputs) -> list:
         rows = []
@@ -352,7 +362,10 @@ class Rouge(ReferenceComponent):
             refs = references(ref)
             scores = [self.score(text, r) for r in refs]
             best = max(range(len(refs)), key=scores.__getitem__)
-            rows.append(scores[best] if self.options.level == "sequence" else chars_to_tokens(self.word_credit(text, refs[best]), spans))
+            if self.options.level == "sequence":
+                rows.append(scores[best])
+            else:
+                rows.append(increments(self.prefix_scores(text, [end for _, end in spans], refs[best])))
         return rows
 
 

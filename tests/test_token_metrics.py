@@ -1,6 +1,7 @@
 """Token-level versions of the reference metrics (rouge and chrf at `level: token`) and digit_match at
 `level: sequence`: the per-token rewards sum to the library's sentence score for any text and any
-tokenisation, and the credit lands on the tokens that earn it."""
+tokenisation, a token's reward never depends on the tokens after it, and the credit lands on the tokens
+that earn (or cost) it."""
 
 import re
 
@@ -54,7 +55,7 @@ def test_token_rouge_l_sums_to_the_sentence_score_for_any_tokenisation(text, ref
     expected = getattr(RougeScorer(["rougeL"]).score(reference, text)["rougeL"], measure)
     assert len(rewards) == len(inputs.completion_ids[0])
     assert sum(rewards) == pytest.approx(expected, abs=1e-9)
-    assert min(rewards) >= 0 and rewards[-1] == 0  # the stop token covers no character
+    assert rewards[-1] == 0  # the stop token adds no character
 
 
 @settings(max_examples=150, deadline=None)
@@ -63,21 +64,36 @@ def test_token_chrf_sums_to_the_sentence_score_for_any_tokenisation(text, refs, 
     inputs = tokenised([text], [cuts], {"reference": [refs]})
     rewards = component("chrf", level="token")(inputs)[0]
     assert sum(rewards) == pytest.approx(CHRF().sentence_score(text, refs).score / 100, abs=1e-9)
-    assert min(rewards) >= 0 and rewards[-1] == 0
+    assert rewards[-1] == 0
 
 
 @settings(max_examples=100, deadline=None)
-@given(text=st.text(max_size=40))
+@given(
+    prefix=texts, suffixes=st.tuples(texts, texts), reference=texts, cuts=cut_lists,
+    metric=st.sampled_from(["rouge", "chrf"]),
+)
+def test_token_rewards_of_a_prefix_do_not_depend_on_what_follows(prefix, suffixes, reference, cuts, metric):
+    """Causal rewards: with returns-to-go, G_t = score(full) - score(before t), so what a token costs (a word
+    outside the reference lowering precision) is charged to that token, not to the tokens before it."""
+    texts_ = [prefix + " " + suffix for suffix in suffixes]
+    inputs = tokenised(texts_, [[*cuts, len(prefix)]] * 2, {"reference": [reference] * 2})
+    first, second = component(metric, level="token")(inputs)
+    tokens_in_prefix = sum(end <= len(prefix) for _, end in inputs.token_spans[0][:-1])
+    assert first[:tokens_in_prefix] == second[:tokens_in_prefix]
+
+
 @settings(max_examples=100, deadline=None)
 @given(text=texts, reference=texts)
-def test_token_chrf_gives_nothing_to_characters_the_reference_lacks(text, reference):
+def test_token_chrf_never_pays_a_character_the_reference_lacks(text, reference):
     inputs = tokenised([text], [list(range(len(text)))], {"reference": [reference]})
     rewards = component("chrf", level="token")(inputs)[0]
     for ch, reward in zip(text, rewards):
         if ch not in reference:
-            assert reward == 0, ch
+            assert reward <= 1e-12, ch
 
 
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(max_size=40))
 def test_rouge_words_are_rouge_scores_tokens_with_their_characters(text):
     words = rouge_words(text)
     assert [w for w, _, _ in words] == DefaultTokenizer().tokenize(text)
@@ -85,16 +101,24 @@ def test_rouge_words_are_rouge_scores_tokens_with_their_characters(text):
         assert re.sub(r"[^a-z0-9]", "", text[start:end].lower()) == word
 
 
-def test_token_rouge_l_credits_only_the_words_of_the_common_subsequence():
-    # completion words [bob, 5, dogs, ann], reference [ann, 3, cats, bob, 5, pens]: LCS = (bob, 5), F = 2*2/(4+6)
-    text = "bob 5 dogs ann"
-    rewards = component("rouge", level="token")(tokenised([text], [list(range(len(text)))], {"reference": ["ann 3 cats, bob 5 pens"]}))[0]
-    per_char = dict(zip(text, rewards))
-    assert rewards[0:3] == pytest.approx([0.2 / 3] * 3)  # "bob": u = 2 / 10, spread over its 3 characters
-    assert rewards[4] == pytest.approx(0.2)  # "5"
-    assert sum(rewards) == pytest.approx(0.4)
-    assert sum(rewards[6:]) == 0  # "dogs" is not in the reference, "ann" is but not in the LCS
-    assert per_char[" "] == 0
+def test_token_rouge_l_pays_each_word_what_it_adds_and_charges_words_outside_the_reference():
+    # reference: 6 words; by word: "bob" L=1 of 1 word: P=1, R=1/6, F=2/7; "bob 5": P=1, R=1/3, F=1/2;
+    # "bob 5 dogs": L=2 of 3: P=2/3, R=1/3, F=4/9 (dogs is not in the reference: it costs 1/2 - 4/9)
+    rewards = component("rouge", level="token")(
+        tokenised(["bob 5 dogs"], [[3, 5]], {"reference": ["ann 3 cats, bob 5 pens"]})
+    )[0]
+    assert rewards == pytest.approx([2 / 7, 1 / 2 - 2 / 7, 4 / 9 - 1 / 2, 0.0])
+
+
+def test_token_rouge_l_counts_a_word_cut_by_the_prefix_as_the_word_so_far():
+    # char by char: "c" and "ca" are words outside the reference (F = 0), "cat" completes the only word (F = 1)
+    rewards = component("rouge", level="token")(tokenised(["cat"], [[1, 2]], {"reference": ["cat"]}))[0]
+    assert rewards == pytest.approx([0.0, 0.0, 1.0, 0.0])
+    rewards = component("rouge", level="token")(tokenised(["ca cat"], [[1, 2, 3, 4, 5]], {"reference": ["cat"]}))[0]
+    assert rewards == pytest.approx([0.0, 0.0, 0.0, 0.0, 0.0, 2 / 3, 0.0])  # "ca cat": P=1/2, R=1, F=2/3
+    # "cat c": the cut word "c" already lowers precision (F = 2/3), at the token that wrote it
+    rewards = component("rouge", level="token")(tokenised(["cat ca"], [[3, 4, 5]], {"reference": ["cat"]}))[0]
+    assert rewards == pytest.approx([1.0, 0.0, -1 / 3, 0.0, 0.0])
 
 
 def test_token_chrf_pays_right_characters_in_the_wrong_order_far_less_than_the_right_order():
