@@ -53,7 +53,8 @@ def token_spans(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]:
     """[start, end) of the characters each token contributes to `text` (the decode of `ids` without special
     tokens; special tokens get an empty span). From the tokenizer's offset mapping of `text` when it
     re-encodes to the same tokens (the usual case), else by decoding growing prefixes: either way a BPE
-    token covering several characters gets all of them, never its text decoded on its own."""
+    token covering several characters gets all of them, never its text decoded on its own, and a character
+    split over several tokens belongs to the last of them only."""
     special = set(tokenizer.all_special_ids)
     plain = [t for t in ids if t not in special]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) if tokenizer.is_fast else None
@@ -62,6 +63,11 @@ def token_spans(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]:
     else:
         ends = [len(tokenizer.decode(plain[: k + 1], skip_special_tokens=True)) for k in range(len(plain))]
         plain_spans = list(zip([0, *ends[:-1]], ends))
+    # a character split over several tokens (the bytes of "é" under byte-level BPE) belongs to the last of
+    # them, the one that completes it: an earlier token keeps only the characters before its successor's
+    for k in range(len(plain_spans) - 2, -1, -1):
+        start, end = plain_spans[k]
+        plain_spans[k] = (start, max(start, min(end, plain_spans[k + 1][0])))
     spans, k, position = [], 0, 0
     for token in ids:
         if token in special:

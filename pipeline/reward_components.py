@@ -10,10 +10,12 @@ User code: python (`module:function` or `path/to/file.py:function`, sync or asyn
 from __future__ import annotations
 
 import asyncio
+import bisect
 import importlib
 import importlib.util
 import inspect
 import re
+import itertools
 import string
 from collections import Counter
 from pathlib import Path
@@ -190,9 +192,6 @@ class LengthPenalty(RewardComponent):
 class SacrebleuComponent(ReferenceComponent):
     """A sacrebleu sentence metric (`self.metric`, set by the subclass) / 100, against the references."""
 
-    def sentence_scores(self, text: str, refs: list[str]) -> list[float]:
-        return [self.metric.sentence_score(text, [r]).score / 100 for r in refs]
-
     def __call__(self, inputs: RewardInputs) -> list[float]:
         refs = inputs.columns[self.options.column]
         return [self.metric.sentence_score(c, references(r)).score / 100 for c, r in zip(inputs.texts, refs)]
@@ -207,6 +206,21 @@ class Bleu(SacrebleuComponent):
         from sacrebleu.metrics import BLEU
 
         self.metric = BLEU(effective_order=True)
+
+
+def prefix_ends(spans: list[tuple[int, int]], length: int) -> list[int]:
+    """Per response token, the end of the text written up to and including it (a running maximum of the
+    span ends); the last token's prefix is the whole text, so the rewards always sum to the text's score."""
+    ends = list(itertools.accumulate((end for _, end in spans), max, initial=0))[1:]
+    if ends:
+        ends[-1] = length
+    return ends
+
+
+def best_prefix_scores(per_reference: list[list[float]]) -> list[float]:
+    """score(prefix) = max over the references of score(prefix, reference), position by position: the
+    total is the best reference's score (as the libraries take it) and r_t still depends only on tokens <= t."""
+    return [max(scores) for scores in zip(*per_reference)]
 
 
 def increments(scores: list[float]) -> list[float]:
@@ -254,8 +268,8 @@ def prefix_chrf(text: str, ends: list[int], reference: str, max_order: int, beta
 @register_component("chrf")
 class Chrf(SacrebleuComponent):
     """Sentence chrF (sacrebleu; word_order=2 gives chrF++) / 100. `level: token`: each token earns what it
-    adds to the score, r_t = chrF(prefix_t) - chrF(prefix_{t-1}) against the best reference, so the rewards
-    sum to the sentence score and a token's reward never depends on the tokens after it."""
+    adds to the score, r_t = chrF(prefix_t) - chrF(prefix_{t-1}), chrF(prefix) the best over the references,
+    so the rewards sum to the sentence score and a token's reward never depends on the tokens after it."""
 
     class Options(ReferenceOptions):
         word_order: int = Field(0, ge=0)
@@ -278,21 +292,21 @@ class Chrf(SacrebleuComponent):
             return super().__call__(inputs)
         rows = []
         for text, spans, ref in zip(inputs.texts, inputs.token_spans, inputs.columns[self.options.column]):
-            refs = references(ref)
-            best = max(zip(self.sentence_scores(text, refs), refs))[1]
-            rows.append(increments(prefix_chrf(text, [end for _, end in spans], best, self.metric.char_order, self.metric.beta)))
+            ends = prefix_ends(spans, len(text))
+            per_reference = [prefix_chrf(text, ends, r, self.metric.char_order, self.metric.beta) for r in references(ref)]
+            rows.append(increments(best_prefix_scores(per_reference)))
         return rows
 
 
-def rouge_words(text: str) -> list[tuple[str, int, int]]:
-    """rouge-score's default tokenisation (lowercase, runs of [a-z0-9], no stemming) with each word's
-    [start, end) characters in `text`."""
+def rouge_words(text: str) -> list[tuple[str, list[int]]]:
+    """rouge-score's default tokenisation (lowercase, runs of [a-z0-9], no stemming): each word with the
+    index in `text` of each of its characters (lowercasing may turn one character into two)."""
     lowered, origin = [], []  # text.lower() char by char, and the index in `text` of each of its characters
     for j, ch in enumerate(text):
         lowered.append(ch.lower())
         origin += [j] * len(lowered[-1])
     lowered = "".join(lowered)
-    return [(m.group(), origin[m.start()], origin[m.end() - 1] + 1) for m in re.finditer(r"[a-z0-9]+", lowered)]
+    return [(m.group(), origin[m.start() : m.end()]) for m in re.finditer(r"[a-z0-9]+", lowered)]
 
 
 def lcs_row(previous: list[int], word: str, reference: list[str]) -> list[int]:
@@ -308,7 +322,7 @@ class Rouge(ReferenceComponent):
     """ROUGE F-measure, precision or recall of the completion against its reference (rouge-score; best
     over references). Precision = overlap / completion length, recall = overlap / reference length.
     `level: token` (rougeL): each token earns what it adds to the score, r_t = ROUGE-L(prefix_t) -
-    ROUGE-L(prefix_{t-1}) against the best reference (a word cut by the prefix counts as the word so far),
+    ROUGE-L(prefix_{t-1}), best over the references (a word cut by the prefix counts as the word so far),
     so the rewards sum to the sentence score, a word that extends the LCS earns, and a word that does not
     costs what it lowers the precision by, at the token that wrote it."""
 
@@ -341,31 +355,29 @@ class Rouge(ReferenceComponent):
         precision, recall = lcs / words, lcs / ref_words
         return {"precision": precision, "recall": recall, "fmeasure": self.fmeasure(precision, recall)}[self.options.measure]
 
-    def prefix_scores(self, text: str, ends: list[int], reference: str) -> list[float]:
-        """ROUGE-L of text[:end] for every end in `ends` (ascending): one LCS row per completed word, plus
-        the row of the word the prefix cuts, O(len(text) * reference words)."""
-        words, ref_words = rouge_words(text), [w for w, _, _ in rouge_words(reference)]
+    def prefix_scores(self, words: list[tuple[str, list[int]]], ends: list[int], reference: str) -> list[float]:
+        """ROUGE-L of text[:end] for every end in `ends` (ascending), `words` = rouge_words(text): one LCS row
+        per completed word, plus one for the part of a word the prefix cuts: O(tokens * reference words)."""
+        ref_words = [w for w, _ in rouge_words(reference)]
         rows, scores = [[0] * (len(ref_words) + 1)], []  # rows[i]: the LCS row after the first i words
         for end in ends:
-            while len(rows) <= len(words) and words[len(rows) - 1][2] <= end:  # words finished by `end`
+            while len(rows) <= len(words) and words[len(rows) - 1][1][-1] < end:  # words finished by `end`
                 rows.append(lcs_row(rows[-1], words[len(rows) - 1][0], ref_words))
             row, count = rows[-1], len(rows) - 1
-            if count < len(words) and words[count][1] < end:  # the prefix ends inside the next word
-                for part, _, _ in rouge_words(text[words[count][1] : end]):
-                    row, count = lcs_row(row, part, ref_words), count + 1
+            if count < len(words) and words[count][1][0] < end:  # the prefix cuts the next word: its part so far
+                word, origin = words[count]
+                row, count = lcs_row(row, word[: bisect.bisect_left(origin, end)], ref_words), count + 1
             scores.append(self.measure(row[-1], count, len(ref_words)))
         return scores
 
     def __call__(self, inputs: RewardInputs) -> list:
         rows = []
         for text, spans, ref in zip(inputs.texts, inputs.token_spans, inputs.columns[self.options.column]):
-            refs = references(ref)
-            scores = [self.score(text, r) for r in refs]
-            best = max(range(len(refs)), key=scores.__getitem__)
             if self.options.level == "sequence":
-                rows.append(scores[best])
+                rows.append(max(self.score(text, r) for r in references(ref)))
             else:
-                rows.append(increments(self.prefix_scores(text, [end for _, end in spans], refs[best])))
+                words, ends = rouge_words(text), prefix_ends(spans, len(text))
+                rows.append(increments(best_prefix_scores([self.prefix_scores(words, ends, r) for r in references(ref)])))
         return rows
 
 

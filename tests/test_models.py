@@ -19,6 +19,8 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.models import build_sequences, load_model, response_logprobs
 from pipeline.prompts import encode_prompts
+from pipeline.reward_components import COMPONENTS
+from pipeline.rewards import ComponentEnv, RewardInputs
 from pipeline.inputs import with_builtin_defaults
 
 CHAT = [{"role": "user", "content": "What is 12+30?"}]
@@ -73,6 +75,22 @@ def test_token_spans_follow_bpe_tokens_that_cover_several_characters(tokenizer):
     split = [tokenizer.convert_tokens_to_ids(c) for c in "4567"] + ids[1:]
     assert tokenizer.decode(split, skip_special_tokens=True) == text
     assert [text[s:e] for s, e in token_spans(tokenizer, split, text)] == [*"4567", *(text[s:e] for s, e in spans[1:])]
+
+
+def test_a_character_split_over_byte_tokens_belongs_to_the_token_that_completes_it(tokenizer):
+    text = "日本 café"  # each of 日, 本, é is several byte-level tokens
+    ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    spans = token_spans(tokenizer, ids, tokenizer.decode(ids, skip_special_tokens=True))
+    assert len(ids) > len(text) + 1
+    assert "".join(text[s:e] for s, e in spans) == text  # every character once, in order
+    for k, (start, end) in enumerate(spans[:-1]):
+        if start == end:  # a byte of a character the next token completes
+            assert spans[k + 1][0] == start
+    # digit_match through these spans earns each character once: the whole answer, then EOS in place, is 1
+    digit_match = COMPONENTS["digit_match"](COMPONENTS["digit_match"].Options(), ComponentEnv(tokenizer))
+    rewards = digit_match(RewardInputs(prompts=[""], completions=[text], completion_ids=[ids], texts=[text], token_spans=[spans],
+                                       columns={"answer": [text]}, stop_ids=frozenset({tokenizer.eos_token_id})))[0]
+    assert sum(rewards) == pytest.approx(1.0)
 
 
 def test_digit_match_credits_each_digit_a_bpe_token_covers(tokenizer, chat_model):

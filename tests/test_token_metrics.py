@@ -43,16 +43,21 @@ def tokenised(texts: list[str], cuts: list[list[int]], columns: dict) -> RewardI
 
 
 # texts with words, punctuation, case, repeats and characters float32 or ASCII assumptions would miss
-texts = st.lists(st.sampled_from([*WORDS, ",", " ", ".", "é", "İ", "  "]), max_size=12).map(" ".join)
+texts = st.lists(
+    st.sampled_from([*WORDS, ",", " ", ".", "é", "İ", "ab\u0307", "  ", "\n", "\t", "\u00a0"]), max_size=12
+).map(" ".join)
 cut_lists = st.lists(st.integers(0, 80), max_size=20)
 
 
 @settings(max_examples=150, deadline=None)
-@given(text=texts, reference=texts, cuts=cut_lists, measure=st.sampled_from(["fmeasure", "precision", "recall"]))
-def test_token_rouge_l_sums_to_the_sentence_score_for_any_tokenisation(text, reference, cuts, measure):
-    inputs = tokenised([text], [cuts], {"reference": [reference]})
+@given(
+    text=texts, refs=st.lists(texts, min_size=1, max_size=3), cuts=cut_lists,
+    measure=st.sampled_from(["fmeasure", "precision", "recall"]),
+)
+def test_token_rouge_l_sums_to_the_sentence_score_for_any_tokenisation(text, refs, cuts, measure):
+    inputs = tokenised([text], [cuts], {"reference": [refs]})
     rewards = component("rouge", level="token", measure=measure)(inputs)[0]
-    expected = getattr(RougeScorer(["rougeL"]).score(reference, text)["rougeL"], measure)
+    expected = max(getattr(RougeScorer(["rougeL"]).score(r, text)["rougeL"], measure) for r in refs)
     assert len(rewards) == len(inputs.completion_ids[0])
     assert sum(rewards) == pytest.approx(expected, abs=1e-9)
     assert rewards[-1] == 0  # the stop token adds no character
@@ -69,14 +74,15 @@ def test_token_chrf_sums_to_the_sentence_score_for_any_tokenisation(text, refs, 
 
 @settings(max_examples=100, deadline=None)
 @given(
-    prefix=texts, suffixes=st.tuples(texts, texts), reference=texts, cuts=cut_lists,
-    metric=st.sampled_from(["rouge", "chrf"]),
+    prefix=texts, suffixes=st.tuples(texts, texts), refs=st.lists(texts, min_size=1, max_size=3), cuts=cut_lists,
+    metric=st.sampled_from(["rouge", "chrf"]), joiner=st.sampled_from(["", " "]),
 )
-def test_token_rewards_of_a_prefix_do_not_depend_on_what_follows(prefix, suffixes, reference, cuts, metric):
+def test_token_rewards_of_a_prefix_do_not_depend_on_what_follows(prefix, suffixes, refs, cuts, metric, joiner):
     """Causal rewards: with returns-to-go, G_t = score(full) - score(before t), so what a token costs (a word
-    outside the reference lowering precision) is charged to that token, not to the tokens before it."""
-    texts_ = [prefix + " " + suffix for suffix in suffixes]
-    inputs = tokenised(texts_, [[*cuts, len(prefix)]] * 2, {"reference": [reference] * 2})
+    outside the reference lowering precision) is charged to that token, not to the tokens before it; also
+    when the suffix continues the prefix's last word, and whichever reference ends up the best."""
+    texts_ = [prefix + joiner + suffix for suffix in suffixes]
+    inputs = tokenised(texts_, [[*cuts, len(prefix)]] * 2, {"reference": [refs] * 2})
     first, second = component(metric, level="token")(inputs)
     tokens_in_prefix = sum(end <= len(prefix) for _, end in inputs.token_spans[0][:-1])
     assert first[:tokens_in_prefix] == second[:tokens_in_prefix]
@@ -96,9 +102,9 @@ def test_token_chrf_never_pays_a_character_the_reference_lacks(text, reference):
 @given(text=st.text(max_size=40))
 def test_rouge_words_are_rouge_scores_tokens_with_their_characters(text):
     words = rouge_words(text)
-    assert [w for w, _, _ in words] == DefaultTokenizer().tokenize(text)
-    for word, start, end in words:
-        assert re.sub(r"[^a-z0-9]", "", text[start:end].lower()) == word
+    assert [w for w, _ in words] == DefaultTokenizer().tokenize(text)
+    for word, origin in words:
+        assert re.sub(r"[^a-z0-9]", "", "".join(text[j] for j in dict.fromkeys(origin)).lower()) == word
 
 
 def test_token_rouge_l_pays_each_word_what_it_adds_and_charges_words_outside_the_reference():
@@ -119,6 +125,23 @@ def test_token_rouge_l_counts_a_word_cut_by_the_prefix_as_the_word_so_far():
     # "cat c": the cut word "c" already lowers precision (F = 2/3), at the token that wrote it
     rewards = component("rouge", level="token")(tokenised(["cat ca"], [[3, 4, 5]], {"reference": ["cat"]}))[0]
     assert rewards == pytest.approx([1.0, 0.0, -1 / 3, 0.0, 0.0])
+
+
+def test_with_several_references_a_tokens_reward_does_not_wait_for_the_best_one():
+    # "a b" then " c d": the first token is scored against the reference it matches so far ("a b")
+    for metric in ("rouge", "chrf"):
+        inputs = tokenised(["a b", "a c d"], [[1], [1]], {"reference": [["a b", "c d"]] * 2})
+        first, second = component(metric, level="token")(inputs)
+        assert first[0] == second[0] > 0
+
+
+def test_characters_no_token_span_covers_belong_to_the_last_token():
+    # spans that stop short of the text (an odd tokenizer's offsets): the sum is still the text's score
+    inputs = RewardInputs(prompts=[""], completions=["cat dog"], completion_ids=[[1, 0]], texts=["cat dog"],
+                          token_spans=[[(0, 3), (3, 3)]], columns={"reference": ["cat dog"]})
+    for metric in ("rouge", "chrf"):
+        assert component(metric, level="token")(inputs)[0] == pytest.approx([0.0 if metric == "rouge" else 0.5, 1.0], abs=0.5)
+        assert sum(component(metric, level="token")(inputs)[0]) == pytest.approx(1.0)
 
 
 def test_token_chrf_pays_right_characters_in_the_wrong_order_far_less_than_the_right_order():
