@@ -16,12 +16,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 
-def run_seed(seed: int, overrides: list[str], target: float, workdir: Path, metric: str = "eval/exact_match") -> dict:
-    """One real `tokenforge train` run; its eval records and the step/time at which `metric` reached `target`."""
+
+def run_seed(
+    seed: int, overrides: list[str], target: float, workdir: Path, metric: str = "eval/exact_match", config: str | None = None
+) -> dict:
+    """One real `tokenforge train` run (of `config`, else the default); its eval records (`evals`: every
+    eval/* value per eval step) and the step/time at which `metric` reached `target`."""
     out = workdir / f"seed_{seed}"
     env = {**os.environ, "HOME": str(workdir), "RAY_AUTH_MODE": "token"}
-    command = [sys.executable, "-m", "pipeline.cli", "train", f"seed={seed}", f"output_dir={out}", *overrides]
+    command = [sys.executable, "-m", "pipeline.cli", "train", *(["-c", config] if config else [])]
+    command += [f"seed={seed}", f"output_dir={out}", *overrides]
     start = time.time()
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.time() - start
@@ -37,7 +43,15 @@ def run_seed(seed: int, overrides: list[str], target: float, workdir: Path, metr
         "reached_s": reached["time/elapsed_s"] if reached else None,
         "wall_s": wall,
         "curve": [(r["step"], r["time/elapsed_s"], r[metric]) for r in evals],
+        "evals": [{k: v for k, v in r.items() if k == "step" or k.startswith("eval/")} for r in evals],
+        "samples_per_step": samples_per_step(out / "config.yaml"),
     }
+
+
+def samples_per_step(config_yaml: Path) -> int:
+    """trainer.prompts_per_step * rollout.group_size of a run, from its resolved config.yaml."""
+    config = yaml.safe_load(config_yaml.read_text())
+    return config["trainer"]["prompts_per_step"] * config["rollout"]["group_size"]
 
 
 def main() -> None:
