@@ -231,7 +231,7 @@ def test_env_config_takes_dotted_tokenforge_keys():
         ),
         (
             lambda: TokenEnv(overrides=["task=subtraction"]),
-            "config key 'task': Input should be 'addition', 'words' or 'chat_addition'",
+            "config key 'task': Input should be 'addition', 'words', 'reverse', 'summarize' or 'chat_addition'",
         ),
     ],
 )
