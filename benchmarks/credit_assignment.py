@@ -59,14 +59,19 @@ TASKS = {
             # grpo divides each position's advantages by that position's std over the group, which turns
             # small differences in the returns of near-certain tokens into unit-sized advantages; rloo does not
             "token: digit_match, rloo": [weights(digit_match=1.0), "algorithm.estimator=rloo"],
-            "sequence: exact_match, gamma 0.9": [weights(exact_match=1.0), "algorithm.gamma=0.9"],
+            "sequence: digit_match summed, rloo": [
+                weights(digit_match=1.0), "reward.components.digit_match={level: sequence}", "algorithm.estimator=rloo"
+            ],
         },
         also=["eval/digit_match", "eval/chrf"],
     ),
     "summarize": Task(
-        "examples/summarize.yaml", "eval/rouge", 0.9,
-        {"sequence: rougeL": [weights(rouge=1.0)], "token: rougeL": [weights(rouge=1.0), "reward.components.rouge={level: token}"]},
-        also=["eval/exact_match"],
+        "examples/summarize.yaml", "eval/exact_match", 0.93,
+        {
+            "sequence: rougeL": [weights(rouge=1.0), "reward.components.rouge={level: sequence}"],
+            "token: rougeL": [weights(rouge=1.0), "reward.components.rouge={level: token}"],
+        },
+        also=["eval/rouge"],
     ),
     "addition": Task(
         None, "eval/exact_match", 0.85,
