@@ -497,14 +497,14 @@ EXACT = [[0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
 DIGIT = [[1 / 3, 1 / 3], [1 / 3, 0.0, 0.0], [1 / 3, 1 / 3], [1 / 3, 1 / 3]]
 
 
-def hand_scored_batch(exact=EXACT, digit=DIGIT, finished=(True, False, True, True)) -> pa.Table:
+def hand_scored_batch(exact=EXACT, digit=DIGIT, finished=(True, False, True, True), behaviour=None) -> pa.Table:
     core = {
         "sample_id": [0, 1, 2, 3],
         "group_id": [0, 0, 1, 1],
         "prompt_text": ["1+2="] * 4,
         "prompt_ids": [[4, 13, 5, 14]] * 4,
         "response_ids": RESPONSES,
-        "behaviour_logprobs": [[-1.0 - 0.1 * k for k in range(len(r))] for r in RESPONSES],
+        "behaviour_logprobs": behaviour or [[-1.0 - 0.1 * k for k in range(len(r))] for r in RESPONSES],
         "response": ["1", "23", "1", "1"],
         "finished": list(finished),
         "policy_version": [0] * 4,
@@ -682,6 +682,78 @@ def test_the_learner_takes_the_fp32_log_softmax_logprob_chunk_tokens_at_a_time(b
     learner.train_step(hand_scored_batch())
     assert {grad for grad, _ in seen} == {True, False}
     assert max(rows for _, rows in seen) == 2
+
+
+def test_the_learner_passes_clip_high_to_the_ppo_loss(builtin_model_path):
+    """Behaviour log-probs 1 below the model's: every ratio is e, above 1 + clip_high, so the winners' clipped
+    terms are (1 + clip_high) * A and the loss depends on clip_high (0.1 here, not the default 0.2)."""
+    learner = learner_for(builtin_model_path, "algorithm.loss=ppo_clip", "algorithm.clip_high=0.1")
+    prompts = hand_scored_batch().column("prompt_ids").to_pylist()
+    sequences = build_sequences(prompts, RESPONSES, learner.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(learner.model, sequences, learner.config.rollout.temperature)
+    behaviour = [(logprobs[i, : len(r)] - 1.0).tolist() for i, r in enumerate(RESPONSES)]
+    batch = hand_scored_batch(behaviour=behaviour)
+    mask = response_mask(batch)
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
+    advantages = compute_advantages("grpo", rewards, mask, torch.tensor([0, 0, 1, 1]))
+    args = (logprobs, pad_right(behaviour), advantages, mask)
+    common = dict(agg=learner.config.algorithm.agg, loss="ppo_clip", max_len=learner.config.rollout.max_new_tokens)
+    expected = float(policy_loss(*args, clip_high=0.1, **common)[0])
+    assert expected != pytest.approx(float(policy_loss(*args, clip_high=0.2, **common)[0]), rel=1e-3)
+    assert learner.train_step(batch)["loss/policy"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_learner_sums_the_weighted_rewards_in_float64(builtin_model_path):
+    """2.0 * exact + 0.5 * digit with digit = 1/3 (float32 in the batch): the token rewards and their totals are
+    float64 sums (2 + 1/6 is not a float32: rounding it moves the total by about 1e-7)."""
+    learner = learner_for(builtin_model_path)
+    batch = hand_scored_batch()
+    learner.train_step(batch)
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
+    expected = (rewards * response_mask(batch)).sum(1)
+    assert rewards.float().double().ne(rewards).any()  # float32 token rewards would differ
+    assert torch.allclose(T(learner.learned_columns().column("total_reward").to_pylist(), dtype=torch.float64), expected, rtol=0, atol=1e-12)
+
+
+def test_the_learner_normalises_a_component_over_the_samples_it_applies_to(builtin_model_path):
+    """digit_match with normalize: batch, not applicable (None) to sample 0: the learner's token rewards are
+    2 * exact + 0.5 * normalize_rewards(digit, mask of the samples it applies to); sample 0 gets exact alone."""
+    learner = learner_for(builtin_model_path, "reward.components.digit_match.normalize=batch")
+    digit = [None, [1 / 3, 0.0, 0.0], [1 / 3, 1 / 3], [1 / 3, 1 / 3]]
+    batch = hand_scored_batch(digit=digit)
+    learner.train_step(batch)
+    mask = response_mask(batch)
+    applies = T([False, True, True, True])
+    component = pad_right([row or [] for row in digit], width=3)
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * normalize_rewards(component, mask * applies[:, None], torch.tensor([0, 0, 1, 1]), "batch")
+    totals = T(learner.learned_columns().column("total_reward").to_pylist(), dtype=torch.float64)
+    assert torch.allclose(totals, (rewards * mask).sum(1), rtol=0, atol=1e-9)
+    assert totals[0] == 2.0
+
+
+def test_a_component_that_applies_to_two_samples_reports_their_std(builtin_model_path):
+    learner = learner_for(builtin_model_path)
+    metrics = learner.train_step(hand_scored_batch(digit=[None, [0.25, 0.0, 0.5], None, [1.0, 0.0]]))
+    assert metrics["reward/digit_match/mean"] == 0.875  # totals 0.75 and 1.0
+    assert metrics["reward/digit_match/std"] == pytest.approx(float(T([0.75, 1.0]).std()))  # unbiased, 0.1768
+
+
+@pytest.mark.parametrize("kind", ["k1", "k3"])
+def test_the_kl_penalty_in_the_reward_is_scaled_in_float64(builtin_model_path, kind):
+    """r_t - beta * KL_t with beta = 0.1 and the configured estimator: beta * KL_t in float64 (in float32 it is
+    off by about 1e-8 per token)."""
+    learner = learner_for(builtin_model_path, "algorithm.kl_in_reward_coef=0.1", f"algorithm.kl_kind={kind}")
+    batch = hand_scored_batch()
+    learner.train_step(batch)
+    mask = response_mask(batch)
+    behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist())
+    sequences = build_sequences(batch.column("prompt_ids").to_pylist(), RESPONSES, learner.tokenizer.pad_token_id)
+    kl = kl_penalty(behaviour, learner._reference_logprobs(sequences), kind)
+    assert (0.1 * kl.double()).float().double().ne(0.1 * kl.double())[mask.bool()].any()
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double() - 0.1 * kl.double() * mask
+    totals = T(learner.learned_columns().column("total_reward").to_pylist(), dtype=torch.float64)
+    assert torch.allclose(totals, (rewards * mask).sum(1), rtol=0, atol=1e-12)
 
 
 # --- pipeline.reward_components -----------------------------------------------------------------------
