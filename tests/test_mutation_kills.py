@@ -948,7 +948,7 @@ class TinyRemoteTokenizer(PreTrainedTokenizerFast):
 '''
 
 
-def remote_code_model(path, auto_class, class_name):
+def remote_code_model(path, auto_class, class_name, custom_tokenizer=True):
     """A local model directory whose config, model and tokenizer classes are custom code in the directory
     (tiny_remote.py), as on the hub: transformers loads it only with trust_remote_code=True."""
     import importlib.util
@@ -967,6 +967,8 @@ def remote_code_model(path, auto_class, class_name):
     torch.manual_seed(0)
     getattr(code, class_name)(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    if not custom_tokenizer:
+        return tokenizer
     settings = json.loads((path / "tokenizer_config.json").read_text())
     settings.update(tokenizer_class="TinyRemoteTokenizer", auto_map={"AutoTokenizer": [None, "tiny_remote.TinyRemoteTokenizer"]})
     (path / "tokenizer_config.json").write_text(json.dumps(settings))
@@ -989,6 +991,9 @@ def test_model_components_load_custom_code_only_with_trust_remote_code(tmp_path)
     for name, path in (("classifier", "classifier"), ("teacher_logprob", "teacher")):
         with pytest.raises(ValueError, match="contains custom code"):
             component(name, env, path=str(tmp_path / path))  # the default: custom code is refused
+    remote_code_model(tmp_path / "model_only", "AutoModelForCausalLM", "TinyRemoteLM", custom_tokenizer=False)
+    with pytest.raises(ValueError, match="contains custom code"):
+        component("teacher_logprob", env, path=str(tmp_path / "model_only"))  # a plain tokenizer, the model custom
 
 
 def test_cosine_schedule_of_one_update_after_warmup_and_beyond_the_last_update():
