@@ -756,6 +756,48 @@ def test_the_kl_penalty_in_the_reward_is_scaled_in_float64(builtin_model_path, k
     assert torch.allclose(totals, (rewards * mask).sum(1), rtol=0, atol=1e-12)
 
 
+def test_the_learner_uses_the_configured_gamma_and_whitening(builtin_model_path):
+    learner = learner_for(builtin_model_path, "algorithm.estimator=reinforce", "algorithm.gamma=0.5", "algorithm.whiten=true")
+    batch = hand_scored_batch()
+    learner.train_step(batch)
+    mask, groups = response_mask(batch), torch.tensor([0, 0, 1, 1])
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
+    expected = compute_advantages("reinforce", rewards, mask, groups, 0.5, True)
+    for other in (compute_advantages("reinforce", rewards, mask, groups, 1.0, True), compute_advantages("reinforce", rewards, mask, groups, 0.5)):
+        assert not torch.allclose(other, expected, atol=1e-3)
+    learned = learner.learned_columns().column("advantages").to_pylist()
+    assert all(row == pytest.approx(expected[i, : len(row)].tolist(), abs=1e-6) for i, row in enumerate(learned))
+
+
+def test_an_update_whose_gradient_norm_is_not_finite_is_skipped_although_its_loss_is_finite(builtin_model_path):
+    """Winners' rewards of 1e30 with reinforce (no baseline): the loss (about 1e30) is a float32, the gradient's
+    squared norm is not, so the update is skipped and counted."""
+    learner = learner_for(builtin_model_path, "algorithm.estimator=reinforce", "learner.max_nonfinite_steps=5")
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    metrics = learner.train_step(hand_scored_batch(exact=[[0.0, 1e30], [0.0, 0.0, 0.0], [0.0, 1e30], [0.0, 1e30]]))
+    assert math.isfinite(metrics["loss/policy"]) and not math.isfinite(metrics["loss/grad_norm"])
+    assert metrics["learner/skipped_nonfinite"] == 1.0
+    assert all(torch.equal(before[k], v) for k, v in learner.model.state_dict().items())
+
+
+def test_the_learner_holds_no_gradients_between_steps(builtin_model_path):
+    """After each update the gradients are freed (set to None), not kept as zero tensors."""
+    learner = learner_for(builtin_model_path)
+    learner.train_step(hand_scored_batch())
+    assert all(p.grad is None for p in learner.model.parameters())
+
+
+def test_a_skipped_first_update_does_not_warn_about_the_schedule(builtin_model_path):
+    """The first step's update skipped (a NaN/inf reward): the schedule steps without an optimizer step, which torch
+    warns about; the learner silences that warning."""
+    learner = learner_for(builtin_model_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = learner.train_step(hand_scored_batch(exact=[[0.0, float("inf")], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]))
+    assert metrics["learner/skipped_nonfinite"] == 1.0
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+
+
 # --- pipeline.reward_components -----------------------------------------------------------------------
 
 
