@@ -798,6 +798,15 @@ def test_a_skipped_first_update_does_not_warn_about_the_schedule(builtin_model_p
     assert not [w for w in caught if "lr_scheduler" in str(w.message)]
 
 
+def test_the_learner_silences_only_torchs_schedule_order_warning(builtin_model_path):
+    """torch's other scheduler warning (optimizer.step replaced after the schedule was made) still shows."""
+    learner = learner_for(builtin_model_path)
+    step = learner.optimizer.step
+    learner.optimizer.step = lambda: step()
+    with pytest.warns(UserWarning, match=r"Seems like `optimizer\.step\(\)` has been overridden"):
+        learner.train_step(hand_scored_batch())
+
+
 # --- pipeline.reward_components -----------------------------------------------------------------------
 
 
