@@ -26,7 +26,9 @@
 #
 # Each module runs in its own copy of the code, .mutation/<module>/ (git-ignored), with the [tool.mutmut]
 # section written below; mutmut keeps its results in .mutation/<module>/mutants/, so a second run only
-# tests mutants without a result (delete the folder to start over). For a mutant's diff:
+# tests mutants without a result: the script names exactly those to mutmut, which (3.8.1) would otherwise run
+# every mutant matching the names again; when the module's source changed, it passes the module's patterns, so
+# that mutmut regenerates and runs them all (delete the folder to start over). For a mutant's diff:
 #   cd .mutation/learner && ../../.venv/bin/mutmut show 'actors.learner.x_lr_factor__mutmut_3'
 # Each module prints its wall time, its counts and its survivors.
 # After adding tests, RETEST=1 scripts/mutation_test.sh <module> clears the results of that module's
@@ -82,9 +84,11 @@ for module in "${modules[@]}"; do
     work=$repo/.mutation/$module
     mkdir -p "$work"
     # the code and tests as they are now (mutmut regenerates the mutants of a changed file)
+    before=$(sha256sum <"$work/${files[$module]}" 2>/dev/null || true)  # the module as the last run mutated it
     rm -rf "$work/tests"
     cp -r "$repo/pipeline" "$repo/actors" "$repo/tests" "$work/"
     "$venv/bin/python" "$repo/scripts/mutation_undecorate.py" "$work/${files[$module]}"
+    changed=$([[ $(sha256sum <"$work/${files[$module]}") == "$before" ]] && echo no || echo yes)
     selection=$(for t in ${tests[$module]} test_mutation_kills; do printf '"tests/%s.py", ' "$t"; done)
     sed '/^\[tool\.mutmut\]/,$d' "$repo/pyproject.toml" >"$work/pyproject.toml"
     cat >>"$work/pyproject.toml" <<EOF
@@ -116,13 +120,28 @@ for meta in pathlib.Path("mutants").rglob("*.py.meta"):
 PY
         )
     fi
-    echo "=== $module: ${files[$module]}, mutants ${patterns[*]}; tests: ${tests[$module]} test_mutation_kills"
+    # mutmut 3.8.1 runs again every mutant that matches the names it is given, whatever its stored result: once
+    # the mutants exist (and the module is unchanged), name only those without a result (the RETEST ones included)
+    names=("${patterns[@]}")
+    if [[ -d $work/mutants && $changed == no ]]; then
+        mapfile -t names < <(cd "$work" && "$venv/bin/python" - "${patterns[@]}" <<'PY'
+import fnmatch, json, pathlib, sys
+for meta in pathlib.Path("mutants").rglob("*.py.meta"):
+    for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+        if code is None and any(fnmatch.fnmatch(name, p) for p in sys.argv[1:]):
+            print(name)
+PY
+        )
+    fi
+    echo "=== $module: ${files[$module]}, mutants ${patterns[*]} (${#names[@]} names to run); tests: ${tests[$module]} test_mutation_kills"
     begin=$SECONDS
-    (cd "$work" && "$venv/bin/mutmut" run --max-children "$children" "${patterns[@]}") >"$work/run.log" 2>&1 || {
-        tr '\r' '\n' <"$work/run.log" | tail -30 >&2
-        echo "mutmut failed on $module (log: $work/run.log)" >&2
-        exit 1
-    }
+    if ((${#names[@]})); then
+        (cd "$work" && "$venv/bin/mutmut" run --max-children "$children" "${names[@]}") >"$work/run.log" 2>&1 || {
+            tr '\r' '\n' <"$work/run.log" | tail -30 >&2
+            echo "mutmut failed on $module (log: $work/run.log)" >&2
+            exit 1
+        }
+    fi
     echo "$module: mutmut run took $((SECONDS - begin)) s"
     (cd "$work" && "$venv/bin/python" "$repo/scripts/mutation_report.py" "$venv" \
         "$(for t in ${tests[$module]} test_mutation_kills; do printf 'tests/%s.py ' "$t"; done)" "${patterns[@]}")

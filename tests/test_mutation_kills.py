@@ -20,7 +20,7 @@ from pipeline.batch import TOKEN_REWARD_TYPE, make_rollout_table, pad_right, res
 from pipeline.config import load_config
 from pipeline.errors import TokenforgeError
 from pipeline.loss import LOSSES, policy_loss
-from pipeline.models import build_sequences, load_tokenizer, response_logprobs
+from pipeline.models import build_sequences, builtin_paths, load_tokenizer, response_logprobs
 from pipeline.reward_components import COMPONENTS
 from pipeline.rewards import (
     FLOAT32_MAX,
@@ -289,6 +289,21 @@ def test_generation_loop_samples_unless_greedy_with_the_configured_top_p(builtin
     assert (nucleus == 5).all()
 
 
+def test_a_one_character_stop_string_stops_a_row_on_its_first_token(builtin_model_path):
+    """rollout.stop equal to the first character a row generates (greedy) ends that row after one token; the other
+    rows are cut after their first occurrence of it, as by the stop-string rule everywhere else."""
+    prompts = pa.table({"prompt": ["13+54=", "2+2=", "99+99=", "7+1="], "group_id": [0, 1, 2, 3]})
+    free = RolloutWorker(load_config(overrides=["rollout.max_new_tokens=6"]), builtin_model_path)
+    full = free.generate(prompts, group_size=1, greedy=True).column("response_ids").to_pylist()
+    first = full[0][0]
+    stop = free.tokenizer.decode([first])
+    assert first != free.tokenizer.eos_token_id and len(stop) == 1
+    cut = RolloutWorker(load_config(overrides=["rollout.max_new_tokens=6", f"rollout.stop=['{stop}']"]), builtin_model_path)
+    batch = cut.generate(prompts, group_size=1, greedy=True)
+    assert batch.column("response_ids").to_pylist() == [r[: r.index(first) + 1] if first in r else r for r in full]
+    assert batch.column("response_ids").to_pylist()[0] == [first] and batch.column("finished").to_pylist()[0]
+
+
 # --- pipeline.rewards: normalize_rewards and score_component ------------------------------------------
 
 
@@ -482,14 +497,14 @@ EXACT = [[0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
 DIGIT = [[1 / 3, 1 / 3], [1 / 3, 0.0, 0.0], [1 / 3, 1 / 3], [1 / 3, 1 / 3]]
 
 
-def hand_scored_batch(exact=EXACT, digit=DIGIT, finished=(True, False, True, True)) -> pa.Table:
+def hand_scored_batch(exact=EXACT, digit=DIGIT, finished=(True, False, True, True), behaviour=None) -> pa.Table:
     core = {
         "sample_id": [0, 1, 2, 3],
         "group_id": [0, 0, 1, 1],
         "prompt_text": ["1+2="] * 4,
         "prompt_ids": [[4, 13, 5, 14]] * 4,
         "response_ids": RESPONSES,
-        "behaviour_logprobs": [[-1.0 - 0.1 * k for k in range(len(r))] for r in RESPONSES],
+        "behaviour_logprobs": behaviour or [[-1.0 - 0.1 * k for k in range(len(r))] for r in RESPONSES],
         "response": ["1", "23", "1", "1"],
         "finished": list(finished),
         "policy_version": [0] * 4,
@@ -611,6 +626,187 @@ def test_skipped_updates_are_counted_per_update_and_warn_about_nothing(builtin_m
     assert learner.scheduler.last_epoch == 4
 
 
+def test_reference_log_probs_cover_every_row_in_micro_batches(builtin_model_path):
+    """Four samples only two tokens wide, micro-batches of one: the reference log-probs hold all four rows."""
+    learner = learner_for(builtin_model_path, "algorithm.kl_coef=0.05", "learner.micro_batch_size=1")
+    sequences = build_sequences([[4], [5], [6], [7]], [[8], [9], [4], [EOS]], learner.tokenizer.pad_token_id)
+    assert sequences["input_ids"].shape == (4, 2)
+    with torch.no_grad():
+        expected = response_logprobs(learner.reference, sequences, learner.config.rollout.temperature)[0]
+    assert torch.allclose(learner._reference_logprobs(sequences), expected, atol=1e-6)
+
+
+def test_the_lora_reference_is_the_base_model_with_the_adapters_switched_off(builtin_model_path):
+    """With LoRA there is no reference copy: the reference log-probs are the policy's with its adapters off, also
+    once the adapters have moved away from 0 (at the start they are equal by construction); the adapters are on
+    again afterwards."""
+    from pipeline.inputs import with_builtin_defaults
+    from pipeline.models import load_model
+
+    config = with_builtin_defaults(load_config(overrides=[
+        "task=chat_addition", "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}", "algorithm.kl_coef=0.05"]))
+    learner = Learner(config, config.model.path, config.model.path)
+    assert learner.reference is None
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in learner.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.5)
+    prompt = learner.tokenizer("12+30=").input_ids
+    sequences = build_sequences([prompt, prompt], [learner.tokenizer("42", add_special_tokens=False).input_ids, [learner.tokenizer.eos_token_id]],
+                                learner.tokenizer.pad_token_id)
+    temperature = config.rollout.temperature
+    with torch.no_grad():
+        policy = response_logprobs(learner.model, sequences, temperature)[0]
+        base = response_logprobs(load_model(config.model.path), sequences, temperature)[0]
+    assert not torch.allclose(policy, base, atol=1e-3)  # the adapters matter
+    assert torch.allclose(learner._reference_logprobs(sequences), base, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(response_logprobs(learner.model, sequences, temperature)[0], policy)
+
+
+def test_the_learner_takes_the_fp32_log_softmax_logprob_chunk_tokens_at_a_time(builtin_model_path, monkeypatch):
+    """learner.logprob_chunk_tokens bounds the tokens whose fp32 log-softmax is held at once, in the reference
+    pass (no grad) and in the policy's forward and backward passes."""
+    import pipeline.models
+
+    seen = []
+    real = pipeline.models.token_logprob_entropy
+
+    def recording(logits, targets, temperature):
+        seen.append((torch.is_grad_enabled(), logits.shape[0]))
+        return real(logits, targets, temperature)
+
+    monkeypatch.setattr(pipeline.models, "token_logprob_entropy", recording)
+    learner = learner_for(builtin_model_path, "algorithm.kl_coef=0.05", "learner.logprob_chunk_tokens=2")
+    learner.train_step(hand_scored_batch())
+    assert {grad for grad, _ in seen} == {True, False}
+    assert max(rows for _, rows in seen) == 2
+
+
+def test_the_learner_passes_clip_high_to_the_ppo_loss(builtin_model_path):
+    """Behaviour log-probs 1 below the model's: every ratio is e, above 1 + clip_high, so the winners' clipped
+    terms are (1 + clip_high) * A and the loss depends on clip_high (0.1 here, not the default 0.2)."""
+    learner = learner_for(builtin_model_path, "algorithm.loss=ppo_clip", "algorithm.clip_high=0.1")
+    prompts = hand_scored_batch().column("prompt_ids").to_pylist()
+    sequences = build_sequences(prompts, RESPONSES, learner.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(learner.model, sequences, learner.config.rollout.temperature)
+    behaviour = [(logprobs[i, : len(r)] - 1.0).tolist() for i, r in enumerate(RESPONSES)]
+    batch = hand_scored_batch(behaviour=behaviour)
+    mask = response_mask(batch)
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
+    advantages = compute_advantages("grpo", rewards, mask, torch.tensor([0, 0, 1, 1]))
+    args = (logprobs, pad_right(behaviour), advantages, mask)
+    common = dict(agg=learner.config.algorithm.agg, loss="ppo_clip", max_len=learner.config.rollout.max_new_tokens)
+    expected = float(policy_loss(*args, clip_high=0.1, **common)[0])
+    assert expected != pytest.approx(float(policy_loss(*args, clip_high=0.2, **common)[0]), rel=1e-3)
+    assert learner.train_step(batch)["loss/policy"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_learner_sums_the_weighted_rewards_in_float64(builtin_model_path):
+    """2.0 * exact + 0.5 * digit with digit = 1/3 (float32 in the batch): the token rewards and their totals are
+    float64 sums (2 + 1/6 is not a float32: rounding it moves the total by about 1e-7)."""
+    learner = learner_for(builtin_model_path)
+    batch = hand_scored_batch()
+    learner.train_step(batch)
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
+    expected = (rewards * response_mask(batch)).sum(1)
+    assert rewards.float().double().ne(rewards).any()  # float32 token rewards would differ
+    assert torch.allclose(T(learner.learned_columns().column("total_reward").to_pylist(), dtype=torch.float64), expected, rtol=0, atol=1e-12)
+
+
+def test_the_learner_normalises_a_component_over_the_samples_it_applies_to(builtin_model_path):
+    """digit_match with normalize: batch, not applicable (None) to sample 0: the learner's token rewards are
+    2 * exact + 0.5 * normalize_rewards(digit, mask of the samples it applies to); sample 0 gets exact alone."""
+    learner = learner_for(builtin_model_path, "reward.components.digit_match.normalize=batch")
+    digit = [None, [1 / 3, 0.0, 0.0], [1 / 3, 1 / 3], [1 / 3, 1 / 3]]
+    batch = hand_scored_batch(digit=digit)
+    learner.train_step(batch)
+    mask = response_mask(batch)
+    applies = T([False, True, True, True])
+    component = pad_right([row or [] for row in digit], width=3)
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * normalize_rewards(component, mask * applies[:, None], torch.tensor([0, 0, 1, 1]), "batch")
+    totals = T(learner.learned_columns().column("total_reward").to_pylist(), dtype=torch.float64)
+    assert torch.allclose(totals, (rewards * mask).sum(1), rtol=0, atol=1e-9)
+    assert totals[0] == 2.0
+
+
+def test_a_component_that_applies_to_two_samples_reports_their_std(builtin_model_path):
+    learner = learner_for(builtin_model_path)
+    metrics = learner.train_step(hand_scored_batch(digit=[None, [0.25, 0.0, 0.5], None, [1.0, 0.0]]))
+    assert metrics["reward/digit_match/mean"] == 0.875  # totals 0.75 and 1.0
+    assert metrics["reward/digit_match/std"] == pytest.approx(float(T([0.75, 1.0]).std()))  # unbiased, 0.1768
+
+
+@pytest.mark.parametrize("kind", ["k1", "k3"])
+def test_the_kl_penalty_in_the_reward_is_scaled_in_float64(builtin_model_path, kind):
+    """r_t - beta * KL_t with beta = 0.1 and the configured estimator: beta * KL_t in float64 (in float32 it is
+    off by about 1e-8 per token)."""
+    learner = learner_for(builtin_model_path, "algorithm.kl_in_reward_coef=0.1", f"algorithm.kl_kind={kind}")
+    batch = hand_scored_batch()
+    learner.train_step(batch)
+    mask = response_mask(batch)
+    behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist())
+    sequences = build_sequences(batch.column("prompt_ids").to_pylist(), RESPONSES, learner.tokenizer.pad_token_id)
+    kl = kl_penalty(behaviour, learner._reference_logprobs(sequences), kind)
+    assert (0.1 * kl.double()).float().double().ne(0.1 * kl.double())[mask.bool()].any()
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double() - 0.1 * kl.double() * mask
+    totals = T(learner.learned_columns().column("total_reward").to_pylist(), dtype=torch.float64)
+    assert torch.allclose(totals, (rewards * mask).sum(1), rtol=0, atol=1e-12)
+
+
+def test_the_learner_uses_the_configured_gamma_and_whitening(builtin_model_path):
+    learner = learner_for(builtin_model_path, "algorithm.estimator=reinforce", "algorithm.gamma=0.5", "algorithm.whiten=true")
+    batch = hand_scored_batch()
+    learner.train_step(batch)
+    mask, groups = response_mask(batch), torch.tensor([0, 0, 1, 1])
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
+    expected = compute_advantages("reinforce", rewards, mask, groups, 0.5, True)
+    for other in (compute_advantages("reinforce", rewards, mask, groups, 1.0, True), compute_advantages("reinforce", rewards, mask, groups, 0.5)):
+        assert not torch.allclose(other, expected, atol=1e-3)
+    learned = learner.learned_columns().column("advantages").to_pylist()
+    assert all(row == pytest.approx(expected[i, : len(row)].tolist(), abs=1e-6) for i, row in enumerate(learned))
+
+
+def test_an_update_whose_gradient_norm_is_not_finite_is_skipped_although_its_loss_is_finite(builtin_model_path):
+    """Winners' rewards of 1e30 with reinforce (no baseline): the loss (about 1e30) is a float32, the gradient's
+    squared norm is not, so the update is skipped and counted."""
+    learner = learner_for(builtin_model_path, "algorithm.estimator=reinforce", "learner.max_nonfinite_steps=5")
+    before = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    metrics = learner.train_step(hand_scored_batch(exact=[[0.0, 1e30], [0.0, 0.0, 0.0], [0.0, 1e30], [0.0, 1e30]]))
+    assert math.isfinite(metrics["loss/policy"]) and not math.isfinite(metrics["loss/grad_norm"])
+    assert metrics["learner/skipped_nonfinite"] == 1.0
+    assert all(torch.equal(before[k], v) for k, v in learner.model.state_dict().items())
+
+
+def test_the_learner_holds_no_gradients_between_steps(builtin_model_path):
+    """After each update the gradients are freed (set to None), not kept as zero tensors."""
+    learner = learner_for(builtin_model_path)
+    learner.train_step(hand_scored_batch())
+    assert all(p.grad is None for p in learner.model.parameters())
+
+
+def test_a_skipped_first_update_does_not_warn_about_the_schedule(builtin_model_path):
+    """The first step's update skipped (a NaN/inf reward): the schedule steps without an optimizer step, which torch
+    warns about; the learner silences that warning."""
+    learner = learner_for(builtin_model_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = learner.train_step(hand_scored_batch(exact=[[0.0, float("inf")], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]))
+    assert metrics["learner/skipped_nonfinite"] == 1.0
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+
+
+def test_the_learner_silences_only_torchs_schedule_order_warning(builtin_model_path):
+    """torch's other scheduler warning (optimizer.step replaced after the schedule was made) still shows."""
+    learner = learner_for(builtin_model_path)
+    step = learner.optimizer.step
+    learner.optimizer.step = lambda: step()
+    with pytest.warns(UserWarning, match=r"Seems like `optimizer\.step\(\)` has been overridden"):
+        learner.train_step(hand_scored_batch())
+
+
 # --- pipeline.reward_components -----------------------------------------------------------------------
 
 
@@ -706,6 +902,149 @@ def test_classifier_labels_by_name_or_index_within_range_and_prompt_completion_t
     assert component("classifier", env, path=path, text="prompt_completion")(batch) == pytest.approx(joined, abs=1e-6)
     batch.prompt_texts, batch.prompts = [], ["ca", "bc"]  # without them: the dataset's prompt text
     assert component("classifier", env, path=path, text="prompt_completion")(batch) == pytest.approx(joined, abs=1e-6)
+
+
+def test_exact_match_is_case_sensitive_by_default():
+    batch = text_inputs(["Hello World", "hello world"], answer=["hello world", "hello world"])
+    assert component("exact_match")(batch) == [0.0, 1.0]
+    assert component("exact_match", case_sensitive=False)(batch) == [1.0, 1.0]
+
+
+def test_digit_match_tokens_after_the_stop_token_earn_nothing():
+    """Answer "42", unit 1/3: a response that goes on after its stop token (id 1) earns nothing there."""
+    batch = RewardInputs(prompts=["p"], completions=["42x"], completion_ids=[[5, 6, 1, 7, 8]], texts=["42x"],
+                         token_spans=[[(0, 1), (1, 2), (2, 2), (2, 3), (3, 3)]], columns={"answer": ["42"]}, stop_ids=frozenset({1}))
+    assert component("digit_match")(batch) == [pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0, 0.0])]
+
+
+def test_regex_dot_matches_newlines_in_full_and_partial_matches():
+    batch = text_inputs(["<think>a\nb</think>42", "x\ny"])
+    pattern = r"<think>.*</think>\d+"
+    assert component("regex_match", pattern=pattern)(batch) == [1.0, 0.0]
+    assert component("regex_match", pattern=r"x.y", full_match=False)(batch) == [0.0, 1.0]
+
+
+def test_bleu_of_a_short_exact_answer_is_1():
+    """Sentence BLEU with effective order: a two-word hypothesis equal to its reference scores 1 (without it,
+    the missing 3- and 4-grams would make it 0)."""
+    batch = text_inputs(["the cat", "a b c"], reference=["the cat", ["x", "a b c"]])
+    assert component("bleu")(batch) == pytest.approx([1.0, 1.0])
+
+
+CHAT_MODEL = builtin_paths("chat_addition")[0]
+
+
+def chat_classifier(tmp_path):
+    """A tiny random Llama reward model with the shipped chat model's tokenizer (BOS, chat template)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = load_tokenizer(CHAT_MODEL)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return tokenizer, model
+
+
+def probability_of_1(model, ids):
+    with torch.no_grad():
+        return model(input_ids=T([ids])).logits.softmax(-1)[0, 1].item()
+
+
+def test_classifier_scores_only_the_assistant_turn_of_a_conversation_by_default(tmp_path):
+    tokenizer, model = chat_classifier(tmp_path)
+    prompt = [{"role": "user", "content": "What is 12+30?"}]
+    completion = [{"role": "assistant", "content": "42"}]
+    batch = RewardInputs(prompts=[prompt], completions=[completion], completion_ids=[[5]], texts=["42"],
+                         token_spans=[[(0, 2)]], columns={})
+    classifier = component("classifier", ComponentEnv(tokenizer), path=str(tmp_path))
+    alone = tokenizer.apply_chat_template(completion, tokenize=False)
+    both = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    expected = probability_of_1(model, tokenizer(alone, add_special_tokens=False).input_ids)
+    assert expected != pytest.approx(probability_of_1(model, tokenizer(both, add_special_tokens=False).input_ids), abs=1e-6)
+    assert classifier(batch) == [pytest.approx(expected, abs=1e-6)]
+
+
+def test_classifier_scores_plain_text_with_the_tokenizers_special_tokens_even_with_a_chat_template(tmp_path):
+    """A text prompt is scored as text, not through the reward model's chat template, and its tokenizer's
+    special tokens (BOS here) are added to it."""
+    tokenizer, model = chat_classifier(tmp_path)
+    batch = text_inputs(["42", "7 apples"])
+    assert tokenizer("42").input_ids[0] == tokenizer.bos_token_id
+    expected = [probability_of_1(model, tokenizer(t).input_ids) for t in batch.texts]
+    assert expected[0] != pytest.approx(probability_of_1(model, tokenizer("42", add_special_tokens=False).input_ids), abs=1e-6)
+    assert component("classifier", ComponentEnv(tokenizer), path=str(tmp_path))(batch) == pytest.approx(expected, abs=1e-6)
+
+
+REMOTE_CODE = '''
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+
+class TinyRemoteConfig(GPT2Config):
+    model_type = "tiny-remote"
+
+
+class TinyRemoteClassifier(GPT2ForSequenceClassification):
+    config_class = TinyRemoteConfig
+
+
+class TinyRemoteLM(GPT2LMHeadModel):
+    config_class = TinyRemoteConfig
+
+
+class TinyRemoteTokenizer(PreTrainedTokenizerFast):
+    pass
+'''
+
+
+def remote_code_model(path, auto_class, class_name, custom_tokenizer=True):
+    """A local model directory whose config, model and tokenizer classes are custom code in the directory
+    (tiny_remote.py), as on the hub: transformers loads it only with trust_remote_code=True."""
+    import importlib.util
+    import json
+
+    path.mkdir()
+    (path / "tiny_remote.py").write_text(REMOTE_CODE)
+    spec = importlib.util.spec_from_file_location(f"tiny_remote_{class_name}", path / "tiny_remote.py")
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    tokenizer = make_char_tokenizer("abc")
+    config = code.TinyRemoteConfig(vocab_size=len(tokenizer), n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=2,
+                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+    config.auto_map = {"AutoConfig": "tiny_remote.TinyRemoteConfig", auto_class: f"tiny_remote.{class_name}"}
+    torch.manual_seed(0)
+    getattr(code, class_name)(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if not custom_tokenizer:
+        return tokenizer
+    settings = json.loads((path / "tokenizer_config.json").read_text())
+    settings.update(tokenizer_class="TinyRemoteTokenizer", auto_map={"AutoTokenizer": [None, "tiny_remote.TinyRemoteTokenizer"]})
+    (path / "tokenizer_config.json").write_text(json.dumps(settings))
+    return tokenizer
+
+
+def test_model_components_load_custom_code_only_with_trust_remote_code(tmp_path):
+    """classifier and teacher_logprob pass trust_remote_code to the tokenizer and the model they load."""
+    tokenizer = remote_code_model(tmp_path / "classifier", "AutoModelForSequenceClassification", "TinyRemoteClassifier")
+    remote_code_model(tmp_path / "teacher", "AutoModelForCausalLM", "TinyRemoteLM")
+    env = ComponentEnv(tokenizer)
+    classifier = component("classifier", env, path=str(tmp_path / "classifier"), trust_remote_code=True)
+    assert type(classifier.tokenizer).__name__ == "TinyRemoteTokenizer"
+    assert type(classifier.model).__name__ == "TinyRemoteClassifier"
+    assert len(classifier(text_inputs(["ab", "c"]))) == 2
+    teacher = component("teacher_logprob", env, path=str(tmp_path / "teacher"), trust_remote_code=True)
+    assert type(teacher.model).__name__ == "TinyRemoteLM"
+    batch = RewardInputs(["a"], ["ab"], [[4, 5]], ["ab"], [[(0, 1), (1, 2)]], {}, prompt_ids=[[3]])
+    assert len(teacher(batch)[0]) == 2
+    for name, path in (("classifier", "classifier"), ("teacher_logprob", "teacher")):
+        with pytest.raises(ValueError, match="contains custom code"):
+            component(name, env, path=str(tmp_path / path))  # the default: custom code is refused
+    remote_code_model(tmp_path / "model_only", "AutoModelForCausalLM", "TinyRemoteLM", custom_tokenizer=False)
+    with pytest.raises(ValueError, match="contains custom code"):
+        component("teacher_logprob", env, path=str(tmp_path / "model_only"))  # a plain tokenizer, the model custom
 
 
 def test_cosine_schedule_of_one_update_after_warmup_and_beyond_the_last_update():
