@@ -143,7 +143,7 @@ def test_ctrl_c_is_one_line_with_the_resume_command(ray_cluster, tmp_path):
     """SIGINT (Ctrl-C) of the driver mid-run: no traceback, one line naming the --resume command, exit 2."""
     out = tmp_path / "run"
     # 1,000 steps: the TINY run's 8 took ~1 s on a quiet machine, so the signal could arrive after the end
-    process = driver(out, ray_cluster.get_runtime_context().gcs_address, "trainer.total_steps=1000")
+    process = driver(out, ray_cluster.get_runtime_context().gcs_address, "trainer.total_steps=1000", "trainer.save_every=1000")
     while not (out / "metrics.jsonl").exists() and process.poll() is None:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
