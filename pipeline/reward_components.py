@@ -14,8 +14,8 @@ import bisect
 import importlib
 import importlib.util
 import inspect
-import re
 import itertools
+import re
 import string
 from collections import Counter
 from pathlib import Path
