@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import math
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from pipeline.advantages import STATS_DTYPE, compute_advantages, kl_penalty
 from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, TrainConfig
 from pipeline.errors import TokenforgeError
-from pipeline.loss import policy_loss
 from pipeline.lora import add_adapters, is_adapter_dir, merged_state_dict
+from pipeline.loss import policy_loss
 from pipeline.models import DTYPES, build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
+from pipeline.placement import torch_threads
 from pipeline.rewards import normalize_rewards
 from pipeline.storage import Storage, local_copy, read_manifest
 
@@ -66,6 +68,29 @@ def enable_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+class PhaseClock:
+    """Seconds per phase of a learner step (time/learner/<phase>_s); on a GPU each phase ends with a sync,
+    so that its kernels are counted in it."""
+
+    def __init__(self, device: str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.totals: dict[str, float] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.totals[phase] = self.totals.get(phase, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.add(phase, time.perf_counter() - start)
+
+    def seconds(self) -> dict[str, float]:
+        return {f"time/learner/{phase}_s": seconds for phase, seconds in self.totals.items()}
+
+
 class Learner:
     def __init__(
         self,
@@ -92,7 +117,7 @@ class Learner:
 
     def _build(self, config: TrainConfig, policy_path: str, reference_path: str, use_gpu: bool) -> None:
         torch.manual_seed(config.seed)
-        torch.set_num_threads(config.learner.num_threads)
+        torch.set_num_threads(torch_threads(config.learner.num_threads))
         self.config = config
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         trust = config.model.trust_remote_code
@@ -135,7 +160,11 @@ class Learner:
             self.tokenizer.pad_token_id,
             self.device,
         )
+        start = time.perf_counter()
         metrics = {}
+        # staleness of each sample: the learner's version now minus the version that sampled it
+        staleness = self.policy_version - torch.tensor(batch.column("policy_version").to_pylist(), dtype=torch.float64)
+        metrics["policy/staleness_mean"], metrics["policy/staleness_max"] = float(staleness.mean()), float(staleness.max())
         # r_t = sum_i w_i * norm_i(r_i)_t  (norm_i: the component's `normalize`, identity by default), in float64
         token_rewards = torch.zeros_like(mask, dtype=STATS_DTYPE)
         for name, weight in self.config.reward.weights.items():
@@ -182,13 +211,16 @@ class Learner:
         kept_ref = None if ref_logprobs is None else ref_logprobs[keep]
         totals: dict[str, float] = {}
         skipped = 0
+        clock = PhaseClock(self.device)  # time/learner/*: where the update's time goes
+        clock.add("prepare", time.perf_counter() - start)  # rewards, reference log-probs, advantages
         for _ in range(self.config.learner.updates_per_batch):
             if len(keep) and finite:
-                totals = self._out_of_memory_as_one_line(self._gradients, *kept, kept_ref, counts)
+                totals = self._out_of_memory_as_one_line(self._gradients, *kept, kept_ref, counts, clock)
                 finite = math.isfinite(totals["loss/policy"]) and math.isfinite(totals["loss/grad_norm"])
-                if finite:  # a NaN/inf loss or gradient never reaches the weights (nor Adam's moments)
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                with clock("optimizer"):
+                    if finite:  # a NaN/inf loss or gradient never reaches the weights (nor Adam's moments)
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
             skipped += not finite
             with warnings.catch_warnings():  # the schedule follows steps, also those whose update was skipped,
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # which torch warns about
@@ -198,6 +230,7 @@ class Learner:
         self.last_step = (batch.column("response_ids"), token_rewards, advantages, mask)  # for learned_columns()
         lengths = mask.sum(1)
         metrics.update(totals)
+        metrics.update(clock.seconds())
         metrics.update(
             {
                 "advantage/abs_mean": float((advantages.abs() * mask).sum() / mask.sum()),
@@ -252,40 +285,43 @@ class Learner:
                 "or raise learner.max_nonfinite_steps"
             )
 
-    def _gradients(self, sequences, behaviour, advantages, mask, ref_logprobs, counts) -> dict[str, float]:
+    def _gradients(self, sequences, behaviour, advantages, mask, ref_logprobs, counts, clock: PhaseClock) -> dict[str, float]:
         """Accumulate the gradient of one update over all micro-batches (losses normalised by the global
-        `counts`), clip it, and return the loss, gradient norm and policy metrics."""
+        `counts`), clip it, and return the loss, gradient norm and policy metrics; `clock` times its phases."""
         algo, cfg = self.config.algorithm, self.config.learner
         kept_tokens = float(mask.sum())
         totals = {"loss/policy": 0.0}
         for rows in self._micro_batches(mask.shape[0]):
-            with self.autocast():
+            with clock("forward"), self.autocast():
                 logprobs, entropy = response_logprobs(
                     self.model, select_rows(sequences, rows), self.config.rollout.temperature, cfg.logprob_chunk_tokens
                 )
-            loss, parts = policy_loss(
-                logprobs,
-                behaviour[rows],
-                advantages[rows],
-                mask[rows],
-                agg=algo.agg,
-                loss=algo.loss,
-                is_cap=algo.is_cap,
-                clip_low=algo.clip_low,
-                clip_high=algo.clip_high,
-                ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
-                kl_coef=algo.kl_coef,
-                kl_kind=algo.kl_loss_kind,
-                entropy=entropy if algo.entropy_coef > 0 else entropy.detach(),
-                entropy_coef=algo.entropy_coef,
-                **counts,
-            )
-            loss.backward()
+            with clock("loss"):
+                loss, parts = policy_loss(
+                    logprobs,
+                    behaviour[rows],
+                    advantages[rows],
+                    mask[rows],
+                    agg=algo.agg,
+                    loss=algo.loss,
+                    is_cap=algo.is_cap,
+                    clip_low=algo.clip_low,
+                    clip_high=algo.clip_high,
+                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],
+                    kl_coef=algo.kl_coef,
+                    kl_kind=algo.kl_loss_kind,
+                    entropy=entropy if algo.entropy_coef > 0 else entropy.detach(),
+                    entropy_coef=algo.entropy_coef,
+                    **counts,
+                )
+            with clock("backward"):
+                loss.backward()
             share = float(mask[rows].sum()) / kept_tokens  # token-weighted mean of the metrics
             totals["loss/policy"] += float(loss.detach())
             for key, value in parts.items():
                 totals[f"policy/{key}"] = totals.get(f"policy/{key}", 0.0) + share * value
-        totals["loss/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        with clock("optimizer"):
+            totals["loss/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         totals["learner/lr"] = self.optimizer.param_groups[0]["lr"]
         return totals
 

@@ -6,6 +6,7 @@ A plain class; the driver wraps it with `ray.remote` (see pipeline/actor_group.p
 from __future__ import annotations
 
 import inspect
+import time
 
 import pyarrow as pa
 import ray
@@ -15,6 +16,7 @@ from pipeline.actor_group import StaleWeights
 from pipeline.batch import DATASET_PROMPT, make_rollout_table
 from pipeline.config import TrainConfig
 from pipeline.models import load_model, load_tokenizer, positions_from_mask
+from pipeline.placement import torch_threads
 from pipeline.prompts import encode_prompts, set_chat_template
 
 
@@ -41,7 +43,7 @@ class RolloutWorker:
 
     def __init__(self, config: TrainConfig, model_path: str):
         rollout = config.rollout
-        torch.set_num_threads(rollout.num_threads)
+        torch.set_num_threads(torch_threads(rollout.num_threads))
         self.config = rollout
         self.add_special_tokens = config.data.add_special_tokens
         self.device = "cuda" if rollout.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
@@ -60,6 +62,14 @@ class RolloutWorker:
         self.model.load_state_dict(state_dict)  # copied into the rollout dtype
         self.policy_version = version
         return version
+
+    def receive_weights(self, published: list[ray.ObjectRef], version: int) -> float:
+        """Load policy `version` from [an ObjectRef of its state dict] (boxed, so that the fetch happens, and is
+        timed, here); returns the seconds spent fetching and loading. The driver calls it between generate
+        calls: an actor runs one call at a time, so weights never change mid-generation."""
+        start = time.perf_counter()
+        self.set_weights(ray.get(published[0]), version)
+        return time.perf_counter() - start
 
     @torch.no_grad()
     def generate(

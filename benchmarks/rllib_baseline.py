@@ -52,9 +52,9 @@ def ppo_run(out: Path, seed: int, samples: int, eval_every: int, ppo: dict) -> N
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     config = env_train_config()
     evaluate = GreedyEvaluator(config)
-    # the evaluator's RolloutWorker set this process to rollout.num_threads (1); RLlib samples and learns here,
-    # so give it the threads tokenforge's learner gets (learner.num_threads, 2)
-    torch.set_num_threads(config.learner.num_threads)
+    # the evaluator's RolloutWorker set this process to its rollout threads (1); RLlib samples and learns here,
+    # so give it the threads tokenforge's learner got when docs/rllib.md was measured (2)
+    torch.set_num_threads(2)
     algo = ppo_config(seed=seed, **ppo).build_algo()
     start = time.time()
     with open(out / "metrics.jsonl", "w") as log:

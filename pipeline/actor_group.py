@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -23,6 +24,16 @@ class ActorTimeout(TokenforgeError):
 
 class StaleWeights(Exception):
     """A rollout worker asked to generate with weights it does not hold (it was restarted since the sync)."""
+
+
+@dataclass
+class ShardCalls:
+    """One method call per shard, in flight on the actors of a group (ActorGroup.submit_shards)."""
+
+    method: str
+    shards: list[pa.Table]
+    refs: list[ray.ObjectRef]
+    kwargs: dict[str, Any]
 
 
 ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # died, or restarting
@@ -106,27 +117,43 @@ class ActorGroup:
         return [self._survive(i, ref, lambda actor: getattr(actor, method).remote(*args, **kwargs)) for i, ref in enumerate(refs)]
 
     def map_shards(
-        self, method: str, table: pa.Table, on_restart: Callable[[Any], None] | None = None, **kwargs: Any
+        self, method: str, table: pa.Table, on_restart: Callable[[Any], dict] | None = None, **kwargs: Any
     ) -> pa.Table:
         """`method(shard, **kwargs)` over one contiguous shard of `table` per actor, results concatenated in
-        row order. A shard whose actor dies (or was restarted since it got its state: StaleWeights) is
-        resubmitted once Ray has restarted the actor and `on_restart(actor)` has given it back its state
-        (e.g. the current weights)."""
+        row order (see submit_shards / shard_results)."""
+        results = dict(self.shard_results(self.submit_shards(method, table, **kwargs), on_restart))
+        return pa.concat_tables([results[i] for i in range(len(results))])
+
+    def submit_shards(self, method: str, table: pa.Table, **kwargs: Any) -> ShardCalls:
+        """Start `method(shard, **kwargs)` on one contiguous shard of `table` per actor; returns at once."""
         shards = [table.slice(start, length) for start, length in shard_bounds(table.num_rows, len(self.actors))]
         refs = [getattr(actor, method).remote(shard, **kwargs) for actor, shard in zip(self.actors, shards)]
+        return ShardCalls(method, shards, refs, kwargs)
+
+    def shard_results(self, calls: ShardCalls, on_restart: Callable[[Any], dict] | None = None) -> Iterator[tuple[int, Any]]:
+        """(shard index, result) of each call as soon as it is done, in the order they finish. A shard whose
+        actor dies (or was restarted since it got its state: StaleWeights) is resubmitted once Ray has
+        restarted the actor and `on_restart(actor)` has given it back its state (e.g. the current weights);
+        the keyword arguments `on_restart` returns replace those of the first call (e.g. the weights' version)."""
+        pending = {ref: i for i, ref in enumerate(calls.refs)}
 
         def resubmit(i: int) -> Callable:
-            def again(actor):
+            def again(actor, **changed):
                 self.faults["fault/resubmitted_shards"] += 1
-                return getattr(actor, method).remote(shards[i], **kwargs)
+                return getattr(actor, calls.method).remote(calls.shards[i], **{**calls.kwargs, **changed})
 
             return again
 
-        return pa.concat_tables([self._survive(i, ref, resubmit(i), on_restart) for i, ref in enumerate(refs)])
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout_s)
+            ref = ready[0] if ready else next(iter(pending))  # none in time: get() names the timeout
+            i = pending.pop(ref)
+            yield i, self._survive(i, ref, resubmit(i), on_restart)
 
-    def _survive(self, i: int, ref, again: Callable, on_restart: Callable[[Any], None] | None = None) -> Any:
+    def _survive(self, i: int, ref, again: Callable, on_restart: Callable[[Any], dict] | None = None) -> Any:
         """The result of `ref` on actor i. If the actor died (a group with max_restarts only), wait for Ray
-        to restart it, give it its state back (`on_restart`) and run `again(actor)` instead (twice at most)."""
+        to restart it, give it its state back (`on_restart`, which returns keyword arguments for the new call)
+        and run `again(actor, **those)` instead (twice at most)."""
         for attempt in range(3):
             try:
                 return self.get([ref])[0]
@@ -136,9 +163,7 @@ class ActorGroup:
                 actor = self.actors[i]
                 self.wait_restarted(actor)
                 self.faults[f"fault/{self.role}_restarts"] += 1
-                if on_restart is not None:
-                    on_restart(actor)
-                ref = again(actor)
+                ref = again(actor, **(on_restart(actor) if on_restart is not None else {}))
 
     def wait_restarted(self, actor) -> None:
         """Block until Ray has restarted `actor` (up to the group's timeout)."""

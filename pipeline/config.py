@@ -114,6 +114,8 @@ class TrainerConfig(Section):
     """Restart the pipeline in-process from the last checkpoint after this many failures (a dead learner, a lost node) before giving up."""
     actor_timeout_s: float = Field(600.0, gt=0)
     """Longest wait for one actor call before the run stops with an error naming the actor."""
+    max_staleness: int = Field(0, ge=0)
+    """0: each step's rollouts use the weights of the step before (synchronous); k >= 1: the rollouts of the next k steps are generated while the learner updates, from weights up to k versions old (corrected by algorithm.is_cap)."""
 
 
     @model_validator(mode="after")
@@ -147,8 +149,10 @@ class RolloutConfig(Section):
     """Ray GPUs for each rollout worker (0 = generate on CPU)."""
     resources_per_worker: Resources = {}
     """Custom Ray resources per rollout worker, e.g. {rollout_node: 1} to place workers on nodes that advertise it."""
-    num_threads: int = Field(1, ge=1)
-    """torch intra-op threads in each rollout worker."""
+    num_threads: int | None = Field(None, ge=1)
+    """torch intra-op threads in each rollout worker; null = its Ray CPUs (rollout.num_cpus_per_worker, at least 1)."""
+    weight_sync: Literal["object_store", "collective"] = "object_store"
+    """How each new policy version reaches the rollout workers: one object in Ray's object store that every worker fetches, or a broadcast from the learner over a collective group (gloo on CPU, NCCL on GPU)."""
 
 
 class ComponentSpec(BaseModel):
@@ -246,8 +250,8 @@ class LearnerConfig(Section):
     """Ray CPUs reserved by the learner."""
     resources: Resources = {}
     """Custom Ray resources for the learner (see rollout.resources_per_worker)."""
-    num_threads: int = Field(2, ge=1)
-    """torch intra-op threads in the learner."""
+    num_threads: int | None = Field(None, ge=1)
+    """torch intra-op threads in the learner; null = its Ray CPUs (learner.num_cpus, at least 1)."""
     precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"
     """fp32; bf16-mixed (fp32 weights and optimizer, bf16 autocast forward); bf16 (bf16 weights). Log-probs are fp32 in all."""
     gradient_checkpointing: bool = False
@@ -308,6 +312,11 @@ class TrainConfig(Section):
             raise ConfigError(
                 f"config key 'learner.updates_per_batch': {self.learner.updates_per_batch} updates per batch are "
                 "off-policy after the first; set algorithm.is_cap (e.g. 2.0) or algorithm.loss=ppo_clip"
+            )
+        if self.trainer.max_staleness > 0 and algo.loss == "reinforce" and algo.is_cap is None:
+            raise ConfigError(
+                f"config key 'trainer.max_staleness': {self.trainer.max_staleness} trains on samples from weights up to "
+                f"{self.trainer.max_staleness} versions old (off-policy); set algorithm.is_cap (e.g. 2.0) or algorithm.loss=ppo_clip"
             )
         if (self.learner.num_gpus or 0) > 1:
             raise ConfigError(

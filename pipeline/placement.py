@@ -127,3 +127,12 @@ def ensure_resources(config: TrainConfig, bundles: list[dict[str, float]] | None
             + (f" (after waiting ray.autoscale_wait_s={wait:g}s for the autoscaler)" if wait else "")
             + "; lower learner.num_cpus/num_gpus/resources, rollout.*_per_worker, reward.*_per_worker or the worker counts"
         )
+
+
+def torch_threads(configured: int | None) -> int:
+    """Intra-op threads for torch in this actor: `configured`, else the CPUs Ray reserved for it (at least 1),
+    so that actors running at once on one node do not oversubscribe its cores."""
+    if configured is not None:
+        return configured
+    reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+    return max(1, int(reserved))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -60,11 +61,19 @@ class RewardPool:
 
     def score(self, batch: pa.Table, names: list[str], step: int = 0) -> tuple[pa.Table, pa.Array]:
         """`batch` with one reward/<name> column per component, and a boolean `dropped` mask (on_error=drop)."""
+        return self.score_pieces([(0, batch)], 1, names, step)
+
+    def score_pieces(
+        self, pieces: Iterable[tuple[int, pa.Table]], count: int, names: list[str], step: int = 0
+    ) -> tuple[pa.Table, pa.Array]:
+        """`score` of a batch that arrives as `count` pieces (index, table) in any order, e.g. rollout shards as
+        each is generated: scoring a piece starts as soon as it arrives; the result is in index order."""
         if not self.started:
             self.group.get([actor.__ray_ready__.remote() for actor in self.actors])
             self.started = True
-        bounds = shard_bounds(batch.num_rows, len(self.actors))
-        shards = [batch.slice(start, length) for start, length in bounds]
+        parts = max(1, len(self.actors) // count)  # scoring shards per piece: every worker gets one
+        shards: list[pa.Table] = []  # in arrival order
+        keys: list[tuple[int, int]] = []  # (piece, first row) of each shard
         pending: dict[ray.ObjectRef, Task] = {}
         results: dict[tuple[int, str], Scores] = {}
 
@@ -89,9 +98,12 @@ class RewardPool:
             else:
                 results[task.shard, task.name] = self._give_up(task, shards[task.shard], reason)
 
-        for shard in range(len(shards)):
-            for name in names:
-                submit(shard, name, 0, shard)
+        for piece, table in pieces:  # while the next piece is awaited, the pieces before it are scored
+            for start, length in shard_bounds(table.num_rows, parts):
+                shards.append(table.slice(start, length))
+                keys.append((piece, start))
+                for name in names:
+                    submit(len(shards) - 1, name, 0, len(shards) - 1)
         while pending:
             wait_s = max(0.0, min(t.deadline for t in pending.values()) - time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
@@ -119,7 +131,11 @@ class RewardPool:
                     self._replace(task.worker, pending)
                     retry(task, f"no result within reward.timeout_s={self.config.reward.timeout_s:g}s")
 
-        scores = {name: Scores.concat([results[shard, name] for shard in range(len(shards))]) for name in names}
+        # a deadline that passed while the next piece was awaited is handled once the loop runs: a timed-out task
+        # is retried then, so a slow generation costs at most a late retry, never a lost score
+        in_order = sorted(range(len(shards)), key=keys.__getitem__)
+        batch = pa.concat_tables([shards[i] for i in in_order])
+        scores = {name: Scores.concat([results[i, name] for i in in_order]) for name in names}
         for name, result in scores.items():
             self.counts[f"reward/{name}/errors"] += len(result.failed)
         scored, dropped = with_scores(batch, scores, self.config)

@@ -28,7 +28,7 @@ from actors.learner import Learner
 from actors.rollout_worker import RolloutWorker
 from pipeline import dumps
 from pipeline import storage as store
-from pipeline.actor_group import ACTOR_LOST, ActorGroup, ActorTimeout
+from pipeline.actor_group import ACTOR_LOST, ActorGroup, ActorTimeout, ShardCalls
 from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig, config_to_yaml
 from pipeline.data import PromptSampler
@@ -55,7 +55,9 @@ class Pipeline:
         started is killed on the way out, whatever happens."""
         self.config = config
         self.groups: list[ActorGroup] = []
-        self.weights, self.version = None, 0  # the last synced weights (an ObjectRef) and their version
+        self.weights, self.version = None, 0  # the last published weights (an ObjectRef) and their version
+        self.loading: list[ray.ObjectRef] = []  # the rollout workers' receive_weights calls for that version
+        self.load_s = 0.0  # the slowest worker's receive-and-load seconds of the last version they loaded
         try:
             self._start(config, run_id, resume)
         except BaseException:
@@ -104,30 +106,53 @@ class Pipeline:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def generate(self, prompts: pa.Table, step: int, greedy: bool = False) -> pa.Table:
+    def submit_generation(self, prompts: pa.Table, step: int, greedy: bool = False) -> ShardCalls:
+        """Start sampling `prompts` (one shard per rollout worker) with the weights published last; returns at once."""
         group_size = 1 if greedy else self.config.rollout.group_size
-        return self.rollout.map_shards(
-            "generate", prompts, on_restart=self._give_weights, group_size=group_size, greedy=greedy, step=step,
-            version=self.version,
+        return self.rollout.submit_shards(
+            "generate", prompts, group_size=group_size, greedy=greedy, step=step, version=self.version
         )
 
-    def _give_weights(self, worker) -> None:
-        """A restarted rollout worker holds model.path's weights: give it the current ones and their version."""
+    def generated_and_scored(
+        self, calls: ShardCalls, names: list[str], step: int, timings: dict[str, float]
+    ) -> tuple[pa.Table, int]:
+        """(the samples of `calls` with one reward/<name> column per component, without those dropped by
+        on_error=drop; the number generated). Each shard is scored as soon as it is generated.
+        Adds to timings: time/rollout_s (waiting for generation), time/reward_s (the rest)."""
+        spent: dict[str, float] = {}
+        shards = waited(self.rollout.shard_results(calls, on_restart=self._give_weights), spent, "time/rollout_s")
+        with timed(spent, "time/reward_s"):
+            scored, dropped = self.reward.score_pieces(shards, len(calls.refs), names, step)
+        spent["time/reward_s"] -= spent["time/rollout_s"]
+        for key, seconds in spent.items():
+            timings[key] = timings.get(key, 0.0) + seconds
+        self._note_loaded()
+        return scored.filter(pc.invert(dropped)), scored.num_rows
+
+    def _give_weights(self, worker) -> dict:
+        """A restarted rollout worker holds model.path's weights: give it the current ones; its shard is
+        resubmitted asking for their version."""
         if self.weights is not None:
-            self.rollout.get([worker.set_weights.remote(self.weights, self.version)])
+            self.rollout.get([worker.receive_weights.remote([self.weights], self.version)])
+        return {"version": self.version}
 
-    def score(self, batch: pa.Table, names: list[str], step: int) -> pa.Table:
-        """`batch` with one reward/<name> column per component, without the samples dropped by on_error=drop."""
-        scored, dropped = self.reward.score(batch, names, step)
-        return scored.filter(pc.invert(dropped))
-
-    def sync_weights(self) -> int:
-        """Learner -> every rollout worker: one object in the object store, fetched by each worker."""
+    def sync_weights(self) -> None:
+        """Publish the learner's weights as a new version: one object in the object store; each rollout worker
+        fetches and loads it after the call it is running (never mid-generation), and every generation
+        submitted from now on asks for that version."""
         learner = self.learner.actors[0]
         self.version = self.learner.get([learner.get_version.remote()])[0]
-        self.weights = learner.get_weights.remote()  # one ObjectRef; Ray resolves it in each worker
-        self.rollout.call_all("set_weights", self.weights, self.version)
-        return self.version
+        self.weights = learner.get_weights.remote()
+        self.loading = [worker.receive_weights.remote([self.weights], self.version) for worker in self.rollout.actors]
+
+    def _note_loaded(self) -> None:
+        """After a generation with the last published weights: record how long the workers took to receive them."""
+        if self.loading:
+            try:
+                self.load_s = max(self.rollout.get(self.loading))
+            except ACTOR_LOST:  # the worker was restarted, and given the weights then
+                pass
+            self.loading = []
 
     def evaluate(self, eval_prompts: pa.Table | None, step: int) -> tuple[dict[str, float], pa.Table | None]:
         """(eval/<metric> of greedy samples on the held-out prompts, those samples scored with eval/<metric>
@@ -135,12 +160,24 @@ class Pipeline:
         if eval_prompts is None:
             return {}, None
         names = self.config.trainer.eval_metrics
-        scored = self.score(self.generate(eval_prompts, step, greedy=True), names, step)
+        scored, _ = self.generated_and_scored(self.submit_generation(eval_prompts, step, greedy=True), names, step, {})
         return {f"eval/{name}": mean_reward(scored, name) for name in names}, dumps.eval_dump(scored, names)
 
     def take_faults(self) -> dict[str, float]:
         """fault/* and reward/* counters since the last call (for the step's metrics)."""
         return {**self.rollout.take_faults(), **self.reward.take_counts()}
+
+
+def waited(items: Iterator, timings: dict[str, float], key: str) -> Iterator:
+    """`items`, adding to timings[key] the seconds spent waiting for each."""
+    timings[key] = 0.0
+    while True:
+        start = time.time()
+        item = next(items, None)
+        timings[key] += time.time() - start
+        if item is None:
+            return
+        yield item
 
 
 @contextmanager
@@ -149,6 +186,44 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
     start = time.time()
     yield
     timings[key] = time.time() - start
+
+
+class RolloutQueue:
+    """The steps whose rollouts were submitted: each generated with the weights published when it was
+    submitted, so with trainer.max_staleness = k up to k versions behind the learner that trains on it."""
+
+    def __init__(self, pipeline: Pipeline, sampler: PromptSampler, config: TrainConfig, first_step: int):
+        self.pipeline, self.sampler, self.config = pipeline, sampler, config
+        self.next_step = first_step  # the first step not submitted yet
+        self.calls: dict[int, ShardCalls] = {}  # step -> its generation, in flight
+        self.ready: dict[int, tuple[pa.Table, int]] = {}  # step -> (scored samples, samples generated)
+        self.sampler_states: dict[int, dict] = {}  # step -> the sampler after its prompts (its checkpoint resumes there)
+
+    def submit_through(self, last: int) -> None:
+        """Start the generation of every step up to `last` (and trainer.total_steps) not started yet."""
+        while self.next_step <= min(last, self.config.trainer.total_steps):
+            step = self.next_step
+            prompts = self.sampler.next_batch(first_group_id=step * self.config.trainer.prompts_per_step)
+            self.calls[step] = self.pipeline.submit_generation(prompts, step)
+            self.sampler_states[step] = self.sampler.state()
+            self.next_step += 1
+
+    def prepare(self, step: int, timings: dict[str, float]) -> None:
+        """Wait for the samples of `step` to be generated and scored (if it was submitted and is not ready)."""
+        if step in self.calls:
+            names = list(self.config.reward.weights)
+            self.ready[step] = self.pipeline.generated_and_scored(self.calls.pop(step), names, step, timings)
+
+    def take(self, step: int, timings: dict[str, float]) -> tuple[pa.Table, int]:
+        """(the scored samples of `step`, the number generated), waited for if need be."""
+        self.prepare(step, timings)
+        return self.ready.pop(step)
+
+    def sampler_state(self, step: int) -> dict:
+        """The prompt sampler as it was after drawing the prompts of `step` (later steps' prompts are in flight)."""
+        for old in [s for s in self.sampler_states if s < step]:
+            del self.sampler_states[old]
+        return self.sampler_states[step]
 
 
 def save_checkpoint(storage: Storage, pipeline: Pipeline, step: int, trainer_state: dict) -> str:
@@ -206,27 +281,28 @@ def run_steps(
         log.log_samples(0, samples)
         if report:
             report(record, None)
+    staleness = trainer_cfg.max_staleness
+    queue = RolloutQueue(pipeline, sampler, config, first_step=done_steps + 1)
     for step in range(done_steps + 1, trainer_cfg.total_steps + 1):
         timings: dict[str, float] = {}
         with timed(timings, "time/step_s"):
-            prompts = sampler.next_batch(first_group_id=step * trainer_cfg.prompts_per_step)
-            with timed(timings, "time/rollout_s"):
-                rollouts = pipeline.generate(prompts, step)
-            generated = rollouts.num_rows
-            with timed(timings, "time/reward_s"):
-                rollouts = pipeline.score(rollouts, list(config.reward.weights), step)
+            queue.submit_through(step + staleness)  # the rollouts of steps up to step + k start with the current weights
+            rollouts, generated = queue.take(step, timings)  # generated (now, or during the last update) and scored
+            learning = pipeline.learner.actors[0].train_step.remote(rollouts, step=step) if rollouts.num_rows else None
+            if staleness:
+                queue.prepare(step + 1, timings)  # while the learner updates: the next batch, generated and scored
             with timed(timings, "time/learn_s"):
-                metrics = (
-                    pipeline.learner.call_all("train_step", rollouts, step=step)[0]
-                    if rollouts.num_rows
-                    else {"learner/tokens": 0.0}
-                )
-            with timed(timings, "time/sync_s"):
+                metrics = pipeline.learner.get([learning])[0] if learning else {"learner/tokens": 0.0}
+            with timed(timings, "time/publish_s"):
                 pipeline.sync_weights()
             if rollouts.num_rows and dumps.dumps_rollouts(trainer_cfg, step):
                 with timed(timings, "time/dump_s"):
                     learned = pipeline.learner.call_all("learned_columns")[0]
                     dumps.write_dump(storage, dumps.ROLLOUTS, step, dumps.rollout_dump(rollouts, learned))
+        # the driver's own share of the step: what it did not spend waiting for the actors (or writing dumps)
+        waits = ("time/rollout_s", "time/reward_s", "time/learn_s", "time/publish_s", "time/dump_s")
+        timings["time/driver_overhead_frac"] = 1 - sum(timings.get(k, 0.0) for k in waits) / timings["time/step_s"]
+        timings["time/sync_s"] = pipeline.load_s
         metrics.update(timings)
         metrics.update(pipeline.take_faults())
         metrics["rollout/samples"] = float(generated)  # prompts_per_step x group_size, whatever failed on the way
@@ -241,7 +317,7 @@ def run_steps(
         saved = None
         if step % trainer_cfg.save_every == 0 or is_last or (report and step % trainer_cfg.eval_every == 0):
             log.sync_tensorboard()
-            state = {"step": step, "sampler": sampler.state(), "elapsed_s": log.elapsed()}
+            state = {"step": step, "sampler": queue.sampler_state(step), "elapsed_s": log.elapsed()}
             saved = save_checkpoint(storage, pipeline, step, state)
             prune(storage, config)
         if report and any(k.startswith("eval/") for k in metrics):

@@ -68,6 +68,9 @@ def test_resolved_config_round_trips(tmp_path):
         ("learner.resources.x=.inf", "'learner.resources.x': Input should be a finite number"),
         ("reward.resources_per_worker.x=-2", "'reward.resources_per_worker.x': Input should be greater than or equal to 0"),
         ("learner.max_nonfinite_steps=0", "'learner.max_nonfinite_steps': Input should be greater than or equal to 1"),
+        ("trainer.max_staleness=1", "'trainer.max_staleness': 1 trains on samples from weights up to 1 versions old (off-policy); set algorithm.is_cap"),
+        ("trainer.max_staleness=-1", "'trainer.max_staleness': Input should be greater than or equal to 0"),
+        ("rollout.weight_sync=nccl", "'rollout.weight_sync': Input should be 'object_store' or 'collective'"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, message):
@@ -80,6 +83,8 @@ def test_settings_that_do_learn_are_accepted():
     assert load_config(overrides=["rollout.group_size=1", "algorithm.estimator=reinforce++"]).rollout.group_size == 1
     assert load_config(overrides=["learner.updates_per_batch=2", "algorithm.is_cap=2"]).learner.updates_per_batch == 2
     assert load_config(overrides=["learner.updates_per_batch=2", "algorithm.loss=ppo_clip"]).algorithm.loss == "ppo_clip"
+    assert load_config(overrides=["trainer.max_staleness=2", "algorithm.is_cap=2"]).trainer.max_staleness == 2
+    assert load_config(overrides=["trainer.max_staleness=1", "algorithm.loss=ppo_clip"]).trainer.max_staleness == 1
     config = load_config(overrides=["algorithm.kl_coef=0.01"])
     assert (config.algorithm.kl_kind, config.algorithm.kl_loss_kind) == ("k1", "k2")
 

@@ -3,6 +3,7 @@
 import json
 import time
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -10,11 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pipeline.cli import main
-from pipeline.evaluate import evaluate_checkpoint
-from pipeline.models import BUILTIN_MODEL
 from pipeline.config import load_config
 from pipeline.errors import TokenforgeError
+from pipeline.evaluate import evaluate_checkpoint
 from pipeline.inputs import with_builtin_defaults
+from pipeline.models import BUILTIN_MODEL
 from pipeline.placement import decide_learner_gpus
 from pipeline.trainer import Pipeline, train
 
@@ -98,22 +99,43 @@ def test_resume_continues_exactly_where_it_stopped(ray_cluster, tmp_path, capsys
     assert all(torch.allclose(final[0][k], final[1][k], atol=1e-5) for k in final[0])
 
 
+def test_staleness_one_trains_on_the_last_versions_samples_and_checkpoints_the_sampler_of_its_step(ray_cluster, tmp_path):
+    """trainer.max_staleness=1: the rollouts of step s+1 are generated while the learner trains on step s, with
+    the weights of step s - 1, and the learner reports it; a checkpoint records the sampler as of its own step,
+    not as of the prompts already drawn for the step in flight (a resume would skip them)."""
+    out = tmp_path / "stale"
+    overrides = [*SMALL, "trainer.prompts_per_step=16", "trainer.total_steps=5", "trainer.save_every=3", "trainer.eval_every=3"]
+    train(load_config(overrides=[*overrides, "trainer.max_staleness=1", "algorithm.is_cap=2.0", "trainer.dump_rollouts_every=1", f"output_dir={out}"]))
+    trained = read_metrics(out)[1:]
+    assert [r["policy/staleness_max"] for r in trained] == [0.0, 1.0, 1.0, 1.0, 1.0]
+    assert [r["learner/policy_version"] for r in trained] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    for step in range(1, 6):  # step s trains on samples of policy version max(0, s - 2)
+        versions = pq.read_table(out / "rollouts" / f"step_{step}.parquet", columns=["policy_version"]).column(0)
+        assert set(versions.to_pylist()) == {max(0, step - 2)}, step
+    assert trained[1]["policy/is_weight/mean"] != 1.0  # the off-policy samples are reweighted
+    assert all(0 <= r["time/driver_overhead_frac"] < 1 and r["time/sync_s"] > 0 for r in trained[1:])
+    state = json.loads((out / "checkpoints" / "step_3" / "trainer_state.json").read_text())
+    assert state["sampler"]["position"] == 3 * 16  # step 4's prompts were drawn by then, but belong to step 4
+
+
 def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster, tmp_path, builtin_model_path):
     """Sharding across 2 rollout workers and one weight sync to both: after a learner step, each worker
     holds exactly the learner's weights and version, and the two shards make up the planned samples."""
-    import pyarrow as pa
 
     from pipeline.data import PromptSampler, load_prompts
 
     config = with_builtin_defaults(load_config(overrides=["rollout.num_workers=2", "rollout.num_cpus_per_worker=0.25", "learner.num_cpus=0.25", "reward.num_cpus_per_worker=0.25"]))
     with Pipeline(decide_learner_gpus(config), run_id="two-workers") as pipeline:
         prompts = PromptSampler(load_prompts(config.data.train_file, "train"), 10, seed=0).next_batch(first_group_id=0)
-        rollouts = pipeline.generate(prompts, step=1)
-        assert rollouts.num_rows == 10 * config.rollout.group_size
-        assert rollouts.column("group_id").to_pylist() == [g for g in range(10) for _ in range(config.rollout.group_size)]
-        scored = pipeline.score(rollouts, list(config.reward.weights), step=1)
+        scored, generated = pipeline.generated_and_scored(
+            pipeline.submit_generation(prompts, step=1), list(config.reward.weights), 1, timings := {}
+        )
+        assert generated == scored.num_rows == 10 * config.rollout.group_size and timings["time/rollout_s"] > 0
+        assert scored.column("group_id").to_pylist() == [g for g in range(10) for _ in range(config.rollout.group_size)]
+        assert scored.column("worker").unique().to_pylist() == [f"tokenforge-two-workers-rollout-{i}" for i in range(2)]
         pipeline.learner.call_all("train_step", scored, step=1)
-        assert pipeline.sync_weights() == 1
+        pipeline.sync_weights()  # the workers load version 1 after the call they run (the checks below queue after it)
+        assert pipeline.version == 1
         learner_weights = pipeline.learner.call_all("get_weights")[0]
 
         def worker_state(worker):
@@ -123,7 +145,9 @@ def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster
         assert len(states) == 2
         for version, weights in states:
             assert version == 1 and all(torch.equal(weights[k], v) for k, v in learner_weights.items())
-        assert set(pipeline.generate(prompts, step=2).column("policy_version").to_pylist()) == {1}
+        again, _ = pipeline.generated_and_scored(pipeline.submit_generation(prompts, step=2), ["exact_match"], 2, {})
+        assert set(again.column("policy_version").to_pylist()) == {1}
+        assert 0 < pipeline.load_s < 60  # both workers' receive-and-load time of version 1
 
 
 def test_an_actor_that_does_not_answer_in_time_stops_the_run_naming_it(ray_cluster, tmp_path):
@@ -175,3 +199,20 @@ def test_lora_bf16_checkpointed_chat_model_resumes_and_exports(ray_cluster, tmp_
     assert merged.keys() == base.keys()
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and all(".q_proj." in k or ".v_proj." in k for k in changed)
+
+
+def test_each_actors_torch_threads_follow_its_ray_cpus(ray_cluster, builtin_model_path):
+    """With num_threads unset, an actor computes with as many torch threads as Ray CPUs it holds (at least 1),
+    so that actors overlapping on one node do not oversubscribe its cores; an explicit setting wins."""
+    from actors.learner import Learner
+    from actors.rollout_worker import RolloutWorker
+
+    def threads(_actor) -> int:
+        return torch.get_num_threads()
+
+    cases = [(Learner, 2, [], 2), (RolloutWorker, 0.5, [], 1), (RolloutWorker, 1, ["rollout.num_threads=2"], 2)]
+    for cls, cpus, overrides, expected in cases:
+        config = with_builtin_defaults(load_config(overrides=overrides))
+        actor = ray.remote(cls).options(num_cpus=cpus).remote(config, builtin_model_path, *([builtin_model_path] if cls is Learner else []))
+        assert ray.get(actor.__ray_call__.remote(threads)) == expected, (cls.__name__, cpus)
+        ray.kill(actor)
