@@ -10,7 +10,7 @@
 #   advantages         pipeline/advantages.py (whole)                            test_advantages, test_loss, test_rewards
 #   loss               pipeline/loss.py (whole)                                  test_loss
 #   rewards            pipeline/rewards.py: normalize_rewards, score_component   test_rewards
-#   reward_components  pipeline/reward_components.py (whole)                     test_rewards, test_models
+#   reward_components  pipeline/reward_components.py (whole)                     test_rewards, test_models, test_token_metrics
 #   learner            actors/learner.py: lr_factor, Learner.train_step,         test_actors, test_models, test_rewards
 #                      _gradients, _count_nonfinite, _micro_batches,
 #                      _reference_logprobs
@@ -69,7 +69,7 @@ declare -A tests=(
     [advantages]="test_advantages test_loss test_rewards"
     [loss]="test_loss"
     [rewards]="test_rewards"
-    [reward_components]="test_rewards test_models"
+    [reward_components]="test_rewards test_models test_token_metrics"
     [learner]="test_actors test_models test_rewards"
     [rollout_worker]="test_actors test_models"
 )

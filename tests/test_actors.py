@@ -306,8 +306,13 @@ def test_non_finite_steps_are_skipped_and_the_run_goes_on_until_too_many(learner
         assert any(not torch.equal(weights[k], v) for k, v in learner.get_weights().items())
     assert learner.scheduler.last_epoch == 4
     learner.train_step(inf_loss, step=5)
-    with pytest.raises(TokenforgeError, match="2 consecutive steps up to step 6 had a NaN/inf advantage, loss or gradient norm"):
+    with pytest.raises(TokenforgeError) as error:
         learner.train_step(inf_reward, step=6)
+    assert str(error.value) == (  # the whole message: what happened, that the weights are safe, what to do
+        "2 consecutive steps up to step 6 had a NaN/inf advantage, loss or gradient norm; their updates were skipped "
+        "and the weights are those before them. Lower learner.lr, look for huge reward values, or raise "
+        "learner.max_nonfinite_steps"
+    )
 
 
 def test_several_updates_per_batch_are_importance_weighted(learner_and_batch, builtin_model_path):
