@@ -497,7 +497,7 @@ EXACT = [[0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
 DIGIT = [[1 / 3, 1 / 3], [1 / 3, 0.0, 0.0], [1 / 3, 1 / 3], [1 / 3, 1 / 3]]
 
 
-def hand_scored_batch(exact=EXACT, digit=DIGIT, finished=(True, False, True, True), behaviour=None) -> pa.Table:
+def hand_scored_batch(exact=EXACT, digit=DIGIT, finished=(True, False, True, True), behaviour=None, versions=(0, 0, 0, 0)) -> pa.Table:
     core = {
         "sample_id": [0, 1, 2, 3],
         "group_id": [0, 0, 1, 1],
@@ -507,7 +507,7 @@ def hand_scored_batch(exact=EXACT, digit=DIGIT, finished=(True, False, True, Tru
         "behaviour_logprobs": behaviour or [[-1.0 - 0.1 * k for k in range(len(r))] for r in RESPONSES],
         "response": ["1", "23", "1", "1"],
         "finished": list(finished),
-        "policy_version": [0] * 4,
+        "policy_version": list(versions),
         "worker": ["local"] * 4,
     }
     table = make_rollout_table(core, pa.table({"prompt": ["1+2="] * 4, "answer": ["3"] * 4}))
@@ -529,8 +529,12 @@ def test_learner_step_reports_every_metric_with_its_value(builtin_model_path):
         "reward/total/mean", "learner/kept_frac", "loss/policy", "loss/grad_norm", "learner/lr",
         "policy/is_weight/mean", "policy/is_weight/clip_frac", "policy/entropy", "advantage/abs_mean",
         "response/length_mean", "response/finished_frac", "learner/policy_version", "learner/tokens",
-        "learner/skipped_nonfinite", "advantage/zero_frac",
+        "learner/skipped_nonfinite", "advantage/zero_frac", "policy/staleness_mean", "policy/staleness_max",
+        "time/learner/prepare_s", "time/learner/forward_s", "time/learner/loss_s", "time/learner/backward_s",
+        "time/learner/optimizer_s",
     }
+    assert metrics["policy/staleness_mean"] == metrics["policy/staleness_max"] == 0.0  # sampled by version 0, the learner's
+    assert all(metrics[f"time/learner/{phase}_s"] > 0 for phase in ("prepare", "forward", "loss", "backward", "optimizer"))
     assert metrics["advantage/zero_frac"] == 0.5  # group 1's two samples: every token's advantage exactly 0
     digit_totals = torch.tensor([2 / 3, 1 / 3, 2 / 3, 2 / 3])
     assert metrics["reward/exact_match/mean"] == 0.75 and metrics["reward/exact_match/std"] == pytest.approx(0.5)
@@ -546,7 +550,9 @@ def test_learner_step_reports_every_metric_with_its_value(builtin_model_path):
     assert metrics["response/finished_frac"] == 0.75
     assert metrics["learner/policy_version"] == 1.0 and metrics["learner/skipped_nonfinite"] == 0.0
     assert metrics["learner/lr"] == pytest.approx(learner.config.learner.lr / (learner.config.learner.warmup_steps + 1))
-    assert learner.train_step(batch)["learner/policy_version"] == 2.0 and learner.get_version() == 2
+    later = learner.train_step(hand_scored_batch(versions=(0, 1, 1, 1)))  # the learner holds version 1 now
+    assert later["learner/policy_version"] == 2.0 and learner.get_version() == 2
+    assert (later["policy/staleness_mean"], later["policy/staleness_max"]) == (0.25, 1.0)
 
 
 @pytest.mark.parametrize(
