@@ -39,6 +39,7 @@ from pipeline.placement import clear_resource_request, connect_ray, decide_learn
 from pipeline.reward_pool import RewardPool
 from pipeline.storage import Storage
 from pipeline.trackers import Trackers, require_loggers
+from pipeline.weight_sync import BroadcastGroup, published_weights
 
 Report = Callable[[dict, str | None], None]  # (metrics record, published checkpoint directory or None)
 TRAINER_STATE = "trainer_state.json"
@@ -56,7 +57,8 @@ class Pipeline:
         self.config = config
         self.groups: list[ActorGroup] = []
         self.weights, self.version = None, 0  # the last published weights (an ObjectRef) and their version
-        self.loading: list[ray.ObjectRef] = []  # the rollout workers' receive_weights calls for that version
+        self.broadcast: BroadcastGroup | None = None  # rollout.weight_sync=collective
+        self.sending, self.loading = None, []  # the calls that publish that version: the learner's send, the receives
         self.load_s = 0.0  # the slowest worker's receive-and-load seconds of the last version they loaded
         try:
             self._start(config, run_id, resume)
@@ -94,6 +96,8 @@ class Pipeline:
             init_args=(config, config.model.path, config.model.path, config.learner.num_gpus > 0, resume),
         )
         self.groups.append(self.learner)
+        if rollout.weight_sync == "collective":
+            self.broadcast = BroadcastGroup(self.learner, self.rollout, run_id, timeout)
 
     def close(self) -> None:
         for group in self.groups:
@@ -130,29 +134,45 @@ class Pipeline:
         return scored.filter(pc.invert(dropped)), scored.num_rows
 
     def _give_weights(self, worker) -> dict:
-        """A restarted rollout worker holds model.path's weights: give it the current ones; its shard is
-        resubmitted asking for their version."""
+        """A restarted rollout worker (or one whose broadcast failed) holds other weights: give it the published
+        ones through the object store; its shard is resubmitted asking for their version."""
+        if self.weights is None and self.broadcast is not None and self.broadcast.sent:
+            self.weights = self.learner.actors[0].__ray_call__.remote(published_weights)  # the last broadcast's
+        if self.broadcast is not None:
+            self.broadcast.formed = False  # a new process is not in the group: form it again before the next broadcast
         if self.weights is not None:
             self.rollout.get([worker.receive_weights.remote([self.weights], self.version)])
         return {"version": self.version}
 
     def sync_weights(self) -> None:
-        """Publish the learner's weights as a new version: one object in the object store; each rollout worker
-        fetches and loads it after the call it is running (never mid-generation), and every generation
-        submitted from now on asks for that version."""
+        """Publish the learner's weights as a new version (rollout.weight_sync): one object in the object store
+        that each rollout worker fetches, or a broadcast from the learner. A worker loads it after the call it
+        is running (never mid-generation), and every generation submitted from now on asks for that version."""
         learner = self.learner.actors[0]
         self.version = self.learner.get([learner.get_version.remote()])[0]
-        self.weights = learner.get_weights.remote()
-        self.loading = [worker.receive_weights.remote([self.weights], self.version) for worker in self.rollout.actors]
+        if self.broadcast is None:
+            self.weights = learner.get_weights.remote()
+            self.loading = [worker.receive_weights.remote([self.weights], self.version) for worker in self.rollout.actors]
+        else:
+            self.weights = None  # not in the object store (_give_weights puts them there if a worker needs them)
+            self.sending, self.loading = self.broadcast.publish(self.version)
 
     def _note_loaded(self) -> None:
         """After a generation with the last published weights: record how long the workers took to receive them."""
-        if self.loading:
-            try:
-                self.load_s = max(self.rollout.get(self.loading))
-            except ACTOR_LOST:  # the worker was restarted, and given the weights then
-                pass
-            self.loading = []
+        refs, self.loading, self.sending = self.loading + ([self.sending] if self.sending else []), [], None
+        if not refs:
+            return
+        try:
+            self.load_s = max(self.rollout.get(refs))  # the receives' seconds (and the send's)
+        except ACTOR_LOST:  # a worker was restarted (and given the weights then)
+            pass
+        except ray.exceptions.RayTaskError:
+            if self.broadcast is None:
+                raise
+            # a broadcast failed (a member died mid-way): the workers it missed were given the weights through the
+            # object store when they refused to generate with old ones (StaleWeights); form the group again
+            self.broadcast.formed = False
+            self.rollout.faults["fault/broadcast_failures"] += 1
 
     def evaluate(self, eval_prompts: pa.Table | None, step: int) -> tuple[dict[str, float], pa.Table | None]:
         """(eval/<metric> of greedy samples on the held-out prompts, those samples scored with eval/<metric>

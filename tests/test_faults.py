@@ -66,11 +66,15 @@ def straight(ray_cluster, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("role", ["rollout", "reward"])
-def test_a_killed_worker_is_restarted_and_the_step_completes_with_every_sample(straight, tmp_path, role):
+@pytest.mark.parametrize(
+    ("role", "sync"), [("rollout", "object_store"), ("reward", "object_store"), ("rollout", "collective")]
+)
+def test_a_killed_worker_is_restarted_and_the_step_completes_with_every_sample(straight, tmp_path, role, sync):
+    """With rollout.weight_sync=collective the restarted worker is not in the broadcast group: it gets the
+    weights through the object store and the group is formed again with it."""
     out = tmp_path / "run"
     killer = kill_when(out, role, at_step=3)
-    train(load_config(overrides=[*TINY, f"output_dir={out}"]))
+    train(load_config(overrides=[*TINY, f"output_dir={out}", f"rollout.weight_sync={sync}"]))
     killer.join(timeout=5)
     lines = records(out)
     assert [r["step"] for r in lines] == list(range(9))

@@ -118,33 +118,35 @@ def test_staleness_one_trains_on_the_last_versions_samples_and_checkpoints_the_s
     assert state["sampler"]["position"] == 3 * 16  # step 4's prompts were drawn by then, but belong to step 4
 
 
-def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster, tmp_path, builtin_model_path):
-    """Sharding across 2 rollout workers and one weight sync to both: after a learner step, each worker
-    holds exactly the learner's weights and version, and the two shards make up the planned samples."""
+@pytest.mark.parametrize("sync", ["object_store", "collective"])
+def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster, tmp_path, builtin_model_path, sync):
+    """Sharding across 2 rollout workers and one weight sync to both (rollout.weight_sync): after a learner step,
+    each worker holds exactly the learner's weights and version, and the two shards make up the planned samples."""
 
     from pipeline.data import PromptSampler, load_prompts
 
-    config = with_builtin_defaults(load_config(overrides=["rollout.num_workers=2", "rollout.num_cpus_per_worker=0.25", "learner.num_cpus=0.25", "reward.num_cpus_per_worker=0.25"]))
-    with Pipeline(decide_learner_gpus(config), run_id="two-workers") as pipeline:
+    config = with_builtin_defaults(load_config(overrides=["rollout.num_workers=2", "rollout.num_cpus_per_worker=0.25", "learner.num_cpus=0.25", "reward.num_cpus_per_worker=0.25", f"rollout.weight_sync={sync}"]))
+    with Pipeline(decide_learner_gpus(config), run_id=f"two-workers-{sync}") as pipeline:
         prompts = PromptSampler(load_prompts(config.data.train_file, "train"), 10, seed=0).next_batch(first_group_id=0)
         scored, generated = pipeline.generated_and_scored(
             pipeline.submit_generation(prompts, step=1), list(config.reward.weights), 1, timings := {}
         )
         assert generated == scored.num_rows == 10 * config.rollout.group_size and timings["time/rollout_s"] > 0
         assert scored.column("group_id").to_pylist() == [g for g in range(10) for _ in range(config.rollout.group_size)]
-        assert scored.column("worker").unique().to_pylist() == [f"tokenforge-two-workers-rollout-{i}" for i in range(2)]
+        assert scored.column("worker").unique().to_pylist() == [f"tokenforge-two-workers-{sync}-rollout-{i}" for i in range(2)]
         pipeline.learner.call_all("train_step", scored, step=1)
         pipeline.sync_weights()  # the workers load version 1 after the call they run (the checks below queue after it)
         assert pipeline.version == 1
         learner_weights = pipeline.learner.call_all("get_weights")[0]
 
         def worker_state(worker):
-            return worker.policy_version, {k: v.clone() for k, v in worker.model.state_dict().items()}
+            return worker.policy_version, {k: v.clone() for k, v in worker.model.state_dict().items()}, hasattr(worker, "weight_buffer")
 
         states = pipeline.rollout.get([a.__ray_call__.remote(worker_state) for a in pipeline.rollout.actors])
         assert len(states) == 2
-        for version, weights in states:
+        for version, weights, broadcast in states:
             assert version == 1 and all(torch.equal(weights[k], v) for k, v in learner_weights.items())
+            assert broadcast == (sync == "collective") and (pipeline.weights is None) == broadcast  # not the object store
         again, _ = pipeline.generated_and_scored(pipeline.submit_generation(prompts, step=2), ["exact_match"], 2, {})
         assert set(again.column("policy_version").to_pylist()) == {1}
         assert 0 < pipeline.load_s < 60  # both workers' receive-and-load time of version 1
