@@ -231,6 +231,7 @@ class Learner:
         lengths = mask.sum(1)
         metrics.update(totals)
         metrics.update(clock.seconds())
+        metrics["time/learner/total_s"] = time.perf_counter() - start
         metrics.update(
             {
                 "advantage/abs_mean": float((advantages.abs() * mask).sum() / mask.sum()),

@@ -19,6 +19,8 @@ from pipeline.models import load_model, load_tokenizer, positions_from_mask
 from pipeline.placement import torch_threads
 from pipeline.prompts import encode_prompts, set_chat_template
 
+GENERATE_SECONDS = "tokenforge.generate_s"  # schema metadata of a generate() result: its seconds
+
 
 def sample_tokens(
     logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator
@@ -80,10 +82,12 @@ class RolloutWorker:
         The sampling RNG is seeded from (seed, step, first group id), so a shard's samples do not
         depend on which worker drew it, nor on whether the run was resumed. `version`: the policy
         version the caller expects; a worker holding other weights (restarted by Ray since the last
-        sync) raises StaleWeights instead of sampling from them.
+        sync) raises StaleWeights instead of sampling from them. The table's schema metadata holds the
+        seconds this call took (GENERATE_SECONDS).
         """
         if version is not None and version != self.policy_version:
             raise StaleWeights(f"holds policy version {self.policy_version}, asked for {version}")
+        start = time.perf_counter()
         self.generator.manual_seed(hash((self.seed, step, prompts.column("group_id")[0].as_py())) % 2**63)
         rows = torch.arange(prompts.num_rows).repeat_interleave(group_size)  # prompt row of each sample
         row_list = rows.tolist()
@@ -106,7 +110,8 @@ class RolloutWorker:
             "policy_version": [self.policy_version] * len(row_list),
             "worker": [self.name] * len(row_list),
         }
-        return make_rollout_table(core, prompts.take(pa.array(rows.numpy())))
+        table = make_rollout_table(core, prompts.take(pa.array(rows.numpy())))
+        return table.replace_schema_metadata({GENERATE_SECONDS: str(time.perf_counter() - start)})
 
     def _sample(self, ids: torch.Tensor, attention: torch.Tensor, greedy: bool):
         """Autoregressive sampling with a KV cache. A row stops at EOS, at a `rollout.stop_token_ids` token or

@@ -18,9 +18,7 @@ Needs `pip install -c constraints.txt -e '.[bench]'` (TRL 1.16). Measured per ru
 target (the first eval at or above it), completions sampled by then, completions per training second over the
 whole run, and the final eval. Training seconds exclude model loading, actor/trainer start-up and every eval:
 TRL: wall time from on_train_begin minus the time spent in the eval callback; tokenforge: `time/elapsed_s`
-of metrics.jsonl, which counts from the start of the step-0 eval and *includes* every eval (there is no
-time/eval_s), so the benchmark subtracts the step-0 eval (elapsed at step 0) and, at each later eval step, the
-extra time that step took beyond its `time/step_s` and the median per-step overhead of the non-eval steps.
+of metrics.jsonl (from the start of the step-0 eval) minus the `time/eval_s` of every eval so far.
 `train_s_step_sum` in --json (the sum of time/step_s) is a lower bound that leaves out all driver overhead.
 
 Equal in both systems (per compared pair):
@@ -111,6 +109,7 @@ def run_tokenforge(args: argparse.Namespace, reward: str, lr: float, seed: int, 
         "trainer.dump_eval=false",
         "trainer.loggers=[jsonl]",
         f"trainer.save_every={args.max_steps}",
+        *args.tokenforge_overrides,
     ]
     command = [sys.executable, "-m", "pipeline.cli", "train", f"seed={seed}", f"output_dir={out}", *overrides]
     env = {**os.environ, "HOME": str(workdir), "RAY_AUTH_MODE": "token"}
@@ -125,32 +124,23 @@ def run_tokenforge(args: argparse.Namespace, reward: str, lr: float, seed: int, 
     resolved = (out / "config.yaml").read_text()
     return {
         "system": "tokenforge", "reward": reward, "lr": lr, "seed": seed, "wall_s": wall,
-        "samples_per_step": args.prompts_per_step * GROUP_SIZE, **tokenforge_curve(records, args.eval_every),
+        "samples_per_step": args.prompts_per_step * GROUP_SIZE, **tokenforge_curve(records),
         "config_yaml": resolved,
     }
 
 
-def tokenforge_curve(records: list[dict], eval_every: int) -> dict:
-    """Eval points (step, training seconds without evals, exact match) from metrics.jsonl records."""
-    by_step = {r["step"]: r for r in records}
-    last = max(by_step)
-    is_eval = {s for s, r in by_step.items() if "eval/exact_match" in r}
-    gaps = {s: by_step[s]["time/elapsed_s"] - by_step[s - 1]["time/elapsed_s"] for s in by_step if s - 1 in by_step}
-    overheads = [gaps[s] - by_step[s]["time/step_s"] for s in gaps if s not in is_eval]
-    overhead = statistics.median(overheads) if overheads else 0.0
-    eval_s = {s: max(0.0, gaps[s] - by_step[s]["time/step_s"] - overhead) for s in is_eval if s in gaps}
-    base = by_step[0]["time/elapsed_s"] if 0 in by_step else 0.0  # the step-0 eval (and start-up of the log)
+def tokenforge_curve(records: list[dict]) -> dict:
+    """Eval points (step, training seconds without evals, exact match) from metrics.jsonl records:
+    train_s(s) = time/elapsed_s(s) - the time/eval_s of every eval up to and including step s."""
     curve, evals_so_far, step_sum = [], 0.0, 0.0
-    for s in sorted(by_step):
-        r = by_step[s]
+    for r in sorted(records, key=lambda r: r["step"]):
         step_sum += r.get("time/step_s", 0.0)
-        evals_so_far += eval_s.get(s, 0.0)
-        if s in is_eval:
-            curve.append({"step": s, "train_s": r["time/elapsed_s"] - base - evals_so_far,
+        evals_so_far += r.get("time/eval_s", 0.0)
+        if "eval/exact_match" in r:
+            curve.append({"step": r["step"], "train_s": r["time/elapsed_s"] - evals_so_far,
                           "train_s_step_sum": step_sum, "elapsed_s": r["time/elapsed_s"],
                           "exact_match": r["eval/exact_match"]})
-    return {"curve": curve, "steps": last, "eval_s_total": base + sum(eval_s.values()),
-            "step_overhead_s": overhead}
+    return {"curve": curve, "steps": max(r["step"] for r in records), "eval_s_total": evals_so_far}
 
 
 # ---------------------------------------------------------------------------------------------- TRL
@@ -407,6 +397,9 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", choices=["tokenforge", "trl"], default=["tokenforge", "trl"])
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads: TRL's process, tokenforge's learner and rollout worker")
+    parser.add_argument("--tokenforge-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="extra config for every tokenforge run, e.g. trainer.max_staleness=1 algorithm.is_cap=2 "
+                        "learner.num_threads=1 rollout.num_threads=1")
     parser.add_argument("--trl-stock-positions", action="store_true",
                         help="no position_ids fix for TRL's training forward")
     parser.add_argument("--json", type=Path, help="write every run (config, raw eval curves) here")

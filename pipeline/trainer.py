@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import ray
 
 from actors.learner import Learner
-from actors.rollout_worker import RolloutWorker
+from actors.rollout_worker import GENERATE_SECONDS, RolloutWorker
 from pipeline import dumps
 from pipeline import storage as store
 from pipeline.actor_group import ACTOR_LOST, ActorGroup, ActorTimeout, ShardCalls
@@ -122,9 +122,17 @@ class Pipeline:
     ) -> tuple[pa.Table, int]:
         """(the samples of `calls` with one reward/<name> column per component, without those dropped by
         on_error=drop; the number generated). Each shard is scored as soon as it is generated.
-        Adds to timings: time/rollout_s (waiting for generation), time/reward_s (the rest)."""
-        spent: dict[str, float] = {}
-        shards = waited(self.rollout.shard_results(calls, on_restart=self._give_weights), spent, "time/rollout_s")
+        Adds to timings: time/rollout_s (waiting for generation), time/reward_s (the rest), time/generate_s (the
+        slowest rollout worker's own seconds of generation)."""
+        spent: dict[str, float] = {"time/generate_s": 0.0}
+
+        def generated():  # each shard as it is done; the slowest worker's own generation seconds in time/generate_s
+            for i, table in self.rollout.shard_results(calls, on_restart=self._give_weights):
+                seconds = float(table.schema.metadata[GENERATE_SECONDS.encode()])
+                spent["time/generate_s"] = max(spent["time/generate_s"], seconds)
+                yield i, table.replace_schema_metadata(None)
+
+        shards = waited(generated(), spent, "time/rollout_s")
         with timed(spent, "time/reward_s"):
             scored, dropped = self.reward.score_pieces(shards, len(calls.refs), names, step)
         spent["time/reward_s"] -= spent["time/rollout_s"]
@@ -286,12 +294,14 @@ def run_steps(
     record: dict = {}
 
     def evaluate(step: int, metrics: dict[str, float]) -> pa.Table | None:
-        """Eval metrics into `metrics`; the samples to eval/step_N.parquet (trainer.dump_eval)."""
-        scores, samples = pipeline.evaluate(eval_prompts, step)
-        metrics.update(scores)
-        if samples is not None and trainer_cfg.dump_eval:
-            with timed(metrics, "time/eval_dump_s"):
-                dumps.write_dump(storage, dumps.EVAL, step, samples)
+        """Eval metrics into `metrics` (and time/eval_s, the whole eval's seconds); the samples to
+        eval/step_N.parquet (trainer.dump_eval)."""
+        with timed(metrics, "time/eval_s"):
+            scores, samples = pipeline.evaluate(eval_prompts, step)
+            metrics.update(scores)
+            if samples is not None and trainer_cfg.dump_eval:
+                with timed(metrics, "time/eval_dump_s"):
+                    dumps.write_dump(storage, dumps.EVAL, step, samples)
         return samples
 
     if done_steps == 0 and eval_prompts is not None:

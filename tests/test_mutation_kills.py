@@ -531,10 +531,11 @@ def test_learner_step_reports_every_metric_with_its_value(builtin_model_path):
         "response/length_mean", "response/finished_frac", "learner/policy_version", "learner/tokens",
         "learner/skipped_nonfinite", "advantage/zero_frac", "policy/staleness_mean", "policy/staleness_max",
         "time/learner/prepare_s", "time/learner/forward_s", "time/learner/loss_s", "time/learner/backward_s",
-        "time/learner/optimizer_s",
+        "time/learner/optimizer_s", "time/learner/total_s",
     }
     assert metrics["policy/staleness_mean"] == metrics["policy/staleness_max"] == 0.0  # sampled by version 0, the learner's
-    assert all(metrics[f"time/learner/{phase}_s"] > 0 for phase in ("prepare", "forward", "loss", "backward", "optimizer"))
+    phases = [metrics[f"time/learner/{phase}_s"] for phase in ("prepare", "forward", "loss", "backward", "optimizer")]
+    assert all(seconds > 0 for seconds in phases) and sum(phases) <= metrics["time/learner/total_s"]
     assert metrics["advantage/zero_frac"] == 0.5  # group 1's two samples: every token's advantage exactly 0
     digit_totals = torch.tensor([2 / 3, 1 / 3, 2 / 3, 2 / 3])
     assert metrics["reward/exact_match/mean"] == 0.75 and metrics["reward/exact_match/std"] == pytest.approx(0.5)
