@@ -40,30 +40,28 @@ def sample_tokens(
     return tokens, log_pi.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-class RolloutWorker:
-    """Generates `group_size` samples per prompt with the current policy weights."""
+def sample_seed(seed: int, step: int, group_id: int, *more: int) -> int:
+    """The sampling seed of (run seed, step, group id[, sample index]): the same whichever worker draws it."""
+    return hash((seed, step, group_id, *more)) % 2**63
 
-    def __init__(self, config: TrainConfig, model_path: str):
-        rollout = config.rollout
-        torch.set_num_threads(torch_threads(rollout.num_threads))
-        self.config = rollout
+
+class RolloutBase:
+    """What every rollout backend shares: prompt encoding, the stale-weights check, the rollout table
+    (pipeline.batch schema) and the weight-receive path. A backend implements set_weights() and
+    _responses(); the driver and `tokenforge eval` only call the public methods below."""
+
+    def _init_common(self, config: TrainConfig, model_path: str) -> None:
+        self.config = config.rollout
         self.add_special_tokens = config.data.add_special_tokens
-        self.device = "cuda" if rollout.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
         set_chat_template(self.tokenizer, config.model.chat_template)
-        self.model = load_model(model_path, config.model.trust_remote_code, self.device, config.model.dtype).eval()
-        # the KV-cache keyword: `cache` since transformers 5.24, `past_key_values` before and in most remote code
-        self.cache_key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        self.stop_ids = torch.tensor(sorted({self.tokenizer.eos_token_id, *rollout.stop_token_ids}), device=self.device)
+        self.stop_token_ids = sorted({self.tokenizer.eos_token_id, *config.rollout.stop_token_ids})
         self.seed = config.seed
-        self.generator = torch.Generator(device=self.device)
         self.policy_version = 0
         self.name = (ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None) or "local"
 
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        self.model.load_state_dict(state_dict)  # copied into the rollout dtype
-        self.policy_version = version
-        return version
+        raise NotImplementedError
 
     def receive_weights(self, published: list[ray.ObjectRef], version: int) -> float:
         """Load policy `version` from [an ObjectRef of its state dict] (boxed, so that the fetch happens, and is
@@ -73,13 +71,12 @@ class RolloutWorker:
         self.set_weights(ray.get(published[0]), version)
         return time.perf_counter() - start
 
-    @torch.no_grad()
     def generate(
         self, prompts: pa.Table, group_size: int, greedy: bool = False, step: int = 0, version: int | None = None
     ) -> pa.Table:
         """Rollout batch (pipeline.batch schema) for a table of prompts with a `group_id` column.
 
-        The sampling RNG is seeded from (seed, step, first group id), so a shard's samples do not
+        Sampling is seeded from (seed, step, group ids) (sample_seed), so a shard's samples do not
         depend on which worker drew it, nor on whether the run was resumed. `version`: the policy
         version the caller expects; a worker holding other weights (restarted by Ray since the last
         sync) raises StaleWeights instead of sampling from them. The table's schema metadata holds the
@@ -88,30 +85,64 @@ class RolloutWorker:
         if version is not None and version != self.policy_version:
             raise StaleWeights(f"holds policy version {self.policy_version}, asked for {version}")
         start = time.perf_counter()
-        self.generator.manual_seed(hash((self.seed, step, prompts.column("group_id")[0].as_py())) % 2**63)
-        rows = torch.arange(prompts.num_rows).repeat_interleave(group_size)  # prompt row of each sample
-        row_list = rows.tolist()
+        rows = [r for r in range(prompts.num_rows) for _ in range(group_size)]  # prompt row of each sample
+        group_ids = prompts.column("group_id").to_pylist()
         texts, prompt_ids = encode_prompts(self.tokenizer, prompts.column(DATASET_PROMPT).to_pylist(), self.add_special_tokens)
+        response_ids, logprobs, finished = self._responses(prompt_ids, group_ids, group_size, greedy, step)
+        core = {
+            "sample_id": [group_ids[r] * group_size + k for r in range(prompts.num_rows) for k in range(group_size)],
+            "group_id": [group_ids[r] for r in rows],
+            "prompt_text": [texts[r] for r in rows],
+            "prompt_ids": [prompt_ids[r] for r in rows],
+            "response_ids": response_ids,
+            "behaviour_logprobs": logprobs,
+            "response": self.tokenizer.batch_decode(response_ids, skip_special_tokens=True),
+            "finished": finished,
+            "policy_version": [self.policy_version] * len(rows),
+            "worker": [self.name] * len(rows),
+        }
+        table = make_rollout_table(core, prompts.take(pa.array(rows, pa.int64())))
+        return table.replace_schema_metadata({GENERATE_SECONDS: str(time.perf_counter() - start)})
+
+    def _responses(
+        self, prompt_ids: list[list[int]], group_ids: list[int], group_size: int, greedy: bool, step: int
+    ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
+        """(response ids, their behaviour log-probs under the sampling temperature, whether each stopped) of
+        `group_size` samples of each prompt, prompt by prompt. Stop rules: EOS or a rollout.stop_token_ids
+        token (kept), or the token that completes a rollout.stop string (kept); else cut at max_new_tokens."""
+        raise NotImplementedError
+
+
+class RolloutWorker(RolloutBase):
+    """Generates `group_size` samples per prompt with the current policy weights (HF transformers, a KV-cache loop)."""
+
+    def __init__(self, config: TrainConfig, model_path: str):
+        rollout = config.rollout
+        torch.set_num_threads(torch_threads(rollout.num_threads))
+        self._init_common(config, model_path)
+        self.device = "cuda" if rollout.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        self.model = load_model(model_path, config.model.trust_remote_code, self.device, config.model.dtype).eval()
+        # the KV-cache keyword: `cache` since transformers 5.24, `past_key_values` before and in most remote code
+        self.cache_key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.stop_ids = torch.tensor(self.stop_token_ids, device=self.device)
+        self.generator = torch.Generator(device=self.device)
+
+    def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        self.model.load_state_dict(state_dict)  # copied into the rollout dtype
+        self.policy_version = version
+        return version
+
+    @torch.no_grad()
+    def _responses(self, prompt_ids, group_ids, group_size, greedy, step):
+        # one generator for the shard, seeded from its first group id
+        self.generator.manual_seed(sample_seed(self.seed, step, group_ids[0]))
+        rows = torch.arange(len(prompt_ids)).repeat_interleave(group_size)
         encoded = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")  # left padding
         ids = encoded.input_ids[rows].to(self.device)
         attention = encoded.attention_mask[rows].to(self.device)
         tokens, logprobs, lengths, finished = self._sample(ids, attention, greedy)
         response_ids = [row[:n] for row, n in zip(tokens.tolist(), lengths)]
-        group_ids = prompts.column("group_id").to_pylist()
-        core = {
-            "sample_id": [group_ids[r] * group_size + k for r in range(prompts.num_rows) for k in range(group_size)],
-            "group_id": [group_ids[r] for r in row_list],
-            "prompt_text": [texts[r] for r in row_list],
-            "prompt_ids": [prompt_ids[r] for r in row_list],
-            "response_ids": response_ids,
-            "behaviour_logprobs": [row[:n] for row, n in zip(logprobs.tolist(), lengths)],
-            "response": self.tokenizer.batch_decode(response_ids, skip_special_tokens=True),
-            "finished": finished,
-            "policy_version": [self.policy_version] * len(row_list),
-            "worker": [self.name] * len(row_list),
-        }
-        table = make_rollout_table(core, prompts.take(pa.array(rows.numpy())))
-        return table.replace_schema_metadata({GENERATE_SECONDS: str(time.perf_counter() - start)})
+        return response_ids, [row[:n] for row, n in zip(logprobs.tolist(), lengths)], finished
 
     def _sample(self, ids: torch.Tensor, attention: torch.Tensor, greedy: bool):
         """Autoregressive sampling with a KV cache. A row stops at EOS, at a `rollout.stop_token_ids` token or
@@ -156,3 +187,12 @@ class RolloutWorker:
             reached.append(any(stop in text[max(0, text_lengths[i] - len(stop) + 1) :] for stop in self.config.stop))
             text_lengths[i] = len(text)
         return torch.tensor(reached, device=self.device)
+
+
+def rollout_worker_class(backend: str) -> type[RolloutBase]:
+    """The rollout worker class of rollout.backend (vllm is imported only when a vllm worker starts)."""
+    if backend == "vllm":
+        from actors.vllm_worker import VllmRolloutWorker
+
+        return VllmRolloutWorker
+    return RolloutWorker

@@ -128,6 +128,27 @@ class TrainerConfig(Section):
         return self
 
 
+class VllmConfig(Section):
+    """rollout.backend=vllm: the engine's own settings (docs/models.md, "vLLM backend")."""
+
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """Fraction of the GPU's memory the engine may take (weights, activations, KV cache) when kv_cache_gib is null; a learner on the same GPU needs the rest."""
+    kv_cache_gib: float | None = Field(1.0, gt=0)
+    """KV cache size in GiB (vLLM's kv_cache_memory_bytes; on CPU also VLLM_CPU_KVCACHE_SPACE, without which vLLM reserves most of the RAM); null = what gpu_memory_utilization leaves (GPU only)."""
+    max_num_seqs: int = Field(256, ge=1)
+    """Most sequences the engine decodes at once (a rollout shard of more queues)."""
+    max_model_len: int | None = Field(None, ge=1)
+    """Longest prompt + response the engine plans for; null = the model's context length."""
+    enforce_eager: bool = True
+    """No CUDA graphs / torch.compile: faster start-up; set false on GPU for faster long generations."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of a prompt across its group's samples (reset at every weight update)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine shards the model over (rollout.num_gpus_per_worker must cover them)."""
+    engine_kwargs: dict[str, Any] = {}
+    """Further vllm.LLM(...) keyword arguments, passed as they are (e.g. {quantization: fp8})."""
+
+
 class RolloutConfig(Section):
     num_workers: int = Field(1, ge=1)
     """Rollout-generation actors; the prompts of a step are split across them."""
@@ -153,6 +174,31 @@ class RolloutConfig(Section):
     """torch intra-op threads in each rollout worker; null = its Ray CPUs (rollout.num_cpus_per_worker, at least 1)."""
     weight_sync: Literal["object_store", "collective"] = "object_store"
     """How each new policy version reaches the rollout workers: one object in Ray's object store that every worker fetches, or a broadcast from the learner over a collective group (gloo on CPU, NCCL on GPU)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """Generation engine: hf (transformers with a KV-cache loop; the default, best for CPU and tiny models) or vllm (pip install 'tokenforge[vllm]'; docs/models.md). Same samples contract, different random draws for the same seed."""
+    vllm: VllmConfig = VllmConfig()
+    """Engine settings of rollout.backend=vllm."""
+
+    @model_validator(mode="after")
+    def check_backend(self) -> RolloutConfig:
+        if self.backend != "vllm":
+            return self
+        if self.top_p < 1.0:
+            raise ConfigError(
+                f"config key 'rollout.top_p': {self.top_p:g} with rollout.backend=vllm: vLLM reports log-probs renormalised "
+                "over the nucleus, not the tempered softmax the learner recomputes; use top_p=1 or rollout.backend=hf"
+            )
+        if self.vllm.tensor_parallel_size > 1 and self.num_gpus_per_worker < self.vllm.tensor_parallel_size:
+            raise ConfigError(
+                f"config key 'rollout.vllm.tensor_parallel_size': {self.vllm.tensor_parallel_size} GPUs per engine, but "
+                f"rollout.num_gpus_per_worker is {self.num_gpus_per_worker:g}; raise it to at least that"
+            )
+        if self.vllm.kv_cache_gib is None and self.num_gpus_per_worker == 0:
+            raise ConfigError(
+                "config key 'rollout.vllm.kv_cache_gib': null sizes the KV cache from gpu_memory_utilization, which on CPU "
+                "reserves that fraction of the machine's RAM; give a size in GiB (e.g. 1)"
+            )
+        return self
 
 
 class ComponentSpec(BaseModel):

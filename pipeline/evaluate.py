@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from actors.reward_worker import RewardWorker
-from actors.rollout_worker import RolloutWorker
+from actors.rollout_worker import rollout_worker_class
 from pipeline import storage as store
 from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig, code_it_would_run, config_from_yaml
@@ -93,9 +93,11 @@ def evaluate_checkpoint(
         config.model.path = str(model_dir)
         _, eval_prompts = load_inputs(config)
         names = config.trainer.eval_metrics
-        rollout = RolloutWorker(config, str(model_dir))
+        rollout = rollout_worker_class(config.rollout.backend)(config, str(model_dir))
         scorer = RewardWorker(config, str(model_dir), names)
         samples = rollout.generate(eval_prompts, group_size=1, greedy=True)
+        if hasattr(rollout, "close"):  # rollout.backend=vllm: the engine and its process-wide state go now
+            rollout.close()
     result = {
         "checkpoint": holder.display(directory) if holder else str(directory),
         "run": run.display() if run else None,

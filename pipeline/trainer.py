@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 import ray
 
 from actors.learner import Learner
-from actors.rollout_worker import GENERATE_SECONDS, RolloutWorker
+from actors.rollout_worker import GENERATE_SECONDS, rollout_worker_class
+from actors.vllm_worker import check_servable
 from pipeline import dumps
 from pipeline import storage as store
 from pipeline.actor_group import ACTOR_LOST, ActorGroup, ActorTimeout, ShardCalls
@@ -70,7 +71,7 @@ class Pipeline:
         timeout = config.trainer.actor_timeout_s
         rollout = config.rollout
         self.rollout = ActorGroup(
-            RolloutWorker,
+            rollout_worker_class(rollout.backend),
             rollout.num_workers,
             role="rollout",
             run_id=run_id,
@@ -410,6 +411,7 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
     storage = Storage(config.run_uri)
     train_prompts, eval_prompts = load_inputs(config)
     require_loggers(config)
+    check_servable(config)  # rollout.backend=vllm: a model its engine refuses, in one line before Ray starts
     if not resume and storage.exists(METRICS_FILE):
         raise TokenforgeError(
             f"{storage.display()!r} already holds a run; resume it with --resume or pick another output_dir / storage.uri"
