@@ -162,6 +162,40 @@ def test_outputs_follow_the_weights_after_an_update(worker, config, prompts):
     assert diff < 1e-4
 
 
+@pytest.fixture(scope="module")
+def llama_model(tmp_path_factory):
+    """A tiny random Llama (head size 32, 128 positions) on the char tokenizer: prompts longer than a KV block."""
+    from pipeline.tiny_model import make_char_tokenizer, make_tiny_llama
+
+    path = tmp_path_factory.mktemp("llama")
+    tokenizer = make_char_tokenizer()
+    torch.manual_seed(0)
+    make_tiny_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_a_tiny_llama_and_a_weight_update_with_cached_prompts(engines, llama_model):
+    """Prompts of 40+ tokens fill whole KV blocks (block_size 32), which the prefix cache keeps across the
+    samples of a group and across calls: after an update the engine must not reuse the old weights' prompt
+    KV. Log-probs match the learner's before and after."""
+    import pyarrow as pa
+
+    config = make_config(f"model.path={llama_model}", "rollout.max_new_tokens=6")
+    config.rollout.vllm.engine_kwargs = {"block_size": 32}
+    prompts = pa.table({"prompt": [f"{a}+{b}=" * 8 for a, b in [(12, 34), (5, 77), (90, 9), (41, 41)]], "group_id": [0, 1, 2, 3]})
+    worker = engines.open("llama", config)
+    first = worker.generate(prompts, group_size=4, step=1)
+    assert min(len(p) for p in first.column("prompt_ids").to_pylist()) > 32
+    assert max_abs_diff(first.column("behaviour_logprobs").to_pylist(), recomputed(load_model(llama_model).eval(), first, TEMPERATURE)) < 1e-4
+    model, state = perturbed_state(llama_model, seed=3)
+    worker.set_weights(state, version=1)
+    after = worker.generate(prompts, group_size=4, step=1)
+    diff = max_abs_diff(after.column("behaviour_logprobs").to_pylist(), recomputed(model, after, TEMPERATURE))
+    print(f"tiny llama after the update: max abs diff {diff:.2e}")
+    assert diff < 1e-4
+
+
 def test_a_failed_reload_restarts_the_engine_with_the_new_weights(engines, config, prompts, monkeypatch):
     worker = engines.open("restart", config)
     model, state = perturbed_state(config.model.path, seed=2)
