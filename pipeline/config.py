@@ -188,6 +188,13 @@ class RolloutConfig(Section):
                 f"config key 'rollout.top_p': {self.top_p:g} with rollout.backend=vllm: vLLM reports log-probs renormalised "
                 "over the nucleus, not the tempered softmax the learner recomputes; use top_p=1 or rollout.backend=hf"
             )
+        if self.weight_sync == "collective":  # not with vLLM yet: its in-process engine sets up torch.distributed itself
+            if "weight_sync" in self.model_fields_set:
+                raise ConfigError(
+                    "config key 'rollout.weight_sync': collective is not supported with rollout.backend=vllm yet "
+                    "(the engine in the rollout worker initialises torch.distributed itself); use object_store"
+                )
+            object.__setattr__(self, "weight_sync", "object_store")  # the default, where collective is the default
         if self.vllm.tensor_parallel_size > 1 and self.num_gpus_per_worker < self.vllm.tensor_parallel_size:
             raise ConfigError(
                 f"config key 'rollout.vllm.tensor_parallel_size': {self.vllm.tensor_parallel_size} GPUs per engine, but "
