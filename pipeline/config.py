@@ -14,11 +14,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.advantages import ESTIMATORS, GROUP_BASELINE, KL_KINDS, check_known
+from pipeline.algorithm.advantages import ESTIMATORS, GROUP_BASELINE, KL_KINDS, check_known
+from pipeline.algorithm.loss import AGGREGATIONS, LOSSES
 from pipeline.errors import ConfigError, TokenforgeError
-from pipeline.loss import AGGREGATIONS, LOSSES
-from pipeline.models import BUILTIN_TASKS
-from pipeline.reward_components import COMPONENTS
+from pipeline.models.hf import BUILTIN_TASKS
+from pipeline.rewards.components import COMPONENTS
 
 
 def one_of(what: str, known: Iterable[str]) -> AfterValidator:

@@ -10,8 +10,8 @@ from test_rewards import rollout_batch
 from pipeline.batch import reward_column
 from pipeline.config import load_config
 from pipeline.errors import TokenforgeError
-from pipeline.models import load_tokenizer
-from pipeline.reward_pool import RewardPool
+from pipeline.models.hf import load_tokenizer
+from pipeline.rewards.pool import RewardPool
 
 FNS = Path(__file__).parent / "reward_fns.py"
 COMPLETIONS = ["3", "7", "17", "4", "3", "13"]

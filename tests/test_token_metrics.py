@@ -14,8 +14,8 @@ from sacrebleu.metrics import CHRF
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.reward_components import COMPONENTS, rouge_words
-from pipeline.rewards import ComponentEnv, RewardInputs
+from pipeline.rewards.base import ComponentEnv, RewardInputs
+from pipeline.rewards.components import COMPONENTS, rouge_words
 
 WORDS = ["ann", "bob", "3", "cats", "5", "pens", "Ann", "CATS", "has", "x"]
 

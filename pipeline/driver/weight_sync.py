@@ -22,7 +22,7 @@ import ray.util.collective as collective
 import torch
 import torch.distributed as dist
 
-from pipeline.actor_group import ActorGroup
+from pipeline.driver.actor_group import ActorGroup
 
 Layout = list[tuple[str, tuple[int, ...]]]  # (name, shape) of each tensor, in the order of the flat buffer
 
