@@ -5,7 +5,7 @@ A run's report plots, against the training step unless said otherwise:
 - every eval metric against samples drawn (cumulative `rollout/samples`) and against wall time;
 - each reward component's mean (`reward/<c>/mean`) and the weighted total;
 - KL (`policy/kl`, only with a reference model), entropy (`policy/entropy`), response length;
-- the step-time breakdown as a stacked area: rollout, reward, learn, sync, and the rest of
+- the step-time breakdown as a stacked area: rollout, reward, learn, publish (what the driver waited for), and the rest of
   `time/step_s` (dumps, bookkeeping), so the stack's top is the step time;
 - the fraction of samples whose advantages are all 0 (no learning signal), `advantage/zero_frac`.
 
@@ -29,7 +29,7 @@ from pipeline.outputs.metrics_log import METRICS_FILE, read_metrics
 from pipeline.storage import Storage
 
 PNG, MARKDOWN = "report.png", "report.md"
-TIME_PARTS = ["time/rollout_s", "time/reward_s", "time/learn_s", "time/sync_s"]  # the rest of time/step_s: "other"
+TIME_PARTS = ["time/rollout_s", "time/reward_s", "time/learn_s", "time/publish_s"]  # what the driver waited for; the rest of time/step_s: "other"
 
 
 @dataclass
@@ -77,7 +77,7 @@ def run_panels(records: list[dict]) -> list[Panel]:
 
 
 def step_time_series(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
-    """rollout / reward / learn / sync seconds per step, and `other` = step time minus their sum."""
+    """rollout / reward / learn / publish seconds the driver waited per step, and `other` = step time minus their sum."""
     steps = [r for r in records if "time/step_s" in r]
     x = [r["step"] for r in steps]
     series = {key.removeprefix("time/").removesuffix("_s"): (x, [r.get(key, 0.0) for r in steps]) for key in TIME_PARTS}
