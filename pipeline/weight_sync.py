@@ -94,6 +94,10 @@ def device_of(instance) -> str:
     return str(instance.device)
 
 
+def nccl_available(_instance) -> bool:
+    return collective.nccl_available()
+
+
 class BroadcastGroup:
     """The driver's side: forms the group, and publishes a version as one send and N receives."""
 
@@ -119,6 +123,11 @@ class BroadcastGroup:
                 f"{devices[0]}, rollout workers: {', '.join(devices[1:])}); use rollout.weight_sync=object_store"
             )
         self.backend = "nccl" if on_gpu == {True} else "gloo"
+        if self.backend == "nccl" and not self.learner.get([learner.__ray_call__.remote(nccl_available)])[0]:
+            raise TokenforgeError(
+                "rollout.weight_sync=collective between GPUs broadcasts over NCCL, which ray.util.collective reaches "
+                "through cupy: pip install cupy-cuda12x on the GPU nodes, or use rollout.weight_sync=object_store"
+            )
         self.rollout.get([m.__ray_call__.remote(leave, self.name) for m in members])
         self.formations += 1
         self.name = f"tokenforge-{self.run_id}-weights-{self.formations}"
