@@ -16,7 +16,7 @@ from pipeline.errors import TokenforgeError
 from pipeline.evaluate import evaluate_checkpoint
 from pipeline.inputs import with_builtin_defaults
 from pipeline.models import BUILTIN_MODEL
-from pipeline.placement import decide_learner_gpus
+from pipeline.placement import decide_learner_gpus, torch_threads
 from pipeline.trainer import Pipeline, train
 
 SMALL = ["trainer.eval_every=10", "trainer.save_every=10", "data.max_eval_samples=200"]
@@ -213,6 +213,7 @@ def test_each_actors_torch_threads_follow_its_ray_cpus(ray_cluster, builtin_mode
     def threads(_actor) -> int:
         return torch.get_num_threads()
 
+    assert torch_threads(None) == 1  # in the driver (e.g. `tokenforge eval`'s in-process worker, with Ray up)
     cases = [(Learner, 2, [], 2), (RolloutWorker, 0.5, [], 1), (RolloutWorker, 1, ["rollout.num_threads=2"], 2)]
     for cls, cpus, overrides, expected in cases:
         config = with_builtin_defaults(load_config(overrides=overrides))
