@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.inputs import with_builtin_defaults
-from pipeline.driver.placement import decide_learner_gpus
+from pipeline.driver.placement import decide_learner_gpus, torch_threads
 from pipeline.driver.trainer import Pipeline, train
 from pipeline.errors import TokenforgeError
 from pipeline.evaluate import evaluate_checkpoint
@@ -213,6 +213,7 @@ def test_each_actors_torch_threads_follow_its_ray_cpus(ray_cluster, builtin_mode
     def threads(_actor) -> int:
         return torch.get_num_threads()
 
+    assert torch_threads(None) == 1  # in the driver (e.g. `tokenforge eval`'s in-process worker, with Ray up)
     cases = [(Learner, 2, [], 2), (RolloutWorker, 0.5, [], 1), (RolloutWorker, 1, ["rollout.num_threads=2"], 2)]
     for cls, cpus, overrides, expected in cases:
         config = with_builtin_defaults(load_config(overrides=overrides))
