@@ -19,15 +19,15 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from pipeline.advantages import STATS_DTYPE, compute_advantages, kl_penalty
+from pipeline.algorithm.advantages import STATS_DTYPE, compute_advantages, kl_penalty
+from pipeline.algorithm.loss import policy_loss
 from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, TrainConfig
+from pipeline.driver.placement import torch_threads
 from pipeline.errors import TokenforgeError
-from pipeline.lora import add_adapters, is_adapter_dir, merged_state_dict
-from pipeline.loss import policy_loss
-from pipeline.models import DTYPES, build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
-from pipeline.placement import torch_threads
-from pipeline.rewards import normalize_rewards
+from pipeline.models.hf import DTYPES, build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
+from pipeline.models.lora import add_adapters, is_adapter_dir, merged_state_dict
+from pipeline.rewards.base import normalize_rewards
 from pipeline.storage import Storage, local_copy, read_manifest
 
 LEARNER_STATE = "learner_state.pt"

@@ -1,7 +1,7 @@
 """RewardWorker: builds its reward components once and scores rollout batches, one component per call.
 
 A plain class; the driver runs `reward.num_workers` of them as a pool of Ray actors
-(pipeline/reward_pool.py), which handles timeouts, retries and dead workers. Errors raised by a
+(pipeline/rewards/pool.py), which handles timeouts, retries and dead workers. Errors raised by a
 component are handled here, per sample, by the component's `on_error` policy.
 """
 
@@ -14,10 +14,17 @@ import torch
 
 from pipeline.batch import DATASET_PROMPT, TOKEN_REWARD_TYPE, metadata_columns, reward_column
 from pipeline.config import TrainConfig
-from pipeline.models import load_tokenizer
-from pipeline.prompts import as_completion
-from pipeline.reward_components import COMPONENTS
-from pipeline.rewards import ComponentEnv, RewardError, RewardInputs, TrainerState, describe_sample, score_component
+from pipeline.data.prompts import as_completion
+from pipeline.models.hf import load_tokenizer
+from pipeline.rewards.base import (
+    ComponentEnv,
+    RewardError,
+    RewardInputs,
+    TrainerState,
+    describe_sample,
+    score_component,
+)
+from pipeline.rewards.components import COMPONENTS
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """RolloutWorker: holds a policy copy and samples responses with their behaviour log-probs.
 
-A plain class; the driver wraps it with `ray.remote` (see pipeline/actor_group.py).
+A plain class; the driver wraps it with `ray.remote` (see pipeline/driver/actor_group.py).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.actor_group import StaleWeights
 from pipeline.batch import DATASET_PROMPT, make_rollout_table
 from pipeline.config import TrainConfig
-from pipeline.models import load_model, load_tokenizer, positions_from_mask
-from pipeline.placement import torch_threads
-from pipeline.prompts import encode_prompts, set_chat_template
+from pipeline.data.prompts import encode_prompts, set_chat_template
+from pipeline.driver.actor_group import StaleWeights
+from pipeline.driver.placement import torch_threads
+from pipeline.models.hf import load_model, load_tokenizer, positions_from_mask
 
 GENERATE_SECONDS = "tokenforge.generate_s"  # schema metadata of a generate() result: its seconds
 

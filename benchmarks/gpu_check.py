@@ -24,8 +24,8 @@ from actors.learner import Learner
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline.config import load_config
-from pipeline.models import BUILTIN_MODEL, BUILTIN_TRAIN
-from pipeline.tiny_model import make_char_tokenizer, make_tiny_gpt2
+from pipeline.models.hf import BUILTIN_MODEL, BUILTIN_TRAIN
+from pipeline.models.tiny import make_char_tokenizer, make_tiny_gpt2
 
 
 def model_dir(size: str, workdir: Path) -> Path:

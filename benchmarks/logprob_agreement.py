@@ -22,9 +22,9 @@ from actors.learner import Learner  # noqa: E402
 from actors.rollout_worker import RolloutWorker  # noqa: E402
 from pipeline.batch import pad_right, response_mask  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import load_prompts  # noqa: E402
-from pipeline.inputs import with_builtin_defaults  # noqa: E402
-from pipeline.models import build_sequences, response_logprobs  # noqa: E402
+from pipeline.data.inputs import with_builtin_defaults  # noqa: E402
+from pipeline.data.loading import load_prompts  # noqa: E402
+from pipeline.models.hf import build_sequences, response_logprobs  # noqa: E402
 
 PAIRS = [("float32", "fp32"), ("bfloat16", "fp32"), ("bfloat16", "bf16-mixed"), ("bfloat16", "bf16")]
 

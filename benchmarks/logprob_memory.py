@@ -1,6 +1,6 @@
 """Benchmark: peak memory of the learner's log-prob pass (forward + backward) on a 32k-vocabulary model.
 
-`pipeline.models.response_logprobs` takes the fp32 log-softmax over the vocabulary
+`pipeline.models.hf.response_logprobs` takes the fp32 log-softmax over the vocabulary
 `learner.logprob_chunk_tokens` tokens at a time and recomputes each chunk in the backward pass, so a
 (batch, response, vocab) fp32 tensor never exists. This script measures what that saves against the
 plain way (one fp32 log_softmax over the whole micro-batch, kept for the backward), for several chunk
@@ -39,7 +39,7 @@ def measure(args: argparse.Namespace) -> dict:
     """One variant in this process: peak memory of forward + backward above the loaded model and inputs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.models import build_sequences, response_logprobs
+    from pipeline.models.hf import build_sequences, response_logprobs
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

@@ -120,7 +120,7 @@ def curves(seeds: list[int], steps: int, extra: list[str], workdir: Path, plot: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS), help="none: only --curves")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--skip", type=int, default=5, help="first steps left out (start-up)")
     parser.add_argument("--curves", action="store_true", help="also the learning curves of staleness 0 and 1")
@@ -134,7 +134,8 @@ def main() -> None:
         for name in args.settings:
             results.append(measure(name, args.steps, args.skip, args.overrides, Path(tmp)))
             print(json.dumps(results[-1]), flush=True)
-        print_table(results)
+        if results:
+            print_table(results)
         if args.curves:
             curves(args.seeds, args.curve_steps, args.overrides, Path(tmp), args.plot)
 

@@ -45,8 +45,8 @@ def ppo_run(out: Path, seed: int, samples: int, eval_every: int, ppo: dict) -> N
     import ray
     import torch
 
-    from pipeline.rllib_policy import GreedyEvaluator, ppo_config, save_hf_checkpoint
-    from pipeline.token_env import env_train_config
+    from pipeline.rllib.policy import GreedyEvaluator, ppo_config, save_hf_checkpoint
+    from pipeline.rllib.token_env import env_train_config
 
     out.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)

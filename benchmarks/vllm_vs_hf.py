@@ -37,9 +37,9 @@ SIZES = {  # name -> (n_embd, n_layer, n_head): ~12 * n_layer * n_embd^2 paramet
 
 
 def make_model(size: str, directory: Path) -> int:
-    from pipeline.tiny_model import make_char_tokenizer, make_tiny_gpt2
-
     import torch
+
+    from pipeline.models.tiny import make_char_tokenizer, make_tiny_gpt2
 
     torch.manual_seed(0)
     n_embd, n_layer, n_head = SIZES[size]

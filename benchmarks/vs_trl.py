@@ -161,9 +161,9 @@ def trl_run(spec: dict) -> None:
     from actors.rollout_worker import RolloutWorker
     from pipeline.batch import mean_reward
     from pipeline.config import load_config
-    from pipeline.inputs import load_inputs, with_builtin_defaults
-    from pipeline.reward_components import COMPONENTS
-    from pipeline.rewards import ComponentEnv, RewardInputs
+    from pipeline.data.inputs import load_inputs, with_builtin_defaults
+    from pipeline.rewards.base import ComponentEnv, RewardInputs
+    from pipeline.rewards.components import COMPONENTS
 
     config = with_builtin_defaults(load_config(None, spec["overrides"] + [f"seed={spec['seed']}"]))
     model_path = config.model.path

@@ -1,7 +1,7 @@
 """Benchmark: weight-sync time vs parameter count and rollout workers, object store vs collective broadcast.
 
 For each model size (a GPT-2 with random weights, the shipped char tokenizer) it starts the real
-pipeline actors (pipeline.trainer.Pipeline: one Learner, N RolloutWorkers, a reward worker) and times
+pipeline actors (pipeline.driver.trainer.Pipeline: one Learner, N RolloutWorkers, a reward worker) and times
 `Pipeline.sync_weights()` until every worker has loaded the version (the driver's wall time, blocking;
 in training the driver does not wait for it), `--reps` times after one warm-up sync, for each
 rollout.weight_sync. Prints a Markdown table of medians: seconds, and the growth from 1 to the most workers.
@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.inputs import with_builtin_defaults  # noqa: E402
-from pipeline.models import BUILTIN_MODEL, load_tokenizer  # noqa: E402
-from pipeline.placement import decide_learner_gpus  # noqa: E402
-from pipeline.trainer import Pipeline  # noqa: E402
+from pipeline.data.inputs import with_builtin_defaults  # noqa: E402
+from pipeline.driver.placement import decide_learner_gpus  # noqa: E402
+from pipeline.driver.trainer import Pipeline  # noqa: E402
+from pipeline.models.hf import BUILTIN_MODEL, load_tokenizer  # noqa: E402
 
 # (n_embd, n_layer) of a GPT-2 with about that many million parameters (12 L d^2, tiny vocabulary)
 SHAPES = {1: (128, 5), 10: (256, 13), 30: (512, 10), 100: (768, 14)}

@@ -28,7 +28,7 @@ ROLLOUT_SCHEMA = pa.schema(
 )
 CORE_COLUMNS = frozenset(ROLLOUT_SCHEMA.names)
 # What the learner computed from a scored batch, row-aligned with it (Learner.learned_columns): the
-# rollout dumps (pipeline/dumps.py) are the scored batch with these columns appended.
+# rollout dumps (pipeline/outputs/dumps.py) are the scored batch with these columns appended.
 LEARNED_SCHEMA = pa.schema(
     [
         ("token_rewards", pa.list_(pa.float32())),  # r_t = sum_i w_i * norm_i(r_i)_t (- beta * KL_t), per response token

@@ -86,27 +86,27 @@ def run_validate_cluster(args: argparse.Namespace) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> None:
-    from pipeline import tune
     from pipeline.run_paths import resolve_existing
+    from pipeline.tune import experiment
 
     if bool(args.spec) == bool(args.resume):
         raise TokenforgeError("tune takes a SPEC.yaml or --resume EXPERIMENT_DIR (one of them)")
     if args.resume:
         if args.overrides:
             raise TokenforgeError("--resume continues the experiment as it was; drop the key=value overrides")
-        tune.resume(resolve_existing(args.resume))
+        experiment.resume(resolve_existing(args.resume))
     else:
-        tune.run(args.spec, args.overrides)
+        experiment.run(args.spec, args.overrides)
 
 
 def run_train(args: argparse.Namespace) -> None:
     from pipeline.config import describe_fields, load_config
+    from pipeline.driver.trainer import train
     from pipeline.evaluate import load_run_config
-    from pipeline.metrics_log import METRICS_FILE
-    from pipeline.next_steps import after_train
+    from pipeline.outputs.metrics_log import METRICS_FILE
+    from pipeline.outputs.next_steps import after_train
     from pipeline.run_paths import resolve_existing, resolve_new
     from pipeline.storage import Storage, is_uri
-    from pipeline.trainer import train
 
     if args.help_config:
         print("\n".join(describe_fields()))
@@ -128,8 +128,8 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_samples(args: argparse.Namespace) -> None:
+    from pipeline.outputs.samples_view import show_samples
     from pipeline.run_paths import is_uri, resolve_existing
-    from pipeline.samples_view import show_samples
 
     for option in ("worst", "best"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
@@ -140,10 +140,10 @@ def run_samples(args: argparse.Namespace) -> None:
 
 
 def run_report(args: argparse.Namespace) -> None:
-    from pipeline.next_steps import after_report
-    from pipeline.report import write_report
+    from pipeline.outputs.next_steps import after_report
+    from pipeline.outputs.report import write_report
     from pipeline.run_paths import is_uri, resolve_existing
-    from pipeline.tune import SPEC_FILE
+    from pipeline.tune.experiment import SPEC_FILE
 
     location = resolve_existing(args.run)
     if not is_uri(location) and not Path(location).is_dir():
@@ -153,8 +153,8 @@ def run_report(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from pipeline.lora import export, is_adapter_dir
-    from pipeline.models import check_model_dir
+    from pipeline.models.hf import check_model_dir
+    from pipeline.models.lora import export, is_adapter_dir
 
     if not is_adapter_dir(args.checkpoint):
         check_model_dir(args.checkpoint, key="checkpoint")
@@ -163,7 +163,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from pipeline.evaluate import evaluate_checkpoint
-    from pipeline.next_steps import after_eval
+    from pipeline.outputs.next_steps import after_eval
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.overrides, args.trust_run_config)
     print(json.dumps(result, indent=1) if args.json else after_eval(result))

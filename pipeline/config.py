@@ -14,11 +14,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.advantages import ESTIMATORS, GROUP_BASELINE, KL_KINDS, check_known
+from pipeline.algorithm.advantages import ESTIMATORS, GROUP_BASELINE, KL_KINDS, check_known
+from pipeline.algorithm.loss import AGGREGATIONS, LOSSES
 from pipeline.errors import ConfigError, TokenforgeError
-from pipeline.loss import AGGREGATIONS, LOSSES
-from pipeline.models import BUILTIN_TASKS
-from pipeline.reward_components import COMPONENTS
+from pipeline.models.hf import BUILTIN_TASKS
+from pipeline.rewards.components import COMPONENTS
 
 
 def one_of(what: str, known: Iterable[str]) -> AfterValidator:
@@ -172,8 +172,8 @@ class RolloutConfig(Section):
     """Custom Ray resources per rollout worker, e.g. {rollout_node: 1} to place workers on nodes that advertise it."""
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads in each rollout worker; null = its Ray CPUs (rollout.num_cpus_per_worker, at least 1)."""
-    weight_sync: Literal["object_store", "collective"] = "object_store"
-    """How each new policy version reaches the rollout workers: one object in Ray's object store that every worker fetches, or a broadcast from the learner over a collective group (gloo on CPU, NCCL on GPU)."""
+    weight_sync: Literal["object_store", "collective"] = "collective"
+    """How each new policy version reaches the rollout workers: a broadcast from the learner over a ray.util.collective group (gloo on CPU, NCCL between GPUs: needs cupy), 2-3x faster on CPU (docs/performance.md); or one object in Ray's object store that every worker fetches (always, with rollout.backend=vllm)."""
     backend: Literal["hf", "vllm"] = "hf"
     """Generation engine: hf (transformers with a KV-cache loop; the default, best for CPU and tiny models) or vllm (pip install 'tokenforge[vllm]'; docs/models.md). Same samples contract, different random draws for the same seed."""
     vllm: VllmConfig = VllmConfig()

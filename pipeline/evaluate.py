@@ -19,9 +19,9 @@ from actors.rollout_worker import rollout_worker_class
 from pipeline import storage as store
 from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig, code_it_would_run, config_from_yaml
+from pipeline.data.inputs import load_inputs, with_builtin_defaults
 from pipeline.errors import TokenforgeError
-from pipeline.inputs import load_inputs, with_builtin_defaults
-from pipeline.lora import export, is_adapter_dir
+from pipeline.models.lora import export, is_adapter_dir
 from pipeline.storage import Storage
 
 RUN_CONFIG = "config.yaml"

@@ -31,9 +31,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from actors.rollout_worker import RolloutWorker
 from pipeline.config import load_config
-from pipeline.models import ASSETS
-from pipeline.prompts import encode_prompts
-from pipeline.tiny_model import (
+from pipeline.data.prompts import encode_prompts
+from pipeline.models.hf import ASSETS
+from pipeline.models.tiny import (
     chat_corpus_text,
     make_bpe_chat_tokenizer,
     make_char_tokenizer,

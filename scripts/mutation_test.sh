@@ -6,21 +6,21 @@
 #   scripts/mutation_test.sh advantages loss  # only these
 #   MUTMUT_CHILDREN=1 scripts/mutation_test.sh learner
 #
-# Module             what is mutated                                           tests that may kill a mutant
-#   advantages         pipeline/advantages.py (whole)                            test_advantages, test_loss, test_rewards
-#   loss               pipeline/loss.py (whole)                                  test_loss
-#   rewards            pipeline/rewards.py: normalize_rewards, score_component   test_rewards
-#   reward_components  pipeline/reward_components.py (whole)                     test_rewards, test_models, test_token_metrics
-#   learner            actors/learner.py: lr_factor, Learner.train_step,         test_actors, test_models, test_rewards
+# Module             what is mutated                                                  tests that may kill a mutant
+#   advantages         pipeline/algorithm/advantages.py (whole)                       test_advantages, test_loss, test_rewards
+#   loss               pipeline/algorithm/loss.py (whole)                             test_loss
+#   rewards            pipeline/rewards/base.py: normalize_rewards, score_component   test_rewards
+#   reward_components  pipeline/rewards/components.py (whole)                         test_rewards, test_models, test_token_metrics
+#   learner            actors/learner.py: lr_factor, Learner.train_step,              test_actors, test_models, test_rewards
 #                      _gradients, _count_nonfinite, _micro_batches,
 #                      _reference_logprobs
-#   rollout_worker     actors/rollout_worker.py: sample_tokens,                  test_actors, test_models
+#   rollout_worker     actors/rollout_worker.py: sample_tokens,                       test_actors, test_models
 #                      RolloutWorker._sample (the generation loop)
 # (each module's tests plus tests/test_mutation_kills.py). mutmut runs, for each mutant, only those of the
 # listed tests that called the mutated function.
 #
 # mutmut 3 mutates the bodies of functions and methods only: not module-level code (here: the AGGREGATIONS
-# lambdas of pipeline/loss.py), and not functions under a decorator other than @staticmethod/@classmethod.
+# lambdas of pipeline/algorithm/loss.py), and not functions under a decorator other than @staticmethod/@classmethod.
 # So that the registered estimators and losses and the @torch.no_grad() methods are mutated too,
 # scripts/mutation_undecorate.py moves those decorators to the end of the module in the copy (same behaviour).
 #
@@ -50,18 +50,18 @@ children=${MUTMUT_CHILDREN:-$(nproc)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per mutant worker, MUTMUT_CHILDREN workers at a time
 
 declare -A files=(
-    [advantages]=pipeline/advantages.py
-    [loss]=pipeline/loss.py
-    [rewards]=pipeline/rewards.py
-    [reward_components]=pipeline/reward_components.py
+    [advantages]=pipeline/algorithm/advantages.py
+    [loss]=pipeline/algorithm/loss.py
+    [rewards]=pipeline/rewards/base.py
+    [reward_components]=pipeline/rewards/components.py
     [learner]=actors/learner.py
     [rollout_worker]=actors/rollout_worker.py
 )
 declare -A globs=(
-    [advantages]="pipeline.advantages.*"
-    [loss]="pipeline.loss.*"
-    [rewards]="pipeline.rewards.x_normalize_rewards__mutmut_* pipeline.rewards.x_score_component__mutmut_*"
-    [reward_components]="pipeline.reward_components.*"
+    [advantages]="pipeline.algorithm.advantages.*"
+    [loss]="pipeline.algorithm.loss.*"
+    [rewards]="pipeline.rewards.base.x_normalize_rewards__mutmut_* pipeline.rewards.base.x_score_component__mutmut_*"
+    [reward_components]="pipeline.rewards.components.*"
     [learner]="actors.learner.x_lr_factor__mutmut_* actors.learner.xǁLearnerǁtrain_step__mutmut_* actors.learner.xǁLearnerǁ_gradients__mutmut_* actors.learner.xǁLearnerǁ_count_nonfinite__mutmut_* actors.learner.xǁLearnerǁ_micro_batches__mutmut_* actors.learner.xǁLearnerǁ_reference_logprobs__mutmut_*"
     [rollout_worker]="actors.rollout_worker.x_sample_tokens__mutmut_* actors.rollout_worker.xǁRolloutWorkerǁ_sample__mutmut_*"
 )

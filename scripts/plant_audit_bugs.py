@@ -30,17 +30,17 @@ EDITS = {
         'mode = "none"',
     ),
     4: (  # PPO's clip_low ignored
-        "pipeline/loss.py",
+        "pipeline/algorithm/loss.py",
         "ratio.clamp(1.0 - clip_low, 1.0 + clip_high)",
         "ratio.clamp(max=1.0 + clip_high)",
     ),
     5: (  # the classifier's logit output replaced by a log-softmax
-        "pipeline/reward_components.py",
+        "pipeline/rewards/components.py",
         'logits.softmax(-1) if self.options.output == "probability" else logits',
         'logits.softmax(-1) if self.options.output == "probability" else logits.log_softmax(-1)',
     ),
     6: (  # ROUGE's hypothesis and reference swapped
-        "pipeline/reward_components.py",
+        "pipeline/rewards/components.py",
         "self.scorer.score(r, c)[o.rouge_type]",
         "self.scorer.score(c, r)[o.rouge_type]",
     ),

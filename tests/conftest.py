@@ -39,7 +39,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def builtin_model_path() -> str:
-    from pipeline.models import BUILTIN_MODEL
+    from pipeline.models.hf import BUILTIN_MODEL
 
     return str(BUILTIN_MODEL)
 
@@ -51,7 +51,7 @@ OBSERVED = ["trainer.total_steps=4", "trainer.eval_every=2", "trainer.prompts_pe
 def observed_run(ray_cluster, tmp_path_factory):
     """A 4-step run of the default task (eval and dumps at steps 0/2/4) for the dump, samples and report tests."""
     from pipeline.config import load_config
-    from pipeline.trainer import train
+    from pipeline.driver.trainer import train
 
     out = tmp_path_factory.mktemp("observed") / "run"
     train(load_config(overrides=[*OBSERVED, f"output_dir={out}"]))

@@ -16,7 +16,7 @@ from actors.rollout_worker import RolloutWorker
 from pipeline.batch import ROLLOUT_SCHEMA, make_rollout_table, pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, load_config
 from pipeline.errors import TokenforgeError
-from pipeline.models import build_sequences, load_model, response_logprobs
+from pipeline.models.hf import build_sequences, load_model, response_logprobs
 
 PROMPTS = pa.table({"prompt": ["13+54=", "2+2=", "99+99="], "answer": ["67", "4", "198"], "group_id": [10, 11, 12]})
 
@@ -346,9 +346,9 @@ from actors.learner import Learner
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline.config import load_config
-from pipeline.data import load_prompts
+from pipeline.data.inputs import with_builtin_defaults
+from pipeline.data.loading import load_prompts
 from pipeline.errors import TokenforgeError
-from pipeline.inputs import with_builtin_defaults
 
 config = with_builtin_defaults(load_config(overrides=["algorithm.kl_coef=0.1", "learner.micro_batch_size=4096"]))
 prompts = load_prompts(config.data.train_file, "train").slice(0, 256)

@@ -1,4 +1,4 @@
-"""Hand-computed and property tests of pipeline.advantages."""
+"""Hand-computed and property tests of pipeline.algorithm.advantages."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.advantages import ESTIMATORS, GROUP_BASELINE, compute_advantages, kl_penalty, returns_to_go
+from pipeline.algorithm.advantages import ESTIMATORS, GROUP_BASELINE, compute_advantages, kl_penalty, returns_to_go
 
 T = torch.tensor
 GROUP_ESTIMATORS = sorted(GROUP_BASELINE)  # rloo, grpo, reinforce++_baseline

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.models import ASSETS, positions_from_mask
+from pipeline.models.hf import ASSETS, positions_from_mask
 
 CHAT = ASSETS / "chat_addition"
 MODEL = CHAT / "model"

@@ -92,7 +92,7 @@ def test_tokenizer_without_eos(capsys, tmp_path, model_copy):
 
 
 def test_tokenizer_without_pad_pads_with_eos(model_copy, caplog):
-    from pipeline.models import load_tokenizer
+    from pipeline.models.hf import load_tokenizer
 
     without_token(model_copy, "pad")
     with caplog.at_level("WARNING", logger="tokenforge"):
@@ -187,8 +187,8 @@ def test_eval_data_with_dropped_samples_leaves_them_out_of_the_means(capsys, tmp
 )
 def test_example_configs_are_valid_and_their_inputs_and_models_load(example, task, train_rows, eval_rows, column):
     from pipeline.config import load_config
-    from pipeline.inputs import load_inputs, with_builtin_defaults
-    from pipeline.models import load_tokenizer
+    from pipeline.data.inputs import load_inputs, with_builtin_defaults
+    from pipeline.models.hf import load_tokenizer
 
     config = with_builtin_defaults(load_config(f"{__file__.rsplit('/', 2)[0]}/examples/{example}.yaml"))
     train_prompts, eval_prompts = load_inputs(config)

@@ -113,7 +113,7 @@ def test_ssh_open_to_a_narrow_range_is_no_warning(tmp_path):
 def test_a_local_ray_token_is_made_private(monkeypatch, tmp_path):
     """Ray 2.60 writes the token of a new local cluster 0644; tokenforge writes it first, 0600, and makes an
     existing token file of the user's 0600."""
-    from pipeline.placement import make_token_private
+    from pipeline.driver.placement import make_token_private
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)

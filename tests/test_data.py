@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import PromptSampler, load_prompts
+from pipeline.data.loading import PromptSampler, load_prompts
 from pipeline.errors import TokenforgeError
-from pipeline.models import BUILTIN_EVAL, BUILTIN_TRAIN
+from pipeline.models.hf import BUILTIN_EVAL, BUILTIN_TRAIN
 
 
 def test_builtin_task_files():

@@ -5,10 +5,10 @@ import json
 import pyarrow as pa
 import pytest
 
-from pipeline import dumps
 from pipeline.batch import LEARNED_SCHEMA, ROLLOUT_SCHEMA
 from pipeline.config import load_config
 from pipeline.errors import TokenforgeError
+from pipeline.outputs import dumps
 from pipeline.storage import Storage
 
 

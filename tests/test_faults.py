@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
-from pipeline.trainer import train
+from pipeline.driver.trainer import train
 
 pytestmark = pytest.mark.slow  # minutes of real faults: CI runs them as their own step (pytest -m slow)
 

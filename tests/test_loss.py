@@ -1,4 +1,4 @@
-"""Hand-computed tests of pipeline.loss, the REINFORCE gradient identity and micro-batching."""
+"""Hand-computed tests of pipeline.algorithm.loss, the REINFORCE gradient identity and micro-batching."""
 
 import math
 
@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.advantages import kl_penalty
-from pipeline.loss import AGGREGATIONS, policy_loss
-from pipeline.tiny_model import make_char_tokenizer, make_tiny_gpt2
+from pipeline.algorithm.advantages import kl_penalty
+from pipeline.algorithm.loss import AGGREGATIONS, policy_loss
+from pipeline.models.tiny import make_char_tokenizer, make_tiny_gpt2
 
 T = torch.tensor
 LOGP = T([[-1.0, -2.0], [-0.5, 0.0]])
@@ -101,7 +101,7 @@ def test_kl_loss_gradients_are_kl_gradients():
 
 
 def test_entropy_of_minus_inf_logits_is_finite_and_unused_entropy_never_reaches_the_loss():
-    from pipeline.models import response_logprobs
+    from pipeline.models.hf import response_logprobs
 
     class Masked(torch.nn.Module):  # a model whose vocabulary has banned (-inf) entries, as some do
         def forward(self, input_ids, attention_mask, position_ids):

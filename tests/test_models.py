@@ -17,11 +17,11 @@ from actors.rollout_worker import RolloutWorker
 from pipeline.batch import response_mask
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.models import build_sequences, load_model, response_logprobs
-from pipeline.prompts import encode_prompts
-from pipeline.reward_components import COMPONENTS
-from pipeline.rewards import ComponentEnv, RewardInputs
-from pipeline.inputs import with_builtin_defaults
+from pipeline.data.inputs import with_builtin_defaults
+from pipeline.data.prompts import encode_prompts
+from pipeline.models.hf import build_sequences, load_model, response_logprobs
+from pipeline.rewards.base import ComponentEnv, RewardInputs
+from pipeline.rewards.components import COMPONENTS
 
 CHAT = [{"role": "user", "content": "What is 12+30?"}]
 FNS = Path(__file__).parent / "reward_fns.py"
@@ -283,8 +283,8 @@ def test_lora_trains_adapters_only_and_publishes_merged_weights(chat_model, tmp_
 def test_classifier_scores_a_conversation_through_the_reward_models_chat_template(tokenizer, tmp_path):
     from transformers import LlamaForSequenceClassification
 
-    from pipeline.reward_components import COMPONENTS
-    from pipeline.rewards import ComponentEnv
+    from pipeline.rewards.base import ComponentEnv
+    from pipeline.rewards.components import COMPONENTS
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

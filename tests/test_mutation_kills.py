@@ -15,14 +15,14 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from actors.learner import Learner
 from actors.rollout_worker import RolloutWorker, sample_tokens
-from pipeline.advantages import GroupStats, compute_advantages, kl_penalty, masked_whiten, outcome_aligned, returns_to_go
+from pipeline.algorithm.advantages import GroupStats, compute_advantages, kl_penalty, masked_whiten, outcome_aligned, returns_to_go
+from pipeline.algorithm.loss import LOSSES, policy_loss
 from pipeline.batch import TOKEN_REWARD_TYPE, make_rollout_table, pad_right, response_mask, reward_column
 from pipeline.config import load_config
 from pipeline.errors import TokenforgeError
-from pipeline.loss import LOSSES, policy_loss
-from pipeline.models import build_sequences, builtin_paths, load_tokenizer, response_logprobs
-from pipeline.reward_components import COMPONENTS
-from pipeline.rewards import (
+from pipeline.models.hf import build_sequences, builtin_paths, load_tokenizer, response_logprobs
+from pipeline.rewards.components import COMPONENTS
+from pipeline.rewards.base import (
     FLOAT32_MAX,
     ComponentEnv,
     RewardComponent,
@@ -31,12 +31,12 @@ from pipeline.rewards import (
     normalize_rewards,
     score_component,
 )
-from pipeline.tiny_model import make_char_tokenizer
+from pipeline.models.tiny import make_char_tokenizer
 
 T = torch.tensor
 
 
-# --- pipeline.advantages ---------------------------------------------------------------------------
+# --- pipeline.algorithm.advantages ---------------------------------------------------------------------------
 
 
 def test_kl_penalty_defaults_to_k1_and_refuses_mismatched_shapes():
@@ -304,7 +304,7 @@ def test_a_one_character_stop_string_stops_a_row_on_its_first_token(builtin_mode
     assert batch.column("response_ids").to_pylist()[0] == [first] and batch.column("finished").to_pylist()[0]
 
 
-# --- pipeline.rewards: normalize_rewards and score_component ------------------------------------------
+# --- pipeline.rewards.base: normalize_rewards and score_component ------------------------------------------
 
 
 def test_normalisation_divides_every_token_and_takes_the_mean_off_the_last_valid_one():
@@ -390,7 +390,7 @@ def test_the_largest_float32_is_a_valid_reward_and_anything_beyond_is_not():
         score_component("c", Fixed([1.0, [beyond, 0.0], 1.0]), three_samples())
 
 
-# --- pipeline.loss ------------------------------------------------------------------------------------
+# --- pipeline.algorithm.loss ------------------------------------------------------------------------------------
 
 
 LOGP = T([[-1.0, -2.0], [-0.5, 0.0]])
@@ -647,8 +647,8 @@ def test_the_lora_reference_is_the_base_model_with_the_adapters_switched_off(bui
     """With LoRA there is no reference copy: the reference log-probs are the policy's with its adapters off, also
     once the adapters have moved away from 0 (at the start they are equal by construction); the adapters are on
     again afterwards."""
-    from pipeline.inputs import with_builtin_defaults
-    from pipeline.models import load_model
+    from pipeline.data.inputs import with_builtin_defaults
+    from pipeline.models.hf import load_model
 
     config = with_builtin_defaults(load_config(overrides=[
         "task=chat_addition", "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}", "algorithm.kl_coef=0.05"]))
@@ -675,16 +675,16 @@ def test_the_lora_reference_is_the_base_model_with_the_adapters_switched_off(bui
 def test_the_learner_takes_the_fp32_log_softmax_logprob_chunk_tokens_at_a_time(builtin_model_path, monkeypatch):
     """learner.logprob_chunk_tokens bounds the tokens whose fp32 log-softmax is held at once, in the reference
     pass (no grad) and in the policy's forward and backward passes."""
-    import pipeline.models
+    import pipeline.models.hf
 
     seen = []
-    real = pipeline.models.token_logprob_entropy
+    real = pipeline.models.hf.token_logprob_entropy
 
     def recording(logits, targets, temperature):
         seen.append((torch.is_grad_enabled(), logits.shape[0]))
         return real(logits, targets, temperature)
 
-    monkeypatch.setattr(pipeline.models, "token_logprob_entropy", recording)
+    monkeypatch.setattr(pipeline.models.hf, "token_logprob_entropy", recording)
     learner = learner_for(builtin_model_path, "algorithm.kl_coef=0.05", "learner.logprob_chunk_tokens=2")
     learner.train_step(hand_scored_batch())
     assert {grad for grad, _ in seen} == {True, False}
@@ -814,7 +814,7 @@ def test_the_learner_silences_only_torchs_schedule_order_warning(builtin_model_p
         learner.train_step(hand_scored_batch())
 
 
-# --- pipeline.reward_components -----------------------------------------------------------------------
+# --- pipeline.rewards.components -----------------------------------------------------------------------
 
 
 def text_inputs(completions, **columns) -> RewardInputs:
@@ -876,7 +876,7 @@ def test_teacher_logprob_does_not_depend_on_the_batch_size(builtin_model_path):
 
 
 def test_python_function_specs_split_at_the_last_colon_and_name_what_is_wrong(tmp_path):
-    from pipeline.reward_components import import_function
+    from pipeline.rewards.components import import_function
 
     folder = tmp_path / "a:b"  # a colon in the path: the function name follows the last one
     folder.mkdir()

@@ -2,7 +2,7 @@
 
 import io
 
-from pipeline.metrics_log import MetricsLog
+from pipeline.outputs.metrics_log import MetricsLog
 from pipeline.storage import Storage
 
 STEP = {"reward/total/mean": 0.5, "throughput/tokens_per_s": 1000.0}

@@ -34,7 +34,7 @@ def test_run_report_plots_every_series_of_the_run(observed_run, capsys):
         "eval metrics vs samples: eval/exact_match", "eval metrics vs time: eval/exact_match",
         "rewards (mean per sample): reward/exact_match/mean", "rewards (mean per sample): reward/digit_match/mean",
         "rewards (mean per sample): reward/total/mean", "entropy: policy/entropy", "response length (tokens): response/length_mean",
-        *[f"step time (s): {part}" for part in ("rollout", "reward", "learn", "sync", "other")],
+        *[f"step time (s): {part}" for part in ("rollout", "reward", "learn", "publish", "other")],
         "samples without signal: advantage/zero_frac",
     ]:
         assert expected in series, expected
@@ -48,7 +48,7 @@ def test_run_report_plots_every_series_of_the_run(observed_run, capsys):
     assert rows[("samples without signal", "advantage/zero_frac")][:3] == ["4", f"{zero[0]:.4g}", f"{zero[-1]:.4g}"]
     # the stack's top is the step time: the parts, with `other`, add up to time/step_s
     last = records[-1]
-    other = last["time/step_s"] - sum(last[f"time/{p}_s"] for p in ("rollout", "reward", "learn", "sync"))
+    other = last["time/step_s"] - sum(last[f"time/{p}_s"] for p in ("rollout", "reward", "learn", "publish"))
     assert rows[("step time (s)", "other")][2] == f"{other:.4g}"
 
 

@@ -10,8 +10,8 @@ from test_rewards import rollout_batch
 from pipeline.batch import reward_column
 from pipeline.config import load_config
 from pipeline.errors import TokenforgeError
-from pipeline.models import load_tokenizer
-from pipeline.reward_pool import RewardPool
+from pipeline.models.hf import load_tokenizer
+from pipeline.rewards.pool import RewardPool
 
 FNS = Path(__file__).parent / "reward_fns.py"
 COMPLETIONS = ["3", "7", "17", "4", "3", "13"]
@@ -97,3 +97,27 @@ def test_a_worker_that_dies_mid_batch_loses_and_double_counts_nothing(make_pool,
     assert totals(scored, "exact_match") == [1, 0, 0, 0, 1, 0]
     counts = pool.take_counts()
     assert counts.get("reward/resubmits", 0) + counts.get("reward/worker_deaths", 0) >= 1
+
+
+def test_a_piece_is_scored_as_soon_as_it_arrives(make_pool, batch, tmp_path):
+    """score_pieces: the pieces of a batch (rollout shards, as each is generated) are scored as they arrive, not
+    once the last has, and the result is in piece order whatever order they came in."""
+    import time
+
+    rows = list(range(batch.num_rows))
+    marked = batch.append_column("marker_dir", pa.array([str(tmp_path)] * len(rows))).append_column("row", pa.array(rows))
+    pool = make_pool("log_scoring", "raise", workers=2)
+    pool.score(marked.slice(0, 1), ["user"])  # the workers are up
+    (tmp_path / "scored").unlink()
+    arrivals = {}
+
+    def pieces():  # the second half first, the first half 3 s later
+        for index, start in ((1, 3), (0, 0)):
+            arrivals[index] = time.time()
+            yield index, marked.slice(start, 3)
+            time.sleep(3)
+
+    scored, _ = pool.score_pieces(pieces(), 2, ["user"])
+    started = {int(row): float(t) for row, t in (line.split() for line in (tmp_path / "scored").read_text().splitlines())}
+    assert started[3] < arrivals[0]  # the piece that came first was scored while the other was awaited
+    assert scored.column("row").to_pylist() == rows and totals(scored, "user") == [1.0] * 6

@@ -14,13 +14,13 @@ from sacrebleu.metrics import BLEU, CHRF
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from actors.reward_worker import RewardWorker
-from pipeline.advantages import EQUAL_RTOL
+from pipeline.algorithm.advantages import EQUAL_RTOL
 from pipeline.batch import make_rollout_table, reward_column
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.models import build_sequences, load_model, load_tokenizer, response_logprobs
-from pipeline.reward_components import COMPONENTS
-from pipeline.rewards import (
+from pipeline.models.hf import build_sequences, load_model, load_tokenizer, response_logprobs
+from pipeline.rewards.components import COMPONENTS
+from pipeline.rewards.base import (
     ComponentEnv,
     RewardComponent,
     RewardError,
@@ -28,7 +28,7 @@ from pipeline.rewards import (
     normalize_rewards,
     score_component,
 )
-from pipeline.tiny_model import make_char_tokenizer
+from pipeline.models.tiny import make_char_tokenizer
 
 FNS = Path(__file__).parent / "reward_fns.py"
 

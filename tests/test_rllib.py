@@ -1,4 +1,4 @@
-"""The RLlib baseline (pipeline/rllib_policy.py): the RLModule's policy is tokenforge's policy, RLlib's
+"""The RLlib baseline (pipeline/rllib/policy.py): the RLModule's policy is tokenforge's policy, RLlib's
 PPO trains on the token environment, and tokenforge's eval reads the trained weights."""
 
 import gymnasium as gym
@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from actors.rollout_worker import RolloutWorker
 from pipeline.errors import ConfigError
 from pipeline.evaluate import evaluate_checkpoint
-from pipeline.models import BUILTIN_MODEL, build_sequences, response_logprobs
-from pipeline.rllib_policy import CausalLMModule, GreedyEvaluator, ppo_config, save_hf_checkpoint
-from pipeline.token_env import ENV_ID, TokenEnv, env_train_config, register_rllib_env
+from pipeline.models.hf import BUILTIN_MODEL, build_sequences, response_logprobs
+from pipeline.rllib.policy import CausalLMModule, GreedyEvaluator, ppo_config, save_hf_checkpoint
+from pipeline.rllib.token_env import ENV_ID, TokenEnv, env_train_config, register_rllib_env
 
 
 def build_module(env: TokenEnv, **options) -> CausalLMModule:
@@ -92,7 +92,7 @@ def test_module_config_errors_are_one_line(model_config, message):
 
 
 def test_registered_for_gymnasium_and_tune():
-    assert gym.spec(ENV_ID).entry_point == "pipeline.token_env:TokenEnv"
+    assert gym.spec(ENV_ID).entry_point == "pipeline.rllib.token_env:TokenEnv"
     name = register_rllib_env("tokenforge-test-env")
     env = _global_registry.get(ENV_CREATOR, name)({"split": "eval", "reward.weights.digit_match": 0.25})
     assert isinstance(env, TokenEnv) and env.weights["digit_match"] == 0.25

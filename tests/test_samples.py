@@ -6,9 +6,9 @@ import re
 import pytest
 from rich.console import Console
 
-from pipeline import dumps
 from pipeline.cli import main
-from pipeline.samples_view import group_scores, show_samples
+from pipeline.outputs import dumps
+from pipeline.outputs.samples_view import group_scores, show_samples
 from pipeline.storage import Storage
 
 

@@ -7,7 +7,7 @@ import pytest
 from pipeline import storage as store
 from pipeline.errors import TokenforgeError
 from pipeline.storage import Storage
-from pipeline.tune import restore_into
+from pipeline.tune.experiment import restore_into
 
 
 def published(run: Storage, step: int, weights: bytes = b"weights") -> str:

@@ -19,9 +19,9 @@ from test_tune import write_spec
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.driver.trainer import train
 from pipeline.storage import Storage, latest_checkpoint
-from pipeline.trainer import train
-from pipeline.tune import resume as resume_experiment
+from pipeline.tune.experiment import resume as resume_experiment
 
 pytestmark = pytest.mark.slow  # minutes of S3 and multi-node clusters: CI runs them as their own step (pytest -m slow)
 

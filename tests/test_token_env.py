@@ -1,4 +1,4 @@
-"""The token-level MDP environment (pipeline/token_env.py): gymnasium's checker, rewards equal to the
+"""The token-level MDP environment (pipeline/rllib/token_env.py): gymnasium's checker, rewards equal to the
 reward pool's, reset/step contract and bad input. Real models, real reward components, real Ray."""
 
 import subprocess
@@ -16,8 +16,8 @@ from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline.batch import reward_column
 from pipeline.errors import ConfigError, TokenforgeError
-from pipeline.reward_pool import RewardPool
-from pipeline.token_env import ENV_ID, TokenEnv, env_train_config, from_env_config, resolve_config
+from pipeline.rewards.pool import RewardPool
+from pipeline.rllib.token_env import ENV_ID, TokenEnv, env_train_config, from_env_config, resolve_config
 
 FNS = Path(__file__).parent / "env_reward_fns.py"
 
@@ -252,7 +252,7 @@ def test_teacher_with_subtract_policy_is_refused(builtin_model_path):
 
 def test_pool_backend_needs_ray():
     """In a fresh process (this session's Ray may already run): one line, no Ray started behind the user's back."""
-    code = "from pipeline.token_env import TokenEnv; TokenEnv(reward_backend='pool', reward_timing='final')"
+    code = "from pipeline.rllib.token_env import TokenEnv; TokenEnv(reward_backend='pool', reward_timing='final')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0
     expected = "TokenforgeError: env option 'reward_backend': 'pool' needs a running Ray (call ray.init() first)"

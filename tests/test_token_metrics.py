@@ -14,8 +14,8 @@ from sacrebleu.metrics import CHRF
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.reward_components import COMPONENTS, rouge_words
-from pipeline.rewards import ComponentEnv, RewardInputs
+from pipeline.rewards.base import ComponentEnv, RewardInputs
+from pipeline.rewards.components import COMPONENTS, prefix_chrf, rouge_words
 
 WORDS = ["ann", "bob", "3", "cats", "5", "pens", "Ann", "CATS", "has", "x"]
 
@@ -173,3 +173,35 @@ def test_token_level_metric_options_that_cannot_work_are_one_line_errors(options
     with pytest.raises(ConfigError, match=re.escape(message)) as error:
         load_config(overrides=[f"reward.components.m={options}", "reward.weights={m: 1.0}"])
     assert "\n" not in str(error.value)
+
+
+def test_sequence_level_reference_metrics_put_the_whole_score_on_the_last_token():
+    """level: sequence (the default) is one number per sample, the library's score (the reward worker puts it on
+    the last token), never rewards spread over the tokens."""
+    text, ref = "ann 3 cats", "ann 3 cats, bob 5 pens"
+    inputs = tokenised([text], [[3, 5, 7]], {"reference": [[ref]]})
+    rouge = RougeScorer(["rougeL"]).score(ref, text)["rougeL"].fmeasure
+    chrf = CHRF().sentence_score(text, [ref]).score / 100
+    for name, score in (("rouge", rouge), ("chrf", chrf)):
+        row = component(name)(inputs)[0]
+        assert isinstance(row, float) and row == pytest.approx(score), name
+
+
+def test_a_first_token_that_writes_no_text_earns_nothing():
+    """A response that opens with a token covering no characters (a special token): its prefix is empty, so
+    its reward is 0 and the first character's credit goes to the token that writes it."""
+    inputs = tokenised(["ann 3"], [[]], {"reference": [["ann 3 cats"]]})
+    inputs.token_spans[0].insert(0, (0, 0))
+    inputs.completion_ids[0].insert(0, 2)
+    for name in ("rouge", "chrf"):
+        rewards = component(name, level="token")(inputs)[0]
+        assert rewards[0] == 0.0 and rewards[1] > 0, (name, rewards)
+
+
+@pytest.mark.parametrize("beta", [1, 3])
+def test_token_chrf_follows_sacrebleus_f_beta_for_any_beta(beta):
+    """chrf_from_statistics weighs recall beta times precision, (1 + b^2) P R / (b^2 P + R), as sacrebleu does for
+    its `beta` (the component uses sacrebleu's default, 2)."""
+    text, ref = "ann 3 cats bob", "ann 3 cats, bob 5 pens"
+    expected = CHRF(beta=beta).sentence_score(text, [ref]).score / 100
+    assert prefix_chrf(text, [len(text)], ref, 6, beta) == [pytest.approx(expected)]

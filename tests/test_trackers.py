@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
 from pipeline.cli import main
-from pipeline.trackers import tune_callbacks
-from pipeline.trainer import train
+from pipeline.config import load_config
+from pipeline.driver.trainer import train
+from pipeline.outputs.trackers import tune_callbacks
 
 needs_mlflow = pytest.mark.skipif(find_spec("mlflow") is None, reason="needs the mlflow package: pip install 'tokenforge[mlflow]'")
 needs_wandb = pytest.mark.skipif(find_spec("wandb") is None, reason="needs the wandb package: pip install 'tokenforge[wandb]'")

@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.data.inputs import with_builtin_defaults
+from pipeline.driver.placement import decide_learner_gpus, torch_threads
+from pipeline.driver.trainer import Pipeline, train
 from pipeline.errors import TokenforgeError
 from pipeline.evaluate import evaluate_checkpoint
-from pipeline.inputs import with_builtin_defaults
-from pipeline.models import BUILTIN_MODEL
-from pipeline.placement import decide_learner_gpus
-from pipeline.trainer import Pipeline, train
+from pipeline.models.hf import BUILTIN_MODEL
 
 SMALL = ["trainer.eval_every=10", "trainer.save_every=10", "data.max_eval_samples=200"]
 
@@ -124,7 +124,7 @@ def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster
     """Sharding across 2 rollout workers and one weight sync to both (rollout.weight_sync): after a learner step,
     each worker holds exactly the learner's weights and version, and the two shards make up the planned samples."""
 
-    from pipeline.data import PromptSampler, load_prompts
+    from pipeline.data.loading import PromptSampler, load_prompts
 
     config = with_builtin_defaults(load_config(overrides=["rollout.num_workers=2", "rollout.num_cpus_per_worker=0.25", "learner.num_cpus=0.25", "reward.num_cpus_per_worker=0.25", f"rollout.weight_sync={sync}"]))
     with Pipeline(decide_learner_gpus(config), run_id=f"two-workers-{sync}") as pipeline:
@@ -213,6 +213,7 @@ def test_each_actors_torch_threads_follow_its_ray_cpus(ray_cluster, builtin_mode
     def threads(_actor) -> int:
         return torch.get_num_threads()
 
+    assert torch_threads(None) == 1  # in the driver (e.g. `tokenforge eval`'s in-process worker, with Ray up)
     cases = [(Learner, 2, [], 2), (RolloutWorker, 0.5, [], 1), (RolloutWorker, 1, ["rollout.num_threads=2"], 2)]
     for cls, cpus, overrides, expected in cases:
         config = with_builtin_defaults(load_config(overrides=overrides))

@@ -15,13 +15,13 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.driver.trainer import train
 from pipeline.errors import ConfigError
-from pipeline.trainer import train
 from test_report import drawn_series
-from pipeline.tune import RESTORES_FILE
-from pipeline.tune import resume as resume_experiment
-from pipeline.tune import run as run_experiment
-from pipeline.tune_spec import load_spec
+from pipeline.tune.experiment import RESTORES_FILE
+from pipeline.tune.experiment import resume as resume_experiment
+from pipeline.tune.experiment import run as run_experiment
+from pipeline.tune.spec import load_spec
 
 REPO = Path(__file__).parent.parent
 SMOKE = REPO / "tune_configs" / "smoke.yaml"
@@ -228,7 +228,7 @@ def test_the_status_table_is_redrawn_in_place_on_a_terminal(monkeypatch):
     """On a terminal each report moves the cursor up over the previous table and clears it; in a log each table stays."""
     import io
 
-    from pipeline.tune import LiveTable
+    from pipeline.tune.experiment import LiveTable
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from test_tune import metrics, trial_dirs, write_spec
 
-from pipeline.tune import RESTORES_FILE
-from pipeline.tune import run as run_experiment
+from pipeline.tune.experiment import RESTORES_FILE
+from pipeline.tune.experiment import run as run_experiment
 
 pytestmark = pytest.mark.search
 

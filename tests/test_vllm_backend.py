@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from actors.rollout_worker import RolloutWorker
-from pipeline.actor_group import StaleWeights
 from pipeline.config import load_config
-from pipeline.data import PromptSampler, load_prompts
+from pipeline.data.inputs import with_builtin_defaults
+from pipeline.data.loading import PromptSampler, load_prompts
+from pipeline.driver.actor_group import StaleWeights
 from pipeline.errors import ConfigError, TokenforgeError
-from pipeline.inputs import with_builtin_defaults
-from pipeline.models import build_sequences, load_model, response_logprobs
+from pipeline.models.hf import build_sequences, load_model, response_logprobs
 
 pytestmark = pytest.mark.vllm
 
@@ -165,7 +165,7 @@ def test_outputs_follow_the_weights_after_an_update(worker, config, prompts):
 @pytest.fixture(scope="module")
 def llama_model(tmp_path_factory):
     """A tiny random Llama (head size 32, 128 positions) on the char tokenizer: prompts longer than a KV block."""
-    from pipeline.tiny_model import make_char_tokenizer, make_tiny_llama
+    from pipeline.models.tiny import make_char_tokenizer, make_tiny_llama
 
     path = tmp_path_factory.mktemp("llama")
     tokenizer = make_char_tokenizer()
@@ -225,7 +225,7 @@ def test_greedy_eval_through_the_backend_equals_hf(engines, config):
 
 @pytest.fixture(scope="module")
 def head16_model(tmp_path_factory):
-    from pipeline.tiny_model import make_char_tokenizer, make_tiny_llama
+    from pipeline.models.tiny import make_char_tokenizer, make_tiny_llama
 
     path = tmp_path_factory.mktemp("head16")
     tokenizer = make_char_tokenizer()
@@ -238,7 +238,7 @@ def test_a_model_the_engine_cannot_serve_is_one_line_naming_the_fix(engines, hea
     from actors.vllm_worker import VllmRolloutWorker
 
     engines.close()
-    from pipeline.trainer import train
+    from pipeline.driver.trainer import train
 
     config = make_config(f"model.path={head16_model}")
     with pytest.raises(TokenforgeError) as refused:

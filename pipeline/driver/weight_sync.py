@@ -3,8 +3,8 @@
 The learner (rank 0) and the rollout workers (ranks 1..N) form a `ray.util.collective` group: gloo over
 TCP on CPU, NCCL when the learner and every rollout worker compute on a GPU (NCCL needs cupy; not run
 on this project's CPU machines). The learner sends the weights in the rollout dtype (model.dtype, LoRA
-merged: its get_weights()) as one flat buffer; each worker receives into a buffer of its own and copies
-the tensors into its model. A broadcast takes one message per worker along gloo's tree, where the object
+merged: its get_weights()) as one flat buffer; each worker receives it into a buffer that its model's
+weights are views of (`flat_weights`), so the broadcast itself updates the model. A broadcast takes one message per worker along gloo's tree, where the object
 store path (rollout.weight_sync=object_store) serves every worker a copy of one object.
 
 The functions below run inside the actors (`actor.__ray_call__.remote(fn, ...)`, in the actor's call
@@ -22,7 +22,8 @@ import ray.util.collective as collective
 import torch
 import torch.distributed as dist
 
-from pipeline.actor_group import ActorGroup
+from pipeline.driver.actor_group import ActorGroup
+from pipeline.errors import TokenforgeError
 
 Layout = list[tuple[str, tuple[int, ...]]]  # (name, shape) of each tensor, in the order of the flat buffer
 
@@ -37,10 +38,25 @@ def join(instance, world_size: int, rank: int, group: str, backend: str, timeout
     """Enter the group (every rank at once); a rollout worker also allocates its receive buffer."""
     collective.init_collective_group(world_size, rank, backend=backend, group_name=group, gloo_timeout=int(timeout_s * 1000))
     if layout is not None:
-        names, dtype = layout
-        numel = sum(torch.Size(shape).numel() for _, shape in names)
-        device = instance.device if backend == "nccl" else "cpu"
-        instance.weight_buffer = (names, torch.empty(numel, dtype=getattr(torch, dtype.removeprefix("torch.")), device=device))
+        instance.weight_buffer = flat_weights(instance.model, *layout)
+
+
+def flat_weights(model: torch.nn.Module, names: Layout, dtype: str) -> torch.Tensor:
+    """One buffer for the weights named in `names`, with the model's parameters and buffers re-pointed at its
+    slices (their values copied in): a broadcast into it updates the model in place, with no second copy."""
+    device = next(model.parameters()).device
+    flat = torch.empty(sum(torch.Size(shape).numel() for _, shape in names), dtype=getattr(torch, dtype.removeprefix("torch.")), device=device)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    offset = 0
+    for name, shape in names:
+        tensor = parameters[name] if name in parameters else model.get_buffer(name)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)} in the rollout model, {shape} in the learner's")
+        view = flat[offset : offset + tensor.numel()].view(shape)
+        view.copy_(tensor.detach())
+        tensor.data = view  # tied weights (one tensor under two names) end up on the second name's slice
+        offset += tensor.numel()
+    return flat
 
 
 def leave(instance, group: str) -> None:
@@ -62,13 +78,10 @@ def send(learner, group: str, backend: str) -> float:
 
 
 def receive(worker, group: str, version: int) -> float:
-    """Rank >= 1: receive a broadcast into the buffer and load it as policy `version`; returns the seconds taken."""
+    """Rank >= 1: receive a broadcast into the model's weights as policy `version`; returns the seconds taken."""
     start = time.perf_counter()
-    names, flat = worker.weight_buffer
-    collective.broadcast(flat, src_rank=0, group_name=group)
-    sizes = [torch.Size(shape).numel() for _, shape in names]
-    state = {name: part.view(shape) for (name, shape), part in zip(names, flat.split(sizes))}
-    worker.set_weights(state, version)  # copied into the model
+    collective.broadcast(worker.weight_buffer, src_rank=0, group_name=group)  # straight into the model's weights
+    worker.policy_version = version
     return time.perf_counter() - start
 
 
@@ -79,6 +92,10 @@ def published_weights(learner) -> dict[str, torch.Tensor]:
 
 def device_of(instance) -> str:
     return str(instance.device)
+
+
+def nccl_available(_instance) -> bool:
+    return collective.nccl_available()
 
 
 class BroadcastGroup:
@@ -99,7 +116,18 @@ class BroadcastGroup:
         learner, workers = self.learner.actors[0], self.rollout.actors
         members = [learner, *workers]
         devices = self.rollout.get([m.__ray_call__.remote(device_of) for m in members])
-        self.backend = "nccl" if all(d.startswith("cuda") for d in devices) else "gloo"
+        on_gpu = {d.startswith("cuda") for d in devices}
+        if len(on_gpu) > 1 and any(d.startswith("cuda") for d in devices[1:]):
+            raise TokenforgeError(
+                f"rollout.weight_sync=collective needs the rollout workers on the learner's kind of device (learner: "
+                f"{devices[0]}, rollout workers: {', '.join(devices[1:])}); use rollout.weight_sync=object_store"
+            )
+        self.backend = "nccl" if on_gpu == {True} else "gloo"
+        if self.backend == "nccl" and not self.learner.get([learner.__ray_call__.remote(nccl_available)])[0]:
+            raise TokenforgeError(
+                "rollout.weight_sync=collective between GPUs broadcasts over NCCL, which ray.util.collective reaches "
+                "through cupy: pip install cupy-cuda12x on the GPU nodes, or use rollout.weight_sync=object_store"
+            )
         self.rollout.get([m.__ray_call__.remote(leave, self.name) for m in members])
         self.formations += 1
         self.name = f"tokenforge-{self.run_id}-weights-{self.formations}"

@@ -43,16 +43,16 @@ try:
     import gymnasium as gym
     from gymnasium import spaces
 except ImportError as error:  # pragma: no cover - depends on the install
-    raise ImportError("pipeline.token_env needs gymnasium: pip install 'tokenforge[rllib]'") from error
+    raise ImportError("pipeline.rllib.token_env needs gymnasium: pip install 'tokenforge[rllib]'") from error
 
 from actors.reward_worker import RewardWorker
 from pipeline.batch import DATASET_PROMPT, make_rollout_table, reward_column
 from pipeline.config import TrainConfig, config_with, load_config, parse_override, validate_config
+from pipeline.data.inputs import load_inputs, with_builtin_defaults
+from pipeline.data.prompts import encode_prompts, set_chat_template
 from pipeline.errors import ConfigError, TokenforgeError
-from pipeline.inputs import load_inputs, with_builtin_defaults
-from pipeline.models import load_tokenizer
-from pipeline.prompts import encode_prompts, set_chat_template
-from pipeline.rewards import FLOAT32_MAX
+from pipeline.models.hf import load_tokenizer
+from pipeline.rewards.base import FLOAT32_MAX
 
 ENV_ID = "tokenforge/TokenGeneration-v0"
 SPLITS = ("train", "eval")
@@ -201,7 +201,7 @@ def load_task(config: TrainConfig, with_scorer: bool) -> Task:
 
 
 def is_token_level(score: Any) -> bool:
-    """The reward contract's test (pipeline.rewards.score_component): a list per sample is token-level."""
+    """The reward contract's test (pipeline.rewards.base.score_component): a list per sample is token-level."""
     return isinstance(score, (list, tuple)) or (hasattr(score, "ndim") and score.ndim == 1)
 
 
@@ -247,7 +247,7 @@ class TokenEnv(gym.Env):
         if reward_backend == "pool":
             import ray
 
-            from pipeline.reward_pool import RewardPool
+            from pipeline.rewards.pool import RewardPool
 
             if not ray.is_initialized():
                 raise TokenforgeError("env option 'reward_backend': 'pool' needs a running Ray (call ray.init() first)")
@@ -423,4 +423,4 @@ def register_rllib_env(name: str = ENV_ID) -> str:
 
 
 if ENV_ID not in gym.registry:
-    gym.register(id=ENV_ID, entry_point="pipeline.token_env:TokenEnv")
+    gym.register(id=ENV_ID, entry_point="pipeline.rllib.token_env:TokenEnv")

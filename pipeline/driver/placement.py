@@ -134,5 +134,6 @@ def torch_threads(configured: int | None) -> int:
     so that actors running at once on one node do not oversubscribe its cores."""
     if configured is not None:
         return configured
-    reserved = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
-    return max(1, int(reserved))
+    context = ray.get_runtime_context() if ray.is_initialized() else None
+    in_actor = context is not None and context.get_actor_id() is not None  # not the driver, not outside Ray
+    return max(1, int(context.get_assigned_resources().get("CPU", 1.0))) if in_actor else 1

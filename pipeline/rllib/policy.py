@@ -1,7 +1,7 @@
 """RLlib (new API stack) baseline on the token environment: an RLModule wrapping a Hugging Face
 causal LM, PPO's config for it, and tokenforge's greedy evaluation of its weights.
 
-    from pipeline.rllib_policy import ppo_config
+    from pipeline.rllib.policy import ppo_config
     algo = ppo_config({"reward.weights.digit_match": 0.25}).build_algo()
     algo.train()
 
@@ -33,10 +33,10 @@ from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig
+from pipeline.data.inputs import load_inputs
 from pipeline.errors import ConfigError
-from pipeline.inputs import load_inputs
-from pipeline.models import load_model, load_tokenizer
-from pipeline.token_env import ENV_ID, env_train_config, register_rllib_env
+from pipeline.models.hf import load_model, load_tokenizer
+from pipeline.rllib.token_env import ENV_ID, env_train_config, register_rllib_env
 
 MODULE_OPTIONS = {
     "model_path": "local HF causal LM directory (required; ppo_config fills it from the env's config)",

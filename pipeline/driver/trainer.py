@@ -27,20 +27,20 @@ import ray
 from actors.learner import Learner
 from actors.rollout_worker import GENERATE_SECONDS, rollout_worker_class
 from actors.vllm_worker import check_servable
-from pipeline import dumps
 from pipeline import storage as store
-from pipeline.actor_group import ACTOR_LOST, ActorGroup, ActorTimeout, ShardCalls
 from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig, config_to_yaml
-from pipeline.data import PromptSampler
+from pipeline.data.inputs import load_inputs, with_builtin_defaults
+from pipeline.data.loading import PromptSampler
+from pipeline.driver.actor_group import ACTOR_LOST, ActorGroup, ActorTimeout, ShardCalls
+from pipeline.driver.placement import clear_resource_request, connect_ray, decide_learner_gpus, ensure_resources
+from pipeline.driver.weight_sync import BroadcastGroup, published_weights
 from pipeline.errors import TokenforgeError
-from pipeline.inputs import load_inputs, with_builtin_defaults
-from pipeline.metrics_log import METRICS_FILE, MetricsLog, read_metrics
-from pipeline.placement import clear_resource_request, connect_ray, decide_learner_gpus, ensure_resources
-from pipeline.reward_pool import RewardPool
+from pipeline.outputs import dumps
+from pipeline.outputs.metrics_log import METRICS_FILE, MetricsLog, read_metrics
+from pipeline.outputs.trackers import Trackers, require_loggers
+from pipeline.rewards.pool import RewardPool
 from pipeline.storage import Storage
-from pipeline.trackers import Trackers, require_loggers
-from pipeline.weight_sync import BroadcastGroup, published_weights
 
 Report = Callable[[dict, str | None], None]  # (metrics record, published checkpoint directory or None)
 TRAINER_STATE = "trainer_state.json"

@@ -7,11 +7,11 @@ import pyarrow as pa
 
 from pipeline.batch import DATASET_PROMPT
 from pipeline.config import TrainConfig
-from pipeline.data import load_prompts
+from pipeline.data.loading import load_prompts
+from pipeline.data.prompts import encode_prompts, set_chat_template
 from pipeline.errors import TokenforgeError
-from pipeline.models import builtin_paths, context_length, load_tokenizer
-from pipeline.prompts import encode_prompts, set_chat_template
-from pipeline.reward_components import COMPONENTS
+from pipeline.models.hf import builtin_paths, context_length, load_tokenizer
+from pipeline.rewards.components import COMPONENTS
 
 
 def with_builtin_defaults(config: TrainConfig) -> TrainConfig:

@@ -8,7 +8,7 @@ configured by their own environment variables (WANDB_MODE, WANDB_PROJECT, MLFLOW
 same W&B / MLflow run: their ids are kept in the run's `trackers.json`.
 
 metrics.jsonl (`jsonl`) is the run's own record (resume, keep_best, `tokenforge report` read it), so
-it is always written; TensorBoard's events live in pipeline/metrics_log.py.
+it is always written; TensorBoard's events live in pipeline/outputs/metrics_log.py.
 
 Under `tokenforge tune` the trials log nothing to W&B / MLflow themselves: Ray Tune's own
 WandbLoggerCallback / MLflowLoggerCallback make one tracker run per trial (`tune_callbacks`).

@@ -6,7 +6,7 @@ worker with `(options, env)` and is called on a whole batch (`RewardInputs`). Pe
 one float (sequence-level: placed on the last response token) or one float per response token
 (token-level); `score_component` checks that and turns it into per-token rows.
 
-The components themselves live in pipeline/reward_components.py.
+The components themselves live in pipeline/rewards/components.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.advantages import GROUP_STD_EPS, STATS_DTYPE, GroupStats
+from pipeline.algorithm.advantages import GROUP_STD_EPS, STATS_DTYPE, GroupStats
 from pipeline.errors import TokenforgeError
 
 
@@ -156,7 +156,7 @@ def normalize_rewards(rewards: torch.Tensor, mask: torch.Tensor, group_ids: torc
     s_j = sum_t r_{j,t} becomes (s_j - mean) / (std + eps), with mean/std over the batch or the
     sample's group. Tokens keep their shape: every r_{j,t} is divided by (std + eps) and the mean
     is taken off the sample's last response token. A group (or batch) whose totals are all equal
-    (up to rounding, see pipeline.advantages.GroupStats), a group of one included, has no spread to
+    (up to rounding, see pipeline.algorithm.advantages.GroupStats), a group of one included, has no spread to
     divide by: its normalised rewards are 0, like GRPO's advantages for such a group. Float64 out.
     """
     if mode == "none":

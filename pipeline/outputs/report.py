@@ -5,7 +5,7 @@ A run's report plots, against the training step unless said otherwise:
 - every eval metric against samples drawn (cumulative `rollout/samples`) and against wall time;
 - each reward component's mean (`reward/<c>/mean`) and the weighted total;
 - KL (`policy/kl`, only with a reference model), entropy (`policy/entropy`), response length;
-- the step-time breakdown as a stacked area: rollout, reward, learn, sync, and the rest of
+- the step-time breakdown as a stacked area: rollout, reward, learn, publish (what the driver waited for), and the rest of
   `time/step_s` (dumps, bookkeeping), so the stack's top is the step time;
 - the fraction of samples whose advantages are all 0 (no learning signal), `advantage/zero_frac`.
 
@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import yaml
 
 from pipeline.errors import TokenforgeError
-from pipeline.metrics_log import METRICS_FILE, read_metrics
+from pipeline.outputs.metrics_log import METRICS_FILE, read_metrics
 from pipeline.storage import Storage
 
 PNG, MARKDOWN = "report.png", "report.md"
-TIME_PARTS = ["time/rollout_s", "time/reward_s", "time/learn_s", "time/sync_s"]  # the rest of time/step_s: "other"
+TIME_PARTS = ["time/rollout_s", "time/reward_s", "time/learn_s", "time/publish_s"]  # what the driver waited for; the rest of time/step_s: "other"
 
 
 @dataclass
@@ -77,7 +77,7 @@ def run_panels(records: list[dict]) -> list[Panel]:
 
 
 def step_time_series(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
-    """rollout / reward / learn / sync seconds per step, and `other` = step time minus their sum."""
+    """rollout / reward / learn / publish seconds the driver waited per step, and `other` = step time minus their sum."""
     steps = [r for r in records if "time/step_s" in r]
     x = [r["step"] for r in steps]
     series = {key.removeprefix("time/").removesuffix("_s"): (x, [r.get(key, 0.0) for r in steps]) for key in TIME_PARTS}
@@ -95,7 +95,7 @@ def trial_label(params: dict, keys: list[str]) -> str:
 def experiment_panels(experiment: Storage) -> tuple[list[Panel], list[str]]:
     """The objective of every trial against its step, labelled by its searched values, and the markdown
     lines naming the best trial and its parameters (none before a trial has reported the objective)."""
-    from pipeline.tune import SEARCHED_FILE, SPEC_FILE
+    from pipeline.tune.experiment import SEARCHED_FILE, SPEC_FILE
 
     spec = yaml.safe_load(experiment.read_text(SPEC_FILE))["spec"]
     metric, mode, keys = spec["tune"]["metric"], spec["tune"]["mode"], list(spec["search"])
@@ -171,7 +171,7 @@ def markdown(panels: list[Panel], title: str, extra: list[str]) -> str:
 
 def write_report(location: str) -> Storage:
     """Write report.png and report.md into the run or experiment at `location`; returns its storage."""
-    from pipeline.tune import SPEC_FILE
+    from pipeline.tune.experiment import SPEC_FILE
 
     storage = Storage(location)
     if storage.exists(SPEC_FILE):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.advantages import check_finite, check_known, check_same_shape, kl_penalty
+from pipeline.algorithm.advantages import check_finite, check_known, check_same_shape, kl_penalty
 
 TokenLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 LOSSES: dict[str, TokenLoss] = {}

@@ -1,5 +1,5 @@
 """Per-step metrics: metrics.jsonl (through the run's storage), TensorBoard events, the trackers of
-pipeline/trackers.py (W&B, MLflow) and a live progress line.
+pipeline/outputs/trackers.py (W&B, MLflow) and a live progress line.
 
 A metrics line is durable before the checkpoint that covers it is published (the trainer writes the
 line first). On resume the file is cut back to the checkpoint's step in one atomic rewrite (a torn
@@ -18,8 +18,8 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from pipeline.outputs.trackers import Trackers
 from pipeline.storage import Storage
-from pipeline.trackers import Trackers
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD = "tensorboard"

@@ -1,4 +1,4 @@
-"""The built-in reward components (see pipeline/rewards.py for the interface and docs/rewards.md).
+"""The built-in reward components (see pipeline/rewards/base.py for the interface and docs/rewards.md).
 
 Rule-based: exact_match, regex_match, length_penalty, digit_match (token-level).
 Reference-based (sacrebleu, rouge-score; sentence scores in [0, 1]): bleu, chrf, rouge; chrf and rouge (rougeL)
@@ -24,9 +24,16 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.models import build_sequences, check_model_dir, load_model, load_tokenizer, response_logprobs
-from pipeline.prompts import is_conversation
-from pipeline.rewards import COMPONENTS, ComponentEnv, RewardComponent, RewardError, RewardInputs, register_component
+from pipeline.data.prompts import is_conversation
+from pipeline.models.hf import build_sequences, check_model_dir, load_model, load_tokenizer, response_logprobs
+from pipeline.rewards.base import (
+    COMPONENTS,
+    ComponentEnv,
+    RewardComponent,
+    RewardError,
+    RewardInputs,
+    register_component,
+)
 
 __all__ = ["COMPONENTS"]  # the registry, with every built-in component registered
 

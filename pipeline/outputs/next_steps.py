@@ -8,7 +8,7 @@ commands that read it.
 from __future__ import annotations
 
 from pipeline import storage as store
-from pipeline.metrics_log import TENSORBOARD
+from pipeline.outputs.metrics_log import TENSORBOARD
 from pipeline.storage import Storage
 
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
-from pipeline.advantages import check_known
+from pipeline.algorithm.advantages import check_known
 from pipeline.config import TrainConfig, apply_override, config_with, first_error, load_config, parse_override
 from pipeline.errors import ConfigError
 

@@ -26,14 +26,14 @@ from ray import tune
 from pipeline import run_paths
 from pipeline import storage as store
 from pipeline.config import TrainConfig, config_to_yaml, config_with
+from pipeline.driver.placement import actor_bundles, connect_ray, decide_learner_gpus, ensure_resources
+from pipeline.driver.trainer import train
 from pipeline.errors import TokenforgeError
-from pipeline.placement import actor_bundles, connect_ray, decide_learner_gpus, ensure_resources
-from pipeline.next_steps import after_tune
-from pipeline.report import draw, experiment_panels, trial_label
+from pipeline.outputs.next_steps import after_tune
+from pipeline.outputs.report import draw, experiment_panels, trial_label
+from pipeline.outputs.trackers import tune_callbacks
 from pipeline.storage import Storage
-from pipeline.trackers import tune_callbacks
-from pipeline.trainer import train
-from pipeline.tune_spec import TuneSpec, load_spec, param_space, scheduler, searcher
+from pipeline.tune.spec import TuneSpec, load_spec, param_space, scheduler, searcher
 
 SPEC_FILE = "tokenforge_tune.yaml"  # spec + resolved base config, kept in the experiment dir for --resume
 RESTORES_FILE = "restores.jsonl"  # in each trial's directory: one line per start from a checkpoint (PBT exploit or retry)

@@ -20,8 +20,8 @@ import pyarrow as pa
 import ray
 
 from actors.reward_worker import RewardWorker, Scores, with_scores
-from pipeline.actor_group import ActorGroup, shard_bounds
 from pipeline.config import TrainConfig
+from pipeline.driver.actor_group import ActorGroup, shard_bounds
 from pipeline.errors import TokenforgeError
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.batch import CORE_COLUMNS
+from pipeline.data.prompts import check_prompt
 from pipeline.errors import TokenforgeError
-from pipeline.prompts import check_prompt
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 

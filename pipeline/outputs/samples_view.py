@@ -14,9 +14,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline import dumps
 from pipeline.batch import DATASET_PROMPT, REWARD_PREFIX, metadata_columns
 from pipeline.errors import TokenforgeError
+from pipeline.outputs import dumps
 from pipeline.storage import Storage
 
 

@@ -1,0 +1,1 @@
+"""Prompt datasets, the prompt sampler, prompt encoding and the checked inputs of a run."""

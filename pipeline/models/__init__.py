@@ -1,0 +1,1 @@
+"""Loading HF models and tokenizers, LoRA adapters, the tiny models of the built-in tasks."""

@@ -1,0 +1,1 @@
+"""The RLlib baseline: the tasks as a token-level gymnasium environment and an RLModule over the HF model."""

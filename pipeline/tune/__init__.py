@@ -1,0 +1,1 @@
+"""`tokenforge tune`: the spec and the Ray Tune experiment."""
