@@ -172,12 +172,17 @@ class RolloutConfig(Section):
     """Custom Ray resources per rollout worker, e.g. {rollout_node: 1} to place workers on nodes that advertise it."""
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads in each rollout worker; null = its Ray CPUs (rollout.num_cpus_per_worker, at least 1)."""
-    weight_sync: Literal["object_store", "collective"] = "collective"
-    """How each new policy version reaches the rollout workers: a broadcast from the learner over a ray.util.collective group (gloo on CPU, NCCL between GPUs: needs cupy), 2-3x faster on CPU (docs/performance.md); or one object in Ray's object store that every worker fetches (always, with rollout.backend=vllm)."""
+    weight_sync: Literal["object_store", "collective"] | None = None
+    """How each new policy version reaches the rollout workers: a broadcast from the learner over a ray.util.collective group (gloo on CPU, NCCL between GPUs: needs cupy), 2-3x faster on CPU (docs/performance.md); or one object in Ray's object store that every worker fetches. null = collective, object_store with rollout.backend=vllm."""
     backend: Literal["hf", "vllm"] = "hf"
     """Generation engine: hf (transformers with a KV-cache loop; the default, best for CPU and tiny models) or vllm (pip install 'tokenforge[vllm]'; docs/models.md). Same samples contract, different random draws for the same seed."""
     vllm: VllmConfig = VllmConfig()
     """Engine settings of rollout.backend=vllm."""
+
+    @property
+    def sync_method(self) -> str:
+        """rollout.weight_sync, its null resolved: the broadcast, which the vLLM backend cannot receive yet."""
+        return self.weight_sync or ("object_store" if self.backend == "vllm" else "collective")
 
     @model_validator(mode="after")
     def check_backend(self) -> RolloutConfig:
@@ -189,12 +194,10 @@ class RolloutConfig(Section):
                 "over the nucleus, not the tempered softmax the learner recomputes; use top_p=1 or rollout.backend=hf"
             )
         if self.weight_sync == "collective":  # not with vLLM yet: its in-process engine sets up torch.distributed itself
-            if "weight_sync" in self.model_fields_set:
-                raise ConfigError(
-                    "config key 'rollout.weight_sync': collective is not supported with rollout.backend=vllm yet "
-                    "(the engine in the rollout worker initialises torch.distributed itself); use object_store"
-                )
-            object.__setattr__(self, "weight_sync", "object_store")  # the default, where collective is the default
+            raise ConfigError(
+                "config key 'rollout.weight_sync': collective is not supported with rollout.backend=vllm yet "
+                "(the engine in the rollout worker initialises torch.distributed itself); use object_store"
+            )
         if self.vllm.tensor_parallel_size > 1 and self.num_gpus_per_worker < self.vllm.tensor_parallel_size:
             raise ConfigError(
                 f"config key 'rollout.vllm.tensor_parallel_size': {self.vllm.tensor_parallel_size} GPUs per engine, but "

@@ -97,7 +97,7 @@ class Pipeline:
             init_args=(config, config.model.path, config.model.path, config.learner.num_gpus > 0, resume),
         )
         self.groups.append(self.learner)
-        if rollout.weight_sync == "collective":
+        if rollout.sync_method == "collective":
             self.broadcast = BroadcastGroup(self.learner, self.rollout, run_id, timeout)
 
     def close(self) -> None:
