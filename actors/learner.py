@@ -352,12 +352,12 @@ class Learner:
         return self.policy_version
 
     def get_weights(self) -> dict[str, torch.Tensor]:
-        """CPU copy of the policy weights in the rollout dtype (model.dtype), LoRA adapters merged in
+        """CPU copy of the policy weights in the rollout dtype (model.dtype; integer buffers as they are), LoRA adapters merged in
         (published once per sync; every rollout worker reads it)."""
         lora = self.config.model.lora is not None
         weights = merged_state_dict(self.model) if lora else self.model.state_dict()  # merged: already a CPU copy
-        dtype = DTYPES[self.config.model.dtype]
-        return {k: v.detach().to("cpu", dtype, copy=not lora) for k, v in weights.items()}
+        dtype = DTYPES[self.config.model.dtype]  # for floating-point tensors; integer buffers keep their type
+        return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype, copy=not lora) for k, v in weights.items()}
 
     def save(self, storage_uri: str, directory: str) -> dict[str, dict]:
         """Upload the HF-format model (or, with LoRA, the adapter) + tokenizer (safetensors) and the

@@ -173,8 +173,9 @@ class Pipeline:
             return
         try:
             self.load_s = max(self.rollout.get(refs))  # the receives' seconds (and the send's)
-        except ACTOR_LOST:  # a worker was restarted (and given the weights then)
-            pass
+        except ACTOR_LOST:  # a worker was restarted (and given the weights then, or when it next generates)
+            if self.broadcast is not None:
+                self.broadcast.formed = False  # its new process is not in the group
         except ray.exceptions.RayTaskError:
             if self.broadcast is None:
                 raise
@@ -201,9 +202,9 @@ def waited(items: Iterator, timings: dict[str, float], key: str) -> Iterator:
     """`items`, adding to timings[key] the seconds spent waiting for each."""
     timings[key] = 0.0
     while True:
-        start = time.time()
+        start = time.perf_counter()
         item = next(items, None)
-        timings[key] += time.time() - start
+        timings[key] += time.perf_counter() - start
         if item is None:
             return
         yield item
@@ -212,9 +213,9 @@ def waited(items: Iterator, timings: dict[str, float], key: str) -> Iterator:
 @contextmanager
 def timed(timings: dict[str, float], key: str) -> Iterator[None]:
     """timings[key] = seconds spent in the with-block."""
-    start = time.time()
+    start = time.perf_counter()
     yield
-    timings[key] = time.time() - start
+    timings[key] = time.perf_counter() - start
 
 
 class RolloutQueue:

@@ -28,9 +28,14 @@ from pipeline.errors import TokenforgeError
 Layout = list[tuple[str, tuple[int, ...]]]  # (name, shape) of each tensor, in the order of the flat buffer
 
 
+def floating(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The floating-point tensors of a state dict: what the broadcast carries (integer buffers never train)."""
+    return {name: t for name, t in weights.items() if t.is_floating_point()}
+
+
 def weight_layout(learner) -> tuple[Layout, str]:
     """(the layout of the learner's published weights, their dtype name)."""
-    weights = learner.get_weights()
+    weights = floating(learner.get_weights())
     return [(name, tuple(t.shape)) for name, t in weights.items()], str(next(iter(weights.values())).dtype)
 
 
@@ -71,7 +76,7 @@ def send(learner, group: str, backend: str) -> float:
     """Rank 0: broadcast the current weights as one flat buffer, kept as the last published version."""
     start = time.perf_counter()
     weights = learner.get_weights()
-    flat = torch.cat([t.reshape(-1) for t in weights.values()])
+    flat = torch.cat([t.reshape(-1) for t in floating(weights).values()])
     learner.published = weights  # for a worker that joins late (get_weights() made fresh CPU copies)
     collective.broadcast(flat.to(learner.device) if backend == "nccl" else flat, src_rank=0, group_name=group)
     return time.perf_counter() - start
