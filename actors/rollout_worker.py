@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from abc import ABC, abstractmethod
 
 import pyarrow as pa
 import ray
@@ -45,7 +46,7 @@ def sample_seed(seed: int, step: int, group_id: int, *more: int) -> int:
     return hash((seed, step, group_id, *more)) % 2**63
 
 
-class RolloutBase:
+class RolloutBase(ABC):
     """What every rollout backend shares: prompt encoding, the stale-weights check, the rollout table
     (pipeline.batch schema) and the weight-receive path. A backend implements set_weights() and
     _responses(); the driver and `tokenforge eval` only call the public methods below."""
@@ -60,8 +61,9 @@ class RolloutBase:
         self.policy_version = 0
         self.name = (ray.get_runtime_context().get_actor_name() if ray.is_initialized() else None) or "local"
 
+    @abstractmethod
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        raise NotImplementedError
+        """Load `state_dict` into the backend's model as policy `version`; returns the version."""
 
     def receive_weights(self, published: list[ray.ObjectRef], version: int) -> float:
         """Load policy `version` from [an ObjectRef of its state dict] (boxed, so that the fetch happens, and is
@@ -104,13 +106,13 @@ class RolloutBase:
         table = make_rollout_table(core, prompts.take(pa.array(rows, pa.int64())))
         return table.replace_schema_metadata({GENERATE_SECONDS: str(time.perf_counter() - start)})
 
+    @abstractmethod
     def _responses(
         self, prompt_ids: list[list[int]], group_ids: list[int], group_size: int, greedy: bool, step: int
     ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
         """(response ids, their behaviour log-probs under the sampling temperature, whether each stopped) of
         `group_size` samples of each prompt, prompt by prompt. Stop rules: EOS or a rollout.stop_token_ids
         token (kept), or the token that completes a rollout.stop string (kept); else cut at max_new_tokens."""
-        raise NotImplementedError
 
 
 class RolloutWorker(RolloutBase):

@@ -26,13 +26,12 @@ from pathlib import Path
 import ray
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.inputs import with_builtin_defaults  # noqa: E402
 from pipeline.driver.placement import decide_learner_gpus  # noqa: E402
 from pipeline.driver.trainer import Pipeline  # noqa: E402
 from pipeline.models.hf import BUILTIN_MODEL, load_tokenizer  # noqa: E402
+from pipeline.models.tiny import make_tiny_gpt2  # noqa: E402
 
 # (n_embd, n_layer) of a GPT-2 with about that many million parameters (12 L d^2, tiny vocabulary)
 SHAPES = {1: (128, 5), 10: (256, 13), 30: (512, 10), 100: (768, 14)}
@@ -42,11 +41,7 @@ def random_model(millions: int, directory: Path) -> int:
     """A random-init GPT-2 of about `millions` M parameters with the shipped tokenizer; returns its count."""
     tokenizer = load_tokenizer(str(BUILTIN_MODEL))
     width, layers = SHAPES[millions]
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=width, n_layer=layers, n_head=8, n_positions=64,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = GPT2LMHeadModel(config)
+    model = make_tiny_gpt2(tokenizer, n_embd=width, n_layer=layers, n_head=8, n_positions=64)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return sum(p.numel() for p in model.parameters())

@@ -247,12 +247,12 @@ class RolloutQueue:
     def take(self, step: int, timings: dict[str, float]) -> tuple[pa.Table, int]:
         """(the scored samples of `step`, the number generated), waited for if need be."""
         self.prepare(step, timings)
+        for old in [s for s in self.sampler_states if s < step]:  # no checkpoint is written for them any more
+            del self.sampler_states[old]
         return self.ready.pop(step)
 
     def sampler_state(self, step: int) -> dict:
         """The prompt sampler as it was after drawing the prompts of `step` (later steps' prompts are in flight)."""
-        for old in [s for s in self.sampler_states if s < step]:
-            del self.sampler_states[old]
         return self.sampler_states[step]
 
 
