@@ -130,6 +130,7 @@ class Learner:
             self.model = add_adapters(base, config.model.lora, policy_path if is_adapter_dir(policy_path) else None)
         if config.learner.gradient_checkpointing:
             enable_checkpointing(self.model)
+        self.share_prompts = config.learner.share_prompts and not config.learner.gradient_checkpointing  # no cache with it
         without_dropout(self.model, train=config.learner.gradient_checkpointing)
         self.reference = None  # with LoRA the reference is the policy with its adapters switched off
         if config.algorithm.needs_reference and config.model.lora is None:
@@ -295,7 +296,7 @@ class Learner:
         for rows in self._micro_batches(mask.shape[0]):
             with clock("forward"), self.autocast():
                 logprobs, entropy = response_logprobs(
-                    self.model, select_rows(sequences, rows), self.config.rollout.temperature, cfg.logprob_chunk_tokens
+                    self.model, select_rows(sequences, rows), self.config.rollout.temperature, cfg.logprob_chunk_tokens, self.share_prompts
                 )
             with clock("loss"):
                 loss, parts = policy_loss(
@@ -343,7 +344,7 @@ class Learner:
         with adapters_off, self.autocast():
             return torch.cat(
                 [
-                    response_logprobs(model, select_rows(sequences, rows), temperature, chunk)[0]
+                    response_logprobs(model, select_rows(sequences, rows), temperature, chunk, self.share_prompts)[0]
                     for rows in self._micro_batches(sequences["input_ids"].shape[0])
                 ]
             )
@@ -351,13 +352,15 @@ class Learner:
     def get_version(self) -> int:
         return self.policy_version
 
-    def get_weights(self) -> dict[str, torch.Tensor]:
-        """CPU copy of the policy weights in the rollout dtype (model.dtype; integer buffers as they are), LoRA adapters merged in
-        (published once per sync; every rollout worker reads it)."""
+    def get_weights(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """The policy weights on the CPU in the rollout dtype (model.dtype; integer buffers as they are), LoRA adapters
+        merged in (published once per sync; every rollout worker reads it). copy=False: a tensor already on the CPU in
+        that dtype is the model's own (for a caller that copies them at once, e.g. into one flat buffer)."""
         lora = self.config.model.lora is not None
         weights = merged_state_dict(self.model) if lora else self.model.state_dict()  # merged: already a CPU copy
         dtype = DTYPES[self.config.model.dtype]  # for floating-point tensors; integer buffers keep their type
-        return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype, copy=not lora) for k, v in weights.items()}
+        copy = copy and not lora
+        return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype, copy=copy) for k, v in weights.items()}
 
     def save(self, storage_uri: str, directory: str) -> dict[str, dict]:
         """Upload the HF-format model (or, with LoRA, the adapter) + tokenizer (safetensors) and the

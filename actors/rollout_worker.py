@@ -5,7 +5,6 @@ A plain class; the driver wraps it with `ray.remote` (see pipeline/driver/actor_
 
 from __future__ import annotations
 
-import inspect
 import time
 from abc import ABC, abstractmethod
 
@@ -18,7 +17,8 @@ from pipeline.config import TrainConfig
 from pipeline.data.prompts import encode_prompts, set_chat_template
 from pipeline.driver.actor_group import StaleWeights
 from pipeline.driver.placement import torch_threads
-from pipeline.models.hf import load_model, load_tokenizer, positions_from_mask
+from pipeline.driver.weight_sync import PackedWeights, adopt
+from pipeline.models.hf import cache_keyword, load_model, load_tokenizer, positions_from_mask
 
 GENERATE_SECONDS = "tokenforge.generate_s"  # schema metadata of a generate() result: its seconds
 
@@ -66,12 +66,16 @@ class RolloutBase(ABC):
         """Load `state_dict` into the backend's model as policy `version`; returns the version."""
 
     def receive_weights(self, published: list[ray.ObjectRef], version: int) -> float:
-        """Load policy `version` from [an ObjectRef of its state dict] (boxed, so that the fetch happens, and is
+        """Load policy `version` from [an ObjectRef of its PackedWeights] (boxed, so that the fetch happens, and is
         timed, here); returns the seconds spent fetching and loading. The driver calls it between generate
         calls: an actor runs one call at a time, so weights never change mid-generation."""
         start = time.perf_counter()
-        self.set_weights(ray.get(published[0]), version)
+        self.load_published(ray.get(published[0]), version)
         return time.perf_counter() - start
+
+    def load_published(self, weights: PackedWeights, version: int) -> None:
+        """Load a published version (its floating-point tensors are views of object-store memory: read-only)."""
+        self.set_weights(weights.tensors(), version)
 
     def generate(
         self, prompts: pa.Table, group_size: int, greedy: bool = False, step: int = 0, version: int | None = None
@@ -124,15 +128,18 @@ class RolloutWorker(RolloutBase):
         self._init_common(config, model_path)
         self.device = "cuda" if rollout.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
         self.model = load_model(model_path, config.model.trust_remote_code, self.device, config.model.dtype).eval()
-        # the KV-cache keyword: `cache` since transformers 5.24, `past_key_values` before and in most remote code
-        self.cache_key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.cache_key = cache_keyword(self.model)
         self.stop_ids = torch.tensor(self.stop_token_ids, device=self.device)
         self.generator = torch.Generator(device=self.device)
 
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        self.model.load_state_dict(state_dict)  # copied into the rollout dtype
+        adopt(self.model, state_dict, copy=True)  # copied, in the rollout dtype
         self.policy_version = version
         return version
+
+    def load_published(self, weights: PackedWeights, version: int) -> None:
+        adopt(self.model, weights.tensors(), copy=False)  # on CPU: the weights are the object store's shared pages
+        self.policy_version = version
 
     @torch.no_grad()
     def _responses(self, prompt_ids, group_ids, group_size, greedy, step):

@@ -172,17 +172,12 @@ class RolloutConfig(Section):
     """Custom Ray resources per rollout worker, e.g. {rollout_node: 1} to place workers on nodes that advertise it."""
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads in each rollout worker; null = its Ray CPUs (rollout.num_cpus_per_worker, at least 1)."""
-    weight_sync: Literal["object_store", "collective"] | None = None
-    """How each new policy version reaches the rollout workers: a broadcast from the learner over a ray.util.collective group (gloo on CPU, NCCL between GPUs: needs cupy), 2-3x faster on CPU (docs/performance.md); or one object in Ray's object store that every worker fetches. null = collective, object_store with rollout.backend=vllm."""
+    weight_sync: Literal["object_store", "collective"] = "object_store"
+    """How each new policy version reaches the rollout workers: one object in Ray's object store, mapped without a copy by every worker of a node (the default: its time stays flat from 1 to 4 workers on one node, docs/performance.md); or a broadcast from the learner over a ray.util.collective group (gloo on CPU, NCCL between GPUs: needs cupy; HF backend only), one message per worker."""
     backend: Literal["hf", "vllm"] = "hf"
     """Generation engine: hf (transformers with a KV-cache loop; the default, best for CPU and tiny models) or vllm (pip install 'tokenforge[vllm]'; docs/models.md). Same samples contract, different random draws for the same seed."""
     vllm: VllmConfig = VllmConfig()
     """Engine settings of rollout.backend=vllm."""
-
-    @property
-    def sync_method(self) -> str:
-        """rollout.weight_sync, its null resolved: the broadcast, which the vLLM backend cannot receive yet."""
-        return self.weight_sync or ("object_store" if self.backend == "vllm" else "collective")
 
     @model_validator(mode="after")
     def check_backend(self) -> RolloutConfig:
@@ -314,6 +309,8 @@ class LearnerConfig(Section):
     """Recompute activations in the backward pass instead of storing them (less memory, ~30% more time)."""
     logprob_chunk_tokens: int = Field(4096, ge=1)
     """Tokens whose fp32 log-softmax over the vocabulary is held at once (chunks are recomputed in the backward)."""
+    share_prompts: bool = True
+    """Run each distinct prompt of a micro-batch through the model once and the responses of its group on top of its KV cache (same gradient up to float rounding, prompt work / group size; docs/performance.md); false = every sample's whole sequence. Off with gradient_checkpointing (HF computes no cache then)."""
     max_nonfinite_steps: int = Field(3, ge=1)
     """Stop the run after this many consecutive steps whose loss or gradient norm was NaN/inf (each is skipped)."""
 

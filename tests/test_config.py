@@ -85,7 +85,7 @@ def test_settings_that_do_learn_are_accepted():
     assert load_config(overrides=["learner.updates_per_batch=2", "algorithm.loss=ppo_clip"]).algorithm.loss == "ppo_clip"
     assert load_config(overrides=["trainer.max_staleness=2", "algorithm.is_cap=2"]).trainer.max_staleness == 2
     assert load_config(overrides=["trainer.max_staleness=1", "algorithm.loss=ppo_clip"]).trainer.max_staleness == 1
-    assert load_config().rollout.sync_method == "collective"  # the default (null) is the broadcast with the HF backend
+    assert load_config().rollout.weight_sync == "object_store"
     config = load_config(overrides=["algorithm.kl_coef=0.01"])
     assert (config.algorithm.kl_kind, config.algorithm.kl_loss_kind) == ("k1", "k2")
 

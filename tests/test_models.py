@@ -9,6 +9,8 @@ import pyarrow as pa
 import pytest
 import torch
 from chat_tokenizer import make_bpe_chat_tokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from actors.learner import Learner
@@ -20,6 +22,7 @@ from pipeline.config import load_config
 from pipeline.data.inputs import with_builtin_defaults
 from pipeline.data.prompts import encode_prompts
 from pipeline.models.hf import build_sequences, load_model, response_logprobs
+from pipeline.models.tiny import make_tiny_llama
 from pipeline.rewards.base import ComponentEnv, RewardInputs
 from pipeline.rewards.components import COMPONENTS
 
@@ -188,6 +191,58 @@ def test_logprobs_of_the_kept_logits_equal_those_of_every_position(builtin_model
     full = model(**{k: sequences[k] for k in ("input_ids", "attention_mask", "position_ids")}).logits
     by_hand = torch.log_softmax(full[:, 2:-1].float(), -1).gather(-1, sequences["input_ids"][:, 3:, None]).squeeze(-1)
     assert torch.allclose(kept[0], by_hand, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def float64_models(builtin_model_path, tokenizer):
+    """The shipped GPT-2 (learned positions) and a tiny Llama (RoPE, grouped-query attention), in float64."""
+    torch.manual_seed(0)
+    llama = make_tiny_llama(tokenizer, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128)
+    return {"gpt2": load_model(builtin_model_path).double(), "llama": llama.double()}
+
+
+@st.composite
+def grouped_batches(draw, vocab: int):
+    """Prompts of ragged lengths, each shared by a group of 1-5 samples (unequal groups; two groups may have
+    the same prompt), responses of ragged lengths: (prompt ids, response ids) per sample."""
+    tokens = st.integers(3, vocab - 1)
+    prompts = draw(st.lists(st.lists(tokens, min_size=1, max_size=7), min_size=1, max_size=4))
+    if draw(st.booleans()):
+        prompts.append(prompts[0])
+    rows = [(p, draw(st.lists(tokens, min_size=1, max_size=5))) for p in prompts for _ in range(draw(st.integers(1, 5)))]
+    return [p for p, _ in rows], [r for _, r in rows]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_sharing_each_prompt_gives_the_per_sample_forwards_logprobs_entropies_and_gradients(float64_models, arch, data):
+    """learner.share_prompts: each distinct prompt runs once, its KV cache copied to its samples; the
+    log-probs, entropies and gradients equal those of every sample's whole sequence."""
+    model = float64_models[arch]
+    prompts, responses = data.draw(grouped_batches(model.config.vocab_size))
+    sequences = build_sequences(prompts, responses, pad_id=0)
+    weights = torch.randn(2, *sequences["input_ids"][:, sequences["prompt_width"]:].shape, dtype=torch.float64)
+    mask = torch.zeros_like(weights[0])
+    for i, r in enumerate(responses):
+        mask[i, : len(r)] = 1
+    seen = []  # rows of each forward call
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        seen.clear()
+        logprobs, entropy = response_logprobs(model, sequences, temperature=0.7, share_prompts=share)
+        ((weights[0] * logprobs + weights[1] * entropy) * mask).sum().backward()
+        results.append((logprobs.detach() * mask, entropy.detach() * mask, [p.grad.clone() for p in model.parameters()], list(seen)))
+    hook.remove()
+    (plain_lp, plain_h, plain_g, plain_calls), (lp, h, g, calls) = results
+    distinct = len({tuple(p) for p in prompts})
+    assert plain_calls == [len(prompts)]
+    assert calls == ([distinct, len(prompts)] if distinct < len(prompts) else [len(prompts)])  # the prompts once each
+    # float64 weights, but fp32 inside (the log-softmax; Llama's RMSNorm and RoPE tables): agreement to fp32 rounding
+    assert torch.allclose(lp, plain_lp, atol=1e-5) and torch.allclose(h, plain_h, atol=1e-5)
+    assert all((a - b).norm() <= 1e-5 * b.norm() + 1e-12 for a, b in zip(g, plain_g))
 
 
 def sampled_batch(config, model_path, prompts=None):

@@ -140,14 +140,21 @@ def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster
         assert pipeline.version == 1
         learner_weights = pipeline.learner.call_all("get_weights")[0]
 
-        def worker_state(worker):
-            return worker.policy_version, {k: v.clone() for k, v in worker.model.state_dict().items()}, hasattr(worker, "weight_buffer")
+        def worker_state(worker, published):
+            shared = None  # object store: are the model's floating weights inside the published object's pages?
+            if published[0] is not None:
+                data = ray.get(published[0]).data  # mapped at the same address as when the worker loaded it
+                start, end = data.ctypes.data, data.ctypes.data + data.nbytes
+                shared = all(start <= p.data_ptr() < end for p in worker.model.parameters())
+            state = {k: v.clone() for k, v in worker.model.state_dict().items()}
+            return worker.policy_version, state, hasattr(worker, "weight_buffer"), shared
 
-        states = pipeline.rollout.get([a.__ray_call__.remote(worker_state) for a in pipeline.rollout.actors])
+        states = pipeline.rollout.get([a.__ray_call__.remote(worker_state, [pipeline.weights]) for a in pipeline.rollout.actors])
         assert len(states) == 2
-        for version, weights, broadcast in states:
+        for version, weights, broadcast, shared in states:
             assert version == 1 and all(torch.equal(weights[k], v) for k, v in learner_weights.items())
             assert broadcast == (sync == "collective") and (pipeline.weights is None) == broadcast  # not the object store
+            assert shared is (None if broadcast else True)  # both workers use the node's one copy, none of their own
         again, _ = pipeline.generated_and_scored(pipeline.submit_generation(prompts, step=2), ["exact_match"], 2, {})
         assert set(again.column("policy_version").to_pylist()) == {1}
         assert 0 < pipeline.load_s < 60  # both workers' receive-and-load time of version 1

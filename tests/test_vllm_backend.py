@@ -259,7 +259,7 @@ def test_config_refuses_top_p_with_the_vllm_backend():
     assert load_config(overrides=["rollout.top_p=0.9"]).rollout.backend == "hf"
     with pytest.raises(ConfigError, match="rollout.weight_sync.*use object_store"):
         load_config(overrides=["rollout.backend=vllm", "rollout.weight_sync=collective"])
-    assert load_config(overrides=["rollout.backend=vllm"]).rollout.sync_method == "object_store"
+    assert load_config(overrides=["rollout.backend=vllm"]).rollout.weight_sync == "object_store"
 
 
 def test_train_with_the_vllm_backend_learns_and_resumes(engines, ray_cluster, tmp_path):

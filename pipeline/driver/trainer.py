@@ -34,7 +34,7 @@ from pipeline.data.inputs import load_inputs, with_builtin_defaults
 from pipeline.data.loading import PromptSampler
 from pipeline.driver.actor_group import ACTOR_LOST, ActorGroup, ActorTimeout, ShardCalls
 from pipeline.driver.placement import clear_resource_request, connect_ray, decide_learner_gpus, ensure_resources
-from pipeline.driver.weight_sync import BroadcastGroup, published_weights
+from pipeline.driver.weight_sync import BroadcastGroup, packed_weights, published_weights
 from pipeline.errors import TokenforgeError
 from pipeline.outputs import dumps
 from pipeline.outputs.metrics_log import METRICS_FILE, MetricsLog, read_metrics
@@ -97,7 +97,7 @@ class Pipeline:
             init_args=(config, config.model.path, config.model.path, config.learner.num_gpus > 0, resume),
         )
         self.groups.append(self.learner)
-        if rollout.sync_method == "collective":
+        if rollout.weight_sync == "collective":
             self.broadcast = BroadcastGroup(self.learner, self.rollout, run_id, timeout)
 
     def close(self) -> None:
@@ -160,7 +160,7 @@ class Pipeline:
         learner = self.learner.actors[0]
         self.version = self.learner.get([learner.get_version.remote()])[0]
         if self.broadcast is None:
-            self.weights = learner.get_weights.remote()
+            self.weights = learner.__ray_call__.remote(packed_weights)  # shared by the workers of a node
             self.loading = [worker.receive_weights.remote([self.weights], self.version) for worker in self.rollout.actors]
         else:
             self.weights = None  # not in the object store (_give_weights puts them there if a worker needs them)

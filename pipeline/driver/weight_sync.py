@@ -11,12 +11,20 @@ The functions below run inside the actors (`actor.__ray_call__.remote(fn, ...)`,
 order): a worker receives between two generate calls, never mid-generation. A rollout worker that Ray
 restarts is not in the group; the driver gives it the last broadcast version through the object store
 (`published_weights`) and forms the group again, with the new process, before the next broadcast.
+
+rollout.weight_sync=object_store: the learner publishes each version as one PackedWeights object. Its
+floating-point weights are one numpy byte buffer, which Ray keeps out of band in the object store, so
+every rollout worker on a node maps the same shared-memory pages (ray.get copies nothing) and points its
+model's weights at them (`adopt`): one copy per node, however many workers share it.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
+from dataclasses import dataclass
 
+import numpy as np
 import ray
 import ray.util.collective as collective
 import torch
@@ -33,9 +41,72 @@ def floating(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t for name, t in weights.items() if t.is_floating_point()}
 
 
+def split(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+    """The tensors of `layout` as views of consecutive slices of `flat`."""
+    views, offset = {}, 0
+    for name, shape in layout:
+        size = torch.Size(shape).numel()
+        views[name] = flat[offset : offset + size].view(shape)
+        offset += size
+    return views
+
+
+def adopt(model: torch.nn.Module, tensors: dict[str, torch.Tensor], copy: bool) -> None:
+    """Make the model's parameters and buffers named in `tensors` hold their values by re-pointing them
+    (`.data`), never by writing into the memory they held (which may be a read-only object-store buffer).
+    copy=False: a tensor already on the model's device in its dtype is used as it is (no copy); the caller
+    must not change it afterwards. Weights not named keep their values."""
+    current = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
+    for name, value in tensors.items():
+        if name not in current:
+            raise ValueError(f"weight {name!r} of the learner is not in the rollout model")
+        target = current[name]
+        if target.shape != value.shape:
+            raise ValueError(f"weight {name!r} has shape {tuple(target.shape)} in the rollout model, {tuple(value.shape)} in the learner's")
+        target.data = value.to(target.device, target.dtype, copy=copy)  # tied weights: both names get the last one
+
+
+@dataclass
+class PackedWeights:
+    """A published policy version: the floating-point weights as one flat buffer (`data`: its bytes, numpy, so
+    that the object store shares it between the workers of a node without a copy) in `layout` order, and the
+    other tensors (integer buffers) as they are."""
+
+    layout: Layout
+    dtype: str
+    data: np.ndarray
+    others: dict[str, torch.Tensor]
+
+    @classmethod
+    def pack(cls, weights: dict[str, torch.Tensor]) -> PackedWeights:
+        floats = floating(weights)
+        flat = torch.cat([t.reshape(-1) for t in floats.values()])
+        others = {name: t.clone() for name, t in weights.items() if name not in floats}  # not the learner's own
+        return cls([(name, tuple(t.shape)) for name, t in floats.items()], str(flat.dtype), flat.view(torch.uint8).numpy(), others)
+
+    def flat(self) -> torch.Tensor:
+        """The flat buffer as a tensor sharing `data`'s memory (read-only when it came from the object store)."""
+        with warnings.catch_warnings():  # torch warns on a read-only array; nothing writes into it (adopt re-points)
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(self.data).view(torch_dtype(self.dtype))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state dict, its floating-point tensors views of the flat buffer."""
+        return {**split(self.flat(), self.layout), **self.others}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def packed_weights(learner) -> PackedWeights:
+    """The learner's weights as a version to publish through the object store."""
+    return PackedWeights.pack(learner.get_weights(copy=False))  # pack() copies them into its flat buffer
+
+
 def weight_layout(learner) -> tuple[Layout, str]:
     """(the layout of the learner's published weights, their dtype name)."""
-    weights = floating(learner.get_weights())
+    weights = floating(learner.get_weights(copy=False))
     return [(name, tuple(t.shape)) for name, t in weights.items()], str(next(iter(weights.values())).dtype)
 
 
@@ -50,17 +121,13 @@ def flat_weights(model: torch.nn.Module, names: Layout, dtype: str) -> torch.Ten
     """One buffer for the weights named in `names`, with the model's parameters and buffers re-pointed at its
     slices (their values copied in): a broadcast into it updates the model in place, with no second copy."""
     device = next(model.parameters()).device
-    flat = torch.empty(sum(torch.Size(shape).numel() for _, shape in names), dtype=getattr(torch, dtype.removeprefix("torch.")), device=device)
-    parameters = dict(model.named_parameters(remove_duplicate=False))
-    offset = 0
-    for name, shape in names:
-        tensor = parameters[name] if name in parameters else model.get_buffer(name)
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)} in the rollout model, {shape} in the learner's")
-        view = flat[offset : offset + tensor.numel()].view(shape)
-        view.copy_(tensor.detach())
-        tensor.data = view  # tied weights (one tensor under two names) end up on the second name's slice
-        offset += tensor.numel()
+    flat = torch.empty(sum(torch.Size(shape).numel() for _, shape in names), dtype=torch_dtype(dtype), device=device)
+    views = split(flat, names)
+    current = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+    for name, view in views.items():
+        if name in current and current[name].shape == view.shape:
+            view.copy_(current[name].detach())
+    adopt(model, views, copy=False)  # (an unknown name or a shape that differs is refused here)
     return flat
 
 
@@ -75,9 +142,8 @@ def leave(instance, group: str) -> None:
 def send(learner, group: str, backend: str) -> float:
     """Rank 0: broadcast the current weights as one flat buffer, kept as the last published version."""
     start = time.perf_counter()
-    weights = learner.get_weights()
-    flat = torch.cat([t.reshape(-1) for t in floating(weights).values()])
-    learner.published = weights  # for a worker that joins late (get_weights() made fresh CPU copies)
+    learner.published = packed_weights(learner)  # also for a worker that joins late, through the object store
+    flat = learner.published.flat()
     collective.broadcast(flat.to(learner.device) if backend == "nccl" else flat, src_rank=0, group_name=group)
     return time.perf_counter() - start
 
@@ -90,7 +156,7 @@ def receive(worker, group: str, version: int) -> float:
     return time.perf_counter() - start
 
 
-def published_weights(learner) -> dict[str, torch.Tensor]:
+def published_weights(learner) -> PackedWeights:
     """The weights of the last broadcast (for a rollout worker that joins late, through the object store)."""
     return learner.published
 

@@ -7,6 +7,7 @@ generation (rollout worker) and for scoring (learner), so positions agree.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from pathlib import Path
 
@@ -111,21 +112,28 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(
-    model: torch.nn.Module, sequences: dict[str, torch.Tensor], temperature: float = 1.0, chunk_tokens: int = 4096
+    model: torch.nn.Module,
+    sequences: dict[str, torch.Tensor],
+    temperature: float = 1.0,
+    chunk_tokens: int = 4096,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(y_t | prefix) and the entropy H_t of pi(. | prefix) for each response token: (B, R) each, fp32.
 
     pi is softmax(logits / temperature), the distribution the rollout worker samples from. The
     logits stay in the model's dtype; the fp32 log-softmax over the vocabulary is taken
     `chunk_tokens` tokens at a time and recomputed in the backward pass (activation checkpointing),
-    so a (B, R, vocab) fp32 tensor never exists at once.
+    so a (B, R, vocab) fp32 tensor never exists at once. share_prompts: run each distinct prompt
+    through the model once (shared_prompt_logits), not once per sample of its group.
     """
     ids, width = sequences["input_ids"], sequences["prompt_width"]
     # logits at position p predict token p + 1: the response starts at `width`, predicted from width - 1,
     # so only the last R + 1 positions need logits (the prompt's are never computed where the model allows).
     # The last position predicts nothing; it gets a dummy target and is dropped at the end, so that the
     # logits are flattened as a view, never copied.
-    logits = last_logits(model, sequences, ids.shape[1] - width + 1)
+    logits = shared_prompt_logits(model, sequences) if share_prompts else None
+    if logits is None:
+        logits = last_logits(model, sequences, ids.shape[1] - width + 1)
     flat = logits.reshape(-1, logits.shape[-1])
     targets = torch.nn.functional.pad(ids[:, width:], (0, 1)).reshape(-1)
     if torch.is_grad_enabled():  # keep only the logits for the backward; recompute each chunk's fp32 softmax there
@@ -141,17 +149,59 @@ def response_logprobs(
     return logprobs, entropy
 
 
+def shared_prompt_logits(model: torch.nn.Module, sequences: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """last_logits(model, sequences, R + 1) with each distinct prompt computed once: the G samples of a group
+    share their prompt, whose keys and values do not depend on the response (causal attention), so the
+    prompts go through the model once, their KV cache is copied to each sample's row (differentiably: the
+    gradient of every sample reaches the shared prompt), and the responses run on top of it. The same
+    numbers up to float rounding, with prompt work / G. None when no two samples share a prompt, or when the
+    model returns no transformers Cache (then the caller runs the plain forward)."""
+    ids, mask, positions, width = (sequences[k] for k in ("input_ids", "attention_mask", "position_ids", "prompt_width"))
+    prompt = torch.cat([ids[:, :width], mask[:, :width]], dim=1)  # the mask too: padding may look like a real token
+    distinct, prompt_of = torch.unique(prompt, dim=0, return_inverse=True)  # prompt_of: (B,) row of each sample's prompt
+    if len(distinct) == len(ids):
+        return None
+    first = forward_logits(
+        model,
+        {"input_ids": distinct[:, :width], "attention_mask": distinct[:, width:], "position_ids": positions_from_mask(distinct[:, width:]), "use_cache": True},
+        keep=1,  # the last prompt position (prompts are left-padded) predicts the first response token
+    )
+    key = cache_keyword(model)
+    cache = getattr(first, key, None)
+    if not isinstance(cache, transformers.Cache):
+        return None
+    cache.reorder_cache(prompt_of)  # (distinct, ...) -> (B, ...): index_select, so gradients flow back to `distinct`
+    rest = forward_logits(
+        model,
+        {"input_ids": ids[:, width:], "attention_mask": mask, "position_ids": positions[:, width:], key: cache},
+        keep=ids.shape[1] - width,
+    )
+    return torch.cat([first.logits[:, -1:][prompt_of], rest.logits[:, -(ids.shape[1] - width) :]], dim=1)
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The KV-cache keyword of the model's forward and output: `cache` since transformers 5.24, `past_key_values`
+    before and in most remote code (a LoRA model: its base model's)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def last_logits(model: torch.nn.Module, sequences: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
-    """The logits of the last `keep` positions: (B, keep, vocab) in the model's dtype. HF causal LMs take
-    `logits_to_keep` and apply their head (and any logit soft-capping) to those positions only."""
+    """The logits of the last `keep` positions: (B, keep, vocab) in the model's dtype."""
     inputs = {k: sequences[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    return forward_logits(model, inputs, keep).logits[:, -keep:]
+
+
+def forward_logits(model: torch.nn.Module, inputs: dict, keep: int):
+    """model(**inputs) with the LM head on the last `keep` positions: HF causal LMs take `logits_to_keep` and
+    apply their head (and any logit soft-capping) to those positions only; a model whose forward has no
+    logits_to_keep computes all positions (the caller slices)."""
     try:
-        logits = model(**inputs, logits_to_keep=keep).logits
-    except TypeError as error:  # a model whose forward has no logits_to_keep: all positions, then sliced
+        return model(**inputs, logits_to_keep=keep)
+    except TypeError as error:
         if "logits_to_keep" not in str(error):
             raise
-        logits = model(**inputs).logits
-    return logits[:, -keep:]
+        return model(**inputs)
 
 
 def token_logprob_entropy(
