@@ -25,7 +25,7 @@ from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_colu
 from pipeline.config import LearnerConfig, TrainConfig
 from pipeline.driver.placement import torch_threads
 from pipeline.errors import TokenforgeError
-from pipeline.models.hf import DTYPES, build_sequences, load_model, load_tokenizer, response_logprobs, select_rows
+from pipeline.models.hf import DTYPES, build_sequences, can_share_prompts, load_model, load_tokenizer, response_logprobs, select_rows
 from pipeline.models.lora import add_adapters, is_adapter_dir, merged_state_dict
 from pipeline.rewards.base import normalize_rewards
 from pipeline.storage import Storage, local_copy, read_manifest
@@ -130,7 +130,14 @@ class Learner:
             self.model = add_adapters(base, config.model.lora, policy_path if is_adapter_dir(policy_path) else None)
         if config.learner.gradient_checkpointing:
             enable_checkpointing(self.model)
-        self.share_prompts = config.learner.share_prompts and not config.learner.gradient_checkpointing  # no cache with it
+        # one forward per distinct prompt: not with checkpointing (no cache), LoRA dropout (one mask per group), or a
+        # model whose cache holds recurrent state
+        lora_dropout = config.model.lora is not None and config.model.lora.dropout > 0
+        self.share_prompts = (
+            config.learner.share_prompts
+            and not (config.learner.gradient_checkpointing or lora_dropout)
+            and can_share_prompts(self.model)
+        )
         without_dropout(self.model, train=config.learner.gradient_checkpointing)
         self.reference = None  # with LoRA the reference is the policy with its adapters switched off
         if config.algorithm.needs_reference and config.model.lora is None:

@@ -133,6 +133,9 @@ class RolloutWorker(RolloutBase):
         self.generator = torch.Generator(device=self.device)
 
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        missing = self.model.state_dict().keys() - state_dict.keys()
+        if missing:
+            raise ValueError(f"set_weights: the state dict lacks {len(missing)} of the model's weights, e.g. {sorted(missing)[0]!r}")
         adopt(self.model, state_dict, copy=True)  # copied, in the rollout dtype
         self.policy_version = version
         return version

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.algorithm.advantages import ESTIMATORS, GROUP_BASELINE, KL_KINDS, check_known
 from pipeline.algorithm.loss import AGGREGATIONS, LOSSES
@@ -172,8 +172,8 @@ class RolloutConfig(Section):
     """Custom Ray resources per rollout worker, e.g. {rollout_node: 1} to place workers on nodes that advertise it."""
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads in each rollout worker; null = its Ray CPUs (rollout.num_cpus_per_worker, at least 1)."""
-    weight_sync: Literal["object_store", "collective"] = "object_store"
-    """How each new policy version reaches the rollout workers: one object in Ray's object store, mapped without a copy by every worker of a node (the default: its time stays flat from 1 to 4 workers on one node, docs/performance.md); or a broadcast from the learner over a ray.util.collective group (gloo on CPU, NCCL between GPUs: needs cupy; HF backend only), one message per worker."""
+    weight_sync: Annotated[Literal["object_store", "collective"], BeforeValidator(lambda v: "object_store" if v is None else v)] = "object_store"
+    """How each new policy version reaches the rollout workers: one object in Ray's object store, mapped without a copy by every worker of a node (the default: its time stays flat from 1 to 4 workers on one node, docs/performance.md); or a broadcast from the learner over a ray.util.collective group (gloo on CPU, NCCL between GPUs: needs cupy; HF backend only), one message per worker. null (run configs written when it meant 'pick by backend') = object_store."""
     backend: Literal["hf", "vllm"] = "hf"
     """Generation engine: hf (transformers with a KV-cache loop; the default, best for CPU and tiny models) or vllm (pip install 'tokenforge[vllm]'; docs/models.md). Same samples contract, different random draws for the same seed."""
     vllm: VllmConfig = VllmConfig()
@@ -310,7 +310,7 @@ class LearnerConfig(Section):
     logprob_chunk_tokens: int = Field(4096, ge=1)
     """Tokens whose fp32 log-softmax over the vocabulary is held at once (chunks are recomputed in the backward)."""
     share_prompts: bool = True
-    """Run each distinct prompt of a micro-batch through the model once and the responses of its group on top of its KV cache (same gradient up to float rounding, prompt work / group size; docs/performance.md); false = every sample's whole sequence. Off with gradient_checkpointing (HF computes no cache then)."""
+    """Run each distinct prompt of a micro-batch through the model once and the responses of its group on top of its KV cache (same gradient up to float rounding, prompt work / group size; docs/performance.md); false = every sample's whole sequence. Off by itself with gradient_checkpointing (no cache then), model.lora.dropout > 0 (one dropout mask per group), and models whose cache holds recurrent state (linear attention, SSM)."""
     max_nonfinite_steps: int = Field(3, ge=1)
     """Stop the run after this many consecutive steps whose loss or gradient norm was NaN/inf (each is skipped)."""
 

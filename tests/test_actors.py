@@ -135,6 +135,8 @@ def test_learner_step_applies_weights_exactly_and_publishes_loadable_weights(lea
     assert all(t.device.type == "cpu" for t in weights.values())
     assert any(not torch.equal(before[k], weights[k]) for k in weights)
     assert worker.set_weights(weights, 1) == 1 and worker.generate(PROMPTS, 1).column("policy_version")[0].as_py() == 1
+    with pytest.raises(ValueError, match=r"set_weights: the state dict lacks 1 of the model's weights, e\.g\. 'lm_head\.weight'"):
+        worker.set_weights({k: v for k, v in weights.items() if k != "lm_head.weight"}, 2)
 
 
 def test_learner_raises_the_likelihood_of_winning_samples(learner_and_batch):

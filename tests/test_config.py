@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.config import config_to_yaml, describe_fields, load_config
+from pipeline.config import config_from_yaml, config_to_yaml, describe_fields, load_config
 from pipeline.errors import ConfigError
 
 
@@ -86,6 +86,8 @@ def test_settings_that_do_learn_are_accepted():
     assert load_config(overrides=["trainer.max_staleness=2", "algorithm.is_cap=2"]).trainer.max_staleness == 2
     assert load_config(overrides=["trainer.max_staleness=1", "algorithm.loss=ppo_clip"]).trainer.max_staleness == 1
     assert load_config().rollout.weight_sync == "object_store"
+    # a run's config.yaml written when null meant "pick by backend" still loads (resume, tokenforge eval)
+    assert config_from_yaml("rollout:\n  weight_sync: null\n", "config.yaml").rollout.weight_sync == "object_store"
     config = load_config(overrides=["algorithm.kl_coef=0.01"])
     assert (config.algorithm.kl_kind, config.algorithm.kl_loss_kind) == ("k1", "k2")
 

@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.inputs import with_builtin_defaults
 from pipeline.data.prompts import encode_prompts
-from pipeline.models.hf import build_sequences, load_model, response_logprobs
+from pipeline.models.hf import build_sequences, can_share_prompts, load_model, response_logprobs
 from pipeline.models.tiny import make_tiny_llama
 from pipeline.rewards.base import ComponentEnv, RewardInputs
 from pipeline.rewards.components import COMPONENTS
@@ -245,6 +245,25 @@ def test_sharing_each_prompt_gives_the_per_sample_forwards_logprobs_entropies_an
     assert all((a - b).norm() <= 1e-5 * b.norm() + 1e-12 for a, b in zip(g, plain_g))
 
 
+def test_a_model_whose_cache_holds_recurrent_state_runs_every_sample_whole(float64_models):
+    """Linear-attention layers (Qwen3-Next) keep a recurrent state that the responses' forward would update in
+    place, so their prompts are not shared: the same log-probs, and a backward that works."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.manual_seed(0)
+    hybrid = Qwen3NextForCausalLM(Qwen3NextConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2,
+        layer_types=["linear_attention", "full_attention"], mlp_only_layers=[0, 1], num_experts=2, num_experts_per_tok=1,
+        moe_intermediate_size=16, shared_expert_intermediate_size=16,
+    ))
+    assert not can_share_prompts(hybrid) and can_share_prompts(float64_models["gpt2"]) and can_share_prompts(float64_models["llama"])
+    sequences = build_sequences([[3, 4, 5], [3, 4, 5], [6, 7]], [[8, 9], [10], [11, 12]], pad_id=0)
+    shared, plain = response_logprobs(hybrid, sequences, share_prompts=True), response_logprobs(hybrid, sequences)
+    assert torch.equal(shared[0], plain[0])
+    shared[0].sum().backward()  # raised "modified by an inplace operation" when the prompt was shared
+
+
 def sampled_batch(config, model_path, prompts=None):
     worker = RolloutWorker(config, model_path)
     prompts = prompts or pa.table({"prompt": [CHAT, [{"role": "user", "content": "What is 7+8?"}]], "answer": ["42", "15"], "group_id": [0, 1]})
@@ -303,6 +322,13 @@ def test_gradient_checkpointing_gives_the_same_gradient(chat_model):
 
 
 LORA = "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
+
+
+def test_prompts_are_shared_unless_checkpointing_or_lora_dropout_would_make_it_differ(chat_model):
+    assert Learner(chat_config(chat_model), chat_model, chat_model).share_prompts
+    assert Learner(chat_config(chat_model, LORA), chat_model, chat_model).share_prompts
+    for off in ("learner.gradient_checkpointing=true", "learner.share_prompts=false", LORA.replace("r: 4", "r: 4, dropout: 0.1")):
+        assert not Learner(chat_config(chat_model, off), chat_model, chat_model).share_prompts, off
 
 
 def test_lora_trains_adapters_only_and_publishes_merged_weights(chat_model, tmp_path):

@@ -155,7 +155,7 @@ def shared_prompt_logits(model: torch.nn.Module, sequences: dict[str, torch.Tens
     prompts go through the model once, their KV cache is copied to each sample's row (differentiably: the
     gradient of every sample reaches the shared prompt), and the responses run on top of it. The same
     numbers up to float rounding, with prompt work / G. None when no two samples share a prompt, or when the
-    model returns no transformers Cache (then the caller runs the plain forward)."""
+    model's cache is not attention_kv_only (then the caller runs the plain forward)."""
     ids, mask, positions, width = (sequences[k] for k in ("input_ids", "attention_mask", "position_ids", "prompt_width"))
     prompt = torch.cat([ids[:, :width], mask[:, :width]], dim=1)  # the mask too: padding may look like a real token
     distinct, prompt_of = torch.unique(prompt, dim=0, return_inverse=True)  # prompt_of: (B,) row of each sample's prompt
@@ -168,7 +168,7 @@ def shared_prompt_logits(model: torch.nn.Module, sequences: dict[str, torch.Tens
     )
     key = cache_keyword(model)
     cache = getattr(first, key, None)
-    if not isinstance(cache, transformers.Cache):
+    if not attention_kv_only(cache):
         return None
     cache.reorder_cache(prompt_of)  # (distinct, ...) -> (B, ...): index_select, so gradients flow back to `distinct`
     rest = forward_logits(
@@ -177,6 +177,20 @@ def shared_prompt_logits(model: torch.nn.Module, sequences: dict[str, torch.Tens
         keep=ids.shape[1] - width,
     )
     return torch.cat([first.logits[:, -1:][prompt_of], rest.logits[:, -(ids.shape[1] - width) :]], dim=1)
+
+
+def attention_kv_only(cache) -> bool:
+    """A transformers DynamicCache of attention keys and values only: no recurrent state (linear-attention / SSM
+    layers), which the responses' forward would update in place, breaking the backward through a shared prompt."""
+    return isinstance(cache, transformers.DynamicCache) and not any(getattr(cache, "is_linear", []))
+
+
+def can_share_prompts(model: torch.nn.Module) -> bool:
+    """Whether shared_prompt_logits applies to `model`: a one-token forward returns an attention_kv_only cache."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True)
+    return attention_kv_only(getattr(out, cache_keyword(model), None))
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
