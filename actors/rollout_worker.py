@@ -18,7 +18,7 @@ from pipeline.data.prompts import encode_prompts, set_chat_template
 from pipeline.driver.actor_group import StaleWeights
 from pipeline.driver.placement import torch_threads
 from pipeline.driver.weight_sync import PackedWeights, adopt
-from pipeline.models.hf import cache_keyword, load_model, load_tokenizer, positions_from_mask
+from pipeline.models.hf import cache_keyword, can_share_prompts, load_model, load_tokenizer, positions_from_mask
 
 GENERATE_SECONDS = "tokenforge.generate_s"  # schema metadata of a generate() result: its seconds
 
@@ -129,6 +129,7 @@ class RolloutWorker(RolloutBase):
         self.device = "cuda" if rollout.num_gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
         self.model = load_model(model_path, config.model.trust_remote_code, self.device, config.model.dtype).eval()
         self.cache_key = cache_keyword(self.model)
+        self.share_prompts = can_share_prompts(self.model)  # prefill each prompt once for its whole group
         self.stop_ids = torch.tensor(self.stop_token_ids, device=self.device)
         self.generator = torch.Generator(device=self.device)
 
@@ -148,26 +149,32 @@ class RolloutWorker(RolloutBase):
     def _responses(self, prompt_ids, group_ids, group_size, greedy, step):
         # one generator for the shard, seeded from its first group id
         self.generator.manual_seed(sample_seed(self.seed, step, group_ids[0]))
-        rows = torch.arange(len(prompt_ids)).repeat_interleave(group_size)
+        rows = torch.arange(len(prompt_ids), device=self.device).repeat_interleave(group_size)  # prompt of each sample
         encoded = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")  # left padding
-        ids = encoded.input_ids[rows].to(self.device)
-        attention = encoded.attention_mask[rows].to(self.device)
-        tokens, logprobs, lengths, finished = self._sample(ids, attention, greedy)
+        tokens, logprobs, lengths, finished = self._sample(encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device), rows, greedy)
         response_ids = [row[:n] for row, n in zip(tokens.tolist(), lengths)]
         return response_ids, [row[:n] for row, n in zip(logprobs.tolist(), lengths)], finished
 
-    def _sample(self, ids: torch.Tensor, attention: torch.Tensor, greedy: bool):
-        """Autoregressive sampling with a KV cache. A row stops at EOS, at a `rollout.stop_token_ids` token or
-        once its text reaches a `rollout.stop` string (that token is kept); else at max_new_tokens.
+    def _sample(self, ids: torch.Tensor, attention: torch.Tensor, rows: torch.Tensor, greedy: bool):
+        """Autoregressive sampling with a KV cache, one sample per entry of `rows` (its prompt's row in `ids`).
+        A row stops at EOS, at a `rollout.stop_token_ids` token or once its text reaches a `rollout.stop` string
+        (that token is kept); else at max_new_tokens.
         Returns tokens and log-probs (B, T), each row's length and whether it stopped (not cut)."""
         cfg = self.config
+        share = self.share_prompts and len(rows) > len(ids)
+        if not share:
+            ids, attention = ids[rows], attention[rows]
+        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions_from_mask(attention), use_cache=True)
+        logits = out.logits[:, -1]
+        if share:  # each prompt was run once: its keys/values and next-token logits copied to each of its samples
+            getattr(out, self.cache_key).reorder_cache(rows)
+            logits, ids, attention = logits[rows], ids[rows], attention[rows]
         positions = positions_from_mask(attention)
-        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
         lengths = torch.full((ids.shape[0],), cfg.max_new_tokens, dtype=torch.long, device=self.device)
         tokens, logprobs, text_lengths = [], [], [0] * ids.shape[0]
         for t in range(cfg.max_new_tokens):
-            token, logprob = sample_tokens(out.logits[:, -1], cfg.temperature, cfg.top_p, greedy, self.generator)
+            token, logprob = sample_tokens(logits, cfg.temperature, cfg.top_p, greedy, self.generator)
             tokens.append(token.masked_fill(done, self.tokenizer.pad_token_id))
             logprobs.append(logprob.masked_fill(done, 0.0))
             stop_string = self._reached_stop_string(torch.stack(tokens, 1), text_lengths)
@@ -185,6 +192,7 @@ class RolloutWorker(RolloutBase):
                 **{self.cache_key: getattr(out, self.cache_key)},
                 use_cache=True,
             )
+            logits = out.logits[:, -1]
         return torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), lengths.tolist(), done.tolist()
 
     def _reached_stop_string(self, tokens: torch.Tensor, text_lengths: list[int]) -> torch.Tensor:

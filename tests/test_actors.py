@@ -54,6 +54,21 @@ def test_top_p_keeps_only_the_nucleus(builtin_model_path):
     assert wide.column("response_ids").to_pylist() != greedy.column("response_ids").to_pylist()
 
 
+def test_each_prompt_is_prefilled_once_for_its_group_with_the_same_samples(builtin_model_path):
+    """The rollout worker runs each prompt once and copies its KV cache to the group's samples: the same tokens
+    and (to float rounding) log-probs as prefilling every sample."""
+    shared = RolloutWorker(config_with_rollout(max_new_tokens=6, seed=7), builtin_model_path)
+    plain = RolloutWorker(config_with_rollout(max_new_tokens=6, seed=7), builtin_model_path)
+    plain.share_prompts = False
+    prefill = []
+    shared.model.register_forward_pre_hook(lambda _m, _a, kw: prefill.append(kw["input_ids"].shape), with_kwargs=True)
+    a, b = shared.generate(PROMPTS, group_size=8, step=2), plain.generate(PROMPTS, group_size=8, step=2)
+    assert prefill[0][0] == 3 and all(shape == (24, 1) for shape in prefill[1:])  # 3 prompts once, then 24 rows
+    assert a.column("response_ids").to_pylist() == b.column("response_ids").to_pylist()
+    for x, y in zip(*(t.column("behaviour_logprobs").to_pylist() for t in (a, b))):
+        assert x == pytest.approx(y, abs=1e-5)
+
+
 def test_sampling_is_seeded_by_step_and_greedy_is_deterministic(worker):
     first = worker.generate(PROMPTS, group_size=4, step=5)
     again = worker.generate(PROMPTS, group_size=4, step=5)

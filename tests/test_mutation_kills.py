@@ -252,7 +252,7 @@ def test_generation_loop_stops_rows_at_eos_pads_after_it_and_feeds_the_cache(bui
     worker = scripted_worker(builtin_model_path, script, max_new_tokens=4, temperature=0.5)
     ids = T([[pad, 3, 4], [3, 4, 4], [pad, pad, 3]])
     attention = (ids != pad).long()
-    tokens, logprobs, lengths, finished = worker._sample(ids, attention, greedy=True)
+    tokens, logprobs, lengths, finished = worker._sample(ids, attention, torch.arange(3), greedy=True)
     assert tokens.tolist() == [[5, eos, pad, pad], [6, 6, 6, 6], [eos, pad, pad, pad]]
     assert lengths == [2, 4, 1] and finished == [True, False, True]
     top = float(torch.log_softmax(T([2.0] + [0.0] * 14) / 0.5, -1)[0])  # log pi of the scripted token
@@ -274,7 +274,7 @@ def test_generation_loop_ends_as_soon_as_every_row_stopped(builtin_model_path):
     eos = 1
     worker = scripted_worker(builtin_model_path, [[5, eos], [eos]], max_new_tokens=6)
     ids = T([[3, 4], [3, 4]])
-    tokens, logprobs, lengths, finished = worker._sample(ids, torch.ones_like(ids), greedy=True)
+    tokens, logprobs, lengths, finished = worker._sample(ids, torch.ones_like(ids), torch.arange(2), greedy=True)
     assert tokens.shape == (2, 2) and lengths == [2, 1] and finished == [True, True]
     assert len(worker.model.calls) == 2
 
@@ -283,9 +283,9 @@ def test_generation_loop_samples_unless_greedy_with_the_configured_top_p(builtin
     """Scripted logit 2 vs 0 elsewhere: sampling leaves the scripted token often; top_p = 1e-6 keeps only it."""
     script = [[5] * 6] * 4
     ids = T([[3, 4]] * 4)
-    sampled = scripted_worker(builtin_model_path, script, max_new_tokens=6)._sample(ids, torch.ones_like(ids), greedy=False)[0]
+    sampled = scripted_worker(builtin_model_path, script, max_new_tokens=6)._sample(ids, torch.ones_like(ids), torch.arange(4), greedy=False)[0]
     assert (sampled != 5).any()
-    nucleus = scripted_worker(builtin_model_path, script, max_new_tokens=6, top_p=1e-6)._sample(ids, torch.ones_like(ids), greedy=False)[0]
+    nucleus = scripted_worker(builtin_model_path, script, max_new_tokens=6, top_p=1e-6)._sample(ids, torch.ones_like(ids), torch.arange(4), greedy=False)[0]
     assert (nucleus == 5).all()
 
 
