@@ -51,6 +51,9 @@ Not equal (cannot be, or would no longer be the systems as shipped):
     generate and tokenforge use); --trl-stock-positions turns it off to measure TRL as shipped;
   - tokenforge leaves completions whose advantages are all 0 (groups with equal rewards) out of the learner's
     forward/backward (the gradient is the same, the whole-batch token count is kept); TRL computes them;
+  - tokenforge runs each prompt once per group, in generation and in the learner, and copies its KV cache to
+    the group's completions (learner.share_prompts: the same gradient up to float rounding); TRL runs every
+    completion's whole sequence;
   - tokenforge runs generation, scoring and learning in separate Ray actors (processes) and pays for
     weight sync and Ray calls; TRL generates with HF generate() and learns in one process; TRL also computes
     per-token entropies for its logs;
