@@ -164,12 +164,12 @@ class RolloutWorker(RolloutBase):
         share = self.share_prompts and len(rows) > len(ids)
         if not share:
             ids, attention = ids[rows], attention[rows]
-        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions_from_mask(attention), use_cache=True)
+        positions = positions_from_mask(attention)
+        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
         logits = out.logits[:, -1]
         if share:  # each prompt was run once: its keys/values and next-token logits copied to each of its samples
             getattr(out, self.cache_key).reorder_cache(rows)
-            logits, ids, attention = logits[rows], ids[rows], attention[rows]
-        positions = positions_from_mask(attention)
+            logits, ids, attention, positions = logits[rows], ids[rows], attention[rows], positions[rows]
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
         lengths = torch.full((ids.shape[0],), cfg.max_new_tokens, dtype=torch.long, device=self.device)
         tokens, logprobs, text_lengths = [], [], [0] * ids.shape[0]

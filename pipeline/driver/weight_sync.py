@@ -123,11 +123,10 @@ def flat_weights(model: torch.nn.Module, names: Layout, dtype: str) -> torch.Ten
     device = next(model.parameters()).device
     flat = torch.empty(sum(torch.Size(shape).numel() for _, shape in names), dtype=torch_dtype(dtype), device=device)
     views = split(flat, names)
-    current = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+    values = model.state_dict()  # the tensors the weights hold now (re-pointing leaves them as they are)
+    adopt(model, views, copy=False)  # refuses an unknown name or a shape that differs
     for name, view in views.items():
-        if name in current and current[name].shape == view.shape:
-            view.copy_(current[name].detach())
-    adopt(model, views, copy=False)  # (an unknown name or a shape that differs is refused here)
+        view.copy_(values[name])
     return flat
 
 
