@@ -65,3 +65,16 @@ def log_scoring(prompts, completions, completion_ids, marker_dir, row, **columns
     with open(Path(marker_dir[0]) / "scored", "a") as log:
         log.write(f"{row[0]} {time.time()}\n")
     return [1.0] * len(completions)
+
+
+calls_in_this_process = 0
+
+
+def hold_after_ten_calls(prompts, completions, completion_ids, marker_dir, **columns):
+    """Scores 0; from its process's eleventh call on, waits while `hold` exists in the per-test directory `marker_dir`
+    (a dataset column): a trial stops after its tenth step, however fast the machine, until the test removes `hold`."""
+    global calls_in_this_process
+    calls_in_this_process += 1
+    while calls_in_this_process > 10 and (Path(marker_dir[0]) / "hold").exists():
+        time.sleep(0.1)
+    return [0.0] * len(completions)

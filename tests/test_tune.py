@@ -89,6 +89,17 @@ def test_shipped_specs_validate():
         assert spec.tune.metric.startswith("eval/"), path
 
 
+def marked_reward(tmp_path: Path, builtin_model_path: str, name: str, function: str) -> dict:
+    """Overrides adding reward component `name` (tests/reward_fns.py `function`, weight 0.1) on the built-in prompts
+    plus a `marker_dir` column: the per-test directory where the function keeps its marker files."""
+    train_file = tmp_path / "train.jsonl"
+    rows = [json.loads(line) for line in (Path(builtin_model_path).parent / "train.jsonl").read_text().splitlines()[:200]]
+    train_file.write_text("".join(json.dumps({**r, "marker_dir": str(tmp_path)}) + "\n" for r in rows))
+    return {f"reward.components.{name}": {"type": "python", "function": f"{Path(__file__).parent / 'reward_fns.py'}:{function}"},
+            f"reward.weights.{name}": 0.1, "data.train_file": str(train_file),
+            "data.eval_file": str(Path(builtin_model_path).parent / "eval.jsonl")}
+
+
 def trial_dirs(experiment: Path) -> list[Path]:
     return sorted(p for p in experiment.iterdir() if p.is_dir() and (p / "run").is_dir())
 
@@ -169,16 +180,11 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint_with_mutated_params(ray
 
 
 def test_a_crashing_trial_is_retried_from_its_last_checkpoint(ray_cluster, tmp_path, builtin_model_path):
-    fns = Path(__file__).parent / "reward_fns.py"
-    train_file = tmp_path / "train.jsonl"  # the built-in prompts plus a per-test `marker_dir` column for the counter
-    rows = [json.loads(line) for line in (Path(builtin_model_path).parent / "train.jsonl").read_text().splitlines()[:200]]
-    train_file.write_text("".join(json.dumps({**r, "marker_dir": str(tmp_path)}) + "\n" for r in rows))
     spec = write_spec(
         tmp_path,
         {"reward.weights.flaky": {"strategy": "choice", "values": [0.1]}},
         {"name": "retry", "max_failures": 1},
-        base={"reward.components.flaky": {"type": "python", "function": f"{fns}:fail_on_sixth_call"}, "reward.weights.flaky": 0.1,
-              "data.train_file": str(train_file), "data.eval_file": str(Path(builtin_model_path).parent / "eval.jsonl")},
+        base=marked_reward(tmp_path, builtin_model_path, "flaky", "fail_on_sixth_call"),
     )
     experiment = Path(run_experiment(str(spec)))
     # steps 1-5, the sixth call failing at step 6, its 32 samples rescored one by one (all pass alone, so the
@@ -191,16 +197,20 @@ def test_a_crashing_trial_is_retried_from_its_last_checkpoint(ray_cluster, tmp_p
     assert (experiment / "trials.csv").read_text().splitlines()[1].endswith(",8,TERMINATED")
 
 
-def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path):
+def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path, builtin_model_path):
+    # each trial holds after step 10 until `hold` goes, so Ctrl-C lands mid-run on a machine of any speed
     spec = write_spec(tmp_path, {"reward.weights.digit_match": {"strategy": "grid", "values": [0.0, 0.5]}},
-                      {"name": "interrupted", "max_concurrent_trials": 2}, base={"trainer.total_steps": 24})
+                      {"name": "interrupted", "max_concurrent_trials": 2},
+                      base={"trainer.total_steps": 24, **marked_reward(tmp_path, builtin_model_path, "held", "hold_after_ten_calls")})
+    (tmp_path / "hold").touch()
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tune", str(spec)], env=env, cwd=REPO)
     experiment = tmp_path / "results" / "interrupted"
     try:
         deadline = time.time() + 240
-        # a trial's second Tune checkpoint: Tune has surely registered its first by then
-        while not list(experiment.glob("*/checkpoint_000001/checkpoint.json")) and time.time() < deadline:
+        while time.time() < deadline and not (experiment.is_dir() and len(trial_dirs(experiment)) == 2 and all(
+            (t / "run" / "metrics.jsonl").exists() and any(r["step"] == 10 for r in metrics(t)) for t in trial_dirs(experiment)
+        )):
             time.sleep(1)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0  # Tune stops gracefully on Ctrl-C and the command says where to resume
@@ -209,18 +219,19 @@ def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path):
             process.kill()
             process.wait()
     first = {trial: max(r["step"] for r in metrics(trial)) for trial in trial_dirs(experiment)}
-    assert first and min(first.values()) < 24, first
+    assert len(first) == 2 and set(first.values()) == {10}, first  # both held in step 11
     # the run checkpoints Tune's registered checkpoints point at (read now: the resumed run prunes them)
     registered = {trial: [json.loads(p.read_text())["checkpoint"] for p in sorted(trial.glob("checkpoint_*/checkpoint.json"))]
                   for trial in first}
-    assert any(len(pointers) >= 2 for pointers in registered.values())
+    assert all(len(pointers) >= 2 for pointers in registered.values()), registered
+    (tmp_path / "hold").unlink()
     resume_experiment(str(experiment))
-    for trial, stopped_at in first.items():
+    for trial in first:
         assert [r["step"] for r in metrics(trial)] == list(range(25))  # every step exactly once
-        if len(registered[trial]) >= 2 and stopped_at < 24:  # it continued from a checkpoint instead of starting over
-            earliest = int(registered[trial][0].rsplit("_", 1)[1])
-            restores = [json.loads(line)["step"] for line in (trial / RESTORES_FILE).read_text().splitlines()]
-            assert restores and restores[-1] >= earliest
+        # it continued from a checkpoint instead of starting over
+        earliest = int(registered[trial][0].rsplit("_", 1)[1])
+        restores = [json.loads(line)["step"] for line in (trial / RESTORES_FILE).read_text().splitlines()]
+        assert restores and restores[-1] >= earliest
     assert all(r.endswith(",24,TERMINATED") for r in (experiment / "trials.csv").read_text().splitlines()[1:])
 
 
