@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 from local_cluster import LocalCluster, can_mask, free_ports
-from test_tune import write_spec
+from test_tune import marked_reward, write_spec
 
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -76,17 +76,12 @@ def test_train_resume_and_eval_with_every_artifact_on_s3(ray_cluster, s3, tmp_pa
 def test_tune_on_s3_with_a_retried_trial_and_a_resume_from_the_uri(ray_cluster, s3, tmp_path, builtin_model_path):
     """Two trials write everything to S3; one trial's reward fails once (its trial restarts from its
     checkpoint); the experiment is interrupted (SIGINT) and resumed with `tune --resume s3://...`."""
-    fns = Path(__file__).parent / "reward_fns.py"
-    train_file = tmp_path / "train.jsonl"
-    rows = [json.loads(line) for line in (Path(builtin_model_path).parent / "train.jsonl").read_text().splitlines()[:200]]
-    train_file.write_text("".join(json.dumps({**r, "marker_dir": str(tmp_path)}) + "\n" for r in rows))
     uri = s3()
     root, _, options = uri.partition("?")
     spec = write_spec(
         tmp_path, {"reward.weights.digit_match": {"strategy": "grid", "values": [0.0, 0.5]}},
         {"name": "s3tune", "max_failures": 1, "max_concurrent_trials": 2},
-        base={"trainer.total_steps": 12, "reward.components.flaky": {"type": "python", "function": f"{fns}:fail_on_sixth_call"},
-              "reward.weights.flaky": 0.1, "data.train_file": str(train_file), "data.eval_file": str(Path(builtin_model_path).parent / "eval.jsonl")},
+        base={"trainer.total_steps": 12, **marked_reward(tmp_path, builtin_model_path, "flaky", "fail_on_sixth_call")},
     )
     spec.write_text(spec.read_text().replace(str(tmp_path / "results"), f"{root}?{options}"))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
