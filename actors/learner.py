@@ -25,7 +25,7 @@ from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_colu
 from pipeline.config import LearnerConfig, TrainConfig
 from pipeline.driver.placement import torch_threads
 from pipeline.errors import TokenforgeError
-from pipeline.models.hf import DTYPES, build_sequences, can_share_prompts, load_model, load_tokenizer, response_logprobs, select_rows
+from pipeline.models.hf import build_sequences, can_share_prompts, load_model, load_tokenizer, loaded_dtypes, response_logprobs, select_rows
 from pipeline.models.lora import add_adapters, is_adapter_dir, merged_state_dict
 from pipeline.rewards.base import normalize_rewards
 from pipeline.storage import Storage, local_copy, read_manifest
@@ -360,14 +360,16 @@ class Learner:
         return self.policy_version
 
     def get_weights(self, copy: bool = True) -> dict[str, torch.Tensor]:
-        """The policy weights on the CPU in the rollout dtype (model.dtype; integer buffers as they are), LoRA adapters
-        merged in (published once per sync; every rollout worker reads it). copy=False: a tensor already on the CPU in
-        that dtype is the model's own (for a caller that copies them at once, e.g. into one flat buffer)."""
+        """The policy weights on the CPU, each in the dtype the rollout model holds it in (model.dtype, or fp32 for
+        what the model class keeps in fp32; integer buffers as they are), LoRA adapters merged in (published once
+        per sync; every rollout worker reads it). copy=False: a tensor already on the CPU in that dtype is the
+        model's own (for a caller that copies them at once, e.g. into one flat buffer)."""
         lora = self.config.model.lora is not None
         weights = merged_state_dict(self.model) if lora else self.model.state_dict()  # merged: already a CPU copy
-        dtype = DTYPES[self.config.model.dtype]  # for floating-point tensors; integer buffers keep their type
+        floats = [name for name, v in weights.items() if v.is_floating_point()]
+        dtypes = loaded_dtypes(self.model, floats, self.config.model.dtype)  # integer buffers keep their type
         copy = copy and not lora
-        return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype, copy=copy) for k, v in weights.items()}
+        return {k: v.detach().to("cpu", dtypes.get(k, v.dtype), copy=copy) for k, v in weights.items()}
 
     def save(self, storage_uri: str, directory: str) -> dict[str, dict]:
         """Upload the HF-format model (or, with LoRA, the adapter) + tokenizer (safetensors) and the

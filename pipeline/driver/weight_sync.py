@@ -2,9 +2,10 @@
 
 The learner (rank 0) and the rollout workers (ranks 1..N) form a `ray.util.collective` group: gloo over
 TCP on CPU, NCCL when the learner and every rollout worker compute on a GPU (NCCL needs cupy; not run
-on this project's CPU machines). The learner sends the weights in the rollout dtype (model.dtype, LoRA
-merged: its get_weights()) as one flat buffer; each worker receives it into a buffer that its model's
-weights are views of (`flat_weights`), so the broadcast itself updates the model. A broadcast takes one message per worker along gloo's tree, where the object
+on this project's CPU machines). The learner sends the weights as the rollout model holds them (LoRA
+merged: its get_weights(), each tensor in the dtype the rollout model loads it in: model.dtype, or fp32 for
+what the model class keeps in fp32) as one flat byte buffer; each worker receives it into a buffer that its
+model's weights are typed views of (`flat_weights`), so the broadcast itself updates the model. A broadcast takes one message per worker along gloo's tree, where the object
 store path (rollout.weight_sync=object_store) serves every worker a copy of one object.
 
 The functions below run inside the actors (`actor.__ray_call__.remote(fn, ...)`, in the actor's call
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from pipeline.driver.actor_group import ActorGroup
 from pipeline.errors import TokenforgeError
 
-Layout = list[tuple[str, tuple[int, ...]]]  # (name, shape) of each tensor, in the order of the flat buffer
+Layout = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) of each tensor, in the order of the flat buffer
 
 
 def floating(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -41,12 +42,21 @@ def floating(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t for name, t in weights.items() if t.is_floating_point()}
 
 
+def layout_of(weights: dict[str, torch.Tensor]) -> Layout:
+    """The flat buffer's layout of a state dict's floating-point tensors, each in its own dtype (a model in bf16
+    keeps its MoE router weights in fp32): the widest dtype first, so that every tensor starts at a byte
+    offset that is a multiple of its element size (a typed view of the byte buffer needs it)."""
+    floats = sorted(floating(weights).items(), key=lambda item: -item[1].element_size())  # stable: state dict order
+    return [(name, tuple(t.shape), str(t.dtype)) for name, t in floats]
+
+
 def split(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
-    """The tensors of `layout` as views of consecutive slices of `flat`."""
+    """The tensors of `layout` as typed views of consecutive slices of the byte buffer `flat` (uint8)."""
     views, offset = {}, 0
-    for name, shape in layout:
-        size = torch.Size(shape).numel()
-        views[name] = flat[offset : offset + size].view(shape)
+    for name, shape, dtype in layout:
+        dtype = torch_dtype(dtype)
+        size = torch.Size(shape).numel() * dtype.itemsize  # bytes
+        views[name] = flat[offset : offset + size].view(dtype).view(shape)
         offset += size
     return views
 
@@ -54,8 +64,10 @@ def split(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
 def adopt(model: torch.nn.Module, tensors: dict[str, torch.Tensor], copy: bool) -> None:
     """Make the model's parameters and buffers named in `tensors` hold their values by re-pointing them
     (`.data`), never by writing into the memory they held (which may be a read-only object-store buffer).
-    copy=False: a tensor already on the model's device in its dtype is used as it is (no copy); the caller
-    must not change it afterwards. Weights not named keep their values."""
+    copy=False: a tensor already on the model's device is used as it is (no copy); the caller must not change
+    it afterwards, and its dtype must be the model's own for that weight (a cast would be a new tensor, and
+    rounding an fp32-kept weight through bf16 would lose what the learner holds). Weights not named keep
+    their values."""
     current = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
     for name, value in tensors.items():
         if name not in current:
@@ -63,32 +75,33 @@ def adopt(model: torch.nn.Module, tensors: dict[str, torch.Tensor], copy: bool) 
         target = current[name]
         if target.shape != value.shape:
             raise ValueError(f"weight {name!r} has shape {tuple(target.shape)} in the rollout model, {tuple(value.shape)} in the learner's")
+        if not copy and target.dtype != value.dtype:
+            raise ValueError(f"weight {name!r} is {target.dtype} in the rollout model, {value.dtype} in the learner's published weights")
         target.data = value.to(target.device, target.dtype, copy=copy)  # tied weights: both names get the last one
 
 
 @dataclass
 class PackedWeights:
-    """A published policy version: the floating-point weights as one flat buffer (`data`: its bytes, numpy, so
-    that the object store shares it between the workers of a node without a copy) in `layout` order, and the
-    other tensors (integer buffers) as they are."""
+    """A published policy version: the floating-point weights as one flat byte buffer (`data`: numpy uint8, so
+    that the object store shares it between the workers of a node without a copy) in `layout` order, each
+    tensor in its own dtype, and the other tensors (integer buffers) as they are."""
 
     layout: Layout
-    dtype: str
     data: np.ndarray
     others: dict[str, torch.Tensor]
 
     @classmethod
     def pack(cls, weights: dict[str, torch.Tensor]) -> PackedWeights:
-        floats = floating(weights)
-        flat = torch.cat([t.reshape(-1) for t in floats.values()])
-        others = {name: t.clone() for name, t in weights.items() if name not in floats}  # not the learner's own
-        return cls([(name, tuple(t.shape)) for name, t in floats.items()], str(flat.dtype), flat.view(torch.uint8).numpy(), others)
+        layout = layout_of(weights)
+        flat = torch.cat([weights[name].reshape(-1).view(torch.uint8) for name, _, _ in layout])
+        others = {name: t.clone() for name, t in weights.items() if not t.is_floating_point()}  # not the learner's own
+        return cls(layout, flat.numpy(), others)
 
     def flat(self) -> torch.Tensor:
-        """The flat buffer as a tensor sharing `data`'s memory (read-only when it came from the object store)."""
+        """The flat byte buffer as a tensor sharing `data`'s memory (read-only when it came from the object store)."""
         with warnings.catch_warnings():  # torch warns on a read-only array; nothing writes into it (adopt re-points)
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(self.data).view(torch_dtype(self.dtype))
+            return torch.from_numpy(self.data)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The state dict, its floating-point tensors views of the flat buffer."""
@@ -104,27 +117,28 @@ def packed_weights(learner) -> PackedWeights:
     return PackedWeights.pack(learner.get_weights(copy=False))  # pack() copies them into its flat buffer
 
 
-def weight_layout(learner) -> tuple[Layout, str]:
-    """(the layout of the learner's published weights, their dtype name)."""
-    weights = floating(learner.get_weights(copy=False))
-    return [(name, tuple(t.shape)) for name, t in weights.items()], str(next(iter(weights.values())).dtype)
+def weight_layout(learner) -> Layout:
+    """The layout of the learner's published weights."""
+    return layout_of(learner.get_weights(copy=False))
 
 
 def join(instance, world_size: int, rank: int, group: str, backend: str, timeout_s: float, layout=None) -> None:
     """Enter the group (every rank at once); a rollout worker also allocates its receive buffer."""
     collective.init_collective_group(world_size, rank, backend=backend, group_name=group, gloo_timeout=int(timeout_s * 1000))
     if layout is not None:
-        instance.weight_buffer = flat_weights(instance.model, *layout)
+        instance.weight_buffer = flat_weights(instance.model, layout)
 
 
-def flat_weights(model: torch.nn.Module, names: Layout, dtype: str) -> torch.Tensor:
-    """One buffer for the weights named in `names`, with the model's parameters and buffers re-pointed at its
-    slices (their values copied in): a broadcast into it updates the model in place, with no second copy."""
+def flat_weights(model: torch.nn.Module, layout: Layout) -> torch.Tensor:
+    """One byte buffer for the weights of `layout`, with the model's parameters and buffers re-pointed at typed
+    views of its slices (their values copied in): a broadcast into it updates the model in place, with no
+    second copy."""
     device = next(model.parameters()).device
-    flat = torch.empty(sum(torch.Size(shape).numel() for _, shape in names), dtype=torch_dtype(dtype), device=device)
-    views = split(flat, names)
+    size = sum(torch.Size(shape).numel() * torch_dtype(dtype).itemsize for _, shape, dtype in layout)
+    flat = torch.empty(size, dtype=torch.uint8, device=device)
+    views = split(flat, layout)
     values = model.state_dict()  # the tensors the weights hold now (re-pointing leaves them as they are)
-    adopt(model, views, copy=False)  # refuses an unknown name or a shape that differs
+    adopt(model, views, copy=False)  # refuses an unknown name, or a shape or dtype that differs
     for name, view in views.items():
         view.copy_(values[name])
     return flat

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -78,6 +79,19 @@ def load_model(
         check_model_dir(path), trust_remote_code=trust_remote_code, dtype=DTYPES[dtype]
     )
     return model.to(device)
+
+
+def loaded_dtypes(model: torch.nn.Module, names, dtype: str) -> dict[str, torch.dtype]:
+    """The dtype of each weight in `names` (state dict names of `model`, or of its base with LoRA) in a copy of the
+    model that load_model(..., dtype) loads: `dtype`, except the weights the model class keeps in fp32 under
+    it, e.g. the MoE router's `gate.weight` and `e_score_correction_bias` of Dots1, Ernie-4.5-MoE and
+    Nemotron-H under bf16 and fp16. transformers' from_pretrained rule, asked of the model (its dtype plan:
+    `_keep_in_fp32_modules_strict` under bf16 and fp16, `_keep_in_fp32_modules` under fp16 too), with each
+    glob matched as from_pretrained matches it (`*` any text, searched anywhere in the name)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    plan = base._get_dtype_plan(DTYPES[dtype])  # {glob: torch.float32}
+    patterns = [(re.compile(glob.replace("*", ".*")), kept) for glob, kept in plan.items()]
+    return {name: next((kept for pattern, kept in patterns if pattern.search(name)), DTYPES[dtype]) for name in names}
 
 
 def build_sequences(
