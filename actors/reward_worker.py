@@ -7,6 +7,7 @@ component are handled here, per sample, by the component's `on_error` policy.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -58,17 +59,24 @@ def with_scores(batch: pa.Table, scores: dict[str, Scores], config: TrainConfig)
 
 def token_spans(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]:
     """[start, end) of the characters each token contributes to `text` (the decode of `ids` without special
-    tokens; special tokens get an empty span). From the tokenizer's offset mapping of `text` when it
-    re-encodes to the same tokens (the usual case), else by decoding growing prefixes: either way a BPE
-    token covering several characters gets all of them, never its text decoded on its own, and a character
-    split over several tokens belongs to the last of them only."""
+    tokens; special tokens get an empty span): the spans partition `text`, in order. From the tokenizer's
+    offset mapping of `text` when it re-encodes to the same tokens (the usual case), else by decoding growing
+    prefixes (sampled ids need not be the canonical encoding, e.g. "1", "2" for "12"): either way a BPE token
+    covering several characters gets all of them, never its text decoded on its own, and a character split
+    over several tokens belongs to the last of them only, the one that completes it (a token's reward
+    never depends on a later token)."""
     special = set(tokenizer.all_special_ids)
     plain = [t for t in ids if t not in special]
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) if tokenizer.is_fast else None
     if encoded is not None and encoded.input_ids == plain:
         plain_spans = [tuple(span) for span in encoded.offset_mapping]
     else:
-        ends = [len(tokenizer.decode(plain[: k + 1], skip_special_tokens=True)) for k in range(len(plain))]
+        # a prefix holds the characters its decode shares with `text`: one that ends inside a character's bytes
+        # decodes them to U+FFFD, which `text` does not have there, so that character waits for its last byte
+        prefixes = [tokenizer.decode(plain[: k + 1], skip_special_tokens=True) for k in range(len(plain))]
+        ends = [len(os.path.commonprefix([prefix, text])) for prefix in prefixes]
+        for k in range(len(ends) - 2, -1, -1):  # and every longer prefix holds it (ends never decrease)
+            ends[k] = min(ends[k], ends[k + 1])
         plain_spans = list(zip([0, *ends[:-1]], ends))
     # a character split over several tokens (the bytes of "é" under byte-level BPE) belongs to the last of
     # them, the one that completes it: an earlier token keeps only the characters before its successor's

@@ -12,6 +12,7 @@ from chat_tokenizer import make_bpe_chat_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from actors.learner import Learner
 from actors.reward_worker import RewardWorker, token_spans
@@ -94,6 +95,39 @@ def test_a_character_split_over_byte_tokens_belongs_to_the_token_that_completes_
     rewards = digit_match(RewardInputs(prompts=[""], completions=[text], completion_ids=[ids], texts=[text], token_spans=[spans],
                                        columns={"answer": [text]}, stop_ids=frozenset({tokenizer.eos_token_id})))[0]
     assert sum(rewards) == pytest.approx(1.0)
+
+
+@st.composite
+def byte_tokenisations(draw, tokenizer):
+    """A text of ASCII and 2-, 3- and 4-byte characters and one tokenisation of its UTF-8 bytes that a sampler
+    could produce (rarely the canonical one): the bytes cut into random pieces, each a vocabulary token where
+    there is one, else byte tokens. (text, ids, each token's [start, end) in the bytes)."""
+    text = draw(st.text(alphabet="ab12 7é日😀", min_size=1, max_size=12))
+    raw, to_symbol = text.encode(), bytes_to_unicode()  # byte-level BPE spells byte b as the symbol to_symbol[b]
+    cuts = sorted(draw(st.sets(st.integers(1, len(raw) - 1), max_size=len(raw))) if len(raw) > 1 else set())
+    ids, byte_spans = [], []
+    for start, end in zip([0, *cuts], [*cuts, len(raw)]):
+        token = tokenizer.convert_tokens_to_ids("".join(to_symbol[b] for b in raw[start:end]))
+        pieces = [(start, end)] if token != tokenizer.unk_token_id else [(b, b + 1) for b in range(start, end)]
+        for a, b in pieces:
+            ids.append(tokenizer.convert_tokens_to_ids("".join(to_symbol[c] for c in raw[a:b])))
+            byte_spans.append((a, b))
+    return text, ids, byte_spans
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_token_spans_give_each_character_to_the_token_that_completes_it_in_any_tokenisation(tokenizer, data):
+    """Whatever tokens were sampled, a character belongs to the token holding its last byte (causal: no token is
+    credited with a character a later token completes), and the spans partition the text."""
+    text, ids, byte_spans = data.draw(byte_tokenisations(tokenizer))
+    assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
+    char_ends = [len(text[: i + 1].encode()) for i in range(len(text))]  # byte offset where character i ends
+    complete = lambda byte: sum(e <= byte for e in char_ends)  # characters complete within the first `byte` bytes
+    expected = [(complete(start), complete(end)) for start, end in byte_spans]
+    spans = token_spans(tokenizer, [*ids, tokenizer.eos_token_id], text)
+    assert spans == [*expected, (len(text), len(text))]
+    assert "".join(text[s:e] for s, e in spans) == text and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
 
 
 def test_digit_match_credits_each_digit_a_bpe_token_covers(tokenizer, chat_model):
