@@ -131,7 +131,7 @@ class Learner:
         if config.learner.gradient_checkpointing:
             enable_checkpointing(self.model)
         # one forward per distinct prompt: not with checkpointing (no cache), LoRA dropout (one mask per group), or a
-        # model whose cache holds recurrent state
+        # model whose cache holds recurrent state or whose RoPE follows the sequence's length (can_share_prompts)
         lora_dropout = config.model.lora is not None and config.model.lora.dropout > 0
         self.share_prompts = (
             config.learner.share_prompts

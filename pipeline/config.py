@@ -310,7 +310,7 @@ class LearnerConfig(Section):
     logprob_chunk_tokens: int = Field(4096, ge=1)
     """Tokens whose fp32 log-softmax over the vocabulary is held at once (chunks are recomputed in the backward)."""
     share_prompts: bool = True
-    """Run each distinct prompt of a micro-batch through the model once and the responses of its group on top of its KV cache (same gradient up to float rounding, prompt work / group size; docs/performance.md); false = every sample's whole sequence. Off by itself with gradient_checkpointing (no cache then), model.lora.dropout > 0 (one dropout mask per group), and models whose cache holds recurrent state (linear attention, SSM)."""
+    """Run each distinct prompt of a micro-batch through the model once and the responses of its group on top of its KV cache (same gradient up to float rounding, prompt work / group size; docs/performance.md); false = every sample's whole sequence. Off by itself with gradient_checkpointing (no cache then), model.lora.dropout > 0 (one dropout mask per group), models whose cache holds recurrent state (linear attention, SSM), and models whose RoPE follows the sequence's length (rope type dynamic, longrope)."""
     max_nonfinite_steps: int = Field(3, ge=1)
     """Stop the run after this many consecutive steps whose loss or gradient norm was NaN/inf (each is skipped)."""
 

@@ -22,7 +22,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.inputs import with_builtin_defaults
 from pipeline.data.prompts import encode_prompts
-from pipeline.models.hf import build_sequences, can_share_prompts, load_model, response_logprobs
+from pipeline.models.hf import build_sequences, can_share_prompts, load_model, response_logprobs, rope_follows_length
 from pipeline.models.tiny import make_tiny_llama
 from pipeline.rewards.base import ComponentEnv, RewardInputs
 from pipeline.rewards.components import COMPONENTS
@@ -296,6 +296,42 @@ def test_a_model_whose_cache_holds_recurrent_state_runs_every_sample_whole(float
     shared, plain = response_logprobs(hybrid, sequences, share_prompts=True), response_logprobs(hybrid, sequences)
     assert torch.equal(shared[0], plain[0])
     shared[0].sum().backward()  # raised "modified by an inplace operation" when the prompt was shared
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+    {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8, "original_max_position_embeddings": 8, "rope_theta": 10000.0},
+])
+def test_a_rope_that_follows_the_sequence_length_runs_every_sample_whole(tokenizer, tmp_path, rope):
+    """Dynamic-NTK and longrope frequencies depend on the length of the sequence the model runs: a prompt run alone
+    gets other keys than inside a sequence past the original context (8 positions here). Such a model's prompts
+    are not shared, and the learner's gradients are the plain forward's."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=8 if rope["rope_type"] == "dynamic" else 32, rope_parameters=rope,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    learner = Learner(chat_config(str(tmp_path)), str(tmp_path), str(tmp_path))
+    assert not learner.share_prompts
+    sequences = build_sequences([[10, 11, 12, 13, 14]] * 2 + [[15, 16]], [[20, 21, 22, 23, 24, 25], [26, 27, 28], [29]], tokenizer.pad_token_id)
+    grads = {}
+    for name, share in (("learner", learner.share_prompts), ("plain", False), ("shared", True)):
+        learner.model.zero_grad()
+        response_logprobs(learner.model, sequences, share_prompts=share)[0].sum().backward()
+        grads[name] = [p.grad.clone() for p in learner.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grads["learner"], grads["plain"]))
+    assert any((a - b).norm() > 1e-3 * b.norm() for a, b in zip(grads["shared"], grads["plain"]))  # what sharing would give
+
+
+def test_length_dependent_rope_types_are_found_wherever_the_config_names_them():
+    from types import SimpleNamespace as Config
+
+    assert rope_follows_length(Config(rope_scaling={"type": "su", "short_factor": [1.0]}))  # Phi-3 remote code
+    assert rope_follows_length(Config(rope_parameters={"full_attention": {"rope_type": "dynamic"}, "sliding_attention": {"rope_type": "default"}}))
+    assert not rope_follows_length(Config(rope_parameters={"rope_type": "yarn", "factor": 4.0}, rope_scaling=None))
+    assert not rope_follows_length(Config())
 
 
 def sampled_batch(config, model_path, prompts=None):

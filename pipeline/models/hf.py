@@ -200,11 +200,31 @@ def attention_kv_only(cache) -> bool:
 
 
 def can_share_prompts(model: torch.nn.Module) -> bool:
-    """Whether shared_prompt_logits applies to `model`: a one-token forward returns an attention_kv_only cache."""
+    """Whether shared_prompt_logits applies to `model`: its RoPE does not follow the sequence's length, and a
+    one-token forward returns an attention_kv_only cache."""
+    if rope_follows_length(model.config.get_text_config()):
+        return False
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True)
     return attention_kv_only(getattr(out, cache_keyword(model), None))
+
+
+def rope_follows_length(config) -> bool:
+    """Whether the model's rotary frequencies depend on the length of the sequence it runs: RoPE types `dynamic`
+    (NTK scaling recomputed past the original context) and `longrope` (`su` in older remote code: long factors
+    once the sequence passes it), in `rope_parameters` or `rope_scaling`, per layer type too. Then a prompt run
+    alone gets other keys than in its whole sequence past the original context, so its cache cannot be shared
+    (a tiny Llama's gradients then differ by 5% under dynamic, 40% under longrope)."""
+
+    def types(params) -> set[str]:  # every rope type named in a (nested) rope parameters dict
+        if not isinstance(params, dict):
+            return set()
+        own = {params[key] for key in ("rope_type", "type") if isinstance(params.get(key), str)}
+        return own.union(*(types(value) for value in params.values()))
+
+    named = types(getattr(config, "rope_parameters", None)) | types(getattr(config, "rope_scaling", None))
+    return any("dynamic" in kind or kind in ("longrope", "su") for kind in named)
 
 
 def cache_keyword(model: torch.nn.Module) -> str:
