@@ -26,7 +26,10 @@ GENERATE_SECONDS = "tokenforge.generate_s"  # schema metadata of a generate() re
 def sample_tokens(
     logits: torch.Tensor, temperature: float, top_p: float, greedy: bool, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token per row and its log-prob under softmax(logits / temperature)."""
+    """Next token per row and its log-prob under softmax(logits / temperature). With top_p < 1 the token is drawn
+    from the nucleus renormalised, but its log-prob is still that of the whole tempered softmax: the behaviour
+    log-prob is the distribution the learner recomputes (on-policy, pi / pi_behaviour = 1), the convention of
+    algorithm.is_cap and of the vLLM backend (which refuses top_p < 1, as vLLM reports the nucleus's)."""
     log_pi = torch.log_softmax(logits.float() / temperature, dim=-1)
     if greedy:
         tokens = log_pi.argmax(-1)

@@ -157,7 +157,7 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature; behaviour and learner log-probs use the same scaled logits."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling mass (1 = off)."""
+    """Nucleus sampling mass (1 = off). Tokens are drawn from the nucleus renormalised, but the behaviour log-prob recorded is that of the whole tempered softmax, the distribution the learner recomputes (see algorithm.is_cap)."""
     max_new_tokens: int = Field(8, ge=1)
     """Longest response; also the fixed length of seq-mean-token-sum-norm."""
     stop_token_ids: list[int] = []
@@ -253,7 +253,7 @@ class AlgorithmConfig(Section):
     agg: Annotated[str, one_of("aggregation", AGGREGATIONS)] = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
     is_cap: float | None = Field(None, gt=0)
-    """Truncate the importance weight pi/pi_behaviour at this value; null = on-policy (w = 1)."""
+    """Truncate the importance weight pi/pi_behaviour at this value; null = on-policy (w = 1). pi_behaviour is softmax(logits / rollout.temperature) of the weights that sampled, with rollout.top_p < 1 too (not the renormalised nucleus the token was drawn from), so the weight corrects for stale weights, never for the nucleus: on-policy it is 1."""
     clip_low: float = Field(0.2, ge=0)
     """ppo_clip: lower clip range."""
     clip_high: float = Field(0.2, ge=0)

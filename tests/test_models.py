@@ -358,11 +358,14 @@ def max_logprob_gap(learner: Learner, batch: pa.Table) -> float:
 
 
 def test_learner_log_probs_match_the_samplers_on_a_chat_model(chat_model):
-    """fp32: within 1e-4 (the on-policy ratio is 1); bf16 sampling against an fp32 learner: the measured gap is
-    documented in docs/models.md and bounded here."""
+    """fp32: within 1e-4 (the on-policy ratio is 1), with nucleus sampling too (the behaviour log-prob is the whole
+    tempered softmax's, not the renormalised nucleus's: docs/algorithms.md); bf16 sampling against an fp32
+    learner: the measured gap is documented in docs/models.md and bounded here."""
     config = chat_config(chat_model, "rollout.temperature=0.9")
     batch = sampled_batch(config, chat_model)
     assert max_logprob_gap(Learner(config, chat_model, chat_model), batch) < 1e-4
+    nucleus = chat_config(chat_model, "rollout.temperature=0.9", "rollout.top_p=0.5")
+    assert max_logprob_gap(Learner(nucleus, chat_model, chat_model), sampled_batch(nucleus, chat_model)) < 1e-4
     bf16 = chat_config(chat_model, "rollout.temperature=0.9", "model.dtype=bfloat16")
     assert 1e-4 < max_logprob_gap(Learner(bf16, chat_model, chat_model), sampled_batch(bf16, chat_model)) < 0.1
 
