@@ -99,7 +99,7 @@ def test_tune_on_s3_with_a_retried_trial_and_a_resume_from_the_uri(ray_cluster, 
         if process.poll() is None:
             process.kill()
             process.wait()
-    resume_experiment(experiment.uri)
+    resume_experiment(experiment.uri, trust_run_config=True)
     trials = [t for t in experiment.list_dir("") if t.startswith("run_trial")]
     assert len(trials) == 2
     for trial in trials:
