@@ -6,7 +6,8 @@
     tokenforge export CHECKPOINT_DIR OUT [--merge]    a checkpoint as a plain HF model (LoRA merged)
     tokenforge train --help-config                    every config key with its default and meaning
     tokenforge tune SPEC.yaml [key=value ...]         Ray Tune search over whole pipelines
-    tokenforge tune --resume EXPERIMENT_DIR           continue an interrupted search
+    tokenforge tune --resume EXPERIMENT_DIR --trust-run-config
+                                                      continue an interrupted search (loads its pickles)
     tokenforge samples RUN [--step N] [--worst K | --best K | --group G] [--eval]
                                                       a run's dumped completions with token-level rewards
     tokenforge report RUN_OR_EXPERIMENT               report.png + report.md: the run's (or every trial's) curves
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     tuning = commands.add_parser("tune", help="Ray Tune search over whole pipelines (see docs/tuning.md)")
     tuning.add_argument("spec", nargs="?", help="tune spec YAML (base config, search space, tune block)")
     tuning.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted experiment")
+    tuning.add_argument("--trust-run-config", action="store_true", help="allow --resume to load the experiment's pickled Tune state (it runs code)")
     tuning.add_argument("--debug", action="store_true", help="show tracebacks")
     tuning.add_argument("overrides", nargs="*", metavar="key=value", help="dotted spec overrides (e.g. tune.num_samples=4)")
 
@@ -94,7 +96,7 @@ def run_tune(args: argparse.Namespace) -> None:
     if args.resume:
         if args.overrides:
             raise TokenforgeError("--resume continues the experiment as it was; drop the key=value overrides")
-        experiment.resume(resolve_existing(args.resume))
+        experiment.resume(resolve_existing(args.resume), args.trust_run_config)
     else:
         experiment.run(args.spec, args.overrides)
 

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from pipeline.algorithm.advantages import ESTIMATORS, GROUP_BASELINE, KL_KINDS, check_known
 from pipeline.algorithm.loss import AGGREGATIONS, LOSSES
 from pipeline.errors import ConfigError, TokenforgeError
 from pipeline.models.hf import BUILTIN_TASKS
 from pipeline.rewards.components import COMPONENTS
+from pipeline.storage import credentials_error
 
 
 def one_of(what: str, known: Iterable[str]) -> AfterValidator:
@@ -30,6 +31,16 @@ def one_of(what: str, known: Iterable[str]) -> AfterValidator:
         return value
 
     return AfterValidator(check)
+
+
+def without_credentials(uri: str | None) -> str | None:
+    """Validator of URI keys: refuse one with user:secret@ (storage.credentials_error), without echoing it."""
+    if uri is not None and (problem := credentials_error(uri)):
+        raise ValueError(problem)
+    return uri
+
+
+StorageUri = Annotated[str, AfterValidator(without_credentials)]
 
 
 class Section(BaseModel):
@@ -316,7 +327,7 @@ class LearnerConfig(Section):
 
 
 class StorageConfig(Section):
-    uri: str | None = None
+    uri: StorageUri | None = None
     """Where every artifact of the run goes: a local path or a pyarrow.fs URI (s3://bucket/prefix, gs://..., file:///mnt/shared/x); null = output_dir."""
 
 
@@ -334,7 +345,7 @@ class TrainConfig(Section):
     """Built-in task whose model and prompt files fill a null model.path / data.train_file / data.eval_file."""
     seed: int = 0
     """Seed of prompt order, sampling and initialisation."""
-    output_dir: str = "runs/default"
+    output_dir: StorageUri = "runs/default"
     """Where config.yaml, metrics.jsonl, TensorBoard events and checkpoints go (unless storage.uri is set)."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -384,8 +395,9 @@ class TrainConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def resolve_components(self) -> TrainConfig:
-        """Give every component in use (weighted or an eval metric) an explicit spec with checked options."""
+    def resolve_components(self, info: ValidationInfo) -> TrainConfig:
+        """Give every component in use (weighted or an eval metric) an explicit spec with checked options (python
+        functions imported unless the validation context says {"import_functions": False})."""
         specs = self.reward.components
         in_use = list(dict.fromkeys([*self.reward.weights, *self.trainer.eval_metrics]))
         for name in [n for n in specs if n not in in_use]:
@@ -408,7 +420,7 @@ class TrainConfig(Section):
                 spec.type = name
             check_known(f"reward.components.{name}.type", spec.type, COMPONENTS)
             try:
-                COMPONENTS[spec.type].Options.model_validate(spec.options())
+                COMPONENTS[spec.type].Options.model_validate(spec.options(), context=info.context)
             except ValidationError as error:
                 unknown = f"unknown option of component type {spec.type!r}"
                 raise first_error(error, "config key", (f"reward.components.{name}",), unknown) from None
@@ -468,17 +480,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     return config_from_yaml(path.read_text(), str(path), overrides)
 
 
-def config_from_yaml(text: str, source: str, overrides: list[str] = ()) -> TrainConfig:
-    """YAML text (from the file or URI `source`) + dotted overrides -> validated TrainConfig."""
+def config_from_yaml(text: str, source: str, overrides: list[str] = (), import_functions: bool = True) -> TrainConfig:
+    """YAML text (from the file or URI `source`) + dotted overrides -> validated TrainConfig (python reward
+    functions imported unless import_functions=False)."""
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {source!r} must hold a mapping of sections")
-    return config_with(validate_config(data), dict(parse_override(text) for text in overrides))
+    config = validate_config(data, import_functions)
+    return config_with(config, dict(parse_override(text) for text in overrides)) if overrides else config
+
+
+# vllm.LLM arguments that only size or tune the engine. Any other rollout.vllm.engine_kwargs key in a run's config
+# needs trust: vLLM has arguments that load code (trust_remote_code, worker_cls, worker_extension_cls,
+# logits_processors, kv_transfer_config's connector module, ...), and tokenforge passes them on unread.
+PLAIN_ENGINE_KWARGS = {
+    "quantization", "kv_cache_dtype", "block_size", "max_num_batched_tokens", "enable_chunked_prefill", "swap_space",
+    "cpu_offload_gb", "max_logprobs", "disable_log_stats", "seed",
+}
 
 
 def code_it_would_run(config: TrainConfig) -> list[str]:
     """The settings of `config` that run code from outside tokenforge: remote model code, python reward
-    functions. A run directory's config.yaml needs the user's consent (--trust-run-config) for these."""
+    functions, vLLM engine arguments that may load code. A run directory's config.yaml needs the user's consent
+    (--trust-run-config) for these; validate it with import_functions=False to ask (validating imports the
+    python functions, and so runs their modules' top-level code)."""
     found = ["model.trust_remote_code"] if config.model.trust_remote_code else []
     for name, spec in config.reward.components.items():
         options = spec.options()
@@ -486,6 +511,9 @@ def code_it_would_run(config: TrainConfig) -> list[str]:
             found.append(f"reward.components.{name} (python function {options.get('function')})")
         if options.get("trust_remote_code"):
             found.append(f"reward.components.{name}.trust_remote_code")
+    for key, value in config.rollout.vllm.engine_kwargs.items():
+        if key not in PLAIN_ENGINE_KWARGS and not (key == "trust_remote_code" and value is False):
+            found.append(f"rollout.vllm.engine_kwargs.{key}")
     return found
 
 
@@ -497,9 +525,9 @@ def first_error(error: ValidationError, what: str, prefix: tuple = (), unknown: 
     return ConfigError(f"{what} {key!r}: {message}")
 
 
-def validate_config(data: dict) -> TrainConfig:
+def validate_config(data: dict, import_functions: bool = True) -> TrainConfig:
     try:
-        return TrainConfig.model_validate(data)
+        return TrainConfig.model_validate(data, context={"import_functions": import_functions})
     except ValidationError as error:
         raise first_error(error, "config key", unknown="unknown config key (see `tokenforge train --help-config`)") from None
 

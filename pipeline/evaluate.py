@@ -32,7 +32,8 @@ def load_run_config(run: Storage | None, overrides: list[str], trust_run_config:
     if run is None or not run.exists(RUN_CONFIG):
         return config_from_yaml("{}", "", overrides)
     text = run.read_text(RUN_CONFIG)
-    untrusted = code_it_would_run(config_from_yaml(text, run.display(RUN_CONFIG)))
+    # decided before anything the file names is imported: validating a python reward function imports it
+    untrusted = code_it_would_run(config_from_yaml(text, run.display(RUN_CONFIG), import_functions=False))
     if untrusted and not trust_run_config:
         raise TokenforgeError(
             f"{run.display(RUN_CONFIG)} enables {', '.join(untrusted)}: that code would run with your privileges; "

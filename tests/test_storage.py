@@ -2,6 +2,9 @@
 delete, Tune restores, and the one-line errors. (Object stores and nodes without a shared disk:
 tests/test_storage_e2e.py.)"""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from pipeline import storage as store
@@ -80,3 +83,81 @@ def test_commands_keep_a_uris_options(tmp_path):
     run = Storage("s3://bucket/runs/x?endpoint_override=127.0.0.1:9000&scheme=http")
     assert run.for_commands() == "'s3://bucket/runs/x?endpoint_override=127.0.0.1:9000&scheme=http'"
     assert Storage(str(tmp_path)).for_commands() == str(tmp_path)
+
+
+def crafted(run: Storage, step: int, names: list[str], data: bytes = b"payload") -> str:
+    """A checkpoint whose manifest lists `names`, each with a file where joining the name onto the checkpoint's
+    directory leads (so that a download trusting the names would find them complete and write them)."""
+    directory = store.checkpoint_dir(step)
+    for name in names:
+        source = Path(f"{run.path(directory)}/{name}")
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_bytes(data)
+    files = {name: {"size": len(data), "sha256": store.sha256_bytes(data)} for name in names}
+    run.write_text(f"{directory}/{store.MANIFEST}", json.dumps({"step": step, "files": files}))
+    return directory
+
+
+@pytest.mark.parametrize("name", ["ABSOLUTE", "../../../outside/victim", "shard/../../../../outside/victim", "a//b", "./a"])
+def test_a_manifest_naming_a_file_outside_its_checkpoint_is_refused(tmp_path, name):
+    """A run directory may come from someone else: a manifest entry like /home/user/.bashrc or ../../x would be
+    written there by the download of eval or --resume. Reading the manifest refuses it, before anything is copied."""
+    victim = tmp_path / "outside" / "victim"
+    name = str(victim) if name == "ABSOLUTE" else name
+    run = Storage(str(tmp_path / "run"))
+    directory = crafted(run, 1, [name])
+    for read in (lambda: store.read_manifest(run, directory), lambda: store.latest_checkpoint(run), lambda: store.remove_unpublished(run)):
+        with pytest.raises(TokenforgeError, match=r"MANIFEST.json lists .*, which is not a file inside the checkpoint"):
+            read()
+    victim.unlink(missing_ok=True)  # the '..' names' source files are the victim itself
+    manifest = json.loads(run.read_text(f"{directory}/{store.MANIFEST}"))
+    with pytest.raises(TokenforgeError):  # the path eval and the learner take
+        with store.local_copy(run, directory, store.read_manifest(run, directory) or manifest):
+            pass
+    assert not victim.exists() and (tmp_path / "run" / directory).is_dir()  # nothing written, nothing deleted
+
+
+def test_a_manifest_reaching_out_through_a_symlink_or_naming_a_file_as_a_directory_is_refused(tmp_path):
+    run = Storage(str(tmp_path / "run"))
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_bytes(b"payload")
+    (tmp_path / "run" / store.checkpoint_dir(1)).mkdir(parents=True)
+    (tmp_path / "run" / store.checkpoint_dir(1) / "shard").symlink_to(tmp_path / "outside")
+    directory = crafted(run, 1, ["shard/secret"])
+    with pytest.raises(TokenforgeError, match="'shard/secret', which is not a file inside the checkpoint"):
+        store.read_manifest(run, directory)
+    # on an object store the keys .../a and .../a/b may both exist; a download could not write both
+    files = {name: {"size": 7, "sha256": store.sha256_bytes(b"payload")} for name in ("a/b", "a")}
+    run.write_text(f"{store.checkpoint_dir(2)}/{store.MANIFEST}", json.dumps({"step": 2, "files": files}))
+    with pytest.raises(TokenforgeError, match="'a', which is not a file inside the checkpoint"):
+        store.read_manifest(run, store.checkpoint_dir(2))
+
+
+def test_a_checkpoint_with_subdirectories_downloads_whole(tmp_path):
+    """Sharded and adapter checkpoints keep files in subdirectories: those names are inside the checkpoint."""
+    run = Storage(str(tmp_path / "run"))
+    directory = crafted(run, 3, ["model.safetensors", "adapter/adapter_model.safetensors", "shards/a/part-1"])
+    manifest = store.read_manifest(run, directory)
+    with store.local_copy(run, directory, manifest) as local:
+        assert sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()) == sorted(manifest["files"])
+
+
+def test_resume_falls_back_past_a_checkpoint_whose_file_fails_its_sha256(tmp_path, capsys):
+    """Bit rot (same size, other bytes) in the newest checkpoint: resume takes the one before, says which file of which
+    checkpoint failed, and deletes the corrupt one (kept, pruning would count it among the newest and delete good ones)."""
+    from pipeline.driver.trainer import TRAINER_STATE, start_state
+
+    run = Storage(str(tmp_path / "run"))
+    for step in (2, 4, 6):
+        directory = published(run, step, b"weights of step %d" % step)
+        run.write_text(f"{directory}/{TRAINER_STATE}", json.dumps({"step": step}))  # outside the manifest: read by start_state
+    for step in (4, 6):
+        weights = tmp_path / "run" / store.checkpoint_dir(step) / "model.safetensors"
+        weights.write_bytes(weights.read_bytes().replace(b"weights", b"WEIGHTS"))
+    capsys.readouterr()
+    directory, state = start_state(run, resume=True)
+    assert directory == store.checkpoint_dir(2) and state["step"] == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("tokenforge: warning: checkpoint '") for line in lines)
+    assert "step_6' is corrupt: model.safetensors does not match its manifest (sha256)" in lines[0] and "step_4'" in lines[1]
+    assert store.checkpoint_steps(run) == [2]

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def test_tune_on_s3_with_a_retried_trial_and_a_resume_from_the_uri(ray_cluster, 
         if process.poll() is None:
             process.kill()
             process.wait()
-    resume_experiment(experiment.uri)
+    resume_experiment(experiment.uri, trust_run_config=True)
     trials = [t for t in experiment.list_dir("") if t.startswith("run_trial")]
     assert len(trials) == 2
     for trial in trials:
@@ -110,6 +111,53 @@ def test_tune_on_s3_with_a_retried_trial_and_a_resume_from_the_uri(ray_cluster, 
                 for line in experiment.read_text(f"{t}/restores.jsonl").splitlines()]
     assert restores and all(r["source"].startswith(root) for r in restores)  # restored from S3
     assert int((tmp_path / "calls").read_text()) > 6  # the flaky reward did fail once
+
+
+@pytest.mark.parametrize("target", ["new object", "existing object", "checkpoint file"])
+def test_ctrl_c_during_an_s3_write_leaves_the_object_as_it_was(s3, tmp_path, target):
+    """pyarrow's output stream has no abort: a `with` block interrupted by Ctrl-C closes the stream, which completes
+    the upload with what it holds (nothing, between open and write: an empty object; an existing metrics.jsonl
+    replaced by it). A real SIGINT from a timer lands while a 64 MiB write is under way; afterwards the key holds
+    what it held before (nothing, or the old content) and no temporary key is left."""
+    run = Storage(s3())
+    data = b"x" * (64 << 20)  # ~1 s into moto: the signal lands inside the write
+    if target == "existing object":
+        run.write_text("metrics.jsonl", "old\n")
+    if target == "checkpoint file":
+        (tmp_path / "local").mkdir()
+        (tmp_path / "local" / "model.safetensors").write_bytes(data)
+    write = {
+        "checkpoint file": lambda: run.upload_dir(tmp_path / "local", "checkpoints/step_3"),
+    }.get(target, lambda: run.write_bytes("metrics.jsonl", data))
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write()
+    finally:
+        timer.cancel()
+    if target == "checkpoint file":
+        assert not run.exists("checkpoints/step_3/model.safetensors")
+    elif target == "existing object":
+        assert run.read_text("metrics.jsonl") == "old\n" and run.list_dir("") == ["metrics.jsonl"]
+    else:
+        assert not run.exists("metrics.jsonl") and run.list_dir("") == []
+    run.write_bytes("metrics.jsonl", b"new\n")  # and the next write goes through
+    assert run.read_text("metrics.jsonl") == "new\n" and "metrics.jsonl" in run.list_dir("")
+
+
+def test_resume_on_s3_falls_back_past_a_corrupt_checkpoint(s3):
+    from pipeline import storage as store
+
+    run = Storage(s3())
+    for step, weights in ((2, b"good weights"), (4, b"good weights")):
+        run.write_bytes(f"{store.checkpoint_dir(step)}/model.safetensors", weights)
+        store.publish_checkpoint(run, step, {"model.safetensors": {"size": len(weights), "sha256": store.sha256_bytes(weights)}})
+    run.write_bytes(f"{store.checkpoint_dir(4)}/model.safetensors", b"rotten bytes")  # same size, other bytes
+    warnings = []
+    assert store.resumable_checkpoint(run, warnings.append)[0] == store.checkpoint_dir(2)
+    assert len(warnings) == 1 and "step_4' is corrupt: model.safetensors does not match" in warnings[0]
+    assert store.checkpoint_steps(run) == [2]
 
 
 @pytest.fixture

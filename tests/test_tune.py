@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -17,8 +18,9 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.driver.trainer import train
 from pipeline.errors import ConfigError
+from test_cli_errors import run_cli
 from test_report import drawn_series
-from pipeline.tune.experiment import RESTORES_FILE
+from pipeline.tune.experiment import RESTORES_FILE, SPEC_FILE
 from pipeline.tune.experiment import resume as resume_experiment
 from pipeline.tune.experiment import run as run_experiment
 from pipeline.tune.spec import load_spec
@@ -225,7 +227,7 @@ def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path, built
                   for trial in first}
     assert all(len(pointers) >= 2 for pointers in registered.values()), registered
     (tmp_path / "hold").unlink()
-    resume_experiment(str(experiment))
+    resume_experiment(str(experiment), trust_run_config=True)
     for trial in first:
         assert [r["step"] for r in metrics(trial)] == list(range(25))  # every step exactly once
         # it continued from a checkpoint instead of starting over
@@ -233,6 +235,24 @@ def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path, built
         restores = [json.loads(line)["step"] for line in (trial / RESTORES_FILE).read_text().splitlines()]
         assert restores and restores[-1] >= earliest
     assert all(r.endswith(",24,TERMINATED") for r in (experiment / "trials.csv").read_text().splitlines()[1:])
+
+
+def test_tune_resume_refuses_to_load_an_experiments_pickles_without_trust(capsys, tmp_path):
+    """Tuner.restore unpickles the experiment directory's state, and a pickle runs code as it loads: no look at the
+    directory's YAML can make that safe, so resuming needs --trust-run-config."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return Path.touch, (marker,)
+
+    experiment = tmp_path / "experiment"
+    experiment.mkdir()
+    (experiment / SPEC_FILE).write_text(yaml.safe_dump({"spec": {"search": {"learner.lr": {"strategy": "choice", "values": [1e-3]}}}, "base": {}}))
+    (experiment / "tuner.pkl").write_bytes(pickle.dumps(Payload()))
+    err = run_cli(["tune", "--resume", str(experiment)], capsys)
+    assert "loads the experiment directory's Python pickles" in err and "pass --trust-run-config" in err
+    assert not marker.exists()
 
 
 def test_the_status_table_is_redrawn_in_place_on_a_terminal(monkeypatch):

@@ -359,13 +359,13 @@ def run_steps(
 
 def start_state(storage: Storage, resume: bool) -> tuple[str | None, dict]:
     """(the checkpoint directory to resume from or None, its trainer state or a fresh one). Resuming, a
-    checkpoint cut short (no valid manifest) is deleted first, and without any checkpoint the run
-    starts again from step 0."""
+    checkpoint cut short (no valid manifest) is deleted first, a newer one whose files fail their sha256
+    is deleted with a warning, and without any checkpoint the run starts again from step 0."""
     fresh = {"step": 0, "sampler": {"epoch": 0, "position": 0}, "elapsed_s": 0.0}
     if not resume:
         return None, fresh
     store.remove_unpublished(storage)
-    latest = store.latest_checkpoint(storage)
+    latest = store.resumable_checkpoint(storage, warn=lambda line: print(f"tokenforge: warning: {line}", flush=True))
     if latest is None:
         return None, fresh
     directory, _ = latest

@@ -190,9 +190,17 @@ class LiveTable(tune.CLIReporter):
         self.drawn = table.count("\n") + 1
 
 
-def resume(experiment_uri: str) -> str:
-    """Continue an interrupted experiment (unfinished and errored trials), local or at a URI."""
+def resume(experiment_uri: str, trust_run_config: bool = False) -> str:
+    """Continue an interrupted experiment (unfinished and errored trials), local or at a URI. Tune's restore
+    unpickles the experiment's state (searcher, scheduler, trials), and a pickle runs code as it loads: no check
+    of the directory's YAML could make that safe, so it needs the user's word that the directory is trusted."""
     experiment = Storage(experiment_uri)
+    if not trust_run_config:
+        raise TokenforgeError(
+            f"tune --resume {experiment.display()}: resuming loads the experiment directory's Python pickles (Tune's "
+            "saved state), which run code with your privileges; pass --trust-run-config if you trust this directory "
+            "(e.g. you wrote it)"
+        )
     if not experiment.exists(SPEC_FILE):
         raise TokenforgeError(f"--resume: {experiment.display()!r} is not a tokenforge tune experiment (no {SPEC_FILE})")
     data = yaml.safe_load(experiment.read_text(SPEC_FILE))

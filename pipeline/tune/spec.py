@@ -29,7 +29,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
 from pipeline.algorithm.advantages import check_known
-from pipeline.config import TrainConfig, apply_override, config_with, first_error, load_config, parse_override
+from pipeline.config import StorageUri, TrainConfig, apply_override, config_with, first_error, load_config, parse_override
 from pipeline.errors import ConfigError
 
 # strategy -> (number of values or None for a non-empty list, Tune domain)
@@ -100,7 +100,7 @@ class TuneBlock(Strict):
     max_concurrent_trials: int | None = Field(None, ge=1)
     search_alg: str = "random"
     scheduler: SchedulerSpec = SchedulerSpec()
-    storage_path: str = "tune_results"
+    storage_path: StorageUri = "tune_results"
     name: str = "tokenforge"
     max_failures: int = Field(0, ge=-1)
     num_to_keep: int | None = Field(2, ge=1)
