@@ -501,7 +501,8 @@ PLAIN_ENGINE_KWARGS = {
 
 def code_it_would_run(config: TrainConfig) -> list[str]:
     """The settings of `config` that run code from outside tokenforge: remote model code, python reward
-    functions, vLLM engine arguments that may load code. A run directory's config.yaml needs the user's consent
+    functions, vLLM engine arguments that may load code, a Ray cluster to join. Each entry starts with its dotted
+    key. A run directory's config.yaml needs the user's consent
     (--trust-run-config) for these; validate it with import_functions=False to ask (validating imports the
     python functions, and so runs their modules' top-level code)."""
     found = ["model.trust_remote_code"] if config.model.trust_remote_code else []
@@ -514,6 +515,8 @@ def code_it_would_run(config: TrainConfig) -> list[str]:
     for key, value in config.rollout.vllm.engine_kwargs.items():
         if key not in PLAIN_ENGINE_KWARGS and not (key == "trust_remote_code" and value is False):
             found.append(f"rollout.vllm.engine_kwargs.{key}")
+    if config.ray.address:  # the driver would send that cluster your Ray token and unpickle what it sends back
+        found.append(f"ray.address (joins the cluster at {config.ray.address!r})")
     return found
 
 

@@ -18,7 +18,7 @@ from actors.reward_worker import RewardWorker
 from actors.rollout_worker import rollout_worker_class
 from pipeline import storage as store
 from pipeline.batch import mean_reward
-from pipeline.config import TrainConfig, code_it_would_run, config_from_yaml
+from pipeline.config import TrainConfig, code_it_would_run, config_from_yaml, parse_override
 from pipeline.data.inputs import load_inputs, with_builtin_defaults
 from pipeline.errors import TokenforgeError
 from pipeline.models.lora import export, is_adapter_dir
@@ -34,6 +34,8 @@ def load_run_config(run: Storage | None, overrides: list[str], trust_run_config:
     text = run.read_text(RUN_CONFIG)
     # decided before anything the file names is imported: validating a python reward function imports it
     untrusted = code_it_would_run(config_from_yaml(text, run.display(RUN_CONFIG), import_functions=False))
+    chosen = {parse_override(override)[0] for override in overrides}  # what the user sets is not the file's
+    untrusted = [setting for setting in untrusted if setting.split()[0] not in chosen]
     if untrusted and not trust_run_config:
         raise TokenforgeError(
             f"{run.display(RUN_CONFIG)} enables {', '.join(untrusted)}: that code would run with your privileges; "

@@ -275,6 +275,18 @@ def test_vllm_engine_kwargs_that_may_load_code_need_trust(capsys, tmp_path):
     assert "enables rollout.vllm.engine_kwargs.trust_remote_code, rollout.vllm.engine_kwargs.worker_extension_cls:" in err
 
 
+def test_a_run_configs_ray_address_needs_trust_unless_the_user_sets_it(capsys, tmp_path):
+    """A run directory's ray.address would get the user's Ray token and have its replies unpickled by the driver:
+    `--resume` asks for trust, unless the user names the address (or null) on the command line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"ray": {"address": "127.0.0.1:1"}}))
+    err = run_cli(["train", "--resume", str(run)], capsys)
+    assert "enables ray.address (joins the cluster at '127.0.0.1:1')" in err and "pass --trust-run-config" in err
+    err = run_cli(["eval", str(run), "ray.address=null"], capsys)  # the user's own choice: no trust needed
+    assert "--trust-run-config" not in err and "is a run without a published checkpoint" in err
+
+
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYhunter2"  # with a '/', as AWS secret keys may have
 
 

@@ -85,12 +85,15 @@ def loaded_dtypes(model: torch.nn.Module, names, dtype: str) -> dict[str, torch.
     """The dtype of each weight in `names` (state dict names of `model`, or of its base with LoRA) in a copy of the
     model that load_model(..., dtype) loads: `dtype`, except the weights the model class keeps in fp32 under
     it, e.g. the MoE router's `gate.weight` and `e_score_correction_bias` of Dots1, Ernie-4.5-MoE and
-    Nemotron-H under bf16 and fp16. transformers' from_pretrained rule, asked of the model (its dtype plan:
+    Nemotron-H under bf16 and fp16. transformers' from_pretrained rule (its dtype plan:
     `_keep_in_fp32_modules_strict` under bf16 and fp16, `_keep_in_fp32_modules` under fp16 too), with each
     glob matched as from_pretrained matches it (`*` any text, searched anywhere in the name)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    plan = base._get_dtype_plan(DTYPES[dtype])  # {glob: torch.float32}
-    patterns = [(re.compile(glob.replace("*", ".*")), kept) for glob, kept in plan.items()]
+    # the class attributes that transformers' (private) _get_dtype_plan reads
+    globs = list(getattr(base, "_keep_in_fp32_modules_strict", None) or []) if dtype in ("bfloat16", "float16") else []
+    if dtype == "float16":
+        globs += getattr(base, "_keep_in_fp32_modules", None) or []
+    patterns = [(re.compile(glob.replace("*", ".*")), torch.float32) for glob in globs]
     return {name: next((kept for pattern, kept in patterns if pattern.search(name)), DTYPES[dtype]) for name in names}
 
 
