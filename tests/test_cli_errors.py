@@ -223,3 +223,24 @@ def test_overrides_may_follow_options(capsys):
     assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse(["validate-cluster", "cluster.yaml", "x=1"])  # a command without overrides
+
+
+def test_broken_yaml_names_the_file_and_line(capsys, tmp_path):
+    """A -c file, a tune spec and a run directory's config.yaml with a YAML syntax error: one line with the
+    file, line and column, for train -c, tune, eval RUN and train --resume RUN."""
+    broken = "trainer:\n  total_steps: 3\n  lr: [1e-4\n"
+    config = tmp_path / "bad.yaml"
+    config.write_text(broken)
+    err = run_cli(["train", "-c", str(config)], capsys)
+    assert f"config file {str(config)!r} line 4, column 1: not valid YAML (" in err and "fix the YAML there" in err
+    assert f"tune spec {str(config)!r} line 4, column 1: not valid YAML" in run_cli(["tune", str(config)], capsys)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(broken)
+    for command in (["eval", str(run)], ["train", "--resume", str(run)]):
+        assert "config.yaml' line 4, column 1: not valid YAML" in run_cli(command, capsys)
+
+
+def test_stop_token_ids_outside_the_vocabulary(capsys, tmp_path):
+    err = run_cli(["train", "rollout.stop_token_ids=[3, 100000, -1]", f"output_dir={tmp_path / 'out'}"], capsys)
+    assert "'rollout.stop_token_ids': [100000, -1] outside the tokenizer's vocabulary (ids 0.." in err

@@ -4,6 +4,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -185,6 +186,20 @@ def test_component_output_errors_name_component_and_sample():
         score_component("huge", Huge(None, None), batch)
     with pytest.raises(RewardError, match="returned 1 scores for 2 samples"):
         score_component("few", type("Few", (RewardComponent,), {"__call__": lambda self, b: [1.0]})(None, None), batch)
+
+
+@pytest.mark.parametrize("bad", ["1.0", True, np.bool_(False), torch.tensor(True), b"1"])
+def test_a_reward_that_is_not_a_number_names_component_and_sample(bad):
+    """float() would take "1.0", True or a bool tensor silently; each is refused, sequence- and token-level."""
+    batch = inputs(["12", "34"])
+    for shape in ("sequence", "token"):
+        scores = [1.0, bad] if shape == "sequence" else [[0.5, 0.5], [0.5, bad]]
+        component = type("Odd", (RewardComponent,), {"__call__": lambda self, b, scores=scores: scores})(None, None)
+        with pytest.raises(RewardError, match=r"reward 'odd', sample 101 \(prompt 'p1'\): returned .* a reward is a number"):
+            score_component("odd", component, batch)
+    numbers = [np.float32(0.25), torch.tensor(0.5)]  # numpy and 0-d tensor numbers are rewards
+    plain = type("Num", (RewardComponent,), {"__call__": lambda self, b: numbers})(None, None)
+    assert [row[-1] for row in score_component("num", plain, batch)] == [0.25, 0.5]
 
 
 def rollout_batch(tokenizer, completions: list[str], answers: list[str]) -> pa.Table:

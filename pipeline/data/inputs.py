@@ -32,6 +32,12 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     set_chat_template(tokenizer, config.model.chat_template)
     limit = context_length(config.model.path, config.model.trust_remote_code)
+    outside = [i for i in config.rollout.stop_token_ids if not 0 <= i < len(tokenizer)]
+    if outside:
+        raise TokenforgeError(
+            f"config key 'rollout.stop_token_ids': {outside} outside the tokenizer's vocabulary (ids 0..{len(tokenizer) - 1}), "
+            "so no response would ever stop there; use the ids of tokens it has (tokenizer.convert_tokens_to_ids)"
+        )
     needed = set()
     for name, spec in config.reward.components.items():
         needed.update(COMPONENTS[spec.type].required_columns(config.component_options(name)))
@@ -64,3 +70,4 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
             eval_table = eval_table.slice(0, data.max_eval_samples)
         eval_table = eval_table.append_column("group_id", pa.array(range(eval_table.num_rows), pa.int64()))
     return train_table, eval_table
+
