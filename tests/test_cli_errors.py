@@ -172,7 +172,7 @@ def test_eval_data_with_dropped_samples_leaves_them_out_of_the_means(capsys, tmp
     assert result["eval_samples"] == 3
     assert result["eval/exact_match"] == 1.0 and result["eval/sevens"] == 1.0  # over the 2 samples kept
     main(["eval", builtin_model_path, "--data", data])  # without the dropping component: 2 of 3
-    assert capsys.readouterr().out == (f"tokenforge: evaluated {builtin_model_path} on 3 samples (eval/exact_match 0.6667); "
+    assert capsys.readouterr().out == (f"tokenforge: evaluated {builtin_model_path} on 3 samples of {data} (eval/exact_match 0.6667); "
                                        f"next: tokenforge train model.path={builtin_model_path}\n")
 
 
@@ -244,3 +244,40 @@ def test_broken_yaml_names_the_file_and_line(capsys, tmp_path):
 def test_stop_token_ids_outside_the_vocabulary(capsys, tmp_path):
     err = run_cli(["train", "rollout.stop_token_ids=[3, 100000, -1]", f"output_dir={tmp_path / 'out'}"], capsys)
     assert "'rollout.stop_token_ids': [100000, -1] outside the tokenizer's vocabulary (ids 0.." in err
+
+
+def test_eval_of_a_model_directory_names_its_data_and_refuses_data_that_cannot_fit(capsys, builtin_model_path):
+    """A plain model directory without --data gets the built-in eval set: the output names it, and a chat model
+    (the shipped chat_addition one) is refused on its plain-text prompts instead of scoring 0."""
+    from pipeline.models.hf import ASSETS, BUILTIN_EVAL
+
+    chat_model = str(ASSETS / "chat_addition" / "model")
+    err = run_cli(["eval", chat_model], capsys)
+    assert f"{chat_model!r} is a chat model (its tokenizer has a chat template) but the default eval set {str(BUILTIN_EVAL)!r}" in err
+    assert "pass --data FILE with conversation prompts" in err
+    main(["eval", chat_model, "task=chat_addition", "data.max_eval_samples=4"])  # the task it was made for
+    assert f"on 4 samples of {ASSETS / 'chat_addition' / 'eval.jsonl'} (eval/exact_match" in capsys.readouterr().out
+    main(["eval", builtin_model_path, "data.max_eval_samples=4"])
+    assert f"on 4 samples of {BUILTIN_EVAL} (eval/exact_match" in capsys.readouterr().out
+
+
+def test_a_model_without_tokenizer_files_or_needing_its_own_code(capsys, tmp_path, model_copy):
+    out = f"output_dir={tmp_path / 'out'}"
+    custom = shutil.copytree(model_copy, tmp_path / "custom")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # transformers would build an empty tokenizer silently
+        (model_copy / name).unlink()
+    err = run_cli(["train", f"model.path={model_copy}", out], capsys)
+    assert f"{str(model_copy)!r} holds no tokenizer (none of tokenizer.json, " in err and "tokenizer.save_pretrained(path)" in err
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="tfcustom", auto_map={"AutoConfig": "configuration_tf.TfConfig"})
+    (custom / "config.json").write_text(json.dumps(config))
+    err = run_cli(["train", f"model.path={custom}", out], capsys)
+    assert f"model.path {str(custom)!r} needs its own Python code to load (auto_map in its config.json); set model.trust_remote_code=true" in err
+
+
+def test_a_chat_template_that_is_not_valid_jinja(capsys, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for message in messages %}{{ message.content }\n{% endfor %}")
+    chat = jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}])
+    err = run_cli(["train", f"model.chat_template={template}", f"data.eval_file={chat}", f"output_dir={tmp_path / 'out'}"], capsys)
+    assert "data.eval_file: the chat template fails (line 1): TemplateSyntaxError: " in err and "fix model.chat_template's file" in err
