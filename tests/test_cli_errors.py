@@ -281,3 +281,38 @@ def test_a_chat_template_that_is_not_valid_jinja(capsys, tmp_path):
     chat = jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}])
     err = run_cli(["train", f"model.chat_template={template}", f"data.eval_file={chat}", f"output_dir={tmp_path / 'out'}"], capsys)
     assert "data.eval_file: the chat template fails (line 1): TemplateSyntaxError: " in err and "fix model.chat_template's file" in err
+
+
+def test_resume_on_changed_data_is_refused_naming_the_file(capsys, tmp_path):
+    """A run records its prompts' fingerprints when it starts; `--resume` on other prompts in the same file stops
+    (before Ray) naming the file; the same prompts resume."""
+    from pipeline.config import config_to_yaml, load_config
+    from pipeline.data.inputs import DATA_FINGERPRINT, check_data_unchanged, load_inputs, with_builtin_defaults
+    from pipeline.storage import Storage
+
+    train_file = jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}])
+    run = tmp_path / "run"
+    run.mkdir()
+    config = with_builtin_defaults(load_config(overrides=[f"data.train_file={train_file}", f"output_dir={run}"]))
+    (run / "config.yaml").write_text(config_to_yaml(config))
+    check_data_unchanged(Storage(str(run)), config, *load_inputs(config), resume=False)  # as a new run does
+    assert (run / DATA_FINGERPRINT).is_file()
+    check_data_unchanged(Storage(str(run)), config, *load_inputs(config), resume=True)  # the same prompts
+    jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "3+3=", "answer": "6"}])
+    err = run_cli(["train", "--resume", str(run)], capsys)
+    assert f"--resume: data.train_file {train_file!r} holds other prompts than the run started on (fingerprints in {run / DATA_FINGERPRINT})" in err
+    assert f"delete {DATA_FINGERPRINT} to go on with the new data" in err
+
+
+def test_a_corrupt_line_inside_metrics_jsonl_is_named(capsys, tmp_path):
+    """A torn last line is a kill mid-write (dropped); a bad line with records after it is damage: one line
+    naming the file and line, so the history after it is not cut silently."""
+    from pipeline.outputs.metrics_log import read_metrics
+    from pipeline.storage import Storage
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "reward/to')
+    assert read_metrics(Storage(str(tmp_path))) == [{"step": 0}, {"step": 1}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "x\x00\n{"step": 2}\n{"step": 3}\n')
+    (tmp_path / "config.yaml").write_text("{}\n")
+    err = run_cli(["report", str(tmp_path)], capsys)
+    assert f"{tmp_path / 'metrics.jsonl'} line 2 is not valid JSON, with 2 lines after it; repair or delete that line" in err
