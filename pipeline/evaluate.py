@@ -23,7 +23,7 @@ from pipeline.config import TrainConfig, code_it_would_run, config_from_yaml
 from pipeline.data.inputs import load_inputs, with_builtin_defaults
 from pipeline.data.prompts import is_conversation, set_chat_template
 from pipeline.errors import TokenforgeError
-from pipeline.models.hf import load_tokenizer
+from pipeline.models.hf import builtin_paths, load_tokenizer
 from pipeline.models.lora import export, is_adapter_dir
 from pipeline.storage import Storage
 
@@ -69,7 +69,7 @@ def locate(path: str) -> tuple[Storage | None, Storage | None, str | None]:
 
 
 def check_default_data_fits(config: TrainConfig, model: str, eval_prompts: pa.Table) -> None:
-    """A plain model directory evaluated without --data gets task=`config.task`'s eval set: refuse it where
+    """A plain model directory evaluated without --data or data.eval_file gets task=`config.task`'s eval set: refuse it where
     the model cannot be meant for it (a chat model, one with a chat template, on plain-text prompts)."""
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     set_chat_template(tokenizer, config.model.chat_template)
@@ -108,7 +108,7 @@ def evaluate_checkpoint(
         model_dir = export(checkpoint, Path(scratch) / "merged", merge=True) if is_adapter_dir(checkpoint) else checkpoint
         config.model.path = str(model_dir)
         _, eval_prompts = load_inputs(config)
-        if run is None and not data_file:
+        if run is None and not data_file and config.data.eval_file == str(builtin_paths(config.task)[2]):
             check_default_data_fits(config, path, eval_prompts)
         names = config.trainer.eval_metrics
         rollout = rollout_worker_class(config.rollout.backend)(config, str(model_dir))
