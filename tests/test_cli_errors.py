@@ -272,7 +272,8 @@ def test_a_model_without_tokenizer_files_or_needing_its_own_code(capsys, tmp_pat
     config.update(model_type="tfcustom", auto_map={"AutoConfig": "configuration_tf.TfConfig"})
     (custom / "config.json").write_text(json.dumps(config))
     err = run_cli(["train", f"model.path={custom}", out], capsys)
-    assert f"model.path {str(custom)!r} needs its own Python code to load (auto_map in its config.json); set model.trust_remote_code=true" in err
+    assert f"{str(custom)!r} needs its own Python code to load (auto_map in its config); if you trust that code, set" in err
+    assert "(model.trust_remote_code, or the reward component's trust_remote_code option)" in err
 
 
 def test_a_chat_template_that_is_not_valid_jinja(capsys, tmp_path):

@@ -54,8 +54,8 @@ def from_pretrained(auto_class, path: Path, trust_remote_code: bool, **kwargs):
         if trust_remote_code or "trust_remote_code" not in str(error):
             raise
         raise TokenforgeError(
-            f"model.path {str(path)!r} needs its own Python code to load (auto_map in its config.json); "
-            "set model.trust_remote_code=true if you trust that code"
+            f"{str(path)!r} needs its own Python code to load (auto_map in its config); if you trust that code, set "
+            "trust_remote_code=true for it (model.trust_remote_code, or the reward component's trust_remote_code option)"
         ) from None
 
 
