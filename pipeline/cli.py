@@ -185,6 +185,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if os.getcwd() not in sys.path:
+        # `function: my_rewards:fn` imports my_rewards.py from the working directory, as `python -m` would (the
+        # console script's path lacks it); last, so it shadows no installed package. Ray puts the driver's
+        # working directory on its workers' sys.path too, so the actors import the same file.
+        sys.path.append(os.getcwd())
     if args.command in ("train", "tune") and "RAY_ADDRESS" not in os.environ:
         # Token auth is tokenforge's default (DESIGN.md). Saying so before Ray is imported is Ray's supported way
         # to start a local Ray with it without the warning "Token authentication is enabled ... Set

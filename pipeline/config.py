@@ -480,10 +480,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     return config_from_yaml(path.read_text(), str(path), overrides)
 
 
+def read_yaml(text: str, source: str, what: str = "config file") -> Any:
+    """YAML text -> data; a syntax error is one line naming `source`, the line and column, and the problem."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{what} {source!r}{where}: not valid YAML ({problem}); fix the YAML there") from None
+
+
 def config_from_yaml(text: str, source: str, overrides: list[str] = (), import_functions: bool = True) -> TrainConfig:
     """YAML text (from the file or URI `source`) + dotted overrides -> validated TrainConfig (python reward
     functions imported unless import_functions=False)."""
-    data = yaml.safe_load(text) or {}
+    data = read_yaml(text, source) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {source!r} must hold a mapping of sections")
     config = validate_config(data, import_functions)

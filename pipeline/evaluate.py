@@ -12,15 +12,18 @@ import re
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import rollout_worker_class
 from pipeline import storage as store
-from pipeline.batch import mean_reward
+from pipeline.batch import DATASET_PROMPT, mean_reward
 from pipeline.config import TrainConfig, code_it_would_run, config_from_yaml, parse_override
 from pipeline.data.inputs import load_inputs, with_builtin_defaults
+from pipeline.data.prompts import is_conversation, set_chat_template
 from pipeline.errors import TokenforgeError
+from pipeline.models.hf import builtin_paths, load_tokenizer
 from pipeline.models.lora import export, is_adapter_dir
 from pipeline.storage import Storage
 
@@ -68,6 +71,19 @@ def locate(path: str) -> tuple[Storage | None, Storage | None, str | None]:
     )
 
 
+def check_default_data_fits(config: TrainConfig, model: str, eval_prompts: pa.Table) -> None:
+    """A plain model directory evaluated without --data or data.eval_file gets task=`config.task`'s eval set: refuse it where
+    the model cannot be meant for it (a chat model, one with a chat template, on plain-text prompts)."""
+    tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
+    set_chat_template(tokenizer, config.model.chat_template)
+    if tokenizer.chat_template and not is_conversation(eval_prompts.column(DATASET_PROMPT)[0].as_py()):
+        raise TokenforgeError(
+            f"{model!r} is a chat model (its tokenizer has a chat template) but the default eval set "
+            f"{config.data.eval_file!r} (task={config.task}) holds plain-text prompts; pass --data FILE with "
+            "conversation prompts, or task=NAME for a built-in task it was made for (e.g. task=chat_addition)"
+        )
+
+
 def evaluate_checkpoint(
     path: str, data_file: str | None = None, overrides: list[str] = (), trust_run_config: bool = False
 ) -> dict[str, float]:
@@ -95,6 +111,8 @@ def evaluate_checkpoint(
         model_dir = export(checkpoint, Path(scratch) / "merged", merge=True) if is_adapter_dir(checkpoint) else checkpoint
         config.model.path = str(model_dir)
         _, eval_prompts = load_inputs(config)
+        if run is None and not data_file and config.data.eval_file == str(builtin_paths(config.task)[2]):
+            check_default_data_fits(config, path, eval_prompts)
         names = config.trainer.eval_metrics
         rollout = rollout_worker_class(config.rollout.backend)(config, str(model_dir))
         scorer = RewardWorker(config, str(model_dir), names)
@@ -104,6 +122,7 @@ def evaluate_checkpoint(
     result = {
         "checkpoint": holder.display(directory) if holder else str(directory),
         "run": run.display() if run else None,
+        "data": config.data.eval_file,
         "eval_samples": samples.num_rows,
     }
     scored, dropped = scorer.score_all(samples, names)

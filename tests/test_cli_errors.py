@@ -174,7 +174,7 @@ def test_eval_data_with_dropped_samples_leaves_them_out_of_the_means(capsys, tmp
     assert result["eval_samples"] == 3
     assert result["eval/exact_match"] == 1.0 and result["eval/sevens"] == 1.0  # over the 2 samples kept
     main(["eval", builtin_model_path, "--data", data])  # without the dropping component: 2 of 3
-    assert capsys.readouterr().out == (f"tokenforge: evaluated {builtin_model_path} on 3 samples (eval/exact_match 0.6667); "
+    assert capsys.readouterr().out == (f"tokenforge: evaluated {builtin_model_path} on 3 samples of {data} (eval/exact_match 0.6667); "
                                        f"next: tokenforge train model.path={builtin_model_path}\n")
 
 
@@ -317,3 +317,95 @@ def test_credentials_in_a_tune_specs_storage_path_are_refused(capsys, tmp_path):
     err = run_cli(["tune", str(spec)], capsys)
     assert err.startswith("tokenforge: error: tune spec key 'tune.storage_path': the URI 's3://***@bucket/tune' holds credentials")
     assert "hunter2" not in err
+def test_broken_yaml_names_the_file_and_line(capsys, tmp_path):
+    """A -c file, a tune spec and a run directory's config.yaml with a YAML syntax error: one line with the
+    file, line and column, for train -c, tune, eval RUN and train --resume RUN."""
+    broken = "trainer:\n  total_steps: 3\n  lr: [1e-4\n"
+    config = tmp_path / "bad.yaml"
+    config.write_text(broken)
+    err = run_cli(["train", "-c", str(config)], capsys)
+    assert f"config file {str(config)!r} line 4, column 1: not valid YAML (" in err and "fix the YAML there" in err
+    assert f"tune spec {str(config)!r} line 4, column 1: not valid YAML" in run_cli(["tune", str(config)], capsys)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(broken)
+    for command in (["eval", str(run)], ["train", "--resume", str(run)]):
+        assert "config.yaml' line 4, column 1: not valid YAML" in run_cli(command, capsys)
+
+
+def test_stop_token_ids_outside_the_vocabulary(capsys, tmp_path):
+    err = run_cli(["train", "rollout.stop_token_ids=[3, 100000, -1]", f"output_dir={tmp_path / 'out'}"], capsys)
+    assert "'rollout.stop_token_ids': [100000, -1] outside the tokenizer's vocabulary (ids 0.." in err
+
+
+def test_eval_of_a_model_directory_names_its_data_and_refuses_data_that_cannot_fit(capsys, builtin_model_path):
+    """A plain model directory without --data gets the built-in eval set: the output names it, and a chat model
+    (the shipped chat_addition one) is refused on its plain-text prompts instead of scoring 0."""
+    from pipeline.models.hf import ASSETS, BUILTIN_EVAL
+
+    chat_model = str(ASSETS / "chat_addition" / "model")
+    err = run_cli(["eval", chat_model], capsys)
+    assert f"{chat_model!r} is a chat model (its tokenizer has a chat template) but the default eval set {str(BUILTIN_EVAL)!r}" in err
+    assert "pass --data FILE with conversation prompts" in err
+    main(["eval", chat_model, "task=chat_addition", "data.max_eval_samples=4"])  # the task it was made for
+    assert f"on 4 samples of {ASSETS / 'chat_addition' / 'eval.jsonl'} (eval/exact_match" in capsys.readouterr().out
+    main(["eval", builtin_model_path, "data.max_eval_samples=4"])
+    assert f"on 4 samples of {BUILTIN_EVAL} (eval/exact_match" in capsys.readouterr().out
+
+
+def test_a_model_without_tokenizer_files_or_needing_its_own_code(capsys, tmp_path, model_copy):
+    out = f"output_dir={tmp_path / 'out'}"
+    custom = shutil.copytree(model_copy, tmp_path / "custom")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # transformers would build an empty tokenizer silently
+        (model_copy / name).unlink()
+    err = run_cli(["train", f"model.path={model_copy}", out], capsys)
+    assert f"{str(model_copy)!r} holds no tokenizer (none of tokenizer.json, " in err and "tokenizer.save_pretrained(path)" in err
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="tfcustom", auto_map={"AutoConfig": "configuration_tf.TfConfig"})
+    (custom / "config.json").write_text(json.dumps(config))
+    err = run_cli(["train", f"model.path={custom}", out], capsys)
+    assert f"{str(custom)!r} needs its own Python code to load (auto_map in its config); if you trust that code, set" in err
+    assert "(model.trust_remote_code, or the reward component's trust_remote_code option)" in err
+
+
+def test_a_chat_template_that_is_not_valid_jinja(capsys, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for message in messages %}{{ message.content }\n{% endfor %}")
+    chat = jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}])
+    err = run_cli(["train", f"model.chat_template={template}", f"data.eval_file={chat}", f"output_dir={tmp_path / 'out'}"], capsys)
+    assert "data.eval_file: the chat template fails (line 1): TemplateSyntaxError: " in err and "fix model.chat_template's file" in err
+
+
+def test_resume_on_changed_data_is_refused_naming_the_file(capsys, tmp_path):
+    """A run records its prompts' fingerprints when it starts; `--resume` on other prompts in the same file stops
+    (before Ray) naming the file; the same prompts resume."""
+    from pipeline.config import config_to_yaml, load_config
+    from pipeline.data.inputs import DATA_FINGERPRINT, check_data_unchanged, load_inputs, with_builtin_defaults
+    from pipeline.storage import Storage
+
+    train_file = jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}])
+    run = tmp_path / "run"
+    run.mkdir()
+    config = with_builtin_defaults(load_config(overrides=[f"data.train_file={train_file}", f"output_dir={run}"]))
+    (run / "config.yaml").write_text(config_to_yaml(config))
+    check_data_unchanged(Storage(str(run)), config, *load_inputs(config), resume=False)  # as a new run does
+    assert (run / DATA_FINGERPRINT).is_file()
+    check_data_unchanged(Storage(str(run)), config, *load_inputs(config), resume=True)  # the same prompts
+    jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "3+3=", "answer": "6"}])
+    err = run_cli(["train", "--resume", str(run)], capsys)
+    assert f"--resume: data.train_file {train_file!r} holds other prompts than the run started on (fingerprints in {run / DATA_FINGERPRINT})" in err
+    assert f"delete {DATA_FINGERPRINT} to go on with the new data" in err
+
+
+def test_a_corrupt_line_inside_metrics_jsonl_is_named(capsys, tmp_path):
+    """A torn last line is a kill mid-write (dropped); a bad line with records after it is damage: one line
+    naming the file and line, so the history after it is not cut silently."""
+    from pipeline.outputs.metrics_log import read_metrics
+    from pipeline.storage import Storage
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "reward/to')
+    assert read_metrics(Storage(str(tmp_path))) == [{"step": 0}, {"step": 1}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "x\x00\n{"step": 2}\n{"step": 3}\n')
+    (tmp_path / "config.yaml").write_text("{}\n")
+    err = run_cli(["report", str(tmp_path)], capsys)
+    assert f"{tmp_path / 'metrics.jsonl'} line 2 is not valid JSON, with 2 lines after it; repair or delete that line" in err

@@ -47,7 +47,7 @@ def test_eval_of_a_run_directory_takes_its_latest_checkpoint(observed_run, capsy
     main(["eval", str(observed_run)])
     line = capsys.readouterr().out.strip()
     assert re.fullmatch(
-        rf"tokenforge: evaluated {observed_run}/checkpoints/step_4 on 50 samples \(eval/exact_match [0-9.]+\); "
+        rf"tokenforge: evaluated {observed_run}/checkpoints/step_4 on 50 samples of \S+ \(eval/exact_match [0-9.]+\); "
         rf"next: tokenforge samples {observed_run} --eval \| tokenforge report {observed_run}", line), line
 
 

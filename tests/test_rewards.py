@@ -4,6 +4,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -187,6 +188,20 @@ def test_component_output_errors_name_component_and_sample():
         score_component("few", type("Few", (RewardComponent,), {"__call__": lambda self, b: [1.0]})(None, None), batch)
 
 
+@pytest.mark.parametrize("bad", ["1.0", True, np.bool_(False), torch.tensor(True), b"1"])
+def test_a_reward_that_is_not_a_number_names_component_and_sample(bad):
+    """float() would take "1.0", True or a bool tensor silently; each is refused, sequence- and token-level."""
+    batch = inputs(["12", "34"])
+    for shape in ("sequence", "token"):
+        scores = [1.0, bad] if shape == "sequence" else [[0.5, 0.5], [0.5, bad]]
+        component = type("Odd", (RewardComponent,), {"__call__": lambda self, b, scores=scores: scores})(None, None)
+        with pytest.raises(RewardError, match=r"reward 'odd', sample 101 \(prompt 'p1'\): returned .* a reward is a number"):
+            score_component("odd", component, batch)
+    numbers = [np.float32(0.25), torch.tensor(0.5)]  # numpy and 0-d tensor numbers are rewards
+    plain = type("Num", (RewardComponent,), {"__call__": lambda self, b: numbers})(None, None)
+    assert [row[-1] for row in score_component("num", plain, batch)] == [0.25, 0.5]
+
+
 def rollout_batch(tokenizer, completions: list[str], answers: list[str]) -> pa.Table:
     ids = [tokenizer(c).input_ids + [tokenizer.eos_token_id] for c in completions]
     core = {
@@ -287,7 +302,7 @@ def test_property_normalised_rewards_are_finite_and_bounded(rows, mode, num_grou
         (["reward.components.fmt={type: regex_match}", "reward.weights.fmt=1"], "'reward.components.fmt.pattern': Field required"),
         (["reward.components.fmt={type: regex_match, pattern: '('}", "reward.weights.fmt=1"], "'reward.components.fmt.pattern': not a valid regular expression"),
         (["reward.components.exact_match={tolerance: 1}"], "'reward.components.exact_match.tolerance': unknown option of component type 'exact_match'"),
-        (["reward.components.fn={type: python, function: no_such_module:f}", "reward.weights.fn=1"], "cannot import 'no_such_module': ModuleNotFoundError"),
+        (["reward.components.fn={type: python, function: no_such_module:f}", "reward.weights.fn=1"], "cannot import 'no_such_module': ModuleNotFoundError: No module named 'no_such_module' (a module is looked up in the working directory and on PYTHONPATH; or name its file: path/to/no_such_module.py:f)"),
         ([f"reward.components.fn={{type: python, function: '{FNS}:nope'}}", "reward.weights.fn=1"], "has no function 'nope'"),
         (["reward.components.fn={type: python, function: justaname}", "reward.weights.fn=1"], "is not module:function"),
         (["reward.components.t={type: teacher_logprob, path: /no/such/dir}", "reward.weights.t=1"], "'reward.components.t': path '/no/such/dir' is not a local HF model directory"),
@@ -361,3 +376,24 @@ def test_none_means_not_applicable_in_scores_metrics_and_eval_means(builtin_mode
                                      "reward.weights={math_only: 1.0}", "algorithm.estimator=reinforce"])
     metrics = Learner(config, builtin_model_path, builtin_model_path).train_step(scored)
     assert metrics["reward/math_only/mean"] == 7.0 and metrics["reward/total/mean"] == 3.5  # None adds 0 to the total
+
+
+@pytest.mark.slow
+def test_a_module_in_the_working_directory_is_found_by_the_cli_and_the_actors(ray_cluster, tmp_path):
+    """`function: my_rewards:my_reward` run from the directory holding my_rewards.py, through the installed
+    `tokenforge` console script (whose sys.path, unlike `python -m`'s, lacks the working directory): the
+    pre-flight import and the reward workers both find the module, and its reward is in the metrics."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "my_rewards.py").write_text("def my_reward(completions, **columns):\n    return [float(len(c)) for c in completions]\n")
+    command = [str(Path(sys.executable).parent / "tokenforge"), "train", "trainer.total_steps=1", "trainer.prompts_per_step=4",
+               "rollout.group_size=2", "data.max_eval_samples=4", "reward.components.mine={type: python, function: 'my_rewards:my_reward'}",
+               "reward.weights.mine=0.1", f"output_dir={tmp_path / 'out'}"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 1 and last["reward/mine/mean"] > 0

@@ -63,3 +63,28 @@ def test_bad_input_is_one_line(observed_run, tmp_path, capsys, args, message):
         main(["samples", *[a.format(run=observed_run, tmp=tmp_path) for a in args]])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.count("\n") == 0 and message in err, err
+
+
+@pytest.mark.slow
+def test_the_error_path_exits_2_every_time(tmp_path):
+    """`tokenforge samples` ending on a one-line error, 20 times as a process of its own (the console script):
+    exit 2 each time. A review saw exit 134 ("terminate called without an active exception": a native thread
+    alive at exit) in 5 of ~45 such runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "config.yaml").write_text("{}\n")
+    (tmp_path / "rollouts").mkdir()
+    n = 2048  # a dump of some size, so pyarrow decodes it on its thread pool
+    table = pa.table({"group_id": [i // 8 for i in range(n)], "total_reward": [i / n for i in range(n)],
+                      "token_rewards": [[0.5] * 16] * n, "response_tokens": [["7"] * 16] * n})
+    pq.write_table(table, tmp_path / "rollouts" / "step_2.parquet", row_group_size=64)
+    command = [str(Path(sys.executable).parent / "tokenforge"), "samples", str(tmp_path), "--group", "9999"]
+    for _ in range(20):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        assert (result.returncode, result.stderr.strip().splitlines()[-1:]) == (
+            2, ["tokenforge: error: group 9999 is not in this dump (groups 0..255); pick one of its groups"]), result.stderr

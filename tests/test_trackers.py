@@ -124,3 +124,61 @@ def test_a_missing_extra_is_one_line_naming_it_before_ray_starts(monkeypatch, tm
         "tokenforge: error: trainer.loggers has 'wandb' but the wandb package is not installed: "
         "pip install 'tokenforge[wandb]', or drop it from trainer.loggers\n")
     assert not (tmp_path / "run").exists()
+
+
+def one_line_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.count("\n") == 0 and err.startswith("tokenforge: error: "), err
+    return err
+
+
+@needs_wandb
+def test_a_wrong_wandb_key_is_one_line_before_ray(capsys, monkeypatch, tmp_path):
+    """A fake W&B server on 127.0.0.1 answers the login's viewer query with 401, as W&B does for a wrong key."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    queries = []
+
+    class WrongKey(BaseHTTPRequestHandler):
+        def do_POST(self):
+            queries.append((self.path, self.headers["Authorization"], self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(401)
+            self.end_headers()
+            self.wfile.write(b'{"errors": [{"message": "user is not logged in"}]}')
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WrongKey)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    for key, value in {"WANDB_BASE_URL": base, "WANDB_API_KEY": "x" * 40, "WANDB_MODE": "online"}.items():
+        monkeypatch.setenv(key, value)
+    start = time.monotonic()
+    try:
+        err = one_line_error(["train", "trainer.loggers=[jsonl, wandb]", f"output_dir={tmp_path / 'out'}"], capsys)
+    finally:
+        server.shutdown()
+    assert f"trainer.loggers: W&B at {base} refused the API key (HTTP 401); set the right one with `wandb login --relogin`" in err
+    assert time.monotonic() - start < 30 and queries and queries[0][0] == "/graphql" and b"viewer" in queries[0][2]
+    assert not (tmp_path / "out" / "config.yaml").exists()  # stopped before the run began (and before Ray)
+
+
+@needs_mlflow
+def test_an_unreachable_mlflow_is_one_line_before_ray(capsys, monkeypatch, tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    err = one_line_error(["train", "trainer.loggers=[jsonl, mlflow]", f"output_dir={tmp_path / 'out'}"], capsys)
+    assert f"trainer.loggers: MLflow at http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1 cannot be reached" in err
+    assert "check MLFLOW_TRACKING_URI" in err and time.monotonic() - start < 30
+    assert not (tmp_path / "out" / "config.yaml").exists()

@@ -3,6 +3,9 @@ against the reward components, the chat template and the model's context length.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pyarrow as pa
 
 from pipeline.batch import DATASET_PROMPT
@@ -12,6 +15,9 @@ from pipeline.data.prompts import encode_prompts, set_chat_template
 from pipeline.errors import TokenforgeError
 from pipeline.models.hf import builtin_paths, context_length, load_tokenizer
 from pipeline.rewards.components import COMPONENTS
+from pipeline.storage import Storage
+
+DATA_FINGERPRINT = "data_fingerprint.json"  # {"data.train_file": {"source": ..., "sha256": ...}, "data.eval_file": ...}
 
 
 def with_builtin_defaults(config: TrainConfig) -> TrainConfig:
@@ -32,6 +38,12 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     set_chat_template(tokenizer, config.model.chat_template)
     limit = context_length(config.model.path, config.model.trust_remote_code)
+    outside = [i for i in config.rollout.stop_token_ids if not 0 <= i < len(tokenizer)]
+    if outside:
+        raise TokenforgeError(
+            f"config key 'rollout.stop_token_ids': {outside} outside the tokenizer's vocabulary (ids 0..{len(tokenizer) - 1}), "
+            "so no response would ever stop there; use the ids of tokens it has (tokenizer.convert_tokens_to_ids)"
+        )
     needed = set()
     for name, spec in config.reward.components.items():
         needed.update(COMPONENTS[spec.type].required_columns(config.component_options(name)))
@@ -64,3 +76,34 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
             eval_table = eval_table.slice(0, data.max_eval_samples)
         eval_table = eval_table.append_column("group_id", pa.array(range(eval_table.num_rows), pa.int64()))
     return train_table, eval_table
+
+
+def fingerprint(table: pa.Table | None) -> str | None:
+    """sha256 of a prompt table's columns and rows, as one Arrow IPC stream (fast for millions of rows; the
+    same loading code gives the same bytes for the same prompts)."""
+    if table is None:
+        return None
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema.remove_metadata()) as stream:
+        stream.write_table(table.replace_schema_metadata(None).combine_chunks())
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+def check_data_unchanged(storage: Storage, config: TrainConfig, train: pa.Table, evaluation: pa.Table | None, resume: bool) -> None:
+    """A new run records its prompts' fingerprints; a resumed run refuses prompts other than those it started on
+    (the sampler's position would point into other data and the eval curve would change meaning)."""
+    current = {
+        "data.train_file": {"source": config.data.train_file, "sha256": fingerprint(train)},
+        "data.eval_file": {"source": config.data.eval_file, "sha256": fingerprint(evaluation)},
+    }
+    if resume and storage.exists(DATA_FINGERPRINT):
+        recorded = json.loads(storage.read_text(DATA_FINGERPRINT))
+        for key, now in current.items():
+            if recorded.get(key, {}).get("sha256") != now["sha256"]:
+                raise TokenforgeError(
+                    f"--resume: {key} {now['source']!r} holds other prompts than the run started on (fingerprints in "
+                    f"{storage.display(DATA_FINGERPRINT)}); restore that data, start a new run (tokenforge train -c "
+                    f"{storage.display('config.yaml')} output_dir=NEW), or delete {DATA_FINGERPRINT} to go on with the new data"
+                )
+        return
+    storage.write_text(DATA_FINGERPRINT, json.dumps(current, indent=1))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.errors import TokenforgeError
@@ -58,7 +59,14 @@ def render(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> str:
             "a prompt is a conversation (a list of messages) but the tokenizer has no chat template; "
             "set model.chat_template to a Jinja template file"
         )
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    try:
+        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    except jinja2.TemplateError as error:  # a syntax error, or the template's own raise_exception
+        line = f" (line {error.lineno})" if getattr(error, "lineno", None) else ""
+        raise TokenforgeError(
+            f"the chat template fails{line}: {type(error).__name__}: {error.message}; "
+            "fix model.chat_template's file (or the chat_template in the model's tokenizer_config.json)"
+        ) from None
 
 
 def encode_prompts(

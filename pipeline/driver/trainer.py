@@ -30,7 +30,7 @@ from actors.vllm_worker import check_servable
 from pipeline import storage as store
 from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig, config_to_yaml
-from pipeline.data.inputs import load_inputs, with_builtin_defaults
+from pipeline.data.inputs import check_data_unchanged, load_inputs, with_builtin_defaults
 from pipeline.data.loading import PromptSampler
 from pipeline.driver.actor_group import ACTOR_LOST, ActorGroup, ActorTimeout, ShardCalls
 from pipeline.driver.placement import clear_resource_request, connect_ray, decide_learner_gpus, ensure_resources
@@ -423,6 +423,7 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
             print(f"tokenforge: {storage.display()} is complete (step {latest[1]['step']} of "
                   f"{config.trainer.total_steps}); raise trainer.total_steps to train on", flush=True)
             return next((r for r in reversed(read_metrics(storage)) if r["step"] == latest[1]["step"]), {})
+    check_data_unchanged(storage, config, train_prompts, eval_prompts, resume)
     storage.write_text("config.yaml", config_to_yaml(config))
     connect_ray(config)
     config = decide_learner_gpus(config)

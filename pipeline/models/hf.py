@@ -43,6 +43,23 @@ def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
     return path
 
 
+# the files a tokenizer is saved as (one suffices); without any, transformers builds an empty tokenizer silently
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def from_pretrained(auto_class, path: Path, trust_remote_code: bool, **kwargs):
+    """`auto_class.from_pretrained`, with a model that needs its own code (and no consent) as one line."""
+    try:
+        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise TokenforgeError(
+            f"{str(path)!r} needs its own Python code to load (auto_map in its config); if you trust that code, set "
+            "trust_remote_code=true for it (model.trust_remote_code, or the reward component's trust_remote_code option)"
+        ) from None
+
+
 _warned_pad: set[str] = set()
 
 
@@ -50,7 +67,12 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     """The model's tokenizer, padding on the left; it must define EOS. Without a pad token it pads with
     EOS (as peers do; padding is masked out everywhere), logged once per process."""
     path = check_model_dir(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise TokenforgeError(
+            f"{str(path)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+            "there (tokenizer.save_pretrained(path))"
+        )
+    tokenizer = from_pretrained(AutoTokenizer, path, trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise TokenforgeError(f"tokenizer in {str(path)!r} has no eos token; set `eos_token` in its tokenizer_config.json")
     if tokenizer.pad_token_id is None:
@@ -63,7 +85,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 
 
 def context_length(path: str | Path, trust_remote_code: bool = False) -> int:
-    config = AutoConfig.from_pretrained(check_model_dir(path), trust_remote_code=trust_remote_code)
+    config = from_pretrained(AutoConfig, check_model_dir(path), trust_remote_code)
     for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
         if getattr(config, key, None):
             return int(getattr(config, key))
@@ -75,9 +97,7 @@ def load_model(
 ) -> torch.nn.Module:
     transformers.logging.set_verbosity_error()  # no per-load progress bars in every actor's log
     transformers.logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(
-        check_model_dir(path), trust_remote_code=trust_remote_code, dtype=DTYPES[dtype]
-    )
+    model = from_pretrained(AutoModelForCausalLM, check_model_dir(path), trust_remote_code, dtype=DTYPES[dtype])
     return model.to(device)
 
 

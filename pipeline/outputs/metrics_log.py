@@ -18,6 +18,7 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from pipeline.errors import TokenforgeError
 from pipeline.outputs.trackers import Trackers
 from pipeline.storage import Storage
 
@@ -26,14 +27,22 @@ TENSORBOARD = "tensorboard"
 
 
 def read_metrics(storage: Storage) -> list[dict]:
-    """The run's metrics records, without a torn last line."""
+    """The run's metrics records, without a torn last line (a write cut short by a kill: it never counted).
+    A line that is not JSON with records after it is damage a kill cannot cause: refused, naming the line,
+    rather than dropping the history after it."""
     if not storage.exists(METRICS_FILE):
         return []
+    lines = storage.read_text(METRICS_FILE).splitlines()
     records = []
-    for line in storage.read_text(METRICS_FILE).splitlines():
+    for number, line in enumerate(lines, 1):
         try:
             records.append(json.loads(line))
-        except ValueError:  # a line cut short by a kill: it and anything after it never counted
+        except ValueError:
+            if any(rest.strip() for rest in lines[number:]):
+                raise TokenforgeError(
+                    f"{storage.display(METRICS_FILE)} line {number} is not valid JSON, with {len(lines) - number} lines after it; "
+                    "repair or delete that line (the records after it are kept), then run the command again"
+                ) from None
             break
     return records
 

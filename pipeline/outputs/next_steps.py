@@ -35,7 +35,7 @@ def after_train(run: Storage, record: dict) -> str:
 
 def after_eval(result: dict) -> str:
     """`result`: evaluate_checkpoint's (its `run` is the checkpoint's run, or None for a plain model directory)."""
-    evaluated = f"tokenforge: evaluated {result['checkpoint']} on {result['eval_samples']} samples ({metrics_text(result)})"
+    evaluated = f"tokenforge: evaluated {result['checkpoint']} on {result['eval_samples']} samples of {result['data']} ({metrics_text(result)})"
     if result["run"] is None:
         return f"{evaluated}; next: tokenforge train model.path={result['checkpoint']}"
     return f"{evaluated}; next: tokenforge samples {result['run']} --eval | tokenforge report {result['run']}"

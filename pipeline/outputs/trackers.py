@@ -3,7 +3,8 @@
 Each tracker gets the resolved config once, every metrics record, and a table of sample completions
 on each eval step (the eval dump's prompt, references, greedy response and per-sample metrics).
 W&B and MLflow are optional extras (`pip install tokenforge[wandb]` / `tokenforge[mlflow]`) and are
-configured by their own environment variables (WANDB_MODE, WANDB_PROJECT, MLFLOW_TRACKING_URI, ...);
+configured by their own environment variables (WANDB_MODE, WANDB_PROJECT, MLFLOW_TRACKING_URI, ...), and checked
+before Ray starts (an online W&B needs a key its server accepts; an http(s) MLflow server must answer);
 `trainer.tracker_project` names the W&B project / MLflow experiment. A resumed run continues the
 same W&B / MLflow run: their ids are kept in the run's `trackers.json`.
 
@@ -16,9 +17,15 @@ WandbLoggerCallback / MLflowLoggerCallback make one tracker run per trial (`tune
 
 from __future__ import annotations
 
+import base64
 import json
+import netrc
+import os
+import urllib.error
+import urllib.request
 import uuid
 from typing import Any
+from urllib.parse import urlparse
 
 import pyarrow as pa
 
@@ -29,6 +36,7 @@ from pipeline.storage import Storage
 
 TRACKER_IDS = "trackers.json"  # {"wandb": run id, "mlflow": run id}: a resumed run logs to the same tracker runs
 EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}  # logger -> the pip extra (and module) it needs
+CHECK_TIMEOUT_S = 10  # the pre-flight request to a tracker server
 
 
 def require(logger: str):
@@ -67,10 +75,65 @@ def sample_rows(table: pa.Table, limit: int = 64) -> dict[str, list]:
 
 
 def require_loggers(config: TrainConfig) -> None:
-    """Every tracker package trainer.loggers names is installed (checked before Ray starts)."""
+    """Every tracker trainer.loggers names is installed and its server answers (checked before Ray starts, so a
+    wrong W&B key or an unreachable MLflow is one line, not a failure after the actors started)."""
     for logger in config.trainer.loggers:
         if logger in EXTRAS:
             require(logger)
+    if "wandb" in config.trainer.loggers:
+        check_wandb()
+    if "mlflow" in config.trainer.loggers:
+        check_mlflow(require("mlflow").get_tracking_uri())
+
+
+def http_status(request: urllib.request.Request, what: str, fix: str) -> int:
+    """The HTTP status of `request` (an error status included); an unreachable server is one line."""
+    try:
+        with urllib.request.urlopen(request, timeout=CHECK_TIMEOUT_S) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError as error:  # URLError, a refused connection, a timeout
+        reason = getattr(error, "reason", error)
+        raise TokenforgeError(f"trainer.loggers: {what} at {request.full_url} cannot be reached ({reason}); {fix}") from None
+
+
+def check_wandb() -> None:
+    """W&B online: an API key exists and W&B's server accepts it (the viewer query `wandb login` makes)."""
+    if os.environ.get("WANDB_MODE", "online") in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_DISABLED") == "true":
+        return
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+    key = os.environ.get("WANDB_API_KEY") or wandb_netrc_key(urlparse(base).hostname)
+    offline = "or set WANDB_MODE=offline (then `wandb sync` later), or drop wandb from trainer.loggers"
+    if not key:
+        raise TokenforgeError(f"trainer.loggers has 'wandb' but no W&B API key is set: run `wandb login` or set WANDB_API_KEY, {offline}")
+    request = urllib.request.Request(
+        f"{base}/graphql", data=json.dumps({"query": "query Viewer { viewer { id } }"}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode()},
+    )
+    status = http_status(request, "W&B", f"check WANDB_BASE_URL and the network, {offline}")
+    if status in (401, 403):
+        raise TokenforgeError(
+            f"trainer.loggers: W&B at {base} refused the API key (HTTP {status}); set the right one with `wandb login --relogin` "
+            f"or WANDB_API_KEY, {offline}"
+        )
+
+
+def wandb_netrc_key(host: str | None) -> str | None:
+    """The key `wandb login` stored in ~/.netrc (or $NETRC) for `host`."""
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC")).authenticators(host or "")
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return entry[2] if entry else None
+
+
+def check_mlflow(uri: str) -> None:
+    """An MLflow tracking server (http/https tracking URI) answers; local stores (files, sqlite) need no check."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    http_status(request, "MLflow", "check MLFLOW_TRACKING_URI and that the server runs, or drop mlflow from trainer.loggers")
 
 
 class Trackers:
@@ -121,6 +184,7 @@ class Trackers:
 
 def tune_callbacks(config: TrainConfig) -> list:
     """Ray Tune's own tracker callbacks for the loggers the base config names (one tracker run per trial)."""
+    require_loggers(config)
     callbacks = []
     project = config.trainer.tracker_project
     if "wandb" in config.trainer.loggers:

@@ -11,6 +11,7 @@ The components themselves live in pipeline/rewards/components.py.
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -125,14 +126,14 @@ def score_component(name: str, component: RewardComponent, inputs: RewardInputs)
             rows.append(None)
             continue
         if isinstance(score, (list, tuple)) or (hasattr(score, "ndim") and score.ndim == 1):  # token-level
-            row = [float(x) for x in score]
+            row = [reward_value(name, inputs, i, x) for x in score]
             if len(row) != len(ids):
                 raise RewardError(
                     f"reward {name!r}, {describe_sample(inputs, i)}: {len(row)} token rewards for {len(ids)} response tokens"
                 )
         else:  # sequence-level: the reward sits on the last response token
             row = [0.0] * len(ids)
-            row[-1] = float(score)
+            row[-1] = reward_value(name, inputs, i, score)
         if not all(abs(x) <= FLOAT32_MAX for x in row):  # False for NaN; inf also once stored as float32
             raise RewardError(
                 f"reward {name!r}, {describe_sample(inputs, i)}: NaN, inf or a value beyond float32's range "
@@ -140,6 +141,19 @@ def score_component(name: str, component: RewardComponent, inputs: RewardInputs)
             )
         rows.append(row)
     return rows
+
+
+def reward_value(name: str, inputs: RewardInputs, i: int, value: Any) -> float:
+    """One reward as a float: a real number (python, numpy or a 0-d tensor), never a bool or a string, which
+    float() would turn silently into 1.0/0.0 or a parsed number."""
+    dtype = str(getattr(value, "dtype", ""))
+    is_number = isinstance(value, numbers.Real) or (getattr(value, "ndim", None) == 0 and dtype != "")
+    if not is_number or isinstance(value, bool) or dtype in ("bool", "torch.bool"):
+        raise RewardError(
+            f"reward {name!r}, {describe_sample(inputs, i)}: returned {value!r} ({type(value).__name__}); "
+            "a reward is a number (or a list of one number per response token, or None)"
+        )
+    return float(value)
 
 
 def describe_sample(inputs: RewardInputs, i: int) -> str:

@@ -510,7 +510,10 @@ def import_function(spec: str):
     except ValueError:
         raise
     except Exception as error:  # noqa: BLE001 - importing user code can raise anything
-        raise ValueError(f"cannot import {module_name!r}: {type(error).__name__}: {error}") from None
+        missing = isinstance(error, ModuleNotFoundError) and f"{module_name}.".startswith(f"{error.name}.")
+        where = (f" (a module is looked up in the working directory and on PYTHONPATH; or name its file: "
+                 f"path/to/{module_name.replace('.', '/')}.py:{attr})") if missing else ""
+        raise ValueError(f"cannot import {module_name!r}: {type(error).__name__}: {error}{where}") from None
     function = getattr(module, attr, None)
     if not callable(function):
         raise ValueError(f"{module_name!r} has no function {attr!r}")  # noqa: TRY004 - pydantic reports ValueError

@@ -23,13 +23,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
 from pipeline.algorithm.advantages import check_known
-from pipeline.config import StorageUri, TrainConfig, apply_override, config_with, first_error, load_config, parse_override
+from pipeline.config import StorageUri, TrainConfig, apply_override, config_with, first_error, load_config, parse_override, read_yaml
 from pipeline.errors import ConfigError
 
 # strategy -> (number of values or None for a non-empty list, Tune domain)
@@ -118,7 +117,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[TuneSpec, Tr
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"tune spec {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path.read_text(), str(path), "tune spec") or {}
     for text in overrides:
         apply_override(data, *parse_override(text))
     try:
