@@ -63,6 +63,14 @@ def processes_of(temp_dir: str) -> list[int]:
     return pids
 
 
+def resource_requests(gcs_address: str) -> list:
+    """The autoscaler requests standing in a cluster's GCS (what `ray.autoscaler.sdk.request_resources` left there)."""
+    from ray._raylet import GcsClient
+    from ray.autoscaler.v2.sdk import get_cluster_resource_state
+
+    return list(get_cluster_resource_state(GcsClient(address=gcs_address)).cluster_resource_constraints)
+
+
 def kill(pids: list[int]) -> None:
     for pid in pids:
         try:

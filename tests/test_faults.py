@@ -18,6 +18,8 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from local_cluster import resource_requests
+
 from pipeline.config import load_config
 from pipeline.driver.trainer import train
 
@@ -175,14 +177,6 @@ def test_a_full_or_read_only_disk_is_one_line_naming_the_run(tmp_path):
         assert result.returncode == 2, result.stderr[-2000:]
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("tokenforge: error: ") and f"storage '{out}/" in last and reason in last, result.stderr[-2000:]
-
-
-def resource_requests(gcs_address: str) -> list:
-    """The autoscaler requests standing in the GCS (what `request_resources` left there)."""
-    from ray._raylet import GcsClient
-    from ray.autoscaler.v2.sdk import get_cluster_resource_state
-
-    return list(get_cluster_resource_state(GcsClient(address=gcs_address)).cluster_resource_constraints)
 
 
 def test_ctrl_c_while_waiting_for_a_gpu_is_one_line_and_withdraws_the_request(ray_cluster, tmp_path):

@@ -146,8 +146,9 @@ def waited_for(wait: float, config: TrainConfig) -> str:
     if wait:
         return f" (after waiting ray.autoscale_wait_s={wait:g}s for the autoscaler)"
     if config.ray.autoscale_wait_s is None:
-        return " (the cluster has no autoscaler to ask; on one that has, set ray.autoscale_wait_s to wait for its nodes)"
-    return " (ray.autoscale_wait_s=0: set it to wait for the autoscaler's nodes)"
+        return (" (the cluster has no autoscaler to add a node; set ray.autoscale_wait_s to wait that many seconds"
+                " anyway, e.g. for a node you start yourself)")
+    return " (ray.autoscale_wait_s=0: set seconds to wait for new nodes, or null to wait where an autoscaler runs)"
 
 
 REQUESTED = False  # whether this process has an autoscaler request standing (withdraw_resource_request)
@@ -225,15 +226,15 @@ def described(resources: dict[str, float]) -> str:
 
 
 def unplaceable(named: list[tuple[str, dict[str, float]]]) -> str | None:
-    """Why the cluster cannot hold these (name, bundle) actors now, or None if it can: an actor that fits no
-    single node (named, with the largest node), else the resources short in total."""
+    """Why the cluster cannot hold these (name, bundle) actors now, or None if it can: the resources short in
+    total, else an actor that fits no single node (named, with the largest node's resources)."""
+    for resource, (amount, have) in missing_resources([bundle for _, bundle in named]).items():
+        return f"the actors need {amount:g} {resource} in total but the Ray cluster has {have:g}"
     nodes = node_totals()
     for name, bundle in named:
         if fits_no_node(bundle, nodes):
-            largest = {r: max((node.get(r, 0) for node in nodes), default=0) for r in bundle if bundle[r] > 0}
-            return f"the {name} asks {described(bundle)} on one node, but no Ray node has that (the largest per resource: {described(largest) if any(largest.values()) else 'none'})"
-    for resource, (amount, have) in missing_resources([bundle for _, bundle in named]).items():
-        return f"the actors need {amount:g} {resource} in total but the Ray cluster has {have:g}"
+            largest = {r: max((node.get(r, 0) for node in nodes), default=0) for r in bundle}
+            return f"the {name} asks {described(bundle)} on one node, but no Ray node has that (the most any node has: {described(largest)})"
     return None
 
 

@@ -7,9 +7,10 @@ Ray Tune (and any other caller) gets each eval step's metrics and checkpoint thr
 callback.
 
 Faults: a rollout or reward worker that dies is restarted by Ray and its shard resubmitted (the
-rollout worker first gets the current weights back). A dead learner, a lost node or an actor that
-stops answering ends the attempt: the pipeline is rebuilt from the last published checkpoint, up to
-`trainer.max_failures` times, then the run stops naming the cause and the `--resume` command.
+rollout worker first gets the current weights back). A dead or failing learner, a lost node, an actor that
+stops answering or a storage error that may pass (RECOVERABLE) ends the attempt: the pipeline is rebuilt from
+the last published checkpoint, up to `trainer.max_failures` times, then the run stops naming the cause and
+the `--resume` command.
 """
 
 from __future__ import annotations
