@@ -64,11 +64,15 @@ def processes_of(temp_dir: str) -> list[int]:
 
 
 def resource_requests(gcs_address: str) -> list:
-    """The autoscaler requests standing in a cluster's GCS (what `ray.autoscaler.sdk.request_resources` left there)."""
+    """The autoscaler requests standing in a cluster's GCS (what `ray.autoscaler.sdk.request_resources` left there:
+    a key of the GCS's store for autoscaler v1, resource constraints for v2)."""
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
     from ray._raylet import GcsClient
     from ray.autoscaler.v2.sdk import get_cluster_resource_state
 
-    return list(get_cluster_resource_state(GcsClient(address=gcs_address)).cluster_resource_constraints)
+    client = GcsClient(address=gcs_address)
+    v1 = client.internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL, None)
+    return [*json.loads(v1 or b"[]"), *get_cluster_resource_state(client).cluster_resource_constraints]
 
 
 def kill(pids: list[int]) -> None:
@@ -101,13 +105,13 @@ class LocalCluster:
         """A head with Ray's own autoscaler watching it, as `ray up` starts one, but with Ray's fake multi-node
         provider: a node it launches is a set of processes on this machine, and a node lost (killed) is replaced
         like a cloud instance. `worker_types`: the cluster file's available_node_types (resources, min/max_workers)."""
+        from ray.autoscaler._private.monitor import BASE_READONLY_CONFIG  # every key a cluster file may leave out
+
         config = {
-            "cluster_name": "tokenforge-test", "max_workers": 8, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+            **BASE_READONLY_CONFIG, "cluster_name": "tokenforge-test", "max_workers": 8, "idle_timeout_minutes": 5,
             "provider": {"type": "fake_multinode", "gcs_address": self.gcs, "use_node_id_as_ip": True,
                          "disable_node_updaters": True, "disable_launch_config_check": True},
             "available_node_types": {**worker_types, "ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0}},
-            "head_node_type": "ray.head.default", "auth": {"ssh_user": "ubuntu"}, "docker": {},
-            "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts": {},
         }
         path = Path(tempfile.mkdtemp(prefix="tf-autoscaler-")) / "cluster.json"
         path.write_text(json.dumps(config))
