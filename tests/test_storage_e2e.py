@@ -188,6 +188,7 @@ def test_a_lost_node_is_replaced_by_the_autoscaler_under_the_default_settings(tm
         log, err = process.communicate(timeout=600)
         assert process.returncode == 0, log[-2000:] + err[-3000:]
         assert "failure 1 of at most 3" in log
+        assert "asking the autoscaler and waiting up to 900s (ray.autoscale_wait_s)" in log  # null: the autoscaler was seen
         assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(41))
         assert set(nodes.autoscaled_nodes()) - {lost}  # the run went on on the autoscaler's replacement
     finally:

@@ -249,8 +249,10 @@ def ensure_resources(config: TrainConfig, named: list[tuple[str, dict[str, float
     node. On a cluster with an autoscaler (see autoscale_wait) first ask it for them, one bundle per actor, and
     wait: a lost node's replacement, GPU nodes that start at zero."""
     named = named_bundles(config) if named is None else named
-    wait = autoscale_wait(config) if unplaceable(named) else 0.0
+    reason = unplaceable(named)
+    wait = autoscale_wait(config) if reason else 0.0
     if wait:
+        print(f"tokenforge: {reason}: asking the autoscaler and waiting up to {wait:g}s (ray.autoscale_wait_s)", flush=True)
         request_and_wait([bundle for _, bundle in named], lambda: unplaceable(named) is None, wait)
     reason = unplaceable(named)
     if reason:
