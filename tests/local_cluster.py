@@ -63,18 +63,6 @@ def processes_of(temp_dir: str) -> list[int]:
     return pids
 
 
-def resource_requests(gcs_address: str) -> list:
-    """The autoscaler requests standing in a cluster's GCS (what `ray.autoscaler.sdk.request_resources` left there:
-    a key of the GCS's store for autoscaler v1, resource constraints for v2)."""
-    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
-    from ray._raylet import GcsClient
-    from ray.autoscaler.v2.sdk import get_cluster_resource_state
-
-    client = GcsClient(address=gcs_address)
-    v1 = client.internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL, None)
-    return [*json.loads(v1 or b"[]"), *get_cluster_resource_state(client).cluster_resource_constraints]
-
-
 def kill(pids: list[int]) -> None:
     for pid in pids:
         try:
