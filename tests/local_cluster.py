@@ -147,7 +147,7 @@ class LocalCluster:
 
 
     def shutdown(self) -> None:
+        for temp_dir in self.nodes:  # the head first: its autoscaler launches no node after this
+            self.kill_node(temp_dir)
         for pids in self.autoscaled_nodes().values():
             kill(pids)
-        for temp_dir in self.nodes:
-            self.kill_node(temp_dir)
