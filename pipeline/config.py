@@ -336,8 +336,8 @@ class RayConfig(Section):
     """Ray cluster to join; null = RAY_ADDRESS if set, else start a local Ray."""
     num_cpus: int | None = Field(None, ge=1)
     """CPUs of a locally started Ray (null = all cores)."""
-    autoscale_wait_s: float = Field(0.0, ge=0)
-    """If the cluster lacks the actors' resources: ask the autoscaler for them and wait this long (0 = fail at once)."""
+    autoscale_wait_s: float | None = Field(None, ge=0)
+    """If the cluster lacks the actors' resources (at start, or after losing a node): ask the autoscaler for them and wait this long; null = 900 s on a cluster with an autoscaler, else 0 (fail at once)."""
 
 
 class TrainConfig(Section):

@@ -7,3 +7,8 @@ class TokenforgeError(Exception):
 
 class ConfigError(TokenforgeError):
     """A config key is unknown, mistyped or out of range."""
+
+
+class TransientStorageError(TokenforgeError):
+    """The storage failed in a way that may pass (a timeout, a reset connection, S3 5xx or throttling): a run
+    retries from its last checkpoint within trainer.max_failures before stopping with this one line."""

@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.errors import TokenforgeError
+from pipeline.errors import TokenforgeError, TransientStorageError
 
 MANIFEST = "MANIFEST.json"
 CHECKPOINTS = "checkpoints"
@@ -69,15 +69,33 @@ def credentials_error(uri: str) -> str | None:
     return f"the URI {shown!r} holds credentials (user:secret@), which would be printed and stored with the run; {CREDENTIALS_HELP}"
 
 
+TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+                    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN}
+# pyarrow's S3 errors carry the AWS error name, the HTTP status and curl's reason as text (no errno)
+TRANSIENT_TEXT = re.compile(
+    r"timed? ?out|timeout|connection (reset|refused|aborted|closed)|broken pipe|couldn't connect|network_connection"
+    r"|slow_?down|throttl|too many requests|service_?unavailable|internal_failure|HTTP status (429|5\d\d)",
+    re.IGNORECASE,
+)
+
+
+def is_transient(error: OSError) -> bool:
+    """Whether a storage error may pass if tried again (a timeout, a reset connection, S3 5xx or throttling),
+    unlike a full disk, a missing permission or a missing bucket."""
+    return error.errno in TRANSIENT_ERRNOS or bool(TRANSIENT_TEXT.search(str(error)))
+
+
 @contextmanager
 def storage_errors(uri: str) -> Iterator[None]:
-    """A full disk, a missing permission or an unreachable bucket as one line naming the URI."""
+    """A full disk, a missing permission or an unreachable bucket as one line naming the URI; one that may pass
+    (is_transient) as a TransientStorageError, which a run retries."""
     try:
         yield
     except OSError as error:
         reason = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
                   errno.EROFS: "read-only file system"}.get(error.errno, str(error).splitlines()[0] if str(error) else type(error).__name__)
-        raise TokenforgeError(f"storage {uri!r}: {reason} (storage.uri / output_dir)") from None
+        kind = TransientStorageError if is_transient(error) else TokenforgeError
+        raise kind(f"storage {uri!r}: {reason} (storage.uri / output_dir)") from None
 
 
 def sha256_bytes(data: bytes) -> str:

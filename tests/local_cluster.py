@@ -6,6 +6,7 @@ Only this cluster's own processes are ever signalled (found by their temp dir)."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -62,6 +63,14 @@ def processes_of(temp_dir: str) -> list[int]:
     return pids
 
 
+def kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def can_mask() -> bool:
     """Whether this machine lets a process mount a tmpfs in a private mount namespace."""
     return subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode == 0
@@ -79,6 +88,40 @@ class LocalCluster:
         return self._start(
             ["--head", f"--port={self.gcs.split(':')[1]}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
              f"--ray-client-server-port={self.client}"], cpus, resources, 0, None)
+
+    def start_autoscaling_head(self, cpus: float, worker_types: dict[str, dict]) -> str:
+        """A head with Ray's own autoscaler watching it, as `ray up` starts one, but with Ray's fake multi-node
+        provider: a node it launches is a set of processes on this machine, and a node lost (killed) is replaced
+        like a cloud instance. `worker_types`: the cluster file's available_node_types (resources, min/max_workers)."""
+        from ray.autoscaler._private.monitor import BASE_READONLY_CONFIG  # every key a cluster file may leave out
+
+        config = {
+            **BASE_READONLY_CONFIG, "cluster_name": "tokenforge-test", "max_workers": 8, "idle_timeout_minutes": 5,
+            "provider": {"type": "fake_multinode", "gcs_address": self.gcs, "use_node_id_as_ip": True,
+                         "disable_node_updaters": True, "disable_launch_config_check": True},
+            "available_node_types": {**worker_types, "ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0}},
+        }
+        path = Path(tempfile.mkdtemp(prefix="tf-autoscaler-")) / "cluster.json"
+        path.write_text(json.dumps(config))
+        # the autoscaler runs every second and gives up on a silent node after 10 s (defaults: 5 s, 30 s)
+        self.env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10"})
+        return self._start(
+            ["--head", f"--port={self.gcs.split(':')[1]}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
+             f"--ray-client-server-port={self.client}", f"--autoscaling-config={path}"], cpus, "{}", 0, None)
+
+    def autoscaled_nodes(self) -> dict[str, list[int]]:
+        """instance id -> PIDs of each node the autoscaler launched (its raylet and what the raylet started: each
+        has the instance id in its environment)."""
+        nodes: dict[str, list[int]] = {}
+        for proc in Path("/proc").iterdir():
+            try:
+                environ = (proc / "environ").read_bytes().split(b"\0") if proc.name.isdigit() else []
+            except OSError:
+                continue
+            for entry in environ:
+                if entry.startswith(b"RAY_CLOUD_INSTANCE_ID=") and self.gcs.encode() in (proc / "cmdline").read_bytes():
+                    nodes.setdefault(entry.split(b"=", 1)[1].decode(), []).append(int(proc.name))
+        return nodes
 
     def add_node(self, cpus: float, resources: str = "{}", gpus: int = 0, masked: Path | None = None) -> str:
         """A worker node; `gpus` are advertised to Ray only (this machine has none); `masked`: a directory
@@ -100,12 +143,11 @@ class LocalCluster:
 
     def kill_node(self, temp_dir: str) -> None:
         """SIGKILL every process of one node (its raylet first): the node is lost, as when a machine dies."""
-        for pid in processes_of(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill(processes_of(temp_dir))
+
 
     def shutdown(self) -> None:
-        for temp_dir in self.nodes:
+        for temp_dir in self.nodes:  # the head first: its autoscaler launches no node after this
             self.kill_node(temp_dir)
+        for pids in self.autoscaled_nodes().values():
+            kill(pids)

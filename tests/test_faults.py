@@ -175,3 +175,39 @@ def test_a_full_or_read_only_disk_is_one_line_naming_the_run(tmp_path):
         assert result.returncode == 2, result.stderr[-2000:]
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("tokenforge: error: ") and f"storage '{out}/" in last and reason in last, result.stderr[-2000:]
+
+
+def test_ctrl_c_while_waiting_for_a_gpu_is_one_line(ray_cluster, tmp_path):
+    """learner.num_gpus null on a cluster without GPUs, told to wait for the autoscaler: SIGINT during the wait."""
+    out, address = tmp_path / "run", ray_cluster.get_runtime_context().gcs_address
+    process = driver(out, address, "ray.autoscale_wait_s=600")
+    log = ""
+    while "waiting up to 600s for the autoscaler to start a GPU node" not in log:
+        line = process.stdout.readline()
+        assert line, log + process.communicate()[0]
+        log += line
+    process.send_signal(signal.SIGINT)
+    log += process.communicate(timeout=60)[0]
+    assert process.returncode == 2, log[-3000:]
+    assert f"tokenforge: error: interrupted; continue from the last checkpoint with: tokenforge train --resume {out}" in log
+    assert "Traceback" not in log
+
+
+def test_a_learner_failing_on_a_full_tmp_counts_against_max_failures(tmp_path):
+    """The learner's scratch copy of its checkpoint fills a 200 KiB tmpfs (TMPDIR): an OSError in the actor, not a
+    storage error. Each attempt restarts the pipeline, and once trainer.max_failures is spent the run ends in one line."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs mount namespaces (unshare --mount) to mount a small tmpfs")
+    scratch, out = tmp_path / "scratch", tmp_path / "run"
+    scratch.mkdir()
+    script = (f"mount -t tmpfs -o size=200k tmpfs {scratch} && exec {sys.executable} -m pipeline.cli train "
+              f"output_dir={out} {' '.join(TINY)} ray.num_cpus=2 trainer.max_failures=1")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch), "RAY_TMPDIR": "/tmp"}
+    env.pop("RAY_ADDRESS", None)
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+                            capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "failure 1 of at most 1 (ActorFailed: learner: " in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tokenforge: error: the run failed 2 times (trainer.max_failures=1), last: ActorFailed: learner: "), last
+    assert "No space left on device" in last and f"tokenforge train --resume {out}" in last and "Traceback" not in result.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from local_cluster import LocalCluster, can_mask, free_ports
+from local_cluster import LocalCluster, can_mask, free_ports, kill
 from test_tune import marked_reward, write_spec
 
 from pipeline.cli import main
@@ -199,30 +199,93 @@ def test_nodes_without_a_shared_disk_need_storage_uri(masked_cluster, tmp_path, 
     assert placement["learner"][0]["node_id"] != placement["rollout"][0]["node_id"]
 
 
-def test_a_lost_node_is_survived_once_the_autoscaler_gives_a_replacement(tmp_path):
-    """The learner's node dies (every process of it SIGKILLed) at step 4 of 40; the run restarts from the
-    step-3 checkpoint once a replacement node with the learner's resource has joined (what an autoscaler does),
-    and ends with every step once."""
+LEARNER_NODE = {"learner_node": {"resources": {"CPU": 1, "learner_node": 1}, "node_config": {}, "min_workers": 1, "max_workers": 1}}
+
+
+def train_process(nodes: LocalCluster, *args: str) -> subprocess.Popen:
+    env = {**nodes.env, "RAY_ADDRESS": nodes.gcs, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_lines(out: Path, count: int, process: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= count):
+        assert time.time() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.5)
+
+
+def test_a_lost_node_is_waited_for_under_the_default_settings_where_an_autoscaler_runs(tmp_path):
+    """A cluster with Ray's autoscaler (its fake multi-node provider: nodes are local processes) keeps one node of
+    the learner's type. That node dies (every process of it SIGKILLed) at step 4 of 40; with the default
+    ray.autoscale_wait_s (null) the run sees the autoscaler and waits for a replacement instead of failing, restarts
+    from the step-3 checkpoint once one has joined, and ends with every step once. Ray 2.60's fake provider never
+    replaces a lost node itself (the autoscaler keeps it as "uninitialized"), so the test starts the replacement."""
+    nodes = LocalCluster()
+    try:
+        nodes.start_autoscaling_head(cpus=2, worker_types=LEARNER_NODE)
+        deadline = time.time() + 180
+        while not nodes.autoscaled_nodes():  # min_workers: 1
+            assert time.time() < deadline, "the autoscaler launched no node"
+            time.sleep(1)
+        out = tmp_path / "run"
+        process = train_process(nodes, *TINY, "trainer.total_steps=40", *SMALL_ACTORS, f"output_dir={out}",
+                                "learner.resources={learner_node: 1}", "learner.num_gpus=0")
+        wait_for_lines(out, 5, process)
+        ((_, pids),) = nodes.autoscaled_nodes().items()
+        kill(pids)
+        log = ""
+        while "asking the autoscaler and waiting up to 900s (ray.autoscale_wait_s)" not in log:  # null: it saw one
+            line = process.stdout.readline()
+            assert line, log + process.communicate()[1][-3000:]
+            log += line
+        nodes.add_node(cpus=1, resources='{"learner_node": 1}')
+        rest, err = process.communicate(timeout=600)
+        log += rest
+        assert process.returncode == 0, log[-2000:] + err[-3000:]
+        assert "failure 1 of at most 3" in log
+        assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(41))
+    finally:
+        nodes.shutdown()
+
+
+def test_a_lost_node_without_an_autoscaler_fails_fast_naming_the_setting(tmp_path):
+    """The same loss on a cluster started by hand (no autoscaler: nothing can replace the node): one line at the
+    first restart naming the actor that no longer fits and ray.autoscale_wait_s, not a wait."""
     nodes = LocalCluster()
     try:
         nodes.start_head(cpus=2, resources='{"head_node": 1}')
         first = nodes.add_node(cpus=1, resources='{"learner_node": 1}')
         out = tmp_path / "run"
-        env = {**nodes.env, "RAY_ADDRESS": nodes.gcs, "PYTHONUNBUFFERED": "1"}
-        args = [*TINY, "trainer.total_steps=40", *SMALL_ACTORS, f"output_dir={out}", "learner.resources={learner_node: 1}",
-                "learner.num_gpus=0", "ray.autoscale_wait_s=120"]  # 40 steps: a few seconds left after step 4
-        process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *args], env=env, cwd=REPO,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 300
-        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5):
-            time.sleep(0.5)
+        process = train_process(nodes, *TINY, "trainer.total_steps=40", *SMALL_ACTORS, f"output_dir={out}",
+                                "learner.resources={learner_node: 1}", "learner.num_gpus=0")
+        wait_for_lines(out, 5, process)
         nodes.kill_node(first)
-        time.sleep(5)
-        nodes.add_node(cpus=1, resources='{"learner_node": 1}')
-        log = process.communicate(timeout=400)[0]
-        assert process.returncode == 0, log[-3000:]
-        assert "failure 1 of at most 3" in log
-        assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(41))
+        log, err = process.communicate(timeout=300)
+        assert process.returncode == 2, log[-2000:] + err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("tokenforge: error: the actors need 1 learner_node in total but the Ray cluster has 0"), err[-3000:]
+        assert "the cluster has no autoscaler to add a node; set ray.autoscale_wait_s" in last
+    finally:
+        nodes.shutdown()
+
+
+def test_an_actor_bigger_than_every_node_is_one_line(tmp_path):
+    """Two nodes of 1 CPU: a learner asking 1.5 CPUs fits the cluster's total (with 0.25 for each worker) but no
+    node. One line names it and the largest node at once (not after 4 x trainer.actor_timeout_s)."""
+    nodes = LocalCluster()
+    try:
+        nodes.start_head(cpus=1)
+        nodes.add_node(cpus=1)
+        process = train_process(nodes, *TINY, "learner.num_cpus=1.5", "rollout.num_cpus_per_worker=0.25",
+                                "reward.num_cpus_per_worker=0.25", "learner.num_gpus=0", "trainer.actor_timeout_s=20",
+                                "ray.autoscale_wait_s=2", f"output_dir={tmp_path / 'run'}")
+        log, err = process.communicate(timeout=300)
+        assert process.returncode == 2, log[-2000:] + err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            "tokenforge: error: the learner asks 1.5 CPU on one node, but no Ray node has that (the most any node has: "
+            "1 CPU) (after waiting ray.autoscale_wait_s=2s for the autoscaler); lower learner.num_cpus/num_gpus/resources, "
+            "rollout.*_per_worker, reward.*_per_worker or the worker counts"), err[-3000:]
     finally:
         nodes.shutdown()
 

@@ -15,11 +15,16 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from pipeline.errors import TokenforgeError
+from pipeline.errors import TokenforgeError, TransientStorageError
 
 
 class ActorTimeout(TokenforgeError):
     """An actor did not answer within trainer.actor_timeout_s (the run may restart the pipeline)."""
+
+
+class ActorFailed(Exception):
+    """An actor's method raised an error that is not the user's input (a CUDA fault, a full local disk): the run
+    may restart the pipeline from its last checkpoint."""
 
 
 class StaleWeights(Exception):
@@ -96,9 +101,11 @@ class ActorGroup:
             cause = error.cause  # the actor's own exception (str(error) holds the remote traceback)
             if isinstance(cause, StaleWeights):
                 raise StaleWeights(str(cause)) from None
-            if isinstance(cause, TokenforgeError):
-                raise TokenforgeError(f"{self.role}: {cause}") from None
-            raise
+            if isinstance(cause, TokenforgeError):  # TransientStorageError stays one: the run retries it
+                kind = TransientStorageError if isinstance(cause, TransientStorageError) else TokenforgeError
+                raise kind(f"{self.role}: {cause}") from None
+            lines = str(cause).strip().splitlines()
+            raise ActorFailed(f"{self.role}: {type(cause).__name__}: {lines[0] if lines else ''}") from error
 
     def placements(self) -> list[dict[str, str]]:
         """Where each actor runs: Ray node id and address, and the torch device it computes on."""

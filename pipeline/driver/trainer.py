@@ -7,9 +7,10 @@ Ray Tune (and any other caller) gets each eval step's metrics and checkpoint thr
 callback.
 
 Faults: a rollout or reward worker that dies is restarted by Ray and its shard resubmitted (the
-rollout worker first gets the current weights back). A dead learner, a lost node or an actor that
-stops answering ends the attempt: the pipeline is rebuilt from the last published checkpoint, up to
-`trainer.max_failures` times, then the run stops naming the cause and the `--resume` command.
+rollout worker first gets the current weights back). A dead or failing learner, a lost node, an actor that
+stops answering or a storage error that may pass (RECOVERABLE) ends the attempt: the pipeline is rebuilt from
+the last published checkpoint, up to `trainer.max_failures` times, then the run stops naming the cause and
+the `--resume` command.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig, config_to_yaml
 from pipeline.data.inputs import check_data_unchanged, load_inputs, with_builtin_defaults
 from pipeline.data.loading import PromptSampler
-from pipeline.driver.actor_group import ACTOR_LOST, ActorGroup, ActorTimeout, ShardCalls
-from pipeline.driver.placement import clear_resource_request, connect_ray, decide_learner_gpus, ensure_resources
+from pipeline.driver.actor_group import ACTOR_LOST, ActorFailed, ActorGroup, ActorTimeout, ShardCalls, StaleWeights
+from pipeline.driver.placement import connect_ray, decide_learner_gpus, ensure_resources, withdraw_resource_request
 from pipeline.driver.weight_sync import BroadcastGroup, packed_weights, published_weights
-from pipeline.errors import TokenforgeError
+from pipeline.errors import TokenforgeError, TransientStorageError
 from pipeline.outputs import dumps
 from pipeline.outputs.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 from pipeline.outputs.trackers import Trackers, require_loggers
@@ -44,8 +45,10 @@ from pipeline.storage import Storage
 
 Report = Callable[[dict, str | None], None]  # (metrics record, published checkpoint directory or None)
 TRAINER_STATE = "trainer_state.json"
-# What ends an attempt but not the run: a dead or restarting actor, a lost node, an actor that stopped answering
-RECOVERABLE = (*ACTOR_LOST, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError, ActorTimeout)
+# What ends an attempt but not the run: a dead or restarting actor, a lost node, an actor that stopped answering or
+# failed (a CUDA fault, a full /tmp), a rollout worker still on stale weights after its resyncs, a storage hiccup
+RECOVERABLE = (*ACTOR_LOST, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError, ActorTimeout, ActorFailed,
+               StaleWeights, TransientStorageError)
 
 
 class Pipeline:
@@ -176,7 +179,7 @@ class Pipeline:
         except ACTOR_LOST:  # a worker was restarted (and given the weights then, or when it next generates)
             if self.broadcast is not None:
                 self.broadcast.formed = False  # its new process is not in the group
-        except ray.exceptions.RayTaskError:
+        except ActorFailed:
             if self.broadcast is None:
                 raise
             # a broadcast failed (a member died mid-way): the workers it missed were given the weights through the
@@ -374,15 +377,14 @@ def start_state(storage: Storage, resume: bool) -> tuple[str | None, dict]:
 
 def attempt(config: TrainConfig, storage: Storage, train_prompts, eval_prompts, resume: bool, report: Report | None) -> dict:
     """One attempt at the run: actors from scratch (or from the last published checkpoint) to the last step."""
-    ensure_resources(config)  # a restart after a lost node waits (ray.autoscale_wait_s) for a replacement
+    ensure_resources(config)  # a restart after a lost node waits for the autoscaler's replacement (ray.autoscale_wait_s)
     latest, state = start_state(storage, resume)
     if resume:
         print(f"tokenforge: resuming {storage.display()} from "
               + (f"{latest} (step {state['step']})" if latest else "step 0 (no checkpoint yet)"), flush=True)
     with Pipeline(config, run_id=uuid.uuid4().hex[:8], resume=(storage.uri, latest) if latest else None) as pipeline:
         placement = {group.role: group.placements() for group in pipeline.groups}
-        if config.ray.autoscale_wait_s:
-            clear_resource_request()  # placed: the autoscaler may scale idle nodes down again
+        withdraw_resource_request()  # placed: the autoscaler may scale idle nodes down again
         storage.write_text("placement.json", json.dumps(placement, indent=1))
         if report is None:  # a Tune trial's are in its placement.json: Tune's console shows the trials
             for role, actors in placement.items():
@@ -407,9 +409,22 @@ def attempt(config: TrainConfig, storage: Storage, train_prompts, eval_prompts, 
 
 
 def train(config: TrainConfig, resume: bool = False, report: Report | None = None) -> dict[str, float]:
-    """Run (or resume) training; returns the last step's metrics record."""
+    """Run (or resume) training; returns the last step's metrics record. Ctrl-C at any moment ends it with one
+    line (how to continue), and an autoscaler request this run made is withdrawn however it ends."""
     config = with_builtin_defaults(config)
     storage = Storage(config.run_uri)
+    try:
+        return train_with_retries(config, storage, resume, report)
+    except KeyboardInterrupt:
+        if storage.exists("config.yaml"):
+            raise TokenforgeError(f"interrupted; continue from the last checkpoint with: tokenforge train --resume {storage.for_commands()}") from None
+        raise TokenforgeError("interrupted before the run started (nothing written); run the same command again") from None
+    finally:
+        withdraw_resource_request()  # the cluster may scale down again
+
+
+def train_with_retries(config: TrainConfig, storage: Storage, resume: bool, report: Report | None) -> dict[str, float]:
+    """Check the inputs, join Ray, then attempt the run, retrying a RECOVERABLE failure from the last checkpoint."""
     train_prompts, eval_prompts = load_inputs(config)
     require_loggers(config)
     check_servable(config)  # rollout.backend=vllm: a model its engine refuses, in one line before Ray starts
@@ -431,11 +446,9 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
     while True:
         try:
             return attempt(config, storage, train_prompts, eval_prompts, resume or failures > 0, report)
-        except KeyboardInterrupt:
-            raise TokenforgeError(f"interrupted; continue from the last checkpoint with: tokenforge train --resume {storage.for_commands()}") from None
         except RECOVERABLE as error:
             failures += 1
-            cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             if failures > config.trainer.max_failures:
                 raise TokenforgeError(
                     f"the run failed {failures} times (trainer.max_failures={config.trainer.max_failures}), last: {cause}; "

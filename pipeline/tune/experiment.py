@@ -26,7 +26,14 @@ from ray import tune
 from pipeline import run_paths
 from pipeline import storage as store
 from pipeline.config import TrainConfig, config_to_yaml, config_with
-from pipeline.driver.placement import actor_bundles, connect_ray, decide_learner_gpus, ensure_resources
+from pipeline.driver.placement import (
+    actor_bundles,
+    connect_ray,
+    decide_learner_gpus,
+    ensure_resources,
+    named_bundles,
+    withdraw_resource_request,
+)
 from pipeline.driver.trainer import train
 from pipeline.errors import TokenforgeError
 from pipeline.outputs.next_steps import after_tune
@@ -119,10 +126,14 @@ def trainable(spec: TuneSpec, base: TrainConfig, experiment_uri: str):
 
 
 def check_trials_fit(spec: TuneSpec, base: TrainConfig) -> None:
-    """Every trial's placement group (driver + actors) must fit the cluster, or it would wait forever."""
-    driver = {"CPU": spec.tune.driver_cpus}
-    for params in [{}, *[{k: d.example()} for k, d in spec.search.items()]]:
-        ensure_resources(base, [driver, *actor_bundles(config_with(base, params))])
+    """Every trial's placement group (driver + actors) must fit the cluster, or it would wait forever. An autoscaler
+    request made meanwhile is withdrawn: from then on the trials' placement groups are the autoscaler's demand."""
+    driver = ("trial driver", {"CPU": spec.tune.driver_cpus})
+    try:
+        for params in [{}, *[{k: d.example()} for k, d in spec.search.items()]]:
+            ensure_resources(base, [driver, *named_bundles(config_with(base, params))])
+    finally:
+        withdraw_resource_request()
 
 
 def run(spec_path: str, overrides: list[str] = ()) -> str:
