@@ -66,6 +66,23 @@ def straight(ray_cluster, tmp_path_factory) -> Path:
     return out
 
 
+# overlapped steps: the rollouts of step s+1 come from the weights of step s-1, except after a checkpoint
+STALE = ["trainer.max_staleness=1", "algorithm.is_cap=2.0"]
+
+
+@pytest.fixture(scope="module")
+def straight_stale(ray_cluster, tmp_path_factory) -> Path:
+    """The run that the driver-kill test at max_staleness=1 must reproduce (a checkpoint every step, as it has)."""
+    out = tmp_path_factory.mktemp("straight_stale")
+    train(load_config(overrides=[*TINY, *STALE, "trainer.save_every=1", f"output_dir={out}"]))
+    return out
+
+
+def learning_metrics(out: Path) -> list[dict]:
+    """Each step's reward/*, loss/* and policy/* metrics: what a resumed run must reproduce exactly."""
+    return [{k: v for k, v in r.items() if k.split("/")[0] in ("reward", "loss", "policy")} for r in records(out)]
+
+
 @pytest.mark.parametrize(
     ("role", "sync"), [("rollout", "object_store"), ("reward", "object_store"), ("rollout", "collective")]
 )
@@ -107,15 +124,18 @@ def unpublished(out: Path) -> set[str]:
     return {p.name for p in root.glob("step_*") if not (p / "MANIFEST.json").exists()} if root.is_dir() else set()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_a_driver_sigkilled_at_random_moments_resumes_exactly(straight, ray_cluster, tmp_path, seed):
+@pytest.mark.parametrize(("seed", "overlap"), [(0, []), (1, []), (0, STALE)], ids=["sync-0", "sync-1", "staleness1-0"])
+def test_a_driver_sigkilled_at_random_moments_resumes_exactly(request, ray_cluster, tmp_path, seed, overlap):
     """SIGKILL the driver at a random moment, resume, SIGKILL it again inside a checkpoint's publication (a
     checkpoint directory without its manifest yet), resume to the end: every step exactly once, the straight
-    run's weights, and the checkpoint that was cut short never loaded (and deleted)."""
+    run's weights and per-step reward/loss/policy metrics, and the checkpoint that was cut short never loaded
+    (and deleted). With overlap (max_staleness=1) the straight run checkpoints every step too: a checkpoint is
+    a synchronisation point of the rollout queue."""
+    straight = request.getfixturevalue("straight_stale" if overlap else "straight")
     rng = random.Random(seed)
     out, address = tmp_path / "run", ray_cluster.get_runtime_context().gcs_address
     # a checkpoint every step: the more publications, the more windows to be killed in (same weights)
-    process, logs, cut_short, left = driver(out, address, "trainer.save_every=1"), [], set(), set()
+    process, logs, cut_short, left = driver(out, address, *overlap, "trainer.save_every=1"), [], set(), set()
     for kill in range(2):  # once at a random moment, then once inside publication
         if kill == 1:  # wait for a save in progress (not one the first kill left behind), then kill it there
             deadline = time.time() + 60
@@ -138,8 +158,11 @@ def test_a_driver_sigkilled_at_random_moments_resumes_exactly(straight, ray_clus
     resumed = re.search(r"resuming .* from (checkpoints/step_\d+|step 0)", logs[2])  # the start after that kill
     assert resumed and resumed.group(1).split("/")[-1] not in cut_short  # never the checkpoint cut short
     assert process.returncode == 0, log[-3000:]
+    if overlap:  # a resume from step 0 has no steps in flight: seed 0 kills after step 3's line, past checkpoint 2
+        assert re.search(r"resuming .* from checkpoints/step_[1-9]", logs[1]), logs[1][-3000:]
     assert [r["step"] for r in records(out)] == list(range(9))
-    torch.testing.assert_close(final_weights(out), final_weights(straight), rtol=0, atol=1e-6)
+    assert learning_metrics(out) == learning_metrics(straight)
+    torch.testing.assert_close(final_weights(out), final_weights(straight), rtol=0, atol=0)
     assert not unpublished(out)  # the resume deleted what a kill cut short
 
 

@@ -230,15 +230,13 @@ class RolloutQueue:
         self.next_step = first_step  # the first step not submitted yet
         self.calls: dict[int, ShardCalls] = {}  # step -> its generation, in flight
         self.ready: dict[int, tuple[pa.Table, int]] = {}  # step -> (scored samples, samples generated)
-        self.sampler_states: dict[int, dict] = {}  # step -> the sampler after its prompts (its checkpoint resumes there)
 
     def submit_through(self, last: int) -> None:
-        """Start the generation of every step up to `last` (and trainer.total_steps) not started yet."""
-        while self.next_step <= min(last, self.config.trainer.total_steps):
+        """Start the generation of every step up to `last` not started yet."""
+        while self.next_step <= last:
             step = self.next_step
             prompts = self.sampler.next_batch(first_group_id=step * self.config.trainer.prompts_per_step)
             self.calls[step] = self.pipeline.submit_generation(prompts, step)
-            self.sampler_states[step] = self.sampler.state()
             self.next_step += 1
 
     def prepare(self, step: int, timings: dict[str, float]) -> None:
@@ -250,13 +248,7 @@ class RolloutQueue:
     def take(self, step: int, timings: dict[str, float]) -> tuple[pa.Table, int]:
         """(the scored samples of `step`, the number generated), waited for if need be."""
         self.prepare(step, timings)
-        for old in [s for s in self.sampler_states if s < step]:  # no checkpoint is written for them any more
-            del self.sampler_states[old]
         return self.ready.pop(step)
-
-    def sampler_state(self, step: int) -> dict:
-        """The prompt sampler as it was after drawing the prompts of `step` (later steps' prompts are in flight)."""
-        return self.sampler_states[step]
 
 
 def save_checkpoint(storage: Storage, pipeline: Pipeline, step: int, trainer_state: dict) -> str:
@@ -316,12 +308,26 @@ def run_steps(
         log.log_samples(0, samples)
         if report:
             report(record, None)
+
+    def saves(step: int) -> bool:
+        """Whether `step` ends with a checkpoint (and, with overlap, a synchronisation of the rollout queue)."""
+        return step % trainer_cfg.save_every == 0 or step == trainer_cfg.total_steps or bool(report and step % trainer_cfg.eval_every == 0)
+
+    def last_to_submit(step: int) -> int:
+        """The rollouts of steps up to step + k start with the current weights (version step - 1), but none past
+        the next checkpoint: a run resumed from checkpoint c generates steps c+1..c+k with version c, so the
+        straight run must too, or the resume would not be exact (docs/reliability.md)."""
+        last = step
+        while last < step + trainer_cfg.max_staleness and not saves(last):
+            last += 1
+        return last
+
     staleness = trainer_cfg.max_staleness
     queue = RolloutQueue(pipeline, sampler, config, first_step=done_steps + 1)
     for step in range(done_steps + 1, trainer_cfg.total_steps + 1):
         timings: dict[str, float] = {}
         with timed(timings, "time/step_s"):
-            queue.submit_through(step + staleness)  # the rollouts of steps up to step + k start with the current weights
+            queue.submit_through(last_to_submit(step))
             rollouts, generated = queue.take(step, timings)  # generated (now, or during the last update) and scored
             learning = pipeline.learner.actors[0].train_step.remote(rollouts, step=step) if rollouts.num_rows else None
             if staleness:
@@ -350,9 +356,10 @@ def run_steps(
         if samples is not None:
             log.log_samples(step, samples)
         saved = None
-        if step % trainer_cfg.save_every == 0 or is_last or (report and step % trainer_cfg.eval_every == 0):
+        if saves(step):
             log.sync_tensorboard()
-            state = {"step": step, "sampler": queue.sampler_state(step), "elapsed_s": log.elapsed()}
+            # nothing past a checkpoint's step is submitted before it (last_to_submit): the sampler stands at its step
+            state = {"step": step, "sampler": sampler.state(), "elapsed_s": log.elapsed()}
             saved = save_checkpoint(storage, pipeline, step, state)
             prune(storage, config)
         if report and any(k.startswith("eval/") for k in metrics):
