@@ -177,7 +177,7 @@ def write_report(location: str) -> Storage:
     if storage.exists(SPEC_FILE):
         panels, extra = experiment_panels(storage)
         if not extra:
-            raise TokenforgeError(f"{storage.display()!r}: {panels[0].note}; run or resume the experiment first (tokenforge tune --resume)")
+            raise TokenforgeError(f"{storage.display()!r}: {panels[0].note}; run or resume the experiment first (tokenforge tune --resume DIR --trust-run-config)")
         title = f"Tune experiment {storage.display()}"
     elif storage.exists(METRICS_FILE):
         records = read_metrics(storage)

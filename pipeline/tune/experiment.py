@@ -25,7 +25,7 @@ from ray import tune
 
 from pipeline import run_paths
 from pipeline import storage as store
-from pipeline.config import TrainConfig, config_to_yaml, config_with
+from pipeline.config import TrainConfig, config_to_yaml, config_with, read_yaml
 from pipeline.driver.placement import (
     actor_bundles,
     connect_ray,
@@ -70,7 +70,7 @@ def restore_into(run: Storage, pointer: dict) -> dict:
         staging = f"{store.CHECKPOINTS}/incoming"
         run.delete_dir(staging)
         for name in manifest["files"]:
-            run.write_bytes(f"{staging}/{name}", source.read_bytes(f"{pointer['checkpoint']}/{name}"))
+            run.write_bytes(f"{staging}/{name}", source.read_bytes(f"{pointer['checkpoint']}/{name}"), staged=False)  # read through the manifest written after them
         # later checkpoints of this trial's own must not win a resume over the restored one; earlier ones stay
         # (Tune may still hand them to another trial)
         for step in [s for s in store.checkpoint_steps(run) if s >= manifest["step"]]:
@@ -206,15 +206,15 @@ def resume(experiment_uri: str, trust_run_config: bool = False) -> str:
     unpickles the experiment's state (searcher, scheduler, trials), and a pickle runs code as it loads: no check
     of the directory's YAML could make that safe, so it needs the user's word that the directory is trusted."""
     experiment = Storage(experiment_uri)
+    if not experiment.exists(SPEC_FILE):
+        raise TokenforgeError(f"--resume: {experiment.display()!r} is not a tokenforge tune experiment (no {SPEC_FILE})")
     if not trust_run_config:
         raise TokenforgeError(
             f"tune --resume {experiment.display()}: resuming loads the experiment directory's Python pickles (Tune's "
             "saved state), which run code with your privileges; pass --trust-run-config if you trust this directory "
             "(e.g. you wrote it)"
         )
-    if not experiment.exists(SPEC_FILE):
-        raise TokenforgeError(f"--resume: {experiment.display()!r} is not a tokenforge tune experiment (no {SPEC_FILE})")
-    data = yaml.safe_load(experiment.read_text(SPEC_FILE))
+    data = read_yaml(experiment.read_text(SPEC_FILE), experiment.display(SPEC_FILE), "tune spec")
     spec, base = TuneSpec.model_validate(data["spec"]), TrainConfig.model_validate(data["base"])
     connect_ray(base)
     tuner = tune.Tuner.restore(
