@@ -4,7 +4,8 @@
 #
 #   another Ray on Ray's default ports (started here, under its own temp dir) -> ray up cluster.local.yaml
 #   with the shipped ports: refused on the node, naming the busy port and its setting -> the ports moved as
-#   docs/cluster.md says for a shared machine -> ray up -> ray up again (as after editing the file) ->
+#   docs/cluster.md says for a shared machine -> ray up -> ray up again (as after editing the file) -> a
+#   failing ray up (setup command exits 1), then ray up again, as docs/cluster.md says ->
 #   ray submit (a 5-step train) -> ray job submit --working-dir . (a 5-step train, then the smoke tune,
 #   twice) -> a Jobs API request without the token refused -> ray down -> no process of the cluster's user
 #   left, and the other Ray untouched.
@@ -272,6 +273,27 @@ ray_up_again() {  # as after editing the cluster file: Ray restarts on the head
     on_head 'ray status >/dev/null && echo CHECK status=ok' | grep -qx "CHECK status=ok"
 }
 
+# docs/cluster.md, "After a failed `ray up`": a `ray up` that fails on the running cluster (here a setup command
+# that exits 1) leaves Ray running and the head tagged update-failed, which `ray down` would take for "no head"
+# and leave Ray running; `ray up` again (the documented safe way) makes the head up-to-date, so `ray down` (later)
+# stops it, checked by the last step.
+ray_up_failed_then_again() {
+    local state_file=$RAY_TMPDIR/ray/cluster-$(sed -n 's/^cluster_name: *//p' "$cfg").state
+    python - "$cfg" "$state/cluster-failing.yaml" <<'EOF2'
+import sys, yaml
+config = yaml.safe_load(open(sys.argv[1]))
+config["setup_commands"] = config["setup_commands"] + ["false"]
+yaml.safe_dump(config, open(sys.argv[2], "w"), sort_keys=False)
+EOF2
+    if ray up -y --no-config-cache "$state/cluster-failing.yaml" >"$state/up-failing.log" 2>&1; then
+        echo "ray up with a failing setup command succeeded" >&2
+        return 1
+    fi
+    grep -q '"ray-node-status": "update-failed"' "$state_file" || { cat "$state_file" >&2; return 1; }
+    ray up -y --no-config-cache "$cfg"
+    grep -q '"ray-node-status": "up-to-date"' "$state_file" || { cat "$state_file" >&2; return 1; }
+}
+
 # `ray exec` prints ssh chatter around a command's output: checks print "CHECK key=value" and grep for it.
 on_head() { ray exec "$cfg" "$1" 2>&1 | tr -d '\r'; }
 
@@ -395,6 +417,7 @@ cluster_up=1
 step "ray up, the shipped ports: refused, naming the busy port" 900 ray_up_refused_on_busy_ports
 step "ray up, ports moved" 600 ray_up
 step "ray up again (a running cluster)" 600 ray_up_again
+step "ray up failing (setup command), ray up again" 600 ray_up_failed_then_again
 step "head: ray status, token 0600, venv, CPU torch, excludes, temp dir" 180 check_head
 step "ray submit: 5-step train" 300 submit_train
 
