@@ -6,7 +6,15 @@ autoscaler's JSON schema: unknown keys, fractional resources, ...), then:
   0.0.0.0 exposes a remote-code-execution endpoint (CVE-2023-48022);
 - every `ray start` runs with `RAY_AUTH_MODE=token`;
 - an AWS security group opens no port but SSH (22), and no rule with IpProtocol -1 (every port); SSH
-  open to 0.0.0.0/0 is a warning; for provider `local` (no security group) it says what it could not check;
+  open to 0.0.0.0/0 is a warning. What this file cannot show is said as NOT CHECKED, never as "SSH only":
+  security groups named by id in a node type's node_config (their rules live in AWS), and the firewalls of
+  the other providers (gcp: the VPC's firewall rules; azure: the network security group; kuberay: Kubernetes
+  Services and NetworkPolicies; local: the machines' own firewalls);
+- the ports are settings of the start commands (docs/cluster.md, "Ports"): the metrics exporter's port is
+  fixed (`--metrics-export-port`: it serves Prometheus samples without a token, so it must be firewalled,
+  which a random port cannot be), the workers join the head's `--port`, no two settings share a port, and
+  no fixed port lies in the worker port range;
+- provider `local`: no worker in `worker_ips` is the head (`head_ip`), none is listed twice;
 - a Ray auth token copied by file_mounts is made private (`chmod 600`) by the setup commands of the head
   and of the workers: rsync copies the local file's mode, 0644 where it was made with umask 022;
 - a file mount of the checkout (`.`) keeps `.venv` and `.git` out (rsync_exclude, or an rsync_filter):
@@ -41,7 +49,13 @@ def validate_cluster(path: str | Path) -> list[str]:
         raise ClusterConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(config, dict) or "provider" not in config:
         raise ClusterConfigError(f"{path}: a Ray cluster config is a mapping with a `provider` section")
-    check_with_ray(path, config)
+    provider = config["provider"].get("type")
+    if provider == "kuberay":  # KubeRay makes the nodes from a RayCluster resource; Ray's launcher schema does not apply
+        schema = "Ray schema: NOT CHECKED: provider kuberay is not a `ray up` file (KubeRay starts the nodes)"
+    else:
+        check_with_ray(path, config)
+        schema = "Ray schema: ok (prepare_config + validate_config)"
+    check_local_nodes(path, config)
     head = [c for c in config.get("head_start_ray_commands", []) if "ray start" in c]
     workers = [c for c in config.get("worker_start_ray_commands", []) if "ray start" in c]
     if not head:
@@ -50,13 +64,15 @@ def validate_cluster(path: str | Path) -> list[str]:
         check_dashboard_host(path, command)
     for command in head + workers:
         check_token_auth(path, command)
+    settings = check_port_settings(path, head, workers)
     ports = check_open_ports(path, config)
     tokens = check_token_private(path, config)
     check_checkout_excludes(path, config)
     return [
-        "Ray schema: ok (prepare_config + validate_config)",
+        schema,
         f"dashboard/Jobs API on loopback: ok ({len(head)} head start command(s))",
         f"RAY_AUTH_MODE=token: ok ({len(head) + len(workers)} start command(s))",
+        settings,
         ports,
         f"auth token private on every node: ok ({', '.join(tokens) or 'no token in file_mounts'})",
         "checkout sync keeps .venv and .git out: ok",
@@ -98,13 +114,27 @@ def check_token_auth(path: Path, command: str) -> None:
         )
 
 
+NOT_CHECKED = {  # providers whose firewall is not in the cluster file: where it is instead
+    "local": "provider local has no security group; Ray's GCS, raylet and agent ports listen on the network, "
+             "guarded only by token auth: firewall them to the cluster's machines (docs/cluster.md, \"Ports\")",
+    "gcp": "provider gcp: the firewall is the VPC network's firewall rules, not in this file "
+           "(`gcloud compute firewall-rules list`): allow SSH (22) only from outside the cluster",
+    "azure": "provider azure: the network security group comes from Ray's template or your resource group, not from "
+             "this file (`az network nsg rule list`): allow SSH (22) only from outside the cluster",
+    "kuberay": "provider kuberay: reachability is set by Kubernetes Services and NetworkPolicies, not by this file: "
+               "expose no Ray port outside the cluster",
+}
+
+
 def check_open_ports(path: Path, config: dict) -> str:
-    """Raise unless the security group opens SSH (22) only; return the summary line, with a warning for SSH
-    open to the whole internet and a plain statement of what cannot be checked for provider `local`."""
-    if config["provider"].get("type") == "local":
-        return ("open ports: NOT CHECKED: provider local has no security group; Ray's GCS, raylet and agent ports listen "
-                "on the network, guarded only by token auth: firewall them to the cluster's machines (docs/cluster.md)")
-    group = config.get("provider", {}).get("security_group") or {}
+    """Raise unless the AWS security group opens SSH (22) only; return the summary line, with a warning for SSH
+    open to the whole internet and a plain NOT CHECKED for every firewall this file does not hold."""
+    provider = config["provider"].get("type")
+    if provider != "aws":
+        reason = NOT_CHECKED.get(provider, f"provider {provider}: its firewall is not in this file; allow SSH (22) only "
+                                           "from outside the cluster")
+        return f"open ports: NOT CHECKED: {reason}"
+    group = config["provider"].get("security_group") or {}
     world = False
     for rule in group.get("IpPermissions", []):
         if str(rule.get("IpProtocol")) == "-1":
@@ -120,9 +150,117 @@ def check_open_ports(path: Path, config: dict) -> str:
             )
         world |= any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", []))
         world |= any(r.get("CidrIpv6") == "::/0" for r in rule.get("Ipv6Ranges", []))
+    # A node type that names its own groups (SecurityGroupIds, or Groups of a network interface) does not get
+    # provider.security_group: the rules of those groups live in AWS, and this offline check cannot see them.
+    named = {}
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        node_config = node_type.get("node_config") or {}
+        ids = list(node_config.get("SecurityGroupIds") or [])
+        ids += [g for nic in node_config.get("NetworkInterfaces") or [] for g in nic.get("Groups") or []]
+        if ids:
+            named[name] = ids
+    line = "open ports: SSH only"
+    if named:
+        rest = [name for name in config.get("available_node_types") or {} if name not in named]
+        line += f" for {', '.join(rest) or 'no node type'} (provider.security_group)"
     if world:
-        return "open ports: SSH only; WARNING: SSH is open to the whole internet (0.0.0.0/0): restrict CidrIp to your address range"
-    return "open ports: SSH only"
+        line += "; WARNING: SSH is open to the whole internet (0.0.0.0/0): restrict CidrIp to your address range"
+    if named:
+        listed = "; ".join(f"{name}: {', '.join(ids)}" for name, ids in named.items())
+        line += (f"; NOT CHECKED: node types with their own security groups ({listed}): their rules are in AWS, not in "
+                 "this file (`aws ec2 describe-security-groups --group-ids ...`): they must open SSH (22) only")
+    return line
+
+
+def check_local_nodes(path: Path, config: dict) -> None:
+    """Provider local: every worker is another machine than the head, listed once."""
+    provider = config["provider"]
+    if provider.get("type") != "local":
+        return
+    workers = [str(ip) for ip in provider.get("worker_ips") or []]
+    if str(provider.get("head_ip")) in workers:
+        raise ClusterConfigError(
+            f"{path}: provider.worker_ips lists the head ({provider['head_ip']}); a machine is the head or a worker, "
+            "not both: remove it from worker_ips (the head runs work too)"
+        )
+    twice = sorted({ip for ip in workers if workers.count(ip) > 1})
+    if twice:
+        raise ClusterConfigError(f"{path}: provider.worker_ips lists {', '.join(twice)} more than once; list each machine once")
+
+
+# The ports of a Ray node, each a setting of the start commands (docs/cluster.md, "Ports"): flag -> what listens.
+PORT_FLAGS = {
+    "--port": "GCS",
+    "--ray-client-server-port": "Ray client server",
+    "--dashboard-port": "dashboard and Jobs API",
+    "--dashboard-agent-listen-port": "dashboard agent (HTTP: job submission)",
+    "--dashboard-agent-grpc-port": "dashboard agent (gRPC)",
+    "--runtime-env-agent-port": "runtime-env agent",
+    "--metrics-export-port": "metrics exporter (Prometheus, no token)",
+    "--node-manager-port": "raylet",
+    "--object-manager-port": "object manager",
+}
+# Two Prometheus servers of the head with no `ray start` flag: Ray reads their ports from these variables.
+PORT_VARIABLES = {
+    "AUTOSCALER_METRIC_PORT": "autoscaler metrics (Prometheus, no token)",
+    "DASHBOARD_METRIC_PORT": "dashboard metrics (Prometheus, no token)",
+}
+WORKER_RANGE = ("--min-worker-port", "--max-worker-port")
+
+
+def port_settings(command: str) -> dict[str, int]:
+    """The port settings of one start command: {flag or variable: port}, as written in it."""
+    found = {}
+    for name in [*PORT_FLAGS, *WORKER_RANGE]:
+        match = re.search(rf"(?<!\S){re.escape(name)}[= ](\d+)\b", command)
+        if match:
+            found[name] = int(match.group(1))
+    for name in PORT_VARIABLES:
+        match = re.search(rf"\b{name}=(\d+)\b", command)
+        if match:
+            found[name] = int(match.group(1))
+    return found
+
+
+def check_port_settings(path: Path, head: list[str], workers: list[str]) -> str:
+    """Fixed metrics port on every node, workers joining the head's GCS port, no port used twice, none in the
+    worker range; return the summary line listing the head's ports."""
+    gcs_port = None
+    for role, commands in (("head", head), ("worker", workers)):
+        for command in commands:
+            settings = port_settings(command)
+            where = f"{role}_start_ray_commands"
+            if "--metrics-export-port" not in settings:
+                raise ClusterConfigError(
+                    f"{path}: `ray start` in {where} leaves --metrics-export-port unset: Ray then serves its metrics "
+                    "without a token on a random port no firewall rule can name; add --metrics-export-port=8090 "
+                    "(docs/cluster.md, \"Ports\")"
+                )
+            single = {name: port for name, port in settings.items() if name not in WORKER_RANGE}
+            if role == "head":
+                gcs_port = single.setdefault("--port", 6379)
+            else:
+                joined = re.search(r"--address[= ]\S*:(\d+)", command)
+                if joined and gcs_port is not None and int(joined.group(1)) != gcs_port:
+                    raise ClusterConfigError(
+                        f"{path}: {where} joins port {joined.group(1)} but the head's --port is {gcs_port}; "
+                        "make the worker's --address=$RAY_HEAD_IP:PORT match the head's --port"
+                    )
+            by_port: dict[int, list[str]] = {}
+            for name, port in single.items():
+                by_port.setdefault(port, []).append(name)
+            for port, names in by_port.items():
+                if len(names) > 1:
+                    raise ClusterConfigError(f"{path}: {where} gives port {port} to {' and '.join(names)}; give each its own port")
+            low, high = settings.get("--min-worker-port", 10002), settings.get("--max-worker-port", 19999)
+            for name, port in single.items():
+                if low <= port <= high:
+                    raise ClusterConfigError(
+                        f"{path}: {where} puts {name}={port} inside the worker port range {low}-{high} "
+                        "(--min-worker-port/--max-worker-port); move one of them"
+                    )
+    listed = ", ".join(f"{port} {name.lstrip('-')}" for name, port in port_settings(head[0]).items())
+    return f"ports: ok (head: {listed})"
 
 
 PRIVATE_MODES = r"(?:0?600|u=rw,go=|go-rwx|og-rwx)"

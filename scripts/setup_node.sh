@@ -9,12 +9,15 @@
 #
 # 1. A virtualenv, ~/tokenforge-venv: Debian 12 and Ubuntu 23.04+ refuse `pip install` into the system
 #    Python (PEP 668, "externally-managed-environment").
-# 2. The first line of ~/.bashrc puts that venv first on PATH and turns Ray token auth on, for every shell
-#    Ray opens on the node: `ray start`, `ray submit` (which runs `python`), job drivers, `ray exec`,
-#    `ray attach`, and `ray status` typed on the node.
+# 2. The first line of ~/.bashrc puts that venv first on PATH, turns Ray token auth on and gives this
+#    cluster's Ray its own temp dir (RAY_TMPDIR=~/.tokenforge-ray, unless set already: on a machine shared
+#    with other Ray clusters, /tmp/ray may be another user's, and `ray status` or a `ray submit` script
+#    would find their cluster there), for every shell Ray opens on the node: `ray start`, `ray submit`
+#    (which runs `python`), job drivers, `ray exec`, `ray attach`, and `ray status` typed on the node.
 # 3. torch at the version constraints.txt pins, in the build this node needs. CPU: from pip's configured
-#    sources if they hold the CPU build (a wheelhouse or mirror), else from PyTorch's CPU index. PyPI's Linux
-#    torch wheel is the CUDA build, which pulls ~2.7 GB of nvidia-* packages: right on GPU nodes only.
+#    sources if they hold the CPU build (a wheelhouse or mirror), else from PyTorch's CPU index
+#    (https://download.pytorch.org/whl/cpu); where neither has it, one line says so and what to do. PyPI's
+#    Linux torch wheel is the CUDA build, which pulls ~2.7 GB of nvidia-* packages: right on GPU nodes only.
 # 4. tokenforge from the synced checkout, every dependency pinned by constraints.txt.
 #
 # Idempotent: `ray up` on a running cluster runs it again and reuses the venv.
@@ -45,11 +48,12 @@ if [[ ! -x $venv/bin/python ]]; then
     fi
 fi
 
-# 2. One line at the top of ~/.bashrc (above Debian's "not interactive: return" guard), written once.
-marker="# tokenforge: venv and Ray token auth (scripts/setup_node.sh)"
-if ! grep -qF "$marker" ~/.bashrc 2>/dev/null; then
-    line='case ":$PATH:" in *":$HOME/tokenforge-venv/bin:"*) ;; *) export PATH="$HOME/tokenforge-venv/bin:$PATH";; esac; export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$HOME/.ray/auth_token"'
-    { echo "$line  $marker"; cat ~/.bashrc 2>/dev/null || true; } > ~/.bashrc.tokenforge
+# 2. One line at the top of ~/.bashrc (above Debian's "not interactive: return" guard); an older version of
+#    it (same marker) is replaced.
+marker="# tokenforge: venv, Ray token auth and temp dir (scripts/setup_node.sh)"
+line='case ":$PATH:" in *":$HOME/tokenforge-venv/bin:"*) ;; *) export PATH="$HOME/tokenforge-venv/bin:$PATH";; esac; export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$HOME/.ray/auth_token" RAY_TMPDIR="${RAY_TMPDIR:-$HOME/.tokenforge-ray}"'
+if ! grep -qxF "$line  $marker" ~/.bashrc 2>/dev/null; then
+    { echo "$line  $marker"; grep -vF "# tokenforge: venv" ~/.bashrc 2>/dev/null || true; } > ~/.bashrc.tokenforge
     mv ~/.bashrc.tokenforge ~/.bashrc
 fi
 
@@ -66,8 +70,11 @@ elif [[ $build == cuda ]]; then
     "${pip[@]}" "torch==$version"
 elif "$venv/bin/pip" install -q --disable-pip-version-check --dry-run --no-deps "torch==$version+cpu" >/dev/null 2>&1; then
     "${pip[@]}" "torch==$version+cpu"  # pip's configured sources hold the CPU build
-else
+elif "$venv/bin/pip" --isolated index versions torch --index-url "$cpu_index" --retries 1 --timeout 20 2>/dev/null | grep -qF "$version+cpu"; then
     "${pip[@]}" "torch==$version" --index-url "$cpu_index"
+else  # --isolated: PyTorch's index alone, not the configured sources that were just found without the CPU build
+    echo "setup_node: torch $version+cpu is in neither pip's configured sources nor $cpu_index (unreachable from $(hostname)?): mirror that wheel into a wheelhouse that pip.conf's find-links names, or take PyPI's CUDA build (~5.7 GB) with \`setup_node.sh cuda\` in head_setup_commands" >&2
+    exit 1
 fi
 
 # 4. tokenforge and its pinned dependencies.
