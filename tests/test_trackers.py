@@ -105,7 +105,8 @@ def test_wandb_offline_round_trip(tracked_run):
 
 @needs_mlflow
 @needs_wandb
-def test_tune_trials_log_through_ray_tunes_own_callbacks():
+def test_tune_trials_log_through_ray_tunes_own_callbacks(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # online, the W&B key would be checked against W&B's server first
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.air.integrations.wandb import WandbLoggerCallback
 
