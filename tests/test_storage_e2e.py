@@ -4,6 +4,8 @@ whose worker node sees the driver's run directory as an empty tmpfs of its own (
 namespace), so any process reading another node's local files fails the test, as across machines.
 Also node loss and placement on an advertised (fake) GPU."""
 
+import http.client
+import http.server
 import json
 import os
 import signal
@@ -310,5 +312,165 @@ def test_the_learner_takes_the_gpu_node_and_says_where_it_runs(tmp_path):
             if n["Resources"].get("GPU"))
         assert placement["learner"][0]["node_id"] == gpu_node
         assert "learner holds a Ray GPU but torch sees no CUDA device" in result.stdout
+    finally:
+        nodes.shutdown()
+
+
+class FaultyS3(http.server.ThreadingHTTPServer):
+    """A proxy on 127.0.0.1 in front of the moto server that fails one chosen upload as an overloaded or a
+    forbidding S3 would: the `nth` staged upload of `name` (its temporary key `name.tmp-<id>`, which the AWS SDK's
+    own retries reuse) gets `status` with the S3 error `code` on every request for that key; every other request
+    is forwarded to moto as it came."""
+
+    def __init__(self, upstream: str, name: str, nth: int, status: int, code: str):
+        super().__init__(("127.0.0.1", 0), ForwardOrFail)
+        self.upstream, self.name, self.nth, self.status, self.code = upstream, name, nth, status, code
+        self.uploads: list[str] = []  # the staged keys of `name` seen, in order
+        self.failed = 0  # requests answered with the error
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    def fails(self, method: str, key: str, copy: bool) -> bool:
+        if method == "PUT" and not copy and f"/{self.name}.tmp-" in key and key not in self.uploads:
+            self.uploads.append(key)
+        return len(self.uploads) >= self.nth and key == self.uploads[self.nth - 1]
+
+
+class ForwardOrFail(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # the SDK keeps its connections open
+
+    def handle_one(self):
+        server: FaultyS3 = self.server
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = b""
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if server.fails(self.command, self.path.split("?")[0], "x-amz-copy-source" in self.headers):
+            server.failed += 1
+            status, headers = server.status, {}
+            data = f"<Error><Code>{server.code}</Code><Message>injected by the test</Message></Error>".encode()
+        else:
+            upstream = http.client.HTTPConnection(server.upstream, timeout=60)
+            sent = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "content-length")}
+            upstream.request(self.command, self.path, body=body, headers={**sent, "Content-Length": str(len(body))})
+            response = upstream.getresponse()
+            status, data = response.status, response.read()
+            dropped = ("transfer-encoding", "connection", "content-length")  # the reply is relayed whole
+            headers = {k: v for k, v in response.getheaders() if k.lower() not in dropped}
+            if self.command == "HEAD":  # no body, but the object's size
+                headers["Content-Length"] = response.getheader("Content-Length", "0")
+            upstream.close()
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if self.command != "HEAD":
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = handle_one
+
+    def log_message(self, *args):
+        pass
+
+
+def through(proxy: FaultyS3, uri: str) -> str:
+    """`uri` (on the moto server) reached through `proxy`."""
+    return uri.replace(f"endpoint_override={proxy.upstream}", f"endpoint_override={proxy.endpoint}")
+
+
+def moto_endpoint(uri: str) -> str:
+    return uri.split("endpoint_override=")[1].split("&")[0]
+
+
+def test_a_transient_s3_error_in_a_run_is_retried_from_the_last_checkpoint(ray_cluster, s3, tmp_path):
+    """`tokenforge train` on S3 whose 5th metrics upload (step 4's line; checkpoint step 3 is published) meets
+    503 SlowDown on every try the AWS SDK makes: the run counts one failure against trainer.max_failures, restarts
+    from step 3 and completes every step once. The same upload forbidden (403 AccessDenied, lasting) ends the run
+    with one line, exit 2, and no retry."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+
+    def run(status: int, code: str) -> tuple[subprocess.CompletedProcess, Storage, FaultyS3]:
+        uri = s3()
+        proxy = FaultyS3(moto_endpoint(uri), "metrics.jsonl", nth=5, status=status, code=code)
+        command = [sys.executable, "-m", "pipeline.cli", "train", *TINY, *SMALL_ACTORS, f"storage.uri={through(proxy, uri)}",
+                   f"output_dir={tmp_path / 'unused'}"]
+        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+        proxy.shutdown()
+        return done, Storage(uri), proxy
+
+    slow, storage, proxy = run(503, "SlowDown")
+    assert slow.returncode == 0, slow.stdout[-2000:] + slow.stderr[-3000:]
+    assert proxy.failed >= 1 and "Traceback" not in slow.stderr
+    restarts = [line for line in slow.stdout.splitlines() if line.startswith("tokenforge: failure ")]
+    assert len(restarts) == 1, slow.stdout[-3000:]
+    assert restarts[0].startswith("tokenforge: failure 1 of at most 3 (TransientStorageError: storage "), restarts
+    assert "metrics.jsonl" in restarts[0] and "resuming" in slow.stdout and "(step 3)" in slow.stdout
+    assert steps_of(storage) == list(range(7)) and latest_checkpoint(storage)[0] == "checkpoints/step_6"
+
+    forbidden, storage, proxy = run(403, "AccessDenied")
+    assert forbidden.returncode == 2 and proxy.failed >= 1, forbidden.stdout[-2000:] + forbidden.stderr[-3000:]
+    last = forbidden.stderr.strip().splitlines()[-1]  # after Ray's own lines about joining the cluster
+    assert "Traceback" not in forbidden.stderr and last.startswith("tokenforge: error: storage "), forbidden.stderr[-3000:]
+    assert "metrics.jsonl" in last and "ACCESS_DENIED" in last
+    assert "tokenforge: failure " not in forbidden.stdout
+
+
+# The autoscaler request standing in the GCS, as a list of bundles. request_resources stores it in the GCS's
+# internal KV under AUTOSCALER_RESOURCE_REQUEST_CHANNEL (JSON) for autoscaler v1, which `ray start
+# --autoscaling-config` runs, and as the cluster resource constraint of the GCS's autoscaler state for v2.
+STANDING_REQUEST = """
+import json, ray
+from ray.autoscaler.v2.utils import is_autoscaler_v2
+ray.init()
+if is_autoscaler_v2(fetch_from_server=True):
+    from ray._raylet import GcsClient
+    from ray.autoscaler.v2.sdk import get_cluster_resource_state
+    state = get_cluster_resource_state(GcsClient(ray.get_runtime_context().gcs_address))
+    bundles = [dict(r.request.resources_bundle) for c in state.cluster_resource_constraints
+               for r in c.resource_requests for _ in range(r.count)]
+else:
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+    bundles = json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or "[]")
+print(json.dumps(bundles))
+"""
+
+
+def standing_request(nodes: LocalCluster) -> list[dict]:
+    read = subprocess.run([sys.executable, "-c", STANDING_REQUEST], env={**nodes.env, "RAY_ADDRESS": nodes.gcs},
+                          capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(read.stdout.strip().splitlines()[-1])
+
+
+def test_the_autoscaler_request_is_withdrawn_when_the_run_fails(tmp_path):
+    """On a cluster with Ray's autoscaler (fake multi-node provider), a run whose learner asks for a resource no node
+    type has asks the autoscaler for its actors' bundles (seen standing in the GCS while it waits), waits
+    ray.autoscale_wait_s, fails in one line, and leaves no request behind: the cluster may scale down."""
+    nodes = LocalCluster()
+    try:
+        nodes.start_autoscaling_head(cpus=2, worker_types={
+            "small": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1}})
+        process = train_process(nodes, *TINY, *SMALL_ACTORS, "learner.num_gpus=0", "learner.resources={nowhere: 1}",
+                                "ray.autoscale_wait_s=30", f"output_dir={tmp_path / 'run'}")
+        deadline, seen = time.time() + 120, []
+        while not seen and process.poll() is None:
+            assert time.time() < deadline, "the request never showed in the GCS"
+            seen = standing_request(nodes)
+        assert {"CPU": 0.25, "nowhere": 1.0} in seen, seen
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 2, out[-2000:] + err[-3000:]
+        last = err.strip().splitlines()[-1]  # after Ray's own lines about joining the cluster
+        assert "Traceback" not in err and last.startswith("tokenforge: error: the actors need 1 nowhere in total"), err[-3000:]
+        assert "after waiting ray.autoscale_wait_s=30s" in last
+        assert standing_request(nodes) == []
     finally:
         nodes.shutdown()
