@@ -119,25 +119,30 @@ def test_tune_on_s3_with_a_retried_trial_and_a_resume_from_the_uri(ray_cluster, 
 def test_ctrl_c_during_an_s3_write_leaves_the_object_as_it_was(s3, tmp_path, target):
     """pyarrow's output stream has no abort: a `with` block interrupted by Ctrl-C closes the stream, which completes
     the upload with what it holds (nothing, between open and write: an empty object; an existing metrics.jsonl
-    replaced by it). A real SIGINT from a timer lands while a 64 MiB write is under way; afterwards the key holds
-    what it held before (nothing, or the old content) and no temporary key is left."""
-    run = Storage(s3())
-    data = b"x" * (64 << 20)  # ~1 s into moto: the signal lands inside the write
+    replaced by it). A real SIGINT lands while a 64 MiB write is under way: a proxy in front of moto sends it when
+    the upload's first request arrives and answers that request a moment later (a timer could fire before or after
+    the write on a busy machine). Afterwards the key holds what it held before (nothing, or the old content) and no
+    temporary key is left."""
+    uri = s3()
+    run = Storage(uri)
+    data = b"x" * (64 << 20)
     if target == "existing object":
         run.write_text("metrics.jsonl", "old\n")
     if target == "checkpoint file":
         (tmp_path / "local").mkdir()
         (tmp_path / "local" / "model.safetensors").write_bytes(data)
+    name = "model.safetensors" if target == "checkpoint file" else "metrics.jsonl"
+    proxy = InterruptingS3(moto_endpoint(uri), name)
+    interrupted = Storage(through(proxy, uri))
     write = {
-        "checkpoint file": lambda: run.upload_dir(tmp_path / "local", "checkpoints/step_3"),
-    }.get(target, lambda: run.write_bytes("metrics.jsonl", data))
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
+        "checkpoint file": lambda: interrupted.upload_dir(tmp_path / "local", "checkpoints/step_3"),
+    }.get(target, lambda: interrupted.write_bytes("metrics.jsonl", data))
     try:
         with pytest.raises(KeyboardInterrupt):
             write()
     finally:
-        timer.cancel()
+        proxy.shutdown()
+    assert proxy.sent
     if target == "checkpoint file":
         assert not run.exists("checkpoints/step_3/model.safetensors")
     elif target == "existing object":
@@ -380,6 +385,23 @@ class ForwardOrFail(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+class InterruptingS3(FaultyS3):
+    """A proxy in front of the moto server that forwards every request, and sends this process a SIGINT (Ctrl-C)
+    when the first upload request (a PUT) for a key holding `name` arrives, answering it a moment later: the
+    signal is pending while the write waits on that answer, so Python raises KeyboardInterrupt inside the write."""
+
+    def __init__(self, upstream: str, name: str):
+        super().__init__(upstream, name, nth=0, status=0, code="")
+        self.sent = False
+
+    def fails(self, method: str, key: str, copy: bool) -> bool:
+        if method == "PUT" and not copy and self.name in key and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+        return False
 
 
 def through(proxy: FaultyS3, uri: str) -> str:
