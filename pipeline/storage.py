@@ -351,13 +351,17 @@ def published_steps(storage: Storage) -> list[int]:
     return [s for s in checkpoint_steps(storage) if read_manifest(storage, checkpoint_dir(s)) is not None]
 
 
-def latest_checkpoint(storage: Storage) -> tuple[str, dict] | None:
-    """(directory, manifest) of the newest published checkpoint, or None."""
+def published_checkpoints(storage: Storage) -> Iterator[tuple[int, str, dict]]:
+    """(step, directory, manifest) of each published checkpoint, newest first."""
     for step in reversed(checkpoint_steps(storage)):
         manifest = read_manifest(storage, checkpoint_dir(step))
         if manifest is not None:
-            return checkpoint_dir(step), manifest
-    return None
+            yield step, checkpoint_dir(step), manifest
+
+
+def latest_checkpoint(storage: Storage) -> tuple[str, dict] | None:
+    """(directory, manifest) of the newest published checkpoint, or None."""
+    return next(((directory, manifest) for _, directory, manifest in published_checkpoints(storage)), None)
 
 
 def corrupt_file(storage: Storage, directory: str, manifest: dict) -> str | None:
@@ -372,11 +376,7 @@ def resumable_checkpoint(storage: Storage, warn: Callable[[str], None]) -> tuple
     candidate is read in full here, once per resume (the learner checks again what it downloads). A newer one that
     does not match is deleted, after `warn` names it and the file: kept, pruning would count it among the newest
     checkpoints and delete good ones."""
-    for step in reversed(checkpoint_steps(storage)):
-        directory = checkpoint_dir(step)
-        manifest = read_manifest(storage, directory)
-        if manifest is None:
-            continue
+    for step, directory, manifest in published_checkpoints(storage):
         corrupt = corrupt_file(storage, directory, manifest)
         if corrupt is None:
             return directory, manifest
