@@ -92,8 +92,8 @@ def test_tune_on_s3_with_a_retried_trial_and_a_resume_from_the_uri(ray_cluster, 
     experiment = Storage(f"{root}/s3tune?{options}")
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not any(
-            latest_checkpoint(experiment.child(f"{t}/run")) for t in experiment.list_dir("") if t.startswith("run_trial")
+        while time.time() < deadline and not any(  # a checkpoint Tune holds (not only the run's own): the resume restores it
+            c.startswith("checkpoint_") for t in experiment.list_dir("") if t.startswith("run_trial") for c in experiment.list_dir(t)
         ):
             time.sleep(1)
         process.send_signal(signal.SIGINT)

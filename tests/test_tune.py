@@ -111,7 +111,9 @@ def metrics(trial: Path) -> list[dict]:
 
 
 def test_smoke_spec_end_to_end(ray_cluster, tmp_path, capsys):
+    ctrl_c = signal.getsignal(signal.SIGINT)
     experiment = Path(run_experiment(str(SMOKE), [f"tune.storage_path={tmp_path}"]))
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # Tune's handler is gone: the next Ctrl-C interrupts again
     console = capsys.readouterr().out
     assert "Result for " not in console and len(console.splitlines()) < 100  # status tables + the summary, no per-result dumps
     summary = console[console.rindex("trial "):].splitlines()  # the final table: one row per trial, named by its values

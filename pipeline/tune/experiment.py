@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -164,7 +165,20 @@ def run(spec_path: str, overrides: list[str] = ()) -> str:
         ),
         run_config=run_config(spec, base, block.storage_path),
     )
-    return write_results(spec, base, tuner.fit(), experiment)
+    return write_results(spec, base, fit(tuner), experiment)
+
+
+def fit(tuner: tune.Tuner) -> tune.ResultGrid:
+    """tuner.fit(), leaving the process's SIGINT/SIGUSR1 handlers as they were: Tune installs its own and restores
+    them only when a signal arrives, so after a finished experiment the next Ctrl-C in the same process (a notebook,
+    a script that trains next) would be swallowed as "Stop signal received" instead of interrupting."""
+    signals = [s for s in (signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None]
+    handlers = {s: signal.getsignal(s) for s in signals}
+    try:
+        return tuner.fit()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def run_config(spec: TuneSpec, base: TrainConfig, storage: str) -> tune.RunConfig:
@@ -220,7 +234,7 @@ def resume(experiment_uri: str, trust_run_config: bool = False) -> str:
     tuner = tune.Tuner.restore(
         experiment.uri, trainable=trainable(spec, base, experiment.uri), resume_unfinished=True, resume_errored=True
     )
-    return write_results(spec, base, tuner.fit(), experiment)
+    return write_results(spec, base, fit(tuner), experiment)
 
 
 def write_results(spec: TuneSpec, base: TrainConfig, results: tune.ResultGrid, experiment: Storage) -> str:
