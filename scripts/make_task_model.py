@@ -1,6 +1,7 @@
 """Make a built-in task's tiny model from scratch, warm-started by supervised learning.
 
 - addition, words, reverse, summarize: a char-level GPT-2.
+- llama-addition: the addition task on a char-level tiny Llama (not shipped: benchmarks/staleness_study.py makes it).
 - chat-addition: a Llama (RoPE, RMSNorm, SwiGLU, GQA, head_dim 32) with a byte-level BPE tokenizer trained
   here on the task's conversations plus some plain English, BOS added by the tokenizer, and a Llama-3-style
   chat template; the model answers in the assistant turn and ends it with the end-of-turn token (its EOS).
@@ -10,7 +11,7 @@ rendered with the chat template and its generation prompt) and stops as soon as 
 (exact match; words: chrF; summarize: ROUGE-L) reaches --target, so that RL has room to improve it. Saves a HF-format model
 (safetensors) + tokenizer. Deterministic for a given seed on CPU.
 
-    python scripts/make_task_model.py --task addition|words|reverse|summarize|chat-addition [--target T] [--out DIR]
+    python scripts/make_task_model.py --task addition|words|reverse|summarize|chat-addition|llama-addition [--target T] [--out DIR]
 
 DIR defaults to pipeline/assets/<task, '-' as '_'>/model; the task's data comes from next to it.
 """
@@ -138,6 +139,7 @@ class Task:
     also_report: Callable[[list[str], list[dict]], float] | None = None  # printed beside the metric at each eval
     # written into tokenizer_config.json, as transformers 4.x (e.g. vLLM's) knows no "TokenizersBackend"
     tokenizer_class: str | None = None
+    data: str | None = None  # the asset directory of its data when not the task's own name
 
 
 def char_task(alphabet: str, n_positions: int, n_embd: int = 128, n_layer: int = 4, **kwargs) -> Task:
@@ -182,6 +184,19 @@ TASKS = {
         metric=exact_match,
         tokenizer_class="PreTrainedTokenizerFast",
     ),
+    # the addition task on a model the defaults were not tuned on (benchmarks/staleness_study.py's
+    # llama_addition pair): a char-level tiny Llama stopped near 0.40, not shipped (built by the study)
+    "llama-addition": Task(
+        make_tokenizer=lambda train: make_char_tokenizer("0123456789+="),
+        make_model=make_tiny_llama,
+        max_new_tokens=5,
+        target=0.40,
+        eval_every=25,
+        lr=1e-3,
+        draw_batch=balanced_by_shape,
+        metric=exact_match,
+        data="addition",
+    ),
 }
 
 
@@ -214,8 +229,8 @@ def main() -> None:
     args = parser.parse_args()
 
     task = TASKS[args.task]
-    data = ASSETS / args.task.replace("-", "_")
-    out = args.out or data / "model"
+    data = ASSETS / (task.data or args.task.replace("-", "_"))
+    out = args.out or ASSETS / args.task.replace("-", "_") / "model"
     target = task.target if args.target is None else args.target
     eval_every = args.eval_every or task.eval_every
     train, evaluation = read_jsonl(data / "train.jsonl"), read_jsonl(data / "eval.jsonl")
