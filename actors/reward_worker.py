@@ -1,7 +1,7 @@
 """RewardWorker: builds its reward components once and scores rollout batches, one component per call.
 
 A plain class; the driver runs `reward.num_workers` of them as a pool of Ray actors
-(pipeline/rewards/pool.py), which handles timeouts, retries and dead workers. Errors raised by a
+(pipeline/driver/reward_pool.py), which handles timeouts, retries and dead workers. Errors raised by a
 component are handled here, per sample, by the component's `on_error` policy.
 """
 

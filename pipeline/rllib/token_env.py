@@ -247,7 +247,7 @@ class TokenEnv(gym.Env):
         if reward_backend == "pool":
             import ray
 
-            from pipeline.rewards.pool import RewardPool
+            from pipeline.driver.reward_pool import RewardPool
 
             if not ray.is_initialized():
                 raise TokenforgeError("env option 'reward_backend': 'pool' needs a running Ray (call ray.init() first)")
