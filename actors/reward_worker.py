@@ -25,7 +25,7 @@ from pipeline.rewards.base import (
     describe_sample,
     score_component,
 )
-from pipeline.rewards.components import COMPONENTS
+from pipeline.rewards.components import COMPONENTS, component_options
 
 
 @dataclass
@@ -102,7 +102,7 @@ class RewardWorker:
         self.components = {}
         for name in names:
             spec = config.reward.components[name]
-            self.components[name] = COMPONENTS[spec.type](config.component_options(name), env)
+            self.components[name] = COMPONENTS[spec.type](component_options(config, name), env)
         self.stop_ids = frozenset({self.tokenizer.eos_token_id, *config.rollout.stop_token_ids})
 
     def inputs(self, batch: pa.Table, step: int = 0) -> RewardInputs:

@@ -102,11 +102,12 @@ def run_tune(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from pipeline.config import describe_fields, load_config
+    from pipeline.config import describe_fields
     from pipeline.driver.trainer import train
     from pipeline.evaluate import load_run_config
     from pipeline.outputs.metrics_log import METRICS_FILE
     from pipeline.outputs.next_steps import after_train
+    from pipeline.preflight import load_config
     from pipeline.run_paths import resolve_existing, resolve_new
     from pipeline.storage import Storage, is_uri
 

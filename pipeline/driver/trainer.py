@@ -41,6 +41,7 @@ from pipeline.errors import TokenforgeError, TransientStorageError
 from pipeline.outputs import dumps
 from pipeline.outputs.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 from pipeline.outputs.trackers import Trackers, require_loggers
+from pipeline.preflight import check
 from pipeline.runtime.weights import StaleWeights
 from pipeline.storage import Storage
 
@@ -400,7 +401,7 @@ def attempt(config: TrainConfig, storage: Storage, train_prompts, eval_prompts, 
 def train(config: TrainConfig, resume: bool = False, report: Report | None = None) -> dict[str, float]:
     """Run (or resume) training; returns the last step's metrics record. Ctrl-C at any moment ends it with one
     line (how to continue), and an autoscaler request this run made is withdrawn however it ends."""
-    config = with_builtin_defaults(config)
+    config = with_builtin_defaults(check(config))  # a bad config is one line before Ray starts
     storage = Storage(config.run_uri)
     try:
         return train_with_retries(config, storage, resume, report)
