@@ -146,7 +146,7 @@ def run_report(args: argparse.Namespace) -> None:
     from pipeline.outputs.next_steps import after_report
     from pipeline.outputs.report import write_report
     from pipeline.run_paths import is_uri, resolve_existing
-    from pipeline.tune.experiment import SPEC_FILE
+    from pipeline.outputs.experiment_files import SPEC_FILE
 
     location = resolve_existing(args.run)
     if not is_uri(location) and not Path(location).is_dir():

@@ -37,6 +37,7 @@ from pipeline.driver.placement import (
 )
 from pipeline.driver.trainer import train
 from pipeline.errors import TokenforgeError
+from pipeline.outputs.experiment_files import SEARCHED_FILE, SPEC_FILE
 from pipeline.outputs.next_steps import after_tune
 from pipeline.outputs.report import draw, experiment_panels, trial_label
 from pipeline.outputs.trackers import tune_callbacks
@@ -44,9 +45,7 @@ from pipeline.preflight import check
 from pipeline.storage import Storage
 from pipeline.tune.spec import TuneSpec, load_spec, param_space, scheduler, searcher
 
-SPEC_FILE = "tokenforge_tune.yaml"  # spec + resolved base config, kept in the experiment dir for --resume
 RESTORES_FILE = "restores.jsonl"  # in each trial's directory: one line per start from a checkpoint (PBT exploit or retry)
-SEARCHED_FILE = "searched.json"  # in each trial's directory: the values it searched (as it last started; PBT mutates them)
 POINTER = "checkpoint.json"  # what a Tune checkpoint holds: where the real one is (the run's own storage)
 
 
