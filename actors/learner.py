@@ -23,11 +23,11 @@ from pipeline.algorithm.advantages import STATS_DTYPE, compute_advantages, kl_pe
 from pipeline.algorithm.loss import policy_loss
 from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, TrainConfig
-from pipeline.driver.placement import torch_threads
 from pipeline.errors import TokenforgeError
 from pipeline.models.hf import build_sequences, can_share_prompts, load_model, load_tokenizer, loaded_dtypes, response_logprobs, select_rows
 from pipeline.models.lora import add_adapters, is_adapter_dir, merged_state_dict
 from pipeline.rewards.base import normalize_rewards
+from pipeline.runtime.threads import torch_threads
 from pipeline.storage import Storage, local_copy, read_manifest
 
 LEARNER_STATE = "learner_state.pt"

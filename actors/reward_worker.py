@@ -1,7 +1,7 @@
 """RewardWorker: builds its reward components once and scores rollout batches, one component per call.
 
 A plain class; the driver runs `reward.num_workers` of them as a pool of Ray actors
-(pipeline/rewards/pool.py), which handles timeouts, retries and dead workers. Errors raised by a
+(pipeline/driver/reward_pool.py), which handles timeouts, retries and dead workers. Errors raised by a
 component are handled here, per sample, by the component's `on_error` policy.
 """
 
@@ -25,7 +25,7 @@ from pipeline.rewards.base import (
     describe_sample,
     score_component,
 )
-from pipeline.rewards.components import COMPONENTS
+from pipeline.rewards.components import COMPONENTS, component_options
 
 
 @dataclass
@@ -102,7 +102,7 @@ class RewardWorker:
         self.components = {}
         for name in names:
             spec = config.reward.components[name]
-            self.components[name] = COMPONENTS[spec.type](config.component_options(name), env)
+            self.components[name] = COMPONENTS[spec.type](component_options(config, name), env)
         self.stop_ids = frozenset({self.tokenizer.eos_token_id, *config.rollout.stop_token_ids})
 
     def inputs(self, batch: pa.Table, step: int = 0) -> RewardInputs:

@@ -15,10 +15,9 @@ import torch
 from pipeline.batch import DATASET_PROMPT, make_rollout_table
 from pipeline.config import TrainConfig
 from pipeline.data.prompts import encode_prompts, set_chat_template
-from pipeline.driver.actor_group import StaleWeights
-from pipeline.driver.placement import torch_threads
-from pipeline.driver.weight_sync import PackedWeights, adopt
 from pipeline.models.hf import cache_keyword, can_share_prompts, load_model, load_tokenizer, positions_from_mask
+from pipeline.runtime.threads import torch_threads
+from pipeline.runtime.weights import PackedWeights, StaleWeights, adopt
 
 GENERATE_SECONDS = "tokenforge.generate_s"  # schema metadata of a generate() result: its seconds
 

@@ -166,7 +166,7 @@ def trl_run(spec: dict) -> None:
     from pipeline.config import load_config
     from pipeline.data.inputs import load_inputs, with_builtin_defaults
     from pipeline.rewards.base import ComponentEnv, RewardInputs
-    from pipeline.rewards.components import COMPONENTS
+    from pipeline.rewards.components import COMPONENTS, component_options
 
     config = with_builtin_defaults(load_config(None, spec["overrides"] + [f"seed={spec['seed']}"]))
     model_path = config.model.path
@@ -189,7 +189,7 @@ def trl_run(spec: dict) -> None:
     stop_ids = frozenset({tokenizer.eos_token_id})
 
     def reward_function(name: str):
-        component = COMPONENTS[config.reward.components[name].type](config.component_options(name), env)
+        component = COMPONENTS[config.reward.components[name].type](component_options(config, name), env)
 
         def score(prompts, completions, completion_ids, answer, **_) -> list[float]:
             inputs = RewardInputs(

@@ -59,7 +59,7 @@ def time_syncs(model_dir: Path, workers: int, method: str, reps: int, dtype: str
         for rep in range(reps + 1):  # the first forms the group / warms up the object store
             start = time.perf_counter()
             pipeline.sync_weights()
-            pipeline.rollout.get(pipeline.loading + ([pipeline.sending] if pipeline.sending else []))
+            pipeline.rollout.get(pipeline.weight_sync.pending)  # every receive (and a broadcast's send)
             if rep:
                 seconds.append(time.perf_counter() - start)
         return seconds

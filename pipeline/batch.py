@@ -8,6 +8,8 @@ learner's per-token rewards and advantages (LEARNED_SCHEMA) complete it in the r
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -46,6 +48,10 @@ def reward_column(component: str) -> str:
 
 
 DATASET_PROMPT = "prompt"  # the dataset's prompt column (text, or a list of {role, content} messages)
+
+
+def is_conversation(prompt: Any) -> bool:
+    return isinstance(prompt, list)
 
 
 def metadata_columns(table: pa.Table) -> list[str]:

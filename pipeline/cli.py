@@ -102,11 +102,12 @@ def run_tune(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from pipeline.config import describe_fields, load_config
+    from pipeline.config import describe_fields
     from pipeline.driver.trainer import train
     from pipeline.evaluate import load_run_config
     from pipeline.outputs.metrics_log import METRICS_FILE
     from pipeline.outputs.next_steps import after_train
+    from pipeline.preflight import load_config
     from pipeline.run_paths import resolve_existing, resolve_new
     from pipeline.storage import Storage, is_uri
 
@@ -145,7 +146,7 @@ def run_report(args: argparse.Namespace) -> None:
     from pipeline.outputs.next_steps import after_report
     from pipeline.outputs.report import write_report
     from pipeline.run_paths import is_uri, resolve_existing
-    from pipeline.tune.experiment import SPEC_FILE
+    from pipeline.outputs.experiment_files import SPEC_FILE
 
     location = resolve_existing(args.run)
     if not is_uri(location) and not Path(location).is_dir():

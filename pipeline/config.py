@@ -3,6 +3,10 @@
 A run is configured by an optional YAML file plus dotted `key=value` overrides. Unknown keys,
 wrong types and bad values raise `ConfigError` naming the key. Every field's docstring is its
 documentation (`tokenforge train --help-config` prints them).
+
+It holds names and types only, and imports no implementation (docs/architecture.md, "Layers"): the checks
+that need one (each reward component's type and options) are pipeline/preflight.py's, which every entry
+point runs before Ray starts.
 """
 
 from __future__ import annotations
@@ -12,14 +16,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.algorithm.advantages import ESTIMATORS, GROUP_BASELINE, KL_KINDS, check_known
 from pipeline.algorithm.loss import AGGREGATIONS, LOSSES
-from pipeline.errors import ConfigError, TokenforgeError
-from pipeline.models.hf import BUILTIN_TASKS
-from pipeline.rewards.components import COMPONENTS
+from pipeline.errors import ConfigError
 from pipeline.storage import credentials_error
+
+BUILTIN_TASKS = ("addition", "words", "reverse", "summarize", "chat_addition")  # made by scripts/make_task_data.py and make_task_model.py
 
 
 def one_of(what: str, known: Iterable[str]) -> AfterValidator:
@@ -395,9 +399,10 @@ class TrainConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def resolve_components(self, info: ValidationInfo) -> TrainConfig:
-        """Give every component in use (weighted or an eval metric) an explicit spec with checked options (python
-        functions imported unless the validation context says {"import_functions": False})."""
+    def resolve_components(self) -> TrainConfig:
+        """Give every component in use (weighted or an eval metric) an explicit spec, of the type of its name unless
+        it names one, and refuse a configured component nothing uses. That each type exists and its options are
+        valid is checked before Ray starts by pipeline/preflight.py, which knows the component library."""
         specs = self.reward.components
         in_use = list(dict.fromkeys([*self.reward.weights, *self.trainer.eval_metrics]))
         for name in [n for n in specs if n not in in_use]:
@@ -409,34 +414,14 @@ class TrainConfig(Section):
                     f"give it a weight (reward.weights.{name}) or list it in trainer.eval_metrics"
                 )
         for name in in_use:
-            where = "reward.weights" if name in self.reward.weights else "trainer.eval_metrics"
             spec = specs.setdefault(name, ComponentSpec())
-            if spec.type is None:
-                if name not in COMPONENTS:
-                    raise ConfigError(
-                        f"config key {where!r}: component {name!r} is not configured and is not a component type "
-                        f"(types: {', '.join(sorted(COMPONENTS))}); add reward.components.{name} with a type"
-                    )
-                spec.type = name
-            check_known(f"reward.components.{name}.type", spec.type, COMPONENTS)
-            try:
-                COMPONENTS[spec.type].Options.model_validate(spec.options(), context=info.context)
-            except ValidationError as error:
-                unknown = f"unknown option of component type {spec.type!r}"
-                raise first_error(error, "config key", (f"reward.components.{name}",), unknown) from None
-            except TokenforgeError as error:
-                raise ConfigError(f"config key 'reward.components.{name}': {error}") from None
+            spec.type = spec.type or name
         return self
 
     @property
     def run_uri(self) -> str:
         """Where the run's artifacts live: storage.uri, else output_dir."""
         return self.storage.uri or self.output_dir
-
-    def component_options(self, name: str) -> BaseModel:
-        """The validated options of component `name` (an instance of its type's Options)."""
-        spec = self.reward.components[name]
-        return COMPONENTS[spec.type].Options.model_validate(spec.options())
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -491,13 +476,12 @@ def read_yaml(text: str, source: str, what: str = "config file") -> Any:
         raise ConfigError(f"{what} {source!r}{where}: not valid YAML ({problem}); fix the YAML there") from None
 
 
-def config_from_yaml(text: str, source: str, overrides: list[str] = (), import_functions: bool = True) -> TrainConfig:
-    """YAML text (from the file or URI `source`) + dotted overrides -> validated TrainConfig (python reward
-    functions imported unless import_functions=False)."""
+def config_from_yaml(text: str, source: str, overrides: list[str] = ()) -> TrainConfig:
+    """YAML text (from the file or URI `source`) + dotted overrides -> validated TrainConfig."""
     data = read_yaml(text, source) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {source!r} must hold a mapping of sections")
-    config = validate_config(data, import_functions)
+    config = validate_config(data)
     return config_with(config, dict(parse_override(text) for text in overrides)) if overrides else config
 
 
@@ -514,8 +498,8 @@ def code_it_would_run(config: TrainConfig) -> list[str]:
     """The settings of `config` that run code from outside tokenforge: remote model code, python reward
     functions, vLLM engine arguments that may load code, a Ray cluster to join. Each entry starts with its dotted
     key. A run directory's config.yaml needs the user's consent
-    (--trust-run-config) for these; validate it with import_functions=False to ask (validating imports the
-    python functions, and so runs their modules' top-level code)."""
+    (--trust-run-config) for these: ask before its pre-flight (pipeline/preflight.py imports the python
+    functions, and so runs their modules' top-level code; loading the config here imports nothing)."""
     found = ["model.trust_remote_code"] if config.model.trust_remote_code else []
     for name, spec in config.reward.components.items():
         options = spec.options()
@@ -539,9 +523,9 @@ def first_error(error: ValidationError, what: str, prefix: tuple = (), unknown: 
     return ConfigError(f"{what} {key!r}: {message}")
 
 
-def validate_config(data: dict, import_functions: bool = True) -> TrainConfig:
+def validate_config(data: dict) -> TrainConfig:
     try:
-        return TrainConfig.model_validate(data, context={"import_functions": import_functions})
+        return TrainConfig.model_validate(data)
     except ValidationError as error:
         raise first_error(error, "config key", unknown="unknown config key (see `tokenforge train --help-config`)") from None
 

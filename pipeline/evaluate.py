@@ -18,13 +18,14 @@ import pyarrow.compute as pc
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import rollout_worker_class
 from pipeline import storage as store
-from pipeline.batch import DATASET_PROMPT, mean_reward
+from pipeline.batch import DATASET_PROMPT, is_conversation, mean_reward
 from pipeline.config import TrainConfig, code_it_would_run, config_from_yaml, parse_override
 from pipeline.data.inputs import load_inputs, with_builtin_defaults
-from pipeline.data.prompts import is_conversation, set_chat_template
+from pipeline.data.prompts import set_chat_template
 from pipeline.errors import TokenforgeError
 from pipeline.models.hf import builtin_paths, load_tokenizer
 from pipeline.models.lora import export, is_adapter_dir
+from pipeline.preflight import check
 from pipeline.storage import Storage
 
 RUN_CONFIG = "config.yaml"
@@ -33,10 +34,10 @@ RUN_CONFIG = "config.yaml"
 def load_run_config(run: Storage | None, overrides: list[str], trust_run_config: bool) -> TrainConfig:
     """The run's config (or the defaults) with `overrides`, refusing code the run's file would run unless trusted."""
     if run is None or not run.exists(RUN_CONFIG):
-        return config_from_yaml("{}", "", overrides)
+        return check(config_from_yaml("{}", "", overrides))
     text = run.read_text(RUN_CONFIG)
-    # decided before anything the file names is imported: validating a python reward function imports it
-    untrusted = code_it_would_run(config_from_yaml(text, run.display(RUN_CONFIG), import_functions=False))
+    # decided before anything the file names is imported: its pre-flight (check) imports the python reward functions
+    untrusted = code_it_would_run(config_from_yaml(text, run.display(RUN_CONFIG)))
     chosen = {parse_override(override)[0] for override in overrides}  # what the user sets is not the file's
     untrusted = [setting for setting in untrusted if setting.split()[0] not in chosen]
     if untrusted and not trust_run_config:
@@ -44,7 +45,7 @@ def load_run_config(run: Storage | None, overrides: list[str], trust_run_config:
             f"{run.display(RUN_CONFIG)} enables {', '.join(untrusted)}: that code would run with your privileges; "
             "pass --trust-run-config if you trust this run directory"
         )
-    return config_from_yaml(text, run.display(RUN_CONFIG), overrides)
+    return check(config_from_yaml(text, run.display(RUN_CONFIG), overrides))
 
 
 def locate(path: str) -> tuple[Storage | None, Storage | None, str | None]:

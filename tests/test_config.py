@@ -2,8 +2,9 @@
 
 import pytest
 
-from pipeline.config import config_from_yaml, config_to_yaml, describe_fields, load_config
+from pipeline.config import config_from_yaml, config_to_yaml, describe_fields
 from pipeline.errors import ConfigError
+from pipeline.preflight import load_config
 
 
 def test_defaults_and_overrides(tmp_path):

@@ -9,9 +9,9 @@ from test_rewards import rollout_batch
 
 from pipeline.batch import reward_column
 from pipeline.config import load_config
+from pipeline.driver.reward_pool import RewardPool
 from pipeline.errors import TokenforgeError
 from pipeline.models.hf import load_tokenizer
-from pipeline.rewards.pool import RewardPool
 
 FNS = Path(__file__).parent / "reward_fns.py"
 COMPLETIONS = ["3", "7", "17", "4", "3", "13"]

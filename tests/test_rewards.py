@@ -17,10 +17,10 @@ from transformers import GPT2Config, GPT2ForSequenceClassification
 from actors.reward_worker import RewardWorker
 from pipeline.algorithm.advantages import EQUAL_RTOL
 from pipeline.batch import make_rollout_table, reward_column
-from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.models.hf import build_sequences, load_model, load_tokenizer, response_logprobs
-from pipeline.rewards.components import COMPONENTS
+from pipeline.preflight import load_config
+from pipeline.rewards.components import COMPONENTS, component_options
 from pipeline.rewards.base import (
     ComponentEnv,
     RewardComponent,
@@ -318,7 +318,7 @@ def test_components_resolve_to_explicit_specs():
     config = load_config(overrides=["reward.components.fmt={type: regex_match, pattern: '\\d+', normalize: group}", "reward.weights.fmt=0.2"])
     assert set(config.reward.components) == {"fmt", "exact_match", "digit_match"}
     assert config.reward.components["exact_match"].type == "exact_match"
-    assert config.component_options("fmt").pattern == "\\d+"
+    assert component_options(config, "fmt").pattern == "\\d+"
     assert config.reward.components["fmt"].normalize == "group"
 
 

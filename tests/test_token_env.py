@@ -15,8 +15,8 @@ from gymnasium.utils.env_checker import check_env
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline.batch import reward_column
+from pipeline.driver.reward_pool import RewardPool
 from pipeline.errors import ConfigError, TokenforgeError
-from pipeline.rewards.pool import RewardPool
 from pipeline.rllib.token_env import ENV_ID, TokenEnv, env_train_config, from_env_config, resolve_config
 
 FNS = Path(__file__).parent / "env_reward_fns.py"

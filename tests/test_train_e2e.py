@@ -13,11 +13,12 @@ from transformers import AutoModelForCausalLM
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.inputs import with_builtin_defaults
-from pipeline.driver.placement import decide_learner_gpus, torch_threads
+from pipeline.driver.placement import decide_learner_gpus
 from pipeline.driver.trainer import Pipeline, train
 from pipeline.errors import TokenforgeError
 from pipeline.evaluate import evaluate_checkpoint
 from pipeline.models.hf import BUILTIN_MODEL
+from pipeline.runtime.threads import torch_threads
 
 SMALL = ["trainer.eval_every=10", "trainer.save_every=10", "data.max_eval_samples=200"]
 

@@ -20,7 +20,8 @@ from pipeline.driver.trainer import train
 from pipeline.errors import ConfigError
 from test_cli_errors import run_cli
 from test_report import drawn_series
-from pipeline.tune.experiment import RESTORES_FILE, SPEC_FILE
+from pipeline.outputs.experiment_files import SPEC_FILE
+from pipeline.tune.experiment import RESTORES_FILE
 from pipeline.tune.experiment import resume as resume_experiment
 from pipeline.tune.experiment import run as run_experiment
 from pipeline.tune.spec import load_spec

@@ -13,9 +13,9 @@ from actors.rollout_worker import RolloutWorker
 from pipeline.config import load_config
 from pipeline.data.inputs import with_builtin_defaults
 from pipeline.data.loading import PromptSampler, load_prompts
-from pipeline.driver.actor_group import StaleWeights
 from pipeline.errors import ConfigError, TokenforgeError
 from pipeline.models.hf import build_sequences, load_model, response_logprobs
+from pipeline.runtime.weights import StaleWeights
 
 pytestmark = pytest.mark.vllm
 

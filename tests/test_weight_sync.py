@@ -10,7 +10,7 @@ from actors.learner import Learner
 from actors.rollout_worker import RolloutWorker
 from pipeline.config import load_config
 from pipeline.data.inputs import with_builtin_defaults
-from pipeline.driver.weight_sync import PackedWeights, adopt, flat_weights, floating, layout_of, packed_weights, weight_layout
+from pipeline.runtime.weights import PackedWeights, adopt, flat_weights, floating, layout_of, packed_weights, weight_layout
 
 
 def test_the_flat_buffer_aliases_the_models_floating_weights_and_leaves_integer_buffers_alone():

@@ -14,7 +14,7 @@ from pipeline.data.loading import load_prompts
 from pipeline.data.prompts import encode_prompts, set_chat_template
 from pipeline.errors import TokenforgeError
 from pipeline.models.hf import builtin_paths, context_length, load_tokenizer
-from pipeline.rewards.components import COMPONENTS
+from pipeline.rewards.components import COMPONENTS, component_options
 from pipeline.storage import Storage
 
 DATA_FINGERPRINT = "data_fingerprint.json"  # {"data.train_file": {"source": ..., "sha256": ...}, "data.eval_file": ...}
@@ -46,7 +46,7 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
         )
     needed = set()
     for name, spec in config.reward.components.items():
-        needed.update(COMPONENTS[spec.type].required_columns(config.component_options(name)))
+        needed.update(COMPONENTS[spec.type].required_columns(component_options(config, name)))
     data = config.data
     tables = []
     for key, source, split in [("data.train_file", data.train_file, data.train_split), ("data.eval_file", data.eval_file, data.eval_split)]:

@@ -17,11 +17,8 @@ from typing import Any
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.batch import is_conversation
 from pipeline.errors import TokenforgeError
-
-
-def is_conversation(prompt: Any) -> bool:
-    return isinstance(prompt, list)
 
 
 def check_prompt(prompt: Any) -> str | None:

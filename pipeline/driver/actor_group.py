@@ -16,6 +16,7 @@ import pyarrow as pa
 import ray
 
 from pipeline.errors import TokenforgeError, TransientStorageError
+from pipeline.runtime.weights import StaleWeights
 
 
 class ActorTimeout(TokenforgeError):
@@ -25,10 +26,6 @@ class ActorTimeout(TokenforgeError):
 class ActorFailed(Exception):
     """An actor's method raised an error that is not the user's input (a CUDA fault, a full local disk): the run
     may restart the pipeline from its last checkpoint."""
-
-
-class StaleWeights(Exception):
-    """A rollout worker asked to generate with weights it does not hold (it was restarted since the sync)."""
 
 
 @dataclass

@@ -33,14 +33,16 @@ from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig, config_to_yaml
 from pipeline.data.inputs import check_data_unchanged, load_inputs, with_builtin_defaults
 from pipeline.data.loading import PromptSampler
-from pipeline.driver.actor_group import ACTOR_LOST, ActorFailed, ActorGroup, ActorTimeout, ShardCalls, StaleWeights
+from pipeline.driver.actor_group import ACTOR_LOST, ActorFailed, ActorGroup, ActorTimeout, ShardCalls
 from pipeline.driver.placement import connect_ray, decide_learner_gpus, ensure_resources, withdraw_resource_request
-from pipeline.driver.weight_sync import BroadcastGroup, packed_weights, published_weights
+from pipeline.driver.reward_pool import RewardPool
+from pipeline.driver.weight_sync import WEIGHT_SYNCS, WeightSync
 from pipeline.errors import TokenforgeError, TransientStorageError
 from pipeline.outputs import dumps
 from pipeline.outputs.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 from pipeline.outputs.trackers import Trackers, require_loggers
-from pipeline.rewards.pool import RewardPool
+from pipeline.preflight import check
+from pipeline.runtime.weights import StaleWeights
 from pipeline.storage import Storage
 
 Report = Callable[[dict, str | None], None]  # (metrics record, published checkpoint directory or None)
@@ -60,9 +62,8 @@ class Pipeline:
         started is killed on the way out, whatever happens."""
         self.config = config
         self.groups: list[ActorGroup] = []
-        self.weights, self.version = None, 0  # the last published weights (an ObjectRef) and their version
-        self.broadcast: BroadcastGroup | None = None  # rollout.weight_sync=collective
-        self.sending, self.loading = None, []  # the calls that publish that version: the learner's send, the receives
+        self.version = 0  # of the last published weights
+        self.weight_sync: WeightSync | None = None  # rollout.weight_sync's strategy
         self.load_s = 0.0  # the slowest worker's receive-and-load seconds of the last version they loaded
         try:
             self._start(config, run_id, resume)
@@ -100,8 +101,12 @@ class Pipeline:
             init_args=(config, config.model.path, config.model.path, config.learner.num_gpus > 0, resume),
         )
         self.groups.append(self.learner)
-        if rollout.weight_sync == "collective":
-            self.broadcast = BroadcastGroup(self.learner, self.rollout, run_id, timeout)
+        self.weight_sync = WEIGHT_SYNCS[rollout.weight_sync](self.learner, self.rollout, run_id, timeout)
+
+    @property
+    def weights(self):
+        """The ObjectRef of the last published weights, if they are in the object store."""
+        return self.weight_sync.weights
 
     def close(self) -> None:
         for group in self.groups:
@@ -147,13 +152,8 @@ class Pipeline:
 
     def _give_weights(self, worker) -> dict:
         """A restarted rollout worker (or one whose broadcast failed) holds other weights: give it the published
-        ones through the object store; its shard is resubmitted asking for their version."""
-        if self.weights is None and self.broadcast is not None and self.broadcast.sent:
-            self.weights = self.learner.actors[0].__ray_call__.remote(published_weights)  # the last broadcast's
-        if self.broadcast is not None:
-            self.broadcast.formed = False  # a new process is not in the group: form it again before the next broadcast
-        if self.weights is not None:
-            self.rollout.get([worker.receive_weights.remote([self.weights], self.version)])
+        ones; its shard is resubmitted asking for their version."""
+        self.weight_sync.give(worker, self.version)
         return {"version": self.version}
 
     def sync_weights(self) -> None:
@@ -162,30 +162,13 @@ class Pipeline:
         is running (never mid-generation), and every generation submitted from now on asks for that version."""
         learner = self.learner.actors[0]
         self.version = self.learner.get([learner.get_version.remote()])[0]
-        if self.broadcast is None:
-            self.weights = learner.__ray_call__.remote(packed_weights)  # shared by the workers of a node
-            self.loading = [worker.receive_weights.remote([self.weights], self.version) for worker in self.rollout.actors]
-        else:
-            self.weights = None  # not in the object store (_give_weights puts them there if a worker needs them)
-            self.sending, self.loading = self.broadcast.publish(self.version)
+        self.weight_sync.publish(self.version)
 
     def _note_loaded(self) -> None:
         """After a generation with the last published weights: record how long the workers took to receive them."""
-        refs, self.loading, self.sending = self.loading + ([self.sending] if self.sending else []), [], None
-        if not refs:
-            return
-        try:
-            self.load_s = max(self.rollout.get(refs))  # the receives' seconds (and the send's)
-        except ACTOR_LOST:  # a worker was restarted (and given the weights then, or when it next generates)
-            if self.broadcast is not None:
-                self.broadcast.formed = False  # its new process is not in the group
-        except ActorFailed:
-            if self.broadcast is None:
-                raise
-            # a broadcast failed (a member died mid-way): the workers it missed were given the weights through the
-            # object store when they refused to generate with old ones (StaleWeights); form the group again
-            self.broadcast.formed = False
-            self.rollout.faults["fault/broadcast_failures"] += 1
+        seconds = self.weight_sync.loaded_seconds()
+        if seconds is not None:
+            self.load_s = seconds
 
     def evaluate(self, eval_prompts: pa.Table | None, step: int) -> tuple[dict[str, float], pa.Table | None]:
         """(eval/<metric> of greedy samples on the held-out prompts, those samples scored with eval/<metric>
@@ -418,7 +401,7 @@ def attempt(config: TrainConfig, storage: Storage, train_prompts, eval_prompts, 
 def train(config: TrainConfig, resume: bool = False, report: Report | None = None) -> dict[str, float]:
     """Run (or resume) training; returns the last step's metrics record. Ctrl-C at any moment ends it with one
     line (how to continue), and an autoscaler request this run made is withdrawn however it ends."""
-    config = with_builtin_defaults(config)
+    config = with_builtin_defaults(check(config))  # a bad config is one line before Ray starts
     storage = Storage(config.run_uri)
     try:
         return train_with_retries(config, storage, resume, report)

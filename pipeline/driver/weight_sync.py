@@ -1,192 +1,73 @@
-"""rollout.weight_sync=collective: the learner broadcasts each policy version to the rollout workers.
+"""The driver's side of rollout.weight_sync: one object per strategy, each publishing a policy version to the
+rollout workers, giving it to a worker that missed it, and reporting how long the workers took to load it.
 
-The learner (rank 0) and the rollout workers (ranks 1..N) form a `ray.util.collective` group: gloo over
-TCP on CPU, NCCL when the learner and every rollout worker compute on a GPU (NCCL needs cupy; not run
-on this project's CPU machines). The learner sends the weights as the rollout model holds them (LoRA
-merged: its get_weights(), each tensor in the dtype the rollout model loads it in: model.dtype, or fp32 for
-what the model class keeps in fp32) as one flat byte buffer; each worker receives it into a buffer that its
-model's weights are typed views of (`flat_weights`), so the broadcast itself updates the model. A broadcast takes one message per worker along gloo's tree, where the object
-store path (rollout.weight_sync=object_store) serves every worker a copy of one object.
+- object_store (ObjectStoreSync): the learner publishes each version as one PackedWeights object; every rollout
+  worker fetches it (one shared copy per node, pipeline/runtime/weights.py).
+- collective (BroadcastSync): the learner broadcasts each version over a ray.util.collective group with the rollout
+  workers (pipeline/runtime/broadcast.py). A rollout worker that Ray restarts is not in the group; it gets the last
+  broadcast version through the object store (`published_weights`) and the group is formed again, with the new
+  process, before the next broadcast.
 
-The functions below run inside the actors (`actor.__ray_call__.remote(fn, ...)`, in the actor's call
-order): a worker receives between two generate calls, never mid-generation. A rollout worker that Ray
-restarts is not in the group; the driver gives it the last broadcast version through the object store
-(`published_weights`) and forms the group again, with the new process, before the next broadcast.
-
-rollout.weight_sync=object_store: the learner publishes each version as one PackedWeights object. Its
-floating-point weights are one numpy byte buffer, which Ray keeps out of band in the object store, so
-every rollout worker on a node maps the same shared-memory pages (ray.get copies nothing) and points its
-model's weights at them (`adopt`): one copy per node, however many workers share it.
+Both answer `publish(version)`, `give(worker, version)`, `loaded_seconds()`, and hold `weights`: the ObjectRef of
+the published PackedWeights that a worker fetches (None while a broadcast's are only in the learner).
 """
 
 from __future__ import annotations
 
-import time
-import warnings
-from dataclasses import dataclass
-
-import numpy as np
 import ray
-import ray.util.collective as collective
-import torch
-import torch.distributed as dist
 
-from pipeline.driver.actor_group import ActorGroup
+from pipeline.driver.actor_group import ACTOR_LOST, ActorFailed, ActorGroup
 from pipeline.errors import TokenforgeError
-
-Layout = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) of each tensor, in the order of the flat buffer
-
-
-def floating(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The floating-point tensors of a state dict: what the broadcast carries (integer buffers never train)."""
-    return {name: t for name, t in weights.items() if t.is_floating_point()}
+from pipeline.runtime.broadcast import device_of, join, leave, nccl_available, receive, send
+from pipeline.runtime.weights import packed_weights, published_weights, weight_layout
 
 
-def layout_of(weights: dict[str, torch.Tensor]) -> Layout:
-    """The flat buffer's layout of a state dict's floating-point tensors, each in its own dtype (a model in bf16
-    keeps its MoE router weights in fp32): the widest dtype first, so that every tensor starts at a byte
-    offset that is a multiple of its element size (a typed view of the byte buffer needs it)."""
-    floats = sorted(floating(weights).items(), key=lambda item: -item[1].element_size())  # stable: state dict order
-    return [(name, tuple(t.shape), str(t.dtype)) for name, t in floats]
-
-
-def split(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
-    """The tensors of `layout` as typed views of consecutive slices of the byte buffer `flat` (uint8)."""
-    views, offset = {}, 0
-    for name, shape, dtype in layout:
-        dtype = torch_dtype(dtype)
-        size = torch.Size(shape).numel() * dtype.itemsize  # bytes
-        views[name] = flat[offset : offset + size].view(dtype).view(shape)
-        offset += size
-    return views
-
-
-def adopt(model: torch.nn.Module, tensors: dict[str, torch.Tensor], copy: bool) -> None:
-    """Make the model's parameters and buffers named in `tensors` hold their values by re-pointing them
-    (`.data`), never by writing into the memory they held (which may be a read-only object-store buffer).
-    copy=False: a tensor already on the model's device is used as it is (no copy); the caller must not change
-    it afterwards, and its dtype must be the model's own for that weight (a cast would be a new tensor, and
-    rounding an fp32-kept weight through bf16 would lose what the learner holds). Weights not named keep
-    their values."""
-    current = {**dict(model.named_buffers()), **dict(model.named_parameters(remove_duplicate=False))}
-    for name, value in tensors.items():
-        if name not in current:
-            raise ValueError(f"weight {name!r} of the learner is not in the rollout model")
-        target = current[name]
-        if target.shape != value.shape:
-            raise ValueError(f"weight {name!r} has shape {tuple(target.shape)} in the rollout model, {tuple(value.shape)} in the learner's")
-        if not copy and target.dtype != value.dtype:
-            raise ValueError(f"weight {name!r} is {target.dtype} in the rollout model, {value.dtype} in the learner's published weights")
-        target.data = value.to(target.device, target.dtype, copy=copy)  # tied weights: both names get the last one
-
-
-@dataclass
-class PackedWeights:
-    """A published policy version: the floating-point weights as one flat byte buffer (`data`: numpy uint8, so
-    that the object store shares it between the workers of a node without a copy) in `layout` order, each
-    tensor in its own dtype, and the other tensors (integer buffers) as they are."""
-
-    layout: Layout
-    data: np.ndarray
-    others: dict[str, torch.Tensor]
-
-    @classmethod
-    def pack(cls, weights: dict[str, torch.Tensor]) -> PackedWeights:
-        layout = layout_of(weights)
-        flat = torch.cat([weights[name].reshape(-1).view(torch.uint8) for name, _, _ in layout])
-        others = {name: t.clone() for name, t in weights.items() if not t.is_floating_point()}  # not the learner's own
-        return cls(layout, flat.numpy(), others)
-
-    def flat(self) -> torch.Tensor:
-        """The flat byte buffer as a tensor sharing `data`'s memory (read-only when it came from the object store)."""
-        with warnings.catch_warnings():  # torch warns on a read-only array; nothing writes into it (adopt re-points)
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(self.data)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The state dict, its floating-point tensors views of the flat buffer."""
-        return {**split(self.flat(), self.layout), **self.others}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name.removeprefix("torch."))
-
-
-def packed_weights(learner) -> PackedWeights:
-    """The learner's weights as a version to publish through the object store."""
-    return PackedWeights.pack(learner.get_weights(copy=False))  # pack() copies them into its flat buffer
-
-
-def weight_layout(learner) -> Layout:
-    """The layout of the learner's published weights."""
-    return layout_of(learner.get_weights(copy=False))
-
-
-def join(instance, world_size: int, rank: int, group: str, backend: str, timeout_s: float, layout=None) -> None:
-    """Enter the group (every rank at once); a rollout worker also allocates its receive buffer."""
-    collective.init_collective_group(world_size, rank, backend=backend, group_name=group, gloo_timeout=int(timeout_s * 1000))
-    if layout is not None:
-        instance.weight_buffer = flat_weights(instance.model, layout)
-
-
-def flat_weights(model: torch.nn.Module, layout: Layout) -> torch.Tensor:
-    """One byte buffer for the weights of `layout`, with the model's parameters and buffers re-pointed at typed
-    views of its slices (their values copied in): a broadcast into it updates the model in place, with no
-    second copy."""
-    device = next(model.parameters()).device
-    size = sum(torch.Size(shape).numel() * torch_dtype(dtype).itemsize for _, shape, dtype in layout)
-    flat = torch.empty(size, dtype=torch.uint8, device=device)
-    views = split(flat, layout)
-    values = model.state_dict()  # the tensors the weights hold now (re-pointing leaves them as they are)
-    adopt(model, views, copy=False)  # refuses an unknown name, or a shape or dtype that differs
-    for name, view in views.items():
-        view.copy_(values[name])
-    return flat
-
-
-def leave(instance, group: str) -> None:
-    """Leave the group, and torch.distributed's default group under it (else a new process could not join)."""
-    if collective.is_group_initialized(group):
-        collective.destroy_collective_group(group)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def send(learner, group: str, backend: str) -> float:
-    """Rank 0: broadcast the current weights as one flat buffer, kept as the last published version."""
-    start = time.perf_counter()
-    learner.published = packed_weights(learner)  # also for a worker that joins late, through the object store
-    flat = learner.published.flat()
-    collective.broadcast(flat.to(learner.device) if backend == "nccl" else flat, src_rank=0, group_name=group)
-    return time.perf_counter() - start
-
-
-def receive(worker, group: str, version: int) -> float:
-    """Rank >= 1: receive a broadcast into the model's weights as policy `version`; returns the seconds taken."""
-    start = time.perf_counter()
-    collective.broadcast(worker.weight_buffer, src_rank=0, group_name=group)  # straight into the model's weights
-    worker.policy_version = version
-    return time.perf_counter() - start
-
-
-def published_weights(learner) -> PackedWeights:
-    """The weights of the last broadcast (for a rollout worker that joins late, through the object store)."""
-    return learner.published
-
-
-def device_of(instance) -> str:
-    return str(instance.device)
-
-
-def nccl_available(_instance) -> bool:
-    return collective.nccl_available()
-
-
-class BroadcastGroup:
-    """The driver's side: forms the group, and publishes a version as one send and N receives."""
+class WeightSync:
+    """What both strategies share: the published version's ObjectRef (`weights`) and the calls in flight that
+    publish it (`pending`: each worker's receive, and a broadcast's send)."""
 
     def __init__(self, learner: ActorGroup, rollout: ActorGroup, run_id: str, timeout_s: float):
         self.learner, self.rollout = learner, rollout
+        self.weights: ray.ObjectRef | None = None  # the last published version, in the object store
+        self.pending: list[ray.ObjectRef] = []  # the calls that publish it, not waited for
+
+    def give(self, worker, version: int) -> None:
+        """A restarted rollout worker (or one whose broadcast failed) holds other weights: give it the published
+        ones through the object store."""
+        if self.weights is not None:
+            self.rollout.get([worker.receive_weights.remote([self.weights], version)])
+
+    def loaded_seconds(self) -> float | None:
+        """The slowest worker's receive-and-load seconds of the last published version (and a broadcast's send),
+        once; None: nothing published since the last call, or a worker was restarted meanwhile."""
+        refs, self.pending = self.pending, []
+        if not refs:
+            return None
+        try:
+            return max(self.rollout.get(refs))
+        except ACTOR_LOST:  # a worker was restarted (and given the weights then, or when it next generates)
+            self.worker_replaced()
+            return None
+
+    def worker_replaced(self) -> None:
+        """A rollout worker runs in a new process."""
+
+
+class ObjectStoreSync(WeightSync):
+    """rollout.weight_sync=object_store: one object in the object store that each rollout worker fetches."""
+
+    def publish(self, version: int) -> None:
+        """Put the learner's weights in the object store as `version`; every worker loads them after the call it
+        is running (never mid-generation)."""
+        self.weights = self.learner.actors[0].__ray_call__.remote(packed_weights)  # shared by the workers of a node
+        self.pending = [worker.receive_weights.remote([self.weights], version) for worker in self.rollout.actors]
+
+
+class BroadcastSync(WeightSync):
+    """rollout.weight_sync=collective: forms the group, and publishes a version as one send and N receives."""
+
+    def __init__(self, learner: ActorGroup, rollout: ActorGroup, run_id: str, timeout_s: float):
+        super().__init__(learner, rollout, run_id, timeout_s)
         self.run_id, self.formations = run_id, 0
         self.name = ""  # the group's name: a new one each time it is formed (no rendezvous key is ever reused)
         # a broadcast that a dead member cut short fails after this long (not after trainer.actor_timeout_s)
@@ -223,10 +104,33 @@ class BroadcastGroup:
         self.rollout.get(joins)
         self.formed = True
 
-    def publish(self, version: int) -> tuple[ray.ObjectRef, list[ray.ObjectRef]]:
-        """Broadcast the learner's weights as `version`: (the send's ref, each worker's receive ref), not waited for."""
+    def publish(self, version: int) -> None:
+        """Broadcast the learner's weights as `version` (one send, each worker's receive), not waited for."""
         if not self.formed:
             self.form()
+        self.weights = None  # not in the object store (give() puts them there if a worker needs them)
         sending = self.learner.actors[0].__ray_call__.remote(send, self.name, self.backend)
         self.sent = True
-        return sending, [w.__ray_call__.remote(receive, self.name, version) for w in self.rollout.actors]
+        self.pending = [*(w.__ray_call__.remote(receive, self.name, version) for w in self.rollout.actors), sending]
+
+    def give(self, worker, version: int) -> None:
+        if self.weights is None and self.sent:
+            self.weights = self.learner.actors[0].__ray_call__.remote(published_weights)  # the last broadcast's
+        self.worker_replaced()
+        super().give(worker, version)
+
+    def worker_replaced(self) -> None:
+        self.formed = False  # a new process is not in the group: form it again before the next broadcast
+
+    def loaded_seconds(self) -> float | None:
+        try:
+            return super().loaded_seconds()
+        except ActorFailed:
+            # a broadcast failed (a member died mid-way): the workers it missed were given the weights through the
+            # object store when they refused to generate with old ones (StaleWeights); form the group again
+            self.formed = False
+            self.rollout.faults["fault/broadcast_failures"] += 1
+            return None
+
+
+WEIGHT_SYNCS = {"object_store": ObjectStoreSync, "collective": BroadcastSync}  # rollout.weight_sync -> strategy

@@ -20,7 +20,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from pipeline.errors import TokenforgeError
 
 ASSETS = Path(__file__).parent.parent / "assets"
-BUILTIN_TASKS = ("addition", "words", "reverse", "summarize", "chat_addition")  # made by scripts/make_task_data.py and make_task_model.py
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 log = logging.getLogger("tokenforge")
 

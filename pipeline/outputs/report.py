@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from pipeline.errors import TokenforgeError
+from pipeline.outputs.experiment_files import SEARCHED_FILE, SPEC_FILE
 from pipeline.outputs.metrics_log import METRICS_FILE, read_metrics
 from pipeline.storage import Storage
 
@@ -95,8 +96,6 @@ def trial_label(params: dict, keys: list[str]) -> str:
 def experiment_panels(experiment: Storage) -> tuple[list[Panel], list[str]]:
     """The objective of every trial against its step, labelled by its searched values, and the markdown
     lines naming the best trial and its parameters (none before a trial has reported the objective)."""
-    from pipeline.tune.experiment import SEARCHED_FILE, SPEC_FILE
-
     spec = yaml.safe_load(experiment.read_text(SPEC_FILE))["spec"]
     metric, mode, keys = spec["tune"]["metric"], spec["tune"]["mode"], list(spec["search"])
     panel = Panel(f"{metric} of every trial", "step")
@@ -171,8 +170,6 @@ def markdown(panels: list[Panel], title: str, extra: list[str]) -> str:
 
 def write_report(location: str) -> Storage:
     """Write report.png and report.md into the run or experiment at `location`; returns its storage."""
-    from pipeline.tune.experiment import SPEC_FILE
-
     storage = Storage(location)
     if storage.exists(SPEC_FILE):
         panels, extra = experiment_panels(storage)

@@ -24,7 +24,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from pipeline.data.prompts import is_conversation
+from pipeline.batch import is_conversation
+from pipeline.config import TrainConfig
 from pipeline.models.hf import build_sequences, check_model_dir, load_model, load_tokenizer, response_logprobs
 from pipeline.rewards.base import (
     COMPONENTS,
@@ -35,7 +36,13 @@ from pipeline.rewards.base import (
     register_component,
 )
 
-__all__ = ["COMPONENTS"]  # the registry, with every built-in component registered
+__all__ = ["COMPONENTS", "component_options"]  # the registry, with every built-in component registered
+
+
+def component_options(config: TrainConfig, name: str) -> BaseModel:
+    """The validated options of component `name` of `config` (an instance of its type's Options)."""
+    spec = config.reward.components[name]
+    return COMPONENTS[spec.type].Options.model_validate(spec.options())
 
 
 class BaseOptions(BaseModel):

@@ -52,7 +52,9 @@ from pipeline.data.inputs import load_inputs, with_builtin_defaults
 from pipeline.data.prompts import encode_prompts, set_chat_template
 from pipeline.errors import ConfigError, TokenforgeError
 from pipeline.models.hf import load_tokenizer
+from pipeline.preflight import check
 from pipeline.rewards.base import FLOAT32_MAX
+from pipeline.rewards.components import component_options
 
 ENV_ID = "tokenforge/TokenGeneration-v0"
 SPLITS = ("train", "eval")
@@ -78,7 +80,7 @@ def resolve_config(config: TrainConfig | str | Path | Mapping | None = None, ove
     if isinstance(overrides, str):
         overrides = [overrides]
     values = dict(overrides) if isinstance(overrides, Mapping) else dict(parse_override(text) for text in overrides)
-    return with_builtin_defaults(config_with(base, values) if values else base)
+    return with_builtin_defaults(check(config_with(base, values) if values else base))
 
 
 def check_env_config(config: TrainConfig, reward_backend: str, reward_timing: str, split: str) -> None:
@@ -102,7 +104,7 @@ def check_env_config(config: TrainConfig, reward_backend: str, reward_timing: st
                 f"config key 'reward.components.{name}.normalize': {spec.normalize!r} needs the other samples of a "
                 "batch, which a one-episode environment does not have; use 'none' in the environment"
             )
-        if spec.type == "teacher_logprob" and config.component_options(name).subtract_policy:
+        if spec.type == "teacher_logprob" and component_options(config, name).subtract_policy:
             raise ConfigError(
                 f"config key 'reward.components.{name}.subtract_policy': needs the policy's log-probs, which an "
                 "environment is not given; set it false (the RL library's KL term plays that role)"
@@ -247,7 +249,7 @@ class TokenEnv(gym.Env):
         if reward_backend == "pool":
             import ray
 
-            from pipeline.rewards.pool import RewardPool
+            from pipeline.driver.reward_pool import RewardPool
 
             if not ray.is_initialized():
                 raise TokenforgeError("env option 'reward_backend': 'pool' needs a running Ray (call ray.init() first)")

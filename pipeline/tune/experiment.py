@@ -37,15 +37,15 @@ from pipeline.driver.placement import (
 )
 from pipeline.driver.trainer import train
 from pipeline.errors import TokenforgeError
+from pipeline.outputs.experiment_files import SEARCHED_FILE, SPEC_FILE
 from pipeline.outputs.next_steps import after_tune
 from pipeline.outputs.report import draw, experiment_panels, trial_label
 from pipeline.outputs.trackers import tune_callbacks
+from pipeline.preflight import check
 from pipeline.storage import Storage
 from pipeline.tune.spec import TuneSpec, load_spec, param_space, scheduler, searcher
 
-SPEC_FILE = "tokenforge_tune.yaml"  # spec + resolved base config, kept in the experiment dir for --resume
 RESTORES_FILE = "restores.jsonl"  # in each trial's directory: one line per start from a checkpoint (PBT exploit or retry)
-SEARCHED_FILE = "searched.json"  # in each trial's directory: the values it searched (as it last started; PBT mutates them)
 POINTER = "checkpoint.json"  # what a Tune checkpoint holds: where the real one is (the run's own storage)
 
 
@@ -229,7 +229,7 @@ def resume(experiment_uri: str, trust_run_config: bool = False) -> str:
             "(e.g. you wrote it)"
         )
     data = read_yaml(experiment.read_text(SPEC_FILE), experiment.display(SPEC_FILE), "tune spec")
-    spec, base = TuneSpec.model_validate(data["spec"]), TrainConfig.model_validate(data["base"])
+    spec, base = TuneSpec.model_validate(data["spec"]), check(TrainConfig.model_validate(data["base"]))
     connect_ray(base)
     tuner = tune.Tuner.restore(
         experiment.uri, trainable=trainable(spec, base, experiment.uri), resume_unfinished=True, resume_errored=True

@@ -28,8 +28,9 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
 from pipeline.algorithm.advantages import check_known
-from pipeline.config import StorageUri, TrainConfig, apply_override, config_with, first_error, load_config, parse_override, read_yaml
+from pipeline.config import StorageUri, TrainConfig, apply_override, config_with, first_error, parse_override, read_yaml
 from pipeline.errors import ConfigError
+from pipeline.preflight import check, load_config
 
 # strategy -> (number of values or None for a non-empty list, Tune domain)
 STRATEGIES = {
@@ -127,7 +128,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[TuneSpec, Tr
     base_file = spec.base.config
     if base_file and not Path(base_file).is_absolute():
         base_file = str(path.parent / base_file) if (path.parent / base_file).is_file() else base_file
-    base = absolute_local_paths(config_with(load_config(base_file), spec.base.overrides))
+    base = absolute_local_paths(check(config_with(load_config(base_file), spec.base.overrides)))
     check_search(spec, base)
     check_objective(spec, base)
     scheduler(spec)
@@ -155,7 +156,7 @@ def check_search(spec: TuneSpec, base: TrainConfig) -> None:
         if isinstance(node, dict):
             raise ConfigError(f"search key {key!r} is a section; search over one of its keys")
         try:
-            config_with(base, {key: dimension.example()})
+            check(config_with(base, {key: dimension.example()}))
         except ConfigError as error:
             raise ConfigError(f"search key {key!r}: {error}") from None
     if spec.tune.search_alg != "random" and any(d.strategy == "grid" for d in spec.search.values()):
