@@ -2,7 +2,7 @@
 
 pipeline/config.py holds names and types only and imports no implementation; what it cannot check is checked
 here, against the reward component library: every component in use names a known type, and its options are
-valid for that type (a python component's function is imported unless import_functions=False). Every entry
+valid for that type (a python component's function is imported: its module's top-level code runs). Every entry
 point runs `check` before any actor exists, so a bad config stays one line naming its key: the CLI (through
 `load_config`), `train()` (so a resume and every Tune trial too), tune (the base config and each searched
 value), `tokenforge eval` and the RLlib env.
@@ -21,24 +21,24 @@ from pipeline.errors import ConfigError, TokenforgeError
 from pipeline.rewards.components import COMPONENTS
 
 
-def check(config: TrainConfig, import_functions: bool = True) -> TrainConfig:
+def check(config: TrainConfig) -> TrainConfig:
     """`config`, once every reward component in use is known and its options valid; else ConfigError naming the
     key (the components in use come in config order: the weighted ones, then the eval metrics)."""
     specs = config.reward.components
     for name in dict.fromkeys([*config.reward.weights, *config.trainer.eval_metrics]):
-        spec = specs[name]
-        if spec.type == name and name not in COMPONENTS:  # the config's default: a component's type is its name
+        spec = specs.get(name)  # absent only when the config was changed after validation
+        if spec is None or (spec.type == name and name not in COMPONENTS):  # a component's type defaults to its name
             where = "reward.weights" if name in config.reward.weights else "trainer.eval_metrics"
             raise ConfigError(
-                f"config key {where!r}: component {name!r} is not configured and is not a component type "
-                f"(types: {', '.join(sorted(COMPONENTS))}); add reward.components.{name} with a type"
+                f"config key {where!r}: component {name!r} names no component type (types: {', '.join(sorted(COMPONENTS))}); "
+                f"add reward.components.{name} with one of these types"
             )
         try:
             check_known(f"reward.components.{name}.type", spec.type, COMPONENTS)
         except ValueError as error:
-            raise ConfigError(f"config key 'config': {error}") from None
+            raise ConfigError(f"config key 'reward.components.{name}.type': {error}") from None
         try:
-            COMPONENTS[spec.type].Options.model_validate(spec.options(), context={"import_functions": import_functions})
+            COMPONENTS[spec.type].Options.model_validate(spec.options())
         except ValidationError as error:
             unknown = f"unknown option of component type {spec.type!r}"
             raise first_error(error, "config key", (f"reward.components.{name}",), unknown) from None

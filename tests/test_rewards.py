@@ -295,10 +295,11 @@ def test_property_normalised_rewards_are_finite_and_bounded(rows, mode, num_grou
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["reward.weights.blue=1.0"], "'reward.weights': component 'blue' is not configured and is not a component type"),
-        (["trainer.eval_metrics=[blue]"], "'trainer.eval_metrics': component 'blue' is not configured"),
+        (["reward.weights.blue=1.0"], "'reward.weights': component 'blue' names no component type"),
+        (["trainer.eval_metrics=[blue]"], "'trainer.eval_metrics': component 'blue' names no component type"),
         (["reward.components.fmt={type: regex_match, pattern: x}"], "'reward.components.fmt': configured but unused; give it a weight"),
         (["reward.components.fmt={type: regx}", "reward.weights.fmt=1"], "unknown reward.components.fmt.type 'regx'"),
+        (["reward.components.fmt={type: fmt}", "reward.weights.fmt=1"], "component 'fmt' names no component type"),
         (["reward.components.fmt={type: regex_match}", "reward.weights.fmt=1"], "'reward.components.fmt.pattern': Field required"),
         (["reward.components.fmt={type: regex_match, pattern: '('}", "reward.weights.fmt=1"], "'reward.components.fmt.pattern': not a valid regular expression"),
         (["reward.components.exact_match={tolerance: 1}"], "'reward.components.exact_match.tolerance': unknown option of component type 'exact_match'"),

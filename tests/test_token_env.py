@@ -213,7 +213,7 @@ def test_env_config_takes_dotted_tokenforge_keys():
         (lambda: from_env_config({"trainer.totl_steps": 3}), "config key 'trainer.totl_steps': unknown config key"),
         (
             lambda: from_env_config({"reward.weights.nope": 1.0}),
-            "component 'nope' is not configured and is not a component type",
+            "component 'nope' names no component type",
         ),
         (lambda: TokenEnv(split="test"), "env option 'split': 'test' is not one of train, eval"),
         (lambda: TokenEnv(reward_backend="remote"), "env option 'reward_backend': 'remote' is not one of local, pool"),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.batch import is_conversation
 from pipeline.config import TrainConfig
@@ -541,11 +541,9 @@ class PythonFunction(RewardComponent):
 
         @field_validator("function")
         @classmethod
-        def imports(cls, spec: str, info: ValidationInfo) -> str:
-            """The pre-flight check: the function imports (its module's top-level code runs), unless validation
-            runs with context {"import_functions": False} (deciding whether a run's config may be trusted)."""
-            if (info.context or {}).get("import_functions", True):
-                import_function(spec)
+        def imports(cls, spec: str) -> str:
+            """The pre-flight check: the function imports (its module's top-level code runs)."""
+            import_function(spec)
             return spec
 
     def __init__(self, options: Options, env: ComponentEnv):

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +173,10 @@ def fit(tuner: tune.Tuner) -> tune.ResultGrid:
     """tuner.fit(), leaving the process's SIGINT/SIGUSR1 handlers as they were: Tune installs its own and restores
     them only when a signal arrives, so after a finished experiment the next Ctrl-C in the same process (a notebook,
     a script that trains next) would be swallowed as "Stop signal received" instead of interrupting."""
-    signals = [s for s in (signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None]
-    handlers = {s: signal.getsignal(s) for s in signals}
+    handlers = {}  # Tune installs handlers only from the main thread, and one installed from C reads as None
+    if threading.current_thread() is threading.main_thread():
+        signals = [s for s in (signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None]
+        handlers = {s: h for s in signals if (h := signal.getsignal(s)) is not None}
     try:
         return tuner.fit()
     finally:
