@@ -1,6 +1,6 @@
 """Summarise one module's mutmut results (run by scripts/mutation_test.sh inside .mutation/<module>/).
 
-usage: python mutation_report.py VENV TESTS PATTERN...   (TESTS: space-separated test files)
+usage: python mutation_report.py VENV TESTS PATTERN...   (TESTS: space-separated test files and test IDs)
 
 Prints the counts and every mutant that was not killed. Survivors in functions that only run at import time
 (the registry decorators: mutmut switches mutants on at call time, after the imports) are re-checked here:

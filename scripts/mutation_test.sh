@@ -16,8 +16,9 @@
 #                      _reference_logprobs
 #   rollout_worker     actors/rollout_worker.py: sample_tokens,                       test_actors, test_models
 #                      RolloutWorker._sample (the generation loop)
-# (each module's tests plus tests/test_mutation_kills.py). mutmut runs, for each mutant, only those of the
-# listed tests that called the mutated function.
+# (each module's tests plus every test marked @pytest.mark.mutant, in whichever file: the tests written to kill
+# earlier survivors, which live in the test file of the module they pin). mutmut runs, for each mutant, only those
+# of the selected tests that called the mutated function.
 #
 # mutmut 3 mutates the bodies of functions and methods only: not module-level code (here: the AGGREGATIONS
 # lambdas of pipeline/algorithm/loss.py), and not functions under a decorator other than @staticmethod/@classmethod.
@@ -74,6 +75,10 @@ declare -A tests=(
     [rollout_worker]="test_actors test_models"
 )
 order=(advantages loss rewards reward_components learner rollout_worker)
+# the tests marked @pytest.mark.mutant (pyproject's markers), as test IDs without their parameters
+mapfile -t mutant_tests < <(cd "$repo" && "$venv/bin/python" -m pytest --collect-only -q -p no:cacheprovider -m mutant tests \
+    | sed -n '/::/{s/\[.*//;p}' | sort -u)
+((${#mutant_tests[@]})) || { echo "no test is marked mutant (pytest -m mutant collected none)" >&2; exit 1; }
 modules=("$@")
 ((${#modules[@]})) || modules=("${order[@]}")
 for module in "${modules[@]}"; do
@@ -89,7 +94,13 @@ for module in "${modules[@]}"; do
     cp -r "$repo/pipeline" "$repo/actors" "$repo/tests" "$work/"
     "$venv/bin/python" "$repo/scripts/mutation_undecorate.py" "$work/${files[$module]}"
     changed=$([[ $(sha256sum <"$work/${files[$module]}") == "$before" ]] && echo no || echo yes)
-    selection=$(for t in ${tests[$module]} test_mutation_kills; do printf '"tests/%s.py", ' "$t"; done)
+    # the module's test files, then the mutant-marked tests of other files
+    selected=()
+    for t in ${tests[$module]}; do selected+=("tests/$t.py"); done
+    for id in "${mutant_tests[@]}"; do
+        [[ " ${selected[*]} " == *" ${id%%::*} "* ]] || selected+=("$id")
+    done
+    selection=$(printf '"%s", ' "${selected[@]}")
     sed '/^\[tool\.mutmut\]/,$d' "$repo/pyproject.toml" >"$work/pyproject.toml"
     cat >>"$work/pyproject.toml" <<EOF
 
@@ -133,7 +144,7 @@ for meta in pathlib.Path("mutants").rglob("*.py.meta"):
 PY
         )
     fi
-    echo "=== $module: ${files[$module]}, mutants ${patterns[*]} (${#names[@]} names to run); tests: ${tests[$module]} test_mutation_kills"
+    echo "=== $module: ${files[$module]}, mutants ${patterns[*]} (${#names[@]} names to run); tests: ${tests[$module]} and the mutant-marked tests (${#selected[@]} files and test IDs)"
     begin=$SECONDS
     if ((${#names[@]})); then
         (cd "$work" && "$venv/bin/mutmut" run --max-children "$children" "${names[@]}") >"$work/run.log" 2>&1 || {
@@ -144,5 +155,5 @@ PY
     fi
     echo "$module: mutmut run took $((SECONDS - begin)) s"
     (cd "$work" && "$venv/bin/python" "$repo/scripts/mutation_report.py" "$venv" \
-        "$(for t in ${tests[$module]} test_mutation_kills; do printf 'tests/%s.py ' "$t"; done)" "${patterns[@]}")
+        "${selected[*]}" "${patterns[@]}")
 done

@@ -3,7 +3,7 @@
 usage: python scripts/plant_audit_bugs.py COPY_ROOT N     (N = 1..6; never run it on your worktree)
 
     git ls-files -z | xargs -0 -I{} cp --parents {} /tmp/bug1/ && python scripts/plant_audit_bugs.py /tmp/bug1 1
-    cd /tmp/bug1 && python -m pytest -q tests/test_advantages.py ... tests/test_mutation_kills.py
+    cd /tmp/bug1 && python -m pytest -q tests/test_advantages.py ... tests/test_data.py
 
 docs/testing.md lists the test(s) each bug fails.
 """

@@ -7,7 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.algorithm.advantages import ESTIMATORS, GROUP_BASELINE, compute_advantages, kl_penalty, returns_to_go
+from pipeline.algorithm.advantages import (
+    ESTIMATORS,
+    GROUP_BASELINE,
+    GroupStats,
+    compute_advantages,
+    kl_penalty,
+    masked_whiten,
+    outcome_aligned,
+    returns_to_go,
+)
 
 T = torch.tensor
 GROUP_ESTIMATORS = sorted(GROUP_BASELINE)  # rloo, grpo, reinforce++_baseline
@@ -301,3 +310,137 @@ def test_property_finite_inputs_up_to_1e30_give_finite_advantages(data, name, ga
     rewards, mask, groups = data
     adv = compute_advantages(name, rewards, mask, groups, gamma=gamma, whiten=whiten)
     assert torch.isfinite(adv).all()
+
+
+@pytest.mark.mutant
+def test_kl_penalty_defaults_to_k1_and_refuses_mismatched_shapes():
+    logp, ref = T([[-1.0, -0.25]]), T([[-2.0, -0.5]])
+    assert torch.equal(kl_penalty(logp, ref), kl_penalty(logp, ref, "k1"))
+    with pytest.raises(ValueError, match=r"logprobs=\(2, 2\), ref_logprobs=\(1, 2\); all must be \(batch, tokens\)"):
+        kl_penalty(logp.repeat(2, 1), ref)  # (1, 2) would broadcast silently
+
+
+@pytest.mark.mutant
+def test_k3_clamps_the_log_ratio_to_plus_minus_20():
+    """k3 = exp(-d) + d - 1 with d = logp - logp_ref clamped to [-20, 20] (docs/algorithms.md)."""
+    logp, ref = T([[-30.0, -1.0, -0.5]]), T([[-1.0, -30.0, -0.5]])  # d = -29, +29, 0
+    k3 = kl_penalty(logp, ref, "k3")
+    assert k3[0, 0].item() == pytest.approx(math.exp(20.0) - 20.0 - 1.0, rel=1e-6)
+    assert k3[0, 1].item() == pytest.approx(math.exp(-20.0) + 20.0 - 1.0, rel=1e-6)
+    assert k3[0, 2].item() == 0.0
+
+
+@pytest.mark.mutant
+def test_kl_penalty_is_float32_for_any_input_precision():
+    """Both log-probs are converted to float32 before the difference: float64 inputs give the float32 result."""
+    logp = torch.tensor([[-1 / 3, -2 / 7]], dtype=torch.float64)
+    ref = torch.tensor([[-1 / 7, -1 / 9]], dtype=torch.float64)
+    for kind in ("k1", "k2", "k3"):
+        kl = kl_penalty(logp, ref, kind)
+        assert kl.dtype == torch.float32
+        assert torch.equal(kl, kl_penalty(logp.float(), ref.float(), kind))
+
+
+@pytest.mark.mutant
+def test_masked_whiten_centres_by_default_and_computes_in_float64():
+    values = T([[1 / 3, 2 / 3, 9.0], [1 / 7, 0.0, 0.0]])
+    mask = T([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    out = masked_whiten(values, mask)
+    assert out.dtype == torch.float64
+    valid = values[mask.bool()].double()
+    expected = (valid - valid.mean()) / torch.sqrt(valid.var(unbiased=False) + 1e-8)
+    assert torch.allclose(out[mask.bool()], expected, rtol=1e-12, atol=0)
+    assert out[0, 2] == 0 and out[1, 1] == 0
+
+
+@pytest.mark.mutant
+def test_whitening_a_single_valid_token():
+    """One valid token: its mean is itself and its variance 0, so centred whitening gives exactly 0 and the
+    uncentred form divides by sqrt(1e-8) only."""
+    mask = T([[1.0, 0.0]])
+    assert torch.equal(compute_advantages("reinforce++", T([[0.7, 5.0]]), mask, T([0])), torch.zeros(1, 2))
+    expected = torch.tensor([[0.5 / math.sqrt(1e-8), 0.0]], dtype=torch.float64)
+    assert torch.allclose(masked_whiten(T([[0.5, 5.0]]), mask, center=False), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.mutant
+def test_an_unknown_estimator_lists_every_known_one_exactly():
+    with pytest.raises(ValueError, match=r"unknown advantage estimator 'gae'; known: grpo, reinforce, reinforce\+\+, reinforce\+\+_baseline, rloo$"):
+        compute_advantages("gae", T([[1.0]]), T([[1.0]]), T([0]))
+
+
+@pytest.mark.mutant
+def test_an_empty_batch_gives_empty_advantages():
+    for name in ("reinforce", "rloo", "grpo", "reinforce++", "reinforce++_baseline"):
+        advantages = compute_advantages(name, torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+        assert advantages.shape == (0, 3) and advantages.dtype == torch.float32
+
+
+@pytest.mark.mutant
+def test_rloo_scales_with_the_rewards_down_to_tiny_magnitudes():
+    """Exact zeros come only from values equal up to EQUAL_RTOL x the rewards' own size: rewards of 1e-7 and 2e-7
+    are as different as 1 and 2 (A scales with them), while 1000 and 1000 + 1e-4 count as equal."""
+    mask, groups = T([[1.0, 1.0], [1.0, 1.0]]), T([0, 0])
+    for scale in (1.0, 1e-3, 1e-7):
+        rewards = torch.tensor([[0.0, 1.0], [0.0, 2.0]], dtype=torch.float64) * scale
+        assert torch.allclose(compute_advantages("rloo", rewards, mask, groups), T([[-1.0, -1.0], [1.0, 1.0]]) * scale, rtol=1e-5, atol=0)
+    near = torch.tensor([[0.0, 1000.0], [0.0, 1000.0001]], dtype=torch.float64)
+    for name in ("rloo", "grpo", "reinforce++_baseline"):
+        assert torch.equal(compute_advantages(name, near, mask, groups), torch.zeros(2, 2))
+
+
+@pytest.mark.mutant
+def test_the_equality_tolerance_is_inclusive_and_uses_discounted_magnitudes():
+    """Values exactly EQUAL_RTOL x M apart count as equal (M = 2^40 from a +-2^39 pair of tokens; 1e-6 x 2^40 is
+    exact in float64); and M is sum_k gamma^(k-t) |r_k|, so a far-off +-1e6 pair hardly widens it with gamma = 0.1."""
+    tolerance = 1e-6 * 2.0**40
+    rewards = torch.tensor([[tolerance, 0.0], [2.0**39, -(2.0**39)]], dtype=torch.float64)
+    advantages = compute_advantages("rloo", rewards, torch.ones(2, 2), T([0, 0]))
+    assert advantages[:, 0].tolist() == [0.0, 0.0]  # spread == tolerance at t = 0: equal
+    assert (advantages[:, 1] != 0).all()
+    rewards = torch.tensor([[1.0, 0.0, 1e6, -1e6], [1.5, 0.0, 1e6, -1e6]], dtype=torch.float64)
+    advantages = compute_advantages("rloo", rewards, torch.ones(2, 4), T([0, 0]), gamma=0.1)
+    assert torch.allclose(advantages[:, 0], T([-0.5, 0.5]))  # spread 0.5 > 1e-6 x (1.5 + 0.01e6 + 0.001e6)
+
+
+@pytest.mark.mutant
+def test_returns_to_go_names_token_rewards_when_a_valid_reward_is_not_finite():
+    with pytest.raises(ValueError, match="token_rewards holds NaN or inf at sample 1, token 0"):
+        returns_to_go(T([[1.0, 0.0], [math.inf, 0.0]]), T([[1.0, 0.0], [1.0, 0.0]]))
+
+
+@pytest.mark.mutant
+def test_returns_to_go_sums_float32_rewards_in_float64():
+    """G_t is float64 whatever the rewards' precision: 1e8 + 1 (not a float32) survives the sum."""
+    returns = returns_to_go(T([[1e8, 1.0]]), T([[1.0, 1.0]]))
+    assert returns.dtype == torch.float64
+    assert returns.tolist() == [[100000001.0, 1.0]]
+
+
+@pytest.mark.mutant
+def test_group_stats_of_float32_values_are_float64():
+    """GroupStats converts float32 values and magnitudes to float64 (its docstring: every tensor float64)."""
+    values = T([[1e8], [1.0], [3.0]])
+    stats = GroupStats(values, values.abs(), T([1.0, 1.0, 1.0]), T([0, 0, 1]))
+    for name in ("values", "count", "total", "mean", "std"):
+        assert getattr(stats, name).dtype == torch.float64, name
+    assert stats.total[:, 0].tolist() == [100000001.0, 100000001.0, 3.0]
+    assert stats.mean[:, 0].tolist() == [50000000.5, 50000000.5, 3.0]  # a group of one: its own value
+
+
+@pytest.mark.mutant
+def test_grpo_divides_by_std_plus_eps():
+    """A = (G - mean) / (std + 1e-6): with rewards 0 and 2e-6 (unequal: spread 2e-6 > 1e-6 x 2e-6) the
+    unbiased std is sqrt(2) x 1e-6, so A = +-1e-6 / ((sqrt(2) + 1) x 1e-6)."""
+    rewards = torch.tensor([[0.0], [2e-6]], dtype=torch.float64)
+    advantages = compute_advantages("grpo", rewards, torch.ones(2, 1), T([0, 0]))
+    expected = 1 / (math.sqrt(2) + 1)
+    assert torch.allclose(advantages[:, 0], T([-expected, expected]), rtol=1e-5, atol=0)
+
+
+@pytest.mark.mutant
+def test_outcome_aligned_stays_on_the_inputs_device():
+    """Positions are made on the mask's device (the meta device stands in for a GPU: mixing devices raises)."""
+    mask = T([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]).to("meta")
+    aligned = outcome_aligned(torch.zeros(2, 3, dtype=torch.float64, device="meta"), mask)
+    assert aligned.device.type == "meta" and aligned.shape == (2, 3)

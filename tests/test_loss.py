@@ -1,6 +1,7 @@
 """Hand-computed tests of pipeline.algorithm.loss, the REINFORCE gradient identity and micro-batching."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.algorithm.advantages import kl_penalty
-from pipeline.algorithm.loss import AGGREGATIONS, policy_loss
+from pipeline.algorithm.loss import AGGREGATIONS, LOSSES, policy_loss
 from pipeline.models.tiny import make_char_tokenizer, make_tiny_gpt2
 
 T = torch.tensor
@@ -234,3 +235,109 @@ def test_property_leaving_zero_advantage_rows_out_keeps_the_gradient(rows, width
     kept = grad(keep) if len(keep) else torch.zeros_like(theta)
     assert torch.allclose(full, kept, atol=1e-6)
     assert torch.equal(full[zero], torch.zeros_like(full[zero]))
+
+
+@pytest.mark.mutant
+def test_ppo_clip_defaults_to_0_2_on_both_sides():
+    logp, behaviour = T([[-1.5, -0.5]]), T([[-1.0, -1.0]])  # ratios e^-0.5 = 0.61 and e^0.5 = 1.65
+    advantages, mask = T([[-1.0, 1.0]]), T([[1.0, 1.0]])
+    loss, metrics = policy_loss(logp, behaviour, advantages, mask, loss="ppo_clip")
+    # A = -1: -min(-0.61, -0.8) = 0.8 ; A = 1: -min(1.65, 1.2) = -1.2
+    assert loss.item() == pytest.approx((0.8 - 1.2) / 2)
+    assert metrics["is_weight/clip_frac"] == 1.0
+    token_loss, parts = LOSSES["ppo_clip"](logp, behaviour, advantages)  # the registered function's own defaults
+    assert torch.allclose(token_loss, T([[0.8, -1.2]])) and parts["clipped"].tolist() == [[True, True]]
+
+
+@pytest.mark.mutant
+def test_policy_loss_passes_clip_high_to_ppo():
+    """A clip_high other than the default reaches the PPO loss: ratio e^0.3 = 1.35 with A = 1 is clipped at
+    1 + 0.1, not at 1 + 0.5."""
+    logp, behaviour, advantages, mask = T([[-0.7]]), T([[-1.0]]), T([[1.0]]), T([[1.0]])
+    for clip_high, expected in ((0.1, -1.1), (0.5, -math.exp(0.3))):
+        loss, _ = policy_loss(logp, behaviour, advantages, mask, loss="ppo_clip", clip_high=clip_high)
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.mutant
+def test_policy_loss_is_float32_whatever_the_masks_type():
+    """The mask is converted to float32 first: a bool, int or float64 mask gives the float32 mask's loss and
+    metrics, and a float32 loss."""
+    logp, behaviour, advantages = T([[-0.5, -1.0, -2.0]]), T([[-0.75, -1.0, -1.5]]), T([[1 / 3, -0.5, 2.0]])
+    entropy = torch.tensor([[1 / 3, 0.5, 1 / 7]], dtype=torch.float64)
+    reference = policy_loss(logp, behaviour, advantages, T([[1.0, 1.0, 0.0]]), agg="seq-mean-token-mean", entropy=entropy)
+    for dtype in (torch.bool, torch.int64, torch.float64):
+        mask = torch.tensor([[1, 1, 0]], dtype=dtype)
+        loss, metrics = policy_loss(logp, behaviour, advantages, mask, agg="seq-mean-token-mean", entropy=entropy)
+        assert loss.dtype == torch.float32 and torch.equal(loss, reference[0]), dtype
+        assert metrics == reference[1]
+    # metrics are float32 token means, also of float64 inputs: mean(float32(1/3), float32(1/2))
+    assert reference[1]["entropy"] == float((T([1 / 3]) + T([0.5])) / 2)
+
+
+@pytest.mark.mutant
+def test_an_unknown_loss_lists_every_known_one_exactly():
+    with pytest.raises(ValueError, match=r"unknown loss 'dpo'; known: ppo_clip, reinforce$"):
+        policy_loss(T([[0.0]]), T([[0.0]]), T([[0.0]]), T([[1.0]]), loss="dpo")
+
+
+@pytest.mark.mutant
+def test_k1_in_the_loss_is_refused_naming_k2_and_k3():
+    with pytest.raises(ValueError, match=r"kl_kind 'k1' in the loss .*; use k2 or k3"):
+        policy_loss(T([[-0.5]]), T([[-0.5]]), T([[1.0]]), T([[1.0]]), ref_logprobs=T([[-1.0]]), kl_coef=0.1, kl_kind="k1")
+
+
+@pytest.mark.mutant
+def test_kl_and_entropy_coefficients_without_their_tensors_are_refused_naming_the_tensor():
+    args = (T([[-0.5]]), T([[-0.5]]), T([[1.0]]), T([[1.0]]))
+    with pytest.raises(ValueError, match=r"kl_coef > 0 needs ref_logprobs \(enable the reference model\)"):
+        policy_loss(*args, kl_coef=0.1)
+    with pytest.raises(ValueError, match="entropy_coef > 0 needs the per-token entropy tensor"):
+        policy_loss(*args, entropy_coef=0.01)
+
+
+@pytest.mark.mutant
+def test_nothing_counts_as_clipped_or_capped_on_policy():
+    """On-policy (ratio exactly 1): no PPO clip binds and a cap of exactly 1 does not count as capping."""
+    ppo = policy_loss(LOGP, LOGP, ADV, MASK, loss="ppo_clip")[1]
+    capped = policy_loss(LOGP, LOGP, ADV, MASK, is_cap=1.0)[1]
+    for metrics in (ppo, capped):
+        assert metrics["is_weight/mean"] == 1.0 and metrics["is_weight/clip_frac"] == 0.0
+
+
+@pytest.mark.mutant
+def test_kl_in_the_loss_defaults_to_k2():
+    ref = LOGP - 0.5
+    loss, metrics = policy_loss(LOGP, LOGP, ADV, MASK, ref_logprobs=ref, kl_coef=0.1)
+    assert metrics["kl"] == pytest.approx(0.125)  # 0.5 * 0.5^2
+    assert loss.item() == pytest.approx(6.5 / 3 + 0.1 * 0.125)
+
+
+@pytest.mark.mutant
+def test_every_shape_mismatch_is_named():
+    good = dict(logprobs=LOGP, behaviour_logprobs=LOGP, advantages=ADV, mask=MASK)
+    for name in good:
+        bad = dict(good, **{name: good[name][:, :1]})  # (2, 1) would broadcast silently
+        shapes = ", ".join(f"{k}={(2, 1) if k == name else (2, 2)}" for k in good)
+        with pytest.raises(ValueError, match=re.escape(f"{shapes}; all must be (batch, tokens)")):
+            policy_loss(**bad)
+    for extra in ("ref_logprobs", "entropy"):
+        with pytest.raises(ValueError, match=re.escape(f"logprobs=(2, 2), {extra}=(2, 1)")):
+            policy_loss(**good, **{extra: LOGP[:, :1]})
+
+
+@pytest.mark.mutant
+def test_non_finite_behaviour_logprobs_are_refused_but_padding_may_hold_anything():
+    with pytest.raises(ValueError, match="behaviour_logprobs holds NaN or inf at sample 1, token 0"):
+        policy_loss(LOGP, T([[-1.0, -1.0], [float("-inf"), 0.0]]), ADV, MASK)
+    garbage = T([[-1.0, -2.0], [-0.5, float("nan")]])
+    assert policy_loss(LOGP, garbage, ADV, MASK)[0].item() == pytest.approx(6.5 / 3)
+
+
+@pytest.mark.mutant
+def test_a_single_valid_token_and_a_single_sequence():
+    mask = T([[1.0, 0.0]])
+    logp, advantages = T([[-2.0, -1.0]]), T([[1.5, 4.0]])
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
+        loss, metrics = policy_loss(logp, logp, advantages, mask, agg=agg)
+        assert loss.item() == 3.0 and metrics["is_weight/mean"] == 1.0, agg  # -1.5 * -2, over 1 token / 1 sequence

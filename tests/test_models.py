@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from builders import component, llama_classifier, rollout_table
 from chat_tokenizer import make_bpe_chat_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +26,6 @@ from pipeline.data.prompts import encode_prompts
 from pipeline.models.hf import build_sequences, can_share_prompts, load_model, response_logprobs, rope_follows_length
 from pipeline.models.tiny import make_tiny_llama
 from pipeline.rewards.base import ComponentEnv, RewardInputs
-from pipeline.rewards.components import COMPONENTS
 
 CHAT = [{"role": "user", "content": "What is 12+30?"}]
 FNS = Path(__file__).parent / "reward_fns.py"
@@ -91,7 +91,7 @@ def test_a_character_split_over_byte_tokens_belongs_to_the_token_that_completes_
         if start == end:  # a byte of a character the next token completes
             assert spans[k + 1][0] == start
     # digit_match through these spans earns each character once: the whole answer, then EOS in place, is 1
-    digit_match = COMPONENTS["digit_match"](COMPONENTS["digit_match"].Options(), ComponentEnv(tokenizer))
+    digit_match = component("digit_match", ComponentEnv(tokenizer))
     rewards = digit_match(RewardInputs(prompts=[""], completions=[text], completion_ids=[ids], texts=[text], token_spans=[spans],
                                        columns={"answer": [text]}, stop_ids=frozenset({tokenizer.eos_token_id})))[0]
     assert sum(rewards) == pytest.approx(1.0)
@@ -144,23 +144,10 @@ def test_digit_match_credits_each_digit_a_bpe_token_covers(tokenizer, chat_model
 
 
 def chat_batch(tokenizer, responses: list[list[int]], answers: list[str], prompt=CHAT) -> pa.Table:
-    from pipeline.batch import make_rollout_table
-
     texts, ids = encode_prompts(tokenizer, [prompt])
-    core = {
-        "sample_id": list(range(len(responses))),
-        "group_id": [0] * len(responses),
-        "prompt_text": texts * len(responses),
-        "prompt_ids": ids * len(responses),
-        "response_ids": responses,
-        "behaviour_logprobs": [[-1.0] * len(r) for r in responses],
-        "response": tokenizer.batch_decode(responses, skip_special_tokens=True),
-        "finished": [True] * len(responses),
-        "policy_version": [0] * len(responses),
-        "worker": ["local"] * len(responses),
-    }
     metadata = pa.Table.from_pylist([{"prompt": prompt, "answer": a} for a in answers])
-    return make_rollout_table(core, metadata)
+    return rollout_table(ids * len(responses), responses, tokenizer.batch_decode(responses, skip_special_tokens=True), metadata,
+                         prompt_texts=texts * len(responses))
 
 
 def test_rollouts_stop_at_stop_tokens_and_strings(builtin_model_path):
@@ -435,21 +422,11 @@ def test_lora_trains_adapters_only_and_publishes_merged_weights(chat_model, tmp_
 
 
 def test_classifier_scores_a_conversation_through_the_reward_models_chat_template(tokenizer, tmp_path):
-    from transformers import LlamaForSequenceClassification
-
-    from pipeline.rewards.base import ComponentEnv
-    from pipeline.rewards.components import COMPONENTS
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, num_labels=2, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForSequenceClassification(config).eval()
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    model = llama_classifier(tmp_path, tokenizer)
     response = tokenizer("42", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     config = load_config(overrides=[f"model.path={tmp_path}", "reward.weights={exact_match: 1.0}"])
     inputs = RewardWorker(config, str(tmp_path), []).inputs(chat_batch(tokenizer, [response], answers=["42"]))
-    classifier = COMPONENTS["classifier"](COMPONENTS["classifier"].Options(path=str(tmp_path), text="prompt_completion"), ComponentEnv(tokenizer))
+    classifier = component("classifier", ComponentEnv(tokenizer), path=str(tmp_path), text="prompt_completion")
     conversation = CHAT + [{"role": "assistant", "content": "42"}]
     assert inputs.completions[0] == conversation[-1:]  # TRL's form of a conversational completion
     rendered = tokenizer.apply_chat_template(conversation, tokenize=False)

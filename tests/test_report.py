@@ -53,14 +53,15 @@ def test_run_report_plots_every_series_of_the_run(observed_run, capsys):
 
 
 @pytest.mark.parametrize(
-    ("target", "message"),
+    ("target", "phrases"),
     [
-        ("{tmp}/missing", "run directory '{tmp}/missing' does not exist; pass a run's output_dir or storage URI, or a tune experiment"),
-        ("{tmp}", "'{tmp}' is neither a tokenforge run (metrics.jsonl) nor a Tune experiment (tokenforge_tune.yaml); pass a run's output_dir / storage URI or an experiment directory"),
+        ("{tmp}/missing", ["'{tmp}/missing' does not exist", "pass a run's output_dir or storage URI"]),
+        ("{tmp}", ["'{tmp}' is neither a tokenforge run", "pass a run's output_dir / storage URI or an experiment directory"]),
     ],
 )
-def test_bad_report_targets_are_one_line(tmp_path, capsys, target, message):
+def test_bad_report_targets_are_one_line(tmp_path, capsys, target, phrases):
     with pytest.raises(SystemExit) as exit_info:
         main(["report", target.format(tmp=tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err == f"tokenforge: error: {message.format(tmp=tmp_path)}"
+    assert exit_info.value.code == 2 and err.startswith("tokenforge: error: ") and "\n" not in err
+    assert all(phrase.format(tmp=tmp_path) in err for phrase in phrases), err

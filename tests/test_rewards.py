@@ -14,14 +14,17 @@ from rouge_score.rouge_scorer import RougeScorer
 from sacrebleu.metrics import BLEU, CHRF
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
+from builders import component, llama_classifier, rollout_table
+
 from actors.reward_worker import RewardWorker
 from pipeline.algorithm.advantages import EQUAL_RTOL
-from pipeline.batch import make_rollout_table, reward_column
-from pipeline.errors import ConfigError
-from pipeline.models.hf import build_sequences, load_model, load_tokenizer, response_logprobs
+from pipeline.batch import reward_column
+from pipeline.errors import ConfigError, TokenforgeError
+from pipeline.models.hf import build_sequences, builtin_paths, load_model, load_tokenizer, response_logprobs
 from pipeline.preflight import load_config
-from pipeline.rewards.components import COMPONENTS, component_options
+from pipeline.rewards.components import component_options
 from pipeline.rewards.base import (
+    FLOAT32_MAX,
     ComponentEnv,
     RewardComponent,
     RewardError,
@@ -32,6 +35,7 @@ from pipeline.rewards.base import (
 from pipeline.models.tiny import make_char_tokenizer
 
 FNS = Path(__file__).parent / "reward_fns.py"
+T = torch.tensor
 
 
 def inputs(completions, columns=None, tokens=None) -> RewardInputs:
@@ -60,17 +64,25 @@ def inputs(completions, columns=None, tokens=None) -> RewardInputs:
     )
 
 
-def build(type_name: str, env=None, **options) -> RewardComponent:
-    cls = COMPONENTS[type_name]
-    return cls(cls.Options(**options), env)
-
-
 def score(type_name: str, batch: RewardInputs, env=None, **options) -> list[list[float]]:
-    return score_component(type_name, build(type_name, env, **options), batch)
+    return score_component(type_name, component(type_name, env, **options), batch)
 
 
 def totals(rows):
     return [pytest.approx(sum(r)) for r in rows]
+
+
+def gpt2_classifier(path, seed: int = 0, **config):
+    """A tiny random GPT-2 sequence classifier (3 labels) on a char tokenizer of "abc", saved with it to `path`:
+    (tokenizer, model)."""
+    tokenizer = make_char_tokenizer("abc")
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=3, **config)
+    config.pad_token_id = config.bos_token_id = config.eos_token_id = tokenizer.pad_token_id
+    model = GPT2ForSequenceClassification(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return tokenizer, model
 
 
 def test_exact_match_normalisation_options():
@@ -119,13 +131,7 @@ def test_reference_metrics_match_the_libraries():
 
 
 def test_classifier_returns_the_probability_of_the_chosen_label(tmp_path):
-    tokenizer = make_char_tokenizer("abc")
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=3)
-    config.pad_token_id = config.bos_token_id = config.eos_token_id = tokenizer.pad_token_id
-    model = GPT2ForSequenceClassification(config).eval()
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    tokenizer, model = gpt2_classifier(tmp_path)
     batch = inputs(["ab", "cab"])
     with torch.no_grad():
         expected = [model(**tokenizer(t, return_tensors="pt")).logits.softmax(-1)[0, 2].item() for t in ["ab", "cab"]]
@@ -134,7 +140,7 @@ def test_classifier_returns_the_probability_of_the_chosen_label(tmp_path):
     logits = score("classifier", batch, ComponentEnv(tokenizer), path=str(tmp_path), label=2, output="logit")
     assert [sum(r) for r in logits] == [pytest.approx(x, abs=1e-6) for x in raw]  # the raw logit, not a log-softmax
     with pytest.raises(RewardError, match="no label 'positive'"):
-        build("classifier", ComponentEnv(tokenizer), path=str(tmp_path), label="positive")
+        component("classifier", ComponentEnv(tokenizer), path=str(tmp_path), label="positive")
 
 
 def test_teacher_logprob_is_the_teachers_token_log_probability(builtin_model_path):
@@ -154,7 +160,7 @@ def test_teacher_logprob_is_the_teachers_token_log_probability(builtin_model_pat
     assert distill[0] == pytest.approx([t - b for t, b in zip(expected[0].tolist(), [-1.0, -2.0, -3.0])], abs=1e-5)
     other = make_char_tokenizer("xyz")
     with pytest.raises(RewardError, match="differs from the policy's"):
-        build("teacher_logprob", ComponentEnv(other), path=builtin_model_path)
+        component("teacher_logprob", ComponentEnv(other), path=builtin_model_path)
 
 
 def test_python_component_sync_and_async_sequence_and_token_level():
@@ -194,29 +200,236 @@ def test_a_reward_that_is_not_a_number_names_component_and_sample(bad):
     batch = inputs(["12", "34"])
     for shape in ("sequence", "token"):
         scores = [1.0, bad] if shape == "sequence" else [[0.5, 0.5], [0.5, bad]]
-        component = type("Odd", (RewardComponent,), {"__call__": lambda self, b, scores=scores: scores})(None, None)
+        odd = type("Odd", (RewardComponent,), {"__call__": lambda self, b, scores=scores: scores})(None, None)
         with pytest.raises(RewardError, match=r"reward 'odd', sample 101 \(prompt 'p1'\): returned .* a reward is a number"):
-            score_component("odd", component, batch)
+            score_component("odd", odd, batch)
     numbers = [np.float32(0.25), torch.tensor(0.5)]  # numpy and 0-d tensor numbers are rewards
     plain = type("Num", (RewardComponent,), {"__call__": lambda self, b: numbers})(None, None)
     assert [row[-1] for row in score_component("num", plain, batch)] == [0.25, 0.5]
 
 
+@pytest.mark.mutant
+def test_exact_match_whitespace_and_case_options_do_only_what_they_say():
+    refs = {"answer": ["hello world", "a b", "straße"]}
+    batch = inputs(["helloworld", "ab", "STRASSE"], refs)
+    assert component("exact_match")(batch) == [0.0, 0.0, 0.0]
+    assert component("exact_match", ignore_whitespace=True)(batch) == [1.0, 1.0, 0.0]
+    # case-insensitive compares lower-cased text: "STRASSE".lower() is "strasse", not "straße"
+    assert component("exact_match", case_sensitive=False)(batch) == [0.0, 0.0, 0.0]
+    assert component("exact_match", case_sensitive=False)(inputs(["Hello World"], refs)) == [1.0]
+
+
+@pytest.mark.mutant
+def test_length_penalty_without_a_buffer_is_0_up_to_max_length_then_minus_1():
+    lengths = inputs(["a" * 9, "a" * 10, "a" * 11])
+    assert component("length_penalty", max_length=10)(lengths) == [0.0, 0.0, -1.0]
+    assert component("length_penalty", max_length=10, buffer=2)(lengths) == [-0.5, -1.0, -1.0]
+
+
+@pytest.mark.mutant
+def test_classifier_scores_do_not_depend_on_the_batch_size(tmp_path):
+    tokenizer, _ = gpt2_classifier(tmp_path)
+    batch = inputs(["ab", "cabba", "c"])
+    for output in ("probability", "logit"):
+        whole = component("classifier", ComponentEnv(tokenizer), path=str(tmp_path), label=1, output=output)(batch)
+        pairs = component("classifier", ComponentEnv(tokenizer), path=str(tmp_path), label=1, output=output, batch_size=2)(batch)
+        assert len(whole) == 3 and pairs == pytest.approx(whole, abs=1e-6)
+
+
+@pytest.mark.mutant
+def test_teacher_logprob_does_not_depend_on_the_batch_size(builtin_model_path):
+    tokenizer = load_tokenizer(builtin_model_path)
+    prompt_ids = [tokenizer(p).input_ids for p in ("12+30=", "5+5=", "1+1=")]
+    response_ids = [tokenizer(r).input_ids + [tokenizer.eos_token_id] for r in ("42", "10", "2")]
+    batch = RewardInputs(["a", "b", "c"], ["42", "10", "2"], response_ids, ["42", "10", "2"], [[(0, 1)] * 3] * 3, {},
+                         prompt_ids=prompt_ids)
+    whole = component("teacher_logprob", ComponentEnv(tokenizer), path=builtin_model_path)(batch)
+    pairs = component("teacher_logprob", ComponentEnv(tokenizer), path=builtin_model_path, batch_size=2)(batch)
+    assert [len(r) for r in whole] == [3, 3, 2]
+    assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(whole, pairs))
+
+
+@pytest.mark.mutant
+def test_python_function_specs_split_at_the_last_colon_and_name_what_is_wrong(tmp_path):
+    from pipeline.rewards.components import import_function
+
+    folder = tmp_path / "a:b"  # a colon in the path: the function name follows the last one
+    folder.mkdir()
+    (folder / "fns.py").write_text("def twice(completions, **kw):\n    return [2.0 for _ in completions]\n")
+    assert import_function(f"{folder}/fns.py:twice")(completions=["x"]) == [2.0]
+    for spec in (":twice", "fns.py:", "twice"):
+        with pytest.raises(ValueError, match=rf"{re.escape(repr(spec))} is not module:function .*my_rewards:format_reward"):
+            import_function(spec)
+    with pytest.raises(ValueError, match=rf"{re.escape(repr(str(folder / 'none.py')))} does not exist"):
+        import_function(f"{folder}/none.py:twice")
+
+
+@pytest.mark.mutant
+def test_classifier_labels_by_name_or_index_within_range_and_prompt_completion_text(tmp_path):
+    labels = {0: "neg", 1: "mid", 2: "pos"}
+    tokenizer, _ = gpt2_classifier(tmp_path, seed=1, id2label=labels, label2id={v: k for k, v in labels.items()})
+    env, path = ComponentEnv(tokenizer), str(tmp_path)
+    batch = inputs(["ab", "cab"])
+    assert component("classifier", env, path=path, label="pos")(batch) == component("classifier", env, path=path, label=2)(batch)
+    assert component("classifier", env, path=path, label=0)(batch) != component("classifier", env, path=path, label=1)(batch)
+    for bad in (3, -1, "other"):
+        with pytest.raises(RewardError, match=rf"{re.escape(repr(path))} has no label {re.escape(repr(bad))} \(labels: "):
+            component("classifier", env, path=path, label=bad)
+    joined = component("classifier", env, path=path)(inputs(["caab", "bccab"]))
+    batch.prompt_texts = ["ca", "bc"]  # the prompts as the model saw them come first
+    assert component("classifier", env, path=path, text="prompt_completion")(batch) == pytest.approx(joined, abs=1e-6)
+    batch.prompt_texts, batch.prompts = [], ["ca", "bc"]  # without them: the dataset's prompt text
+    assert component("classifier", env, path=path, text="prompt_completion")(batch) == pytest.approx(joined, abs=1e-6)
+
+
+@pytest.mark.mutant
+def test_exact_match_is_case_sensitive_by_default():
+    batch = inputs(["Hello World", "hello world"], {"answer": ["hello world", "hello world"]})
+    assert component("exact_match")(batch) == [0.0, 1.0]
+    assert component("exact_match", case_sensitive=False)(batch) == [1.0, 1.0]
+
+
+@pytest.mark.mutant
+def test_digit_match_tokens_after_the_stop_token_earn_nothing():
+    """Answer "42", unit 1/3: a response that goes on after its stop token (id 1) earns nothing there."""
+    batch = RewardInputs(prompts=["p"], completions=["42x"], completion_ids=[[5, 6, 1, 7, 8]], texts=["42x"],
+                         token_spans=[[(0, 1), (1, 2), (2, 2), (2, 3), (3, 3)]], columns={"answer": ["42"]}, stop_ids=frozenset({1}))
+    assert component("digit_match")(batch) == [pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0, 0.0])]
+
+
+@pytest.mark.mutant
+def test_regex_dot_matches_newlines_in_full_and_partial_matches():
+    batch = inputs(["<think>a\nb</think>42", "x\ny"])
+    pattern = r"<think>.*</think>\d+"
+    assert component("regex_match", pattern=pattern)(batch) == [1.0, 0.0]
+    assert component("regex_match", pattern=r"x.y", full_match=False)(batch) == [0.0, 1.0]
+
+
+@pytest.mark.mutant
+def test_bleu_of_a_short_exact_answer_is_1():
+    """Sentence BLEU with effective order: a two-word hypothesis equal to its reference scores 1 (without it,
+    the missing 3- and 4-grams would make it 0)."""
+    batch = inputs(["the cat", "a b c"], {"reference": ["the cat", ["x", "a b c"]]})
+    assert component("bleu")(batch) == pytest.approx([1.0, 1.0])
+
+
+CHAT_MODEL = builtin_paths("chat_addition")[0]
+
+
+def chat_classifier(tmp_path):
+    """A tiny random Llama reward model with the shipped chat model's tokenizer (BOS, chat template)."""
+    tokenizer = load_tokenizer(CHAT_MODEL)
+    return tokenizer, llama_classifier(tmp_path, tokenizer)
+
+
+def probability_of_1(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits.softmax(-1)[0, 1].item()
+
+
+@pytest.mark.mutant
+def test_classifier_scores_only_the_assistant_turn_of_a_conversation_by_default(tmp_path):
+    tokenizer, model = chat_classifier(tmp_path)
+    prompt = [{"role": "user", "content": "What is 12+30?"}]
+    completion = [{"role": "assistant", "content": "42"}]
+    batch = RewardInputs(prompts=[prompt], completions=[completion], completion_ids=[[5]], texts=["42"],
+                         token_spans=[[(0, 2)]], columns={})
+    classifier = component("classifier", ComponentEnv(tokenizer), path=str(tmp_path))
+    alone = tokenizer.apply_chat_template(completion, tokenize=False)
+    both = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    expected = probability_of_1(model, tokenizer(alone, add_special_tokens=False).input_ids)
+    assert expected != pytest.approx(probability_of_1(model, tokenizer(both, add_special_tokens=False).input_ids), abs=1e-6)
+    assert classifier(batch) == [pytest.approx(expected, abs=1e-6)]
+
+
+@pytest.mark.mutant
+def test_classifier_scores_plain_text_with_the_tokenizers_special_tokens_even_with_a_chat_template(tmp_path):
+    """A text prompt is scored as text, not through the reward model's chat template, and its tokenizer's
+    special tokens (BOS here) are added to it."""
+    tokenizer, model = chat_classifier(tmp_path)
+    batch = inputs(["42", "7 apples"])
+    assert tokenizer("42").input_ids[0] == tokenizer.bos_token_id
+    expected = [probability_of_1(model, tokenizer(t).input_ids) for t in batch.texts]
+    assert expected[0] != pytest.approx(probability_of_1(model, tokenizer("42", add_special_tokens=False).input_ids), abs=1e-6)
+    assert component("classifier", ComponentEnv(tokenizer), path=str(tmp_path))(batch) == pytest.approx(expected, abs=1e-6)
+
+
+REMOTE_CODE = '''
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+
+class TinyRemoteConfig(GPT2Config):
+    model_type = "tiny-remote"
+
+
+class TinyRemoteClassifier(GPT2ForSequenceClassification):
+    config_class = TinyRemoteConfig
+
+
+class TinyRemoteLM(GPT2LMHeadModel):
+    config_class = TinyRemoteConfig
+
+
+class TinyRemoteTokenizer(PreTrainedTokenizerFast):
+    pass
+'''
+
+
+def remote_code_model(path, auto_class, class_name, custom_tokenizer=True):
+    """A local model directory whose config, model and tokenizer classes are custom code in the directory
+    (tiny_remote.py), as on the hub: transformers loads it only with trust_remote_code=True."""
+    import importlib.util
+    import json
+
+    path.mkdir()
+    (path / "tiny_remote.py").write_text(REMOTE_CODE)
+    spec = importlib.util.spec_from_file_location(f"tiny_remote_{class_name}", path / "tiny_remote.py")
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    tokenizer = make_char_tokenizer("abc")
+    config = code.TinyRemoteConfig(vocab_size=len(tokenizer), n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=2,
+                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+    config.auto_map = {"AutoConfig": "tiny_remote.TinyRemoteConfig", auto_class: f"tiny_remote.{class_name}"}
+    torch.manual_seed(0)
+    getattr(code, class_name)(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if not custom_tokenizer:
+        return tokenizer
+    settings = json.loads((path / "tokenizer_config.json").read_text())
+    settings.update(tokenizer_class="TinyRemoteTokenizer", auto_map={"AutoTokenizer": [None, "tiny_remote.TinyRemoteTokenizer"]})
+    (path / "tokenizer_config.json").write_text(json.dumps(settings))
+    return tokenizer
+
+
+@pytest.mark.mutant
+def test_model_components_load_custom_code_only_with_trust_remote_code(tmp_path):
+    """classifier and teacher_logprob pass trust_remote_code to the tokenizer and the model they load."""
+    tokenizer = remote_code_model(tmp_path / "classifier", "AutoModelForSequenceClassification", "TinyRemoteClassifier")
+    remote_code_model(tmp_path / "teacher", "AutoModelForCausalLM", "TinyRemoteLM")
+    env = ComponentEnv(tokenizer)
+    classifier = component("classifier", env, path=str(tmp_path / "classifier"), trust_remote_code=True)
+    assert type(classifier.tokenizer).__name__ == "TinyRemoteTokenizer"
+    assert type(classifier.model).__name__ == "TinyRemoteClassifier"
+    assert len(classifier(inputs(["ab", "c"]))) == 2
+    teacher = component("teacher_logprob", env, path=str(tmp_path / "teacher"), trust_remote_code=True)
+    assert type(teacher.model).__name__ == "TinyRemoteLM"
+    batch = RewardInputs(["a"], ["ab"], [[4, 5]], ["ab"], [[(0, 1), (1, 2)]], {}, prompt_ids=[[3]])
+    assert len(teacher(batch)[0]) == 2
+    for name, path in (("classifier", "classifier"), ("teacher_logprob", "teacher")):
+        with pytest.raises((ValueError, TokenforgeError), match="contains custom code|needs its own Python code"):
+            component(name, env, path=str(tmp_path / path))  # the default: custom code is refused
+    remote_code_model(tmp_path / "model_only", "AutoModelForCausalLM", "TinyRemoteLM", custom_tokenizer=False)
+    with pytest.raises(TokenforgeError, match="needs its own Python code"):
+        component("teacher_logprob", env, path=str(tmp_path / "model_only"))  # a plain tokenizer, the model custom
+
+
 def rollout_batch(tokenizer, completions: list[str], answers: list[str]) -> pa.Table:
+    """A rollout batch of `completions` to the prompt 1+2=, each followed by EOS, in one group."""
     ids = [tokenizer(c).input_ids + [tokenizer.eos_token_id] for c in completions]
-    core = {
-        "sample_id": list(range(len(ids))),
-        "group_id": [0] * len(ids),
-        "prompt_text": ["1+2="] * len(ids),
-        "prompt_ids": [tokenizer("1+2=").input_ids] * len(ids),
-        "response_ids": ids,
-        "behaviour_logprobs": [[-1.0] * len(r) for r in ids],
-        "response": completions,
-        "finished": [True] * len(ids),
-        "policy_version": [0] * len(ids),
-        "worker": ["local"] * len(ids),
-    }
-    return make_rollout_table(core, pa.table({"prompt": ["1+2="] * len(ids), "answer": answers}))
+    n = len(ids)
+    metadata = pa.table({"prompt": ["1+2="] * n, "answer": answers})
+    return rollout_table([tokenizer("1+2=").input_ids] * n, ids, completions, metadata, prompt_texts=["1+2="] * n)
 
 
 @pytest.mark.parametrize("policy", ["raise", "zero", "drop"])
@@ -292,6 +505,95 @@ def test_property_normalised_rewards_are_finite_and_bounded(rows, mode, num_grou
     assert float(normalised.abs().max()) <= 2 * math.sqrt(2 * max(n - 1, 1)) / EQUAL_RTOL
 
 
+@pytest.mark.mutant
+def test_normalisation_divides_every_token_and_takes_the_mean_off_the_last_valid_one():
+    """Token-level rows of lengths 3, 2, 1 (padding holds garbage): s = [1/3 + 1/7 + 1, 2/3 + 1/9, 5/7];
+    r_jt / (std(s) + 1e-6), minus mean(s) / (std(s) + 1e-6) on each row's last valid token, exactly."""
+    rewards = torch.tensor([[1 / 3, 1 / 7, 1.0, 9.0], [2 / 3, 1 / 9, 7.0, 7.0], [5 / 7, 3.0, 3.0, 3.0]], dtype=torch.float64)
+    mask = T([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    out = normalize_rewards(rewards, mask, torch.tensor([4, 4, 4]), "group")
+    totals = (rewards * mask).sum(1)
+    scale = 1.0 / (totals.std() + 1e-6)
+    expected = torch.where(mask.bool(), rewards, 0.0) * scale
+    for row, last in enumerate([2, 1, 0]):
+        expected[row, last] -= totals.mean() * scale
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-15)
+    unchanged = normalize_rewards(rewards.float(), mask, torch.tensor([4, 4, 4]), "none")
+    assert unchanged.dtype == torch.float64 and torch.equal(unchanged, rewards.float().double())  # float64 in every mode
+
+
+@pytest.mark.mutant
+def test_samples_a_component_does_not_apply_to_take_no_part_in_its_normalisation():
+    """A row with an all-zero mask (the component returned None for it) neither counts in the group's mean
+    and std nor receives anything."""
+    rewards = T([[0.0, 1.0], [0.0, 0.5], [9.0, 9.0], [0.0, 0.2]])
+    applies = T([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0]])
+    groups = torch.tensor([0, 0, 0, 0])
+    out = normalize_rewards(rewards, applies, groups, "batch")
+    alone = normalize_rewards(rewards[[0, 1, 3]], applies[[0, 1, 3]], groups[:3], "batch")
+    assert torch.equal(out[[0, 1, 3]], alone) and torch.equal(out[2], torch.zeros(2, dtype=torch.float64))
+    equal = T([[1 / 3, 1 / 3], [0.0, 2 / 3], [9.0, 9.0], [2 / 3, 0.0]])  # totals 2/3 but for the row it skips
+    assert torch.equal(normalize_rewards(equal, applies, groups, "group"), torch.zeros(4, 2, dtype=torch.float64))
+
+
+@pytest.mark.mutant
+def test_normalisation_sums_float32_rewards_in_float64():
+    """Float32 rewards are converted before the totals are summed: 1e8 + 1 (not a float32) keeps its 1, so the
+    result equals that of the same rewards in float64."""
+    rewards = T([[1e8, 1.0], [1e8, 0.0], [0.0, 3.0]])
+    mask, groups = torch.ones(3, 2), torch.tensor([0, 0, 0])
+    for mode in ("batch", "group"):
+        assert torch.equal(normalize_rewards(rewards, mask, groups, mode), normalize_rewards(rewards.double(), mask, groups, mode))
+
+
+@pytest.mark.mutant
+def test_the_equality_tolerance_of_normalisation_is_each_groups_own_magnitude():
+    """Group 0's totals 1 and 1 + 1e-5 differ by more than 1e-6 x their size, so they are normalised to -+0.707;
+    huge rewards in group 1 do not widen group 0's tolerance (its magnitude is per sample, not the batch's)."""
+    rewards = torch.tensor([[1.0], [1.00001], [1e6], [-1e6]], dtype=torch.float64)
+    out = normalize_rewards(rewards, torch.ones(4, 1), torch.tensor([0, 0, 1, 1]), "group")
+    half_spread = 0.5e-5
+    expected = half_spread / (math.sqrt(2) * half_spread + 1e-6)
+    assert torch.allclose(out[:2, 0], torch.tensor([-expected, expected], dtype=torch.float64), rtol=1e-9, atol=0)
+
+
+class Fixed(RewardComponent):
+    """A component returning the given per-sample scores."""
+
+    def __init__(self, scores):
+        super().__init__(None, None)
+        self.scores = scores
+
+    def __call__(self, inputs):
+        return self.scores
+
+
+def three_samples(lengths=(3, 2, 1)) -> RewardInputs:
+    ids = [[7] * n for n in lengths]
+    return RewardInputs(prompts=["a", "b", "c"], completions=["x"] * 3, completion_ids=ids, texts=["x"] * 3,
+                        token_spans=[[(0, 0)] * n for n in lengths], columns={}, sample_ids=[5, 6, 7])
+
+
+@pytest.mark.mutant
+def test_score_component_reads_arrays_as_token_rewards_and_scalars_as_sequence_rewards():
+    scores = [np.array([0.25, 0.5, 1 / 3]), torch.tensor([1.5, -2.0]), np.float64(0.75)]
+    assert score_component("c", Fixed(scores), three_samples()) == [
+        [0.25, 0.5, pytest.approx(1 / 3)], [1.5, -2.0], [0.75]
+    ]
+    assert score_component("c", Fixed([2.5, None, torch.tensor(4.0)]), three_samples()) == [[0.0, 0.0, 2.5], None, [4.0]]
+
+
+@pytest.mark.mutant
+def test_the_largest_float32_is_a_valid_reward_and_anything_beyond_is_not():
+    assert score_component("c", Fixed([FLOAT32_MAX, [-FLOAT32_MAX, 0.0], 1.0]), three_samples()) == [
+        [0.0, 0.0, FLOAT32_MAX], [-FLOAT32_MAX, 0.0], [1.0]
+    ]
+    beyond = float(np.nextafter(FLOAT32_MAX, np.inf))
+    with pytest.raises(RewardError, match=r"reward 'c', sample 6 \(prompt 'b'\): NaN, inf or a value beyond float32's range"):
+        score_component("c", Fixed([1.0, [beyond, 0.0], 1.0]), three_samples())
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -329,19 +631,9 @@ TRL_FNS = Path(__file__).parent / "trl_reward_fns.py"
 def hand_batch(tokenizer, prompts: list, responses: list[str], **columns) -> pa.Table:
     """A rollout batch of given responses (char model: one token per character, then EOS)."""
     ids = [tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for r in responses]
-    core = {
-        "sample_id": list(range(len(ids))),
-        "group_id": list(range(len(ids))),
-        "prompt_text": [str(p) for p in prompts],
-        "prompt_ids": [[3]] * len(ids),
-        "response_ids": ids,
-        "behaviour_logprobs": [[-1.0] * len(r) for r in ids],
-        "response": responses,
-        "finished": [True] * len(ids),
-        "policy_version": [0] * len(ids),
-        "worker": ["local"] * len(ids),
-    }
-    return make_rollout_table(core, pa.Table.from_pylist([{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]))
+    metadata = pa.Table.from_pylist([{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)])
+    return rollout_table([[3]] * len(ids), ids, responses, metadata, prompt_texts=[str(p) for p in prompts],
+                         group_ids=range(len(ids)))
 
 
 def trl_worker(builtin_model_path, *names: str) -> RewardWorker:

@@ -6,6 +6,7 @@ that earn (or cost) it."""
 import re
 
 import pytest
+from builders import component
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score.rouge_scorer import RougeScorer
@@ -14,15 +15,10 @@ from sacrebleu.metrics import CHRF
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from pipeline.rewards.base import ComponentEnv, RewardInputs
-from pipeline.rewards.components import COMPONENTS, prefix_chrf, rouge_words
+from pipeline.rewards.base import RewardInputs
+from pipeline.rewards.components import prefix_chrf, rouge_words
 
 WORDS = ["ann", "bob", "3", "cats", "5", "pens", "Ann", "CATS", "has", "x"]
-
-
-def component(type_name: str, **options):
-    cls = COMPONENTS[type_name]
-    return cls(cls.Options(**options), ComponentEnv(tokenizer=None))
 
 
 def tokenised(texts: list[str], cuts: list[list[int]], columns: dict) -> RewardInputs:

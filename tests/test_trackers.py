@@ -121,9 +121,9 @@ def test_a_missing_extra_is_one_line_naming_it_before_ray_starts(monkeypatch, tm
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "trainer.loggers=[jsonl, wandb]", f"output_dir={tmp_path / 'run'}"])
-    assert exit_info.value.code == 2 and capsys.readouterr().err == (
-        "tokenforge: error: trainer.loggers has 'wandb' but the wandb package is not installed: "
-        "pip install 'tokenforge[wandb]', or drop it from trainer.loggers\n")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("tokenforge: error: ") and err.count("\n") == 1
+    assert "trainer.loggers has 'wandb'" in err and "pip install 'tokenforge[wandb]'" in err
     assert not (tmp_path / "run").exists()
 
 
