@@ -172,10 +172,13 @@ class Learner:
         ref_logprobs = self._out_of_memory_as_one_line(self._reference_logprobs, sequences) if algo.needs_reference else None
         if algo.kl_in_reward_coef > 0:
             without_kl = token_rewards
-            token_rewards = kl_in_reward(token_rewards, behaviour, ref_logprobs, mask, algo.kl_in_reward_coef, algo.kl_kind)
+            beta = algo.kl_in_reward_coef
+            token_rewards = kl_in_reward(token_rewards, behaviour, ref_logprobs, mask, beta, algo.kl_kind)
             metrics["reward/kl_penalty/mean"] = float((token_rewards - without_kl).sum(1).mean())  # per sample
         # a NaN/inf reward (or float32 overflow of huge returns) skips the update instead of reaching the weights
-        advantages, finite = advantages_if_finite(algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten)
+        advantages, finite = advantages_if_finite(
+            algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten
+        )
         keep = informative_rows(advantages, algo.skip_zero_advantage, algo.kl_coef, algo.entropy_coef)
         metrics["learner/kept_frac"] = len(keep) / len(mask)
 
@@ -249,7 +252,7 @@ class Learner:
                 self.scheduler.step()
         return totals, skipped
 
-    def _step_metrics(self, batch: pa.Table, advantages: torch.Tensor, mask: torch.Tensor, skipped: int) -> dict[str, float]:
+    def _step_metrics(self, batch: pa.Table, advantages: torch.Tensor, mask: torch.Tensor, skipped: int) -> dict:
         """The step's advantage, response and learner metrics (after the update)."""
         lengths = mask.sum(1)
         return {

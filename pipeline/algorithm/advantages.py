@@ -242,7 +242,9 @@ def advantages_if_finite(
     return advantages, bool(torch.isfinite(advantages[valid]).all())
 
 
-def informative_rows(advantages: torch.Tensor, skip_zero_advantage: bool, kl_coef: float, entropy_coef: float) -> torch.Tensor:
+def informative_rows(
+    advantages: torch.Tensor, skip_zero_advantage: bool, kl_coef: float, entropy_coef: float
+) -> torch.Tensor:
     """Indices of the rows that need a forward/backward pass: all of them, or (skip_zero_advantage, DAPO-style) those
     with a nonzero advantage on some token. A row whose A_t are all 0 adds no policy-gradient term; with no KL or
     entropy loss (kl_coef = entropy_coef = 0) it adds nothing at all, and as the loss is normalised by the whole

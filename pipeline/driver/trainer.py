@@ -262,7 +262,8 @@ class Checkpointer:
     def saves(self, step: int) -> bool:
         """Whether `step` ends with a checkpoint (and, with overlap, a synchronisation of the rollout queue)."""
         trainer_cfg = self.config.trainer
-        return step % trainer_cfg.save_every == 0 or step == trainer_cfg.total_steps or (self.reports and step % trainer_cfg.eval_every == 0)
+        every = step % trainer_cfg.save_every == 0
+        return every or step == trainer_cfg.total_steps or (self.reports and step % trainer_cfg.eval_every == 0)
 
     def submit_limit(self, step: int) -> int:
         """The last step whose rollouts may start at `step`: they start with the current weights (version step - 1),
@@ -305,7 +306,8 @@ class Checkpointer:
         metric = f"eval/{self.config.trainer.eval_metrics[0]}"
         if self.config.trainer.keep_best:
             published = set(store.published_steps(self.storage))
-            scored = [(r[metric], r["step"]) for r in read_metrics(self.storage) if metric in r and r["step"] in published]
+            records = read_metrics(self.storage)
+            scored = [(r[metric], r["step"]) for r in records if metric in r and r["step"] in published]
             protected = {max(scored)[1]} if scored else set()
         store.prune_checkpoints(self.storage, keep, protected)
 
@@ -315,7 +317,12 @@ WAITS = ("time/rollout_s", "time/reward_s", "time/learn_s", "time/publish_s", "t
 
 
 def step_metrics(
-    learned: dict[str, float], timings: dict[str, float], faults: dict[str, float], sync_s: float, generated: int, trained: int
+    learned: dict[str, float],
+    timings: dict[str, float],
+    faults: dict[str, float],
+    sync_s: float,
+    generated: int,
+    trained: int,
 ) -> dict[str, float]:
     """A training step's metrics: the learner's (`learned`), the driver's timings, the fault counters, and what
     follows from them: time/driver_overhead_frac = 1 - sum(WAITS) / time/step_s, time/sync_s (the slowest rollout
