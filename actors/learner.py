@@ -1,9 +1,10 @@
 """Learner: the policy, its optimizer and an optional frozen reference; one REINFORCE update per call.
 
 A plain class; the driver wraps it with `ray.remote` (GPU when configured). `train_step` reads a
-scored rollout batch (pipeline.batch schema) top to bottom:
-composite token rewards -> (KL in reward) -> advantages -> micro-batched loss -> one optimizer step,
-skipped (weights untouched) when the advantages, loss or gradient norm are not finite.
+scored rollout batch (pipeline.batch schema) top to bottom: the batch as tensors -> composite token
+rewards -> (KL in reward) -> advantages -> the informative rows (the math: pure functions of
+pipeline/algorithm/) -> micro-batched forward, loss, backward -> one optimizer step, skipped (weights
+untouched) when the advantages, loss or gradient norm are not finite -> metrics.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from pipeline.algorithm.advantages import STATS_DTYPE, compute_advantages, kl_penalty
+from pipeline.algorithm.advantages import advantages_if_finite, informative_rows
 from pipeline.algorithm.loss import policy_loss
+from pipeline.algorithm.rewards import ComponentRewards, component_reward_stats, composite_token_rewards, kl_in_reward
 from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, TrainConfig
 from pipeline.errors import TokenforgeError
 from pipeline.models.hf import build_sequences, can_share_prompts, load_model, load_tokenizer, loaded_dtypes, response_logprobs, select_rows
 from pipeline.models.lora import add_adapters, is_adapter_dir, merged_state_dict
-from pipeline.rewards.base import normalize_rewards
 from pipeline.runtime.threads import torch_threads
 from pipeline.storage import Storage, local_copy, read_manifest
 
@@ -159,6 +160,50 @@ class Learner:
     def train_step(self, batch: pa.Table, step: int | None = None) -> dict[str, float]:
         """One learner step on a scored rollout batch; `step` (the driver's) names it in errors."""
         algo = self.config.algorithm
+        mask, behaviour, group_ids, sequences = self._batch_tensors(batch)
+        start = time.perf_counter()
+        metrics = self._staleness_metrics(batch)
+        components = self._reward_components(batch, mask.shape[1])
+        for name, component in components.items():
+            stats = component_reward_stats(component.rewards, component.applies)  # of the raw component
+            metrics.update({f"reward/{name}/{stat}": value for stat, value in stats.items()})
+        token_rewards = composite_token_rewards(components.values(), mask, group_ids)  # sum_i w_i * norm_i(r_i)_t
+        metrics["reward/total/mean"] = float(token_rewards.sum(1).mean())
+        ref_logprobs = self._out_of_memory_as_one_line(self._reference_logprobs, sequences) if algo.needs_reference else None
+        if algo.kl_in_reward_coef > 0:
+            without_kl = token_rewards
+            beta = algo.kl_in_reward_coef
+            token_rewards = kl_in_reward(token_rewards, behaviour, ref_logprobs, mask, beta, algo.kl_kind)
+            metrics["reward/kl_penalty/mean"] = float((token_rewards - without_kl).sum(1).mean())  # per sample
+        # a NaN/inf reward (or float32 overflow of huge returns) skips the update instead of reaching the weights
+        advantages, finite = advantages_if_finite(
+            algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten
+        )
+        keep = informative_rows(advantages, algo.skip_zero_advantage, algo.kl_coef, algo.entropy_coef)
+        metrics["learner/kept_frac"] = len(keep) / len(mask)
+
+        # the loss of the kept rows is normalised by the whole batch's counts (pipeline.algorithm.loss.policy_loss)
+        counts = {
+            "num_tokens": float(mask.sum()),
+            "num_seqs": float(mask.shape[0]),
+            "max_len": float(self.config.rollout.max_new_tokens),
+        }
+        kept = (select_rows(sequences, keep), behaviour[keep], advantages[keep], mask[keep])
+        kept_ref = None if ref_logprobs is None else ref_logprobs[keep]
+        clock = PhaseClock(self.device)  # time/learner/*: where the update's time goes
+        clock.add("prepare", time.perf_counter() - start)  # rewards, reference log-probs, advantages
+        totals, skipped = self._update(kept, kept_ref, counts, clock, finite)
+        self._count_nonfinite(skipped, step)
+        self.policy_version += 1
+        self.last_step = (batch.column("response_ids"), token_rewards, advantages, mask)  # for learned_columns()
+        metrics.update(totals)
+        metrics.update(clock.seconds())
+        metrics["time/learner/total_s"] = time.perf_counter() - start
+        metrics.update(self._step_metrics(batch, advantages, mask, skipped))
+        return metrics
+
+    def _batch_tensors(self, batch: pa.Table) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """(response mask, behaviour log-probs, group ids, the model's input sequences) of `batch`, on the device."""
         mask = response_mask(batch).to(self.device)
         behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist()).to(self.device)
         group_ids = torch.tensor(batch.column("group_id").to_pylist(), device=self.device)
@@ -168,61 +213,33 @@ class Learner:
             self.tokenizer.pad_token_id,
             self.device,
         )
-        start = time.perf_counter()
-        metrics = {}
-        # staleness of each sample: the learner's version now minus the version that sampled it
+        return mask, behaviour, group_ids, sequences
+
+    def _staleness_metrics(self, batch: pa.Table) -> dict[str, float]:
+        """policy/staleness_{mean,max}: of each sample, the learner's version now minus the version that sampled it."""
         staleness = self.policy_version - torch.tensor(batch.column("policy_version").to_pylist(), dtype=torch.float64)
-        metrics["policy/staleness_mean"], metrics["policy/staleness_max"] = float(staleness.mean()), float(staleness.max())
-        # r_t = sum_i w_i * norm_i(r_i)_t  (norm_i: the component's `normalize`, identity by default), in float64
-        token_rewards = torch.zeros_like(mask, dtype=STATS_DTYPE)
+        return {"policy/staleness_mean": float(staleness.mean()), "policy/staleness_max": float(staleness.max())}
+
+    def _reward_components(self, batch: pa.Table, width: int) -> dict[str, ComponentRewards]:
+        """Each weighted component's scores in `batch` as (batch, width) token rewards on the device; a sample it
+        does not apply to (None) scores 0 there and is left out of its normalisation."""
+        components = {}
         for name, weight in self.config.reward.weights.items():
             rows = batch.column(reward_column(name)).to_pylist()
-            applies = torch.tensor([row is not None for row in rows], device=self.device)  # None: not applicable
-            component = pad_right([row or [] for row in rows], width=mask.shape[1]).to(self.device)  # ... scoring 0
-            mode = self.config.reward.components[name].normalize
-            token_rewards += weight * normalize_rewards(component, mask * applies[:, None], group_ids, mode)
-            per_sample = component.sum(1)[applies]  # metrics of the raw component, over the samples it applies to
-            if len(per_sample):
-                metrics[f"reward/{name}/mean"] = float(per_sample.mean())
-                metrics[f"reward/{name}/std"] = float(per_sample.std()) if len(per_sample) > 1 else 0.0
-        metrics["reward/total/mean"] = float(token_rewards.sum(1).mean())
+            applies = torch.tensor([row is not None for row in rows], device=self.device)
+            rewards = pad_right([row or [] for row in rows], width=width).to(self.device)
+            components[name] = ComponentRewards(weight, rewards, applies, self.config.reward.components[name].normalize)
+        return components
 
-        ref_logprobs = self._out_of_memory_as_one_line(self._reference_logprobs, sequences) if algo.needs_reference else None
-        if algo.kl_in_reward_coef > 0:
-            # r_t -= beta * KL_t, KL of the sampling policy against the reference
-            without_kl = token_rewards
-            kl = kl_penalty(behaviour, ref_logprobs, algo.kl_kind).to(STATS_DTYPE)
-            token_rewards = token_rewards - algo.kl_in_reward_coef * kl * mask
-            metrics["reward/kl_penalty/mean"] = float((token_rewards - without_kl).sum(1).mean())  # per sample
-        # a NaN/inf reward (or float32 overflow of huge returns) skips the update instead of reaching the weights
-        valid = mask.bool()
-        advantages = torch.zeros_like(mask)
-        finite = bool(torch.isfinite(token_rewards[valid]).all())
-        if finite:
-            advantages = compute_advantages(algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten)
-            finite = bool(torch.isfinite(advantages[valid]).all())
-
-        # A sample whose advantages are all 0 has no policy-gradient term: with no KL/entropy loss it
-        # can be left out, so the forward/backward pass only runs on informative samples (DAPO-style).
-        # The loss is still normalised by the whole batch's counts, so leaving them out changes cost,
-        # never the gradient.
-        keep = torch.arange(len(mask), device=self.device)
-        if algo.skip_zero_advantage and algo.kl_coef == 0 and algo.entropy_coef == 0:
-            keep = keep[(advantages != 0).any(dim=1)]
-        metrics["learner/kept_frac"] = len(keep) / len(mask)
-        counts = {
-            "num_tokens": float(mask.sum()),
-            "num_seqs": float(mask.shape[0]),
-            "max_len": float(self.config.rollout.max_new_tokens),
-        }
-        kept = (select_rows(sequences, keep), behaviour[keep], advantages[keep], mask[keep])
-        kept_ref = None if ref_logprobs is None else ref_logprobs[keep]
+    def _update(self, kept, kept_ref, counts, clock: PhaseClock, finite: bool) -> tuple[dict[str, float], int]:
+        """learner.updates_per_batch updates on the kept rows (sequences, behaviour, advantages, mask): gradients, then
+        an optimizer step unless the loss or gradient norm is NaN/inf, after which (as with `finite` False: non-finite
+        advantages) every update is skipped; no kept row: nothing to do. The schedule steps every time.
+        Returns (the last update's loss metrics, the number of updates skipped)."""
         totals: dict[str, float] = {}
         skipped = 0
-        clock = PhaseClock(self.device)  # time/learner/*: where the update's time goes
-        clock.add("prepare", time.perf_counter() - start)  # rewards, reference log-probs, advantages
         for _ in range(self.config.learner.updates_per_batch):
-            if len(keep) and finite:
+            if len(kept[3]) and finite:
                 totals = self._out_of_memory_as_one_line(self._gradients, *kept, kept_ref, counts, clock)
                 finite = math.isfinite(totals["loss/policy"]) and math.isfinite(totals["loss/grad_norm"])
                 with clock("optimizer"):
@@ -233,25 +250,20 @@ class Learner:
             with warnings.catch_warnings():  # the schedule follows steps, also those whose update was skipped,
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # which torch warns about
                 self.scheduler.step()
-        self._count_nonfinite(skipped, step)
-        self.policy_version += 1
-        self.last_step = (batch.column("response_ids"), token_rewards, advantages, mask)  # for learned_columns()
+        return totals, skipped
+
+    def _step_metrics(self, batch: pa.Table, advantages: torch.Tensor, mask: torch.Tensor, skipped: int) -> dict:
+        """The step's advantage, response and learner metrics (after the update)."""
         lengths = mask.sum(1)
-        metrics.update(totals)
-        metrics.update(clock.seconds())
-        metrics["time/learner/total_s"] = time.perf_counter() - start
-        metrics.update(
-            {
-                "advantage/abs_mean": float((advantages.abs() * mask).sum() / mask.sum()),
-                "advantage/zero_frac": float((advantages == 0).all(dim=1).float().mean()),  # samples without signal
-                "response/length_mean": float(lengths.mean()),
-                "response/finished_frac": sum(batch.column("finished").to_pylist()) / batch.num_rows,
-                "learner/policy_version": float(self.policy_version),
-                "learner/tokens": float(lengths.sum()),
-                "learner/skipped_nonfinite": float(skipped),
-            }
-        )
-        return metrics
+        return {
+            "advantage/abs_mean": float((advantages.abs() * mask).sum() / mask.sum()),
+            "advantage/zero_frac": float((advantages == 0).all(dim=1).float().mean()),  # samples without signal
+            "response/length_mean": float(lengths.mean()),
+            "response/finished_frac": sum(batch.column("finished").to_pylist()) / batch.num_rows,
+            "learner/policy_version": float(self.policy_version),
+            "learner/tokens": float(lengths.sum()),
+            "learner/skipped_nonfinite": float(skipped),
+        }
 
     def learned_columns(self) -> pa.Table:
         """The last train_step's per-token rewards, advantages and decoded tokens, row-aligned with its batch

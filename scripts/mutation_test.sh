@@ -9,7 +9,8 @@
 # Module             what is mutated                                                  tests that may kill a mutant
 #   advantages         pipeline/algorithm/advantages.py (whole)                       test_advantages, test_loss, test_rewards
 #   loss               pipeline/algorithm/loss.py (whole)                             test_loss
-#   rewards            pipeline/rewards/base.py: normalize_rewards, score_component   test_rewards
+#   algorithm_rewards  pipeline/algorithm/rewards.py (whole)                          test_algorithm_rewards, test_rewards, test_actors
+#   rewards            pipeline/rewards/base.py: score_component                      test_rewards
 #   reward_components  pipeline/rewards/components.py (whole)                         test_rewards, test_models, test_token_metrics
 #   learner            actors/learner.py: lr_factor, Learner.train_step,              test_actors, test_models, test_rewards
 #                      _gradients, _count_nonfinite, _micro_batches,
@@ -53,6 +54,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per mutant worker, MU
 declare -A files=(
     [advantages]=pipeline/algorithm/advantages.py
     [loss]=pipeline/algorithm/loss.py
+    [algorithm_rewards]=pipeline/algorithm/rewards.py
     [rewards]=pipeline/rewards/base.py
     [reward_components]=pipeline/rewards/components.py
     [learner]=actors/learner.py
@@ -61,7 +63,8 @@ declare -A files=(
 declare -A globs=(
     [advantages]="pipeline.algorithm.advantages.*"
     [loss]="pipeline.algorithm.loss.*"
-    [rewards]="pipeline.rewards.base.x_normalize_rewards__mutmut_* pipeline.rewards.base.x_score_component__mutmut_*"
+    [algorithm_rewards]="pipeline.algorithm.rewards.*"
+    [rewards]="pipeline.rewards.base.x_score_component__mutmut_*"
     [reward_components]="pipeline.rewards.components.*"
     [learner]="actors.learner.x_lr_factor__mutmut_* actors.learner.xǁLearnerǁtrain_step__mutmut_* actors.learner.xǁLearnerǁ_gradients__mutmut_* actors.learner.xǁLearnerǁ_count_nonfinite__mutmut_* actors.learner.xǁLearnerǁ_micro_batches__mutmut_* actors.learner.xǁLearnerǁ_reference_logprobs__mutmut_*"
     [rollout_worker]="actors.rollout_worker.x_sample_tokens__mutmut_* actors.rollout_worker.xǁRolloutWorkerǁ_sample__mutmut_*"
@@ -69,12 +72,13 @@ declare -A globs=(
 declare -A tests=(
     [advantages]="test_advantages test_loss test_rewards"
     [loss]="test_loss"
+    [algorithm_rewards]="test_algorithm_rewards test_rewards test_actors"
     [rewards]="test_rewards"
     [reward_components]="test_rewards test_models test_token_metrics"
     [learner]="test_actors test_models test_rewards"
     [rollout_worker]="test_actors test_models"
 )
-order=(advantages loss rewards reward_components learner rollout_worker)
+order=(advantages loss algorithm_rewards rewards reward_components learner rollout_worker)
 # the tests marked @pytest.mark.mutant (pyproject's markers), as test IDs without their parameters
 mapfile -t mutant_tests < <(cd "$repo" && "$venv/bin/python" -m pytest --collect-only -q -p no:cacheprovider -m mutant tests \
     | sed -n '/::/{s/\[.*//;p}' | sort -u)

@@ -21,7 +21,7 @@ from pipeline.batch import ROLLOUT_SCHEMA, TOKEN_REWARD_TYPE, pad_right, respons
 from pipeline.config import LearnerConfig, load_config
 from pipeline.errors import TokenforgeError
 from pipeline.models.hf import build_sequences, load_model, response_logprobs
-from pipeline.rewards.base import normalize_rewards
+from pipeline.algorithm.rewards import normalize_rewards
 
 T = torch.tensor
 PROMPTS = pa.table({"prompt": ["13+54=", "2+2=", "99+99="], "answer": ["67", "4", "198"], "group_id": [10, 11, 12]})

@@ -18,6 +18,7 @@ from builders import component, llama_classifier, rollout_table
 
 from actors.reward_worker import RewardWorker
 from pipeline.algorithm.advantages import EQUAL_RTOL
+from pipeline.algorithm.rewards import normalize_rewards
 from pipeline.batch import reward_column
 from pipeline.errors import ConfigError, TokenforgeError
 from pipeline.models.hf import build_sequences, builtin_paths, load_model, load_tokenizer, response_logprobs
@@ -29,7 +30,6 @@ from pipeline.rewards.base import (
     RewardComponent,
     RewardError,
     RewardInputs,
-    normalize_rewards,
     score_component,
 )
 from pipeline.models.tiny import make_char_tokenizer

@@ -222,3 +222,34 @@ def compute_advantages(
     if DEFAULT_WHITEN[name] if whiten is None else whiten:
         advantages = masked_whiten(advantages, mask, center=name not in GROUP_BASELINE)
     return advantages.to(torch.float32)
+
+
+def advantages_if_finite(
+    name: str,
+    token_rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_ids: torch.Tensor,
+    gamma: float = 1.0,
+    whiten: bool | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """(compute_advantages(...), whether every valid reward and advantage is finite). A NaN/inf valid reward
+    gives zeros (float32, shaped like `mask`) and False without computing advantages; finite rewards whose
+    advantages overflow float32 give those advantages and False. The learner skips the update when False."""
+    valid = mask.bool()
+    if not bool(torch.isfinite(token_rewards[valid]).all()):
+        return torch.zeros_like(mask), False
+    advantages = compute_advantages(name, token_rewards, mask, group_ids, gamma, whiten)
+    return advantages, bool(torch.isfinite(advantages[valid]).all())
+
+
+def informative_rows(
+    advantages: torch.Tensor, skip_zero_advantage: bool, kl_coef: float, entropy_coef: float
+) -> torch.Tensor:
+    """Indices of the rows that need a forward/backward pass: all of them, or (skip_zero_advantage, DAPO-style) those
+    with a nonzero advantage on some token. A row whose A_t are all 0 adds no policy-gradient term; with no KL or
+    entropy loss (kl_coef = entropy_coef = 0) it adds nothing at all, and as the loss is normalised by the whole
+    batch's counts, leaving it out changes the cost, never the gradient."""
+    rows = torch.arange(len(advantages), device=advantages.device)
+    if skip_zero_advantage and kl_coef == 0 and entropy_coef == 0:
+        return rows[(advantages != 0).any(dim=1)]
+    return rows

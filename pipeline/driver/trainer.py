@@ -234,29 +234,96 @@ class RolloutQueue:
         return self.ready.pop(step)
 
 
-def save_checkpoint(storage: Storage, pipeline: Pipeline, step: int, trainer_state: dict) -> str:
-    """Upload the learner's files (from the learner's process) and the trainer state, then publish the
-    manifest, last; returns the checkpoint's directory."""
-    directory = store.checkpoint_dir(step)
-    files = pipeline.learner.call_all("save", storage.uri, directory)[0]
-    state = json.dumps(trainer_state, indent=1).encode()
-    storage.write_bytes(f"{directory}/{TRAINER_STATE}", state)
-    files[TRAINER_STATE] = {"size": len(state), "sha256": store.sha256_bytes(state)}
-    return store.publish_checkpoint(storage, step, files)
+class Checkpointer:
+    """Decides which steps end with a checkpoint, and writes them: every trainer.save_every steps, the last step,
+    and with a `report` callback (Tune) every eval step, so that each report carries a checkpoint. A checkpoint is
+    also where the rollout queue synchronises (submit_limit): resuming from it must reproduce the straight run."""
+
+    def __init__(self, config: TrainConfig, storage: Storage, pipeline: Pipeline, reports: bool):
+        self.config, self.storage, self.pipeline, self.reports = config, storage, pipeline, reports
+
+    def saves(self, step: int) -> bool:
+        """Whether `step` ends with a checkpoint (and, with overlap, a synchronisation of the rollout queue)."""
+        trainer_cfg = self.config.trainer
+        every = step % trainer_cfg.save_every == 0
+        return every or step == trainer_cfg.total_steps or (self.reports and step % trainer_cfg.eval_every == 0)
+
+    def submit_limit(self, step: int) -> int:
+        """The last step whose rollouts may start at `step`: they start with the current weights (version step - 1),
+        up to step + trainer.max_staleness, but none past the next checkpoint: a run resumed from checkpoint c
+        generates steps c+1..c+k with version c, so the straight run must too, or the resume would not be exact
+        (docs/reliability.md)."""
+        last = step
+        while last < step + self.config.trainer.max_staleness and not self.saves(last):
+            last += 1
+        return last
+
+    def maybe_save(self, step: int, sampler: PromptSampler, log: MetricsLog) -> str | None:
+        """At a step that saves: the TensorBoard events synced, the checkpoint published (then the old ones
+        pruned); returns its directory, or None at other steps."""
+        if not self.saves(step):
+            return None
+        log.sync_tensorboard()
+        # nothing past a checkpoint's step is submitted before it (submit_limit): the sampler stands at its step
+        state = {"step": step, "sampler": sampler.state(), "elapsed_s": log.elapsed()}
+        saved = self.save(step, state)
+        self.prune()
+        return saved
+
+    def save(self, step: int, trainer_state: dict) -> str:
+        """Upload the learner's files (from the learner's process) and the trainer state, then publish the
+        manifest, last; returns the checkpoint's directory."""
+        directory = store.checkpoint_dir(step)
+        files = self.pipeline.learner.call_all("save", self.storage.uri, directory)[0]
+        state = json.dumps(trainer_state, indent=1).encode()
+        self.storage.write_bytes(f"{directory}/{TRAINER_STATE}", state)
+        files[TRAINER_STATE] = {"size": len(state), "sha256": store.sha256_bytes(state)}
+        return store.publish_checkpoint(self.storage, step, files)
+
+    def prune(self) -> None:
+        """trainer.keep_checkpoints newest checkpoints, plus the best by the first eval metric with keep_best."""
+        keep = self.config.trainer.keep_checkpoints
+        if keep is None:
+            return
+        protected = set()
+        metric = f"eval/{self.config.trainer.eval_metrics[0]}"
+        if self.config.trainer.keep_best:
+            published = set(store.published_steps(self.storage))
+            records = read_metrics(self.storage)
+            scored = [(r[metric], r["step"]) for r in records if metric in r and r["step"] in published]
+            protected = {max(scored)[1]} if scored else set()
+        store.prune_checkpoints(self.storage, keep, protected)
 
 
-def prune(storage: Storage, config: TrainConfig) -> None:
-    """trainer.keep_checkpoints newest checkpoints, plus the best by the first eval metric with keep_best."""
-    keep = config.trainer.keep_checkpoints
-    if keep is None:
-        return
-    protected = set()
-    metric = f"eval/{config.trainer.eval_metrics[0]}"
-    if config.trainer.keep_best:
-        published = set(store.published_steps(storage))
-        scored = [(r[metric], r["step"]) for r in read_metrics(storage) if metric in r and r["step"] in published]
-        protected = {max(scored)[1]} if scored else set()
-    store.prune_checkpoints(storage, keep, protected)
+# the seconds of the step spent waiting for the actors (or writing dumps); the rest is the driver's own
+WAITS = ("time/rollout_s", "time/reward_s", "time/learn_s", "time/publish_s", "time/dump_s")
+
+
+def step_metrics(
+    learned: dict[str, float],
+    timings: dict[str, float],
+    faults: dict[str, float],
+    sync_s: float,
+    generated: int,
+    trained: int,
+) -> dict[str, float]:
+    """A training step's metrics: the learner's (`learned`), the driver's timings, the fault counters, and what
+    follows from them: time/driver_overhead_frac = 1 - sum(WAITS) / time/step_s, time/sync_s (the slowest rollout
+    worker's receive-and-load seconds of the last weights), rollout/samples (generated: prompts_per_step x
+    group_size, whatever failed on the way), throughput/tokens_per_s = learner/tokens / time/step_s and
+    throughput/samples_per_s = trained / time/step_s (trained: the samples that reached the learner)."""
+    step_s = timings["time/step_s"]
+    metrics = {
+        **learned,
+        **timings,
+        "time/driver_overhead_frac": 1 - sum(timings.get(k, 0.0) for k in WAITS) / step_s,
+        "time/sync_s": sync_s,
+        **faults,
+    }
+    metrics["rollout/samples"] = float(generated)
+    metrics["throughput/tokens_per_s"] = metrics["learner/tokens"] / step_s
+    metrics["throughput/samples_per_s"] = trained / step_s
+    return metrics
 
 
 def run_steps(
@@ -292,59 +359,32 @@ def run_steps(
         if report:
             report(record, None)
 
-    def saves(step: int) -> bool:
-        """Whether `step` ends with a checkpoint (and, with overlap, a synchronisation of the rollout queue)."""
-        return step % trainer_cfg.save_every == 0 or step == trainer_cfg.total_steps or bool(report and step % trainer_cfg.eval_every == 0)
-
-    def last_to_submit(step: int) -> int:
-        """The rollouts of steps up to step + k start with the current weights (version step - 1), but none past
-        the next checkpoint: a run resumed from checkpoint c generates steps c+1..c+k with version c, so the
-        straight run must too, or the resume would not be exact (docs/reliability.md)."""
-        last = step
-        while last < step + trainer_cfg.max_staleness and not saves(last):
-            last += 1
-        return last
-
-    staleness = trainer_cfg.max_staleness
+    checkpointer = Checkpointer(config, storage, pipeline, reports=report is not None)
     queue = RolloutQueue(pipeline, sampler, config, first_step=done_steps + 1)
     for step in range(done_steps + 1, trainer_cfg.total_steps + 1):
         timings: dict[str, float] = {}
         with timed(timings, "time/step_s"):
-            queue.submit_through(last_to_submit(step))
+            queue.submit_through(checkpointer.submit_limit(step))
             rollouts, generated = queue.take(step, timings)  # generated (now, or during the last update) and scored
             learning = pipeline.learner.actors[0].train_step.remote(rollouts, step=step) if rollouts.num_rows else None
-            if staleness:
+            if trainer_cfg.max_staleness:
                 queue.prepare(step + 1, timings)  # while the learner updates: the next batch, generated and scored
             with timed(timings, "time/learn_s"):
-                metrics = pipeline.learner.get([learning])[0] if learning else {"learner/tokens": 0.0}
+                learned = pipeline.learner.get([learning])[0] if learning else {"learner/tokens": 0.0}
             with timed(timings, "time/publish_s"):
                 pipeline.sync_weights()
             if rollouts.num_rows and dumps.dumps_rollouts(trainer_cfg, step):
                 with timed(timings, "time/dump_s"):
-                    learned = pipeline.learner.call_all("learned_columns")[0]
-                    dumps.write_dump(storage, dumps.ROLLOUTS, step, dumps.rollout_dump(rollouts, learned))
-        # the driver's own share of the step: what it did not spend waiting for the actors (or writing dumps)
-        waits = ("time/rollout_s", "time/reward_s", "time/learn_s", "time/publish_s", "time/dump_s")
-        timings["time/driver_overhead_frac"] = 1 - sum(timings.get(k, 0.0) for k in waits) / timings["time/step_s"]
-        timings["time/sync_s"] = pipeline.load_s
-        metrics.update(timings)
-        metrics.update(pipeline.take_faults())
-        metrics["rollout/samples"] = float(generated)  # prompts_per_step x group_size, whatever failed on the way
-        metrics["throughput/tokens_per_s"] = metrics["learner/tokens"] / timings["time/step_s"]
-        metrics["throughput/samples_per_s"] = rollouts.num_rows / timings["time/step_s"]
+                    columns = pipeline.learner.call_all("learned_columns")[0]
+                    dumps.write_dump(storage, dumps.ROLLOUTS, step, dumps.rollout_dump(rollouts, columns))
+        metrics = step_metrics(learned, timings, pipeline.take_faults(), pipeline.load_s, generated, rollouts.num_rows)
 
         is_last = step == trainer_cfg.total_steps
         samples = evaluate(step, metrics) if step % trainer_cfg.eval_every == 0 or is_last else None
         record = log.write(step, metrics)  # durable before the checkpoint that covers it is published
         if samples is not None:
             log.log_samples(step, samples)
-        saved = None
-        if saves(step):
-            log.sync_tensorboard()
-            # nothing past a checkpoint's step is submitted before it (last_to_submit): the sampler stands at its step
-            state = {"step": step, "sampler": sampler.state(), "elapsed_s": log.elapsed()}
-            saved = save_checkpoint(storage, pipeline, step, state)
-            prune(storage, config)
+        saved = checkpointer.maybe_save(step, sampler, log)
         if report and any(k.startswith("eval/") for k in metrics):
             report(record, saved)
     return record

@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.algorithm.advantages import GROUP_STD_EPS, STATS_DTYPE, GroupStats
 from pipeline.errors import TokenforgeError
 
 
@@ -160,28 +159,3 @@ def describe_sample(inputs: RewardInputs, i: int) -> str:
     sample = inputs.sample_ids[i] if inputs.sample_ids else i
     prompt = repr(inputs.prompts[i])
     return f"sample {sample} (prompt {prompt if len(prompt) <= 80 else prompt[:77] + '...'})"
-
-
-NORMALIZATIONS = ("none", "batch", "group")
-
-
-def normalize_rewards(rewards: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor, mode: str) -> torch.Tensor:
-    """Affine-normalise one component's (batch, T) token rewards so that each sample's total
-    s_j = sum_t r_{j,t} becomes (s_j - mean) / (std + eps), with mean/std over the batch or the
-    sample's group. Tokens keep their shape: every r_{j,t} is divided by (std + eps) and the mean
-    is taken off the sample's last response token. A group (or batch) whose totals are all equal
-    (up to rounding, see pipeline.algorithm.advantages.GroupStats), a group of one included, has no spread to
-    divide by: its normalised rewards are 0, like GRPO's advantages for such a group. Float64 out.
-    """
-    if mode == "none":
-        return rewards.to(STATS_DTYPE)
-    valid = mask.bool()
-    rewards = torch.where(valid, rewards.to(STATS_DTYPE), 0.0)
-    totals = rewards.sum(1, keepdim=True)  # s_j, as a (batch, 1) column
-    keys = group_ids if mode == "group" else torch.zeros_like(group_ids)
-    stats = GroupStats(totals, rewards.abs().sum(1, keepdim=True), valid.any(dim=1), keys)
-    scale = torch.where(stats.equal, 0.0, 1.0 / (stats.std + GROUP_STD_EPS))  # 1 / (std + eps), (batch, 1)
-    last = (valid.sum(1) - 1).clamp(min=0)
-    shifted = rewards.clone()
-    shifted[torch.arange(len(rewards)), last] -= stats.mean[:, 0]
-    return torch.where(valid, shifted * scale, 0.0)
