@@ -157,10 +157,12 @@ def run_report(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from pipeline.models.hf import check_model_dir
     from pipeline.models.lora import export, is_adapter_dir
+    from pipeline.outputs.next_steps import after_export
 
-    if not is_adapter_dir(args.checkpoint):
+    adapter = is_adapter_dir(args.checkpoint)
+    if not adapter:
         check_model_dir(args.checkpoint, key="checkpoint")
-    print(f"wrote {export(args.checkpoint, args.out, args.merge)}")
+    print(after_export(args.checkpoint, export(args.checkpoint, args.out, args.merge), adapter, args.merge))
 
 
 def run_eval(args: argparse.Namespace) -> None:
