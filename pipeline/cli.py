@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         # working directory on its workers' sys.path too, so the actors import the same file.
         sys.path.append(os.getcwd())
     if args.command in ("train", "tune") and "RAY_ADDRESS" not in os.environ:
-        # Token auth is tokenforge's default (DESIGN.md). Saying so before Ray is imported is Ray's supported way
+        # Token auth is tokenforge's default (docs/cluster.md). Saying so before Ray is imported is Ray's supported way
         # to start a local Ray with it without the warning "Token authentication is enabled ... Set
         # RAY_AUTH_MODE=disabled to opt out" opening every run; a RAY_AUTH_MODE the user set wins.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
