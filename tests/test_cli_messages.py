@@ -14,7 +14,7 @@ SCRIPTS = Path(sysconfig.get_path("scripts"))  # this installation's console scr
 
 # How the commands a run prints name tokenforge in a shell that never activated the venv (the README's), from the
 # repository's root: by its path, relative where the venv is inside the checkout (`.venv/bin/tokenforge`)
-TOKENFORGE = os.path.relpath(SCRIPTS / "tokenforge", REPO) if SCRIPTS.is_relative_to(REPO) else str(SCRIPTS / "tokenforge")
+TOKENFORGE = str(SCRIPTS.relative_to(REPO) if SCRIPTS.is_relative_to(REPO) else SCRIPTS) + os.sep + "tokenforge"
 
 
 def fresh_shell(home: Path) -> dict[str, str]:
@@ -35,16 +35,18 @@ def test_a_fresh_train_says_where_its_results_are_and_its_next_commands_run_as_p
     def run(command: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(command, capture_output=True, text=True, timeout=400, check=False, env=env, cwd=REPO)
 
-    result = run([str(SCRIPTS / "tokenforge"), "train", f"output_dir={out}", "trainer.total_steps=2", "trainer.eval_every=2",
-                  "trainer.prompts_per_step=8", "rollout.group_size=4", "data.max_eval_samples=20", "ray.num_cpus=2"])
+    result = run([str(SCRIPTS / "tokenforge"), "train", f"output_dir={out}", "trainer.total_steps=2",
+                  "trainer.eval_every=2", "trainer.prompts_per_step=8", "rollout.group_size=4",
+                  "data.max_eval_samples=20", "ray.num_cpus=2"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Token authentication is enabled" not in result.stderr  # token auth is on, and said so before Ray starts
     assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600  # Ray alone would write it 0644
     step0 = next(line for line in result.stderr.splitlines() if line.startswith("step 0/2"))
     assert "ETA" not in step0, step0  # no rate before the first step: no `ETA 0s`
     last = result.stdout.strip().splitlines()[-1]
+    score = re.search(r"eval/exact_match ([0-9.]+)", result.stdout).group(1)
     assert last == (
-        f"tokenforge: run {out} at step 2 (eval/exact_match {re.search(r'eval/exact_match ([0-9.]+)', result.stdout).group(1)}); "
+        f"tokenforge: run {out} at step 2 (eval/exact_match {score}); "
         f"last checkpoint: {out}/checkpoints/step_2; next: {tokenforge} report {out} | {tokenforge} samples {out} | "
         f"{tensorboard} --logdir {out}/tensorboard | {tokenforge} eval {out}"
     )
@@ -57,8 +59,8 @@ def test_export_ends_with_what_it_wrote_and_the_next_commands_without_progress_b
     """`tokenforge export` (here of the built-in model directory) as the console script in a new user's shell:
     the one closing line every command prints, not a bare `wrote X`, and no transformers "Loading weights" bar."""
     model, exported = REPO / "pipeline" / "assets" / "addition" / "model", tmp_path / "exported"
-    result = subprocess.run([TOKENFORGE, "export", str(model), str(exported)], capture_output=True, text=True, timeout=120,
-                            check=False, env=fresh_shell(tmp_path / "home"), cwd=REPO)
+    result = subprocess.run([TOKENFORGE, "export", str(model), str(exported)], capture_output=True, text=True,
+                            timeout=120, check=False, env=fresh_shell(tmp_path / "home"), cwd=REPO)
     assert result.returncode == 0 and "Loading weights" not in result.stderr, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == (
         f"tokenforge: wrote {exported}, a plain HF model from {model}; "

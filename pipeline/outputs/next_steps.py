@@ -43,10 +43,10 @@ def after_train(run: Storage, record: dict) -> str:
     where = run.display()
     step = f"step {record['step']}" if "step" in record else "no step"
     scores = metrics_text(record)
-    tf = program("tokenforge")
+    tf, tensorboard = program("tokenforge"), program("tensorboard")
     return (
         f"tokenforge: run {where} at {step}{f' ({scores})' if scores else ''}; last checkpoint: {latest_checkpoint_text(run)}; "
-        f"next: {tf} report {where} | {tf} samples {where} | {program('tensorboard')} --logdir {run.display(TENSORBOARD)} "
+        f"next: {tf} report {where} | {tf} samples {where} | {tensorboard} --logdir {run.display(TENSORBOARD)} "
         f"| {tf} eval {where}"
     )
 
@@ -64,7 +64,8 @@ def after_export(checkpoint: str, out: Path, adapter: bool, merge: bool) -> str:
     """`adapter`: the checkpoint holds a LoRA adapter (written as it is unless `merge`)."""
     tf = program("tokenforge")
     if adapter and not merge:
-        return f"tokenforge: wrote {out}, the LoRA adapter of {checkpoint}; next: {tf} eval {out} | {tf} export {checkpoint} {out}-merged --merge"
+        merged = f"{tf} export {checkpoint} {out}-merged --merge"
+        return f"tokenforge: wrote {out}, the LoRA adapter of {checkpoint}; next: {tf} eval {out} | {merged}"
     what = "a plain HF model with the LoRA adapter merged" if adapter else "a plain HF model"
     return f"tokenforge: wrote {out}, {what} from {checkpoint}; next: {tf} eval {out} | {tf} train model.path={out}"
 
@@ -72,9 +73,10 @@ def after_export(checkpoint: str, out: Path, adapter: bool, merge: bool) -> str:
 def after_tune(experiment: Storage, best_run: Storage | None) -> str:
     where = experiment.display()
     best = f"best trial's run {best_run.display()} (last checkpoint: {latest_checkpoint_text(best_run)})" if best_run else "no finished trial"
+    tf = program("tokenforge")
     return (
-        f"tokenforge: experiment {where}; {best}; next: {program('tokenforge')} report {where} | {program('tensorboard')} --logdir {where}"
-        + (f" | {program('tokenforge')} samples {best_run.display()}" if best_run else "")
+        f"tokenforge: experiment {where}; {best}; next: {tf} report {where} | {program('tensorboard')} --logdir {where}"
+        + (f" | {tf} samples {best_run.display()}" if best_run else "")
     )
 
 
