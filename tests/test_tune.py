@@ -201,7 +201,7 @@ def test_a_crashing_trial_is_retried_from_its_last_checkpoint(ray_cluster, tmp_p
     assert (experiment / "trials.csv").read_text().splitlines()[1].endswith(",8,TERMINATED")
 
 
-def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path, builtin_model_path):
+def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path, builtin_model_path, capsys, monkeypatch):
     # each trial holds after step 10 until `hold` goes, so Ctrl-C lands mid-run on a machine of any speed
     spec = write_spec(tmp_path, {"reward.weights.digit_match": {"strategy": "grid", "values": [0.0, 0.5]}},
                       {"name": "interrupted", "max_concurrent_trials": 2},
@@ -229,7 +229,11 @@ def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path, built
                   for trial in first}
     assert all(len(pointers) >= 2 for pointers in registered.values()), registered
     (tmp_path / "hold").unlink()
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)  # as in a new process: `tokenforge tune --resume`
+    capsys.readouterr()
     resume_experiment(str(experiment), trust_run_config=True)
+    console = capsys.readouterr().out  # Tune's trimmed status table, not its newer output with Ray's /tmp/ray paths
+    assert "To visualize your results with TensorBoard" not in console and "/tmp/ray" not in console, console[-2000:]
     for trial in first:
         assert [r["step"] for r in metrics(trial)] == list(range(25))  # every step exactly once
         # it continued from a checkpoint instead of starting over

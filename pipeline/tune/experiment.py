@@ -151,7 +151,6 @@ def run(spec_path: str, overrides: list[str] = ()) -> str:
     if experiment.list_dir(""):
         raise TokenforgeError(f"tune experiment {experiment.display()!r} exists; resume it with --resume or set tune.name")
     experiment.write_text(SPEC_FILE, yaml.safe_dump({"spec": spec.model_dump(mode="json"), "base": base.model_dump(mode="json")}))
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, trimmed by the reporter below
     tuner = tune.Tuner(
         trainable(spec, base, experiment.uri),
         param_space=param_space(spec),
@@ -174,6 +173,9 @@ def fit(tuner: tune.Tuner) -> tune.ResultGrid:
     a script that trains next) would be swallowed as "Stop signal received" instead of interrupting."""
     signals = [s for s in (signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None]
     handlers = {s: signal.getsignal(s) for s in signals}
+    # Tune's classic status table, trimmed by run_config's reporter, for a new experiment and a resumed one alike: the
+    # newer console output ignores that reporter and prints Ray's own TensorBoard command for /tmp/ray/session_*
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     try:
         return tuner.fit()
     finally:
