@@ -129,7 +129,7 @@ class MetricsLog:
         if self.bar is None:
             # the bar's time is the line's (elapsed, ETA), not tqdm's own estimate, which counts the first step too
             self.bar = tqdm(total=self.total_steps, initial=step, desc="step", file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{desc} {n_fmt}/{total_fmt} {bar} {postfix}")
+                            bar_format="{desc} {n_fmt}/{total_fmt} {bar}{postfix}")  # tqdm puts ", " before the postfix
         if any(k.startswith("eval/") for k in metrics):
             self.bar.write(line, file=sys.stderr)
         self.bar.set_postfix_str(" | ".join([*fields, timing]), refresh=False)
