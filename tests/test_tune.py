@@ -110,12 +110,15 @@ def metrics(trial: Path) -> list[dict]:
     return [json.loads(line) for line in (trial / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_smoke_spec_end_to_end(ray_cluster, tmp_path, capsys):
+def test_smoke_spec_end_to_end(ray_cluster, tmp_path, capsys, caplog):
     ctrl_c = signal.getsignal(signal.SIGINT)
     experiment = Path(run_experiment(str(SMOKE), [f"tune.storage_path={tmp_path}"]))
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # Tune's handler is gone: the next Ctrl-C interrupts again
     console = capsys.readouterr().out
     assert "Result for " not in console and len(console.splitlines()) < 100  # status tables + the summary, no per-result dumps
+    assert "Result logdir" not in console and "/tmp/ray" not in console  # Ray's driver scratch directory: not the results
+    tune_lines = [r.getMessage() for r in caplog.records if r.name.startswith("ray.tune")]  # Tune's own log lines
+    assert not [line for line in tune_lines if "snapshotting" in line or "Total run time" in line], tune_lines
     summary = console[console.rindex("trial "):].splitlines()  # the final table: one row per trial, named by its values
     assert summary[1].startswith("digit_match=0 ") and summary[2].startswith("digit_match=0.5 ")
     assert summary[-1].startswith(f"tokenforge: experiment {experiment}; best trial's run {experiment}/run_trial_")

@@ -176,6 +176,11 @@ def fit(tuner: tune.Tuner) -> tune.ResultGrid:
     # Tune's classic status table, trimmed by run_config's reporter, for a new experiment and a resumed one alike: the
     # newer console output ignores that reporter and prints Ray's own TensorBoard command for /tmp/ray/session_*
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's own console lines: the warning that a trial's checkpoint forced a snapshot of the experiment state
+    # (Tune's checkpoints here are pointers of a few bytes; 0 turns that one warning off, as its text says), and
+    # ray.tune.tune's INFO lines (state files written, total run time) before tokenforge's summary says where it all is
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)
     try:
         return tuner.fit()
     finally:
@@ -209,7 +214,9 @@ class LiveTable(tune.CLIReporter):
         self.drawn = 0  # lines of the table on screen
 
     def report(self, trials, done: bool, *sys_info: str) -> None:
-        table = self._progress_str(trials, done, *sys_info)
+        # without "Result logdir: /tmp/ray/session_*/artifacts/...": Ray's driver scratch, not the experiment's directory
+        lines = self._progress_str(trials, done, *sys_info).splitlines()
+        table = "\n".join(line for line in lines if not line.startswith("Result logdir: "))
         if not sys.stdout.isatty():
             print(table, flush=True)
             return
