@@ -158,10 +158,12 @@ def run_report(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from pipeline.models.hf import check_model_dir
     from pipeline.models.lora import export, is_adapter_dir
+    from pipeline.outputs.next_steps import after_export
 
-    if not is_adapter_dir(args.checkpoint):
+    adapter = is_adapter_dir(args.checkpoint)
+    if not adapter:
         check_model_dir(args.checkpoint, key="checkpoint")
-    print(f"wrote {export(args.checkpoint, args.out, args.merge)}")
+    print(after_export(args.checkpoint, export(args.checkpoint, args.out, args.merge), adapter, args.merge))
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         # working directory on its workers' sys.path too, so the actors import the same file.
         sys.path.append(os.getcwd())
     if args.command in ("train", "tune") and "RAY_ADDRESS" not in os.environ:
-        # Token auth is tokenforge's default (DESIGN.md). Saying so before Ray is imported is Ray's supported way
+        # Token auth is tokenforge's default (docs/cluster.md). Saying so before Ray is imported is Ray's supported way
         # to start a local Ray with it without the warning "Token authentication is enabled ... Set
         # RAY_AUTH_MODE=disabled to opt out" opening every run; a RAY_AUTH_MODE the user set wins.
         os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -188,7 +188,7 @@ class RolloutConfig(Section):
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads in each rollout worker; null = its Ray CPUs (rollout.num_cpus_per_worker, at least 1)."""
     weight_sync: Annotated[Literal["object_store", "collective"], BeforeValidator(lambda v: "object_store" if v is None else v)] = "object_store"
-    """How each new policy version reaches the rollout workers: one object in Ray's object store, mapped without a copy by every worker of a node (the default: its time stays flat from 1 to 4 workers on one node, docs/performance.md); or a broadcast from the learner over a ray.util.collective group (gloo on CPU, NCCL between GPUs: needs cupy; HF backend only), one message per worker. null (run configs written when it meant 'pick by backend') = object_store."""
+    """How each new policy version reaches the rollout workers: one object in Ray's object store, mapped without a copy by every worker of a node (the default; docs/performance.md compares the two); or a broadcast from the learner over a ray.util.collective group (gloo on CPU, NCCL between GPUs: needs cupy; HF backend only), one message per worker. null = object_store."""
     backend: Literal["hf", "vllm"] = "hf"
     """Generation engine: hf (transformers with a KV-cache loop; the default, best for CPU and tiny models) or vllm (pip install 'tokenforge[vllm]'; docs/models.md). Same samples contract, different random draws for the same seed."""
     vllm: VllmConfig = VllmConfig()
@@ -321,7 +321,7 @@ class LearnerConfig(Section):
     precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"
     """fp32; bf16-mixed (fp32 weights and optimizer, bf16 autocast forward); bf16 (bf16 weights). Log-probs are fp32 in all."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass instead of storing them (less memory, ~30% more time)."""
+    """Recompute activations in the backward pass instead of storing them (less activation memory, one more forward per micro-batch)."""
     logprob_chunk_tokens: int = Field(4096, ge=1)
     """Tokens whose fp32 log-softmax over the vocabulary is held at once (chunks are recomputed in the backward)."""
     share_prompts: bool = True

@@ -4,7 +4,7 @@ trainer state, metrics and config. A run lives under one `storage.uri`: a local 
 `output_dir`) or any `pyarrow.fs` URI (`s3://bucket/prefix`, `gs://...`, `file:///mnt/shared/...`),
 so no process ever relies on another node's local disk.
 
-Durability rules (DESIGN.md "publish last"):
+Durability rules (docs/reliability.md, "Publish last"):
 - a file is written whole or not at all: local files go to a temporary name, are fsynced and renamed;
   on an object store the object is uploaded under a temporary key and copied over the target in one
   request (pyarrow has no abort: an upload its stream has begun is committed, cut short, when the stream

@@ -111,12 +111,15 @@ def metrics(trial: Path) -> list[dict]:
     return [json.loads(line) for line in (trial / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_smoke_spec_end_to_end(ray_cluster, tmp_path, capsys):
+def test_smoke_spec_end_to_end(ray_cluster, tmp_path, capsys, caplog):
     ctrl_c = signal.getsignal(signal.SIGINT)
     experiment = Path(run_experiment(str(SMOKE), [f"tune.storage_path={tmp_path}"]))
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # Tune's handler is gone: the next Ctrl-C interrupts again
     console = capsys.readouterr().out
     assert "Result for " not in console and len(console.splitlines()) < 100  # status tables + the summary, no per-result dumps
+    assert "Result logdir" not in console and "/tmp/ray" not in console  # Ray's driver scratch directory: not the results
+    tune_lines = [r.getMessage() for r in caplog.records if r.name.startswith("ray.tune")]  # Tune's own log lines
+    assert not [line for line in tune_lines if "snapshotting" in line or "Total run time" in line], tune_lines
     summary = console[console.rindex("trial "):].splitlines()  # the final table: one row per trial, named by its values
     assert summary[1].startswith("digit_match=0 ") and summary[2].startswith("digit_match=0.5 ")
     assert summary[-1].startswith(f"tokenforge: experiment {experiment}; best trial's run {experiment}/run_trial_")
@@ -202,7 +205,7 @@ def test_a_crashing_trial_is_retried_from_its_last_checkpoint(ray_cluster, tmp_p
     assert (experiment / "trials.csv").read_text().splitlines()[1].endswith(",8,TERMINATED")
 
 
-def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path, builtin_model_path):
+def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path, builtin_model_path, capsys, monkeypatch):
     # each trial holds after step 10 until `hold` goes, so Ctrl-C lands mid-run on a machine of any speed
     spec = write_spec(tmp_path, {"reward.weights.digit_match": {"strategy": "grid", "values": [0.0, 0.5]}},
                       {"name": "interrupted", "max_concurrent_trials": 2},
@@ -230,7 +233,11 @@ def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path, built
                   for trial in first}
     assert all(len(pointers) >= 2 for pointers in registered.values()), registered
     (tmp_path / "hold").unlink()
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)  # as in a new process: `tokenforge tune --resume`
+    capsys.readouterr()
     resume_experiment(str(experiment), trust_run_config=True)
+    console = capsys.readouterr().out  # Tune's trimmed status table, not its newer output with Ray's /tmp/ray paths
+    assert "To visualize your results with TensorBoard" not in console and "/tmp/ray" not in console, console[-2000:]
     for trial in first:
         assert [r["step"] for r in metrics(trial)] == list(range(25))  # every step exactly once
         # it continued from a checkpoint instead of starting over

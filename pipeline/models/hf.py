@@ -91,11 +91,17 @@ def context_length(path: str | Path, trust_remote_code: bool = False) -> int:
     raise TokenforgeError(f"model config in {str(path)!r} states no context length (max_position_embeddings)")
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bars ("Loading weights") or info lines from transformers in every actor's log and
+    on the terminal of `tokenforge export` / `eval`; its errors still show."""
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def load_model(
     path: str | Path, trust_remote_code: bool = False, device: str = "cpu", dtype: str = "float32"
 ) -> torch.nn.Module:
-    transformers.logging.set_verbosity_error()  # no per-load progress bars in every actor's log
-    transformers.logging.disable_progress_bar()
+    quiet_transformers()
     model = from_pretrained(AutoModelForCausalLM, check_model_dir(path), trust_remote_code, dtype=DTYPES[dtype])
     return model.to(device)
 

@@ -9,6 +9,8 @@ adapter_model.safetensors + adapter_config.json); `tokenforge export` writes a p
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,11 +33,21 @@ def require_peft():
     return peft
 
 
+@contextmanager
+def peft_quietly():
+    """peft's PeftModel asks the model for transformers 5's deprecated `is_gradient_checkpointing`, a FutureWarning
+    (with raw ANSI codes in Ray's log) at every learner start and export; only that warning is ignored, around peft."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_adapters(model: torch.nn.Module, options: LoraConfig, checkpoint: str | None = None) -> torch.nn.Module:
     """`model` wrapped with fresh LoRA adapters, or with the trainable adapters saved in `checkpoint`."""
     peft = require_peft()
     if checkpoint is not None:
-        return peft.PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+        with peft_quietly():
+            return peft.PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
     config = peft.LoraConfig(
         r=options.r,
         lora_alpha=options.alpha,
@@ -44,7 +56,8 @@ def add_adapters(model: torch.nn.Module, options: LoraConfig, checkpoint: str | 
         bias="none",
     )
     try:
-        return peft.get_peft_model(model, config)
+        with peft_quietly():
+            return peft.get_peft_model(model, config)
     except ValueError as error:  # e.g. target modules that the model does not have
         raise TokenforgeError(f"model.lora: {str(error).splitlines()[0]}") from None
 
@@ -74,6 +87,9 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool) -> Path:
     its adapter as it is (`merge` false). A full-weight checkpoint is saved as it is either way."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pipeline.models.hf import quiet_transformers
+
+    quiet_transformers()
     checkpoint, out = Path(checkpoint), Path(out)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     if not is_adapter_dir(checkpoint):
@@ -81,7 +97,8 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool) -> Path:
     else:
         peft = require_peft()
         base_path = json.loads((checkpoint / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-        model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), checkpoint)
+        with peft_quietly():
+            model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), checkpoint)
         (model.merge_and_unload() if merge else model).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

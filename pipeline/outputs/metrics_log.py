@@ -64,7 +64,8 @@ class MetricsLog:
         self.storage = storage
         self.total_steps = total_steps
         self.start = time.time() - elapsed_s  # time/elapsed_s continues across resumes
-        self.first_step, self.first_time = max(keep_through, 0), time.time()
+        self.first_step = max(keep_through, 0)
+        self.rate_from: tuple[int, float] | None = None  # (step, time) the ETA's rate is measured from
         self.latest_eval: dict[str, float] = {}
         resumed = storage.exists(METRICS_FILE)
         if resumed:
@@ -105,7 +106,12 @@ class MetricsLog:
     def _progress(self, step: int, metrics: dict[str, float]) -> None:
         """On a terminal, a live tqdm bar (step, ETA, reward, last eval, throughput) with each eval's line kept
         above it; otherwise (a log file, a Ray job) one plain line per step."""
-        done = step - self.first_step  # steps timed by this process (0 at step 0 and right after a resume)
+        # The ETA's rate counts from the end of the first step this process trains, not from its start: the
+        # actors' start-up, step 0's eval and the first step's warm-up (allocations, first kernels) made the first
+        # ETA several times the real remaining time. ETA = (now - t_r) / (step - r) * (total - step).
+        now = time.time()
+        if step <= self.first_step + 1:
+            self.rate_from = (step, now)
         fields = []
         if "reward/total/mean" in metrics:
             fields.append(f"reward {metrics['reward/total/mean']:.3f}")
@@ -113,18 +119,20 @@ class MetricsLog:
         if "throughput/tokens_per_s" in metrics:
             fields.append(f"{metrics['throughput/tokens_per_s']:.0f} tok/s")
         timing = f"elapsed {self.elapsed():.0f}s"
-        if done > 0:  # no rate yet before the first timed step: an ETA would be a guess
-            timing += f" ETA {(time.time() - self.first_time) / done * (self.total_steps - step):.0f}s"
+        if self.rate_from is not None and step > self.rate_from[0]:  # no rate before a step after the first: no guess
+            rate_step, rate_time = self.rate_from
+            timing += f" ETA {(now - rate_time) / (step - rate_step) * (self.total_steps - step):.0f}s"
         line = " | ".join([f"step {step}/{self.total_steps}", *fields, timing])
         if not self.interactive:
             print(line, file=sys.stderr, flush=True)
             return
         if self.bar is None:
+            # the bar's time is the line's (elapsed, ETA), not tqdm's own estimate, which counts the first step too
             self.bar = tqdm(total=self.total_steps, initial=step, desc="step", file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{desc} {n_fmt}/{total_fmt} {bar} {elapsed}<{remaining}, {postfix}")
+                            bar_format="{desc} {n_fmt}/{total_fmt} {bar}{postfix}")  # tqdm puts ", " before the postfix
         if any(k.startswith("eval/") for k in metrics):
             self.bar.write(line, file=sys.stderr)
-        self.bar.set_postfix_str(" | ".join(fields), refresh=False)
+        self.bar.set_postfix_str(" | ".join([*fields, timing]), refresh=False)
         self.bar.update(step - self.bar.n)
 
     def log_samples(self, step: int, samples) -> None:

@@ -152,7 +152,6 @@ def run(spec_path: str, overrides: list[str] = ()) -> str:
     if experiment.list_dir(""):
         raise TokenforgeError(f"tune experiment {experiment.display()!r} exists; resume it with --resume or set tune.name")
     experiment.write_text(SPEC_FILE, yaml.safe_dump({"spec": spec.model_dump(mode="json"), "base": base.model_dump(mode="json")}))
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, trimmed by the reporter below
     tuner = tune.Tuner(
         trainable(spec, base, experiment.uri),
         param_space=param_space(spec),
@@ -177,6 +176,14 @@ def fit(tuner: tune.Tuner) -> tune.ResultGrid:
     if threading.current_thread() is threading.main_thread():
         signals = [s for s in (signal.SIGINT, getattr(signal, "SIGUSR1", None)) if s is not None]
         handlers = {s: h for s in signals if (h := signal.getsignal(s)) is not None}
+    # Tune's classic status table, trimmed by run_config's reporter, for a new experiment and a resumed one alike: the
+    # newer console output ignores that reporter and prints Ray's own TensorBoard command for /tmp/ray/session_*
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's own console lines: the warning that a trial's checkpoint forced a snapshot of the experiment state
+    # (Tune's checkpoints here are pointers of a few bytes; 0 turns that one warning off, as its text says), and
+    # ray.tune.tune's INFO lines (state files written, total run time) before tokenforge's summary says where it all is
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    logging.getLogger("ray.tune.tune").setLevel(logging.WARNING)
     try:
         return tuner.fit()
     finally:
@@ -210,7 +217,9 @@ class LiveTable(tune.CLIReporter):
         self.drawn = 0  # lines of the table on screen
 
     def report(self, trials, done: bool, *sys_info: str) -> None:
-        table = self._progress_str(trials, done, *sys_info)
+        # without "Result logdir: /tmp/ray/session_*/artifacts/...": Ray's driver scratch, not the experiment's directory
+        lines = self._progress_str(trials, done, *sys_info).splitlines()
+        table = "\n".join(line for line in lines if not line.startswith("Result logdir: "))
         if not sys.stdout.isatty():
             print(table, flush=True)
             return
