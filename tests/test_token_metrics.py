@@ -13,7 +13,7 @@ from rouge_score.rouge_scorer import RougeScorer
 from rouge_score.tokenizers import DefaultTokenizer
 from sacrebleu.metrics import CHRF
 
-from pipeline.config import load_config
+from pipeline.preflight import load_config
 from pipeline.errors import ConfigError
 from pipeline.rewards.base import RewardInputs
 from pipeline.rewards.components import prefix_chrf, rouge_words
