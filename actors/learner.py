@@ -26,7 +26,15 @@ from pipeline.algorithm.rewards import ComponentRewards, component_reward_stats,
 from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, TrainConfig
 from pipeline.errors import TokenforgeError
-from pipeline.models.hf import build_sequences, can_share_prompts, load_model, load_tokenizer, loaded_dtypes, response_logprobs, select_rows
+from pipeline.models.hf import (
+    build_sequences,
+    can_share_prompts,
+    load_model,
+    load_tokenizer,
+    loaded_dtypes,
+    response_logprobs,
+    select_rows,
+)
 from pipeline.models.lora import add_adapters, is_adapter_dir, merged_state_dict
 from pipeline.runtime.threads import torch_threads
 from pipeline.storage import Storage, local_copy, read_manifest
@@ -169,7 +177,9 @@ class Learner:
             metrics.update({f"reward/{name}/{stat}": value for stat, value in stats.items()})
         token_rewards = composite_token_rewards(components.values(), mask, group_ids)  # sum_i w_i * norm_i(r_i)_t
         metrics["reward/total/mean"] = float(token_rewards.sum(1).mean())
-        ref_logprobs = self._out_of_memory_as_one_line(self._reference_logprobs, sequences) if algo.needs_reference else None
+        ref_logprobs = (
+            self._out_of_memory_as_one_line(self._reference_logprobs, sequences) if algo.needs_reference else None
+        )
         if algo.kl_in_reward_coef > 0:
             without_kl = token_rewards
             beta = algo.kl_in_reward_coef
@@ -306,7 +316,9 @@ class Learner:
                 "or raise learner.max_nonfinite_steps"
             )
 
-    def _gradients(self, sequences, behaviour, advantages, mask, ref_logprobs, counts, clock: PhaseClock) -> dict[str, float]:
+    def _gradients(
+        self, sequences, behaviour, advantages, mask, ref_logprobs, counts, clock: PhaseClock
+    ) -> dict[str, float]:
         """Accumulate the gradient of one update over all micro-batches (losses normalised by the global
         `counts`), clip it, and return the loss, gradient norm and policy metrics; `clock` times its phases."""
         algo, cfg = self.config.algorithm, self.config.learner
@@ -315,7 +327,11 @@ class Learner:
         for rows in self._micro_batches(mask.shape[0]):
             with clock("forward"), self.autocast():
                 logprobs, entropy = response_logprobs(
-                    self.model, select_rows(sequences, rows), self.config.rollout.temperature, cfg.logprob_chunk_tokens, self.share_prompts
+                    self.model,
+                    select_rows(sequences, rows),
+                    self.config.rollout.temperature,
+                    cfg.logprob_chunk_tokens,
+                    self.share_prompts,
                 )
             with clock("loss"):
                 loss, parts = policy_loss(

@@ -115,7 +115,9 @@ class RewardWorker:
             completion_ids=response_ids,
             texts=texts,
             token_spans=[token_spans(self.tokenizer, ids, text) for ids, text in zip(response_ids, texts)],
-            columns={name: batch.column(name).to_pylist() for name in metadata_columns(batch) if name != DATASET_PROMPT},
+            columns={
+                name: batch.column(name).to_pylist() for name in metadata_columns(batch) if name != DATASET_PROMPT
+            },
             stop_ids=self.stop_ids,
             prompt_texts=batch.column("prompt_text").to_pylist(),
             prompt_ids=batch.column("prompt_ids").to_pylist(),

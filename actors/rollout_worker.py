@@ -95,7 +95,9 @@ class RolloutBase(ABC):
         start = time.perf_counter()
         rows = [r for r in range(prompts.num_rows) for _ in range(group_size)]  # prompt row of each sample
         group_ids = prompts.column("group_id").to_pylist()
-        texts, prompt_ids = encode_prompts(self.tokenizer, prompts.column(DATASET_PROMPT).to_pylist(), self.add_special_tokens)
+        texts, prompt_ids = encode_prompts(
+            self.tokenizer, prompts.column(DATASET_PROMPT).to_pylist(), self.add_special_tokens
+        )
         response_ids, logprobs, finished = self._responses(prompt_ids, group_ids, group_size, greedy, step)
         core = {
             "sample_id": [group_ids[r] * group_size + k for r in range(prompts.num_rows) for k in range(group_size)],
@@ -138,7 +140,9 @@ class RolloutWorker(RolloutBase):
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         missing = self.model.state_dict().keys() - state_dict.keys()
         if missing:
-            raise ValueError(f"set_weights: the state dict lacks {len(missing)} of the model's weights, e.g. {sorted(missing)[0]!r}")
+            raise ValueError(
+                f"set_weights: the state dict lacks {len(missing)} of the model's weights, e.g. {sorted(missing)[0]!r}"
+            )
         adopt(self.model, state_dict, copy=True)  # copied, in the rollout dtype
         self.policy_version = version
         return version
@@ -153,7 +157,9 @@ class RolloutWorker(RolloutBase):
         self.generator.manual_seed(sample_seed(self.seed, step, group_ids[0]))
         rows = torch.arange(len(prompt_ids), device=self.device).repeat_interleave(group_size)  # prompt of each sample
         encoded = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")  # left padding
-        tokens, logprobs, lengths, finished = self._sample(encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device), rows, greedy)
+        tokens, logprobs, lengths, finished = self._sample(
+            encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device), rows, greedy
+        )
         response_ids = [row[:n] for row, n in zip(tokens.tolist(), lengths)]
         return response_ids, [row[:n] for row, n in zip(logprobs.tolist(), lengths)], finished
 

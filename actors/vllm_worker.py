@@ -145,7 +145,9 @@ class VllmRolloutWorker(RolloutBase):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items())})
             self.llm.reset_prefix_cache()  # cached prompt KV was computed by the old weights
         except Exception as error:  # noqa: BLE001 - a failed reload costs a restart, not the run
-            logger.warning("vLLM weight reload failed (%s): restarting the engine from the new weights", first_line(error))
+            logger.warning(
+                "vLLM weight reload failed (%s): restarting the engine from the new weights", first_line(error)
+            )
             self._restart(state_dict)
         self.policy_version = version
         return version
@@ -200,7 +202,9 @@ class VllmRolloutWorker(RolloutBase):
         params = [
             SamplingParams(temperature=0.0, **common)
             if greedy
-            else SamplingParams(temperature=cfg.temperature, top_p=1.0, seed=sample_seed(self.seed, step, g, k), **common)
+            else SamplingParams(
+                temperature=cfg.temperature, top_p=1.0, seed=sample_seed(self.seed, step, g, k), **common
+            )
             for g in group_ids
             for k in range(group_size)
         ]

@@ -49,7 +49,10 @@ CHAR_ARMS = {
 }
 TASKS = {
     "reverse": Task(
-        "examples/reverse.yaml", "eval/exact_match", 0.35, CHAR_ARMS,
+        "examples/reverse.yaml",
+        "eval/exact_match",
+        0.35,
+        CHAR_ARMS,
         failure_modes={
             # order-blind partial credit: right characters in the wrong order still earn the unigram matches
             "token: chrf": [weights(chrf=1.0), "reward.components.chrf={level: token, column: answer}"],
@@ -60,13 +63,17 @@ TASKS = {
             # small differences in the returns of near-certain tokens into unit-sized advantages; rloo does not
             "token: digit_match, rloo": [weights(digit_match=1.0), "algorithm.estimator=rloo"],
             "sequence: digit_match summed, rloo": [
-                weights(digit_match=1.0), "reward.components.digit_match={level: sequence}", "algorithm.estimator=rloo"
+                weights(digit_match=1.0),
+                "reward.components.digit_match={level: sequence}",
+                "algorithm.estimator=rloo",
             ],
         },
         also=["eval/digit_match", "eval/chrf"],
     ),
     "summarize": Task(
-        "examples/summarize.yaml", "eval/exact_match", 0.93,
+        "examples/summarize.yaml",
+        "eval/exact_match",
+        0.93,
         {
             "sequence: rougeL": [weights(rouge=1.0), "reward.components.rouge={level: sequence}"],
             "token: rougeL": [weights(rouge=1.0), "reward.components.rouge={level: token}"],
@@ -74,7 +81,9 @@ TASKS = {
         also=["eval/rouge"],
     ),
     "addition": Task(
-        None, "eval/exact_match", 0.85,
+        None,
+        "eval/exact_match",
+        0.85,
         CHAR_ARMS | {"exact_match + 0.5 digit_match (the default run)": [weights(exact_match=1.0, digit_match=0.5)]},
         also=["eval/digit_match"],
     ),
@@ -85,7 +94,9 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% confidence interval, t_{0.975, n-1} * s / sqrt(n)."""
     if len(values) < 2:
         return (values[0] if values else math.nan), math.nan
-    return statistics.mean(values), student_t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return statistics.mean(values), student_t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(
+        len(values)
+    )
 
 
 def area_under_curve(points: list[tuple[float, float]], budget: float) -> float:
@@ -101,7 +112,14 @@ def reached(target: float, run: dict) -> tuple[int, float] | None:
     """(step, seconds) of the run's first eval at or above `target` that the next eval confirms (one eval on
     500 prompts has a standard error of ~0.02, so a single touch is not counted); None: never."""
     curve = run["curve"]
-    return next(((step, seconds) for (step, seconds, value), (_, _, after) in zip(curve, curve[1:]) if min(value, after) >= target), None)
+    return next(
+        (
+            (step, seconds)
+            for (step, seconds, value), (_, _, after) in zip(curve, curve[1:])
+            if min(value, after) >= target
+        ),
+        None,
+    )
 
 
 def summarise(task: Task, runs: list[dict]) -> dict:
@@ -112,7 +130,9 @@ def summarise(task: Task, runs: list[dict]) -> dict:
         "runs": len(runs),
         "samples": [hit[0] * r["samples_per_step"] if hit else budget for hit, r in zip(hits, runs)],
         "seconds": [hit[1] for hit in hits if hit],
-        "auc": mean_ci([area_under_curve([(s * r["samples_per_step"], v) for s, _, v in r["curve"]], budget) for r in runs]),
+        "auc": mean_ci(
+            [area_under_curve([(s * r["samples_per_step"], v) for s, _, v in r["curve"]], budget) for r in runs]
+        ),
         "final": mean_ci([r["final"] for r in runs]),
         **{m: mean_ci([r["evals"][-1].get(m, math.nan) for r in runs]) for m in task.also},
     }
@@ -136,7 +156,8 @@ def table(name: str, task: Task, results: dict[str, list[dict]]) -> str:
         f"### {name}: target {task.metric} >= {task.target} (two evals in a row)",
         "",
         f"| arm | runs reaching | samples to target | seconds to target | area under curve | final {task.metric} | "
-        + " | ".join(f"final {m}" for m in task.also) + " |",
+        + " | ".join(f"final {m}" for m in task.also)
+        + " |",
         "|---" * (6 + len(task.also)) + "|",
     ]
     for arm, runs in results.items():
@@ -176,15 +197,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--arms", nargs="+", help="only these arms (names as in the table)")
     parser.add_argument("--failure-modes", action="store_true", help="also the failure-mode arms (hacking, gamma < 1)")
-    parser.add_argument("--out", type=Path, default=Path("docs/credit"), help="prefix of the plots and the JSON of all runs")
+    parser.add_argument(
+        "--out", type=Path, default=Path("docs/credit"), help="prefix of the plots and the JSON of all runs"
+    )
     parser.add_argument("--from-json", type=Path, help="redraw tables and plots from a JSON written earlier")
-    parser.add_argument("--overrides", nargs="+", default=[], help="key=value for every run, e.g. learner.num_threads=1")
+    parser.add_argument(
+        "--overrides", nargs="+", default=[], help="key=value for every run, e.g. learner.num_threads=1"
+    )
     args = parser.parse_args()
 
     results = json.loads(args.from_json.read_text()) if args.from_json else {}
     if not args.from_json:
         json_path = args.out.with_name(args.out.name + "_runs.json")
-        results = json.loads(json_path.read_text()) if json_path.exists() else {}  # runs of earlier invocations are kept
+        results = (
+            json.loads(json_path.read_text()) if json_path.exists() else {}
+        )  # runs of earlier invocations are kept
         with tempfile.TemporaryDirectory(prefix="tokenforge-credit-") as workdir:
             for name in args.tasks:
                 task = TASKS[name]
@@ -195,16 +222,25 @@ def main() -> None:
                     runs = results.setdefault(name, {}).setdefault(arm, [])
                     settings = [*overrides, *args.overrides]
                     if any(r["overrides"] != settings for r in runs):  # never average runs of different settings
-                        print(f"{name} / {arm}: dropping {len(runs)} earlier runs made with other overrides", flush=True)
+                        print(
+                            f"{name} / {arm}: dropping {len(runs)} earlier runs made with other overrides", flush=True
+                        )
                         runs.clear()
                     for seed in args.seeds:
-                        run = run_seed(seed, settings, task.target, Path(workdir) / f"{name}_{a}", task.metric, task.config)
+                        run = run_seed(
+                            seed, settings, task.target, Path(workdir) / f"{name}_{a}", task.metric, task.config
+                        )
                         for stale in ("reached_step", "reached_s"):  # recomputed from the curve by `reached`
                             run.pop(stale)
                         runs[:] = [r for r in runs if r["seed"] != seed] + [run | {"overrides": settings}]
                         json_path.parent.mkdir(parents=True, exist_ok=True)
                         json_path.write_text(json.dumps(results, indent=1))
-                        print(name, arm, json.dumps({k: v for k, v in run.items() if k not in ("curve", "evals")}), flush=True)
+                        print(
+                            name,
+                            arm,
+                            json.dumps({k: v for k, v in run.items() if k not in ("curve", "evals")}),
+                            flush=True,
+                        )
     for name, arms in results.items():
         print("\n" + table(name, TASKS[name], arms))
         plot(name, TASKS[name], arms, args.out.with_name(f"{args.out.name}_{name}.png"))

@@ -20,7 +20,12 @@ import yaml
 
 
 def run_seed(
-    seed: int, overrides: list[str], target: float, workdir: Path, metric: str = "eval/exact_match", config: str | None = None
+    seed: int,
+    overrides: list[str],
+    target: float,
+    workdir: Path,
+    metric: str = "eval/exact_match",
+    config: str | None = None,
 ) -> dict:
     """One real `tokenforge train` run (of `config`, else the default); its eval records (`evals`: every
     eval/* value per eval step) and the step/time at which `metric` reached `target`."""
@@ -69,7 +74,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         reached = f"{r['reached_step']} / {r['reached_s']:.0f} s" if r["reached_step"] is not None else "not reached"
-        print(f"| {r['seed']} | {r['baseline']:.3f} | {r['final']:.3f} | {r['best']:.3f} | {reached} | {r['wall_s']:.0f} s |")
+        print(
+            f"| {r['seed']} | {r['baseline']:.3f} | {r['final']:.3f} | {r['best']:.3f} | {reached} | {r['wall_s']:.0f} s |"
+        )
 
 
 if __name__ == "__main__":

@@ -51,14 +51,21 @@ def main() -> None:
         workdir = Path(tempfile.mkdtemp(prefix="tokenforge-dump-overhead-"))
         run = workdir / "run"
         env = {**os.environ, "HOME": str(workdir), "RAY_AUTH_MODE": "token"}
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "train", f"output_dir={run}", *args.overrides], check=True, env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "train", f"output_dir={run}", *args.overrides],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     result = measure(run)
     print(json.dumps(result, indent=1))
-    print(f"dumps: {result['rollout_dumps']} rollout ({result['rollout_dump_s']:.2f} s) + {result['eval_dumps']} eval "
-          f"({result['eval_dump_s']:.2f} s) = {100 * result['share_of_step_time']:.2f}% of {result['steps']} steps' time "
-          f"({result['step_s']:.0f} s), {100 * result['share_of_elapsed']:.2f}% of the run's {result['elapsed_s']:.0f} s; "
-          f"{100 * result['share_on_a_dump_step']:.1f}% of a dump step")
+    print(
+        f"dumps: {result['rollout_dumps']} rollout ({result['rollout_dump_s']:.2f} s) + {result['eval_dumps']} eval "
+        f"({result['eval_dump_s']:.2f} s) = {100 * result['share_of_step_time']:.2f}% of {result['steps']} steps' time "
+        f"({result['step_s']:.0f} s), {100 * result['share_of_elapsed']:.2f}% of the run's {result['elapsed_s']:.0f} s; "
+        f"{100 * result['share_on_a_dump_step']:.1f}% of a dump step"
+    )
 
 
 if __name__ == "__main__":

@@ -31,14 +31,22 @@ PAIRS = [("float32", "fp32"), ("bfloat16", "fp32"), ("bfloat16", "bf16-mixed"), 
 
 def gaps(sampler_dtype: str, precision: str, prompts: pa.Table, group_size: int) -> torch.Tensor:
     """|log pi_learner - log pi_behaviour| of every response token."""
-    config = with_builtin_defaults(load_config(overrides=[
-        "task=chat_addition", f"model.dtype={sampler_dtype}", f"learner.precision={precision}", "rollout.temperature=1.0",
-    ]))
+    config = with_builtin_defaults(
+        load_config(
+            overrides=[
+                "task=chat_addition",
+                f"model.dtype={sampler_dtype}",
+                f"learner.precision={precision}",
+                "rollout.temperature=1.0",
+            ]
+        )
+    )
     torch.manual_seed(0)
     batch = RolloutWorker(config, config.model.path).generate(prompts, group_size=group_size, step=1)
     learner = Learner(config, config.model.path, config.model.path)
-    sequences = build_sequences(batch.column("prompt_ids").to_pylist(), batch.column("response_ids").to_pylist(),
-                                learner.tokenizer.pad_token_id)
+    sequences = build_sequences(
+        batch.column("prompt_ids").to_pylist(), batch.column("response_ids").to_pylist(), learner.tokenizer.pad_token_id
+    )
     with torch.no_grad(), learner.autocast():
         recomputed = response_logprobs(learner.model, sequences, config.rollout.temperature)[0]
     behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist())
@@ -54,12 +62,16 @@ def main() -> None:
     config = with_builtin_defaults(load_config(overrides=["task=chat_addition"]))
     rows = load_prompts(config.data.eval_file, "eval").slice(0, args.prompts)
     prompts = rows.append_column("group_id", pa.array(range(rows.num_rows)))
-    print("| model.dtype (sampler) | learner.precision | response tokens | max abs delta log p | mean abs delta log p | max abs (ratio - 1) |")
+    print(
+        "| model.dtype (sampler) | learner.precision | response tokens | max abs delta log p | mean abs delta log p | max abs (ratio - 1) |"
+    )
     print("|---|---|---|---|---|---|")
     for sampler_dtype, precision in PAIRS:
         delta = gaps(sampler_dtype, precision, prompts, args.group_size)
-        print(f"| {sampler_dtype} | {precision} | {delta.numel()} | {delta.max():.2e} | {delta.mean():.2e} | "
-              f"{float(torch.expm1(delta.max())):.2e} |")
+        print(
+            f"| {sampler_dtype} | {precision} | {delta.numel()} | {delta.max():.2e} | {delta.mean():.2e} | "
+            f"{float(torch.expm1(delta.max())):.2e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ import torch
 def naive_logprobs(model, sequences, temperature=1.0):
     """The plain way, for comparison: the whole micro-batch's fp32 log-softmax at once."""
     ids, width = sequences["input_ids"], sequences["prompt_width"]
-    logits = model(input_ids=ids, attention_mask=sequences["attention_mask"], position_ids=sequences["position_ids"]).logits
+    logits = model(
+        input_ids=ids, attention_mask=sequences["attention_mask"], position_ids=sequences["position_ids"]
+    ).logits
     log_pi = torch.log_softmax(logits[:, width - 1 : -1].float() / temperature, dim=-1)
     entropy = -(log_pi.exp() * log_pi).sum(-1)
     return log_pi.gather(-1, ids[:, width:, None]).squeeze(-1), entropy
@@ -43,8 +45,15 @@ def measure(args: argparse.Namespace) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024)
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    )
     model = LlamaForCausalLM(config).to(device, getattr(torch, args.dtype))
     prompts = torch.randint(0, args.vocab, (args.batch, 32)).tolist()
     responses = torch.randint(0, args.vocab, (args.batch, args.response)).tolist()
@@ -61,7 +70,12 @@ def measure(args: argparse.Namespace) -> dict:
     (-(logprobs.sum()) - 0.01 * entropy.sum()).backward()
     if device == "cuda":
         torch.cuda.synchronize()
-    return {"variant": args.variant, "device": device, "peak_mib": (peak_bytes(device) - before) / 2**20, "seconds": time.time() - start}
+    return {
+        "variant": args.variant,
+        "device": device,
+        "peak_mib": (peak_bytes(device) - before) / 2**20,
+        "seconds": time.time() - start,
+    }
 
 
 def main() -> None:
@@ -78,13 +92,27 @@ def main() -> None:
         return
     tokens = args.batch * args.response
     full = tokens * args.vocab * 4 / 2**20
-    print(f"{args.batch} x {args.response} response tokens, vocabulary {args.vocab}, weights {args.dtype}: one fp32 "
-          f"(tokens, vocab) tensor is {full:.0f} MiB\n")
+    print(
+        f"{args.batch} x {args.response} response tokens, vocabulary {args.vocab}, weights {args.dtype}: one fp32 "
+        f"(tokens, vocab) tensor is {full:.0f} MiB\n"
+    )
     print("| log-prob pass | peak memory above the model (MiB) | forward + backward (s) |")
     print("|---|---|---|")
     for variant in args.variants:
-        command = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch), "--response",
-                   str(args.response), "--vocab", str(args.vocab), "--dtype", args.dtype]
+        command = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--batch",
+            str(args.batch),
+            "--response",
+            str(args.response),
+            "--vocab",
+            str(args.vocab),
+            "--dtype",
+            args.dtype,
+        ]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         name = "one fp32 log_softmax (naive)" if variant == "naive" else f"chunks of {variant} tokens, recomputed"
         print(f"| {name} | {result['peak_mib']:.0f} | {result['seconds']:.2f} |", flush=True)

@@ -35,15 +35,33 @@ SETTINGS = {  # name: (label, overrides)
     "s0": ("staleness 0, 1 rollout worker", ["trainer.max_staleness=0"]),
     "s1": ("staleness 1, 1 rollout worker", ["trainer.max_staleness=1", *STALE]),
     "s2": ("staleness 2, 1 rollout worker", ["trainer.max_staleness=2", *STALE]),
-    "s0w2": ("staleness 0, 2 rollout workers", ["trainer.max_staleness=0", "rollout.num_workers=2", "rollout.num_cpus_per_worker=0.25"]),
-    "s1w2": ("staleness 1, 2 rollout workers", ["trainer.max_staleness=1", *STALE, "rollout.num_workers=2", "rollout.num_cpus_per_worker=0.25"]),
+    "s0w2": (
+        "staleness 0, 2 rollout workers",
+        ["trainer.max_staleness=0", "rollout.num_workers=2", "rollout.num_cpus_per_worker=0.25"],
+    ),
+    "s1w2": (
+        "staleness 1, 2 rollout workers",
+        ["trainer.max_staleness=1", *STALE, "rollout.num_workers=2", "rollout.num_cpus_per_worker=0.25"],
+    ),
 }
-QUIET = ["trainer.dump_rollouts_every=0", "trainer.dump_eval=false", "trainer.loggers=[jsonl]", "data.max_eval_samples=50"]
+QUIET = [
+    "trainer.dump_rollouts_every=0",
+    "trainer.dump_eval=false",
+    "trainer.loggers=[jsonl]",
+    "data.max_eval_samples=50",
+]
 
 
 def measure(name: str, steps: int, skip: int, extra: list[str], workdir: Path) -> dict:
     label, overrides = SETTINGS[name]
-    overrides = [*overrides, *QUIET, f"trainer.total_steps={steps}", f"trainer.eval_every={steps}", f"trainer.save_every={steps}", *extra]
+    overrides = [
+        *overrides,
+        *QUIET,
+        f"trainer.total_steps={steps}",
+        f"trainer.eval_every={steps}",
+        f"trainer.save_every={steps}",
+        *extra,
+    ]
     run_seed(0, overrides, target=2.0, workdir=workdir / name)
     records = [json.loads(line) for line in (workdir / name / "seed_0" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in records if r["step"] > skip and "time/step_s" in r]
@@ -64,7 +82,9 @@ def measure(name: str, steps: int, skip: int, extra: list[str], workdir: Path) -
         "driver_overhead": median("time/driver_overhead_frac"),
         "samples_per_s": sum(r["rollout/samples"] for r in rows) / seconds,
         "tokens_per_s": sum(r["learner/tokens"] for r in rows) / seconds,
-        "learner_phases": {k.removeprefix("time/learner/"): median(k) for k in rows[0] if k.startswith("time/learner/")},
+        "learner_phases": {
+            k.removeprefix("time/learner/"): median(k) for k in rows[0] if k.startswith("time/learner/")
+        },
     }
     result["learner_idle"] = 1 - result["learn_busy_s"] / result["step_s"]
     result["rollout_idle"] = 1 - result["generate_s"] / result["step_s"]
@@ -73,7 +93,9 @@ def measure(name: str, steps: int, skip: int, extra: list[str], workdir: Path) -
 
 
 def print_table(results: list[dict]) -> None:
-    print("\n| setting | step | generate | learn | sync | waits: rollout / reward / learn | driver overhead | idle: learner / rollout | step / max(gen, learn) | samples/s | tokens/s |")
+    print(
+        "\n| setting | step | generate | learn | sync | waits: rollout / reward / learn | driver overhead | idle: learner / rollout | step / max(gen, learn) | samples/s | tokens/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
@@ -97,7 +119,12 @@ def curves(seeds: list[int], steps: int, extra: list[str], workdir: Path, plot: 
     for name in ("s0", "s1"):
         label, overrides = SETTINGS[name]
         runs[label] = [
-            run_seed(seed, [*overrides, *QUIET[:3], f"trainer.total_steps={steps}", "trainer.eval_every=10", *extra], 2.0, workdir / f"curve_{name}")
+            run_seed(
+                seed,
+                [*overrides, *QUIET[:3], f"trainer.total_steps={steps}", "trainer.eval_every=10", *extra],
+                2.0,
+                workdir / f"curve_{name}",
+            )
             for seed in seeds
         ]
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -108,9 +135,11 @@ def curves(seeds: list[int], steps: int, extra: list[str], workdir: Path, plot: 
             samples = [step * r["samples_per_step"] for step, _, _ in r["curve"]]
             axis.plot(samples, [v for _, _, v in r["curve"]], color=colour, alpha=0.7, label=label if i == 0 else None)
         finals = [r["final"] for r in results]
-        print(f"| {label} | {len(results)} | {results[0]['baseline']:.3f} | {statistics.mean(finals):.3f} ± "
-              f"{statistics.stdev(finals) if len(finals) > 1 else 0:.3f} | {max(r['best'] for r in results):.3f} "
-              f"| {statistics.mean(r['curve'][-1][1] for r in results):.0f} s |")
+        print(
+            f"| {label} | {len(results)} | {results[0]['baseline']:.3f} | {statistics.mean(finals):.3f} ± "
+            f"{statistics.stdev(finals) if len(finals) > 1 else 0:.3f} | {max(r['best'] for r in results):.3f} "
+            f"| {statistics.mean(r['curve'][-1][1] for r in results):.0f} s |"
+        )
     axis.set(xlabel="samples", ylabel="held-out exact match (greedy)", title="default task: staleness 0 vs 1")
     axis.legend()
     figure.tight_layout()
@@ -120,7 +149,9 @@ def curves(seeds: list[int], steps: int, extra: list[str], workdir: Path, plot: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS), help="none: only --curves")
+    parser.add_argument(
+        "--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS), help="none: only --curves"
+    )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--skip", type=int, default=5, help="first steps left out (start-up)")
     parser.add_argument("--curves", action="store_true", help="also the learning curves of staleness 0 and 1")

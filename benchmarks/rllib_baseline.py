@@ -61,7 +61,13 @@ def ppo_run(out: Path, seed: int, samples: int, eval_every: int, ppo: dict) -> N
 
         def write(step: int, episodes: int, record: dict) -> None:
             state = algo.get_module().hf_state_dict()
-            record = {"step": step, "samples": episodes, "time/elapsed_s": round(time.time() - start, 3), **record, **evaluate(state)}
+            record = {
+                "step": step,
+                "samples": episodes,
+                "time/elapsed_s": round(time.time() - start, 3),
+                **record,
+                **evaluate(state),
+            }
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(json.dumps(record), file=sys.stderr, flush=True)
@@ -74,15 +80,19 @@ def ppo_run(out: Path, seed: int, samples: int, eval_every: int, ppo: dict) -> N
             episodes = int(result["env_runners"]["num_episodes_lifetime"])
             if episodes >= next_eval or episodes >= samples:
                 learner = result["learners"]["default_policy"]
-                write(step, episodes, {
-                    "reward/total/mean": float(result["env_runners"]["episode_return_mean"]),
-                    "response/length_mean": float(result["env_runners"]["episode_len_mean"]),
-                    "loss/policy": float(learner["policy_loss"]),
-                    "loss/vf": float(learner["vf_loss"]),
-                    "policy/entropy": float(learner["entropy"]),
-                    "policy/kl": float(learner["mean_kl_loss"]),
-                    "learner/vf_explained_var": float(learner["vf_explained_var"]),
-                })
+                write(
+                    step,
+                    episodes,
+                    {
+                        "reward/total/mean": float(result["env_runners"]["episode_return_mean"]),
+                        "response/length_mean": float(result["env_runners"]["episode_len_mean"]),
+                        "loss/policy": float(learner["policy_loss"]),
+                        "loss/vf": float(learner["vf_loss"]),
+                        "policy/entropy": float(learner["entropy"]),
+                        "policy/kl": float(learner["mean_kl_loss"]),
+                        "learner/vf_explained_var": float(learner["vf_explained_var"]),
+                    },
+                )
                 next_eval = (episodes // eval_every + 1) * eval_every
     save_hf_checkpoint(algo.get_module(), config, out / "final")
     algo.stop()
@@ -95,15 +105,32 @@ def subprocess_env(workdir: Path) -> dict:
 
 def run_rllib(seed: int, samples: int, eval_every: int, ppo: list[str], workdir: Path) -> dict:
     out = workdir / f"rllib_seed_{seed}"
-    command = [sys.executable, __file__, "--ppo-run", str(out), "--seed", str(seed), "--samples", str(samples),
-               "--eval-every", str(eval_every), "--ppo", *ppo]
+    command = [
+        sys.executable,
+        __file__,
+        "--ppo-run",
+        str(out),
+        "--seed",
+        str(seed),
+        "--samples",
+        str(samples),
+        "--eval-every",
+        str(eval_every),
+        "--ppo",
+        *ppo,
+    ]
     start = time.time()
     with open(workdir / f"rllib_seed_{seed}.log", "w") as log:
         subprocess.run(command, check=True, env=subprocess_env(workdir), stdout=log, stderr=log)
     wall = time.time() - start
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    check = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", str(out / "final"), "--json"], check=True,
-                           capture_output=True, text=True, env=subprocess_env(workdir))
+    check = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "eval", str(out / "final"), "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(workdir),
+    )
     return {
         "seed": seed,
         "wall_s": wall,
@@ -136,23 +163,35 @@ def mean_sd(values: list[float], fmt: str = "{:.3f}") -> str:
 
 
 def table(results: dict[str, list[dict]], targets: list[float]) -> str:
-    head = "| arm | samples | eval exact match at the end | best | " + " | ".join(
-        f"samples / s to {t}" for t in targets) + " | training s | samples/s | wall s (command) |"
+    head = (
+        "| arm | samples | eval exact match at the end | best | "
+        + " | ".join(f"samples / s to {t}" for t in targets)
+        + " | training s | samples/s | wall s (command) |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for arm, runs in results.items():
         finals = [r["curve"][-1][2] for r in runs]
-        cells = [ARMS[arm], mean_sd([r["curve"][-1][0] for r in runs], "{:,.0f}"), mean_sd(finals),
-                 mean_sd([max(v for _, _, v in r["curve"]) for r in runs])]
+        cells = [
+            ARMS[arm],
+            mean_sd([r["curve"][-1][0] for r in runs], "{:,.0f}"),
+            mean_sd(finals),
+            mean_sd([max(v for _, _, v in r["curve"]) for r in runs]),
+        ]
         for target in targets:
             hits = [first_reaching(r["curve"], target) for r in runs]
             reached = [h for h in hits if h]
             cell = f"{len(reached)}/{len(runs)}"
             if reached:
-                cell += f": {mean_sd([h[0] for h in reached], '{:,.0f}')} / {mean_sd([h[1] for h in reached], '{:.0f}')}"
+                cell += (
+                    f": {mean_sd([h[0] for h in reached], '{:,.0f}')} / {mean_sd([h[1] for h in reached], '{:.0f}')}"
+                )
             cells.append(cell)
         seconds = [r["curve"][-1][1] for r in runs]
-        cells += [mean_sd(seconds, "{:.0f}"), mean_sd([r["curve"][-1][0] / r["curve"][-1][1] for r in runs], "{:.0f}"),
-                  mean_sd([r["wall_s"] for r in runs], "{:.0f}")]
+        cells += [
+            mean_sd(seconds, "{:.0f}"),
+            mean_sd([r["curve"][-1][0] / r["curve"][-1][1] for r in runs], "{:.0f}"),
+            mean_sd([r["wall_s"] for r in runs], "{:.0f}"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -33,9 +33,21 @@ PAIRS = {  # name: (config file or None for the default, the eval metric compare
     # (scripts/make_task_model.py --task llama-addition, made once into --llama-model)
     "llama_addition": (None, "eval/exact_match"),
 }
-QUIET = ["trainer.dump_rollouts_every=0", "trainer.dump_eval=false", "trainer.loggers=[jsonl]", "trainer.keep_checkpoints=1"]
-DIAGNOSTICS = ("policy/is_weight/mean", "policy/is_weight/clip_frac", "policy/entropy", "policy/staleness_mean",
-               "learner/lr", "reward/total/mean", "loss/grad_norm")
+QUIET = [
+    "trainer.dump_rollouts_every=0",
+    "trainer.dump_eval=false",
+    "trainer.loggers=[jsonl]",
+    "trainer.keep_checkpoints=1",
+]
+DIAGNOSTICS = (
+    "policy/is_weight/mean",
+    "policy/is_weight/clip_frac",
+    "policy/entropy",
+    "policy/staleness_mean",
+    "learner/lr",
+    "reward/total/mean",
+    "loss/grad_norm",
+)
 
 
 def run(pair: str, staleness: int, seed: int, args: argparse.Namespace, workdir: Path) -> dict:
@@ -43,13 +55,27 @@ def run(pair: str, staleness: int, seed: int, args: argparse.Namespace, workdir:
     config, metric = PAIRS[pair]
     out = workdir / f"{pair}_s{staleness}_seed{seed}"
     overrides = [
-        *QUIET, f"seed={seed}", f"output_dir={out}", f"trainer.total_steps={args.steps}",
-        f"trainer.eval_every={args.eval_every}", f"trainer.save_every={args.steps}",
-        f"data.max_eval_samples={args.eval_samples}", f"trainer.max_staleness={staleness}",
+        *QUIET,
+        f"seed={seed}",
+        f"output_dir={out}",
+        f"trainer.total_steps={args.steps}",
+        f"trainer.eval_every={args.eval_every}",
+        f"trainer.save_every={args.steps}",
+        f"data.max_eval_samples={args.eval_samples}",
+        f"trainer.max_staleness={staleness}",
         *([f"algorithm.is_cap={args.is_cap}"] if staleness else []),
-        *([f"model.path={llama_model(args)}"] if pair == "llama_addition" else []), *args.overrides,
+        *([f"model.path={llama_model(args)}"] if pair == "llama_addition" else []),
+        *args.overrides,
     ]
-    command = [*args.lock, sys.executable, "-m", "pipeline.cli", "train", *(["-c", config] if config else []), *overrides]
+    command = [
+        *args.lock,
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "train",
+        *(["-c", config] if config else []),
+        *overrides,
+    ]
     env = {**os.environ, "HOME": str(workdir), "RAY_AUTH_MODE": "token"}
     start = time.time()
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
@@ -58,7 +84,11 @@ def run(pair: str, staleness: int, seed: int, args: argparse.Namespace, workdir:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     samples = records[1].get("rollout/samples", 0.0)
     return {
-        "pair": pair, "staleness": staleness, "seed": seed, "wall_s": time.time() - start, "metric": metric,
+        "pair": pair,
+        "staleness": staleness,
+        "seed": seed,
+        "wall_s": time.time() - start,
+        "metric": metric,
         "samples_per_step": samples,
         "curve": [(r["step"], r[metric]) for r in records if metric in r],
         "steps": [{"step": r["step"], **{k: r[k] for k in DIAGNOSTICS if k in r}} for r in records[1:]],
@@ -69,15 +99,25 @@ def run(pair: str, staleness: int, seed: int, args: argparse.Namespace, workdir:
 def llama_model(args: argparse.Namespace) -> Path:
     """The llama_addition pair's model, made by scripts/make_task_model.py (under the lock) the first time."""
     if not (args.llama_model / "config.json").exists():
-        command = [*args.lock, sys.executable, "scripts/make_task_model.py", "--task", "llama-addition", "--out", str(args.llama_model)]
+        command = [
+            *args.lock,
+            sys.executable,
+            "scripts/make_task_model.py",
+            "--task",
+            "llama-addition",
+            "--out",
+            str(args.llama_model),
+        ]
         subprocess.run(command, cwd=REPO, check=True)
     return args.llama_model.resolve()
 
 
 def summary(runs: list[dict]) -> str:
     """A Markdown table: per pair and staleness, the metric at step 0, its minimum, at the end, and the mean IS stats."""
-    lines = ["| pair | staleness | seeds | step 0 | min (mean) | final (mean ± sd) | each seed's final | IS weight mean / clip frac | training s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| pair | staleness | seeds | step 0 | min (mean) | final (mean ± sd) | each seed's final | IS weight mean / clip frac | training s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for pair in dict.fromkeys(r["pair"] for r in runs):
         for staleness in (0, 1):
             group = [r for r in runs if r["pair"] == pair and r["staleness"] == staleness]
@@ -110,11 +150,23 @@ def plot(runs: list[dict], path: Path) -> None:
         for staleness, colour in ((0, "tab:blue"), (1, "tab:orange")):
             group = [r for r in runs if r["pair"] == pair and r["staleness"] == staleness]
             for r in group:
-                axis.plot([s * r["samples_per_step"] for s, _ in r["curve"]], [v for _, v in r["curve"]], color=colour, alpha=0.25, lw=0.8)
+                axis.plot(
+                    [s * r["samples_per_step"] for s, _ in r["curve"]],
+                    [v for _, v in r["curve"]],
+                    color=colour,
+                    alpha=0.25,
+                    lw=0.8,
+                )
             if group:
                 steps = [s for s, _ in group[0]["curve"]]
                 mean = [statistics.mean(r["curve"][i][1] for r in group) for i in range(len(steps))]
-                axis.plot([s * group[0]["samples_per_step"] for s in steps], mean, color=colour, lw=2, label=f"staleness {staleness} (mean of {len(group)})")
+                axis.plot(
+                    [s * group[0]["samples_per_step"] for s in steps],
+                    mean,
+                    color=colour,
+                    lw=2,
+                    label=f"staleness {staleness} (mean of {len(group)})",
+                )
         axis.set_title(pair)
         axis.set_xlabel("samples")
         axis.set_ylabel(runs[0]["metric"] if pair == pairs[0] else [r for r in runs if r["pair"] == pair][0]["metric"])
@@ -133,9 +185,13 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=200)
     parser.add_argument("--is-cap", type=float, default=2.0)
     parser.add_argument("--lock", nargs="*", default=["flock", "/tmp/tf-cpu.lock"], help="prefix of each run's command")
-    parser.add_argument("--json", type=Path, default=Path("staleness_study.json"), help="results; runs already in it are kept")
+    parser.add_argument(
+        "--json", type=Path, default=Path("staleness_study.json"), help="results; runs already in it are kept"
+    )
     parser.add_argument("--plot", type=Path, default=None)
-    parser.add_argument("--llama-model", type=Path, default=Path("llama_addition_model"), help="llama_addition's model (made if absent)")
+    parser.add_argument(
+        "--llama-model", type=Path, default=Path("llama_addition_model"), help="llama_addition's model (made if absent)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
 

@@ -24,7 +24,13 @@ from pipeline.storage import Storage, latest_checkpoint
 def make_teacher(workdir: Path) -> Path:
     out = workdir / "teacher"
     env = {**os.environ, "HOME": str(workdir), "RAY_AUTH_MODE": "token"}
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "train", f"output_dir={out}"], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", f"output_dir={out}"],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return out / latest_checkpoint(Storage(str(out)))[0]
 
 
@@ -36,7 +42,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tokenforge-distill-") as workdir:
         teacher = args.teacher or make_teacher(Path(workdir))
-        teacher_eval = json.loads(subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", str(teacher), "--json"], check=True, capture_output=True, text=True).stdout)
+        teacher_eval = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "pipeline.cli", "eval", str(teacher), "--json"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
         print(f"teacher {teacher}: eval/exact_match {teacher_eval['eval/exact_match']:.3f}")
         overrides = [
             f"reward.components.teacher={{type: teacher_logprob, path: '{teacher}'}}",

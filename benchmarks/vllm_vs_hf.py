@@ -50,7 +50,9 @@ def make_model(size: str, directory: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_one(backend: str, size: str, batches: list[int], new_tokens: int, repeats: int, device: str, threads: int) -> dict:
+def run_one(
+    backend: str, size: str, batches: list[int], new_tokens: int, repeats: int, device: str, threads: int
+) -> dict:
     """In this process: one backend on one model, every batch size."""
     import pyarrow as pa
 
@@ -60,17 +62,29 @@ def run_one(backend: str, size: str, batches: list[int], new_tokens: int, repeat
     with tempfile.TemporaryDirectory() as scratch:
         params = make_model(size, Path(scratch))
         overrides = [
-            f"model.path={scratch}", f"rollout.backend={backend}", f"rollout.max_new_tokens={new_tokens}",
-            f"rollout.num_threads={threads}", f"rollout.num_gpus_per_worker={1 if device == 'cuda' else 0}",
+            f"model.path={scratch}",
+            f"rollout.backend={backend}",
+            f"rollout.max_new_tokens={new_tokens}",
+            f"rollout.num_threads={threads}",
+            f"rollout.num_gpus_per_worker={1 if device == 'cuda' else 0}",
             f"rollout.vllm.max_num_seqs={max(batches)}",
         ]
         config = load_config(overrides=overrides)
         start = time.perf_counter()
         worker = rollout_worker_class(backend)(config, scratch)
         start_s = time.perf_counter() - start
-        result = {"backend": backend, "size": size, "params": params, "device": worker.device, "start_s": start_s, "batches": {}}
+        result = {
+            "backend": backend,
+            "size": size,
+            "params": params,
+            "device": worker.device,
+            "start_s": start_s,
+            "batches": {},
+        }
         for batch in batches:
-            prompts = pa.table({"prompt": [f"{i % 100}+{(7 * i) % 100}=" for i in range(batch)], "group_id": list(range(batch))})
+            prompts = pa.table(
+                {"prompt": [f"{i % 100}+{(7 * i) % 100}=" for i in range(batch)], "group_id": list(range(batch))}
+            )
             worker.generate(prompts, group_size=1, step=0)  # warm-up
             best = None
             for step in range(1, repeats + 1):
@@ -106,9 +120,23 @@ def main() -> None:
     results = []
     for size in args.sizes:
         for backend in args.backends:
-            command = [sys.executable, __file__, "--one", backend, size, "--batches", *map(str, args.batches),
-                       "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--device", args.device,
-                       "--threads", str(args.threads)]
+            command = [
+                sys.executable,
+                __file__,
+                "--one",
+                backend,
+                size,
+                "--batches",
+                *map(str, args.batches),
+                "--new-tokens",
+                str(args.new_tokens),
+                "--repeats",
+                str(args.repeats),
+                "--device",
+                args.device,
+                "--threads",
+                str(args.threads),
+            ]
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if done.returncode or not lines:
@@ -116,12 +144,15 @@ def main() -> None:
                 results.append({"backend": backend, "size": size, "error": tail[0]})
                 print(f"{backend} {size}: failed: {tail[0]}", flush=True)
                 continue
-            results.append(json.loads(lines[-1][len("RESULT "):]))
+            results.append(json.loads(lines[-1][len("RESULT ") :]))
             r = results[-1]
-            print(f"{backend} {size} ({r['params'] / 1e6:.1f}M, {r['device']}): start {r['start_s']:.1f} s, "
-                  + ", ".join(f"batch {b}: {v['tokens_per_s']:.0f} tok/s" for b, v in r["batches"].items()), flush=True)
+            print(
+                f"{backend} {size} ({r['params'] / 1e6:.1f}M, {r['device']}): start {r['start_s']:.1f} s, "
+                + ", ".join(f"batch {b}: {v['tokens_per_s']:.0f} tok/s" for b, v in r["batches"].items()),
+                flush=True,
+            )
     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    print(f"\n| model | params | batch | " + " | ".join(f"{b} tok/s" for b in args.backends) + " | vllm / hf |")
+    print("\n| model | params | batch | " + " | ".join(f"{b} tok/s" for b in args.backends) + " | vllm / hf |")
     print("|---|---|---|" + "---|" * len(args.backends) + "---|")
     for size in args.sizes:
         by = {r["backend"]: r for r in results if r["size"] == size and "error" not in r}

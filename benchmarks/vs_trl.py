@@ -126,8 +126,13 @@ def run_tokenforge(args: argparse.Namespace, reward: str, lr: float, seed: int, 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     resolved = (out / "config.yaml").read_text()
     return {
-        "system": "tokenforge", "reward": reward, "lr": lr, "seed": seed, "wall_s": wall,
-        "samples_per_step": args.prompts_per_step * GROUP_SIZE, **tokenforge_curve(records),
+        "system": "tokenforge",
+        "reward": reward,
+        "lr": lr,
+        "seed": seed,
+        "wall_s": wall,
+        "samples_per_step": args.prompts_per_step * GROUP_SIZE,
+        **tokenforge_curve(records),
         "config_yaml": resolved,
     }
 
@@ -140,9 +145,15 @@ def tokenforge_curve(records: list[dict]) -> dict:
         step_sum += r.get("time/step_s", 0.0)
         evals_so_far += r.get("time/eval_s", 0.0)
         if "eval/exact_match" in r:
-            curve.append({"step": r["step"], "train_s": r["time/elapsed_s"] - evals_so_far,
-                          "train_s_step_sum": step_sum, "elapsed_s": r["time/elapsed_s"],
-                          "exact_match": r["eval/exact_match"]})
+            curve.append(
+                {
+                    "step": r["step"],
+                    "train_s": r["time/elapsed_s"] - evals_so_far,
+                    "train_s_step_sum": step_sum,
+                    "elapsed_s": r["time/elapsed_s"],
+                    "exact_match": r["eval/exact_match"],
+                }
+            )
     return {"curve": curve, "steps": max(r["step"] for r in records), "eval_s_total": evals_so_far}
 
 
@@ -193,10 +204,13 @@ def trl_run(spec: dict) -> None:
 
         def score(prompts, completions, completion_ids, answer, **_) -> list[float]:
             inputs = RewardInputs(
-                prompts=list(prompts), completions=list(completions), completion_ids=list(completion_ids),
+                prompts=list(prompts),
+                completions=list(completions),
+                completion_ids=list(completion_ids),
                 texts=list(completions),
                 token_spans=[token_spans(tokenizer, i, t) for i, t in zip(completion_ids, completions)],
-                columns={"answer": list(answer)}, stop_ids=stop_ids,
+                columns={"answer": list(answer)},
+                stop_ids=stop_ids,
             )
             return [float(sum(s)) if isinstance(s, list) else float(s) for s in component(inputs)]
 
@@ -210,17 +224,42 @@ def trl_run(spec: dict) -> None:
         raise SystemExit(f"--prompts-per-step x {GROUP_SIZE} = {per_step} is not a multiple of the micro-batch {micro}")
     max_steps = spec["max_steps"]
     grpo = dict(
-        output_dir=spec["workdir"], seed=spec["seed"], data_seed=spec["seed"],
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, use_vllm=False,
-        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=spec["eval_every"],
-        disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
-        max_steps=max_steps, learning_rate=spec["lr"], max_grad_norm=1.0, weight_decay=0.0,
-        per_device_train_batch_size=micro, gradient_accumulation_steps=per_step // micro,  # one generation per step
-        num_generations=GROUP_SIZE, max_completion_length=MAX_NEW_TOKENS,
-        temperature=TEMPERATURE, top_p=1.0, top_k=0, repetition_penalty=1.0,
-        beta=0.0, num_iterations=1, loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,
-        reward_weights=[config.reward.weights[n] for n in names], multi_objective_aggregation="sum_then_normalize",
-        disable_dropout=True, shuffle_dataset=True,
+        output_dir=spec["workdir"],
+        seed=spec["seed"],
+        data_seed=spec["seed"],
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_vllm=False,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=spec["eval_every"],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        log_completions=False,
+        max_steps=max_steps,
+        learning_rate=spec["lr"],
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=per_step // micro,  # one generation per step
+        num_generations=GROUP_SIZE,
+        max_completion_length=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE,
+        top_p=1.0,
+        top_k=0,
+        repetition_penalty=1.0,
+        beta=0.0,
+        num_iterations=1,
+        loss_type="dapo",
+        scale_rewards="group",
+        mask_truncated_completions=False,
+        reward_weights=[config.reward.weights[n] for n in names],
+        multi_objective_aggregation="sum_then_normalize",
+        disable_dropout=True,
+        shuffle_dataset=True,
     )
     args = GRPOConfig(**grpo)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.999), weight_decay=0.0)
@@ -254,19 +293,34 @@ def trl_run(spec: dict) -> None:
             self.eval_s += time.perf_counter() - now
             print(json.dumps({"trl_eval": curve[-1]}), flush=True)
 
-    dataset = Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(
-        train_table.column("prompt").to_pylist(), train_table.column("answer").to_pylist())])
+    dataset = Dataset.from_list(
+        [
+            {"prompt": p, "answer": a}
+            for p, a in zip(train_table.column("prompt").to_pylist(), train_table.column("answer").to_pylist())
+        ]
+    )
     trainer = GRPOTrainer(
-        model=model, reward_funcs=[reward_function(n) for n in names], args=args, train_dataset=dataset,
-        processing_class=tokenizer, callbacks=[GreedyEval()], optimizers=(optimizer, scheduler),
+        model=model,
+        reward_funcs=[reward_function(n) for n in names],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[GreedyEval()],
+        optimizers=(optimizer, scheduler),
     )
     torch.set_num_threads(spec["threads"])
     trainer.train()
-    Path(spec["out"]).write_text(json.dumps({
-        "curve": curve, "steps": trainer.state.global_step, "position_ids_filled": filled[0],
-        "grpo_config": {k: v for k, v in grpo.items() if k != "output_dir"},
-        "trl_log": trainer.state.log_history,
-    }))
+    Path(spec["out"]).write_text(
+        json.dumps(
+            {
+                "curve": curve,
+                "steps": trainer.state.global_step,
+                "position_ids_filled": filled[0],
+                "grpo_config": {k: v for k, v in grpo.items() if k != "output_dir"},
+                "trl_log": trainer.state.log_history,
+            }
+        )
+    )
 
 
 def positions_hook(module, args, kwargs):
@@ -281,22 +335,39 @@ def positions_hook(module, args, kwargs):
 def run_trl(args: argparse.Namespace, reward: str, lr: float, seed: int, workdir: Path) -> dict:
     name = f"trl_{reward}_lr{lr:g}_seed{seed}"
     spec = {
-        "overrides": common_overrides(args, reward, lr), "seed": seed, "lr": lr, "threads": args.threads,
-        "prompts_per_step": args.prompts_per_step, "max_steps": args.max_steps, "eval_every": args.eval_every,
-        "stock_positions": args.trl_stock_positions, "workdir": str(workdir / name),
+        "overrides": common_overrides(args, reward, lr),
+        "seed": seed,
+        "lr": lr,
+        "threads": args.threads,
+        "prompts_per_step": args.prompts_per_step,
+        "max_steps": args.max_steps,
+        "eval_every": args.eval_every,
+        "stock_positions": args.trl_stock_positions,
+        "workdir": str(workdir / name),
         "out": str(workdir / f"{name}.json"),
     }
     log = workdir / f"{name}.log"
     start = time.time()
     with open(log, "w") as handle:
-        done = subprocess.run([sys.executable, __file__, "--trl-run", json.dumps(spec)], stdout=handle,
-                              stderr=subprocess.STDOUT, env={**os.environ, "HOME": str(workdir)})
+        done = subprocess.run(
+            [sys.executable, __file__, "--trl-run", json.dumps(spec)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HOME": str(workdir)},
+        )
     wall = time.time() - start
     if done.returncode:
         raise SystemExit(f"TRL run failed ({done.returncode}), log {log}:\n" + tail(log))
     result = json.loads(Path(spec["out"]).read_text())
-    return {"system": "trl", "reward": reward, "lr": lr, "seed": seed, "wall_s": wall,
-            "samples_per_step": args.prompts_per_step * GROUP_SIZE, **result}
+    return {
+        "system": "trl",
+        "reward": reward,
+        "lr": lr,
+        "seed": seed,
+        "wall_s": wall,
+        "samples_per_step": args.prompts_per_step * GROUP_SIZE,
+        **result,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -340,8 +411,10 @@ def table(results: list[dict], target: float) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["reward"], r["system"], r["lr"]), []).append(r)
-    head = (f"| reward | system | lr | seeds | time to {target} (s) | samples to {target} | completions/s "
-            "| final eval exact match | best lr |")
+    head = (
+        f"| reward | system | lr | seeds | time to {target} (s) | samples to {target} | completions/s "
+        "| final eval exact match | best lr |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     best: dict[tuple, tuple] = {}
     for reward, system in dict.fromkeys((k[0], k[1]) for k in groups):
@@ -352,12 +425,23 @@ def table(results: list[dict], target: float) -> str:
             s = [r["summary"] for r in runs]
             reached = [x for x in s if x["reached"]]
             n = f"{len(reached)}/{len(s)} reached"
-            lines.append("| " + " | ".join([
-                reward, system, f"{lr:g}", f"{len(s)} ({n})",
-                mean_sd([x["time_s"] for x in reached]), mean_sd([x["samples"] for x in reached], "{:,.0f}"),
-                mean_sd([x["completions_per_s"] for x in s if x["completions_per_s"]], "{:.0f}"),
-                mean_sd([x["final"] for x in s], "{:.3f}"), "**best**" if lr == best_lr else "",
-            ]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        reward,
+                        system,
+                        f"{lr:g}",
+                        f"{len(s)} ({n})",
+                        mean_sd([x["time_s"] for x in reached]),
+                        mean_sd([x["samples"] for x in reached], "{:,.0f}"),
+                        mean_sd([x["completions_per_s"] for x in s if x["completions_per_s"]], "{:.0f}"),
+                        mean_sd([x["final"] for x in s], "{:.3f}"),
+                        "**best**" if lr == best_lr else "",
+                    ]
+                )
+                + " |"
+            )
     lines.append("")
     for reward in dict.fromkeys(k[0] for k in best):
         if (reward, "tokenforge") not in best or (reward, "trl") not in best:
@@ -370,14 +454,18 @@ def table(results: list[dict], target: float) -> str:
         if tf_t and trl_t and statistics.mean(trl_t) > 0 and statistics.mean(trl_n) > 0:
             ratio = statistics.mean(tf_t) / statistics.mean(trl_t)
             samples = statistics.mean(tf_n) / statistics.mean(trl_n)
-            lines.append(f"reward {reward}: time to {target}, tokenforge (lr {tf_lr:g}) / TRL (lr {trl_lr:g}) = "
-                         f"{ratio:.2f} (samples to target: {samples:.2f}; means over the seeds that reached it: "
-                         f"{len(tf_t)}/{len(tf)} and {len(trl_t)}/{len(trl)})")
+            lines.append(
+                f"reward {reward}: time to {target}, tokenforge (lr {tf_lr:g}) / TRL (lr {trl_lr:g}) = "
+                f"{ratio:.2f} (samples to target: {samples:.2f}; means over the seeds that reached it: "
+                f"{len(tf_t)}/{len(tf)} and {len(trl_t)}/{len(trl)})"
+            )
         elif tf_t and trl_t:
             lines.append(f"reward {reward}: no ratio, TRL was at {target} already at step 0")
         else:
-            lines.append(f"reward {reward}: no ratio, the target was not reached by "
-                         + " and ".join(n for n, t in (("tokenforge", tf_t), ("TRL", trl_t)) if not t))
+            lines.append(
+                f"reward {reward}: no ratio, the target was not reached by "
+                + " and ".join(n for n, t in (("tokenforge", tf_t), ("TRL", trl_t)) if not t)
+            )
     return "\n".join(lines)
 
 
@@ -386,30 +474,46 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs-tokenforge", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3])
     parser.add_argument("--lrs-trl", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3])
-    parser.add_argument("--max-steps", type=int, default=300,
-                        help="optimizer steps per run (both; sets the lr schedule)")
-    parser.add_argument("--target", type=float,
-                        help="held-out greedy exact match to reach (default 0.80; --quick: 0.65)")
+    parser.add_argument(
+        "--max-steps", type=int, default=300, help="optimizer steps per run (both; sets the lr schedule)"
+    )
+    parser.add_argument(
+        "--target", type=float, help="held-out greedy exact match to reach (default 0.80; --quick: 0.65)"
+    )
     parser.add_argument("--eval-every", type=int, default=25, help="optimizer steps between evals")
     parser.add_argument("--eval-samples", type=int, default=200, help="the first N prompts of eval.jsonl")
-    parser.add_argument("--prompts-per-step", type=int, default=64,
-                        help=f"prompts per optimizer step (x {GROUP_SIZE} completions)")
-    parser.add_argument("--rewards", nargs="+", choices=list(REWARDS), default=["exact"],
-                        help="exact: exact_match only (the fair pair); "
-                        "default: tokenforge's default exact_match 1.0 + digit_match 0.5")
+    parser.add_argument(
+        "--prompts-per-step", type=int, default=64, help=f"prompts per optimizer step (x {GROUP_SIZE} completions)"
+    )
+    parser.add_argument(
+        "--rewards",
+        nargs="+",
+        choices=list(REWARDS),
+        default=["exact"],
+        help="exact: exact_match only (the fair pair); default: tokenforge's default exact_match 1.0 + digit_match 0.5",
+    )
     parser.add_argument("--systems", nargs="+", choices=["tokenforge", "trl"], default=["tokenforge", "trl"])
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads: TRL's process, tokenforge's learner and rollout worker")
-    parser.add_argument("--tokenforge-overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="extra config for every tokenforge run, e.g. trainer.max_staleness=1 algorithm.is_cap=2 "
-                        "learner.num_threads=1 rollout.num_threads=1")
-    parser.add_argument("--trl-stock-positions", action="store_true",
-                        help="no position_ids fix for TRL's training forward")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads: TRL's process, tokenforge's learner and rollout worker"
+    )
+    parser.add_argument(
+        "--tokenforge-overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config for every tokenforge run, e.g. trainer.max_staleness=1 algorithm.is_cap=2 "
+        "learner.num_threads=1 rollout.num_threads=1",
+    )
+    parser.add_argument(
+        "--trl-stock-positions", action="store_true", help="no position_ids fix for TRL's training forward"
+    )
     parser.add_argument("--json", type=Path, help="write every run (config, raw eval curves) here")
     parser.add_argument("--keep", type=Path, help="keep run directories and logs here (default: a temporary directory)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: 1 seed, 1 lr each, 6 steps of 8 prompts, eval every 3 steps "
-                        "on 50 prompts, target 0.65")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 1 seed, 1 lr each, 6 steps of 8 prompts, eval every 3 steps on 50 prompts, target 0.65",
+    )
     parser.add_argument("--trl-run", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_run:
@@ -428,7 +532,7 @@ def main() -> None:
         for reward in args.rewards:
             for seed in args.seeds:
                 for system in args.systems:
-                    for lr in (args.lrs_tokenforge if system == "tokenforge" else args.lrs_trl):
+                    for lr in args.lrs_tokenforge if system == "tokenforge" else args.lrs_trl:
                         run = (run_tokenforge if system == "tokenforge" else run_trl)(args, reward, lr, seed, workdir)
                         run["summary"] = summarize(run, args.target)
                         results.append(run)

@@ -48,11 +48,20 @@ def random_model(millions: int, directory: Path) -> int:
 
 
 def time_syncs(model_dir: Path, workers: int, method: str, reps: int, dtype: str) -> list[float]:
-    config = with_builtin_defaults(load_config(overrides=[
-        f"model.path={model_dir}", f"model.dtype={dtype}", f"rollout.num_workers={workers}",
-        f"rollout.weight_sync={method}", "rollout.num_cpus_per_worker=0.1", "learner.num_cpus=0.1",
-        "reward.num_cpus_per_worker=0.1", "learner.num_gpus=0",
-    ]))
+    config = with_builtin_defaults(
+        load_config(
+            overrides=[
+                f"model.path={model_dir}",
+                f"model.dtype={dtype}",
+                f"rollout.num_workers={workers}",
+                f"rollout.weight_sync={method}",
+                "rollout.num_cpus_per_worker=0.1",
+                "learner.num_cpus=0.1",
+                "reward.num_cpus_per_worker=0.1",
+                "learner.num_gpus=0",
+            ]
+        )
+    )
     with Pipeline(decide_learner_gpus(config), run_id=f"bench-{workers}-{method}-{time.time_ns() % 10**6}") as pipeline:
         pipeline.rollout.get([a.__ray_ready__.remote() for a in pipeline.rollout.actors])
         seconds = []
@@ -84,12 +93,18 @@ def main() -> None:
                 for workers in args.workers:
                     seconds = time_syncs(model_dir, workers, method, args.reps, args.dtype)
                     medians[workers] = statistics.median(seconds)
-                    print(f"{params / 1e6:.1f}M {method} {workers} workers: " + " ".join(f"{s:.3f}" for s in seconds), flush=True)
+                    print(
+                        f"{params / 1e6:.1f}M {method} {workers} workers: " + " ".join(f"{s:.3f}" for s in seconds),
+                        flush=True,
+                    )
                 rows.append((params, method, medians))
     ray.shutdown()
     low, high = min(args.workers), max(args.workers)
-    print(f"\n| parameters | weight_sync | " + " | ".join(f"{w} worker{'s' if w > 1 else ''}" for w in args.workers)
-          + f" | growth {low} -> {high} |")
+    print(
+        "\n| parameters | weight_sync | "
+        + " | ".join(f"{w} worker{'s' if w > 1 else ''}" for w in args.workers)
+        + f" | growth {low} -> {high} |"
+    )
     print("|---|---|" + "---|" * len(args.workers) + "---|")
     for params, method, medians in rows:
         cells = " | ".join(f"{medians[w] * 1000:.0f} ms" for w in args.workers)

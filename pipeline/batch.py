@@ -33,7 +33,10 @@ CORE_COLUMNS = frozenset(ROLLOUT_SCHEMA.names)
 # rollout dumps (pipeline/outputs/dumps.py) are the scored batch with these columns appended.
 LEARNED_SCHEMA = pa.schema(
     [
-        ("token_rewards", pa.list_(pa.float32())),  # r_t = sum_i w_i * norm_i(r_i)_t (- beta * KL_t), per response token
+        (
+            "token_rewards",
+            pa.list_(pa.float32()),
+        ),  # r_t = sum_i w_i * norm_i(r_i)_t (- beta * KL_t), per response token
         ("total_reward", pa.float64()),  # sum_t r_t
         ("advantages", pa.list_(pa.float32())),  # A_t of the advantage estimator, per response token
         ("response_tokens", pa.list_(pa.string())),  # each response token decoded on its own
@@ -57,7 +60,8 @@ def is_conversation(prompt: Any) -> bool:
 def metadata_columns(table: pa.Table) -> list[str]:
     """The dataset's own columns carried through (everything not core, learned or a reward), `prompt` included."""
     return [
-        n for n in table.column_names
+        n
+        for n in table.column_names
         if n not in CORE_COLUMNS and n not in LEARNED_SCHEMA.names and not n.startswith(REWARD_PREFIX)
     ]
 
@@ -71,7 +75,9 @@ def make_rollout_table(core: dict[str, list], metadata: pa.Table) -> pa.Table:
     return table
 
 
-def pad_right(rows: list[list], value: float = 0, dtype: torch.dtype = torch.float32, width: int | None = None) -> torch.Tensor:
+def pad_right(
+    rows: list[list], value: float = 0, dtype: torch.dtype = torch.float32, width: int | None = None
+) -> torch.Tensor:
     """Ragged rows -> (batch, width) tensor padded on the right with `value` (width: the longest row's by default)."""
     width = max((len(r) for r in rows), default=0) if width is None else width
     out = torch.full((len(rows), width), value, dtype=dtype)

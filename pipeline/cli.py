@@ -33,48 +33,81 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a policy (default: built-in addition task)")
     train.add_argument("-c", "--config", help="YAML config file")
-    train.add_argument("--resume", metavar="RUN", help="continue the run in RUN (output_dir or storage URI) from its latest checkpoint")
-    train.add_argument("--trust-run-config", action="store_true", help="allow the run's config to run remote model code or python rewards")
+    train.add_argument(
+        "--resume", metavar="RUN", help="continue the run in RUN (output_dir or storage URI) from its latest checkpoint"
+    )
+    train.add_argument(
+        "--trust-run-config",
+        action="store_true",
+        help="allow the run's config to run remote model code or python rewards",
+    )
     train.add_argument("--help-config", action="store_true", help="list every config key and exit")
     train.add_argument("--debug", action="store_true", help="show tracebacks")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
     evaluate = commands.add_parser("eval", help="print greedy eval metrics of a checkpoint")
-    evaluate.add_argument("checkpoint", help="a checkpoint (output_dir/checkpoints/step_N), a run (its newest checkpoint) or any HF model dir; local or a URI")
-    evaluate.add_argument("--trust-run-config", action="store_true", help="allow the run's config to run remote model code or python rewards")
-    evaluate.add_argument("--data", help="eval prompts (.jsonl/.parquet); default: the run's eval file or the built-in one")
+    evaluate.add_argument(
+        "checkpoint",
+        help="a checkpoint (output_dir/checkpoints/step_N), a run (its newest checkpoint) or any HF model dir; local or a URI",
+    )
+    evaluate.add_argument(
+        "--trust-run-config",
+        action="store_true",
+        help="allow the run's config to run remote model code or python rewards",
+    )
+    evaluate.add_argument(
+        "--data", help="eval prompts (.jsonl/.parquet); default: the run's eval file or the built-in one"
+    )
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object (for scripts)")
     evaluate.add_argument("--debug", action="store_true", help="show tracebacks")
-    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. trainer.eval_metrics=[exact_match])")
+    evaluate.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides (e.g. trainer.eval_metrics=[exact_match])"
+    )
 
     exporting = commands.add_parser("export", help="write a checkpoint as a plain HF model (merging a LoRA adapter)")
     exporting.add_argument("checkpoint", help="checkpoint directory (output_dir/checkpoints/step_N)")
     exporting.add_argument("out", help="directory to write the model and tokenizer to")
-    exporting.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base (else the adapter is written)")
+    exporting.add_argument(
+        "--merge", action="store_true", help="merge a LoRA adapter into its base (else the adapter is written)"
+    )
     exporting.add_argument("--debug", action="store_true", help="show tracebacks")
 
     tuning = commands.add_parser("tune", help="Ray Tune search over whole pipelines (see docs/tuning.md)")
     tuning.add_argument("spec", nargs="?", help="tune spec YAML (base config, search space, tune block)")
     tuning.add_argument("--resume", metavar="EXPERIMENT_DIR", help="continue an interrupted experiment")
-    tuning.add_argument("--trust-run-config", action="store_true", help="allow --resume to load the experiment's pickled Tune state (it runs code)")
+    tuning.add_argument(
+        "--trust-run-config",
+        action="store_true",
+        help="allow --resume to load the experiment's pickled Tune state (it runs code)",
+    )
     tuning.add_argument("--debug", action="store_true", help="show tracebacks")
-    tuning.add_argument("overrides", nargs="*", metavar="key=value", help="dotted spec overrides (e.g. tune.num_samples=4)")
+    tuning.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted spec overrides (e.g. tune.num_samples=4)"
+    )
 
     samples = commands.add_parser("samples", help="show a run's dumped completions with their token-level rewards")
     samples.add_argument("run", help="the run directory (output_dir) or storage URI")
     samples.add_argument("--step", type=int, help="the dump's step (default: the latest)")
     which = samples.add_mutually_exclusive_group()
-    which.add_argument("--worst", type=int, metavar="K", help="the K groups with the lowest mean reward (the default, K=5)")
+    which.add_argument(
+        "--worst", type=int, metavar="K", help="the K groups with the lowest mean reward (the default, K=5)"
+    )
     which.add_argument("--best", type=int, metavar="K", help="the K groups with the highest mean reward")
     which.add_argument("--group", type=int, metavar="G", help="the samples of group G")
     samples.add_argument("--eval", action="store_true", help="the eval dump's greedy samples instead of the rollouts")
     samples.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    reporting = commands.add_parser("report", help="plot a run's metrics (or a Tune experiment's trials) to report.png and report.md")
-    reporting.add_argument("run", help="a run directory (output_dir) or storage URI, or a tokenforge tune experiment directory")
+    reporting = commands.add_parser(
+        "report", help="plot a run's metrics (or a Tune experiment's trials) to report.png and report.md"
+    )
+    reporting.add_argument(
+        "run", help="a run directory (output_dir) or storage URI, or a tokenforge tune experiment directory"
+    )
     reporting.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    cluster = commands.add_parser("validate-cluster", help="check a cluster YAML: Ray's schema and tokenforge's security rules")
+    cluster = commands.add_parser(
+        "validate-cluster", help="check a cluster YAML: Ray's schema and tokenforge's security rules"
+    )
     cluster.add_argument("file", help="cluster YAML (e.g. cluster.yaml, cluster.local.yaml)")
     cluster.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -121,7 +154,9 @@ def run_train(args: argparse.Namespace) -> None:
         where = [f"storage.uri={location}"] if is_uri(location) else ["storage.uri=null", f"output_dir={location}"]
         run = Storage(location)
         if not run.exists("config.yaml"):
-            raise TokenforgeError(f"--resume: {run.display('config.yaml')!r} does not exist; is {args.resume!r} a tokenforge run?")
+            raise TokenforgeError(
+                f"--resume: {run.display('config.yaml')!r} does not exist; is {args.resume!r} a tokenforge run?"
+            )
         config = load_run_config(run, [*args.overrides, *where], args.trust_run_config)
     else:
         config = load_config(args.config, args.overrides)
@@ -143,14 +178,16 @@ def run_samples(args: argparse.Namespace) -> None:
 
 
 def run_report(args: argparse.Namespace) -> None:
+    from pipeline.outputs.experiment_files import SPEC_FILE
     from pipeline.outputs.next_steps import after_report
     from pipeline.outputs.report import write_report
     from pipeline.run_paths import is_uri, resolve_existing
-    from pipeline.outputs.experiment_files import SPEC_FILE
 
     location = resolve_existing(args.run)
     if not is_uri(location) and not Path(location).is_dir():
-        raise TokenforgeError(f"run directory {args.run!r} does not exist; pass a run's output_dir or storage URI, or a tune experiment")
+        raise TokenforgeError(
+            f"run directory {args.run!r} does not exist; pass a run's output_dir or storage URI, or a tune experiment"
+        )
     target = write_report(location)
     print(after_report(target, target.exists(SPEC_FILE)))
 

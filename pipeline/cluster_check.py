@@ -50,7 +50,9 @@ def validate_cluster(path: str | Path) -> list[str]:
     if not isinstance(config, dict) or "provider" not in config:
         raise ClusterConfigError(f"{path}: a Ray cluster config is a mapping with a `provider` section")
     provider = config["provider"].get("type")
-    if provider == "kuberay":  # KubeRay makes the nodes from a RayCluster resource; Ray's launcher schema does not apply
+    if (
+        provider == "kuberay"
+    ):  # KubeRay makes the nodes from a RayCluster resource; Ray's launcher schema does not apply
         schema = "Ray schema: NOT CHECKED: provider kuberay is not a `ray up` file (KubeRay starts the nodes)"
     else:
         check_with_ray(path, config)
@@ -116,13 +118,13 @@ def check_token_auth(path: Path, command: str) -> None:
 
 NOT_CHECKED = {  # providers whose firewall is not in the cluster file: where it is instead
     "local": "provider local has no security group; Ray's GCS, raylet and agent ports listen on the network, "
-             "guarded only by token auth: firewall them to the cluster's machines (docs/cluster.md, \"Ports\")",
+    'guarded only by token auth: firewall them to the cluster\'s machines (docs/cluster.md, "Ports")',
     "gcp": "provider gcp: the firewall is the VPC network's firewall rules, not in this file "
-           "(`gcloud compute firewall-rules list`): allow SSH (22) only from outside the cluster",
+    "(`gcloud compute firewall-rules list`): allow SSH (22) only from outside the cluster",
     "azure": "provider azure: the network security group comes from Ray's template or your resource group, not from "
-             "this file (`az network nsg rule list`): allow SSH (22) only from outside the cluster",
+    "this file (`az network nsg rule list`): allow SSH (22) only from outside the cluster",
     "kuberay": "provider kuberay: reachability is set by Kubernetes Services and NetworkPolicies, not by this file: "
-               "expose no Ray port outside the cluster",
+    "expose no Ray port outside the cluster",
 }
 
 
@@ -131,8 +133,10 @@ def check_open_ports(path: Path, config: dict) -> str:
     open to the whole internet and a plain NOT CHECKED for every firewall this file does not hold."""
     provider = config["provider"].get("type")
     if provider != "aws":
-        reason = NOT_CHECKED.get(provider, f"provider {provider}: its firewall is not in this file; allow SSH (22) only "
-                                           "from outside the cluster")
+        reason = NOT_CHECKED.get(
+            provider,
+            f"provider {provider}: its firewall is not in this file; allow SSH (22) only from outside the cluster",
+        )
         return f"open ports: NOT CHECKED: {reason}"
     group = config["provider"].get("security_group") or {}
     world = False
@@ -167,8 +171,10 @@ def check_open_ports(path: Path, config: dict) -> str:
         line += "; WARNING: SSH is open to the whole internet (0.0.0.0/0): restrict CidrIp to your address range"
     if named:
         listed = "; ".join(f"{name}: {', '.join(ids)}" for name, ids in named.items())
-        line += (f"; NOT CHECKED: node types with their own security groups ({listed}): their rules are in AWS, not in "
-                 "this file (`aws ec2 describe-security-groups --group-ids ...`): they must open SSH (22) only")
+        line += (
+            f"; NOT CHECKED: node types with their own security groups ({listed}): their rules are in AWS, not in "
+            "this file (`aws ec2 describe-security-groups --group-ids ...`): they must open SSH (22) only"
+        )
     return line
 
 
@@ -185,7 +191,9 @@ def check_local_nodes(path: Path, config: dict) -> None:
         )
     twice = sorted({ip for ip in workers if workers.count(ip) > 1})
     if twice:
-        raise ClusterConfigError(f"{path}: provider.worker_ips lists {', '.join(twice)} more than once; list each machine once")
+        raise ClusterConfigError(
+            f"{path}: provider.worker_ips lists {', '.join(twice)} more than once; list each machine once"
+        )
 
 
 # The ports of a Ray node, each a setting of the start commands (docs/cluster.md, "Ports"): flag -> what listens.
@@ -234,7 +242,7 @@ def check_port_settings(path: Path, head: list[str], workers: list[str]) -> str:
                 raise ClusterConfigError(
                     f"{path}: `ray start` in {where} leaves --metrics-export-port unset: Ray then serves its metrics "
                     "without a token on a random port no firewall rule can name; add --metrics-export-port=8090 "
-                    "(docs/cluster.md, \"Ports\")"
+                    '(docs/cluster.md, "Ports")'
                 )
             single = {name: port for name, port in settings.items() if name not in WORKER_RANGE}
             if role == "head":
@@ -251,7 +259,9 @@ def check_port_settings(path: Path, head: list[str], workers: list[str]) -> str:
                 by_port.setdefault(port, []).append(name)
             for port, names in by_port.items():
                 if len(names) > 1:
-                    raise ClusterConfigError(f"{path}: {where} gives port {port} to {' and '.join(names)}; give each its own port")
+                    raise ClusterConfigError(
+                        f"{path}: {where} gives port {port} to {' and '.join(names)}; give each its own port"
+                    )
             low, high = settings.get("--min-worker-port", 10002), settings.get("--max-worker-port", 19999)
             for name, port in single.items():
                 if low <= port <= high:
@@ -270,7 +280,10 @@ def check_token_private(path: Path, config: dict) -> list[str]:
     """Every auth token that file_mounts copies is chmod'ed private by the head's and the workers' setup."""
     tokens = [remote for remote in (config.get("file_mounts") or {}) if "auth_token" in remote]
     common = config.get("setup_commands") or []
-    roles = {"head": common + (config.get("head_setup_commands") or []), "worker": common + (config.get("worker_setup_commands") or [])}
+    roles = {
+        "head": common + (config.get("head_setup_commands") or []),
+        "worker": common + (config.get("worker_setup_commands") or []),
+    }
     for token in tokens:
         pattern = re.compile(rf"chmod\s+{PRIVATE_MODES}\s+{re.escape(token)}(?:\s|;|&|$)")
         for role, commands in roles.items():
@@ -284,7 +297,9 @@ def check_token_private(path: Path, config: dict) -> list[str]:
 
 def check_checkout_excludes(path: Path, config: dict) -> None:
     """A mount of the checkout itself must not copy the local venv and git history to every node."""
-    checkout = [remote for remote, local in (config.get("file_mounts") or {}).items() if str(local).rstrip("/") in (".", "")]
+    checkout = [
+        remote for remote, local in (config.get("file_mounts") or {}).items() if str(local).rstrip("/") in (".", "")
+    ]
     if not checkout or config.get("rsync_filter"):
         return
     excluded = {str(p).strip("/").removeprefix("**/").removesuffix("/**") for p in config.get("rsync_exclude") or []}

@@ -23,7 +23,13 @@ from pipeline.algorithm.loss import AGGREGATIONS, LOSSES
 from pipeline.errors import ConfigError
 from pipeline.storage import credentials_error
 
-BUILTIN_TASKS = ("addition", "words", "reverse", "summarize", "chat_addition")  # made by scripts/make_task_data.py and make_task_model.py
+BUILTIN_TASKS = (
+    "addition",
+    "words",
+    "reverse",
+    "summarize",
+    "chat_addition",
+)  # made by scripts/make_task_data.py and make_task_model.py
 
 
 def one_of(what: str, known: Iterable[str]) -> AfterValidator:
@@ -96,6 +102,7 @@ class DataConfig(Section):
     def evaluates(self) -> bool:
         """Whether the run has held-out prompts (see eval_file)."""
         return self.eval_file is not None and not (self.eval_file == "auto" and self.train_file is not None)
+
     shuffle: bool = True
     """Reshuffle the training prompts every epoch (seeded)."""
     max_eval_samples: int | None = Field(None, ge=1)
@@ -131,7 +138,6 @@ class TrainerConfig(Section):
     """Longest wait for one actor call before the run stops with an error naming the actor."""
     max_staleness: int = Field(0, ge=0)
     """0: each step's rollouts use the weights of the step before (synchronous); k >= 1: the rollouts of the next k steps are generated while the learner updates, from weights up to k versions old (corrected by algorithm.is_cap)."""
-
 
     @model_validator(mode="after")
     def keep_jsonl(self) -> TrainerConfig:
@@ -187,7 +193,9 @@ class RolloutConfig(Section):
     """Custom Ray resources per rollout worker, e.g. {rollout_node: 1} to place workers on nodes that advertise it."""
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads in each rollout worker; null = its Ray CPUs (rollout.num_cpus_per_worker, at least 1)."""
-    weight_sync: Annotated[Literal["object_store", "collective"], BeforeValidator(lambda v: "object_store" if v is None else v)] = "object_store"
+    weight_sync: Annotated[
+        Literal["object_store", "collective"], BeforeValidator(lambda v: "object_store" if v is None else v)
+    ] = "object_store"
     """How each new policy version reaches the rollout workers: one object in Ray's object store, mapped without a copy by every worker of a node (the default; docs/performance.md compares the two); or a broadcast from the learner over a ray.util.collective group (gloo on CPU, NCCL between GPUs: needs cupy; HF backend only), one message per worker. null = object_store."""
     backend: Literal["hf", "vllm"] = "hf"
     """Generation engine: hf (transformers with a KV-cache loop; the default, best for CPU and tiny models) or vllm (pip install 'tokenforge[vllm]'; docs/models.md). Same samples contract, different random draws for the same seed."""
@@ -203,7 +211,9 @@ class RolloutConfig(Section):
                 f"config key 'rollout.top_p': {self.top_p:g} with rollout.backend=vllm: vLLM reports log-probs renormalised "
                 "over the nucleus, not the tempered softmax the learner recomputes; use top_p=1 or rollout.backend=hf"
             )
-        if self.weight_sync == "collective":  # not with vLLM yet: its in-process engine sets up torch.distributed itself
+        if (
+            self.weight_sync == "collective"
+        ):  # not with vLLM yet: its in-process engine sets up torch.distributed itself
             raise ConfigError(
                 "config key 'rollout.weight_sync': collective is not supported with rollout.backend=vllm yet "
                 "(the engine in the rollout worker initialises torch.distributed itself); use object_store"
@@ -489,8 +499,16 @@ def config_from_yaml(text: str, source: str, overrides: list[str] = ()) -> Train
 # needs trust: vLLM has arguments that load code (trust_remote_code, worker_cls, worker_extension_cls,
 # logits_processors, kv_transfer_config's connector module, ...), and tokenforge passes them on unread.
 PLAIN_ENGINE_KWARGS = {
-    "quantization", "kv_cache_dtype", "block_size", "max_num_batched_tokens", "enable_chunked_prefill", "swap_space",
-    "cpu_offload_gb", "max_logprobs", "disable_log_stats", "seed",
+    "quantization",
+    "kv_cache_dtype",
+    "block_size",
+    "max_num_batched_tokens",
+    "enable_chunked_prefill",
+    "swap_space",
+    "cpu_offload_gb",
+    "max_logprobs",
+    "disable_log_stats",
+    "seed",
 }
 
 
@@ -527,7 +545,9 @@ def validate_config(data: dict) -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as error:
-        raise first_error(error, "config key", unknown="unknown config key (see `tokenforge train --help-config`)") from None
+        raise first_error(
+            error, "config key", unknown="unknown config key (see `tokenforge train --help-config`)"
+        ) from None
 
 
 def config_to_yaml(config: TrainConfig) -> str:

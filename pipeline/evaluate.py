@@ -58,7 +58,9 @@ def locate(path: str) -> tuple[Storage | None, Storage | None, str | None]:
         if not (parent / RUN_CONFIG).is_file():
             return None, None, path
         if not (Path(path) / store.MANIFEST).is_file():
-            raise TokenforgeError(f"{path!r} is not a published checkpoint of its run (no {store.MANIFEST}: a save cut short)")
+            raise TokenforgeError(
+                f"{path!r} is not a published checkpoint of its run (no {store.MANIFEST}: a save cut short)"
+            )
         return Storage(str(parent)), None, path
     location = Storage(path)
     if location.exists(store.MANIFEST):  # a checkpoint at a URI: .../checkpoints/step_N
@@ -107,9 +109,13 @@ def evaluate_checkpoint(
         else:
             manifest = store.read_manifest(holder, directory)
             if manifest is None:
-                raise TokenforgeError(f"{holder.display(directory)!r} is not a published checkpoint (no valid manifest)")
+                raise TokenforgeError(
+                    f"{holder.display(directory)!r} is not a published checkpoint (no valid manifest)"
+                )
             checkpoint = holder.download_dir(directory, Path(scratch) / "checkpoint", manifest)
-        model_dir = export(checkpoint, Path(scratch) / "merged", merge=True) if is_adapter_dir(checkpoint) else checkpoint
+        model_dir = (
+            export(checkpoint, Path(scratch) / "merged", merge=True) if is_adapter_dir(checkpoint) else checkpoint
+        )
         config.model.path = str(model_dir)
         _, eval_prompts = load_inputs(config)
         if run is None and not data_file and config.data.eval_file == str(builtin_paths(config.task)[2]):

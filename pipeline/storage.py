@@ -69,8 +69,17 @@ def credentials_error(uri: str) -> str | None:
     return f"the URI {shown!r} holds credentials (user:secret@), which would be printed and stored with the run; {CREDENTIALS_HELP}"
 
 
-TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
-                    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN}
+TRANSIENT_ERRNOS = {
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.EPIPE,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ENETDOWN,
+    errno.EAGAIN,
+}
 # pyarrow's S3 errors carry the AWS error name, the HTTP status and curl's reason as text (no errno)
 TRANSIENT_TEXT = re.compile(
     r"timed? ?out|timeout|connection (reset|refused|aborted|closed)|broken pipe|couldn't connect|network_connection"
@@ -92,8 +101,12 @@ def storage_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except OSError as error:
-        reason = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
-                  errno.EROFS: "read-only file system"}.get(error.errno, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        reason = {
+            errno.ENOSPC: "no space left",
+            errno.EDQUOT: "disk quota exceeded",
+            errno.EACCES: "permission denied",
+            errno.EROFS: "read-only file system",
+        }.get(error.errno, str(error).splitlines()[0] if str(error) else type(error).__name__)
         kind = TransientStorageError if is_transient(error) else TokenforgeError
         raise kind(f"storage {uri!r}: {reason} (storage.uri / output_dir)") from None
 
@@ -188,7 +201,9 @@ class Storage:
             if staged:
                 self.fs.move(path, target)
         except BaseException:
-            with suppress(Exception):  # already gone, or the storage is what failed: the first error is the one to report
+            with suppress(
+                Exception
+            ):  # already gone, or the storage is what failed: the first error is the one to report
                 self.fs.delete_file(path)
             raise
 
@@ -214,7 +229,9 @@ class Storage:
         with storage_errors(self.display(directory)):
             infos = self.fs.get_file_info([self.path(f"{directory}/{name}") for name in files])
         return [
-            name for name, info in zip(files, infos) if info.type != pafs.FileType.File or info.size != files[name]["size"]
+            name
+            for name, info in zip(files, infos)
+            if info.type != pafs.FileType.File or info.size != files[name]["size"]
         ]
 
     def list_dir(self, relative: str) -> list[str]:
@@ -265,10 +282,14 @@ class Storage:
         local.mkdir(parents=True, exist_ok=True)
         names = manifest["files"] if manifest else [n for n in self.list_dir(relative) if n != MANIFEST]
         for name in names:
-            (local / name).parent.mkdir(parents=True, exist_ok=True)  # sharded and adapter checkpoints have subdirectories
+            (local / name).parent.mkdir(
+                parents=True, exist_ok=True
+            )  # sharded and adapter checkpoints have subdirectories
             (local / name).write_bytes(self.read_bytes(f"{relative}/{name}"))
             if manifest and sha256_file(local / name) != manifest["files"][name]["sha256"]:
-                raise TokenforgeError(f"checkpoint {self.display(relative)!r}: {name} does not match its manifest (sha256)")
+                raise TokenforgeError(
+                    f"checkpoint {self.display(relative)!r}: {name} does not match its manifest (sha256)"
+                )
         return local
 
 
@@ -334,7 +355,12 @@ def name_outside(storage: Storage, directory: str, names: Iterable[str]) -> str 
     parents = {str(parent) for name in names for parent in PurePosixPath(name).parents}
     base = os.path.realpath(storage.path(directory)) if storage.local else None
     for name in names:
-        if name.startswith("/") or "\0" in name or name in parents or any(part in ("", ".", "..") for part in name.split("/")):
+        if (
+            name.startswith("/")
+            or "\0" in name
+            or name in parents
+            or any(part in ("", ".", "..") for part in name.split("/"))
+        ):
             return name
         if base is not None and not os.path.realpath(storage.path(f"{directory}/{name}")).startswith(base + os.sep):
             return name
@@ -380,8 +406,10 @@ def resumable_checkpoint(storage: Storage, warn: Callable[[str], None]) -> tuple
         corrupt = corrupt_file(storage, directory, manifest)
         if corrupt is None:
             return directory, manifest
-        warn(f"checkpoint {storage.display(directory)!r} is corrupt: {corrupt} does not match its manifest (sha256); "
-             "deleting it and resuming from the checkpoint before")
+        warn(
+            f"checkpoint {storage.display(directory)!r} is corrupt: {corrupt} does not match its manifest (sha256); "
+            "deleting it and resuming from the checkpoint before"
+        )
         delete_checkpoint(storage, step)
     return None
 

@@ -61,16 +61,23 @@ def busy_ports(command: list[str]) -> list[str]:
             continue
         what = PORT_FLAGS.get(name) or PORT_VARIABLES[name]
         setting = f"{name}=" if name.startswith("--") else f"{name}= (exported before ray start)"
-        problems.append(f"check_ports: port {port} ({what}) is in use on {socket.gethostname()}; "
-                        f"choose a free port for {setting} in the cluster file's {role}")
+        problems.append(
+            f"check_ports: port {port} ({what}) is in use on {socket.gethostname()}; "
+            f"choose a free port for {setting} in the cluster file's {role}"
+        )
     if settings.keys() & set(WORKER_RANGE):
         low, high = settings.get("--min-worker-port", 10002), settings.get("--max-worker-port", 19999)
         taken = [port for port in range(low, high + 1) if not is_free(port)]
         if len(taken) == high - low + 1:
-            problems.append(f"check_ports: every worker port {low}-{high} is in use on {socket.gethostname()}; "
-                            f"choose another range for --min-worker-port/--max-worker-port in the cluster file's {role}")
+            problems.append(
+                f"check_ports: every worker port {low}-{high} is in use on {socket.gethostname()}; "
+                f"choose another range for --min-worker-port/--max-worker-port in the cluster file's {role}"
+            )
         elif taken:
-            print(f"check_ports: {len(taken)} of the worker ports {low}-{high} are in use; Ray skips them", file=sys.stderr)
+            print(
+                f"check_ports: {len(taken)} of the worker ports {low}-{high} are in use; Ray skips them",
+                file=sys.stderr,
+            )
     return problems
 
 

@@ -23,9 +23,12 @@ def own_cluster_address() -> str:
     """The GCS address `ray start --head` wrote into this user's Ray temp dir; exit 2 with one line if none."""
     address_file = Path(os.environ.get("RAY_TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
     if not os.environ.get("RAY_TMPDIR") or not address_file.is_file():
-        print(f"cluster_entry: no Ray head started by this user on this node ({address_file} is missing; RAY_TMPDIR="
-              f"{os.environ.get('RAY_TMPDIR', '')!r}): start the cluster with `ray up` and this checkout's cluster file "
-              "(scripts/setup_node.sh sets RAY_TMPDIR in ~/.bashrc)", file=sys.stderr)
+        print(
+            f"cluster_entry: no Ray head started by this user on this node ({address_file} is missing; RAY_TMPDIR="
+            f"{os.environ.get('RAY_TMPDIR', '')!r}): start the cluster with `ray up` and this checkout's cluster file "
+            "(scripts/setup_node.sh sets RAY_TMPDIR in ~/.bashrc)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     return address_file.read_text().strip()
 

@@ -22,7 +22,28 @@ import json
 import random
 from pathlib import Path
 
-ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
 TENS = ["_", "_", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
 
@@ -85,9 +106,18 @@ def reverse_rows() -> tuple[list[dict], int]:
 NAMES = ["ann", "bob", "cy", "dan", "eve", "fay", "gus", "hal", "ida", "jo", "kim", "lou", "max", "ned", "ola", "pam"]
 THINGS = ["cats", "dogs", "pens", "cups", "hats", "keys", "maps", "eggs", "bags", "kites"]
 DISTRACTORS = [
-    "it was a sunny day.", "the room was quiet.", "nobody said a word.", "the bus was late.",
-    "rain fell all night.", "the tea was cold.", "a bell rang twice.", "the shop was shut.",
-    "we sat by the door.", "the wind was strong.", "it got dark early.", "the lamp was on.",
+    "it was a sunny day.",
+    "the room was quiet.",
+    "nobody said a word.",
+    "the bus was late.",
+    "rain fell all night.",
+    "the tea was cold.",
+    "a bell rang twice.",
+    "the shop was shut.",
+    "we sat by the door.",
+    "the wind was strong.",
+    "it got dark early.",
+    "the lamp was on.",
 ]
 
 

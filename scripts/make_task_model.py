@@ -85,7 +85,9 @@ def rouge_l(completions: list[str], rows: list[dict]) -> float:
 
 def char_accuracy(completions: list[str], rows: list[dict]) -> float:
     """Characters in their place / answer length (reported beside exact match for long answers)."""
-    return sum(sum(a == b for a, b in zip(c, r["answer"])) / len(r["answer"]) for c, r in zip(completions, rows)) / len(rows)
+    return sum(sum(a == b for a, b in zip(c, r["answer"])) / len(r["answer"]) for c, r in zip(completions, rows)) / len(
+        rows
+    )
 
 
 # Plain English for the BPE trainer besides the task's conversations, so that not every merge is digits.
@@ -152,26 +154,56 @@ def char_task(alphabet: str, n_positions: int, n_embd: int = 128, n_layer: int =
 
 TASKS = {
     "addition": char_task(
-        "0123456789+=", 32, max_new_tokens=5, target=0.55, eval_every=25, lr=2e-3, draw_batch=balanced_by_shape,
+        "0123456789+=",
+        32,
+        max_new_tokens=5,
+        target=0.55,
+        eval_every=25,
+        lr=2e-3,
+        draw_batch=balanced_by_shape,
         metric=exact_match,
     ),
     "words": char_task(
-        "0123456789= -abcdefghijklmnopqrstuvwxyz", 48, max_new_tokens=32, target=0.55, eval_every=5, lr=2e-3,
-        draw_batch=uniform, metric=chrf,
+        "0123456789= -abcdefghijklmnopqrstuvwxyz",
+        48,
+        max_new_tokens=32,
+        target=0.55,
+        eval_every=5,
+        lr=2e-3,
+        draw_batch=uniform,
+        metric=chrf,
     ),
     # long answers (10-20 letters): stop while most characters are right but few whole answers are.
     # 0.16M parameters (n_embd 64, 3 layers): learns reversal in ~1,000 steps, and RL steps stay cheap
     "reverse": char_task(
-        "abcdefghijklmnopqrstuvwxyz=", 48, n_embd=64, n_layer=3, max_new_tokens=24, target=0.15, eval_every=50, lr=3e-3,
-        draw_batch=uniform, metric=exact_match, also_report=char_accuracy,
+        "abcdefghijklmnopqrstuvwxyz=",
+        48,
+        n_embd=64,
+        n_layer=3,
+        max_new_tokens=24,
+        target=0.15,
+        eval_every=50,
+        lr=3e-3,
+        draw_batch=uniform,
+        metric=exact_match,
+        also_report=char_accuracy,
     ),
     # ROUGE-L sits near 0.70 for ~1,600 steps while the model writes the commonest number for every fact
     # (6% of numbers right), then copying numbers is learned in a jump (0.72 -> 0.84 -> 0.93 -> 0.975,
     # exact match 0.09 -> 0.35 -> 0.65 -> 0.86, steps 1,600-1,800 with --threads 1). RL did not improve
     # warm starts stopped before or in the jump (0.63, 0.84: docs/credit.md); after it, it does.
     "summarize": char_task(
-        "abcdefghijklmnopqrstuvwxyz0123456789 .,=", 192, n_embd=64, n_layer=3, max_new_tokens=48, target=0.93, eval_every=50, lr=2e-3,
-        draw_batch=uniform, metric=rouge_l, also_report=exact_match,
+        "abcdefghijklmnopqrstuvwxyz0123456789 .,=",
+        192,
+        n_embd=64,
+        n_layer=3,
+        max_new_tokens=48,
+        target=0.93,
+        eval_every=50,
+        lr=2e-3,
+        draw_batch=uniform,
+        metric=rouge_l,
+        also_report=exact_match,
     ),
     "chat-addition": Task(
         make_tokenizer=chat_tokenizer,
@@ -242,7 +274,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     save_tokenizer(task, tokenizer, out)
-    worker = RolloutWorker(load_config(overrides=[f"rollout.max_new_tokens={task.max_new_tokens}", f"rollout.num_threads={args.threads}"]), str(out))
+    worker = RolloutWorker(
+        load_config(overrides=[f"rollout.max_new_tokens={task.max_new_tokens}", f"rollout.num_threads={args.threads}"]),
+        str(out),
+    )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr or task.lr)
     for step in range(1, args.max_steps + 1):
@@ -265,8 +300,15 @@ def main() -> None:
             completions = greedy_completions(worker, model, evaluation)
             score = task.metric(completions, evaluation)
             model.train()
-            extra = f" {task.also_report.__name__} {task.also_report(completions, evaluation):.3f}" if task.also_report else ""
-            print(f"step {step} loss {loss.item():.3f} eval {task.metric.__name__} {score:.3f}{extra} ({time.time() - start:.0f}s)", flush=True)
+            extra = (
+                f" {task.also_report.__name__} {task.also_report(completions, evaluation):.3f}"
+                if task.also_report
+                else ""
+            )
+            print(
+                f"step {step} loss {loss.item():.3f} eval {task.metric.__name__} {score:.3f}{extra} ({time.time() - start:.0f}s)",
+                flush=True,
+            )
             if score >= target:
                 break
     model.save_pretrained(out)

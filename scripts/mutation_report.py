@@ -13,7 +13,17 @@ import pathlib
 import subprocess
 import sys
 
-STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout"}
+STATUS = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    5: "no tests",
+    33: "no tests",
+    36: "timeout",
+    24: "timeout",
+    -24: "timeout",
+    152: "timeout",
+}
 IMPORT_TIME = ("x_register_estimator", "x_register_loss", "x_register_component")
 
 venv, test_files, patterns = pathlib.Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3:]

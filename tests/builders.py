@@ -15,8 +15,18 @@ def component(type_name: str, env=None, **options) -> RewardComponent:
     return cls(cls.Options(**options), env)
 
 
-def rollout_table(prompt_ids, response_ids, responses, metadata: pa.Table, *, prompt_texts, group_ids=None,
-                  finished=None, behaviour=None, versions=None) -> pa.Table:
+def rollout_table(
+    prompt_ids,
+    response_ids,
+    responses,
+    metadata: pa.Table,
+    *,
+    prompt_texts,
+    group_ids=None,
+    finished=None,
+    behaviour=None,
+    versions=None,
+) -> pa.Table:
     """A hand-made rollout batch of these responses (one row each) with the dataset's columns `metadata`. By default
     one group, every sample finished, behaviour log-probs of -1, sampled by policy version 0."""
     n = len(response_ids)
@@ -40,8 +50,16 @@ def llama_classifier(path, tokenizer):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = LlamaForSequenceClassification(config).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

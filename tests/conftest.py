@@ -27,7 +27,11 @@ os.environ.pop("RAY_ADDRESS", None)
 # As in an activated venv: `tokenforge` on PATH is this installation's, so the commands a run prints read `tokenforge
 # ...` (tests/test_cli_messages.py's new user runs without it, as the README's commands do)
 os.environ["PATH"] = sysconfig.get_path("scripts") + os.pathsep + os.environ.get("PATH", "")
-for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+for key, value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}.items():
     os.environ.setdefault(key, value)  # the local moto S3 server of the storage tests (Ray's workers inherit them)
 
 

@@ -78,7 +78,12 @@ def can_mask() -> bool:
 
 class LocalCluster:
     def __init__(self, extra_env: dict[str, str] | None = None):
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **(extra_env or {})}
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            **(extra_env or {}),
+        }
         self.env.pop("RAY_ADDRESS", None)
         gcs, self.dashboard, self.client = free_ports(3)
         self.gcs = f"127.0.0.1:{gcs}"
@@ -86,8 +91,18 @@ class LocalCluster:
 
     def start_head(self, cpus: float, resources: str = "{}") -> str:
         return self._start(
-            ["--head", f"--port={self.gcs.split(':')[1]}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
-             f"--ray-client-server-port={self.client}"], cpus, resources, 0, None)
+            [
+                "--head",
+                f"--port={self.gcs.split(':')[1]}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard}",
+                f"--ray-client-server-port={self.client}",
+            ],
+            cpus,
+            resources,
+            0,
+            None,
+        )
 
     def start_autoscaling_head(self, cpus: float, worker_types: dict[str, dict]) -> str:
         """A head with Ray's own autoscaler watching it, as `ray up` starts one, but with Ray's fake multi-node
@@ -96,18 +111,42 @@ class LocalCluster:
         from ray.autoscaler._private.monitor import BASE_READONLY_CONFIG  # every key a cluster file may leave out
 
         config = {
-            **BASE_READONLY_CONFIG, "cluster_name": "tokenforge-test", "max_workers": 8, "idle_timeout_minutes": 5,
-            "provider": {"type": "fake_multinode", "gcs_address": self.gcs, "use_node_id_as_ip": True,
-                         "disable_node_updaters": True, "disable_launch_config_check": True},
-            "available_node_types": {**worker_types, "ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0}},
+            **BASE_READONLY_CONFIG,
+            "cluster_name": "tokenforge-test",
+            "max_workers": 8,
+            "idle_timeout_minutes": 5,
+            "provider": {
+                "type": "fake_multinode",
+                "gcs_address": self.gcs,
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+            },
+            "available_node_types": {
+                **worker_types,
+                "ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0},
+            },
         }
         path = Path(tempfile.mkdtemp(prefix="tf-autoscaler-")) / "cluster.json"
         path.write_text(json.dumps(config))
         # the autoscaler runs every second and gives up on a silent node after 10 s (defaults: 5 s, 30 s)
-        self.env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10"})
+        self.env.update(
+            {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "AUTOSCALER_HEARTBEAT_TIMEOUT_S": "10"}
+        )
         return self._start(
-            ["--head", f"--port={self.gcs.split(':')[1]}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
-             f"--ray-client-server-port={self.client}", f"--autoscaling-config={path}"], cpus, "{}", 0, None)
+            [
+                "--head",
+                f"--port={self.gcs.split(':')[1]}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard}",
+                f"--ray-client-server-port={self.client}",
+                f"--autoscaling-config={path}",
+            ],
+            cpus,
+            "{}",
+            0,
+            None,
+        )
 
     def autoscaled_nodes(self) -> dict[str, list[int]]:
         """instance id -> PIDs of each node the autoscaler launched (its raylet and what the raylet started: each
@@ -130,13 +169,29 @@ class LocalCluster:
 
     def _start(self, role: list[str], cpus: float, resources: str, gpus: int, masked: Path | None) -> str:
         temp_dir = tempfile.mkdtemp(prefix="tf-ray-", dir="/tmp")  # short: Ray's socket paths live below it
-        command = [str(BIN / "ray"), "start", *role, "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
-                   f"--num-gpus={gpus}", f"--resources={resources}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-                   *node_ports()]
+        command = [
+            str(BIN / "ray"),
+            "start",
+            *role,
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={cpus}",
+            f"--num-gpus={gpus}",
+            f"--resources={resources}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            *node_ports(),
+        ]
         if masked is not None:
             line = " ".join(f"'{part}'" for part in command)
-            command = ["unshare", "--mount", "--propagation", "private", "bash", "-c",
-                       f"mount -t tmpfs tmpfs '{masked}' && exec {line}"]
+            command = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "bash",
+                "-c",
+                f"mount -t tmpfs tmpfs '{masked}' && exec {line}",
+            ]
         self.nodes.append(temp_dir)
         subprocess.run(command, env=self.env, check=True, capture_output=True, timeout=180)
         return temp_dir
@@ -144,7 +199,6 @@ class LocalCluster:
     def kill_node(self, temp_dir: str) -> None:
         """SIGKILL every process of one node (its raylet first): the node is lost, as when a machine dies."""
         kill(processes_of(temp_dir))
-
 
     def shutdown(self) -> None:
         for temp_dir in self.nodes:  # the head first: its autoscaler launches no node after this

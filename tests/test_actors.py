@@ -17,11 +17,11 @@ from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker, sample_tokens
 from pipeline.algorithm.advantages import compute_advantages, kl_penalty
 from pipeline.algorithm.loss import policy_loss
+from pipeline.algorithm.rewards import normalize_rewards
 from pipeline.batch import ROLLOUT_SCHEMA, TOKEN_REWARD_TYPE, pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, load_config
 from pipeline.errors import TokenforgeError
 from pipeline.models.hf import build_sequences, load_model, response_logprobs
-from pipeline.algorithm.rewards import normalize_rewards
 
 T = torch.tensor
 PROMPTS = pa.table({"prompt": ["13+54=", "2+2=", "99+99="], "answer": ["67", "4", "198"], "group_id": [10, 11, 12]})
@@ -44,7 +44,9 @@ def test_rollout_batch_follows_schema(worker):
     assert batch.column("sample_id").to_pylist() == [g * 4 + k for g in (10, 11, 12) for k in range(4)]
     assert batch.column("answer").to_pylist() == ["67"] * 4 + ["4"] * 4 + ["198"] * 4
     eos = worker.tokenizer.eos_token_id
-    for ids, logps, finished in zip(*(batch.column(c).to_pylist() for c in ("response_ids", "behaviour_logprobs", "finished"))):
+    for ids, logps, finished in zip(
+        *(batch.column(c).to_pylist() for c in ("response_ids", "behaviour_logprobs", "finished"))
+    ):
         assert 1 <= len(ids) <= 6 and len(logps) == len(ids)
         assert all(lp <= 0 for lp in logps)
         assert finished == (ids[-1] == eos) and eos not in ids[:-1]
@@ -56,7 +58,9 @@ def test_top_p_keeps_only_the_nucleus(builtin_model_path):
     nucleus = RolloutWorker(config, builtin_model_path).generate(PROMPTS, group_size=4, step=3)
     greedy = RolloutWorker(config, builtin_model_path).generate(PROMPTS, group_size=4, greedy=True)
     assert nucleus.column("response_ids").to_pylist() == greedy.column("response_ids").to_pylist()
-    wide = RolloutWorker(config_with_rollout(max_new_tokens=6, seed=5), builtin_model_path).generate(PROMPTS, group_size=4, step=3)
+    wide = RolloutWorker(config_with_rollout(max_new_tokens=6, seed=5), builtin_model_path).generate(
+        PROMPTS, group_size=4, step=3
+    )
     assert wide.column("response_ids").to_pylist() != greedy.column("response_ids").to_pylist()
 
 
@@ -134,7 +138,9 @@ def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_top_p(monkeypatch):
     assert torch.equal(probs, T([[0.5, 0.25, 0.0, 0.0], [0.0, 0.0, 0.25, 0.5]]))
     tokens, logprobs, _ = sampled_from(monkeypatch, DYADIC.repeat(200, 1), 1.0, 0.75, seed=3)
     assert set(tokens[0::2].tolist()) == {0, 1} and set(tokens[1::2].tolist()) == {2, 3}
-    assert torch.equal(logprobs, torch.log_softmax(DYADIC.repeat(200, 1), -1).gather(-1, tokens[:, None]).squeeze(-1))  # untruncated pi
+    assert torch.equal(
+        logprobs, torch.log_softmax(DYADIC.repeat(200, 1), -1).gather(-1, tokens[:, None]).squeeze(-1)
+    )  # untruncated pi
 
 
 @pytest.mark.mutant
@@ -167,8 +173,15 @@ class ScriptedModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None):
         step = len(self.calls)
-        self.calls.append(dict(input_ids=input_ids.clone(), attention_mask=attention_mask.clone(),
-                               position_ids=position_ids.clone(), use_cache=use_cache, cache=past_key_values))
+        self.calls.append(
+            dict(
+                input_ids=input_ids.clone(),
+                attention_mask=attention_mask.clone(),
+                position_ids=position_ids.clone(),
+                use_cache=use_cache,
+                cache=past_key_values,
+            )
+        )
         logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
         for i, row in enumerate(self.script):
             logits[i, -1, row[min(step, len(row) - 1)]] = 2.0
@@ -222,9 +235,13 @@ def test_generation_loop_samples_unless_greedy_with_the_configured_top_p(builtin
     """Scripted logit 2 vs 0 elsewhere: sampling leaves the scripted token often; top_p = 1e-6 keeps only it."""
     script = [[5] * 6] * 4
     ids = T([[3, 4]] * 4)
-    sampled = scripted_worker(builtin_model_path, script, max_new_tokens=6)._sample(ids, torch.ones_like(ids), torch.arange(4), greedy=False)[0]
+    sampled = scripted_worker(builtin_model_path, script, max_new_tokens=6)._sample(
+        ids, torch.ones_like(ids), torch.arange(4), greedy=False
+    )[0]
     assert (sampled != 5).any()
-    nucleus = scripted_worker(builtin_model_path, script, max_new_tokens=6, top_p=1e-6)._sample(ids, torch.ones_like(ids), torch.arange(4), greedy=False)[0]
+    nucleus = scripted_worker(builtin_model_path, script, max_new_tokens=6, top_p=1e-6)._sample(
+        ids, torch.ones_like(ids), torch.arange(4), greedy=False
+    )[0]
     assert (nucleus == 5).all()
 
 
@@ -250,8 +267,14 @@ def scored_rows(responses: list[str], answer: str, worker: RolloutWorker) -> pa.
     ids = [[tok.eos_token_id if c == "$" else tok.convert_tokens_to_ids(c) for c in r] for r in responses]
     n = len(ids)
     metadata = pa.table({"prompt": ["a+b="] * n, "answer": [answer] * n})
-    return rollout_table([tok("1+2=").input_ids] * n, ids, [r.replace("$", "") for r in responses], metadata,
-                         prompt_texts=["a+b="] * n, finished=[r.endswith("$") for r in responses])
+    return rollout_table(
+        [tok("1+2=").input_ids] * n,
+        ids,
+        [r.replace("$", "") for r in responses],
+        metadata,
+        prompt_texts=["a+b="] * n,
+        finished=[r.endswith("$") for r in responses],
+    )
 
 
 def test_reward_worker_scores_exact_and_digit_match(worker, builtin_model_path):
@@ -277,7 +300,9 @@ def learner_and_batch(worker, builtin_model_path):
 
 def scored(batch: pa.Table, config, model_path: str) -> pa.Table:
     """`batch` with every weighted component's reward column, scored by a RewardWorker."""
-    table, _ = RewardWorker(config, model_path, list(config.reward.weights)).score_all(batch, list(config.reward.weights))
+    table, _ = RewardWorker(config, model_path, list(config.reward.weights)).score_all(
+        batch, list(config.reward.weights)
+    )
     return table
 
 
@@ -294,7 +319,9 @@ def test_learner_step_applies_weights_exactly_and_publishes_loadable_weights(lea
     assert all(t.device.type == "cpu" for t in weights.values())
     assert any(not torch.equal(before[k], weights[k]) for k in weights)
     assert worker.set_weights(weights, 1) == 1 and worker.generate(PROMPTS, 1).column("policy_version")[0].as_py() == 1
-    with pytest.raises(ValueError, match=r"set_weights: the state dict lacks 1 of the model's weights, e\.g\. 'lm_head\.weight'"):
+    with pytest.raises(
+        ValueError, match=r"set_weights: the state dict lacks 1 of the model's weights, e\.g\. 'lm_head\.weight'"
+    ):
         worker.set_weights({k: v for k, v in weights.items() if k != "lm_head.weight"}, 2)
 
 
@@ -332,12 +359,16 @@ def test_learner_checkpoint_round_trip(learner_and_batch, tmp_path, builtin_mode
     mutated = learner.config.model_copy(update={"learner": learner.config.learner.model_copy(update={"lr": 3e-3})})
     changed = Learner(mutated, str(tmp_path), builtin_model_path)
     changed.load_state(str(tmp_path))
-    assert changed.optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 * lr_factor(mutated.learner, 1, mutated.trainer.total_steps))
+    assert changed.optimizer.param_groups[0]["lr"] == pytest.approx(
+        3e-3 * lr_factor(mutated.learner, 1, mutated.trainer.total_steps)
+    )
 
 
 def test_reference_model_is_frozen_when_kl_is_on(builtin_model_path, learner_and_batch):
     _, batch = learner_and_batch
-    config = load_config(overrides=["algorithm.kl_in_reward_coef=0.05", "algorithm.kl_coef=0.01", "algorithm.kl_kind=k3"])
+    config = load_config(
+        overrides=["algorithm.kl_in_reward_coef=0.05", "algorithm.kl_coef=0.01", "algorithm.kl_kind=k3"]
+    )
     learner = Learner(config, builtin_model_path, builtin_model_path)
     assert not any(p.requires_grad for p in learner.reference.parameters())
     metrics = learner.train_step(batch)
@@ -429,7 +460,9 @@ def test_skipping_zero_advantage_samples_keeps_the_gradient(learner_and_batch, b
     _, batch = learner_and_batch
     runs = {}
     for skip in (True, False):
-        learner = Learner(load_config(overrides=[f"algorithm.skip_zero_advantage={skip}"]), builtin_model_path, builtin_model_path)
+        learner = Learner(
+            load_config(overrides=[f"algorithm.skip_zero_advantage={skip}"]), builtin_model_path, builtin_model_path
+        )
         grads = captured_gradients(learner)
         runs[skip] = (grads, learner.train_step(batch))
     (skipped, skipped_metrics), (full, full_metrics) = runs[True], runs[False]
@@ -470,7 +503,9 @@ def test_non_finite_steps_are_skipped_and_the_run_goes_on_until_too_many(learner
     with pytest.raises(TokenforgeError) as error:
         learner.train_step(inf_reward, step=6)
     message = str(error.value)  # what happened, that the weights are safe, what to do
-    assert "2 consecutive steps up to step 6 had a NaN/inf" in message and "the weights are those before them" in message
+    assert (
+        "2 consecutive steps up to step 6 had a NaN/inf" in message and "the weights are those before them" in message
+    )
     assert "learner.lr" in message and "learner.max_nonfinite_steps" in message
 
 
@@ -478,7 +513,9 @@ def test_several_updates_per_batch_are_importance_weighted(learner_and_batch, bu
     """updates_per_batch=2 with is_cap: the second update sees pi_theta != pi_behaviour (the first moved it),
     so the IS weights leave 1 and the cap binds on some tokens."""
     _, batch = learner_and_batch
-    config = load_config(overrides=["learner.updates_per_batch=2", "algorithm.is_cap=1.0", "learner.lr=1e-3", "learner.warmup_steps=0"])
+    config = load_config(
+        overrides=["learner.updates_per_batch=2", "algorithm.is_cap=1.0", "learner.lr=1e-3", "learner.warmup_steps=0"]
+    )
     learner = Learner(config, builtin_model_path, builtin_model_path)
     metrics = learner.train_step(batch)  # the metrics are the last update's
     assert metrics["policy/is_weight/mean"] != pytest.approx(1.0, abs=1e-4)
@@ -491,7 +528,9 @@ def test_group_normalisation_is_applied_by_the_learner(learner_and_batch, builti
     the weighted reward itself."""
     _, batch = learner_and_batch
     plain = Learner(load_config(), builtin_model_path, builtin_model_path).train_step(batch)
-    config = load_config(overrides=["reward.components.exact_match.normalize=group", "reward.components.digit_match.normalize=group"])
+    config = load_config(
+        overrides=["reward.components.exact_match.normalize=group", "reward.components.digit_match.normalize=group"]
+    )
     normalised = Learner(config, builtin_model_path, builtin_model_path).train_step(batch)
     assert plain["reward/total/mean"] > 0.1
     assert normalised["reward/total/mean"] == pytest.approx(0.0, abs=1e-9)
@@ -504,12 +543,22 @@ EXACT = [[0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
 DIGIT = [[1 / 3, 1 / 3], [1 / 3, 0.0, 0.0], [1 / 3, 1 / 3], [1 / 3, 1 / 3]]
 
 
-def hand_scored_batch(exact=EXACT, digit=DIGIT, finished=(True, False, True, True), behaviour=None, versions=(0, 0, 0, 0)) -> pa.Table:
+def hand_scored_batch(
+    exact=EXACT, digit=DIGIT, finished=(True, False, True, True), behaviour=None, versions=(0, 0, 0, 0)
+) -> pa.Table:
     """RESPONSES to the prompt 1+2= in groups 0 | 1, scored by hand: exact_match and digit_match token rewards."""
     metadata = pa.table({"prompt": ["1+2="] * 4, "answer": ["3"] * 4})
-    table = rollout_table([[4, 13, 5, 14]] * 4, RESPONSES, ["1", "23", "1", "1"], metadata, prompt_texts=["1+2="] * 4,
-                          group_ids=[0, 0, 1, 1], finished=finished, versions=versions,
-                          behaviour=behaviour or [[-1.0 - 0.1 * k for k in range(len(r))] for r in RESPONSES])
+    table = rollout_table(
+        [[4, 13, 5, 14]] * 4,
+        RESPONSES,
+        ["1", "23", "1", "1"],
+        metadata,
+        prompt_texts=["1+2="] * 4,
+        group_ids=[0, 0, 1, 1],
+        finished=finished,
+        versions=versions,
+        behaviour=behaviour or [[-1.0 - 0.1 * k for k in range(len(r))] for r in RESPONSES],
+    )
     table = table.append_column(reward_column("exact_match"), pa.array(exact, type=TOKEN_REWARD_TYPE))
     return table.append_column(reward_column("digit_match"), pa.array(digit, type=TOKEN_REWARD_TYPE))
 
@@ -525,15 +574,37 @@ def test_learner_step_reports_every_metric_with_its_value(builtin_model_path):
     batch = hand_scored_batch()
     metrics = learner.train_step(batch)
     assert set(metrics) == {
-        "reward/exact_match/mean", "reward/exact_match/std", "reward/digit_match/mean", "reward/digit_match/std",
-        "reward/total/mean", "learner/kept_frac", "loss/policy", "loss/grad_norm", "learner/lr",
-        "policy/is_weight/mean", "policy/is_weight/clip_frac", "policy/entropy", "advantage/abs_mean",
-        "response/length_mean", "response/finished_frac", "learner/policy_version", "learner/tokens",
-        "learner/skipped_nonfinite", "advantage/zero_frac", "policy/staleness_mean", "policy/staleness_max",
-        "time/learner/prepare_s", "time/learner/forward_s", "time/learner/loss_s", "time/learner/backward_s",
-        "time/learner/optimizer_s", "time/learner/total_s",
+        "reward/exact_match/mean",
+        "reward/exact_match/std",
+        "reward/digit_match/mean",
+        "reward/digit_match/std",
+        "reward/total/mean",
+        "learner/kept_frac",
+        "loss/policy",
+        "loss/grad_norm",
+        "learner/lr",
+        "policy/is_weight/mean",
+        "policy/is_weight/clip_frac",
+        "policy/entropy",
+        "advantage/abs_mean",
+        "response/length_mean",
+        "response/finished_frac",
+        "learner/policy_version",
+        "learner/tokens",
+        "learner/skipped_nonfinite",
+        "advantage/zero_frac",
+        "policy/staleness_mean",
+        "policy/staleness_max",
+        "time/learner/prepare_s",
+        "time/learner/forward_s",
+        "time/learner/loss_s",
+        "time/learner/backward_s",
+        "time/learner/optimizer_s",
+        "time/learner/total_s",
     }
-    assert metrics["policy/staleness_mean"] == metrics["policy/staleness_max"] == 0.0  # sampled by version 0, the learner's
+    assert (
+        metrics["policy/staleness_mean"] == metrics["policy/staleness_max"] == 0.0
+    )  # sampled by version 0, the learner's
     phases = [metrics[f"time/learner/{phase}_s"] for phase in ("prepare", "forward", "loss", "backward", "optimizer")]
     assert all(seconds > 0 for seconds in phases) and sum(phases) <= metrics["time/learner/total_s"]
     assert metrics["advantage/zero_frac"] == 0.5  # group 1's two samples: every token's advantage exactly 0
@@ -558,8 +629,11 @@ def test_learner_step_reports_every_metric_with_its_value(builtin_model_path):
 
 @pytest.mark.parametrize(
     ("agg", "loss", "clip"),
-    [("token-mean", "reinforce", {}), ("seq-mean-token-sum-norm", "reinforce", {}),
-     ("seq-mean-token-mean", "ppo_clip", {"clip_low": 0.05, "clip_high": 0.1})],
+    [
+        ("token-mean", "reinforce", {}),
+        ("seq-mean-token-sum-norm", "reinforce", {}),
+        ("seq-mean-token-mean", "ppo_clip", {"clip_low": 0.05, "clip_high": 0.1}),
+    ],
 )
 @pytest.mark.mutant
 def test_learner_loss_is_the_policy_loss_of_the_whole_batch(builtin_model_path, agg, loss, clip):
@@ -576,7 +650,9 @@ def test_learner_loss_is_the_policy_loss_of_the_whole_batch(builtin_model_path, 
     rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
     advantages = compute_advantages("grpo", rewards, mask, torch.tensor([0, 0, 1, 1]))
     behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist())  # far from the model's: ratios leave 1
-    expected, _ = policy_loss(logprobs, behaviour, advantages, mask, agg=agg, loss=loss, max_len=learner.config.rollout.max_new_tokens, **clip)
+    expected, _ = policy_loss(
+        logprobs, behaviour, advantages, mask, agg=agg, loss=loss, max_len=learner.config.rollout.max_new_tokens, **clip
+    )
     kept = policy_loss(logprobs[:2], behaviour[:2], advantages[:2], mask[:2], agg=agg, loss=loss, **clip)[1]
     metrics = learner.train_step(batch)
     assert metrics["loss/policy"] == pytest.approx(float(expected), rel=1e-5)
@@ -602,11 +678,17 @@ def test_entropy_and_kl_loss_terms_reach_the_gradient(builtin_model_path):
     equals the reference, so the policy first takes a step away from it."""
     batch = hand_scored_batch()
     plain = first_gradient(learner_for(builtin_model_path), batch)
-    assert not torch.allclose(first_gradient(learner_for(builtin_model_path, "algorithm.entropy_coef=0.5"), batch), plain)
+    assert not torch.allclose(
+        first_gradient(learner_for(builtin_model_path, "algorithm.entropy_coef=0.5"), batch), plain
+    )
     moved = learner_for(builtin_model_path, "learner.lr=1e-2", "learner.warmup_steps=0")
     moved.train_step(batch)
     grads = {}
-    for name, overrides in {"none": [], "k2": ["algorithm.kl_coef=0.5"], "k3": ["algorithm.kl_coef=0.5", "algorithm.kl_loss_kind=k3"]}.items():
+    for name, overrides in {
+        "none": [],
+        "k2": ["algorithm.kl_coef=0.5"],
+        "k3": ["algorithm.kl_coef=0.5", "algorithm.kl_loss_kind=k3"],
+    }.items():
         learner = learner_for(builtin_model_path, "algorithm.skip_zero_advantage=false", *overrides)
         learner.model.load_state_dict(moved.model.state_dict())
         grads[name] = first_gradient(learner, batch)
@@ -624,7 +706,9 @@ def test_a_component_that_applies_to_one_sample_has_std_0(builtin_model_path):
 
 @pytest.mark.mutant
 def test_skipped_updates_are_counted_per_update_and_warn_about_nothing(builtin_model_path):
-    learner = learner_for(builtin_model_path, "learner.updates_per_batch=2", "algorithm.is_cap=2.0", "learner.max_nonfinite_steps=1")
+    learner = learner_for(
+        builtin_model_path, "learner.updates_per_batch=2", "algorithm.is_cap=2.0", "learner.max_nonfinite_steps=1"
+    )
     inf = [[0.0, float("inf")], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
     with pytest.raises(TokenforgeError, match="up to update 1 had a NaN/inf"):
         learner.train_step(hand_scored_batch(exact=inf))  # no `step`: the update number names it
@@ -655,8 +739,15 @@ def test_the_lora_reference_is_the_base_model_with_the_adapters_switched_off(bui
     again afterwards."""
     from pipeline.data.inputs import with_builtin_defaults
 
-    config = with_builtin_defaults(load_config(overrides=[
-        "task=chat_addition", "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}", "algorithm.kl_coef=0.05"]))
+    config = with_builtin_defaults(
+        load_config(
+            overrides=[
+                "task=chat_addition",
+                "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+                "algorithm.kl_coef=0.05",
+            ]
+        )
+    )
     learner = Learner(config, config.model.path, config.model.path)
     assert learner.reference is None
     torch.manual_seed(0)
@@ -665,8 +756,11 @@ def test_the_lora_reference_is_the_base_model_with_the_adapters_switched_off(bui
             if "lora_B" in name:
                 parameter.normal_(0.0, 0.5)
     prompt = learner.tokenizer("12+30=").input_ids
-    sequences = build_sequences([prompt, prompt], [learner.tokenizer("42", add_special_tokens=False).input_ids, [learner.tokenizer.eos_token_id]],
-                                learner.tokenizer.pad_token_id)
+    sequences = build_sequences(
+        [prompt, prompt],
+        [learner.tokenizer("42", add_special_tokens=False).input_ids, [learner.tokenizer.eos_token_id]],
+        learner.tokenizer.pad_token_id,
+    )
     temperature = config.rollout.temperature
     with torch.no_grad():
         policy = response_logprobs(learner.model, sequences, temperature)[0]
@@ -728,7 +822,12 @@ def test_the_learner_sums_the_weighted_rewards_in_float64(builtin_model_path):
     rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
     expected = (rewards * response_mask(batch)).sum(1)
     assert rewards.float().double().ne(rewards).any()  # float32 token rewards would differ
-    assert torch.allclose(T(learner.learned_columns().column("total_reward").to_pylist(), dtype=torch.float64), expected, rtol=0, atol=1e-12)
+    assert torch.allclose(
+        T(learner.learned_columns().column("total_reward").to_pylist(), dtype=torch.float64),
+        expected,
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 @pytest.mark.mutant
@@ -742,7 +841,9 @@ def test_the_learner_normalises_a_component_over_the_samples_it_applies_to(built
     mask = response_mask(batch)
     applies = T([False, True, True, True])
     component = pad_right([row or [] for row in digit], width=3)
-    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * normalize_rewards(component, mask * applies[:, None], torch.tensor([0, 0, 1, 1]), "batch")
+    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * normalize_rewards(
+        component, mask * applies[:, None], torch.tensor([0, 0, 1, 1]), "batch"
+    )
     totals = T(learner.learned_columns().column("total_reward").to_pylist(), dtype=torch.float64)
     assert torch.allclose(totals, (rewards * mask).sum(1), rtol=0, atol=1e-9)
     assert totals[0] == 2.0
@@ -769,20 +870,27 @@ def test_the_kl_penalty_in_the_reward_is_scaled_in_float64(builtin_model_path, k
     sequences = build_sequences(batch.column("prompt_ids").to_pylist(), RESPONSES, learner.tokenizer.pad_token_id)
     kl = kl_penalty(behaviour, learner._reference_logprobs(sequences), kind)
     assert (0.1 * kl.double()).float().double().ne(0.1 * kl.double())[mask.bool()].any()
-    rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double() - 0.1 * kl.double() * mask
+    rewards = (
+        2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double() - 0.1 * kl.double() * mask
+    )
     totals = T(learner.learned_columns().column("total_reward").to_pylist(), dtype=torch.float64)
     assert torch.allclose(totals, (rewards * mask).sum(1), rtol=0, atol=1e-12)
 
 
 @pytest.mark.mutant
 def test_the_learner_uses_the_configured_gamma_and_whitening(builtin_model_path):
-    learner = learner_for(builtin_model_path, "algorithm.estimator=reinforce", "algorithm.gamma=0.5", "algorithm.whiten=true")
+    learner = learner_for(
+        builtin_model_path, "algorithm.estimator=reinforce", "algorithm.gamma=0.5", "algorithm.whiten=true"
+    )
     batch = hand_scored_batch()
     learner.train_step(batch)
     mask, groups = response_mask(batch), torch.tensor([0, 0, 1, 1])
     rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
     expected = compute_advantages("reinforce", rewards, mask, groups, 0.5, True)
-    for other in (compute_advantages("reinforce", rewards, mask, groups, 1.0, True), compute_advantages("reinforce", rewards, mask, groups, 0.5)):
+    for other in (
+        compute_advantages("reinforce", rewards, mask, groups, 1.0, True),
+        compute_advantages("reinforce", rewards, mask, groups, 0.5),
+    ):
         assert not torch.allclose(other, expected, atol=1e-3)
     learned = learner.learned_columns().column("advantages").to_pylist()
     assert all(row == pytest.approx(expected[i, : len(row)].tolist(), abs=1e-6) for i, row in enumerate(learned))
@@ -815,7 +923,9 @@ def test_a_skipped_first_update_does_not_warn_about_the_schedule(builtin_model_p
     learner = learner_for(builtin_model_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        metrics = learner.train_step(hand_scored_batch(exact=[[0.0, float("inf")], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]]))
+        metrics = learner.train_step(
+            hand_scored_batch(exact=[[0.0, float("inf")], [0.0, 0.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+        )
     assert metrics["learner/skipped_nonfinite"] == 1.0
     assert not [w for w in caught if "lr_scheduler" in str(w.message)]
 
@@ -865,8 +975,13 @@ except TokenforgeError as error:
 def test_running_out_of_memory_in_the_learner_is_one_line_naming_the_micro_batch():
     """A real allocation failure (the address space capped 300 MiB above the loaded learner, a 2,048-sample
     micro-batch with a KL reference): the first forward to fail, the reference's, is the one-line message."""
-    result = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY], capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", OUT_OF_MEMORY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
     assert result.stderr.strip().splitlines()[-1] == (
         "ONE LINE: the learner ran out of cpu memory in a micro-batch of up to 4096 samples; lower "
         "learner.micro_batch_size (now 4096), or set learner.gradient_checkpointing / learner.precision=bf16-mixed"

@@ -149,7 +149,9 @@ def test_nan_in_padding_is_ignored():
 
 # Non-dyadic values float32 cannot hold exactly: thirds, tenths, sevenths (ties exact, spreads >= 1/210)
 THIRDS_TENTHS = st.one_of(
-    st.integers(-30, 30).map(lambda k: k / 3), st.integers(-50, 50).map(lambda k: k / 10), st.integers(-21, 21).map(lambda k: k / 7)
+    st.integers(-30, 30).map(lambda k: k / 3),
+    st.integers(-50, 50).map(lambda k: k / 10),
+    st.integers(-21, 21).map(lambda k: k / 7),
 )
 ANY_FLOAT32 = st.floats(-5, 5, allow_nan=False, width=32)
 
@@ -202,7 +204,9 @@ def test_property_masked_positions_are_exactly_zero_and_finite(data, name, gamma
     assert adv.dtype == torch.float32
     assert torch.isfinite(adv).all()
     assert torch.equal(adv[mask == 0], torch.zeros_like(adv[mask == 0]))
-    assert torch.equal(returns_to_go(rewards, mask, gamma)[mask == 0], torch.zeros(int((mask == 0).sum()), dtype=torch.float64))
+    assert torch.equal(
+        returns_to_go(rewards, mask, gamma)[mask == 0], torch.zeros(int((mask == 0).sum()), dtype=torch.float64)
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -288,7 +292,7 @@ def test_property_permuting_samples_permutes_advantages(data, name, random):
 def test_property_a_constant_added_to_every_sequence_reward_changes_nothing(data, name, constant):
     rewards, mask, groups = data
     rewards = rewards.double()  # r + c computed without float32 rounding of the sum
-    last = (mask.sum(1).long() - 1)
+    last = mask.sum(1).long() - 1
     shifted = rewards.clone()
     shifted[torch.arange(len(rewards)), last] += constant
     before = compute_advantages(name, rewards, mask, groups)
@@ -365,7 +369,10 @@ def test_whitening_a_single_valid_token():
 
 @pytest.mark.mutant
 def test_an_unknown_estimator_lists_every_known_one_exactly():
-    with pytest.raises(ValueError, match=r"unknown advantage estimator 'gae'; known: grpo, reinforce, reinforce\+\+, reinforce\+\+_baseline, rloo$"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown advantage estimator 'gae'; known: grpo, reinforce, reinforce\+\+, reinforce\+\+_baseline, rloo$",
+    ):
         compute_advantages("gae", T([[1.0]]), T([[1.0]]), T([0]))
 
 
@@ -383,7 +390,9 @@ def test_rloo_scales_with_the_rewards_down_to_tiny_magnitudes():
     mask, groups = T([[1.0, 1.0], [1.0, 1.0]]), T([0, 0])
     for scale in (1.0, 1e-3, 1e-7):
         rewards = torch.tensor([[0.0, 1.0], [0.0, 2.0]], dtype=torch.float64) * scale
-        assert torch.allclose(compute_advantages("rloo", rewards, mask, groups), T([[-1.0, -1.0], [1.0, 1.0]]) * scale, rtol=1e-5, atol=0)
+        assert torch.allclose(
+            compute_advantages("rloo", rewards, mask, groups), T([[-1.0, -1.0], [1.0, 1.0]]) * scale, rtol=1e-5, atol=0
+        )
     near = torch.tensor([[0.0, 1000.0], [0.0, 1000.0001]], dtype=torch.float64)
     for name in ("rloo", "grpo", "reinforce++_baseline"):
         assert torch.equal(compute_advantages(name, near, mask, groups), torch.zeros(2, 2))

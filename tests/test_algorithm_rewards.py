@@ -157,8 +157,11 @@ def test_property_kl_in_reward_subtracts_beta_kl_on_valid_tokens_only(data):
     assert torch.equal(kl_in_reward(rewards, behaviour, ref, mask, 0.0, kind), rewards)
 
 
-ESTIMATOR_ARGS = st.tuples(st.sampled_from(["reinforce", "rloo", "grpo", "reinforce++_baseline"]),
-                           st.sampled_from([1.0, 0.5, 0.9]), st.sampled_from([None, True, False]))
+ESTIMATOR_ARGS = st.tuples(
+    st.sampled_from(["reinforce", "rloo", "grpo", "reinforce++_baseline"]),
+    st.sampled_from([1.0, 0.5, 0.9]),
+    st.sampled_from([None, True, False]),
+)
 
 
 @settings(max_examples=60, deadline=None)

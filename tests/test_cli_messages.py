@@ -35,9 +35,19 @@ def test_a_fresh_train_says_where_its_results_are_and_its_next_commands_run_as_p
     def run(command: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(command, capture_output=True, text=True, timeout=400, check=False, env=env, cwd=REPO)
 
-    result = run([str(SCRIPTS / "tokenforge"), "train", f"output_dir={out}", "trainer.total_steps=2",
-                  "trainer.eval_every=2", "trainer.prompts_per_step=8", "rollout.group_size=4",
-                  "data.max_eval_samples=20", "ray.num_cpus=2"])
+    result = run(
+        [
+            str(SCRIPTS / "tokenforge"),
+            "train",
+            f"output_dir={out}",
+            "trainer.total_steps=2",
+            "trainer.eval_every=2",
+            "trainer.prompts_per_step=8",
+            "rollout.group_size=4",
+            "data.max_eval_samples=20",
+            "ray.num_cpus=2",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Token authentication is enabled" not in result.stderr  # token auth is on, and said so before Ray starts
     assert (home / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600  # Ray alone would write it 0644
@@ -59,8 +69,15 @@ def test_export_ends_with_what_it_wrote_and_the_next_commands_without_progress_b
     """`tokenforge export` (here of the built-in model directory) as the console script in a new user's shell:
     the one closing line every command prints, not a bare `wrote X`, and no transformers "Loading weights" bar."""
     model, exported = REPO / "pipeline" / "assets" / "addition" / "model", tmp_path / "exported"
-    result = subprocess.run([TOKENFORGE, "export", str(model), str(exported)], capture_output=True, text=True,
-                            timeout=120, check=False, env=fresh_shell(tmp_path / "home"), cwd=REPO)
+    result = subprocess.run(
+        [TOKENFORGE, "export", str(model), str(exported)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=fresh_shell(tmp_path / "home"),
+        cwd=REPO,
+    )
     assert result.returncode == 0 and "Loading weights" not in result.stderr, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == (
         f"tokenforge: wrote {exported}, a plain HF model from {model}; "
@@ -84,7 +101,9 @@ def test_eval_of_a_run_directory_takes_its_latest_checkpoint(observed_run, capsy
     line = capsys.readouterr().out.strip()
     assert re.fullmatch(
         rf"tokenforge: evaluated {observed_run}/checkpoints/step_4 on 50 samples of \S+ \(eval/exact_match [0-9.]+\); "
-        rf"next: tokenforge samples {observed_run} --eval \| tokenforge report {observed_run}", line), line
+        rf"next: tokenforge samples {observed_run} --eval \| tokenforge report {observed_run}",
+        line,
+    ), line
 
 
 def test_readme_gives_the_tensorboard_command_a_default_run_prints():

@@ -22,8 +22,11 @@ def test_shipped_cluster_files_pass(path, capsys):
     main(["validate-cluster", str(path)])
     out = capsys.readouterr().out
     assert "auth token private on every node: ok (~/.ray/auth_token)" in out and "keeps .venv and .git out: ok" in out
-    expected = ("open ports: SSH only; WARNING: SSH is open to the whole internet (0.0.0.0/0)" if path.name == "cluster.yaml"
-                else "open ports: NOT CHECKED: provider local has no security group")
+    expected = (
+        "open ports: SSH only; WARNING: SSH is open to the whole internet (0.0.0.0/0)"
+        if path.name == "cluster.yaml"
+        else "open ports: NOT CHECKED: provider local has no security group"
+    )
     assert expected in out
 
 
@@ -40,24 +43,79 @@ def set_head_command(config, old, new):
 
 
 CASES = {
-    "fractional resources": (lambda c: c["available_node_types"]["gpu_rollout"]["resources"].update(GPU=0.5), "Ray rejects available_node_types/gpu_rollout/resources/GPU: 0.5 is not of type 'integer'"),
-    "unknown key": (lambda c: c.update(max_wrokers=3), "Ray rejects config: Additional properties are not allowed ('max_wrokers' was unexpected)"),
-    "dashboard on 0.0.0.0": (lambda c: set_head_command(c, "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"), "--dashboard-host=0.0.0.0 exposes the Jobs API"),
-    "dashboard host unset": (lambda c: set_head_command(c, "--dashboard-host=127.0.0.1", ""), "does not set --dashboard-host"),
-    "auth disabled": (lambda c: set_head_command(c, "RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"), "starts Ray without token auth"),
-    "worker without auth": (lambda c: c.update(worker_start_ray_commands=["ray stop", "ray start --address=$RAY_HEAD_IP:6379"]), "`ray start --address=$RAY_HEAD_IP:6379` starts Ray without token auth"),
-    "token left as copied": (lambda c: c.update(setup_commands=[]), "copies the Ray auth token to ~/.ray/auth_token but no head setup command makes it private; add `chmod 600 ~/.ray/auth_token`"),
-    "token private on the head only": (lambda c: c.update(setup_commands=[], head_setup_commands=["chmod 0600 ~/.ray/auth_token"]), "no worker setup command makes it private"),
-    "chmod of another file": (lambda c: c.update(setup_commands=["chmod 600 ~/.ray/auth_token.bak"]), "no head setup command makes it private"),
-    "checkout shipped with its venv": (lambda c: c.pop("rsync_exclude"), "copies this checkout to ~/tokenforge with .venv and .git in it"),
+    "fractional resources": (
+        lambda c: c["available_node_types"]["gpu_rollout"]["resources"].update(GPU=0.5),
+        "Ray rejects available_node_types/gpu_rollout/resources/GPU: 0.5 is not of type 'integer'",
+    ),
+    "unknown key": (
+        lambda c: c.update(max_wrokers=3),
+        "Ray rejects config: Additional properties are not allowed ('max_wrokers' was unexpected)",
+    ),
+    "dashboard on 0.0.0.0": (
+        lambda c: set_head_command(c, "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"),
+        "--dashboard-host=0.0.0.0 exposes the Jobs API",
+    ),
+    "dashboard host unset": (
+        lambda c: set_head_command(c, "--dashboard-host=127.0.0.1", ""),
+        "does not set --dashboard-host",
+    ),
+    "auth disabled": (
+        lambda c: set_head_command(c, "RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"),
+        "starts Ray without token auth",
+    ),
+    "worker without auth": (
+        lambda c: c.update(worker_start_ray_commands=["ray stop", "ray start --address=$RAY_HEAD_IP:6379"]),
+        "`ray start --address=$RAY_HEAD_IP:6379` starts Ray without token auth",
+    ),
+    "token left as copied": (
+        lambda c: c.update(setup_commands=[]),
+        "copies the Ray auth token to ~/.ray/auth_token but no head setup command makes it private; add `chmod 600 ~/.ray/auth_token`",
+    ),
+    "token private on the head only": (
+        lambda c: c.update(setup_commands=[], head_setup_commands=["chmod 0600 ~/.ray/auth_token"]),
+        "no worker setup command makes it private",
+    ),
+    "chmod of another file": (
+        lambda c: c.update(setup_commands=["chmod 600 ~/.ray/auth_token.bak"]),
+        "no head setup command makes it private",
+    ),
+    "checkout shipped with its venv": (
+        lambda c: c.pop("rsync_exclude"),
+        "copies this checkout to ~/tokenforge with .venv and .git in it",
+    ),
     "checkout shipped with its git history": (lambda c: c.update(rsync_exclude=["/.venv/"]), "with .git in it"),
-    "every port and protocol": (lambda c: c["provider"]["security_group"]["IpPermissions"].append({"IpProtocol": "-1", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}), "has a rule with IpProtocol -1, which opens every port and protocol"),
-    "dashboard port open": (lambda c: c["provider"]["security_group"]["IpPermissions"].append({"FromPort": 8265, "ToPort": 8265, "IpProtocol": "TCP"}), "opens ports 8265-8265; open SSH (22) only"),
-    "metrics port random": (lambda c: set_head_command(c, "--metrics-export-port=8090", ""), "`ray start` in head_start_ray_commands leaves --metrics-export-port unset"),
-    "workers join another port": (lambda c: set_head_command(c, "--port=6379", "--port=6380"), "worker_start_ray_commands joins port 6379 but the head's --port is 6380"),
-    "one port twice": (lambda c: set_head_command(c, "--runtime-env-agent-port=8079", "--runtime-env-agent-port=8078"), "head_start_ray_commands gives port 8078 to --dashboard-agent-grpc-port and --runtime-env-agent-port"),
-    "port inside the worker range": (lambda c: set_head_command(c, "--metrics-export-port=8090", "--metrics-export-port=10500"), "puts --metrics-export-port=10500 inside the worker port range 10002-19999"),
-    "metrics variable inside the worker range": (lambda c: set_head_command(c, "DASHBOARD_METRIC_PORT=44227", "DASHBOARD_METRIC_PORT=12000"), "puts DASHBOARD_METRIC_PORT=12000 inside the worker port range"),
+    "every port and protocol": (
+        lambda c: c["provider"]["security_group"]["IpPermissions"].append(
+            {"IpProtocol": "-1", "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}
+        ),
+        "has a rule with IpProtocol -1, which opens every port and protocol",
+    ),
+    "dashboard port open": (
+        lambda c: c["provider"]["security_group"]["IpPermissions"].append(
+            {"FromPort": 8265, "ToPort": 8265, "IpProtocol": "TCP"}
+        ),
+        "opens ports 8265-8265; open SSH (22) only",
+    ),
+    "metrics port random": (
+        lambda c: set_head_command(c, "--metrics-export-port=8090", ""),
+        "`ray start` in head_start_ray_commands leaves --metrics-export-port unset",
+    ),
+    "workers join another port": (
+        lambda c: set_head_command(c, "--port=6379", "--port=6380"),
+        "worker_start_ray_commands joins port 6379 but the head's --port is 6380",
+    ),
+    "one port twice": (
+        lambda c: set_head_command(c, "--runtime-env-agent-port=8079", "--runtime-env-agent-port=8078"),
+        "head_start_ray_commands gives port 8078 to --dashboard-agent-grpc-port and --runtime-env-agent-port",
+    ),
+    "port inside the worker range": (
+        lambda c: set_head_command(c, "--metrics-export-port=8090", "--metrics-export-port=10500"),
+        "puts --metrics-export-port=10500 inside the worker port range 10002-19999",
+    ),
+    "metrics variable inside the worker range": (
+        lambda c: set_head_command(c, "DASHBOARD_METRIC_PORT=44227", "DASHBOARD_METRIC_PORT=12000"),
+        "puts DASHBOARD_METRIC_PORT=12000 inside the worker port range",
+    ),
 }
 
 
@@ -83,7 +141,10 @@ def local_variant(tmp_path: Path, head_ip, worker_ips) -> Path:
 
 
 def test_a_worker_is_not_the_head(tmp_path):
-    with pytest.raises(ClusterConfigError, match=re.escape("provider.worker_ips lists the head (10.0.0.10); a machine is the head or a worker")):
+    with pytest.raises(
+        ClusterConfigError,
+        match=re.escape("provider.worker_ips lists the head (10.0.0.10); a machine is the head or a worker"),
+    ):
         validate_cluster(local_variant(tmp_path, "10.0.0.10", ["10.0.0.11", "10.0.0.10"]))
     with pytest.raises(ClusterConfigError, match=re.escape("provider.worker_ips lists 10.0.0.11 more than once")):
         validate_cluster(local_variant(tmp_path, "10.0.0.10", ["10.0.0.11", "10.0.0.11"]))
@@ -93,23 +154,34 @@ def test_a_worker_is_not_the_head(tmp_path):
 def test_node_level_security_groups_are_not_called_ssh_only(tmp_path):
     """A node type with SecurityGroupIds (or a network interface's Groups) does not use provider.security_group:
     its rules are in AWS, so the line says NOT CHECKED and names the groups instead of "SSH only"."""
+
     def own_groups(config):
         config["available_node_types"]["gpu_rollout"]["node_config"]["SecurityGroupIds"] = ["sg-0123456789abcdef0"]
         config["available_node_types"]["gpu_learner"]["node_config"]["NetworkInterfaces"] = [
-            {"DeviceIndex": 0, "SubnetId": "subnet-01", "Groups": ["sg-0fedcba9876543210"]}]
+            {"DeviceIndex": 0, "SubnetId": "subnet-01", "Groups": ["sg-0fedcba9876543210"]}
+        ]
 
     line = next(l for l in validate_cluster(broken(tmp_path, own_groups)) if l.startswith("open ports"))
     assert line.startswith("open ports: SSH only for head (provider.security_group); WARNING")
-    assert "NOT CHECKED: node types with their own security groups (gpu_learner: sg-0fedcba9876543210; gpu_rollout: sg-0123456789abcdef0)" in line
+    assert (
+        "NOT CHECKED: node types with their own security groups (gpu_learner: sg-0fedcba9876543210; gpu_rollout: sg-0123456789abcdef0)"
+        in line
+    )
 
 
 PROVIDERS = {
-    "gcp": ({"type": "gcp", "region": "us-west1", "availability_zone": "us-west1-a", "project_id": "my-project"},
-            "open ports: NOT CHECKED: provider gcp: the firewall is the VPC network's firewall rules"),
-    "azure": ({"type": "azure", "location": "westus2", "resource_group": "tokenforge"},
-              "open ports: NOT CHECKED: provider azure: the network security group"),
-    "kuberay": ({"type": "kuberay", "namespace": "default"},
-                "open ports: NOT CHECKED: provider kuberay: reachability is set by Kubernetes Services and NetworkPolicies"),
+    "gcp": (
+        {"type": "gcp", "region": "us-west1", "availability_zone": "us-west1-a", "project_id": "my-project"},
+        "open ports: NOT CHECKED: provider gcp: the firewall is the VPC network's firewall rules",
+    ),
+    "azure": (
+        {"type": "azure", "location": "westus2", "resource_group": "tokenforge"},
+        "open ports: NOT CHECKED: provider azure: the network security group",
+    ),
+    "kuberay": (
+        {"type": "kuberay", "namespace": "default"},
+        "open ports: NOT CHECKED: provider kuberay: reachability is set by Kubernetes Services and NetworkPolicies",
+    ),
 }
 
 
@@ -130,7 +202,9 @@ def test_other_providers_say_what_is_not_checked(tmp_path, provider, capsys):
     assert expected in out and "SSH only" not in out and "ports: ok (head: 6379 port" in out
     if provider == "kuberay":
         assert "Ray schema: NOT CHECKED: provider kuberay is not a `ray up` file" in out
-    path = broken(tmp_path, lambda c: (move(c), set_head_command(c, "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0")))
+    path = broken(
+        tmp_path, lambda c: (move(c), set_head_command(c, "--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"))
+    )
     with pytest.raises(ClusterConfigError, match="exposes the Jobs API"):
         validate_cluster(path)
 
@@ -146,14 +220,25 @@ def test_check_ports_names_the_busy_port_and_its_setting(tmp_path):
         held.listen()
         port = held.getsockname()[1]
         command = ["ray", "start", "--head", f"--dashboard-agent-listen-port={port}", "--metrics-export-port=0"]
-        result = subprocess.run([sys.executable, str(REPO / "scripts" / "check_ports.py"), *command],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "check_ports.py"), *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == (f"check_ports: port {port} (dashboard agent (HTTP: job submission)) is in use on "
-                                     f"{socket.gethostname()}; choose a free port for --dashboard-agent-listen-port= "
-                                     "in the cluster file's head_start_ray_commands")
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "check_ports.py"), "ray", "start", f"--port={port}", "--help"],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert result.stderr.strip() == (
+        f"check_ports: port {port} (dashboard agent (HTTP: job submission)) is in use on "
+        f"{socket.gethostname()}; choose a free port for --dashboard-agent-listen-port= "
+        "in the cluster file's head_start_ray_commands"
+    )
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "check_ports.py"), "ray", "start", f"--port={port}", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
     assert result.returncode == 0 and "--metrics-export-port" in result.stdout  # the port is free again: ray ran
 
 
@@ -187,7 +272,9 @@ def test_nodes_set_up_by_node_type(path):
 
 
 def test_setup_node_refuses_an_unknown_build():
-    result = subprocess.run(["bash", str(REPO / "scripts" / "setup_node.sh"), "gpu"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "setup_node.sh"), "gpu"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2 and "usage: setup_node.sh cpu|cuda" in result.stderr
 
 
@@ -230,11 +317,21 @@ def test_setup_node_says_in_one_line_where_no_cpu_torch_is(tmp_path):
     checkout.mkdir()
     (checkout / "constraints.txt").write_text("torch==0.0.1\n")
     env = {**os.environ, "HOME": str(tmp_path), "TOKENFORGE_CHECKOUT": str(checkout)}
-    result = subprocess.run(["bash", str(REPO / "scripts" / "setup_node.sh"), "cpu"], capture_output=True, text=True, timeout=120, env=env)
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "setup_node.sh"), "cpu"], capture_output=True, text=True, timeout=120, env=env
+    )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "setup_node: torch 0.0.1+cpu is in neither pip's configured sources nor https://download.pytorch.org/whl/cpu")
-    assert "ResolutionImpossible" not in result.stderr and "take PyPI's CUDA build (~5.7 GB) with `setup_node.sh cuda`" in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "setup_node: torch 0.0.1+cpu is in neither pip's configured sources nor https://download.pytorch.org/whl/cpu"
+        )
+    )
+    assert (
+        "ResolutionImpossible" not in result.stderr
+        and "take PyPI's CUDA build (~5.7 GB) with `setup_node.sh cuda`" in result.stderr
+    )
     bashrc = (tmp_path / ".bashrc").read_text().splitlines()
     assert len(bashrc) == 1 and 'RAY_TMPDIR="${RAY_TMPDIR:-$HOME/.tokenforge-ray}"' in bashrc[0]
 
@@ -244,7 +341,15 @@ def test_cluster_entry_never_joins_some_cluster_it_found(tmp_path):
     never RAY_ADDRESS=auto, which picks any cluster it finds on a shared machine: without that file, one line, exit 2."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     for extra in ({"RAY_TMPDIR": str(tmp_path)}, {"RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": "auto"}):
-        result = subprocess.run([sys.executable, str(REPO / "scripts" / "cluster_entry.py"), "train"], capture_output=True,
-                                text=True, timeout=60, env={**env, **extra}, cwd=tmp_path)
+        result = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "cluster_entry.py"), "train"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**env, **extra},
+            cwd=tmp_path,
+        )
         assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert result.stderr.startswith(f"cluster_entry: no Ray head started by this user on this node ({tmp_path}/ray/ray_current_cluster is missing")
+        assert result.stderr.startswith(
+            f"cluster_entry: no Ray head started by this user on this node ({tmp_path}/ray/ray_current_cluster is missing"
+        )

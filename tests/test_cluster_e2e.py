@@ -31,16 +31,26 @@ def submit(cluster, *command: str, timeout: int = 600) -> str:
     """`ray job submit --working-dir .`; returns the job's logs after it SUCCEEDED."""
     job_id = f"tf-{int(time.time() * 1000)}"
     ray = str(BIN / "ray")
-    subprocess.run([ray, "job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(REPO), "--", *command],
-                   env=cluster["env"], check=True, capture_output=True, cwd=REPO, timeout=120)
+    subprocess.run(
+        [ray, "job", "submit", "--no-wait", "--submission-id", job_id, "--working-dir", str(REPO), "--", *command],
+        env=cluster["env"],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+    )
     deadline = time.time() + timeout
     status = ""
     while time.time() < deadline:
-        status = subprocess.run([ray, "job", "status", job_id], env=cluster["env"], capture_output=True, text=True, timeout=60, check=False).stdout.lower()
+        status = subprocess.run(
+            [ray, "job", "status", job_id], env=cluster["env"], capture_output=True, text=True, timeout=60, check=False
+        ).stdout.lower()
         if any(f"' {word}" in status for word in ("succeeded", "failed", "stopped")):  # "Job 'id' succeeded"
             break
         time.sleep(3)
-    logs = subprocess.run([ray, "job", "logs", job_id], env=cluster["env"], capture_output=True, text=True, timeout=60, check=False).stdout
+    logs = subprocess.run(
+        [ray, "job", "logs", job_id], env=cluster["env"], capture_output=True, text=True, timeout=60, check=False
+    ).stdout
     assert f"job '{job_id}' succeeded" in status, f"{status}\n{logs[-3000:]}"
     return logs
 
@@ -51,7 +61,9 @@ def test_requests_without_the_token_are_refused(cluster):
         urllib.request.urlopen(url, timeout=30)
     assert refused.value.code in (401, 403)
     token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}), timeout=30) as ok:
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}), timeout=30
+    ) as ok:
         assert ok.status == 200
 
 
@@ -60,10 +72,19 @@ def test_train_job_places_actors_on_both_nodes_as_configured(cluster):
     # this session's temp HOME), not in Ray's temporary unpacked copy of the working dir.
     out = Path.home() / "tokenforge-outputs" / "runs" / "e2e-train"
     logs = submit(
-        cluster, "tokenforge", "train", "output_dir=runs/e2e-train", "trainer.total_steps=4", "trainer.eval_every=2",
-        "trainer.prompts_per_step=8", "rollout.group_size=4", "data.max_eval_samples=50",
-        "learner.resources={head_node: 0.5}", "rollout.resources_per_worker={worker_node: 0.5}",
-        "rollout.num_cpus_per_worker=0.5", "reward.resources_per_worker={worker_node: 0.25}",
+        cluster,
+        "tokenforge",
+        "train",
+        "output_dir=runs/e2e-train",
+        "trainer.total_steps=4",
+        "trainer.eval_every=2",
+        "trainer.prompts_per_step=8",
+        "rollout.group_size=4",
+        "data.max_eval_samples=50",
+        "learner.resources={head_node: 0.5}",
+        "rollout.resources_per_worker={worker_node: 0.5}",
+        "rollout.num_cpus_per_worker=0.5",
+        "reward.resources_per_worker={worker_node: 0.25}",
     )
     assert f"tokenforge: output_dir runs/e2e-train -> {out} " in logs
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -75,7 +96,13 @@ def test_train_job_places_actors_on_both_nodes_as_configured(cluster):
 
 def test_resubmitted_train_job_writes_beside_the_first_run(cluster):
     first = Path.home() / "tokenforge-outputs" / "runs" / "e2e-again"
-    args = ["output_dir=runs/e2e-again", "trainer.total_steps=1", "trainer.prompts_per_step=4", "rollout.group_size=2", "data.max_eval_samples=8"]
+    args = [
+        "output_dir=runs/e2e-again",
+        "trainer.total_steps=1",
+        "trainer.prompts_per_step=4",
+        "rollout.group_size=2",
+        "data.max_eval_samples=8",
+    ]
     submit(cluster, "tokenforge", "train", *args)
     logs = submit(cluster, "tokenforge", "train", *args)
     assert f"-> {first}-2 " in logs and f"{first} holds an earlier run" in logs

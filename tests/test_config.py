@@ -18,10 +18,16 @@ def test_defaults_and_overrides(tmp_path):
 
 
 def test_override_inside_a_mapping_keeps_its_other_entries(tmp_path):
-    assert load_config(overrides=["reward.weights.digit_match=1.5"]).reward.weights == {"exact_match": 1.0, "digit_match": 1.5}
+    assert load_config(overrides=["reward.weights.digit_match=1.5"]).reward.weights == {
+        "exact_match": 1.0,
+        "digit_match": 1.5,
+    }
     path = tmp_path / "run.yaml"
     path.write_text("reward:\n  weights: {exact_match: 2.0}\n")  # a file's mapping replaces the default one
-    assert load_config(path, ["reward.weights.digit_match=0.1"]).reward.weights == {"exact_match": 2.0, "digit_match": 0.1}
+    assert load_config(path, ["reward.weights.digit_match=0.1"]).reward.weights == {
+        "exact_match": 2.0,
+        "digit_match": 0.1,
+    }
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -44,7 +50,10 @@ def test_resolved_config_round_trips(tmp_path):
         ("reward.weights={}", "'reward.weights': Dictionary should have at least 1 item"),
         ("rollout=3", "'rollout': Input should be a valid dictionary"),
         ("total_steps", "is not key=value"),
-        ("rollout.resources_per_worker={a:", "override 'rollout.resources_per_worker={a:': the value is not valid YAML"),
+        (
+            "rollout.resources_per_worker={a:",
+            "override 'rollout.resources_per_worker={a:': the value is not valid YAML",
+        ),
         # settings that silently learn nothing, or learn off-policy uncorrected
         ("rollout.group_size=1", "'rollout.group_size': 1 with algorithm.estimator='grpo' gives every advantage 0"),
         ("rollout.group_size=1 algorithm.estimator=rloo", "'rollout.group_size': 1 with algorithm.estimator='rloo'"),
@@ -62,14 +71,26 @@ def test_resolved_config_round_trips(tmp_path):
         ("learner.lr=.inf", "'learner.lr': Input should be a finite number"),
         ("reward.weights.exact_match=.nan", "'reward.weights.exact_match': Input should be a finite number"),
         ("trainer.actor_timeout_s=.inf", "'trainer.actor_timeout_s': Input should be a finite number"),
-        ("reward.components.length_penalty.target=.nan reward.weights.length_penalty=1", "'reward.components.length_penalty.target': Input should be a finite number"),
+        (
+            "reward.components.length_penalty.target=.nan reward.weights.length_penalty=1",
+            "'reward.components.length_penalty.target': Input should be a finite number",
+        ),
         ("learner.adam_betas=[0.9,1.0]", "'learner.adam_betas.1': Input should be less than 1"),
         ("learner.adam_betas=[-0.1,0.9]", "'learner.adam_betas.0': Input should be greater than or equal to 0"),
-        ("rollout.resources_per_worker.gpu_node=-1", "'rollout.resources_per_worker.gpu_node': Input should be greater than or equal to 0"),
+        (
+            "rollout.resources_per_worker.gpu_node=-1",
+            "'rollout.resources_per_worker.gpu_node': Input should be greater than or equal to 0",
+        ),
         ("learner.resources.x=.inf", "'learner.resources.x': Input should be a finite number"),
-        ("reward.resources_per_worker.x=-2", "'reward.resources_per_worker.x': Input should be greater than or equal to 0"),
+        (
+            "reward.resources_per_worker.x=-2",
+            "'reward.resources_per_worker.x': Input should be greater than or equal to 0",
+        ),
         ("learner.max_nonfinite_steps=0", "'learner.max_nonfinite_steps': Input should be greater than or equal to 1"),
-        ("trainer.max_staleness=1", "'trainer.max_staleness': 1 trains on samples from weights up to 1 versions old (off-policy); set algorithm.is_cap"),
+        (
+            "trainer.max_staleness=1",
+            "'trainer.max_staleness': 1 trains on samples from weights up to 1 versions old (off-policy); set algorithm.is_cap",
+        ),
         ("trainer.max_staleness=-1", "'trainer.max_staleness': Input should be greater than or equal to 0"),
         ("rollout.weight_sync=nccl", "'rollout.weight_sync': Input should be 'object_store' or 'collective'"),
     ],
@@ -83,7 +104,9 @@ def test_bad_keys_and_values_name_the_key(override, message):
 def test_settings_that_do_learn_are_accepted():
     assert load_config(overrides=["rollout.group_size=1", "algorithm.estimator=reinforce++"]).rollout.group_size == 1
     assert load_config(overrides=["learner.updates_per_batch=2", "algorithm.is_cap=2"]).learner.updates_per_batch == 2
-    assert load_config(overrides=["learner.updates_per_batch=2", "algorithm.loss=ppo_clip"]).algorithm.loss == "ppo_clip"
+    assert (
+        load_config(overrides=["learner.updates_per_batch=2", "algorithm.loss=ppo_clip"]).algorithm.loss == "ppo_clip"
+    )
     assert load_config(overrides=["trainer.max_staleness=2", "algorithm.is_cap=2"]).trainer.max_staleness == 2
     assert load_config(overrides=["trainer.max_staleness=1", "algorithm.loss=ppo_clip"]).trainer.max_staleness == 1
     assert load_config().rollout.weight_sync == "object_store"

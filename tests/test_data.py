@@ -34,9 +34,9 @@ def test_every_source_form_loads_the_same_rows(tmp_path):
     pq.write_table(table, tmp_path / "p.parquet")
     (tmp_path / "p.csv").write_text("prompt,answer\n1+1=,2\n2+3=,5\n")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:1]), "test": datasets.Dataset.from_list(ROWS)}).save_to_disk(
-        str(tmp_path / "saved_dict")
-    )
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS[:1]), "test": datasets.Dataset.from_list(ROWS)}
+    ).save_to_disk(str(tmp_path / "saved_dict"))
     (tmp_path / "shards").mkdir()
     pq.write_table(table.slice(0, 1), tmp_path / "shards" / "part-0.parquet")
     pq.write_table(table.slice(1, 1), tmp_path / "shards" / "part-1.parquet")
@@ -63,7 +63,10 @@ def test_trl_formats_load_as_they_are(tmp_path):
 
 def test_unreadable_sources_are_one_line_errors(tmp_path):
     (tmp_path / "p.txt").write_text("1+1=\n")
-    with pytest.raises(TokenforgeError, match="data.train_file: cannot read .*p.txt'.*a file must be one of .jsonl, .json, .parquet, .csv"):
+    with pytest.raises(
+        TokenforgeError,
+        match="data.train_file: cannot read .*p.txt'.*a file must be one of .jsonl, .json, .parquet, .csv",
+    ):
         load_prompts(tmp_path / "p.txt", "data.train_file")
     with pytest.raises(TokenforgeError, match="data.train_file: '.*missing.jsonl' does not exist"):
         load_prompts(tmp_path / "missing.jsonl", "data.train_file")

@@ -26,8 +26,14 @@ REPO = Path(__file__).parent.parent
 def start_train(*overrides: str, env: dict | None = None) -> subprocess.Popen:
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     environment.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *overrides], cwd=REPO, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", *overrides],
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def one_line_error(process: subprocess.Popen, timeout: float) -> str:
@@ -98,7 +104,10 @@ def test_ctrl_c_while_joining_ray_is_one_line_with_the_resume_command(tmp_path, 
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     line = one_line_error(process, timeout=60)
-    assert line == f"tokenforge: error: interrupted; continue from the last checkpoint with: tokenforge train --resume {out}"
+    assert (
+        line
+        == f"tokenforge: error: interrupted; continue from the last checkpoint with: tokenforge train --resume {out}"
+    )
 
 
 class Answers503(http.server.BaseHTTPRequestHandler):
@@ -120,8 +129,14 @@ class Answers503(http.server.BaseHTTPRequestHandler):
 
 def s3_error(port: int) -> OSError:
     """The error pyarrow raises writing to an S3 endpoint on 127.0.0.1:port (few retries, short timeouts)."""
-    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
-                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1), connect_timeout=2, request_timeout=2)
+    fs = pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{port}",
+        scheme="http",
+        region="us-east-1",
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+        connect_timeout=2,
+        request_timeout=2,
+    )
     with pytest.raises(OSError) as raised:
         fs.get_file_info("bucket/run/metrics.jsonl")
     return raised.value
@@ -142,8 +157,13 @@ def test_transient_storage_errors_are_told_from_lasting_ones():
     closed.close()
     assert is_transient(s3_error(port))
     with pytest.raises(TransientStorageError):
-        Storage(f"s3://bucket/run?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1").exists("metrics.jsonl")
-    for errno_, text in ((errno.ENOSPC, "No space left on device"), (errno.EACCES, "Permission denied"),
-                         (errno.EROFS, "Read-only file system")):
+        Storage(f"s3://bucket/run?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1").exists(
+            "metrics.jsonl"
+        )
+    for errno_, text in (
+        (errno.ENOSPC, "No space left on device"),
+        (errno.EACCES, "Permission denied"),
+        (errno.EROFS, "Read-only file system"),
+    ):
         assert not is_transient(OSError(errno_, text))
     assert not is_transient(OSError("AWS Error ACCESS_DENIED during PutObject operation: HTTP status 403"))

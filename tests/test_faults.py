@@ -25,8 +25,13 @@ pytestmark = pytest.mark.slow  # minutes of real faults: CI runs them as their o
 
 REPO = Path(__file__).parent.parent
 TINY = [  # a short run that checkpoints often
-    "trainer.total_steps=8", "trainer.eval_every=4", "trainer.save_every=2", "trainer.prompts_per_step=8",
-    "rollout.group_size=4", "data.max_eval_samples=20", "trainer.keep_checkpoints=null",
+    "trainer.total_steps=8",
+    "trainer.eval_every=4",
+    "trainer.save_every=2",
+    "trainer.prompts_per_step=8",
+    "rollout.group_size=4",
+    "data.max_eval_samples=20",
+    "trainer.keep_checkpoints=null",
 ]
 
 
@@ -96,9 +101,14 @@ def test_a_killed_worker_is_restarted_and_the_step_completes_with_every_sample(s
     lines = records(out)
     assert [r["step"] for r in lines] == list(range(9))
     assert all(r["rollout/samples"] == 32 for r in lines[1:])  # 8 prompts x 4 samples, every step
-    faults = sum(r.get("fault/rollout_restarts", 0) + r.get("reward/worker_deaths", 0) + r.get("reward/resubmits", 0) for r in lines)
+    faults = sum(
+        r.get("fault/rollout_restarts", 0) + r.get("reward/worker_deaths", 0) + r.get("reward/resubmits", 0)
+        for r in lines
+    )
     assert faults >= 1
-    torch.testing.assert_close(final_weights(out), final_weights(straight), rtol=0, atol=1e-6)  # nothing lost or doubled
+    torch.testing.assert_close(
+        final_weights(out), final_weights(straight), rtol=0, atol=1e-6
+    )  # nothing lost or doubled
 
 
 def test_a_killed_learner_restarts_the_pipeline_from_the_last_checkpoint(straight, tmp_path, capsys):
@@ -114,7 +124,14 @@ def test_a_killed_learner_restarts_the_pipeline_from_the_last_checkpoint(straigh
 def driver(out: Path, address: str, *extra: str) -> subprocess.Popen:
     """`tokenforge train` of the TINY run into `out` (then `extra` overrides), or `extra` = ("--resume", ...)."""
     resuming = extra[:1] == ("--resume",)
-    command = [sys.executable, "-m", "pipeline.cli", "train", *([] if resuming else [*TINY, f"output_dir={out}"]), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "train",
+        *([] if resuming else [*TINY, f"output_dir={out}"]),
+        *extra,
+    ]
     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -170,14 +187,19 @@ def test_ctrl_c_is_one_line_with_the_resume_command(ray_cluster, tmp_path):
     """SIGINT (Ctrl-C) of the driver mid-run: no traceback, one line naming the --resume command, exit 2."""
     out = tmp_path / "run"
     # 1,000 steps: the TINY run's 8 took ~1 s on a quiet machine, so the signal could arrive after the end
-    process = driver(out, ray_cluster.get_runtime_context().gcs_address, "trainer.total_steps=1000", "trainer.save_every=1000")
+    process = driver(
+        out, ray_cluster.get_runtime_context().gcs_address, "trainer.total_steps=1000", "trainer.save_every=1000"
+    )
     while not (out / "metrics.jsonl").exists() and process.poll() is None:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     log = process.communicate(timeout=60)[0]
     assert process.returncode == 2, log[-3000:]
     assert records(out)[-1]["step"] < 1000  # stopped mid-run
-    assert f"tokenforge: error: interrupted; continue from the last checkpoint with: tokenforge train --resume {out}" in log
+    assert (
+        f"tokenforge: error: interrupted; continue from the last checkpoint with: tokenforge train --resume {out}"
+        in log
+    )
     assert "Traceback" not in log
 
 
@@ -189,15 +211,25 @@ def test_a_full_or_read_only_disk_is_one_line_naming_the_run(tmp_path):
     for options, reason in (("size=200k", "no space left"), ("ro", "read-only file system")):
         out = tmp_path / options.replace("=", "")
         out.mkdir()
-        script = (f"mount -t tmpfs -o {options} tmpfs {out} && exec {sys.executable} -m pipeline.cli train "
-                  f"output_dir={out} {' '.join(TINY)} ray.num_cpus=2")
+        script = (
+            f"mount -t tmpfs -o {options} tmpfs {out} && exec {sys.executable} -m pipeline.cli train "
+            f"output_dir={out} {' '.join(TINY)} ray.num_cpus=2"
+        )
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("RAY_ADDRESS", None)
-        result = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
-                                capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+        result = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+            env=env,
+        )
         assert result.returncode == 2, result.stderr[-2000:]
         last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("tokenforge: error: ") and f"storage '{out}/" in last and reason in last, result.stderr[-2000:]
+        assert last.startswith("tokenforge: error: ") and f"storage '{out}/" in last and reason in last, result.stderr[
+            -2000:
+        ]
 
 
 def test_ctrl_c_while_waiting_for_a_gpu_is_one_line(ray_cluster, tmp_path):
@@ -212,7 +244,10 @@ def test_ctrl_c_while_waiting_for_a_gpu_is_one_line(ray_cluster, tmp_path):
     process.send_signal(signal.SIGINT)
     log += process.communicate(timeout=60)[0]
     assert process.returncode == 2, log[-3000:]
-    assert f"tokenforge: error: interrupted; continue from the last checkpoint with: tokenforge train --resume {out}" in log
+    assert (
+        f"tokenforge: error: interrupted; continue from the last checkpoint with: tokenforge train --resume {out}"
+        in log
+    )
     assert "Traceback" not in log
 
 
@@ -223,14 +258,30 @@ def test_a_learner_failing_on_a_full_tmp_counts_against_max_failures(tmp_path):
         pytest.skip("needs mount namespaces (unshare --mount) to mount a small tmpfs")
     scratch, out = tmp_path / "scratch", tmp_path / "run"
     scratch.mkdir()
-    script = (f"mount -t tmpfs -o size=200k tmpfs {scratch} && exec {sys.executable} -m pipeline.cli train "
-              f"output_dir={out} {' '.join(TINY)} ray.num_cpus=2 trainer.max_failures=1")
+    script = (
+        f"mount -t tmpfs -o size=200k tmpfs {scratch} && exec {sys.executable} -m pipeline.cli train "
+        f"output_dir={out} {' '.join(TINY)} ray.num_cpus=2 trainer.max_failures=1"
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch), "RAY_TMPDIR": "/tmp"}
     env.pop("RAY_ADDRESS", None)
-    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
-                            capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "failure 1 of at most 1 (ActorFailed: learner: " in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "failure 1 of at most 1 (ActorFailed: learner: " in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-3000:]
+    )
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("tokenforge: error: the run failed 2 times (trainer.max_failures=1), last: ActorFailed: learner: "), last
-    assert "No space left on device" in last and f"tokenforge train --resume {out}" in last and "Traceback" not in result.stderr
+    assert last.startswith(
+        "tokenforge: error: the run failed 2 times (trainer.max_failures=1), last: ActorFailed: learner: "
+    ), last
+    assert (
+        "No space left on device" in last
+        and f"tokenforge train --resume {out}" in last
+        and "Traceback" not in result.stderr
+    )

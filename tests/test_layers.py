@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lowest first. A sub-package is a package under pipeline/ (pipeline.driver) or a module beside them
 # (pipeline.config); actors/ is one.
 LAYERS = [
-    ("core: base", {"pipeline.errors", "pipeline.batch", "pipeline.algorithm", "pipeline.storage", "pipeline.run_paths"}),
+    (
+        "core: base",
+        {"pipeline.errors", "pipeline.batch", "pipeline.algorithm", "pipeline.storage", "pipeline.run_paths"},
+    ),
     ("core: config", {"pipeline.config"}),  # names and types only: imports no implementation above the base
     ("core: implementations", {"pipeline.models", "pipeline.rewards", "pipeline.data", "pipeline.preflight"}),
     ("runtime", {"pipeline.runtime"}),
@@ -99,4 +102,3 @@ def test_no_two_sub_packages_import_each_other_directly_or_around_a_loop():
 
     loops = sorted(f"{s} -> {t} -> ... -> {s} ({w})" for s, t, w in edges() if reaches(t, s))
     assert loops == [], "imports that close a loop between sub-packages:\n" + "\n".join(loops)
-

@@ -228,7 +228,9 @@ def test_property_leaving_zero_advantage_rows_out_keeps_the_gradient(rows, width
 
     def grad(rows_used) -> torch.Tensor:
         logp = torch.nn.functional.logsigmoid(theta[rows_used])
-        loss, _ = policy_loss(logp, behaviour[rows_used], advantages[rows_used], mask[rows_used], agg, loss_name, **counts)
+        loss, _ = policy_loss(
+            logp, behaviour[rows_used], advantages[rows_used], mask[rows_used], agg, loss_name, **counts
+        )
         return torch.autograd.grad(loss, theta)[0]
 
     full = grad(torch.arange(rows))
@@ -265,7 +267,9 @@ def test_policy_loss_is_float32_whatever_the_masks_type():
     metrics, and a float32 loss."""
     logp, behaviour, advantages = T([[-0.5, -1.0, -2.0]]), T([[-0.75, -1.0, -1.5]]), T([[1 / 3, -0.5, 2.0]])
     entropy = torch.tensor([[1 / 3, 0.5, 1 / 7]], dtype=torch.float64)
-    reference = policy_loss(logp, behaviour, advantages, T([[1.0, 1.0, 0.0]]), agg="seq-mean-token-mean", entropy=entropy)
+    reference = policy_loss(
+        logp, behaviour, advantages, T([[1.0, 1.0, 0.0]]), agg="seq-mean-token-mean", entropy=entropy
+    )
     for dtype in (torch.bool, torch.int64, torch.float64):
         mask = torch.tensor([[1, 1, 0]], dtype=dtype)
         loss, metrics = policy_loss(logp, behaviour, advantages, mask, agg="seq-mean-token-mean", entropy=entropy)
@@ -284,7 +288,9 @@ def test_an_unknown_loss_lists_every_known_one_exactly():
 @pytest.mark.mutant
 def test_k1_in_the_loss_is_refused_naming_k2_and_k3():
     with pytest.raises(ValueError, match=r"kl_kind 'k1' in the loss .*; use k2 or k3"):
-        policy_loss(T([[-0.5]]), T([[-0.5]]), T([[1.0]]), T([[1.0]]), ref_logprobs=T([[-1.0]]), kl_coef=0.1, kl_kind="k1")
+        policy_loss(
+            T([[-0.5]]), T([[-0.5]]), T([[1.0]]), T([[1.0]]), ref_logprobs=T([[-1.0]]), kl_coef=0.1, kl_kind="k1"
+        )
 
 
 @pytest.mark.mutant

@@ -42,9 +42,18 @@ def chat_model(tmp_path_factory, tokenizer):
     """A tiny random Llama with the BPE chat tokenizer, saved as a local HF model directory."""
     path = tmp_path_factory.mktemp("llama")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -53,10 +62,17 @@ def chat_model(tmp_path_factory, tokenizer):
 def chat_config(chat_model, *overrides):
     """The random chat model with a reward whose value differs between samples (the completion's length in
     characters), so that every group has advantages to learn from."""
-    return with_builtin_defaults(load_config(overrides=[
-        f"model.path={chat_model}", "rollout.max_new_tokens=6", "reward.weights={chars: 1.0}",
-        f"reward.components.chars={{type: python, function: '{FNS}:content_length'}}", *overrides,
-    ]))
+    return with_builtin_defaults(
+        load_config(
+            overrides=[
+                f"model.path={chat_model}",
+                "rollout.max_new_tokens=6",
+                "reward.weights={chars: 1.0}",
+                f"reward.components.chars={{type: python, function: '{FNS}:content_length'}}",
+                *overrides,
+            ]
+        )
+    )
 
 
 def test_text_prompts_get_the_tokenizers_bos_and_chats_get_it_once(tokenizer):
@@ -70,7 +86,10 @@ def test_text_prompts_get_the_tokenizers_bos_and_chats_get_it_once(tokenizer):
 
 
 def test_token_spans_follow_bpe_tokens_that_cover_several_characters(tokenizer):
-    ids = tokenizer("4567", add_special_tokens=False).input_ids + tokenizer(" and 123", add_special_tokens=False).input_ids
+    ids = (
+        tokenizer("4567", add_special_tokens=False).input_ids
+        + tokenizer(" and 123", add_special_tokens=False).input_ids
+    )
     ids.append(tokenizer.eos_token_id)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     spans = token_spans(tokenizer, ids, text)
@@ -93,8 +112,17 @@ def test_a_character_split_over_byte_tokens_belongs_to_the_token_that_completes_
             assert spans[k + 1][0] == start
     # digit_match through these spans earns each character once: the whole answer, then EOS in place, is 1
     digit_match = component("digit_match", ComponentEnv(tokenizer))
-    rewards = digit_match(RewardInputs(prompts=[""], completions=[text], completion_ids=[ids], texts=[text], token_spans=[spans],
-                                       columns={"answer": [text]}, stop_ids=frozenset({tokenizer.eos_token_id})))[0]
+    rewards = digit_match(
+        RewardInputs(
+            prompts=[""],
+            completions=[text],
+            completion_ids=[ids],
+            texts=[text],
+            token_spans=[spans],
+            columns={"answer": [text]},
+            stop_ids=frozenset({tokenizer.eos_token_id}),
+        )
+    )[0]
     assert sum(rewards) == pytest.approx(1.0)
 
 
@@ -147,8 +175,13 @@ def test_digit_match_credits_each_digit_a_bpe_token_covers(tokenizer, chat_model
 def chat_batch(tokenizer, responses: list[list[int]], answers: list[str], prompt=CHAT) -> pa.Table:
     texts, ids = encode_prompts(tokenizer, [prompt])
     metadata = pa.Table.from_pylist([{"prompt": prompt, "answer": a} for a in answers])
-    return rollout_table(ids * len(responses), responses, tokenizer.batch_decode(responses, skip_special_tokens=True), metadata,
-                         prompt_texts=texts * len(responses))
+    return rollout_table(
+        ids * len(responses),
+        responses,
+        tokenizer.batch_decode(responses, skip_special_tokens=True),
+        metadata,
+        prompt_texts=texts * len(responses),
+    )
 
 
 def test_rollouts_stop_at_stop_tokens_and_strings(builtin_model_path):
@@ -156,11 +189,17 @@ def test_rollouts_stop_at_stop_tokens_and_strings(builtin_model_path):
     plain = RolloutWorker(load_config(overrides=["rollout.max_new_tokens=6"]), builtin_model_path)
     free = plain.generate(prompts, group_size=4, step=1)
     nine = plain.tokenizer.convert_tokens_to_ids("9")
-    by_token = RolloutWorker(load_config(overrides=["rollout.max_new_tokens=6", f"rollout.stop_token_ids=[{nine}]"]), builtin_model_path)
-    by_string = RolloutWorker(load_config(overrides=["rollout.max_new_tokens=6", "rollout.stop=['9']"]), builtin_model_path)
+    by_token = RolloutWorker(
+        load_config(overrides=["rollout.max_new_tokens=6", f"rollout.stop_token_ids=[{nine}]"]), builtin_model_path
+    )
+    by_string = RolloutWorker(
+        load_config(overrides=["rollout.max_new_tokens=6", "rollout.stop=['9']"]), builtin_model_path
+    )
     for worker in (by_token, by_string):
         batch = worker.generate(prompts, group_size=4, step=1)  # same seed and step: same samples, cut earlier
-        for cut, full, finished in zip(*(t.column("response_ids").to_pylist() for t in (batch, free)), batch.column("finished").to_pylist()):
+        for cut, full, finished in zip(
+            *(t.column("response_ids").to_pylist() for t in (batch, free)), batch.column("finished").to_pylist()
+        ):
             expected = full[: full.index(nine) + 1] if nine in full else full
             assert cut == expected and finished == (nine in full or full[-1] == plain.tokenizer.eos_token_id)
     assert any(nine in r for r in free.column("response_ids").to_pylist())  # the test exercises a stop
@@ -177,7 +216,10 @@ def test_a_stop_string_inside_a_multi_character_token_stops_the_row():
     lengths = [0, 0]
     assert worker._reached_stop_string(torch.tensor([[thirteen], [nine]]), lengths).tolist() == [True, False]
     assert lengths == [2, 1]
-    assert worker._reached_stop_string(torch.tensor([[thirteen, nine], [nine, plus]]), lengths).tolist() == [False, True]
+    assert worker._reached_stop_string(torch.tensor([[thirteen, nine], [nine, plus]]), lengths).tolist() == [
+        False,
+        True,
+    ]
 
 
 def test_chunked_fp32_logprobs_and_their_gradients_equal_the_whole_softmax(builtin_model_path):
@@ -219,7 +261,14 @@ def test_logprobs_of_the_kept_logits_equal_those_of_every_position(builtin_model
 def float64_models(builtin_model_path, tokenizer):
     """The shipped GPT-2 (learned positions) and a tiny Llama (RoPE, grouped-query attention), in float64."""
     torch.manual_seed(0)
-    llama = make_tiny_llama(tokenizer, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=128)
+    llama = make_tiny_llama(
+        tokenizer,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=128,
+    )
     return {"gpt2": load_model(builtin_model_path).double(), "llama": llama.double()}
 
 
@@ -231,7 +280,9 @@ def grouped_batches(draw, vocab: int):
     prompts = draw(st.lists(st.lists(tokens, min_size=1, max_size=7), min_size=1, max_size=4))
     if draw(st.booleans()):
         prompts.append(prompts[0])
-    rows = [(p, draw(st.lists(tokens, min_size=1, max_size=5))) for p in prompts for _ in range(draw(st.integers(1, 5)))]
+    rows = [
+        (p, draw(st.lists(tokens, min_size=1, max_size=5))) for p in prompts for _ in range(draw(st.integers(1, 5)))
+    ]
     return [p for p, _ in rows], [r for _, r in rows]
 
 
@@ -244,7 +295,7 @@ def test_sharing_each_prompt_gives_the_per_sample_forwards_logprobs_entropies_an
     model = float64_models[arch]
     prompts, responses = data.draw(grouped_batches(model.config.vocab_size))
     sequences = build_sequences(prompts, responses, pad_id=0)
-    weights = torch.randn(2, *sequences["input_ids"][:, sequences["prompt_width"]:].shape, dtype=torch.float64)
+    weights = torch.randn(2, *sequences["input_ids"][:, sequences["prompt_width"] :].shape, dtype=torch.float64)
     mask = torch.zeros_like(weights[0])
     for i, r in enumerate(responses):
         mask[i, : len(r)] = 1
@@ -256,7 +307,14 @@ def test_sharing_each_prompt_gives_the_per_sample_forwards_logprobs_entropies_an
         seen.clear()
         logprobs, entropy = response_logprobs(model, sequences, temperature=0.7, share_prompts=share)
         ((weights[0] * logprobs + weights[1] * entropy) * mask).sum().backward()
-        results.append((logprobs.detach() * mask, entropy.detach() * mask, [p.grad.clone() for p in model.parameters()], list(seen)))
+        results.append(
+            (
+                logprobs.detach() * mask,
+                entropy.detach() * mask,
+                [p.grad.clone() for p in model.parameters()],
+                list(seen),
+            )
+        )
     hook.remove()
     (plain_lp, plain_h, plain_g, plain_calls), (lp, h, g, calls) = results
     distinct = len({tuple(p) for p in prompts})
@@ -273,65 +331,115 @@ def test_a_model_whose_cache_holds_recurrent_state_runs_every_sample_whole(float
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
     torch.manual_seed(0)
-    hybrid = Qwen3NextForCausalLM(Qwen3NextConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=2,
-        layer_types=["linear_attention", "full_attention"], mlp_only_layers=[0, 1], num_experts=2, num_experts_per_tok=1,
-        moe_intermediate_size=16, shared_expert_intermediate_size=16,
-    ))
-    assert not can_share_prompts(hybrid) and can_share_prompts(float64_models["gpt2"]) and can_share_prompts(float64_models["llama"])
+    hybrid = Qwen3NextForCausalLM(
+        Qwen3NextConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_num_key_heads=2,
+            linear_num_value_heads=2,
+            layer_types=["linear_attention", "full_attention"],
+            mlp_only_layers=[0, 1],
+            num_experts=2,
+            num_experts_per_tok=1,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+        )
+    )
+    assert (
+        not can_share_prompts(hybrid)
+        and can_share_prompts(float64_models["gpt2"])
+        and can_share_prompts(float64_models["llama"])
+    )
     sequences = build_sequences([[3, 4, 5], [3, 4, 5], [6, 7]], [[8, 9], [10], [11, 12]], pad_id=0)
     shared, plain = response_logprobs(hybrid, sequences, share_prompts=True), response_logprobs(hybrid, sequences)
     assert torch.equal(shared[0], plain[0])
     shared[0].sum().backward()  # raised "modified by an inplace operation" when the prompt was shared
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
-    {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8, "original_max_position_embeddings": 8, "rope_theta": 10000.0},
-])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+        {
+            "rope_type": "longrope",
+            "short_factor": [1.0] * 8,
+            "long_factor": [4.0] * 8,
+            "original_max_position_embeddings": 8,
+            "rope_theta": 10000.0,
+        },
+    ],
+)
 def test_a_rope_that_follows_the_sequence_length_runs_every_sample_whole(tokenizer, tmp_path, rope):
     """Dynamic-NTK and longrope frequencies depend on the length of the sequence the model runs: a prompt run alone
     gets other keys than inside a sequence past the original context (8 positions here). Such a model's prompts
     are not shared, and the learner's gradients are the plain forward's."""
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=8 if rope["rope_type"] == "dynamic" else 32, rope_parameters=rope,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )).save_pretrained(tmp_path)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=8 if rope["rope_type"] == "dynamic" else 32,
+            rope_parameters=rope,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     learner = Learner(chat_config(str(tmp_path)), str(tmp_path), str(tmp_path))
     assert not learner.share_prompts
-    sequences = build_sequences([[10, 11, 12, 13, 14]] * 2 + [[15, 16]], [[20, 21, 22, 23, 24, 25], [26, 27, 28], [29]], tokenizer.pad_token_id)
+    sequences = build_sequences(
+        [[10, 11, 12, 13, 14]] * 2 + [[15, 16]], [[20, 21, 22, 23, 24, 25], [26, 27, 28], [29]], tokenizer.pad_token_id
+    )
     grads = {}
     for name, share in (("learner", learner.share_prompts), ("plain", False), ("shared", True)):
         learner.model.zero_grad()
         response_logprobs(learner.model, sequences, share_prompts=share)[0].sum().backward()
         grads[name] = [p.grad.clone() for p in learner.model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(grads["learner"], grads["plain"]))
-    assert any((a - b).norm() > 1e-3 * b.norm() for a, b in zip(grads["shared"], grads["plain"]))  # what sharing would give
+    assert any(
+        (a - b).norm() > 1e-3 * b.norm() for a, b in zip(grads["shared"], grads["plain"])
+    )  # what sharing would give
 
 
 def test_length_dependent_rope_types_are_found_wherever_the_config_names_them():
     from types import SimpleNamespace as Config
 
     assert rope_follows_length(Config(rope_scaling={"type": "su", "short_factor": [1.0]}))  # Phi-3 remote code
-    assert rope_follows_length(Config(rope_parameters={"full_attention": {"rope_type": "dynamic"}, "sliding_attention": {"rope_type": "default"}}))
+    assert rope_follows_length(
+        Config(
+            rope_parameters={"full_attention": {"rope_type": "dynamic"}, "sliding_attention": {"rope_type": "default"}}
+        )
+    )
     assert not rope_follows_length(Config(rope_parameters={"rope_type": "yarn", "factor": 4.0}, rope_scaling=None))
     assert not rope_follows_length(Config())
 
 
 def sampled_batch(config, model_path, prompts=None):
     worker = RolloutWorker(config, model_path)
-    prompts = prompts or pa.table({"prompt": [CHAT, [{"role": "user", "content": "What is 7+8?"}]], "answer": ["42", "15"], "group_id": [0, 1]})
+    prompts = prompts or pa.table(
+        {"prompt": [CHAT, [{"role": "user", "content": "What is 7+8?"}]], "answer": ["42", "15"], "group_id": [0, 1]}
+    )
     batch = worker.generate(prompts, group_size=4, step=1)
     names = list(config.reward.weights)
     return RewardWorker(config, model_path, names).score_all(batch, names)[0]
 
 
 def learner_logprobs(learner: Learner, batch: pa.Table) -> torch.Tensor:
-    sequences = build_sequences(batch.column("prompt_ids").to_pylist(), batch.column("response_ids").to_pylist(), learner.tokenizer.pad_token_id)
+    sequences = build_sequences(
+        batch.column("prompt_ids").to_pylist(), batch.column("response_ids").to_pylist(), learner.tokenizer.pad_token_id
+    )
     with torch.no_grad(), learner.autocast():
         return response_logprobs(learner.model, sequences, learner.config.rollout.temperature)[0]
 
@@ -374,9 +482,13 @@ def test_bf16_learners_take_a_finite_step_close_to_fp32(chat_model, precision):
 def test_gradient_checkpointing_gives_the_same_gradient(chat_model):
     grads = []
     for checkpointing in (False, True):
-        learner = Learner(chat_config(chat_model, f"learner.gradient_checkpointing={checkpointing}"), chat_model, chat_model)
+        learner = Learner(
+            chat_config(chat_model, f"learner.gradient_checkpointing={checkpointing}"), chat_model, chat_model
+        )
         store = {}
-        learner.optimizer.step = lambda store=store, model=learner.model: store.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        learner.optimizer.step = lambda store=store, model=learner.model: store.update(
+            {n: p.grad.clone() for n, p in model.named_parameters()}
+        )
         learner.train_step(sampled_batch(learner.config, chat_model))
         grads.append(store)
     assert grads[0] and all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
@@ -388,7 +500,11 @@ LORA = "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
 def test_prompts_are_shared_unless_checkpointing_or_lora_dropout_would_make_it_differ(chat_model):
     assert Learner(chat_config(chat_model), chat_model, chat_model).share_prompts
     assert Learner(chat_config(chat_model, LORA), chat_model, chat_model).share_prompts
-    for off in ("learner.gradient_checkpointing=true", "learner.share_prompts=false", LORA.replace("r: 4", "r: 4, dropout: 0.1")):
+    for off in (
+        "learner.gradient_checkpointing=true",
+        "learner.share_prompts=false",
+        LORA.replace("r: 4", "r: 4, dropout: 0.1"),
+    ):
         assert not Learner(chat_config(chat_model, off), chat_model, chat_model).share_prompts, off
 
 
@@ -423,7 +539,9 @@ def test_lora_trains_adapters_only_and_publishes_merged_weights(chat_model, tmp_
     assert max_logprob_gap(learner, sampler.generate(pa.table({"prompt": [CHAT], "group_id": [0]}), 4, step=3)) < 1e-4
 
     learner.save_local(str(tmp_path / "ckpt"))
-    assert (tmp_path / "ckpt" / "adapter_model.safetensors").is_file() and not (tmp_path / "ckpt" / "model.safetensors").exists()
+    assert (tmp_path / "ckpt" / "adapter_model.safetensors").is_file() and not (
+        tmp_path / "ckpt" / "model.safetensors"
+    ).exists()
     resumed = Learner(config, str(tmp_path / "ckpt"), chat_model)
     assert resumed.load_state(str(tmp_path / "ckpt")) == 2
     assert all(torch.allclose(resumed.get_weights()[k], v) for k, v in merged.items())
@@ -443,5 +561,7 @@ def test_classifier_scores_a_conversation_through_the_reward_models_chat_templat
     assert inputs.completions[0] == conversation[-1:]  # TRL's form of a conversational completion
     rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
     with torch.no_grad():
-        expected = model(**tokenizer(rendered, add_special_tokens=False, return_tensors="pt")).logits.softmax(-1)[0, 1].item()
+        expected = (
+            model(**tokenizer(rendered, add_special_tokens=False, return_tensors="pt")).logits.softmax(-1)[0, 1].item()
+        )
     assert classifier(inputs) == [pytest.approx(expected, abs=1e-6)]

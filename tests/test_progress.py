@@ -39,7 +39,9 @@ def test_a_live_bar_on_a_terminal_keeps_the_eval_lines(tmp_path, monkeypatch):
     out = terminal.getvalue()
     assert "\r" in out and "step 2/4 " in out and " ETA " in out  # the bar redrawn in place, with its remaining time
     assert "reward 0.500 | eval/exact_match 0.625 | 1000 tok/s" in out
-    assert "\nstep 2/4 | reward 0.500 | eval/exact_match 0.625 | 1000 tok/s" in out.replace("\r", "\n")  # the eval's line stays
+    assert "\nstep 2/4 | reward 0.500 | eval/exact_match 0.625 | 1000 tok/s" in out.replace(
+        "\r", "\n"
+    )  # the eval's line stays
 
 
 def test_the_eta_counts_from_the_end_of_the_first_step(tmp_path, capsys, monkeypatch):

@@ -31,9 +31,13 @@ def test_run_report_plots_every_series_of_the_run(observed_run, capsys):
     )
     series = drawn_series(run / "report.png")
     for expected in [
-        "eval metrics vs samples: eval/exact_match", "eval metrics vs time: eval/exact_match",
-        "rewards (mean per sample): reward/exact_match/mean", "rewards (mean per sample): reward/digit_match/mean",
-        "rewards (mean per sample): reward/total/mean", "entropy: policy/entropy", "response length (tokens): response/length_mean",
+        "eval metrics vs samples: eval/exact_match",
+        "eval metrics vs time: eval/exact_match",
+        "rewards (mean per sample): reward/exact_match/mean",
+        "rewards (mean per sample): reward/digit_match/mean",
+        "rewards (mean per sample): reward/total/mean",
+        "entropy: policy/entropy",
+        "response length (tokens): response/length_mean",
         *[f"step time (s): {part}" for part in ("rollout", "reward", "learn", "publish", "other")],
         "samples without signal: advantage/zero_frac",
     ]:
@@ -43,7 +47,13 @@ def test_run_report_plots_every_series_of_the_run(observed_run, capsys):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval/exact_match"] for r in records if "eval/exact_match" in r]
     rows = markdown_rows(md)
-    assert rows[("eval metrics vs samples", "eval/exact_match")] == ["3", f"{evals[0]:.4g}", f"{evals[-1]:.4g}", f"{min(evals):.4g}", f"{max(evals):.4g}"]
+    assert rows[("eval metrics vs samples", "eval/exact_match")] == [
+        "3",
+        f"{evals[0]:.4g}",
+        f"{evals[-1]:.4g}",
+        f"{min(evals):.4g}",
+        f"{max(evals):.4g}",
+    ]
     zero = [r["advantage/zero_frac"] for r in records if "advantage/zero_frac" in r]
     assert rows[("samples without signal", "advantage/zero_frac")][:3] == ["4", f"{zero[0]:.4g}", f"{zero[-1]:.4g}"]
     # the stack's top is the step time: the parts, with `other`, add up to time/step_s
@@ -56,7 +66,10 @@ def test_run_report_plots_every_series_of_the_run(observed_run, capsys):
     ("target", "phrases"),
     [
         ("{tmp}/missing", ["'{tmp}/missing' does not exist", "pass a run's output_dir or storage URI"]),
-        ("{tmp}", ["'{tmp}' is neither a tokenforge run", "pass a run's output_dir / storage URI or an experiment directory"]),
+        (
+            "{tmp}",
+            ["'{tmp}' is neither a tokenforge run", "pass a run's output_dir / storage URI or an experiment directory"],
+        ),
     ],
 )
 def test_bad_report_targets_are_one_line(tmp_path, capsys, target, phrases):

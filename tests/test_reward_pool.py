@@ -54,7 +54,10 @@ def totals(table, name):
 def test_a_hanging_component_times_out_and_follows_on_error(make_pool, batch, policy):
     pool = make_pool("hang", policy, timeout_s=2, retries=1)
     if policy == "raise":
-        with pytest.raises(TokenforgeError, match=r"reward 'user': samples 0-2 not scored after 2 tries: no result within reward.timeout_s=2s"):
+        with pytest.raises(
+            TokenforgeError,
+            match=r"reward 'user': samples 0-2 not scored after 2 tries: no result within reward.timeout_s=2s",
+        ):
             pool.score(batch, ["exact_match", "user"])
         return
     scored, dropped = pool.score(batch, ["exact_match", "user"])
@@ -75,7 +78,9 @@ def test_a_hanging_component_times_out_and_follows_on_error(make_pool, batch, po
 def test_a_raising_component_through_the_pool(make_pool, batch, policy):
     pool = make_pool("fail_on_seven", policy)
     if policy == "raise":
-        with pytest.raises(TokenforgeError, match=r"reward 'user' failed on sample 1 \(prompt '1\+2='\): ValueError: no sevens"):
+        with pytest.raises(
+            TokenforgeError, match=r"reward 'user' failed on sample 1 \(prompt '1\+2='\): ValueError: no sevens"
+        ):
             pool.score(batch, ["user"])
         return
     scored, dropped = pool.score(batch, ["user"])
@@ -86,7 +91,9 @@ def test_a_raising_component_through_the_pool(make_pool, batch, policy):
 
 def test_a_worker_that_dies_mid_batch_loses_and_double_counts_nothing(make_pool, batch, tmp_path):
     rows = list(range(batch.num_rows))
-    marked = batch.append_column("marker_dir", pa.array([str(tmp_path)] * len(rows))).append_column("row", pa.array(rows))
+    marked = batch.append_column("marker_dir", pa.array([str(tmp_path)] * len(rows))).append_column(
+        "row", pa.array(rows)
+    )
     pool = make_pool("crash_once", "raise", retries=1)
     scored, dropped = pool.score(marked, ["exact_match", "user"])
     assert (tmp_path / "crashed").exists()  # a worker really died
@@ -105,7 +112,9 @@ def test_a_piece_is_scored_as_soon_as_it_arrives(make_pool, batch, tmp_path):
     import time
 
     rows = list(range(batch.num_rows))
-    marked = batch.append_column("marker_dir", pa.array([str(tmp_path)] * len(rows))).append_column("row", pa.array(rows))
+    marked = batch.append_column("marker_dir", pa.array([str(tmp_path)] * len(rows))).append_column(
+        "row", pa.array(rows)
+    )
     pool = make_pool("log_scoring", "raise", workers=2)
     pool.score(marked.slice(0, 1), ["user"])  # the workers are up
     (tmp_path / "scored").unlink()
@@ -118,6 +127,8 @@ def test_a_piece_is_scored_as_soon_as_it_arrives(make_pool, batch, tmp_path):
             time.sleep(3)
 
     scored, _ = pool.score_pieces(pieces(), 2, ["user"])
-    started = {int(row): float(t) for row, t in (line.split() for line in (tmp_path / "scored").read_text().splitlines())}
+    started = {
+        int(row): float(t) for row, t in (line.split() for line in (tmp_path / "scored").read_text().splitlines())
+    }
     assert started[3] < arrivals[0]  # the piece that came first was scored while the other was awaited
     assert scored.column("row").to_pylist() == rows and totals(scored, "user") == [1.0] * 6

@@ -8,13 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from builders import component, llama_classifier, rollout_table
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score.rouge_scorer import RougeScorer
 from sacrebleu.metrics import BLEU, CHRF
 from transformers import GPT2Config, GPT2ForSequenceClassification
-
-from builders import component, llama_classifier, rollout_table
 
 from actors.reward_worker import RewardWorker
 from pipeline.algorithm.advantages import EQUAL_RTOL
@@ -22,8 +21,8 @@ from pipeline.algorithm.rewards import normalize_rewards
 from pipeline.batch import reward_column
 from pipeline.errors import ConfigError, TokenforgeError
 from pipeline.models.hf import build_sequences, builtin_paths, load_model, load_tokenizer, response_logprobs
+from pipeline.models.tiny import make_char_tokenizer
 from pipeline.preflight import load_config
-from pipeline.rewards.components import component_options
 from pipeline.rewards.base import (
     FLOAT32_MAX,
     ComponentEnv,
@@ -32,7 +31,7 @@ from pipeline.rewards.base import (
     RewardInputs,
     score_component,
 )
-from pipeline.models.tiny import make_char_tokenizer
+from pipeline.rewards.components import component_options
 
 FNS = Path(__file__).parent / "reward_fns.py"
 T = torch.tensor
@@ -77,7 +76,9 @@ def gpt2_classifier(path, seed: int = 0, **config):
     (tokenizer, model)."""
     tokenizer = make_char_tokenizer("abc")
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=3, **config)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=3, **config
+    )
     config.pad_token_id = config.bos_token_id = config.eos_token_id = tokenizer.pad_token_id
     model = GPT2ForSequenceClassification(config).eval()
     model.save_pretrained(path)
@@ -88,7 +89,9 @@ def gpt2_classifier(path, seed: int = 0, **config):
 def test_exact_match_normalisation_options():
     batch = inputs(["42", " Hello, World ", "1.50", "abc"], {"answer": ["42", "hello world", "1.5", ["x", "abc"]]})
     assert [sum(r) for r in score("exact_match", batch)] == [1, 0, 0, 1]  # a list of references: any may match
-    loose = score("exact_match", batch, case_sensitive=False, ignore_punctuation=True, ignore_whitespace=True, numeric=True)
+    loose = score(
+        "exact_match", batch, case_sensitive=False, ignore_punctuation=True, ignore_whitespace=True, numeric=True
+    )
     assert [sum(r) for r in loose] == [1, 1, 1, 1]
     assert score("exact_match", inputs(["7"], {"sum": ["7"]}), column="sum") == [[1.0]]
 
@@ -104,7 +107,11 @@ def test_sequence_rewards_sit_on_the_last_token_and_token_rewards_stay_in_place(
 def test_regex_and_length_penalty():
     batch = inputs(["<a>1</a>", "no tags", "x <a>2</a> y"])
     assert [sum(r) for r in score("regex_match", batch, pattern=r"<a>\d</a>")] == [1, 0, 0]
-    assert [sum(r) for r in score("regex_match", batch, pattern=r"<a>\d</a>", full_match=False, miss=-0.5)] == [1, -0.5, 1]
+    assert [sum(r) for r in score("regex_match", batch, pattern=r"<a>\d</a>", full_match=False, miss=-0.5)] == [
+        1,
+        -0.5,
+        1,
+    ]
     lengths = inputs(["aaaa", "aaaaaaaa", "aaaaaaaaaa", "aaaaaaaaaaaa"])  # 4, 8, 10, 12 tokens
     assert totals(score("length_penalty", lengths, target=8)) == [-0.5, 0, -0.25, -0.5]
     # DAPO overlong: 0 up to 8, then -(L - 8) / 2 up to 10, -1 beyond
@@ -124,7 +131,11 @@ def test_reference_metrics_match_the_libraries():
     # 2/6 and precision 1, so swapping hypothesis and reference would change a recall-based score
     short = inputs(["the mat"], {"reference": ["the cat sat on the mat"]})
     recall = score("rouge", short, measure="recall")
-    assert sum(recall[0]) == pytest.approx(rouge.score("the cat sat on the mat", "the mat")["rougeL"].recall) == pytest.approx(2 / 6)
+    assert (
+        sum(recall[0])
+        == pytest.approx(rouge.score("the cat sat on the mat", "the mat")["rougeL"].recall)
+        == pytest.approx(2 / 6)
+    )
     assert sum(score("rouge", short, measure="precision")[0]) == pytest.approx(1.0)
     assert totals(score("chrf", batch))[1] == 1.0 and 0 < sum(score("bleu", batch)[0]) < 1
     assert sum(score("chrf", inputs(["zzz"], {"reference": ["abc"]}))[0]) == 0.0
@@ -148,11 +159,19 @@ def test_teacher_logprob_is_the_teachers_token_log_probability(builtin_model_pat
     prompt_ids = [tokenizer("12+30=").input_ids, tokenizer("5+5=").input_ids]
     response_ids = [tokenizer("42").input_ids + [tokenizer.eos_token_id], tokenizer("1").input_ids]
     batch = RewardInputs(
-        ["12+30=", "5+5="], ["42", "1"], response_ids, [["4", "2", "<eos>"], ["1"]], {}, tokenizer.eos_token,
-        prompt_ids=prompt_ids, behaviour_logprobs=[[-1.0, -2.0, -3.0], [-0.5]],
+        ["12+30=", "5+5="],
+        ["42", "1"],
+        response_ids,
+        [["4", "2", "<eos>"], ["1"]],
+        {},
+        tokenizer.eos_token,
+        prompt_ids=prompt_ids,
+        behaviour_logprobs=[[-1.0, -2.0, -3.0], [-0.5]],
     )
     with torch.no_grad():
-        expected, _ = response_logprobs(load_model(builtin_model_path), build_sequences(prompt_ids, response_ids, tokenizer.pad_token_id))
+        expected, _ = response_logprobs(
+            load_model(builtin_model_path), build_sequences(prompt_ids, response_ids, tokenizer.pad_token_id)
+        )
     rows = score("teacher_logprob", batch, ComponentEnv(tokenizer), path=builtin_model_path)
     assert rows[0] == pytest.approx(expected[0].tolist(), abs=1e-5)
     assert rows[1] == pytest.approx(expected[1, :1].tolist(), abs=1e-5)
@@ -180,15 +199,20 @@ def test_component_output_errors_name_component_and_sample():
             return [0.0, float("nan")]
 
     batch = inputs(["12", "34"])
-    with pytest.raises(RewardError, match=r"reward 'short', sample 100 \(prompt 'p0'\): 1 token rewards for 2 response tokens"):
+    with pytest.raises(
+        RewardError, match=r"reward 'short', sample 100 \(prompt 'p0'\): 1 token rewards for 2 response tokens"
+    ):
         score_component("short", Short(None, None), batch)
     with pytest.raises(RewardError, match=r"reward 'nan', sample 101 \(prompt 'p1'\): NaN, inf"):
         score_component("nan", Nan(None, None), batch)
+
     class Huge(RewardComponent):  # finite as a Python float, inf once stored as float32
         def __call__(self, batch):
             return [[0.0, 3.5e38], 1.0]
 
-    with pytest.raises(RewardError, match=r"reward 'huge', sample 100 \(prompt 'p0'\): NaN, inf or a value beyond float32's range"):
+    with pytest.raises(
+        RewardError, match=r"reward 'huge', sample 100 \(prompt 'p0'\): NaN, inf or a value beyond float32's range"
+    ):
         score_component("huge", Huge(None, None), batch)
     with pytest.raises(RewardError, match="returned 1 scores for 2 samples"):
         score_component("few", type("Few", (RewardComponent,), {"__call__": lambda self, b: [1.0]})(None, None), batch)
@@ -201,7 +225,9 @@ def test_a_reward_that_is_not_a_number_names_component_and_sample(bad):
     for shape in ("sequence", "token"):
         scores = [1.0, bad] if shape == "sequence" else [[0.5, 0.5], [0.5, bad]]
         odd = type("Odd", (RewardComponent,), {"__call__": lambda self, b, scores=scores: scores})(None, None)
-        with pytest.raises(RewardError, match=r"reward 'odd', sample 101 \(prompt 'p1'\): returned .* a reward is a number"):
+        with pytest.raises(
+            RewardError, match=r"reward 'odd', sample 101 \(prompt 'p1'\): returned .* a reward is a number"
+        ):
             score_component("odd", odd, batch)
     numbers = [np.float32(0.25), torch.tensor(0.5)]  # numpy and 0-d tensor numbers are rewards
     plain = type("Num", (RewardComponent,), {"__call__": lambda self, b: numbers})(None, None)
@@ -232,7 +258,9 @@ def test_classifier_scores_do_not_depend_on_the_batch_size(tmp_path):
     batch = inputs(["ab", "cabba", "c"])
     for output in ("probability", "logit"):
         whole = component("classifier", ComponentEnv(tokenizer), path=str(tmp_path), label=1, output=output)(batch)
-        pairs = component("classifier", ComponentEnv(tokenizer), path=str(tmp_path), label=1, output=output, batch_size=2)(batch)
+        pairs = component(
+            "classifier", ComponentEnv(tokenizer), path=str(tmp_path), label=1, output=output, batch_size=2
+        )(batch)
         assert len(whole) == 3 and pairs == pytest.approx(whole, abs=1e-6)
 
 
@@ -241,8 +269,15 @@ def test_teacher_logprob_does_not_depend_on_the_batch_size(builtin_model_path):
     tokenizer = load_tokenizer(builtin_model_path)
     prompt_ids = [tokenizer(p).input_ids for p in ("12+30=", "5+5=", "1+1=")]
     response_ids = [tokenizer(r).input_ids + [tokenizer.eos_token_id] for r in ("42", "10", "2")]
-    batch = RewardInputs(["a", "b", "c"], ["42", "10", "2"], response_ids, ["42", "10", "2"], [[(0, 1)] * 3] * 3, {},
-                         prompt_ids=prompt_ids)
+    batch = RewardInputs(
+        ["a", "b", "c"],
+        ["42", "10", "2"],
+        response_ids,
+        ["42", "10", "2"],
+        [[(0, 1)] * 3] * 3,
+        {},
+        prompt_ids=prompt_ids,
+    )
     whole = component("teacher_logprob", ComponentEnv(tokenizer), path=builtin_model_path)(batch)
     pairs = component("teacher_logprob", ComponentEnv(tokenizer), path=builtin_model_path, batch_size=2)(batch)
     assert [len(r) for r in whole] == [3, 3, 2]
@@ -258,7 +293,9 @@ def test_python_function_specs_split_at_the_last_colon_and_name_what_is_wrong(tm
     (folder / "fns.py").write_text("def twice(completions, **kw):\n    return [2.0 for _ in completions]\n")
     assert import_function(f"{folder}/fns.py:twice")(completions=["x"]) == [2.0]
     for spec in (":twice", "fns.py:", "twice"):
-        with pytest.raises(ValueError, match=rf"{re.escape(repr(spec))} is not module:function .*my_rewards:format_reward"):
+        with pytest.raises(
+            ValueError, match=rf"{re.escape(repr(spec))} is not module:function .*my_rewards:format_reward"
+        ):
             import_function(spec)
     with pytest.raises(ValueError, match=rf"{re.escape(repr(str(folder / 'none.py')))} does not exist"):
         import_function(f"{folder}/none.py:twice")
@@ -270,10 +307,16 @@ def test_classifier_labels_by_name_or_index_within_range_and_prompt_completion_t
     tokenizer, _ = gpt2_classifier(tmp_path, seed=1, id2label=labels, label2id={v: k for k, v in labels.items()})
     env, path = ComponentEnv(tokenizer), str(tmp_path)
     batch = inputs(["ab", "cab"])
-    assert component("classifier", env, path=path, label="pos")(batch) == component("classifier", env, path=path, label=2)(batch)
-    assert component("classifier", env, path=path, label=0)(batch) != component("classifier", env, path=path, label=1)(batch)
+    assert component("classifier", env, path=path, label="pos")(batch) == component(
+        "classifier", env, path=path, label=2
+    )(batch)
+    assert component("classifier", env, path=path, label=0)(batch) != component("classifier", env, path=path, label=1)(
+        batch
+    )
     for bad in (3, -1, "other"):
-        with pytest.raises(RewardError, match=rf"{re.escape(repr(path))} has no label {re.escape(repr(bad))} \(labels: "):
+        with pytest.raises(
+            RewardError, match=rf"{re.escape(repr(path))} has no label {re.escape(repr(bad))} \(labels: "
+        ):
             component("classifier", env, path=path, label=bad)
     joined = component("classifier", env, path=path)(inputs(["caab", "bccab"]))
     batch.prompt_texts = ["ca", "bc"]  # the prompts as the model saw them come first
@@ -292,8 +335,15 @@ def test_exact_match_is_case_sensitive_by_default():
 @pytest.mark.mutant
 def test_digit_match_tokens_after_the_stop_token_earn_nothing():
     """Answer "42", unit 1/3: a response that goes on after its stop token (id 1) earns nothing there."""
-    batch = RewardInputs(prompts=["p"], completions=["42x"], completion_ids=[[5, 6, 1, 7, 8]], texts=["42x"],
-                         token_spans=[[(0, 1), (1, 2), (2, 2), (2, 3), (3, 3)]], columns={"answer": ["42"]}, stop_ids=frozenset({1}))
+    batch = RewardInputs(
+        prompts=["p"],
+        completions=["42x"],
+        completion_ids=[[5, 6, 1, 7, 8]],
+        texts=["42x"],
+        token_spans=[[(0, 1), (1, 2), (2, 2), (2, 3), (3, 3)]],
+        columns={"answer": ["42"]},
+        stop_ids=frozenset({1}),
+    )
     assert component("digit_match")(batch) == [pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0, 0.0])]
 
 
@@ -332,13 +382,21 @@ def test_classifier_scores_only_the_assistant_turn_of_a_conversation_by_default(
     tokenizer, model = chat_classifier(tmp_path)
     prompt = [{"role": "user", "content": "What is 12+30?"}]
     completion = [{"role": "assistant", "content": "42"}]
-    batch = RewardInputs(prompts=[prompt], completions=[completion], completion_ids=[[5]], texts=["42"],
-                         token_spans=[[(0, 2)]], columns={})
+    batch = RewardInputs(
+        prompts=[prompt],
+        completions=[completion],
+        completion_ids=[[5]],
+        texts=["42"],
+        token_spans=[[(0, 2)]],
+        columns={},
+    )
     classifier = component("classifier", ComponentEnv(tokenizer), path=str(tmp_path))
     alone = tokenizer.apply_chat_template(completion, tokenize=False)
     both = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
     expected = probability_of_1(model, tokenizer(alone, add_special_tokens=False).input_ids)
-    assert expected != pytest.approx(probability_of_1(model, tokenizer(both, add_special_tokens=False).input_ids), abs=1e-6)
+    assert expected != pytest.approx(
+        probability_of_1(model, tokenizer(both, add_special_tokens=False).input_ids), abs=1e-6
+    )
     assert classifier(batch) == [pytest.approx(expected, abs=1e-6)]
 
 
@@ -350,11 +408,15 @@ def test_classifier_scores_plain_text_with_the_tokenizers_special_tokens_even_wi
     batch = inputs(["42", "7 apples"])
     assert tokenizer("42").input_ids[0] == tokenizer.bos_token_id
     expected = [probability_of_1(model, tokenizer(t).input_ids) for t in batch.texts]
-    assert expected[0] != pytest.approx(probability_of_1(model, tokenizer("42", add_special_tokens=False).input_ids), abs=1e-6)
-    assert component("classifier", ComponentEnv(tokenizer), path=str(tmp_path))(batch) == pytest.approx(expected, abs=1e-6)
+    assert expected[0] != pytest.approx(
+        probability_of_1(model, tokenizer("42", add_special_tokens=False).input_ids), abs=1e-6
+    )
+    assert component("classifier", ComponentEnv(tokenizer), path=str(tmp_path))(batch) == pytest.approx(
+        expected, abs=1e-6
+    )
 
 
-REMOTE_CODE = '''
+REMOTE_CODE = """
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 
@@ -372,7 +434,7 @@ class TinyRemoteLM(GPT2LMHeadModel):
 
 class TinyRemoteTokenizer(PreTrainedTokenizerFast):
     pass
-'''
+"""
 
 
 def remote_code_model(path, auto_class, class_name, custom_tokenizer=True):
@@ -387,9 +449,17 @@ def remote_code_model(path, auto_class, class_name, custom_tokenizer=True):
     code = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(code)
     tokenizer = make_char_tokenizer("abc")
-    config = code.TinyRemoteConfig(vocab_size=len(tokenizer), n_positions=16, n_embd=8, n_layer=1, n_head=2, num_labels=2,
-                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
+    config = code.TinyRemoteConfig(
+        vocab_size=len(tokenizer),
+        n_positions=16,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        num_labels=2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     config.auto_map = {"AutoConfig": "tiny_remote.TinyRemoteConfig", auto_class: f"tiny_remote.{class_name}"}
     torch.manual_seed(0)
     getattr(code, class_name)(config).save_pretrained(path)
@@ -397,7 +467,9 @@ def remote_code_model(path, auto_class, class_name, custom_tokenizer=True):
     if not custom_tokenizer:
         return tokenizer
     settings = json.loads((path / "tokenizer_config.json").read_text())
-    settings.update(tokenizer_class="TinyRemoteTokenizer", auto_map={"AutoTokenizer": [None, "tiny_remote.TinyRemoteTokenizer"]})
+    settings.update(
+        tokenizer_class="TinyRemoteTokenizer", auto_map={"AutoTokenizer": [None, "tiny_remote.TinyRemoteTokenizer"]}
+    )
     (path / "tokenizer_config.json").write_text(json.dumps(settings))
     return tokenizer
 
@@ -443,7 +515,9 @@ def test_a_raising_component_follows_its_on_error_policy(builtin_model_path, pol
     worker = RewardWorker(config, builtin_model_path, ["exact_match", "sevens"])
     batch = rollout_batch(worker.tokenizer, ["3", "7", "17", "4"], ["3"] * 4)
     if policy == "raise":
-        with pytest.raises(RewardError, match=r"reward 'sevens' failed on sample 1 \(prompt '1\+2='\): ValueError: no sevens"):
+        with pytest.raises(
+            RewardError, match=r"reward 'sevens' failed on sample 1 \(prompt '1\+2='\): ValueError: no sevens"
+        ):
             worker.score(batch, "sevens")
         return
     scores = worker.score(batch, "sevens")
@@ -465,7 +539,12 @@ def test_normalisation_over_batch_and_group():
     totals_ = torch.tensor([1.0, 3.0, 0.0, 0.0])
     assert torch.allclose(batch.float(), (totals_ - totals_.mean()) / (totals_.std() + 1e-6))
     # token-level rows keep their shape; the mean comes off the last valid token only
-    ragged = normalize_rewards(torch.tensor([[1.0, 1.0, 9.0], [2.0, 0.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([0, 0]), "batch")
+    ragged = normalize_rewards(
+        torch.tensor([[1.0, 1.0, 9.0], [2.0, 0.0, 0.0]]),
+        torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]),
+        torch.tensor([0, 0]),
+        "batch",
+    )
     assert ragged[0, 2] == 0 and ragged[1, 1] == 0
     assert torch.allclose(ragged.sum(1), torch.zeros(2, dtype=torch.float64), atol=1e-5)
 
@@ -509,7 +588,9 @@ def test_property_normalised_rewards_are_finite_and_bounded(rows, mode, num_grou
 def test_normalisation_divides_every_token_and_takes_the_mean_off_the_last_valid_one():
     """Token-level rows of lengths 3, 2, 1 (padding holds garbage): s = [1/3 + 1/7 + 1, 2/3 + 1/9, 5/7];
     r_jt / (std(s) + 1e-6), minus mean(s) / (std(s) + 1e-6) on each row's last valid token, exactly."""
-    rewards = torch.tensor([[1 / 3, 1 / 7, 1.0, 9.0], [2 / 3, 1 / 9, 7.0, 7.0], [5 / 7, 3.0, 3.0, 3.0]], dtype=torch.float64)
+    rewards = torch.tensor(
+        [[1 / 3, 1 / 7, 1.0, 9.0], [2 / 3, 1 / 9, 7.0, 7.0], [5 / 7, 3.0, 3.0, 3.0]], dtype=torch.float64
+    )
     mask = T([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     out = normalize_rewards(rewards, mask, torch.tensor([4, 4, 4]), "group")
     totals = (rewards * mask).sum(1)
@@ -520,7 +601,9 @@ def test_normalisation_divides_every_token_and_takes_the_mean_off_the_last_valid
     assert out.dtype == torch.float64
     assert torch.allclose(out, expected, rtol=1e-12, atol=1e-15)
     unchanged = normalize_rewards(rewards.float(), mask, torch.tensor([4, 4, 4]), "none")
-    assert unchanged.dtype == torch.float64 and torch.equal(unchanged, rewards.float().double())  # float64 in every mode
+    assert unchanged.dtype == torch.float64 and torch.equal(
+        unchanged, rewards.float().double()
+    )  # float64 in every mode
 
 
 @pytest.mark.mutant
@@ -544,7 +627,9 @@ def test_normalisation_sums_float32_rewards_in_float64():
     rewards = T([[1e8, 1.0], [1e8, 0.0], [0.0, 3.0]])
     mask, groups = torch.ones(3, 2), torch.tensor([0, 0, 0])
     for mode in ("batch", "group"):
-        assert torch.equal(normalize_rewards(rewards, mask, groups, mode), normalize_rewards(rewards.double(), mask, groups, mode))
+        assert torch.equal(
+            normalize_rewards(rewards, mask, groups, mode), normalize_rewards(rewards.double(), mask, groups, mode)
+        )
 
 
 @pytest.mark.mutant
@@ -571,26 +656,43 @@ class Fixed(RewardComponent):
 
 def three_samples(lengths=(3, 2, 1)) -> RewardInputs:
     ids = [[7] * n for n in lengths]
-    return RewardInputs(prompts=["a", "b", "c"], completions=["x"] * 3, completion_ids=ids, texts=["x"] * 3,
-                        token_spans=[[(0, 0)] * n for n in lengths], columns={}, sample_ids=[5, 6, 7])
+    return RewardInputs(
+        prompts=["a", "b", "c"],
+        completions=["x"] * 3,
+        completion_ids=ids,
+        texts=["x"] * 3,
+        token_spans=[[(0, 0)] * n for n in lengths],
+        columns={},
+        sample_ids=[5, 6, 7],
+    )
 
 
 @pytest.mark.mutant
 def test_score_component_reads_arrays_as_token_rewards_and_scalars_as_sequence_rewards():
     scores = [np.array([0.25, 0.5, 1 / 3]), torch.tensor([1.5, -2.0]), np.float64(0.75)]
     assert score_component("c", Fixed(scores), three_samples()) == [
-        [0.25, 0.5, pytest.approx(1 / 3)], [1.5, -2.0], [0.75]
+        [0.25, 0.5, pytest.approx(1 / 3)],
+        [1.5, -2.0],
+        [0.75],
     ]
-    assert score_component("c", Fixed([2.5, None, torch.tensor(4.0)]), three_samples()) == [[0.0, 0.0, 2.5], None, [4.0]]
+    assert score_component("c", Fixed([2.5, None, torch.tensor(4.0)]), three_samples()) == [
+        [0.0, 0.0, 2.5],
+        None,
+        [4.0],
+    ]
 
 
 @pytest.mark.mutant
 def test_the_largest_float32_is_a_valid_reward_and_anything_beyond_is_not():
     assert score_component("c", Fixed([FLOAT32_MAX, [-FLOAT32_MAX, 0.0], 1.0]), three_samples()) == [
-        [0.0, 0.0, FLOAT32_MAX], [-FLOAT32_MAX, 0.0], [1.0]
+        [0.0, 0.0, FLOAT32_MAX],
+        [-FLOAT32_MAX, 0.0],
+        [1.0],
     ]
     beyond = float(np.nextafter(FLOAT32_MAX, np.inf))
-    with pytest.raises(RewardError, match=r"reward 'c', sample 6 \(prompt 'b'\): NaN, inf or a value beyond float32's range"):
+    with pytest.raises(
+        RewardError, match=r"reward 'c', sample 6 \(prompt 'b'\): NaN, inf or a value beyond float32's range"
+    ):
         score_component("c", Fixed([1.0, [beyond, 0.0], 1.0]), three_samples())
 
 
@@ -599,16 +701,37 @@ def test_the_largest_float32_is_a_valid_reward_and_anything_beyond_is_not():
     [
         (["reward.weights.blue=1.0"], "'reward.weights': component 'blue' names no component type"),
         (["trainer.eval_metrics=[blue]"], "'trainer.eval_metrics': component 'blue' names no component type"),
-        (["reward.components.fmt={type: regex_match, pattern: x}"], "'reward.components.fmt': configured but unused; give it a weight"),
+        (
+            ["reward.components.fmt={type: regex_match, pattern: x}"],
+            "'reward.components.fmt': configured but unused; give it a weight",
+        ),
         (["reward.components.fmt={type: regx}", "reward.weights.fmt=1"], "unknown reward.components.fmt.type 'regx'"),
         (["reward.components.fmt={type: fmt}", "reward.weights.fmt=1"], "component 'fmt' names no component type"),
-        (["reward.components.fmt={type: regex_match}", "reward.weights.fmt=1"], "'reward.components.fmt.pattern': Field required"),
-        (["reward.components.fmt={type: regex_match, pattern: '('}", "reward.weights.fmt=1"], "'reward.components.fmt.pattern': not a valid regular expression"),
-        (["reward.components.exact_match={tolerance: 1}"], "'reward.components.exact_match.tolerance': unknown option of component type 'exact_match'"),
-        (["reward.components.fn={type: python, function: no_such_module:f}", "reward.weights.fn=1"], "cannot import 'no_such_module': ModuleNotFoundError: No module named 'no_such_module' (a module is looked up in the working directory and on PYTHONPATH; or name its file: path/to/no_such_module.py:f)"),
-        ([f"reward.components.fn={{type: python, function: '{FNS}:nope'}}", "reward.weights.fn=1"], "has no function 'nope'"),
+        (
+            ["reward.components.fmt={type: regex_match}", "reward.weights.fmt=1"],
+            "'reward.components.fmt.pattern': Field required",
+        ),
+        (
+            ["reward.components.fmt={type: regex_match, pattern: '('}", "reward.weights.fmt=1"],
+            "'reward.components.fmt.pattern': not a valid regular expression",
+        ),
+        (
+            ["reward.components.exact_match={tolerance: 1}"],
+            "'reward.components.exact_match.tolerance': unknown option of component type 'exact_match'",
+        ),
+        (
+            ["reward.components.fn={type: python, function: no_such_module:f}", "reward.weights.fn=1"],
+            "cannot import 'no_such_module': ModuleNotFoundError: No module named 'no_such_module' (a module is looked up in the working directory and on PYTHONPATH; or name its file: path/to/no_such_module.py:f)",
+        ),
+        (
+            [f"reward.components.fn={{type: python, function: '{FNS}:nope'}}", "reward.weights.fn=1"],
+            "has no function 'nope'",
+        ),
         (["reward.components.fn={type: python, function: justaname}", "reward.weights.fn=1"], "is not module:function"),
-        (["reward.components.t={type: teacher_logprob, path: /no/such/dir}", "reward.weights.t=1"], "'reward.components.t': path '/no/such/dir' is not a local HF model directory"),
+        (
+            ["reward.components.t={type: teacher_logprob, path: /no/such/dir}", "reward.weights.t=1"],
+            "'reward.components.t': path '/no/such/dir' is not a local HF model directory",
+        ),
         (["reward.components.exact_match={on_error: ignore}"], "'reward.components.exact_match.on_error'"),
     ],
 )
@@ -618,7 +741,12 @@ def test_reward_config_errors_name_the_key(overrides, message):
 
 
 def test_components_resolve_to_explicit_specs():
-    config = load_config(overrides=["reward.components.fmt={type: regex_match, pattern: '\\d+', normalize: group}", "reward.weights.fmt=0.2"])
+    config = load_config(
+        overrides=[
+            "reward.components.fmt={type: regex_match, pattern: '\\d+', normalize: group}",
+            "reward.weights.fmt=0.2",
+        ]
+    )
     assert set(config.reward.components) == {"fmt", "exact_match", "digit_match"}
     assert config.reward.components["exact_match"].type == "exact_match"
     assert component_options(config, "fmt").pattern == "\\d+"
@@ -631,9 +759,12 @@ TRL_FNS = Path(__file__).parent / "trl_reward_fns.py"
 def hand_batch(tokenizer, prompts: list, responses: list[str], **columns) -> pa.Table:
     """A rollout batch of given responses (char model: one token per character, then EOS)."""
     ids = [tokenizer(r, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for r in responses]
-    metadata = pa.Table.from_pylist([{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)])
-    return rollout_table([[3]] * len(ids), ids, responses, metadata, prompt_texts=[str(p) for p in prompts],
-                         group_ids=range(len(ids)))
+    metadata = pa.Table.from_pylist(
+        [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]
+    )
+    return rollout_table(
+        [[3]] * len(ids), ids, responses, metadata, prompt_texts=[str(p) for p in prompts], group_ids=range(len(ids))
+    )
 
 
 def trl_worker(builtin_model_path, *names: str) -> RewardWorker:
@@ -665,8 +796,13 @@ def test_none_means_not_applicable_in_scores_metrics_and_eval_means(builtin_mode
     rows = scored.column(reward_column("math_only")).to_pylist()
     assert rows == [[0.0, 7.0], None, [0.0, 7.0], None] and not any(dropped.to_pylist())
     assert mean_reward(scored, "math_only") == 7.0  # over the samples it applies to
-    config = load_config(overrides=[f"reward.components.math_only={{type: python, function: '{TRL_FNS}:math_only'}}",
-                                     "reward.weights={math_only: 1.0}", "algorithm.estimator=reinforce"])
+    config = load_config(
+        overrides=[
+            f"reward.components.math_only={{type: python, function: '{TRL_FNS}:math_only'}}",
+            "reward.weights={math_only: 1.0}",
+            "algorithm.estimator=reinforce",
+        ]
+    )
     metrics = Learner(config, builtin_model_path, builtin_model_path).train_step(scored)
     assert metrics["reward/math_only/mean"] == 7.0 and metrics["reward/total/mean"] == 3.5  # None adds 0 to the total
 
@@ -681,10 +817,20 @@ def test_a_module_in_the_working_directory_is_found_by_the_cli_and_the_actors(ra
     import subprocess
     import sys
 
-    (tmp_path / "my_rewards.py").write_text("def my_reward(completions, **columns):\n    return [float(len(c)) for c in completions]\n")
-    command = [str(Path(sys.executable).parent / "tokenforge"), "train", "trainer.total_steps=1", "trainer.prompts_per_step=4",
-               "rollout.group_size=2", "data.max_eval_samples=4", "reward.components.mine={type: python, function: 'my_rewards:my_reward'}",
-               "reward.weights.mine=0.1", f"output_dir={tmp_path / 'out'}"]
+    (tmp_path / "my_rewards.py").write_text(
+        "def my_reward(completions, **columns):\n    return [float(len(c)) for c in completions]\n"
+    )
+    command = [
+        str(Path(sys.executable).parent / "tokenforge"),
+        "train",
+        "trainer.total_steps=1",
+        "trainer.prompts_per_step=4",
+        "rollout.group_size=2",
+        "data.max_eval_samples=4",
+        "reward.components.mine={type: python, function: 'my_rewards:my_reward'}",
+        "reward.weights.mine=0.1",
+        f"output_dir={tmp_path / 'out'}",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -153,4 +153,3 @@ def test_sampling_draws_new_prompts_on_every_call(trained):
     algo = trained[0]
     seen = [first_prompts(algo.env_runner.sample()) for _ in range(3)]
     assert all(seen) and not (seen[1] <= seen[0] or seen[2] <= seen[0] | seen[1])
-

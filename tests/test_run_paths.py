@@ -25,7 +25,10 @@ def job_env(monkeypatch, tmp_path):
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv(run_paths.OUTPUT_ROOT_ENV, raising=False)
-    job_config = {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {JOB_ID_METADATA_KEY: "raysubmit_abc"}}
+    job_config = {
+        "runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"},
+        "metadata": {JOB_ID_METADATA_KEY: "raysubmit_abc"},
+    }
     monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(job_config))
     monkeypatch.chdir(tmp_path)  # stands for Ray's unpacked working_dir copy
     return home
@@ -42,7 +45,9 @@ def test_outside_a_job_relative_paths_stay_relative(monkeypatch, tmp_path):
     (tmp_path / "runs" / "default").mkdir(parents=True)
     (tmp_path / "runs" / "default" / "metrics.jsonl").write_text("{}\n")
     assert run_paths.ray_job_submission_id() is None and run_paths.output_root() is None
-    assert run_paths.resolve_new("runs/default", holds_run, "output_dir") == "runs/default"  # the trainer refuses it, as before
+    assert (
+        run_paths.resolve_new("runs/default", holds_run, "output_dir") == "runs/default"
+    )  # the trainer refuses it, as before
     assert run_paths.resolve_existing("runs/default") == "runs/default"
 
 
@@ -51,7 +56,10 @@ def test_inside_a_job_relative_paths_go_under_the_output_root(job_env, capsys):
     first = run_paths.resolve_new("runs/default", holds_run, "output_dir")
     assert first == str(job_env / "tokenforge-outputs" / "runs" / "default")
     line = capsys.readouterr().out.strip()
-    assert line == f"tokenforge: output_dir runs/default -> {first} (relative outputs go under {job_env / 'tokenforge-outputs'}, inside Ray job raysubmit_abc)"
+    assert (
+        line
+        == f"tokenforge: output_dir runs/default -> {first} (relative outputs go under {job_env / 'tokenforge-outputs'}, inside Ray job raysubmit_abc)"
+    )
     Path(first).mkdir(parents=True)
     assert run_paths.resolve_new("runs/default", holds_run, "output_dir") == first  # an empty dir holds no run
     (Path(first) / "metrics.jsonl").write_text("{}\n")
@@ -67,7 +75,9 @@ def test_absolute_paths_and_uris_are_used_as_given(job_env, tmp_path, capsys):
     taken = tmp_path / "mine"
     taken.mkdir()
     (taken / "metrics.jsonl").write_text("{}\n")
-    assert run_paths.resolve_new(str(taken), holds_run, "output_dir") == str(taken)  # the trainer refuses it: the user named it
+    assert run_paths.resolve_new(str(taken), holds_run, "output_dir") == str(
+        taken
+    )  # the trainer refuses it: the user named it
     assert run_paths.resolve_new("s3://bucket/tune", holds_run, "tune.storage_path") == "s3://bucket/tune"
     assert run_paths.resolve_existing(str(taken)) == str(taken)
     assert capsys.readouterr().out == ""

@@ -98,7 +98,9 @@ def crafted(run: Storage, step: int, names: list[str], data: bytes = b"payload")
     return directory
 
 
-@pytest.mark.parametrize("name", ["ABSOLUTE", "../../../outside/victim", "shard/../../../../outside/victim", "a//b", "./a"])
+@pytest.mark.parametrize(
+    "name", ["ABSOLUTE", "../../../outside/victim", "shard/../../../../outside/victim", "a//b", "./a"]
+)
 def test_a_manifest_naming_a_file_outside_its_checkpoint_is_refused(tmp_path, name):
     """A run directory may come from someone else: a manifest entry like /home/user/.bashrc or ../../x would be
     written there by the download of eval or --resume. Reading the manifest refuses it, before anything is copied."""
@@ -106,7 +108,11 @@ def test_a_manifest_naming_a_file_outside_its_checkpoint_is_refused(tmp_path, na
     name = str(victim) if name == "ABSOLUTE" else name
     run = Storage(str(tmp_path / "run"))
     directory = crafted(run, 1, [name])
-    for read in (lambda: store.read_manifest(run, directory), lambda: store.latest_checkpoint(run), lambda: store.remove_unpublished(run)):
+    for read in (
+        lambda: store.read_manifest(run, directory),
+        lambda: store.latest_checkpoint(run),
+        lambda: store.remove_unpublished(run),
+    ):
         with pytest.raises(TokenforgeError, match=r"MANIFEST.json lists .*, which is not a file inside the checkpoint"):
             read()
     victim.unlink(missing_ok=True)  # the '..' names' source files are the victim itself
@@ -150,7 +156,9 @@ def test_resume_falls_back_past_a_checkpoint_whose_file_fails_its_sha256(tmp_pat
     run = Storage(str(tmp_path / "run"))
     for step in (2, 4, 6):
         directory = published(run, step, b"weights of step %d" % step)
-        run.write_text(f"{directory}/{TRAINER_STATE}", json.dumps({"step": step}))  # outside the manifest: read by start_state
+        run.write_text(
+            f"{directory}/{TRAINER_STATE}", json.dumps({"step": step})
+        )  # outside the manifest: read by start_state
     for step in (4, 6):
         weights = tmp_path / "run" / store.checkpoint_dir(step) / "model.safetensors"
         weights.write_bytes(weights.read_bytes().replace(b"weights", b"WEIGHTS"))
@@ -159,5 +167,8 @@ def test_resume_falls_back_past_a_checkpoint_whose_file_fails_its_sha256(tmp_pat
     assert directory == store.checkpoint_dir(2) and state["step"] == 2
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(line.startswith("tokenforge: warning: checkpoint '") for line in lines)
-    assert "step_6' is corrupt: model.safetensors does not match its manifest (sha256)" in lines[0] and "step_4'" in lines[1]
+    assert (
+        "step_6' is corrupt: model.safetensors does not match its manifest (sha256)" in lines[0]
+        and "step_4'" in lines[1]
+    )
     assert store.checkpoint_steps(run) == [2]

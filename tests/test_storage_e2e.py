@@ -29,8 +29,14 @@ from pipeline.tune.experiment import resume as resume_experiment
 pytestmark = pytest.mark.slow  # minutes of S3 and multi-node clusters: CI runs them as their own step (pytest -m slow)
 
 REPO = Path(__file__).parent.parent
-TINY = ["trainer.total_steps=6", "trainer.eval_every=3", "trainer.save_every=3", "trainer.prompts_per_step=8",
-        "rollout.group_size=4", "data.max_eval_samples=20"]
+TINY = [
+    "trainer.total_steps=6",
+    "trainer.eval_every=3",
+    "trainer.save_every=3",
+    "trainer.prompts_per_step=8",
+    "rollout.group_size=4",
+    "data.max_eval_samples=20",
+]
 SMALL_ACTORS = ["learner.num_cpus=0.25", "rollout.num_cpus_per_worker=0.25", "reward.num_cpus_per_worker=0.25"]
 
 
@@ -43,7 +49,9 @@ def s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     options = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True).create_dir("runs")
+    pafs.S3FileSystem(
+        endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1", allow_bucket_creation=True
+    ).create_dir("runs")
     names = iter(range(1000))
     yield lambda: f"s3://runs/test-{next(names)}?{options}"
     server.stop()
@@ -60,8 +68,14 @@ def test_train_resume_and_eval_with_every_artifact_on_s3(ray_cluster, s3, tmp_pa
     assert steps_of(run) == list(range(7)) and run.exists("config.yaml") and run.exists("placement.json")
     assert run.list_dir("checkpoints") == ["step_3", "step_6"] and run.list_dir("tensorboard")
     directory, manifest = latest_checkpoint(run)
-    assert directory == "checkpoints/step_6" and {"model.safetensors", "learner_state.pt", "trainer_state.json"} <= set(manifest["files"])
-    assert run.list_dir("rollouts") == ["step_3.parquet", "step_6.parquet"] and run.list_dir("eval") == ["step_0.parquet", "step_3.parquet", "step_6.parquet"]
+    assert directory == "checkpoints/step_6" and {"model.safetensors", "learner_state.pt", "trainer_state.json"} <= set(
+        manifest["files"]
+    )
+    assert run.list_dir("rollouts") == ["step_3.parquet", "step_6.parquet"] and run.list_dir("eval") == [
+        "step_0.parquet",
+        "step_3.parquet",
+        "step_6.parquet",
+    ]
     capsys.readouterr()
     main(["samples", uri, "--worst", "1"])  # read back from the URI
     assert capsys.readouterr().out.startswith(f"{uri.split('?')[0]}/rollouts/step_6.parquet: worst 1 groups")
@@ -82,7 +96,8 @@ def test_tune_on_s3_with_a_retried_trial_and_a_resume_from_the_uri(ray_cluster, 
     uri = s3()
     root, _, options = uri.partition("?")
     spec = write_spec(
-        tmp_path, {"reward.weights.digit_match": {"strategy": "grid", "values": [0.0, 0.5]}},
+        tmp_path,
+        {"reward.weights.digit_match": {"strategy": "grid", "values": [0.0, 0.5]}},
         {"name": "s3tune", "max_failures": 1, "max_concurrent_trials": 2},
         base={"trainer.total_steps": 12, **marked_reward(tmp_path, builtin_model_path, "flaky", "fail_on_sixth_call")},
     )
@@ -92,8 +107,14 @@ def test_tune_on_s3_with_a_retried_trial_and_a_resume_from_the_uri(ray_cluster, 
     experiment = Storage(f"{root}/s3tune?{options}")
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not any(  # a checkpoint Tune holds (not only the run's own): the resume restores it
-            c.startswith("checkpoint_") for t in experiment.list_dir("") if t.startswith("run_trial") for c in experiment.list_dir(t)
+        while (
+            time.time() < deadline
+            and not any(  # a checkpoint Tune holds (not only the run's own): the resume restores it
+                c.startswith("checkpoint_")
+                for t in experiment.list_dir("")
+                if t.startswith("run_trial")
+                for c in experiment.list_dir(t)
+            )
         ):
             time.sleep(1)
         process.send_signal(signal.SIGINT)
@@ -109,8 +130,12 @@ def test_tune_on_s3_with_a_retried_trial_and_a_resume_from_the_uri(ray_cluster, 
         assert steps_of(experiment.child(f"{trial}/run")) == list(range(13))
     rows = experiment.read_text("trials.csv").splitlines()[1:]
     assert len(rows) == 2 and all(r.endswith(",12,TERMINATED") for r in rows)
-    restores = [json.loads(line) for t in trials if experiment.exists(f"{t}/restores.jsonl")
-                for line in experiment.read_text(f"{t}/restores.jsonl").splitlines()]
+    restores = [
+        json.loads(line)
+        for t in trials
+        if experiment.exists(f"{t}/restores.jsonl")
+        for line in experiment.read_text(f"{t}/restores.jsonl").splitlines()
+    ]
     assert restores and all(r["source"].startswith(root) for r in restores)  # restored from S3
     assert int((tmp_path / "calls").read_text()) > 6  # the flaky reward did fail once
 
@@ -159,7 +184,9 @@ def test_resume_on_s3_falls_back_past_a_corrupt_checkpoint(s3):
     run = Storage(s3())
     for step, weights in ((2, b"good weights"), (4, b"good weights")):
         run.write_bytes(f"{store.checkpoint_dir(step)}/model.safetensors", weights)
-        store.publish_checkpoint(run, step, {"model.safetensors": {"size": len(weights), "sha256": store.sha256_bytes(weights)}})
+        store.publish_checkpoint(
+            run, step, {"model.safetensors": {"size": len(weights), "sha256": store.sha256_bytes(weights)}}
+        )
     run.write_bytes(f"{store.checkpoint_dir(4)}/model.safetensors", b"rotten bytes")  # same size, other bytes
     warnings = []
     assert store.resumable_checkpoint(run, warnings.append)[0] == store.checkpoint_dir(2)
@@ -184,16 +211,25 @@ def masked_cluster(tmp_path, s3):
 
 def driver(nodes: LocalCluster, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     env = {**nodes.env, "RAY_ADDRESS": nodes.gcs, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "train", *TINY, *SMALL_ACTORS, *args],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", *TINY, *SMALL_ACTORS, *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_nodes_without_a_shared_disk_need_storage_uri(masked_cluster, tmp_path, s3):
     """A local output_dir is on the driver's disk only: the learner's checkpoint files, written on its own
     node, are not there, and the run stops at the first checkpoint saying so. With storage.uri on S3
     (reachable from every node) the same run completes, and nothing is written to the local disk."""
-    pinned = ["learner.resources={learner_node: 1}", "rollout.resources_per_worker={head_node: 0.1}",
-              "reward.resources_per_worker={head_node: 0.1}"]
+    pinned = [
+        "learner.resources={learner_node: 1}",
+        "rollout.resources_per_worker={head_node: 0.1}",
+        "reward.resources_per_worker={head_node: 0.1}",
+    ]
     local = driver(masked_cluster, f"output_dir={tmp_path / 'local'}", *pinned)
     assert local.returncode == 2, local.stderr[-2000:]
     assert "not visible from the driver" in local.stderr and "storage.uri" in local.stderr
@@ -206,13 +242,21 @@ def test_nodes_without_a_shared_disk_need_storage_uri(masked_cluster, tmp_path, 
     assert placement["learner"][0]["node_id"] != placement["rollout"][0]["node_id"]
 
 
-LEARNER_NODE = {"learner_node": {"resources": {"CPU": 1, "learner_node": 1}, "node_config": {}, "min_workers": 1, "max_workers": 1}}
+LEARNER_NODE = {
+    "learner_node": {"resources": {"CPU": 1, "learner_node": 1}, "node_config": {}, "min_workers": 1, "max_workers": 1}
+}
 
 
 def train_process(nodes: LocalCluster, *args: str) -> subprocess.Popen:
     env = {**nodes.env, "RAY_ADDRESS": nodes.gcs, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *args], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_lines(out: Path, count: int, process: subprocess.Popen) -> None:
@@ -236,8 +280,15 @@ def test_a_lost_node_is_waited_for_under_the_default_settings_where_an_autoscale
             assert time.time() < deadline, "the autoscaler launched no node"
             time.sleep(1)
         out = tmp_path / "run"
-        process = train_process(nodes, *TINY, "trainer.total_steps=40", *SMALL_ACTORS, f"output_dir={out}",
-                                "learner.resources={learner_node: 1}", "learner.num_gpus=0")
+        process = train_process(
+            nodes,
+            *TINY,
+            "trainer.total_steps=40",
+            *SMALL_ACTORS,
+            f"output_dir={out}",
+            "learner.resources={learner_node: 1}",
+            "learner.num_gpus=0",
+        )
         wait_for_lines(out, 5, process)
         ((_, pids),) = nodes.autoscaled_nodes().items()
         kill(pids)
@@ -251,7 +302,9 @@ def test_a_lost_node_is_waited_for_under_the_default_settings_where_an_autoscale
         log += rest
         assert process.returncode == 0, log[-2000:] + err[-3000:]
         assert "failure 1 of at most 3" in log
-        assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(41))
+        assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(
+            range(41)
+        )
     finally:
         nodes.shutdown()
 
@@ -264,14 +317,23 @@ def test_a_lost_node_without_an_autoscaler_fails_fast_naming_the_setting(tmp_pat
         nodes.start_head(cpus=2, resources='{"head_node": 1}')
         first = nodes.add_node(cpus=1, resources='{"learner_node": 1}')
         out = tmp_path / "run"
-        process = train_process(nodes, *TINY, "trainer.total_steps=40", *SMALL_ACTORS, f"output_dir={out}",
-                                "learner.resources={learner_node: 1}", "learner.num_gpus=0")
+        process = train_process(
+            nodes,
+            *TINY,
+            "trainer.total_steps=40",
+            *SMALL_ACTORS,
+            f"output_dir={out}",
+            "learner.resources={learner_node: 1}",
+            "learner.num_gpus=0",
+        )
         wait_for_lines(out, 5, process)
         nodes.kill_node(first)
         log, err = process.communicate(timeout=300)
         assert process.returncode == 2, log[-2000:] + err[-3000:]
         last = err.strip().splitlines()[-1]
-        assert last.startswith("tokenforge: error: the actors need 1 learner_node in total but the Ray cluster has 0"), err[-3000:]
+        assert last.startswith(
+            "tokenforge: error: the actors need 1 learner_node in total but the Ray cluster has 0"
+        ), err[-3000:]
         assert "the cluster has no autoscaler to add a node; set ray.autoscale_wait_s" in last
     finally:
         nodes.shutdown()
@@ -284,15 +346,24 @@ def test_an_actor_bigger_than_every_node_is_one_line(tmp_path):
     try:
         nodes.start_head(cpus=1)
         nodes.add_node(cpus=1)
-        process = train_process(nodes, *TINY, "learner.num_cpus=1.5", "rollout.num_cpus_per_worker=0.25",
-                                "reward.num_cpus_per_worker=0.25", "learner.num_gpus=0", "trainer.actor_timeout_s=20",
-                                "ray.autoscale_wait_s=2", f"output_dir={tmp_path / 'run'}")
+        process = train_process(
+            nodes,
+            *TINY,
+            "learner.num_cpus=1.5",
+            "rollout.num_cpus_per_worker=0.25",
+            "reward.num_cpus_per_worker=0.25",
+            "learner.num_gpus=0",
+            "trainer.actor_timeout_s=20",
+            "ray.autoscale_wait_s=2",
+            f"output_dir={tmp_path / 'run'}",
+        )
         log, err = process.communicate(timeout=300)
         assert process.returncode == 2, log[-2000:] + err[-3000:]
         assert err.strip().splitlines()[-1] == (
             "tokenforge: error: the learner asks 1.5 CPU on one node, but no Ray node has that (the most any node has: "
             "1 CPU) (after waiting ray.autoscale_wait_s=2s for the autoscaler); lower learner.num_cpus/num_gpus/resources, "
-            "rollout.*_per_worker, reward.*_per_worker or the worker counts"), err[-3000:]
+            "rollout.*_per_worker, reward.*_per_worker or the worker counts"
+        ), err[-3000:]
     finally:
         nodes.shutdown()
 
@@ -306,15 +377,37 @@ def test_the_learner_takes_the_gpu_node_and_says_where_it_runs(tmp_path):
         nodes.add_node(cpus=1, gpus=1)
         out = tmp_path / "run"
         result = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "train", *TINY, *SMALL_ACTORS, "trainer.total_steps=1", f"output_dir={out}"],
-            env={**nodes.env, "RAY_ADDRESS": nodes.gcs}, cwd=REPO, capture_output=True, text=True, timeout=300,
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "train",
+                *TINY,
+                *SMALL_ACTORS,
+                "trainer.total_steps=1",
+                f"output_dir={out}",
+            ],
+            env={**nodes.env, "RAY_ADDRESS": nodes.gcs},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
         placement = json.loads((out / "placement.json").read_text())
-        gpu_node = next(n["NodeID"] for n in json.loads(subprocess.run(
-            [sys.executable, "-c", "import ray, json; ray.init(); print(json.dumps(ray.nodes()))"],
-            env={**nodes.env, "RAY_ADDRESS": nodes.gcs}, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-            if n["Resources"].get("GPU"))
+        gpu_node = next(
+            n["NodeID"]
+            for n in json.loads(
+                subprocess.run(
+                    [sys.executable, "-c", "import ray, json; ray.init(); print(json.dumps(ray.nodes()))"],
+                    env={**nodes.env, "RAY_ADDRESS": nodes.gcs},
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.splitlines()[-1]
+            )
+            if n["Resources"].get("GPU")
+        )
         assert placement["learner"][0]["node_id"] == gpu_node
         assert "learner holds a Ray GPU but torch sees no CUDA device" in result.stdout
     finally:
@@ -423,8 +516,16 @@ def test_a_transient_s3_error_in_a_run_is_retried_from_the_last_checkpoint(ray_c
     def run(status: int, code: str) -> tuple[subprocess.CompletedProcess, Storage, FaultyS3]:
         uri = s3()
         proxy = FaultyS3(moto_endpoint(uri), "metrics.jsonl", nth=5, status=status, code=code)
-        command = [sys.executable, "-m", "pipeline.cli", "train", *TINY, *SMALL_ACTORS, f"storage.uri={through(proxy, uri)}",
-                   f"output_dir={tmp_path / 'unused'}"]
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "train",
+            *TINY,
+            *SMALL_ACTORS,
+            f"storage.uri={through(proxy, uri)}",
+            f"output_dir={tmp_path / 'unused'}",
+        ]
         done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
         proxy.shutdown()
         return done, Storage(uri), proxy
@@ -441,7 +542,9 @@ def test_a_transient_s3_error_in_a_run_is_retried_from_the_last_checkpoint(ray_c
     forbidden, storage, proxy = run(403, "AccessDenied")
     assert forbidden.returncode == 2 and proxy.failed >= 1, forbidden.stdout[-2000:] + forbidden.stderr[-3000:]
     last = forbidden.stderr.strip().splitlines()[-1]  # after Ray's own lines about joining the cluster
-    assert "Traceback" not in forbidden.stderr and last.startswith("tokenforge: error: storage "), forbidden.stderr[-3000:]
+    assert "Traceback" not in forbidden.stderr and last.startswith("tokenforge: error: storage "), forbidden.stderr[
+        -3000:
+    ]
     assert "metrics.jsonl" in last and "ACCESS_DENIED" in last
     assert "tokenforge: failure " not in forbidden.stdout
 
@@ -468,8 +571,14 @@ print(json.dumps(bundles))
 
 
 def standing_request(nodes: LocalCluster) -> list[dict]:
-    read = subprocess.run([sys.executable, "-c", STANDING_REQUEST], env={**nodes.env, "RAY_ADDRESS": nodes.gcs},
-                          capture_output=True, text=True, timeout=120, check=True)
+    read = subprocess.run(
+        [sys.executable, "-c", STANDING_REQUEST],
+        env={**nodes.env, "RAY_ADDRESS": nodes.gcs},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return json.loads(read.stdout.strip().splitlines()[-1])
 
 
@@ -479,10 +588,19 @@ def test_the_autoscaler_request_is_withdrawn_when_the_run_fails(tmp_path):
     ray.autoscale_wait_s, fails in one line, and leaves no request behind: the cluster may scale down."""
     nodes = LocalCluster()
     try:
-        nodes.start_autoscaling_head(cpus=2, worker_types={
-            "small": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1}})
-        process = train_process(nodes, *TINY, *SMALL_ACTORS, "learner.num_gpus=0", "learner.resources={nowhere: 1}",
-                                "ray.autoscale_wait_s=30", f"output_dir={tmp_path / 'run'}")
+        nodes.start_autoscaling_head(
+            cpus=2,
+            worker_types={"small": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1}},
+        )
+        process = train_process(
+            nodes,
+            *TINY,
+            *SMALL_ACTORS,
+            "learner.num_gpus=0",
+            "learner.resources={nowhere: 1}",
+            "ray.autoscale_wait_s=30",
+            f"output_dir={tmp_path / 'run'}",
+        )
         deadline, seen = time.time() + 120, []
         while not seen and process.poll() is None:
             assert time.time() < deadline, "the request never showed in the GCS"
@@ -491,7 +609,9 @@ def test_the_autoscaler_request_is_withdrawn_when_the_run_fails(tmp_path):
         out, err = process.communicate(timeout=300)
         assert process.returncode == 2, out[-2000:] + err[-3000:]
         last = err.strip().splitlines()[-1]  # after Ray's own lines about joining the cluster
-        assert "Traceback" not in err and last.startswith("tokenforge: error: the actors need 1 nowhere in total"), err[-3000:]
+        assert "Traceback" not in err and last.startswith("tokenforge: error: the actors need 1 nowhere in total"), err[
+            -3000:
+        ]
         assert "after waiting ray.autoscale_wait_s=30s" in last
         assert standing_request(nodes) == []
     finally:

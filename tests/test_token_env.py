@@ -243,10 +243,12 @@ def test_bad_input_is_one_clear_line(make, message):
 
 def test_teacher_with_subtract_policy_is_refused(builtin_model_path):
     with pytest.raises(ConfigError, match="subtract_policy': needs the policy's log-probs") as error:
-        TokenEnv(overrides=[
-            f"reward.components.teacher={{type: teacher_logprob, path: '{builtin_model_path}', subtract_policy: true}}",
-            "reward.weights={teacher: 1.0}",
-        ])
+        TokenEnv(
+            overrides=[
+                f"reward.components.teacher={{type: teacher_logprob, path: '{builtin_model_path}', subtract_policy: true}}",
+                "reward.weights={teacher: 1.0}",
+            ]
+        )
     assert "\n" not in str(error.value)
 
 
@@ -261,7 +263,9 @@ def test_pool_backend_needs_ray():
 
 def test_bad_actions_and_reset_options():
     env = TokenEnv(split="eval")
-    with pytest.raises(TokenforgeError, match=r"reset option 'index': 5000 is not a prompt index of split 'eval' \(0-999\)"):
+    with pytest.raises(
+        TokenforgeError, match=r"reset option 'index': 5000 is not a prompt index of split 'eval' \(0-999\)"
+    ):
         env.reset(options={"index": 5000})
     env.reset()
     with pytest.raises(TokenforgeError, match=r"action 15 is not a token id in \[0, 15\)"):

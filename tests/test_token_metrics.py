@@ -13,8 +13,8 @@ from rouge_score.rouge_scorer import RougeScorer
 from rouge_score.tokenizers import DefaultTokenizer
 from sacrebleu.metrics import CHRF
 
-from pipeline.preflight import load_config
 from pipeline.errors import ConfigError
+from pipeline.preflight import load_config
 from pipeline.rewards.base import RewardInputs
 from pipeline.rewards.components import prefix_chrf, rouge_words
 
@@ -47,7 +47,9 @@ cut_lists = st.lists(st.integers(0, 80), max_size=20)
 
 @settings(max_examples=150, deadline=None)
 @given(
-    text=texts, refs=st.lists(texts, min_size=1, max_size=3), cuts=cut_lists,
+    text=texts,
+    refs=st.lists(texts, min_size=1, max_size=3),
+    cuts=cut_lists,
     measure=st.sampled_from(["fmeasure", "precision", "recall"]),
 )
 def test_token_rouge_l_sums_to_the_sentence_score_for_any_tokenisation(text, refs, cuts, measure):
@@ -70,8 +72,12 @@ def test_token_chrf_sums_to_the_sentence_score_for_any_tokenisation(text, refs, 
 
 @settings(max_examples=100, deadline=None)
 @given(
-    prefix=texts, suffixes=st.tuples(texts, texts), refs=st.lists(texts, min_size=1, max_size=3), cuts=cut_lists,
-    metric=st.sampled_from(["rouge", "chrf"]), joiner=st.sampled_from(["", " "]),
+    prefix=texts,
+    suffixes=st.tuples(texts, texts),
+    refs=st.lists(texts, min_size=1, max_size=3),
+    cuts=cut_lists,
+    metric=st.sampled_from(["rouge", "chrf"]),
+    joiner=st.sampled_from(["", " "]),
 )
 def test_token_rewards_of_a_prefix_do_not_depend_on_what_follows(prefix, suffixes, refs, cuts, metric, joiner):
     """Causal rewards: with returns-to-go, G_t = score(full) - score(before t), so what a token costs (a word
@@ -133,9 +139,18 @@ def test_with_several_references_a_tokens_reward_does_not_wait_for_the_best_one(
 
 def test_characters_no_token_span_covers_belong_to_the_last_token():
     # spans that stop short of the text (an odd tokenizer's offsets): the sum is still the text's score
-    inputs = RewardInputs(prompts=[""], completions=["cat dog"], completion_ids=[[1, 0]], texts=["cat dog"],
-                          token_spans=[[(0, 3), (3, 3)]], columns={"reference": ["cat dog"]})
-    cat = {"rouge": RougeScorer(["rougeL"]).score("cat dog", "cat")["rougeL"].fmeasure, "chrf": CHRF().sentence_score("cat", ["cat dog"]).score / 100}
+    inputs = RewardInputs(
+        prompts=[""],
+        completions=["cat dog"],
+        completion_ids=[[1, 0]],
+        texts=["cat dog"],
+        token_spans=[[(0, 3), (3, 3)]],
+        columns={"reference": ["cat dog"]},
+    )
+    cat = {
+        "rouge": RougeScorer(["rougeL"]).score("cat dog", "cat")["rougeL"].fmeasure,
+        "chrf": CHRF().sentence_score("cat", ["cat dog"]).score / 100,
+    }
     for metric in ("rouge", "chrf"):
         first, last = component(metric, level="token")(inputs)[0]
         assert first == pytest.approx(cat[metric]) and first + last == pytest.approx(1.0)
@@ -161,7 +176,10 @@ def test_digit_match_at_sequence_level_is_its_token_rewards_summed():
     ("options", "message"),
     [
         ("{type: rouge, rouge_type: rouge1, level: token}", "level: token is defined for rouge_type: rougeL"),
-        ("{type: chrf, word_order: 2, level: token}", "level: token shares out character n-gram matches only; use word_order: 0"),
+        (
+            "{type: chrf, word_order: 2, level: token}",
+            "level: token shares out character n-gram matches only; use word_order: 0",
+        ),
         ("{type: chrf, level: word}", "'reward.components.m.level'"),
     ],
 )

@@ -14,9 +14,19 @@ from pipeline.config import load_config
 from pipeline.driver.trainer import train
 from pipeline.outputs.trackers import tune_callbacks
 
-needs_mlflow = pytest.mark.skipif(find_spec("mlflow") is None, reason="needs the mlflow package: pip install 'tokenforge[mlflow]'")
-needs_wandb = pytest.mark.skipif(find_spec("wandb") is None, reason="needs the wandb package: pip install 'tokenforge[wandb]'")
-TINY = ["trainer.total_steps=2", "trainer.eval_every=2", "trainer.prompts_per_step=8", "rollout.group_size=4", "data.max_eval_samples=20"]
+needs_mlflow = pytest.mark.skipif(
+    find_spec("mlflow") is None, reason="needs the mlflow package: pip install 'tokenforge[mlflow]'"
+)
+needs_wandb = pytest.mark.skipif(
+    find_spec("wandb") is None, reason="needs the wandb package: pip install 'tokenforge[wandb]'"
+)
+TINY = [
+    "trainer.total_steps=2",
+    "trainer.eval_every=2",
+    "trainer.prompts_per_step=8",
+    "rollout.group_size=4",
+    "data.max_eval_samples=20",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +34,26 @@ def tracked_run(ray_cluster, tmp_path_factory):
     """A tiny run logging to every tracker installed (and not to TensorBoard); returns (run dir, tracker dir)."""
     root = tmp_path_factory.mktemp("trackers")
     loggers = ["jsonl", *[name for name in ("mlflow", "wandb") if find_spec(name)]]
-    env = {"MLFLOW_TRACKING_URI": f"file://{root}/mlruns", "MLFLOW_ALLOW_FILE_STORE": "true", "WANDB_MODE": "offline",
-           "WANDB_DIR": str(root), "WANDB_SILENT": "true"}
+    env = {
+        "MLFLOW_TRACKING_URI": f"file://{root}/mlruns",
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(root),
+        "WANDB_SILENT": "true",
+    }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
-        train(load_config(overrides=[*TINY, f"trainer.loggers={loggers}", "trainer.tracker_project=tf-test", f"output_dir={root / 'run'}"]))
+        train(
+            load_config(
+                overrides=[
+                    *TINY,
+                    f"trainer.loggers={loggers}",
+                    "trainer.tracker_project=tf-test",
+                    f"output_dir={root / 'run'}",
+                ]
+            )
+        )
     records = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     return root, records
 
@@ -51,9 +75,14 @@ def test_mlflow_file_store_round_trip(tracked_run, monkeypatch):
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/exact_match")}
     assert history == {r["step"]: pytest.approx(r["eval/exact_match"]) for r in records if "eval/exact_match" in r}
     assert [m.value for m in client.get_metric_history(run.info.run_id, "reward/total/mean")] == pytest.approx(
-        [r["reward/total/mean"] for r in records if "reward/total/mean" in r])
-    samples = json.loads((root / "mlruns" / run.info.experiment_id / run.info.run_id / "artifacts" / "eval" / "step_2.json").read_text())
-    assert {"prompt_text", "answer", "response", "eval/exact_match"} <= set(samples["columns"]) and len(samples["data"]) == 20
+        [r["reward/total/mean"] for r in records if "reward/total/mean" in r]
+    )
+    samples = json.loads(
+        (root / "mlruns" / run.info.experiment_id / run.info.run_id / "artifacts" / "eval" / "step_2.json").read_text()
+    )
+    assert {"prompt_text", "answer", "response", "eval/exact_match"} <= set(samples["columns"]) and len(
+        samples["data"]
+    ) == 20
 
 
 def wandb_records(path) -> list:
@@ -66,11 +95,11 @@ def wandb_records(path) -> list:
     position, block, records, pending = 7, 32768, [], b""
     while position + 7 <= len(data):
         left = block - position % block
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7]) if left >= 7 else (0, 0, 0)
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7]) if left >= 7 else (0, 0, 0)
         if kind == 0:  # the block's zero padding
             position += left
             continue
-        pending += data[position + 7:position + 7 + length]
+        pending += data[position + 7 : position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
             record = wandb_internal_pb2.Record()
@@ -92,7 +121,10 @@ def test_wandb_offline_round_trip(tracked_run):
             history[row["_step"]] = row
         elif kind == "run":
             config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
-    assert config["trainer"]["total_steps"] == 2 and config["reward"]["weights"] == {"exact_match": 1.0, "digit_match": 0.5}
+    assert config["trainer"]["total_steps"] == 2 and config["reward"]["weights"] == {
+        "exact_match": 1.0,
+        "digit_match": 0.5,
+    }
     for record in records:
         for key in ("eval/exact_match", "reward/total/mean", "loss/policy"):
             if key in record:
@@ -100,7 +132,9 @@ def test_wandb_offline_round_trip(tracked_run):
     assert history[2]["eval/samples/_type"] == "table-file"
     (table,) = (offline / "files" / "media" / "table" / "eval").glob("samples_2_*.table.json")
     samples = json.loads(table.read_text())
-    assert {"prompt_text", "answer", "response", "eval/exact_match"} <= set(samples["columns"]) and len(samples["data"]) == 20
+    assert {"prompt_text", "answer", "response", "eval/exact_match"} <= set(samples["columns"]) and len(
+        samples["data"]
+    ) == 20
 
 
 @needs_mlflow
@@ -146,7 +180,9 @@ def test_a_wrong_wandb_key_is_one_line_before_ray(capsys, monkeypatch, tmp_path)
 
     class WrongKey(BaseHTTPRequestHandler):
         def do_POST(self):
-            queries.append((self.path, self.headers["Authorization"], self.rfile.read(int(self.headers["Content-Length"]))))
+            queries.append(
+                (self.path, self.headers["Authorization"], self.rfile.read(int(self.headers["Content-Length"])))
+            )
             self.send_response(401)
             self.end_headers()
             self.wfile.write(b'{"errors": [{"message": "user is not logged in"}]}')
@@ -164,7 +200,10 @@ def test_a_wrong_wandb_key_is_one_line_before_ray(capsys, monkeypatch, tmp_path)
         err = one_line_error(["train", "trainer.loggers=[jsonl, wandb]", f"output_dir={tmp_path / 'out'}"], capsys)
     finally:
         server.shutdown()
-    assert f"trainer.loggers: W&B at {base} refused the API key (HTTP 401); set the right one with `wandb login --relogin`" in err
+    assert (
+        f"trainer.loggers: W&B at {base} refused the API key (HTTP 401); set the right one with `wandb login --relogin`"
+        in err
+    )
     assert time.monotonic() - start < 30 and queries and queries[0][0] == "/graphql" and b"viewer" in queries[0][2]
     assert not (tmp_path / "out" / "config.yaml").exists()  # stopped before the run began (and before Ray)
 
@@ -180,6 +219,9 @@ def test_an_unreachable_mlflow_is_one_line_before_ray(capsys, monkeypatch, tmp_p
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     start = time.monotonic()
     err = one_line_error(["train", "trainer.loggers=[jsonl, mlflow]", f"output_dir={tmp_path / 'out'}"], capsys)
-    assert f"trainer.loggers: MLflow at http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1 cannot be reached" in err
+    assert (
+        f"trainer.loggers: MLflow at http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1 cannot be reached"
+        in err
+    )
     assert "check MLFLOW_TRACKING_URI" in err and time.monotonic() - start < 30
     assert not (tmp_path / "out" / "config.yaml").exists()

@@ -43,7 +43,15 @@ def test_short_run_writes_everything_and_reward_rises(short_run):
     baseline = evaluate_checkpoint(str(BUILTIN_MODEL), overrides=["data.max_eval_samples=200"])
     assert records[0]["eval/exact_match"] == baseline["eval/exact_match"] and 0.3 < baseline["eval/exact_match"] < 0.8
     trained = records[1:]
-    for key in ("reward/exact_match/mean", "reward/digit_match/mean", "loss/policy", "time/step_s", "throughput/tokens_per_s", "response/length_mean", "time/elapsed_s"):
+    for key in (
+        "reward/exact_match/mean",
+        "reward/digit_match/mean",
+        "loss/policy",
+        "time/step_s",
+        "throughput/tokens_per_s",
+        "response/length_mean",
+        "time/elapsed_s",
+    ):
         assert all(key in r for r in trained), key
     first = sum(r["reward/total/mean"] for r in trained[:10]) / 10
     last = sum(r["reward/total/mean"] for r in trained[-10:]) / 10
@@ -59,7 +67,9 @@ def test_checkpoints_are_published_hf_models_with_trainer_state_and_old_ones_pru
     manifest = json.loads((last / "MANIFEST.json").read_text())
     assert manifest["step"] == 40 and set(manifest["files"]) == {p.name for p in last.iterdir()} - {"MANIFEST.json"}
     model = AutoModelForCausalLM.from_pretrained(last)
-    assert torch.equal(model.state_dict()["lm_head.weight"], load_file(last / "model.safetensors")["transformer.wte.weight"])
+    assert torch.equal(
+        model.state_dict()["lm_head.weight"], load_file(last / "model.safetensors")["transformer.wte.weight"]
+    )
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["step"] == 40 and state["sampler"]["position"] == (40 * 64) % 9000
 
@@ -100,14 +110,32 @@ def test_resume_continues_exactly_where_it_stopped(ray_cluster, tmp_path, capsys
     assert all(torch.allclose(final[0][k], final[1][k], atol=1e-5) for k in final[0])
 
 
-def test_staleness_one_trains_on_the_last_versions_samples_and_checkpoints_the_sampler_of_its_step(ray_cluster, tmp_path):
+def test_staleness_one_trains_on_the_last_versions_samples_and_checkpoints_the_sampler_of_its_step(
+    ray_cluster, tmp_path
+):
     """trainer.max_staleness=1: the rollouts of step s+1 are generated while the learner trains on step s, with
     the weights of step s - 1, and the learner reports it, except after a checkpoint (step 3 here): the
     checkpoint's step is a synchronisation point, so step 4 samples with version 3, as a run resumed there
     does; a checkpoint records the sampler as of its own step."""
     out = tmp_path / "stale"
-    overrides = [*SMALL, "trainer.prompts_per_step=16", "trainer.total_steps=5", "trainer.save_every=3", "trainer.eval_every=3"]
-    train(load_config(overrides=[*overrides, "trainer.max_staleness=1", "algorithm.is_cap=2.0", "trainer.dump_rollouts_every=1", f"output_dir={out}"]))
+    overrides = [
+        *SMALL,
+        "trainer.prompts_per_step=16",
+        "trainer.total_steps=5",
+        "trainer.save_every=3",
+        "trainer.eval_every=3",
+    ]
+    train(
+        load_config(
+            overrides=[
+                *overrides,
+                "trainer.max_staleness=1",
+                "algorithm.is_cap=2.0",
+                "trainer.dump_rollouts_every=1",
+                f"output_dir={out}",
+            ]
+        )
+    )
     trained = read_metrics(out)[1:]
     assert [r["policy/staleness_max"] for r in trained] == [0.0, 1.0, 1.0, 0.0, 1.0]
     assert [r["learner/policy_version"] for r in trained] == [1.0, 2.0, 3.0, 4.0, 5.0]
@@ -129,7 +157,17 @@ def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster
 
     from pipeline.data.loading import PromptSampler, load_prompts
 
-    config = with_builtin_defaults(load_config(overrides=["rollout.num_workers=2", "rollout.num_cpus_per_worker=0.25", "learner.num_cpus=0.25", "reward.num_cpus_per_worker=0.25", f"rollout.weight_sync={sync}"]))
+    config = with_builtin_defaults(
+        load_config(
+            overrides=[
+                "rollout.num_workers=2",
+                "rollout.num_cpus_per_worker=0.25",
+                "learner.num_cpus=0.25",
+                "reward.num_cpus_per_worker=0.25",
+                f"rollout.weight_sync={sync}",
+            ]
+        )
+    )
     with Pipeline(decide_learner_gpus(config), run_id=f"two-workers-{sync}") as pipeline:
         prompts = PromptSampler(load_prompts(config.data.train_file, "train"), 10, seed=0).next_batch(first_group_id=0)
         scored, generated = pipeline.generated_and_scored(
@@ -137,7 +175,9 @@ def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster
         )
         assert generated == scored.num_rows == 10 * config.rollout.group_size and timings["time/rollout_s"] > 0
         assert scored.column("group_id").to_pylist() == [g for g in range(10) for _ in range(config.rollout.group_size)]
-        assert scored.column("worker").unique().to_pylist() == [f"tokenforge-two-workers-{sync}-rollout-{i}" for i in range(2)]
+        assert scored.column("worker").unique().to_pylist() == [
+            f"tokenforge-two-workers-{sync}-rollout-{i}" for i in range(2)
+        ]
         pipeline.learner.call_all("train_step", scored, step=1)
         pipeline.sync_weights()  # the workers load version 1 after the call they run (the checks below queue after it)
         assert pipeline.version == 1
@@ -152,11 +192,15 @@ def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster
             state = {k: v.clone() for k, v in worker.model.state_dict().items()}
             return worker.policy_version, state, hasattr(worker, "weight_buffer"), shared
 
-        states = pipeline.rollout.get([a.__ray_call__.remote(worker_state, [pipeline.weights]) for a in pipeline.rollout.actors])
+        states = pipeline.rollout.get(
+            [a.__ray_call__.remote(worker_state, [pipeline.weights]) for a in pipeline.rollout.actors]
+        )
         assert len(states) == 2
         for version, weights, broadcast, shared in states:
             assert version == 1 and all(torch.equal(weights[k], v) for k, v in learner_weights.items())
-            assert broadcast == (sync == "collective") and (pipeline.weights is None) == broadcast  # not the object store
+            assert (
+                broadcast == (sync == "collective") and (pipeline.weights is None) == broadcast
+            )  # not the object store
             assert shared is (None if broadcast else True)  # both workers use the node's one copy, none of their own
         again, _ = pipeline.generated_and_scored(pipeline.submit_generation(prompts, step=2), ["exact_match"], 2, {})
         assert set(again.column("policy_version").to_pylist()) == {1}
@@ -164,8 +208,12 @@ def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster
 
 
 def test_an_actor_that_does_not_answer_in_time_stops_the_run_naming_it(ray_cluster, tmp_path):
-    config = load_config(overrides=["trainer.actor_timeout_s=0.001", f"output_dir={tmp_path / 'out'}", "trainer.total_steps=2"])
-    with pytest.raises(TokenforgeError, match=r"(rollout|reward|learner) actor gave no answer within 0s \(trainer.actor_timeout_s\)"):
+    config = load_config(
+        overrides=["trainer.actor_timeout_s=0.001", f"output_dir={tmp_path / 'out'}", "trainer.total_steps=2"]
+    )
+    with pytest.raises(
+        TokenforgeError, match=r"(rollout|reward|learner) actor gave no answer within 0s \(trainer.actor_timeout_s\)"
+    ):
         train(config)
     deadline = time.time() + 30  # and none of its actors is left holding the cluster's CPUs
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
@@ -181,14 +229,31 @@ def test_train_joins_a_running_cluster_by_ray_address(ray_cluster, tmp_path):
     out = tmp_path / "joined"
     address = ray_cluster.get_runtime_context().gcs_address
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "train", f"ray.address={address}", f"output_dir={out}", "trainer.total_steps=2",
-         "trainer.prompts_per_step=8", "rollout.group_size=4", "data.max_eval_samples=20", "learner.num_cpus=0.25",
-         "rollout.num_cpus_per_worker=0.25", "reward.num_cpus_per_worker=0.25"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "train",
+            f"ray.address={address}",
+            f"output_dir={out}",
+            "trainer.total_steps=2",
+            "trainer.prompts_per_step=8",
+            "rollout.group_size=4",
+            "data.max_eval_samples=20",
+            "learner.num_cpus=0.25",
+            "rollout.num_cpus_per_worker=0.25",
+            "reward.num_cpus_per_worker=0.25",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     placement = json.loads((out / "placement.json").read_text())
-    assert placement["learner"][0]["node_id"] == ray_cluster.get_runtime_context().get_node_id()  # the session's (only) node
+    assert (
+        placement["learner"][0]["node_id"] == ray_cluster.get_runtime_context().get_node_id()
+    )  # the session's (only) node
 
 
 def test_lora_bf16_checkpointed_chat_model_resumes_and_exports(ray_cluster, tmp_path, capsys):
@@ -197,9 +262,19 @@ def test_lora_bf16_checkpointed_chat_model_resumes_and_exports(ray_cluster, tmp_
     export loads as a plain HF model that differs from the base only where the adapters trained."""
     out, exported = tmp_path / "run", tmp_path / "exported"
     lora = "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
-    common = ["task=chat_addition", lora, "learner.precision=bf16-mixed", "learner.gradient_checkpointing=true",
-              "learner.lr=1e-2", "trainer.prompts_per_step=8", "rollout.group_size=4", "trainer.eval_every=2",
-              "trainer.save_every=2", "data.max_eval_samples=16", f"output_dir={out}"]
+    common = [
+        "task=chat_addition",
+        lora,
+        "learner.precision=bf16-mixed",
+        "learner.gradient_checkpointing=true",
+        "learner.lr=1e-2",
+        "trainer.prompts_per_step=8",
+        "rollout.group_size=4",
+        "trainer.eval_every=2",
+        "trainer.save_every=2",
+        "data.max_eval_samples=16",
+        f"output_dir={out}",
+    ]
     main(["train", *common, "trainer.total_steps=2"])
     main(["train", "--resume", str(out), "trainer.total_steps=4"])
     assert [r["step"] for r in read_metrics(out)] == [0, 1, 2, 3, 4]
@@ -208,7 +283,9 @@ def test_lora_bf16_checkpointed_chat_model_resumes_and_exports(ray_cluster, tmp_
 
     main(["export", str(checkpoint), str(exported), "--merge"])
     merged = AutoModelForCausalLM.from_pretrained(exported).state_dict()
-    base = AutoModelForCausalLM.from_pretrained(with_builtin_defaults(load_config(overrides=["task=chat_addition"])).model.path).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(
+        with_builtin_defaults(load_config(overrides=["task=chat_addition"])).model.path
+    ).state_dict()
     assert merged.keys() == base.keys()
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and all(".q_proj." in k or ".v_proj." in k for k in changed)
@@ -227,6 +304,10 @@ def test_each_actors_torch_threads_follow_its_ray_cpus(ray_cluster, builtin_mode
     cases = [(Learner, 2, [], 2), (RolloutWorker, 0.5, [], 1), (RolloutWorker, 1, ["rollout.num_threads=2"], 2)]
     for cls, cpus, overrides, expected in cases:
         config = with_builtin_defaults(load_config(overrides=overrides))
-        actor = ray.remote(cls).options(num_cpus=cpus).remote(config, builtin_model_path, *([builtin_model_path] if cls is Learner else []))
+        actor = (
+            ray.remote(cls)
+            .options(num_cpus=cpus)
+            .remote(config, builtin_model_path, *([builtin_model_path] if cls is Learner else []))
+        )
         assert ray.get(actor.__ray_call__.remote(threads)) == expected, (cls.__name__, cpus)
         ray.kill(actor)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_cli_errors import run_cli
+from test_report import drawn_series
 
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.driver.trainer import train
 from pipeline.errors import ConfigError
-from test_cli_errors import run_cli
-from test_report import drawn_series
 from pipeline.outputs.experiment_files import SPEC_FILE
 from pipeline.tune.experiment import RESTORES_FILE
 from pipeline.tune.experiment import resume as resume_experiment
@@ -41,7 +41,11 @@ TINY = {  # a small, fast trial that fits twice into the test cluster's 2 CPUs
 
 
 def write_spec(tmp_path: Path, search: dict, tune: dict, base: dict | None = None) -> Path:
-    spec = {"base": {"overrides": {**TINY, **(base or {})}}, "search": search, "tune": {"storage_path": str(tmp_path / "results"), **tune}}
+    spec = {
+        "base": {"overrides": {**TINY, **(base or {})}},
+        "search": search,
+        "tune": {"storage_path": str(tmp_path / "results"), **tune},
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -53,18 +57,62 @@ def write_spec(tmp_path: Path, search: dict, tune: dict, base: dict | None = Non
         ({"learner.lr": {"strategy": "normal", "values": [0, 1]}}, {}, "unknown strategy 'normal'"),
         ({"learner.lr": {"strategy": "loguniform", "values": [0, 1]}}, {}, "loguniform: low must be > 0"),
         ({"learner.lr": {"strategy": "uniform", "values": [1]}}, {}, "uniform needs 2 numbers"),
-        ({"learner.lrate": {"strategy": "choice", "values": [1]}}, {}, "search key 'learner.lrate': the base config has no such key"),
-        ({"reward.weights.bleu": {"strategy": "choice", "values": [1]}}, {}, "search key 'reward.weights.bleu': the base config has no such key"),
-        ({"learner.lr": {"strategy": "choice", "values": ["fast"]}}, {}, "search key 'learner.lr': config key 'learner.lr': Input should be a valid number"),
-        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"scheduler": {"name": "hyperband"}}, "unknown tune.scheduler.name 'hyperband'"),
-        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"scheduler": {"name": "asha", "grace": 2}}, "tune.scheduler.grace: not an option of scheduler 'asha'"),
-        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"search_alg": "annealing"}, "unknown tune.search_alg 'annealing'"),
-        ({"learner.lr": {"strategy": "grid", "values": [1e-3]}}, {"search_alg": "optuna"}, "'grid' only works with search_alg random"),
-        ({"reward.weights.digit_match": {"strategy": "uniform", "values": [0, 1]}}, {"metric": "reward/total/mean"}, "the reward weights are searched"),
-        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"metric": "reward/total/mean"}, "the objective must be a held-out eval metric"),
-        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"metric": "eval/chrf"}, "the objective must be a held-out eval metric"),
+        (
+            {"learner.lrate": {"strategy": "choice", "values": [1]}},
+            {},
+            "search key 'learner.lrate': the base config has no such key",
+        ),
+        (
+            {"reward.weights.bleu": {"strategy": "choice", "values": [1]}},
+            {},
+            "search key 'reward.weights.bleu': the base config has no such key",
+        ),
+        (
+            {"learner.lr": {"strategy": "choice", "values": ["fast"]}},
+            {},
+            "search key 'learner.lr': config key 'learner.lr': Input should be a valid number",
+        ),
+        (
+            {"learner.lr": {"strategy": "choice", "values": [1e-3]}},
+            {"scheduler": {"name": "hyperband"}},
+            "unknown tune.scheduler.name 'hyperband'",
+        ),
+        (
+            {"learner.lr": {"strategy": "choice", "values": [1e-3]}},
+            {"scheduler": {"name": "asha", "grace": 2}},
+            "tune.scheduler.grace: not an option of scheduler 'asha'",
+        ),
+        (
+            {"learner.lr": {"strategy": "choice", "values": [1e-3]}},
+            {"search_alg": "annealing"},
+            "unknown tune.search_alg 'annealing'",
+        ),
+        (
+            {"learner.lr": {"strategy": "grid", "values": [1e-3]}},
+            {"search_alg": "optuna"},
+            "'grid' only works with search_alg random",
+        ),
+        (
+            {"reward.weights.digit_match": {"strategy": "uniform", "values": [0, 1]}},
+            {"metric": "reward/total/mean"},
+            "the reward weights are searched",
+        ),
+        (
+            {"learner.lr": {"strategy": "choice", "values": [1e-3]}},
+            {"metric": "reward/total/mean"},
+            "the objective must be a held-out eval metric",
+        ),
+        (
+            {"learner.lr": {"strategy": "choice", "values": [1e-3]}},
+            {"metric": "eval/chrf"},
+            "the objective must be a held-out eval metric",
+        ),
         ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"mode": "maximise"}, "tune spec key 'tune.mode'"),
-        ({"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {"shceduler": "asha"}, "tune spec key 'tune.shceduler': unknown key"),
+        (
+            {"learner.lr": {"strategy": "choice", "values": [1e-3]}},
+            {"shceduler": "asha"},
+            "tune spec key 'tune.shceduler': unknown key",
+        ),
     ],
 )
 def test_bad_specs_are_rejected_before_any_trial(tmp_path, search, tune, message):
@@ -78,8 +126,12 @@ def test_relative_data_and_model_paths_reach_trials_absolute(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model").symlink_to(builtin_model_path)
     (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
-    spec = write_spec(tmp_path, {"learner.lr": {"strategy": "choice", "values": [1e-3]}}, {},
-                      {"model.path": "model", "data.train_file": "train.jsonl", "data.eval_file": "train.jsonl"})
+    spec = write_spec(
+        tmp_path,
+        {"learner.lr": {"strategy": "choice", "values": [1e-3]}},
+        {},
+        {"model.path": "model", "data.train_file": "train.jsonl", "data.eval_file": "train.jsonl"},
+    )
     _, base = load_spec(spec)
     assert (base.model.path, base.data.train_file) == (str(tmp_path / "model"), str(tmp_path / "train.jsonl"))
     _, named = load_spec(spec, ["base.overrides={data.train_file: some/dataset, data.eval_file: some/dataset}"])
@@ -96,11 +148,19 @@ def marked_reward(tmp_path: Path, builtin_model_path: str, name: str, function: 
     """Overrides adding reward component `name` (tests/reward_fns.py `function`, weight 0.1) on the built-in prompts
     plus a `marker_dir` column: the per-test directory where the function keeps its marker files."""
     train_file = tmp_path / "train.jsonl"
-    rows = [json.loads(line) for line in (Path(builtin_model_path).parent / "train.jsonl").read_text().splitlines()[:200]]
+    rows = [
+        json.loads(line) for line in (Path(builtin_model_path).parent / "train.jsonl").read_text().splitlines()[:200]
+    ]
     train_file.write_text("".join(json.dumps({**r, "marker_dir": str(tmp_path)}) + "\n" for r in rows))
-    return {f"reward.components.{name}": {"type": "python", "function": f"{Path(__file__).parent / 'reward_fns.py'}:{function}"},
-            f"reward.weights.{name}": 0.1, "data.train_file": str(train_file),
-            "data.eval_file": str(Path(builtin_model_path).parent / "eval.jsonl")}
+    return {
+        f"reward.components.{name}": {
+            "type": "python",
+            "function": f"{Path(__file__).parent / 'reward_fns.py'}:{function}",
+        },
+        f"reward.weights.{name}": 0.1,
+        "data.train_file": str(train_file),
+        "data.eval_file": str(Path(builtin_model_path).parent / "eval.jsonl"),
+    }
 
 
 def trial_dirs(experiment: Path) -> list[Path]:
@@ -116,15 +176,23 @@ def test_smoke_spec_end_to_end(ray_cluster, tmp_path, capsys, caplog):
     experiment = Path(run_experiment(str(SMOKE), [f"tune.storage_path={tmp_path}"]))
     assert signal.getsignal(signal.SIGINT) is ctrl_c  # Tune's handler is gone: the next Ctrl-C interrupts again
     console = capsys.readouterr().out
-    assert "Result for " not in console and len(console.splitlines()) < 100  # status tables + the summary, no per-result dumps
-    assert "Result logdir" not in console and "/tmp/ray" not in console  # Ray's driver scratch directory: not the results
+    assert (
+        "Result for " not in console and len(console.splitlines()) < 100
+    )  # status tables + the summary, no per-result dumps
+    assert (
+        "Result logdir" not in console and "/tmp/ray" not in console
+    )  # Ray's driver scratch directory: not the results
     tune_lines = [r.getMessage() for r in caplog.records if r.name.startswith("ray.tune")]  # Tune's own log lines
     assert not [line for line in tune_lines if "snapshotting" in line or "Total run time" in line], tune_lines
-    summary = console[console.rindex("trial "):].splitlines()  # the final table: one row per trial, named by its values
+    summary = console[
+        console.rindex("trial ") :
+    ].splitlines()  # the final table: one row per trial, named by its values
     assert summary[1].startswith("digit_match=0 ") and summary[2].startswith("digit_match=0.5 ")
     assert summary[-1].startswith(f"tokenforge: experiment {experiment}; best trial's run {experiment}/run_trial_")
-    assert summary[-1].endswith(f"next: tokenforge report {experiment} | tensorboard --logdir {experiment} | tokenforge samples "
-                                + summary[-1].split("best trial's run ")[1].split(" ")[0])
+    assert summary[-1].endswith(
+        f"next: tokenforge report {experiment} | tensorboard --logdir {experiment} | tokenforge samples "
+        + summary[-1].split("best trial's run ")[1].split(" ")[0]
+    )
     rows = (experiment / "trials.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("trial,reward.weights.digit_match,eval/exact_match")
     assert all(row.endswith(",12,TERMINATED") for row in rows[1:])
@@ -135,7 +203,9 @@ def test_smoke_spec_end_to_end(ray_cluster, tmp_path, capsys, caplog):
         assert [r["step"] for r in metrics(trial) if "eval/exact_match" in r] == [0, 4, 8, 12]
     assert (experiment / "objective.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert drawn_series(experiment / "objective.png") == [  # the legend: the searched values, not trial names
-        "eval/exact_match of every trial: digit_match=0", "eval/exact_match of every trial: digit_match=0.5"]
+        "eval/exact_match of every trial: digit_match=0",
+        "eval/exact_match of every trial: digit_match=0.5",
+    ]
     main(["report", str(experiment)])
     assert capsys.readouterr().out.startswith(f"tokenforge: wrote {experiment}/report.png and {experiment}/report.md")
     assert drawn_series(experiment / "report.png") == drawn_series(experiment / "objective.png")
@@ -144,16 +214,22 @@ def test_smoke_spec_end_to_end(ray_cluster, tmp_path, capsys, caplog):
     final = {float(row.split(",")[1]): float(row.split(",")[2]) for row in rows[1:]}  # weight -> last eval
     assert final[best.reward.weights["digit_match"]] == max(final.values())  # the best trial's, not any trial's
     assert f"| `reward.weights.digit_match` | {best.reward.weights['digit_match']} |" in report
-    assert re.search(rf"Best trial: `run_trial_\w+_reward_weights_digit_match={best.reward.weights['digit_match']:.4f}_[^`]+`, "
-                     rf"eval/exact_match {max(final.values()):.4g}", report)
+    assert re.search(
+        rf"Best trial: `run_trial_\w+_reward_weights_digit_match={best.reward.weights['digit_match']:.4f}_[^`]+`, "
+        rf"eval/exact_match {max(final.values()):.4g}",
+        report,
+    )
     assert train(best)["step"] == 2
 
 
 def checkpoint_hashes(trial: Path) -> dict[int, str]:
     """step -> sha256 of the weights of each published checkpoint of the trial's run."""
     return {
-        json.loads((c / "trainer_state.json").read_text())["step"]: hashlib.sha256((c / "model.safetensors").read_bytes()).hexdigest()
-        for c in (trial / "run" / "checkpoints").glob("step_*") if (c / "MANIFEST.json").is_file()
+        json.loads((c / "trainer_state.json").read_text())["step"]: hashlib.sha256(
+            (c / "model.safetensors").read_bytes()
+        ).hexdigest()
+        for c in (trial / "run" / "checkpoints").glob("step_*")
+        if (c / "MANIFEST.json").is_file()
     }
 
 
@@ -161,17 +237,32 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint_with_mutated_params(ray
     spec = write_spec(
         tmp_path,
         {"learner.lr": {"strategy": "loguniform", "values": [1e-4, 3e-3]}},  # a resample is always a new lr
-        {"name": "pbt", "num_samples": 2, "num_to_keep": None,
-         "scheduler": {"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5, "resample_probability": 1.0,
-                       "synch": True}},  # perturb once both trials reported: no race with a late-starting trial
+        {
+            "name": "pbt",
+            "num_samples": 2,
+            "num_to_keep": None,
+            "scheduler": {
+                "name": "pbt",
+                "perturbation_interval": 2,
+                "quantile_fraction": 0.5,
+                "resample_probability": 1.0,
+                "synch": True,
+            },
+        },  # perturb once both trials reported: no race with a late-starting trial
         base={"learner.lr_schedule": "constant", "learner.warmup_steps": 0},
     )
     experiment = Path(run_experiment(str(spec)))
-    restores = [(trial, json.loads(line)) for trial in trial_dirs(experiment) if (trial / RESTORES_FILE).exists()
-                for line in (trial / RESTORES_FILE).read_text().splitlines()]
+    restores = [
+        (trial, json.loads(line))
+        for trial in trial_dirs(experiment)
+        if (trial / RESTORES_FILE).exists()
+        for line in (trial / RESTORES_FILE).read_text().splitlines()
+    ]
     for trial, restore in restores:  # synchronous PBT also pauses trials and resumes them from their own checkpoint
         source = Path(restore["source"])  # the checkpoint Tune pointed at: its step and its very weights were restored
-        assert restore["step"] > 0 and source.parents[2].parent == experiment  # <experiment>/<trial>/run/checkpoints/step_N
+        assert (
+            restore["step"] > 0 and source.parents[2].parent == experiment
+        )  # <experiment>/<trial>/run/checkpoints/step_N
         assert json.loads((source / "trainer_state.json").read_text())["step"] == restore["step"]
         assert hashlib.sha256((source / "model.safetensors").read_bytes()).hexdigest() == restore["model_sha256"]
     exploits = [(trial, r) for trial, r in restores if Path(r["source"]).parents[2] != trial]
@@ -182,7 +273,9 @@ def test_pbt_exploit_continues_from_the_donor_checkpoint_with_mutated_params(ray
         assert checkpoint_hashes(trial)[restore["step"]] == restore["model_sha256"]
         before = [r for r in metrics(trial) if r["step"] == restore["step"]][0]["learner/lr"]
         after = [r for r in metrics(trial) if r["step"] == restore["step"] + 1]
-        assert after and after[-1]["learner/lr"] == pytest.approx(restore["params"]["learner.lr"])  # mutated lr in effect
+        assert after and after[-1]["learner/lr"] == pytest.approx(
+            restore["params"]["learner.lr"]
+        )  # mutated lr in effect
         assert after[-1]["learner/lr"] != pytest.approx(before)  # and it is not the lr the trial had
     assert all(r.endswith(",8,TERMINATED") for r in (experiment / "trials.csv").read_text().splitlines()[1:])
 
@@ -207,18 +300,26 @@ def test_a_crashing_trial_is_retried_from_its_last_checkpoint(ray_cluster, tmp_p
 
 def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path, builtin_model_path, capsys, monkeypatch):
     # each trial holds after step 10 until `hold` goes, so Ctrl-C lands mid-run on a machine of any speed
-    spec = write_spec(tmp_path, {"reward.weights.digit_match": {"strategy": "grid", "values": [0.0, 0.5]}},
-                      {"name": "interrupted", "max_concurrent_trials": 2},
-                      base={"trainer.total_steps": 24, **marked_reward(tmp_path, builtin_model_path, "held", "hold_after_ten_calls")})
+    spec = write_spec(
+        tmp_path,
+        {"reward.weights.digit_match": {"strategy": "grid", "values": [0.0, 0.5]}},
+        {"name": "interrupted", "max_concurrent_trials": 2},
+        base={"trainer.total_steps": 24, **marked_reward(tmp_path, builtin_model_path, "held", "hold_after_ten_calls")},
+    )
     (tmp_path / "hold").touch()
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tune", str(spec)], env=env, cwd=REPO)
     experiment = tmp_path / "results" / "interrupted"
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not (experiment.is_dir() and len(trial_dirs(experiment)) == 2 and all(
-            (t / "run" / "metrics.jsonl").exists() and any(r["step"] == 10 for r in metrics(t)) for t in trial_dirs(experiment)
-        )):
+        while time.time() < deadline and not (
+            experiment.is_dir()
+            and len(trial_dirs(experiment)) == 2
+            and all(
+                (t / "run" / "metrics.jsonl").exists() and any(r["step"] == 10 for r in metrics(t))
+                for t in trial_dirs(experiment)
+            )
+        ):
             time.sleep(1)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=120) == 0  # Tune stops gracefully on Ctrl-C and the command says where to resume
@@ -229,8 +330,10 @@ def test_resume_continues_an_interrupted_experiment(ray_cluster, tmp_path, built
     first = {trial: max(r["step"] for r in metrics(trial)) for trial in trial_dirs(experiment)}
     assert len(first) == 2 and set(first.values()) == {10}, first  # both held in step 11
     # the run checkpoints Tune's registered checkpoints point at (read now: the resumed run prunes them)
-    registered = {trial: [json.loads(p.read_text())["checkpoint"] for p in sorted(trial.glob("checkpoint_*/checkpoint.json"))]
-                  for trial in first}
+    registered = {
+        trial: [json.loads(p.read_text())["checkpoint"] for p in sorted(trial.glob("checkpoint_*/checkpoint.json"))]
+        for trial in first
+    }
     assert all(len(pointers) >= 2 for pointers in registered.values()), registered
     (tmp_path / "hold").unlink()
     monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)  # as in a new process: `tokenforge tune --resume`
@@ -258,7 +361,9 @@ def test_tune_resume_refuses_to_load_an_experiments_pickles_without_trust(capsys
 
     experiment = tmp_path / "experiment"
     experiment.mkdir()
-    (experiment / SPEC_FILE).write_text(yaml.safe_dump({"spec": {"search": {"learner.lr": {"strategy": "choice", "values": [1e-3]}}}, "base": {}}))
+    (experiment / SPEC_FILE).write_text(
+        yaml.safe_dump({"spec": {"search": {"learner.lr": {"strategy": "choice", "values": [1e-3]}}}, "base": {}})
+    )
     (experiment / "tuner.pkl").write_bytes(pickle.dumps(Payload()))
     err = run_cli(["tune", "--resume", str(experiment)], capsys)
     assert "loads the experiment directory's Python pickles" in err and "pass --trust-run-config" in err
@@ -281,6 +386,6 @@ def test_the_status_table_is_redrawn_in_place_on_a_terminal(monkeypatch):
         reporter.report([], False, "first")
         first = stream.getvalue()
         reporter.report([], True, "second")
-        second = stream.getvalue()[len(first):]
+        second = stream.getvalue()[len(first) :]
         assert "\x1b[J" not in first and ("== Status ==" in first) and "second" in second
         assert second.startswith(f"\x1b[{first.count(chr(10))}F\x1b[J") == redrawn, repr(second[:20])

@@ -23,7 +23,9 @@ TEMPERATURE = 0.7  # not 1, so that log-probs under the wrong temperature would 
 
 
 def make_config(*overrides: str):
-    return with_builtin_defaults(load_config(overrides=["rollout.backend=vllm", f"rollout.temperature={TEMPERATURE}", *overrides]))
+    return with_builtin_defaults(
+        load_config(overrides=["rollout.backend=vllm", f"rollout.temperature={TEMPERATURE}", *overrides])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,9 @@ def prompts(config):
 
 def recomputed(model, table, temperature):
     """The learner's log-probs of each sample's response tokens (pipeline.models.response_logprobs), row by row."""
-    sequences = build_sequences(table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist(), pad_id=0)
+    sequences = build_sequences(
+        table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist(), pad_id=0
+    )
     with torch.no_grad():
         logprobs, _ = response_logprobs(model, sequences, temperature)
     return [row[: len(r)] for row, r in zip(logprobs.tolist(), table.column("response_ids").to_pylist())]
@@ -99,7 +103,10 @@ def perturbed_state(model_path: str, seed: int) -> tuple[torch.nn.Module, dict[s
 
 def test_behaviour_logprobs_equal_the_learners_recomputed_ones(worker, hf_worker, config, prompts):
     table = worker.generate(prompts, group_size=4, step=1)
-    assert table.schema.remove_metadata() == hf_worker.generate(prompts.slice(0, 2), group_size=4, step=1).schema.remove_metadata()
+    assert (
+        table.schema.remove_metadata()
+        == hf_worker.generate(prompts.slice(0, 2), group_size=4, step=1).schema.remove_metadata()
+    )
     assert table.num_rows == 32 * 4 and set(table.column("worker").to_pylist()) == {"local"}
     model = load_model(config.model.path).eval()
     diff = max_abs_diff(table.column("behaviour_logprobs").to_pylist(), recomputed(model, table, TEMPERATURE))
@@ -155,7 +162,10 @@ def test_outputs_follow_the_weights_after_an_update(worker, config, prompts):
     assert set(after.column("policy_version").to_pylist()) == {3}
     hf = RolloutWorker(config, config.model.path)
     hf.set_weights(state, version=3)
-    assert after.column("response_ids").to_pylist() == hf.generate(prompts, group_size=1, greedy=True).column("response_ids").to_pylist()
+    assert (
+        after.column("response_ids").to_pylist()
+        == hf.generate(prompts, group_size=1, greedy=True).column("response_ids").to_pylist()
+    )
     sampled = worker.generate(prompts, group_size=2, step=5)
     diff = max_abs_diff(sampled.column("behaviour_logprobs").to_pylist(), recomputed(model, sampled, TEMPERATURE))
     print(f"after the update: max abs diff {diff:.2e}")
@@ -183,11 +193,19 @@ def test_a_tiny_llama_and_a_weight_update_with_cached_prompts(engines, llama_mod
 
     config = make_config(f"model.path={llama_model}", "rollout.max_new_tokens=6")
     config.rollout.vllm.engine_kwargs = {"block_size": 32}
-    prompts = pa.table({"prompt": [f"{a}+{b}=" * 8 for a, b in [(12, 34), (5, 77), (90, 9), (41, 41)]], "group_id": [0, 1, 2, 3]})
+    prompts = pa.table(
+        {"prompt": [f"{a}+{b}=" * 8 for a, b in [(12, 34), (5, 77), (90, 9), (41, 41)]], "group_id": [0, 1, 2, 3]}
+    )
     worker = engines.open("llama", config)
     first = worker.generate(prompts, group_size=4, step=1)
     assert min(len(p) for p in first.column("prompt_ids").to_pylist()) > 32
-    assert max_abs_diff(first.column("behaviour_logprobs").to_pylist(), recomputed(load_model(llama_model).eval(), first, TEMPERATURE)) < 1e-4
+    assert (
+        max_abs_diff(
+            first.column("behaviour_logprobs").to_pylist(),
+            recomputed(load_model(llama_model).eval(), first, TEMPERATURE),
+        )
+        < 1e-4
+    )
     model, state = perturbed_state(llama_model, seed=3)
     worker.set_weights(state, version=1)
     after = worker.generate(prompts, group_size=4, step=1)
@@ -207,7 +225,9 @@ def test_a_failed_reload_restarts_the_engine_with_the_new_weights(engines, confi
     assert worker.set_weights(state, version=1) == 1
     assert worker.restarts == 1 and worker.policy_version == 1
     sampled = worker.generate(prompts, group_size=2, step=1, version=1)
-    assert max_abs_diff(sampled.column("behaviour_logprobs").to_pylist(), recomputed(model, sampled, TEMPERATURE)) < 1e-4
+    assert (
+        max_abs_diff(sampled.column("behaviour_logprobs").to_pylist(), recomputed(model, sampled, TEMPERATURE)) < 1e-4
+    )
     assert json.loads((worker.scratch and open(f"{worker.scratch}/tokenforge_restart.json").read()))["restarts"] == 1
 
 
@@ -229,7 +249,9 @@ def head16_model(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("head16")
     tokenizer = make_char_tokenizer()
-    make_tiny_llama(tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128).save_pretrained(path)
+    make_tiny_llama(
+        tokenizer, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+    ).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
@@ -247,10 +269,23 @@ def test_a_model_the_engine_cannot_serve_is_one_line_naming_the_fix(engines, hea
     assert "\n" not in message and "head size 16" in message and message.endswith("use rollout.backend=hf"), message
     # the driver says it before any actor starts
     with pytest.raises(TokenforgeError, match="head size 16 .*use rollout.backend=hf$"):
-        train(make_config(f"model.path={head16_model}", f"output_dir={tmp_path / 'run'}", "data.train_file=" + config.data.train_file))
-    assert RolloutWorker(config, head16_model).generate(  # the HF backend serves it
-        PromptSampler(load_prompts(config.data.train_file, "train"), 2, seed=0).next_batch(0), group_size=1, greedy=True
-    ).num_rows == 2
+        train(
+            make_config(
+                f"model.path={head16_model}",
+                f"output_dir={tmp_path / 'run'}",
+                "data.train_file=" + config.data.train_file,
+            )
+        )
+    assert (
+        RolloutWorker(config, head16_model)
+        .generate(  # the HF backend serves it
+            PromptSampler(load_prompts(config.data.train_file, "train"), 2, seed=0).next_batch(0),
+            group_size=1,
+            greedy=True,
+        )
+        .num_rows
+        == 2
+    )
 
 
 def test_config_refuses_top_p_with_the_vllm_backend():
@@ -271,7 +306,13 @@ def test_train_with_the_vllm_backend_learns_and_resumes(engines, ray_cluster, tm
 
     engines.close()
     out = tmp_path / "run"
-    common = ["rollout.backend=vllm", "data.max_eval_samples=200", "trainer.eval_every=30", "trainer.save_every=30", "trainer.dump_rollouts_every=1"]
+    common = [
+        "rollout.backend=vllm",
+        "data.max_eval_samples=200",
+        "trainer.eval_every=30",
+        "trainer.save_every=30",
+        "trainer.dump_rollouts_every=1",
+    ]
     main(["train", *common, "trainer.total_steps=30", f"output_dir={out}"])
     main(["train", "--resume", str(out), "trainer.total_steps=60"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -50,9 +50,7 @@ AGGREGATIONS: dict[str, Aggregation] = {
     # sum_{i,t} l_it / N_tokens
     "token-mean": lambda l, m, tokens, seqs, max_len: (l * m).sum() / tokens,
     # sum_i (sum_t l_it / n_i) / N_seqs
-    "seq-mean-token-mean": lambda l, m, tokens, seqs, max_len: (
-        (l * m).sum(1) / m.sum(1).clamp(min=1.0)
-    ).sum() / seqs,
+    "seq-mean-token-mean": lambda l, m, tokens, seqs, max_len: ((l * m).sum(1) / m.sum(1).clamp(min=1.0)).sum() / seqs,
     # sum_i sum_t l_it / N_seqs
     "seq-mean-token-sum": lambda l, m, tokens, seqs, max_len: (l * m).sum() / seqs,
     # sum_i sum_t l_it / (N_seqs * max_len)   (Dr. GRPO: a fixed length, not each sample's own)

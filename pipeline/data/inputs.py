@@ -49,7 +49,10 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
         needed.update(COMPONENTS[spec.type].required_columns(component_options(config, name)))
     data = config.data
     tables = []
-    for key, source, split in [("data.train_file", data.train_file, data.train_split), ("data.eval_file", data.eval_file, data.eval_split)]:
+    for key, source, split in [
+        ("data.train_file", data.train_file, data.train_split),
+        ("data.eval_file", data.eval_file, data.eval_split),
+    ]:
         if source is None:
             tables.append(None)
             continue
@@ -89,7 +92,9 @@ def fingerprint(table: pa.Table | None) -> str | None:
     return hashlib.sha256(sink.getvalue()).hexdigest()
 
 
-def check_data_unchanged(storage: Storage, config: TrainConfig, train: pa.Table, evaluation: pa.Table | None, resume: bool) -> None:
+def check_data_unchanged(
+    storage: Storage, config: TrainConfig, train: pa.Table, evaluation: pa.Table | None, resume: bool
+) -> None:
     """A new run records its prompts' fingerprints; a resumed run refuses prompts other than those it started on
     (the sampler's position would point into other data and the eval curve would change meaning)."""
     current = {

@@ -47,7 +47,9 @@ def load_prompts(source: str | Path, key: str, split: str = "train") -> pa.Table
     except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable or unknown sources
         missing = not Path(source).exists() and ("/" in source.strip("./") or Path(source).suffix)
         if missing and isinstance(error, (FileNotFoundError, datasets.exceptions.DatasetNotFoundError)):
-            raise TokenforgeError(f"{key}: {source!r} does not exist (a file, a dataset directory or a cached dataset name)") from None
+            raise TokenforgeError(
+                f"{key}: {source!r} does not exist (a file, a dataset directory or a cached dataset name)"
+            ) from None
         first_line = next(iter(str(error).splitlines()), "")
         raise TokenforgeError(f"{key}: cannot read {source!r}: {type(error).__name__}: {first_line}") from None
     if len(dataset) == 0:  # datasets refuses empty files itself; an empty split of a dataset can still get here
@@ -57,7 +59,9 @@ def load_prompts(source: str | Path, key: str, split: str = "train") -> pa.Table
         raise TokenforgeError(f"{key}: {source!r} has no `prompt` field (fields: {', '.join(table.column_names)})")
     reserved = sorted(set(table.column_names) & CORE_COLUMNS)
     if reserved:
-        raise TokenforgeError(f"{key}: {source!r} uses field names tokenforge reserves for rollouts {reserved}; rename them")
+        raise TokenforgeError(
+            f"{key}: {source!r} uses field names tokenforge reserves for rollouts {reserved}; rename them"
+        )
     for row, prompt in enumerate(table.column("prompt").to_pylist()):
         problem = check_prompt(prompt)
         if problem:

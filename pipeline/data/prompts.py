@@ -31,7 +31,11 @@ def check_prompt(prompt: Any) -> str | None:
     if not prompt:
         return "is an empty list of messages"
     for k, message in enumerate(prompt):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+        if (
+            not isinstance(message, dict)
+            or not isinstance(message.get("role"), str)
+            or not isinstance(message.get("content"), str)
+        ):
             return f"message {k} is not {{role: str, content: str}}"
     return None
 

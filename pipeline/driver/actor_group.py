@@ -66,7 +66,12 @@ class ActorGroup:
         self.run_id, self.init_args, self.replaced = run_id, init_args, 0
         self.faults: Counter = Counter()  # restarts and resubmitted shards since the last take_faults()
         self.remote_cls = ray.remote(cls)
-        self.options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources, "max_restarts": max_restarts}
+        self.options = {
+            "num_cpus": num_cpus,
+            "num_gpus": num_gpus,
+            "resources": resources,
+            "max_restarts": max_restarts,
+        }
         self.actors = [self._start(f"{i}") for i in range(count)]
 
     def _start(self, suffix: str):
@@ -118,7 +123,10 @@ class ActorGroup:
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list:
         """`method(*args, **kwargs)` on every actor; an actor Ray restarts meanwhile gets the call again."""
         refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
-        return [self._survive(i, ref, lambda actor: getattr(actor, method).remote(*args, **kwargs)) for i, ref in enumerate(refs)]
+        return [
+            self._survive(i, ref, lambda actor: getattr(actor, method).remote(*args, **kwargs))
+            for i, ref in enumerate(refs)
+        ]
 
     def map_shards(
         self, method: str, table: pa.Table, on_restart: Callable[[Any], dict] | None = None, **kwargs: Any
@@ -134,7 +142,9 @@ class ActorGroup:
         refs = [getattr(actor, method).remote(shard, **kwargs) for actor, shard in zip(self.actors, shards)]
         return ShardCalls(method, shards, refs, kwargs)
 
-    def shard_results(self, calls: ShardCalls, on_restart: Callable[[Any], dict] | None = None) -> Iterator[tuple[int, Any]]:
+    def shard_results(
+        self, calls: ShardCalls, on_restart: Callable[[Any], dict] | None = None
+    ) -> Iterator[tuple[int, Any]]:
         """(shard index, result) of each call as soon as it is done, in the order they finish. A shard whose
         actor dies (or was restarted since it got its state: StaleWeights) is resubmitted once Ray has
         restarted the actor and `on_restart(actor)` has given it back its state (e.g. the current weights);

@@ -57,7 +57,9 @@ def check_reachable(address: str, key: str) -> None:
     try:  # a name that does not resolve, a closed port, a host that drops packets
         socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
     except OSError as error:
-        problem = "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error) or type(error).__name__)
+        problem = (
+            "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error) or type(error).__name__)
+        )
     tls = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")  # a plaintext handshake would fail there
     if problem is None and not client and not tls:
         import grpc
@@ -102,12 +104,16 @@ def actor_bundles(config: TrainConfig) -> list[dict[str, float]]:
     rollout, reward = config.rollout, config.reward
     return [
         bundle(config.learner.num_cpus, config.learner.num_gpus or 0.0, config.learner.resources),
-        *[bundle(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.resources_per_worker)] * rollout.num_workers,
-        *[bundle(reward.num_cpus_per_worker, reward.num_gpus_per_worker, reward.resources_per_worker)] * reward.num_workers,
+        *[bundle(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.resources_per_worker)]
+        * rollout.num_workers,
+        *[bundle(reward.num_cpus_per_worker, reward.num_gpus_per_worker, reward.resources_per_worker)]
+        * reward.num_workers,
     ]
 
 
-AUTO_WAIT_S = 900.0  # ray.autoscale_wait_s null, on a cluster with an autoscaler: a cloud GPU node takes minutes to start
+AUTO_WAIT_S = (
+    900.0  # ray.autoscale_wait_s null, on a cluster with an autoscaler: a cloud GPU node takes minutes to start
+)
 READONLY_NODE_TYPE = re.compile(r"node_[0-9a-f]{56}")  # how Ray's monitor names the nodes it only mirrors
 
 
@@ -128,8 +134,13 @@ def has_autoscaler() -> bool:
     report = json.loads(status).get("autoscaler_report") if status else None
     if not report:
         return False
-    types = {*report.get("active_nodes", {}), *(report.get("idle_nodes") or {}), *report.get("pending_launches", {}),
-             *(node[1] for node in report.get("pending_nodes", [])), *(node[1] for node in report.get("failed_nodes", []))}
+    types = {
+        *report.get("active_nodes", {}),
+        *(report.get("idle_nodes") or {}),
+        *report.get("pending_launches", {}),
+        *(node[1] for node in report.get("pending_nodes", [])),
+        *(node[1] for node in report.get("failed_nodes", [])),
+    }
     return any(not READONLY_NODE_TYPE.fullmatch(node_type) for node_type in types)
 
 
@@ -146,8 +157,10 @@ def waited_for(wait: float, config: TrainConfig) -> str:
     if wait:
         return f" (after waiting ray.autoscale_wait_s={wait:g}s for the autoscaler)"
     if config.ray.autoscale_wait_s is None:
-        return (" (the cluster has no autoscaler to add a node; set ray.autoscale_wait_s to wait that many seconds"
-                " anyway, e.g. for a node you start yourself)")
+        return (
+            " (the cluster has no autoscaler to add a node; set ray.autoscale_wait_s to wait that many seconds"
+            " anyway, e.g. for a node you start yourself)"
+        )
     return " (ray.autoscale_wait_s=0: set seconds to wait for new nodes, or null to wait where an autoscaler runs)"
 
 
@@ -188,8 +201,11 @@ def decide_learner_gpus(config: TrainConfig) -> TrainConfig:
 
     wait = 0.0 if has_gpu() else autoscale_wait(config)
     if wait:
-        print(f"tokenforge: waiting up to {wait:g}s for the autoscaler to start a GPU node for the learner "
-              "(ray.autoscale_wait_s; learner.num_gpus=0 runs it on CPU at once)", flush=True)
+        print(
+            f"tokenforge: waiting up to {wait:g}s for the autoscaler to start a GPU node for the learner "
+            "(ray.autoscale_wait_s; learner.num_gpus=0 runs it on CPU at once)",
+            flush=True,
+        )
     if has_gpu() or (wait > 0 and request_and_wait([{"GPU": 1.0}], has_gpu, wait)):
         return config_with(config, {"learner.num_gpus": 1.0})
     print(
@@ -240,7 +256,11 @@ def unplaceable(named: list[tuple[str, dict[str, float]]]) -> str | None:
 
 def named_bundles(config: TrainConfig) -> list[tuple[str, dict[str, float]]]:
     """(actor, its Ray resources) for every actor of this config, in actor_bundles' order."""
-    names = ["learner", *["rollout worker"] * config.rollout.num_workers, *["reward worker"] * config.reward.num_workers]
+    names = [
+        "learner",
+        *["rollout worker"] * config.rollout.num_workers,
+        *["reward worker"] * config.reward.num_workers,
+    ]
     return list(zip(names, actor_bundles(config)))
 
 
@@ -252,12 +272,15 @@ def ensure_resources(config: TrainConfig, named: list[tuple[str, dict[str, float
     reason = unplaceable(named)
     wait = autoscale_wait(config) if reason else 0.0
     if wait:
-        print(f"tokenforge: {reason}: asking the autoscaler and waiting up to {wait:g}s (ray.autoscale_wait_s)", flush=True)
+        print(
+            f"tokenforge: {reason}: asking the autoscaler and waiting up to {wait:g}s (ray.autoscale_wait_s)",
+            flush=True,
+        )
         request_and_wait([bundle for _, bundle in named], lambda: unplaceable(named) is None, wait)
     reason = unplaceable(named)
     if reason:
         raise TokenforgeError(
-            reason + waited_for(wait, config)
+            reason
+            + waited_for(wait, config)
             + "; lower learner.num_cpus/num_gpus/resources, rollout.*_per_worker, reward.*_per_worker or the worker counts"
         )
-

@@ -80,7 +80,9 @@ class RewardPool:
         def submit(shard: int, name: str, attempt: int, worker: int, deadline: float | None = None) -> None:
             worker %= len(self.actors)
             ref = self.actors[worker].score.remote(shards[shard], name, step)
-            pending[ref] = Task(shard, name, attempt, worker, deadline or time.monotonic() + self.config.reward.timeout_s)
+            pending[ref] = Task(
+                shard, name, attempt, worker, deadline or time.monotonic() + self.config.reward.timeout_s
+            )
 
         def next_worker(after: int) -> int:
             """The next worker with nothing queued, else simply the next."""

@@ -49,8 +49,15 @@ Report = Callable[[dict, str | None], None]  # (metrics record, published checkp
 TRAINER_STATE = "trainer_state.json"
 # What ends an attempt but not the run: a dead or restarting actor, a lost node, an actor that stopped answering or
 # failed (a CUDA fault, a full /tmp), a rollout worker still on stale weights after its resyncs, a storage hiccup
-RECOVERABLE = (*ACTOR_LOST, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError, ActorTimeout, ActorFailed,
-               StaleWeights, TransientStorageError)
+RECOVERABLE = (
+    *ACTOR_LOST,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ObjectLostError,
+    ActorTimeout,
+    ActorFailed,
+    StaleWeights,
+    TransientStorageError,
+)
 
 
 class Pipeline:
@@ -405,32 +412,48 @@ def start_state(storage: Storage, resume: bool) -> tuple[str | None, dict]:
     return directory, json.loads(storage.read_text(f"{directory}/{TRAINER_STATE}"))
 
 
-def attempt(config: TrainConfig, storage: Storage, train_prompts, eval_prompts, resume: bool, report: Report | None) -> dict:
+def attempt(
+    config: TrainConfig, storage: Storage, train_prompts, eval_prompts, resume: bool, report: Report | None
+) -> dict:
     """One attempt at the run: actors from scratch (or from the last published checkpoint) to the last step."""
-    ensure_resources(config)  # a restart after a lost node waits for the autoscaler's replacement (ray.autoscale_wait_s)
+    ensure_resources(
+        config
+    )  # a restart after a lost node waits for the autoscaler's replacement (ray.autoscale_wait_s)
     latest, state = start_state(storage, resume)
     if resume:
-        print(f"tokenforge: resuming {storage.display()} from "
-              + (f"{latest} (step {state['step']})" if latest else "step 0 (no checkpoint yet)"), flush=True)
+        print(
+            f"tokenforge: resuming {storage.display()} from "
+            + (f"{latest} (step {state['step']})" if latest else "step 0 (no checkpoint yet)"),
+            flush=True,
+        )
     with Pipeline(config, run_id=uuid.uuid4().hex[:8], resume=(storage.uri, latest) if latest else None) as pipeline:
         placement = {group.role: group.placements() for group in pipeline.groups}
         withdraw_resource_request()  # placed: the autoscaler may scale idle nodes down again
         storage.write_text("placement.json", json.dumps(placement, indent=1))
         if report is None:  # a Tune trial's are in its placement.json: Tune's console shows the trials
             for role, actors in placement.items():
-                print(f"tokenforge: {role}: " + ", ".join(f"{a['device']} on {a['node_ip']}" for a in actors), flush=True)
+                print(
+                    f"tokenforge: {role}: " + ", ".join(f"{a['device']} on {a['node_ip']}" for a in actors), flush=True
+                )
         if config.learner.num_gpus and placement["learner"][0]["device"] == "cpu":
-            print(f"tokenforge: the learner holds a Ray GPU but torch sees no CUDA device on {placement['learner'][0]['node_ip']}: "
-                  "it runs on CPU there (install a CUDA build of torch on GPU nodes)", flush=True)
+            print(
+                f"tokenforge: the learner holds a Ray GPU but torch sees no CUDA device on {placement['learner'][0]['node_ip']}: "
+                "it runs on CPU there (install a CUDA build of torch on GPU nodes)",
+                flush=True,
+            )
         if latest:
             pipeline.sync_weights()  # the rollout workers started from model.path
         sampler = PromptSampler(train_prompts, config.trainer.prompts_per_step, config.seed, config.data.shuffle)
         sampler.load_state(state["sampler"])
         keep_through = state["step"] if latest else -1  # from step 0, even its eval line is redone
         log = MetricsLog(
-            storage, config.trainer.total_steps, keep_through, elapsed_s=state["elapsed_s"],
+            storage,
+            config.trainer.total_steps,
+            keep_through,
+            elapsed_s=state["elapsed_s"],
             progress=report is None,  # under Tune its status table shows the trials' progress
-            tensorboard="tensorboard" in config.trainer.loggers, trackers=Trackers(config, storage),
+            tensorboard="tensorboard" in config.trainer.loggers,
+            trackers=Trackers(config, storage),
         )
         try:
             return run_steps(config, storage, pipeline, sampler, eval_prompts, log, state["step"], report)
@@ -447,8 +470,12 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
         return train_with_retries(config, storage, resume, report)
     except KeyboardInterrupt:
         if storage.exists("config.yaml"):
-            raise TokenforgeError(f"interrupted; continue from the last checkpoint with: tokenforge train --resume {storage.for_commands()}") from None
-        raise TokenforgeError("interrupted before the run started (nothing written); run the same command again") from None
+            raise TokenforgeError(
+                f"interrupted; continue from the last checkpoint with: tokenforge train --resume {storage.for_commands()}"
+            ) from None
+        raise TokenforgeError(
+            "interrupted before the run started (nothing written); run the same command again"
+        ) from None
     finally:
         withdraw_resource_request()  # the cluster may scale down again
 
@@ -465,8 +492,11 @@ def train_with_retries(config: TrainConfig, storage: Storage, resume: bool, repo
     if resume:
         latest = store.latest_checkpoint(storage)
         if latest and latest[1]["step"] >= config.trainer.total_steps:
-            print(f"tokenforge: {storage.display()} is complete (step {latest[1]['step']} of "
-                  f"{config.trainer.total_steps}); raise trainer.total_steps to train on", flush=True)
+            print(
+                f"tokenforge: {storage.display()} is complete (step {latest[1]['step']} of "
+                f"{config.trainer.total_steps}); raise trainer.total_steps to train on",
+                flush=True,
+            )
             return next((r for r in reversed(read_metrics(storage)) if r["step"] == latest[1]["step"]), {})
     check_data_unchanged(storage, config, train_prompts, eval_prompts, resume)
     storage.write_text("config.yaml", config_to_yaml(config))
@@ -484,5 +514,8 @@ def train_with_retries(config: TrainConfig, storage: Storage, resume: bool, repo
                     f"the run failed {failures} times (trainer.max_failures={config.trainer.max_failures}), last: {cause}; "
                     f"continue it with: tokenforge train --resume {storage.for_commands()}"
                 ) from None
-            print(f"tokenforge: failure {failures} of at most {config.trainer.max_failures} ({cause}); "
-                  "restarting the pipeline from the last checkpoint", flush=True)
+            print(
+                f"tokenforge: failure {failures} of at most {config.trainer.max_failures} ({cause}); "
+                "restarting the pipeline from the last checkpoint",
+                flush=True,
+            )

@@ -98,7 +98,9 @@ class BroadcastSync(WeightSync):
         self.name = f"tokenforge-{self.run_id}-weights-{self.formations}"
         layout = self.learner.get([learner.__ray_call__.remote(weight_layout)])[0]
         joins = [
-            m.__ray_call__.remote(join, len(members), rank, self.name, self.backend, self.timeout_s, layout if rank else None)
+            m.__ray_call__.remote(
+                join, len(members), rank, self.name, self.backend, self.timeout_s, layout if rank else None
+            )
             for rank, m in enumerate(members)
         ]
         self.rollout.get(joins)

@@ -43,7 +43,14 @@ def check_model_dir(path: str | Path, key: str = "model.path") -> Path:
 
 
 # the files a tokenizer is saved as (one suffices); without any, transformers builds an empty tokenizer silently
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 
 def from_pretrained(auto_class, path: Path, trust_remote_code: bool, **kwargs):
@@ -73,12 +80,16 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
         )
     tokenizer = from_pretrained(AutoTokenizer, path, trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise TokenforgeError(f"tokenizer in {str(path)!r} has no eos token; set `eos_token` in its tokenizer_config.json")
+        raise TokenforgeError(
+            f"tokenizer in {str(path)!r} has no eos token; set `eos_token` in its tokenizer_config.json"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
         if str(path) not in _warned_pad:
             _warned_pad.add(str(path))
-            log.warning("tokenizer in %r has no pad token: padding with its eos token %r", str(path), tokenizer.eos_token)
+            log.warning(
+                "tokenizer in %r has no pad token: padding with its eos token %r", str(path), tokenizer.eos_token
+            )
     tokenizer.padding_side = "left"
     return tokenizer
 
@@ -198,14 +209,23 @@ def shared_prompt_logits(model: torch.nn.Module, sequences: dict[str, torch.Tens
     gradient of every sample reaches the shared prompt), and the responses run on top of it. The same
     numbers up to float rounding, with prompt work / G. None when no two samples share a prompt, or when the
     model's cache is not attention_kv_only (then the caller runs the plain forward)."""
-    ids, mask, positions, width = (sequences[k] for k in ("input_ids", "attention_mask", "position_ids", "prompt_width"))
+    ids, mask, positions, width = (
+        sequences[k] for k in ("input_ids", "attention_mask", "position_ids", "prompt_width")
+    )
     prompt = torch.cat([ids[:, :width], mask[:, :width]], dim=1)  # the mask too: padding may look like a real token
-    distinct, prompt_of = torch.unique(prompt, dim=0, return_inverse=True)  # prompt_of: (B,) row of each sample's prompt
+    distinct, prompt_of = torch.unique(
+        prompt, dim=0, return_inverse=True
+    )  # prompt_of: (B,) row of each sample's prompt
     if len(distinct) == len(ids):
         return None
     first = forward_logits(
         model,
-        {"input_ids": distinct[:, :width], "attention_mask": distinct[:, width:], "position_ids": positions_from_mask(distinct[:, width:]), "use_cache": True},
+        {
+            "input_ids": distinct[:, :width],
+            "attention_mask": distinct[:, width:],
+            "position_ids": positions_from_mask(distinct[:, width:]),
+            "use_cache": True,
+        },
         keep=1,  # the last prompt position (prompts are left-padded) predicts the first response token
     )
     key = cache_keyword(model)

@@ -80,6 +80,8 @@ def read_dump(storage: Storage, kind: str, step: int | None = None) -> tuple[int
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise TokenforgeError(f"{storage.display(dump_path(kind, step))!r} does not exist; steps with {kind} dumps: "
-                              + ", ".join(map(str, steps)))
+        raise TokenforgeError(
+            f"{storage.display(dump_path(kind, step))!r} does not exist; steps with {kind} dumps: "
+            + ", ".join(map(str, steps))
+        )
     return step, pq.read_table(pa.BufferReader(storage.read_bytes(dump_path(kind, step))))

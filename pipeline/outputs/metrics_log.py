@@ -73,9 +73,13 @@ class MetricsLog:
             storage.write_text(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
         # TensorBoard writes local files: into the run directory when it is local, else into a scratch
         # directory copied to storage with every checkpoint (sync_tensorboard)
-        self.scratch = None if storage.local or not tensorboard else tempfile.TemporaryDirectory(prefix="tokenforge-tb-")
+        self.scratch = (
+            None if storage.local or not tensorboard else tempfile.TemporaryDirectory(prefix="tokenforge-tb-")
+        )
         events = storage.path(TENSORBOARD) if storage.local else self.scratch.name if self.scratch else None
-        self.tensorboard = SummaryWriter(events, purge_step=keep_through + 1 if resumed else None) if tensorboard else None
+        self.tensorboard = (
+            SummaryWriter(events, purge_step=keep_through + 1 if resumed else None) if tensorboard else None
+        )
         self.trackers = trackers
         self.interactive = sys.stderr.isatty()
         self.bar: tqdm | None = None  # the live progress bar, on a terminal
@@ -128,8 +132,14 @@ class MetricsLog:
             return
         if self.bar is None:
             # the bar's time is the line's (elapsed, ETA), not tqdm's own estimate, which counts the first step too
-            self.bar = tqdm(total=self.total_steps, initial=step, desc="step", file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{desc} {n_fmt}/{total_fmt} {bar}{postfix}")  # tqdm puts ", " before the postfix
+            self.bar = tqdm(
+                total=self.total_steps,
+                initial=step,
+                desc="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                bar_format="{desc} {n_fmt}/{total_fmt} {bar}{postfix}",
+            )  # tqdm puts ", " before the postfix
         if any(k.startswith("eval/") for k in metrics):
             self.bar.write(line, file=sys.stderr)
         self.bar.set_postfix_str(" | ".join([*fields, timing]), refresh=False)

@@ -72,7 +72,11 @@ def after_export(checkpoint: str, out: Path, adapter: bool, merge: bool) -> str:
 
 def after_tune(experiment: Storage, best_run: Storage | None) -> str:
     where = experiment.display()
-    best = f"best trial's run {best_run.display()} (last checkpoint: {latest_checkpoint_text(best_run)})" if best_run else "no finished trial"
+    best = (
+        f"best trial's run {best_run.display()} (last checkpoint: {latest_checkpoint_text(best_run)})"
+        if best_run
+        else "no finished trial"
+    )
     tf = program("tokenforge")
     return (
         f"tokenforge: experiment {where}; {best}; next: {tf} report {where} | {program('tensorboard')} --logdir {where}"

@@ -30,7 +30,12 @@ from pipeline.outputs.metrics_log import METRICS_FILE, read_metrics
 from pipeline.storage import Storage
 
 PNG, MARKDOWN = "report.png", "report.md"
-TIME_PARTS = ["time/rollout_s", "time/reward_s", "time/learn_s", "time/publish_s"]  # what the driver waited for; the rest of time/step_s: "other"
+TIME_PARTS = [
+    "time/rollout_s",
+    "time/reward_s",
+    "time/learn_s",
+    "time/publish_s",
+]  # what the driver waited for; the rest of time/step_s: "other"
 
 
 @dataclass
@@ -62,18 +67,31 @@ def run_panels(records: list[dict]) -> list[Panel]:
     panels = [
         Panel("eval metrics vs samples", "samples drawn", {k: points(records, "samples", k) for k in evals}),
         Panel("eval metrics vs time", "minutes", {k: points(records, "minutes", k) for k in evals}),
-        Panel("rewards (mean per sample)", "step", {k: points(records, "step", k) for k in [*components, "reward/total/mean"]}),
+        Panel(
+            "rewards (mean per sample)",
+            "step",
+            {k: points(records, "step", k) for k in [*components, "reward/total/mean"]},
+        ),
         Panel("KL to the reference", "step", {"policy/kl": points(records, "step", "policy/kl")}),
         Panel("entropy", "step", {"policy/entropy": points(records, "step", "policy/entropy")}),
-        Panel("response length (tokens)", "step", {"response/length_mean": points(records, "step", "response/length_mean")}),
+        Panel(
+            "response length (tokens)",
+            "step",
+            {"response/length_mean": points(records, "step", "response/length_mean")},
+        ),
         Panel("step time (s)", "step", step_time_series(records), stacked=True),
-        Panel("samples without signal", "step", {"advantage/zero_frac": points(records, "step", "advantage/zero_frac")}),
+        Panel(
+            "samples without signal", "step", {"advantage/zero_frac": points(records, "step", "advantage/zero_frac")}
+        ),
     ]
     for panel in panels:
         panel.series = {k: v for k, v in panel.series.items() if v[0]}
         if not panel.series:
-            panel.note = "not logged by this run" + (" (no reference model: KL needs algorithm.kl_coef or kl_in_reward_coef > 0)"
-                                                     if panel.title.startswith("KL") else "")
+            panel.note = "not logged by this run" + (
+                " (no reference model: KL needs algorithm.kl_coef or kl_in_reward_coef > 0)"
+                if panel.title.startswith("KL")
+                else ""
+            )
     return panels
 
 
@@ -90,7 +108,10 @@ def trial_label(params: dict, keys: list[str]) -> str:
     """`digit_match=0.5, lr=0.001`: the searched values, each key by its last dotted part (whole if that is ambiguous)."""
     short = [k.rsplit(".", 1)[-1] for k in keys]
     names = short if len(set(short)) == len(short) else keys
-    return ", ".join(f"{n}={params.get(k):.4g}" if isinstance(params.get(k), float) else f"{n}={params.get(k)}" for n, k in zip(names, keys))
+    return ", ".join(
+        f"{n}={params.get(k):.4g}" if isinstance(params.get(k), float) else f"{n}={params.get(k)}"
+        for n, k in zip(names, keys)
+    )
 
 
 def experiment_panels(experiment: Storage) -> tuple[list[Panel], list[str]]:
@@ -114,8 +135,13 @@ def experiment_panels(experiment: Storage) -> tuple[list[Panel], list[str]]:
         return [panel], []
     best = (max if mode == "max" else min)(finals, key=lambda t: finals[t][0])
     value, params = finals[best]
-    lines = [f"Best trial: `{best}`, {metric} {value:.4g} (its last value; mode {mode}); its run: "
-             f"`{experiment.display(f'{best}/run')}`", "", "| searched parameter | value |", "|---|---|"]
+    lines = [
+        f"Best trial: `{best}`, {metric} {value:.4g} (its last value; mode {mode}); its run: "
+        f"`{experiment.display(f'{best}/run')}`",
+        "",
+        "| searched parameter | value |",
+        "|---|---|",
+    ]
     lines += [f"| `{k}` | {params.get(k)} |" for k in keys]
     return [panel], lines
 
@@ -135,7 +161,9 @@ def draw(panels: list[Panel], title: str) -> bytes:
         axis.set_xlabel(panel.xlabel, fontsize=8)
         axis.tick_params(labelsize=7)
         if panel.note:
-            axis.text(0.5, 0.5, textwrap.fill(panel.note, 45), ha="center", va="center", fontsize=8, transform=axis.transAxes)
+            axis.text(
+                0.5, 0.5, textwrap.fill(panel.note, 45), ha="center", va="center", fontsize=8, transform=axis.transAxes
+            )
             axis.set_xticks([])
             axis.set_yticks([])
         elif panel.stacked:
@@ -146,7 +174,7 @@ def draw(panels: list[Panel], title: str) -> bytes:
             for label, (x, y) in panel.series.items():
                 axis.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label)
             axis.legend(fontsize=7)
-    for axis in list(axes.flat)[len(panels):]:
+    for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
@@ -164,7 +192,9 @@ def markdown(panels: list[Panel], title: str, extra: list[str]) -> str:
         if panel.note:
             lines.append(f"| {panel.title} | {panel.note} | 0 | | | | |")
         for label, (_, y) in panel.series.items():
-            lines.append(f"| {panel.title} | `{label}` | {len(y)} | {y[0]:.4g} | {y[-1]:.4g} | {min(y):.4g} | {max(y):.4g} |")
+            lines.append(
+                f"| {panel.title} | `{label}` | {len(y)} | {y[0]:.4g} | {y[-1]:.4g} | {min(y):.4g} | {max(y):.4g} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -174,12 +204,16 @@ def write_report(location: str) -> Storage:
     if storage.exists(SPEC_FILE):
         panels, extra = experiment_panels(storage)
         if not extra:
-            raise TokenforgeError(f"{storage.display()!r}: {panels[0].note}; run or resume the experiment first (tokenforge tune --resume DIR --trust-run-config)")
+            raise TokenforgeError(
+                f"{storage.display()!r}: {panels[0].note}; run or resume the experiment first (tokenforge tune --resume DIR --trust-run-config)"
+            )
         title = f"Tune experiment {storage.display()}"
     elif storage.exists(METRICS_FILE):
         records = read_metrics(storage)
         if not records:
-            raise TokenforgeError(f"{storage.display(METRICS_FILE)!r} holds no metrics yet; report on the run once it has run a step")
+            raise TokenforgeError(
+                f"{storage.display(METRICS_FILE)!r} holds no metrics yet; report on the run once it has run a step"
+            )
         panels, extra = run_panels(records), []
         title = f"run {storage.display()} (step {records[-1]['step']})"
     else:

@@ -46,7 +46,9 @@ def pick_groups(table: pa.Table, score: str, worst: int | None, best: int | None
     groups = group_scores(table, score)
     if group is not None:
         if group not in groups:
-            raise TokenforgeError(f"group {group} is not in this dump (groups {min(groups)}..{max(groups)}); pick one of its groups")
+            raise TokenforgeError(
+                f"group {group} is not in this dump (groups {min(groups)}..{max(groups)}); pick one of its groups"
+            )
         return [group]
     ranked = sorted(groups, key=lambda g: (groups[g], g))
     return ranked[::-1][:best] if best is not None else ranked[:worst]
@@ -65,7 +67,12 @@ def group_table(rows: list[dict], title: str, rewards: list[str], colour: bool, 
     learned = "token_rewards" in rows[0]  # a rollout dump (eval dumps have no learner columns)
     view = Table(title=Text(title), title_justify="left", show_edge=False)
     view.add_column("response", overflow="fold", ratio=1)
-    for name in [*(n.removeprefix(REWARD_PREFIX) for n in rewards), *(["total", "mean A"] if learned else []), "done", "v"]:
+    for name in [
+        *(n.removeprefix(REWARD_PREFIX) for n in rewards),
+        *(["total", "mean A"] if learned else []),
+        "done",
+        "v",
+    ]:
         view.add_column(name, justify="right", no_wrap=True)
     for row in rows:
         if learned:
@@ -91,7 +98,9 @@ def show_samples(
     """Print the chosen groups of the run's rollout dump (or eval dump) at `step` (default: the latest)."""
     storage = Storage(run)
     if not storage.exists("config.yaml"):
-        raise TokenforgeError(f"{storage.display()!r} is not a tokenforge run (no config.yaml); pass the run's output_dir or storage URI")
+        raise TokenforgeError(
+            f"{storage.display()!r} is not a tokenforge run (no config.yaml); pass the run's output_dir or storage URI"
+        )
     kind = dumps.EVAL if eval_dump else dumps.ROLLOUTS
     step, table = dumps.read_dump(storage, kind, step)
     score = next(n for n in table.column_names if n.startswith("eval/")) if eval_dump else "total_reward"
@@ -100,10 +109,19 @@ def show_samples(
     chosen = pick_groups(table, score, worst, best, group)
     console = console or Console()
     colour = console.color_system is not None
-    how = f"group {group}" if group is not None else f"{'best' if best is not None else 'worst'} {len(chosen)} groups by mean {score}"
-    console.print(Text(f"{storage.display(dumps.dump_path(kind, step))}: {how} (of {table.num_rows} samples)", style="bold"), soft_wrap=True)
+    how = (
+        f"group {group}"
+        if group is not None
+        else f"{'best' if best is not None else 'worst'} {len(chosen)} groups by mean {score}"
+    )
+    console.print(
+        Text(f"{storage.display(dumps.dump_path(kind, step))}: {how} (of {table.num_rows} samples)", style="bold"),
+        soft_wrap=True,
+    )
     rewards = [n for n in table.column_names if n.startswith(REWARD_PREFIX)]
-    references = [n for n in metadata_columns(table) if n != DATASET_PROMPT and not n.startswith("eval/")]  # e.g. answer
+    references = [
+        n for n in metadata_columns(table) if n != DATASET_PROMPT and not n.startswith("eval/")
+    ]  # e.g. answer
     rows = table.to_pylist()
     scale = max((abs(r) for row in rows for r in row.get("token_rewards") or []), default=0.0)
     means = group_scores(table, score)

@@ -59,7 +59,9 @@ def flat_config(config: TrainConfig) -> dict[str, Any]:
             if isinstance(value, dict) and value:
                 walk(value, f"{prefix}{key}.")
             else:
-                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
+                flat[f"{prefix}{key}"] = (
+                    value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
+                )
 
     walk(config.model_dump(mode="json"), "")
     return flat
@@ -70,8 +72,13 @@ def sample_rows(table: pa.Table, limit: int = 64) -> dict[str, list]:
     references = [n for n in metadata_columns(table) if n != DATASET_PROMPT and not n.startswith("eval/")]
     names = ["prompt_text", *references, "response", *[n for n in table.column_names if n.startswith("eval/")]]
     head = table.slice(0, limit)
-    return {name: [v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v) for v in head.column(name).to_pylist()]
-            for name in names}
+    return {
+        name: [
+            v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+            for v in head.column(name).to_pylist()
+        ]
+        for name in names
+    }
 
 
 def require_loggers(config: TrainConfig) -> None:
@@ -95,21 +102,32 @@ def http_status(request: urllib.request.Request, what: str, fix: str) -> int:
         return error.code
     except OSError as error:  # URLError, a refused connection, a timeout
         reason = getattr(error, "reason", error)
-        raise TokenforgeError(f"trainer.loggers: {what} at {request.full_url} cannot be reached ({reason}); {fix}") from None
+        raise TokenforgeError(
+            f"trainer.loggers: {what} at {request.full_url} cannot be reached ({reason}); {fix}"
+        ) from None
 
 
 def check_wandb() -> None:
     """W&B online: an API key exists and W&B's server accepts it (the viewer query `wandb login` makes)."""
-    if os.environ.get("WANDB_MODE", "online") in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_DISABLED") == "true":
+    if (
+        os.environ.get("WANDB_MODE", "online") in ("offline", "disabled", "dryrun")
+        or os.environ.get("WANDB_DISABLED") == "true"
+    ):
         return
     base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
     key = os.environ.get("WANDB_API_KEY") or wandb_netrc_key(urlparse(base).hostname)
     offline = "or set WANDB_MODE=offline (then `wandb sync` later), or drop wandb from trainer.loggers"
     if not key:
-        raise TokenforgeError(f"trainer.loggers has 'wandb' but no W&B API key is set: run `wandb login` or set WANDB_API_KEY, {offline}")
+        raise TokenforgeError(
+            f"trainer.loggers has 'wandb' but no W&B API key is set: run `wandb login` or set WANDB_API_KEY, {offline}"
+        )
     request = urllib.request.Request(
-        f"{base}/graphql", data=json.dumps({"query": "query Viewer { viewer { id } }"}).encode(),
-        headers={"Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode()},
+        f"{base}/graphql",
+        data=json.dumps({"query": "query Viewer { viewer { id } }"}).encode(),
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": "Basic " + base64.b64encode(f"api:{key}".encode()).decode(),
+        },
     )
     status = http_status(request, "W&B", f"check WANDB_BASE_URL and the network, {offline}")
     if status in (401, 403):
@@ -133,7 +151,9 @@ def check_mlflow(uri: str) -> None:
     if urlparse(uri).scheme not in ("http", "https"):
         return
     request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
-    http_status(request, "MLflow", "check MLFLOW_TRACKING_URI and that the server runs, or drop mlflow from trainer.loggers")
+    http_status(
+        request, "MLflow", "check MLFLOW_TRACKING_URI and that the server runs, or drop mlflow from trainer.loggers"
+    )
 
 
 class Trackers:
@@ -149,8 +169,14 @@ class Trackers:
         name, project = storage.display().rstrip("/").rsplit("/", 1)[-1], config.trainer.tracker_project
         if self.wandb:
             ids.setdefault("wandb", uuid.uuid4().hex[:12])
-            self.wandb.init(project=project, name=name, id=ids["wandb"], resume="allow",
-                            config=config.model_dump(mode="json"), notes=storage.display())
+            self.wandb.init(
+                project=project,
+                name=name,
+                id=ids["wandb"],
+                resume="allow",
+                config=config.model_dump(mode="json"),
+                notes=storage.display(),
+            )
         if self.mlflow:
             self.mlflow.set_experiment(project)
             run = self.mlflow.start_run(run_id=ids.get("mlflow"), run_name=None if "mlflow" in ids else name)
@@ -171,7 +197,10 @@ class Trackers:
         """The eval's sample completions as a table (W&B: `eval/samples`; MLflow: artifact eval/step_N.json)."""
         rows = sample_rows(table)
         if self.wandb:
-            self.wandb.log({"eval/samples": self.wandb.Table(columns=list(rows), data=[list(r) for r in zip(*rows.values())])}, step=step)
+            self.wandb.log(
+                {"eval/samples": self.wandb.Table(columns=list(rows), data=[list(r) for r in zip(*rows.values())])},
+                step=step,
+            )
         if self.mlflow:
             self.mlflow.log_table(rows, artifact_file=f"eval/step_{step}.json")
 

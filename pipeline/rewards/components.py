@@ -273,7 +273,9 @@ def prefix_chrf(text: str, ends: list[int], reference: str, max_order: int, beta
                 gram = letters[-n:]
                 seen[n - 1][gram] += 1
                 hyp_counts[n - 1] += 1
-                matches[n - 1] += seen[n - 1][gram] <= ref_grams[n - 1][gram]  # chrF clips matches at the reference count
+                matches[n - 1] += (
+                    seen[n - 1][gram] <= ref_grams[n - 1][gram]
+                )  # chrF clips matches at the reference count
         j = max(j, end)
         scores.append(chrf_from_statistics(hyp_counts, ref_counts, matches, beta))
     return scores
@@ -307,7 +309,9 @@ class Chrf(SacrebleuComponent):
         rows = []
         for text, spans, ref in zip(inputs.texts, inputs.token_spans, inputs.columns[self.options.column]):
             ends = prefix_ends(spans, len(text))
-            per_reference = [prefix_chrf(text, ends, r, self.metric.char_order, self.metric.beta) for r in references(ref)]
+            per_reference = [
+                prefix_chrf(text, ends, r, self.metric.char_order, self.metric.beta) for r in references(ref)
+            ]
             rows.append(increments(best_prefix_scores(per_reference)))
         return rows
 
@@ -348,7 +352,9 @@ class Rouge(ReferenceComponent):
         @model_validator(mode="after")
         def token_level_is_rouge_l(self):
             if self.level == "token" and self.rouge_type != "rougeL":
-                raise ValueError("level: token is defined for rouge_type: rougeL (credit by the longest common subsequence)")
+                raise ValueError(
+                    "level: token is defined for rouge_type: rougeL (credit by the longest common subsequence)"
+                )
             return self
 
     def __init__(self, options: Options, env: ComponentEnv):
@@ -360,14 +366,18 @@ class Rouge(ReferenceComponent):
         self.fmeasure = fmeasure
 
     def score(self, text: str, reference: str) -> float:
-        return getattr(self.scorer.score(reference, text)[self.options.rouge_type], self.options.measure)  # (target, prediction)
+        return getattr(
+            self.scorer.score(reference, text)[self.options.rouge_type], self.options.measure
+        )  # (target, prediction)
 
     def measure(self, lcs: int, words: int, ref_words: int) -> float:
         """rouge-score's value for an LCS of `lcs` words between `words` completion and `ref_words` reference words."""
         if not lcs:
             return 0.0
         precision, recall = lcs / words, lcs / ref_words
-        return {"precision": precision, "recall": recall, "fmeasure": self.fmeasure(precision, recall)}[self.options.measure]
+        return {"precision": precision, "recall": recall, "fmeasure": self.fmeasure(precision, recall)}[
+            self.options.measure
+        ]
 
     def prefix_scores(self, words: list[tuple[str, list[int]]], ends: list[int], reference: str) -> list[float]:
         """ROUGE-L of text[:end] for every end in `ends` (ascending), `words` = rouge_words(text): one LCS row
@@ -391,7 +401,9 @@ class Rouge(ReferenceComponent):
                 rows.append(max(self.score(text, r) for r in references(ref)))
             else:
                 words, ends = rouge_words(text), prefix_ends(spans, len(text))
-                rows.append(increments(best_prefix_scores([self.prefix_scores(words, ends, r) for r in references(ref)])))
+                rows.append(
+                    increments(best_prefix_scores([self.prefix_scores(words, ends, r) for r in references(ref)]))
+                )
         return rows
 
 
@@ -429,7 +441,9 @@ class Classifier(RewardComponent):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(options.path, trust_remote_code=options.trust_remote_code)
-        self.tokenizer.padding_side = "right"  # positions start at 0 for every text; the model pools the last real token
+        self.tokenizer.padding_side = (
+            "right"  # positions start at 0 for every text; the model pools the last real token
+        )
         self.model = AutoModelForSequenceClassification.from_pretrained(
             options.path, trust_remote_code=options.trust_remote_code
         )
@@ -518,8 +532,14 @@ def import_function(spec: str):
         raise
     except Exception as error:  # noqa: BLE001 - importing user code can raise anything
         missing = isinstance(error, ModuleNotFoundError) and f"{module_name}.".startswith(f"{error.name}.")
-        where = (f" (a module is looked up in the working directory and on PYTHONPATH; or name its file: "
-                 f"path/to/{module_name.replace('.', '/')}.py:{attr})") if missing else ""
+        where = (
+            (
+                f" (a module is looked up in the working directory and on PYTHONPATH; or name its file: "
+                f"path/to/{module_name.replace('.', '/')}.py:{attr})"
+            )
+            if missing
+            else ""
+        )
         raise ValueError(f"cannot import {module_name!r}: {type(error).__name__}: {error}{where}") from None
     function = getattr(module, attr, None)
     if not callable(function):

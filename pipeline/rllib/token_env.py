@@ -63,7 +63,9 @@ REWARD_TIMINGS = ("dense", "final")
 ENV_OPTIONS = ("config", "overrides", "split", "reward_backend", "reward_timing", "render_mode")
 
 
-def resolve_config(config: TrainConfig | str | Path | Mapping | None = None, overrides: Sequence[str] | Mapping = ()) -> TrainConfig:
+def resolve_config(
+    config: TrainConfig | str | Path | Mapping | None = None, overrides: Sequence[str] | Mapping = ()
+) -> TrainConfig:
     """A tokenforge config from a TrainConfig, a YAML path, a mapping of sections or None (the
     defaults), plus dotted overrides (`"a.b=value"` strings or a {dotted key: value} mapping);
     null model/data paths filled from the built-in task."""
@@ -240,7 +242,12 @@ class TokenEnv(gym.Env):
         check_env_config(self.config, reward_backend, reward_timing, split)
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ConfigError(f"env option 'render_mode': {render_mode!r} is not one of None, 'ansi'")
-        self.split, self.reward_backend, self.reward_timing, self.render_mode = split, reward_backend, reward_timing, render_mode
+        self.split, self.reward_backend, self.reward_timing, self.render_mode = (
+            split,
+            reward_backend,
+            reward_timing,
+            render_mode,
+        )
         self.task = load_task(self.config, with_scorer=reward_backend == "local")
         if split not in self.task.tables:
             raise ConfigError("env option 'split': 'eval' needs held-out prompts, and data.eval_file is null")
@@ -284,7 +291,9 @@ class TokenEnv(gym.Env):
         index = (options or {}).get("index")
         if index is not None:
             if not isinstance(index, (int, np.integer)) or not 0 <= index < count:
-                raise TokenforgeError(f"reset option 'index': {index!r} is not a prompt index of split {self.split!r} (0-{count - 1})")
+                raise TokenforgeError(
+                    f"reset option 'index': {index!r} is not a prompt index of split {self.split!r} (0-{count - 1})"
+                )
             index = int(index)
         elif self.split == "train":
             index = int(self.np_random.integers(count))

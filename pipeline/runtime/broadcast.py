@@ -25,7 +25,9 @@ from pipeline.runtime.weights import flat_weights, packed_weights
 
 def join(instance, world_size: int, rank: int, group: str, backend: str, timeout_s: float, layout=None) -> None:
     """Enter the group (every rank at once); a rollout worker also allocates its receive buffer."""
-    collective.init_collective_group(world_size, rank, backend=backend, group_name=group, gloo_timeout=int(timeout_s * 1000))
+    collective.init_collective_group(
+        world_size, rank, backend=backend, group_name=group, gloo_timeout=int(timeout_s * 1000)
+    )
     if layout is not None:
         instance.weight_buffer = flat_weights(instance.model, layout)
 

@@ -62,9 +62,13 @@ def adopt(model: torch.nn.Module, tensors: dict[str, torch.Tensor], copy: bool) 
             raise ValueError(f"weight {name!r} of the learner is not in the rollout model")
         target = current[name]
         if target.shape != value.shape:
-            raise ValueError(f"weight {name!r} has shape {tuple(target.shape)} in the rollout model, {tuple(value.shape)} in the learner's")
+            raise ValueError(
+                f"weight {name!r} has shape {tuple(target.shape)} in the rollout model, {tuple(value.shape)} in the learner's"
+            )
         if not copy and target.dtype != value.dtype:
-            raise ValueError(f"weight {name!r} is {target.dtype} in the rollout model, {value.dtype} in the learner's published weights")
+            raise ValueError(
+                f"weight {name!r} is {target.dtype} in the rollout model, {value.dtype} in the learner's published weights"
+            )
         target.data = value.to(target.device, target.dtype, copy=copy)  # tied weights: both names get the last one
 
 

@@ -46,7 +46,9 @@ from pipeline.preflight import check
 from pipeline.storage import Storage
 from pipeline.tune.spec import TuneSpec, load_spec, param_space, scheduler, searcher
 
-RESTORES_FILE = "restores.jsonl"  # in each trial's directory: one line per start from a checkpoint (PBT exploit or retry)
+RESTORES_FILE = (
+    "restores.jsonl"  # in each trial's directory: one line per start from a checkpoint (PBT exploit or retry)
+)
 POINTER = "checkpoint.json"  # what a Tune checkpoint holds: where the real one is (the run's own storage)
 
 
@@ -72,7 +74,9 @@ def restore_into(run: Storage, pointer: dict) -> dict:
         staging = f"{store.CHECKPOINTS}/incoming"
         run.delete_dir(staging)
         for name in manifest["files"]:
-            run.write_bytes(f"{staging}/{name}", source.read_bytes(f"{pointer['checkpoint']}/{name}"), staged=False)  # read through the manifest written after them
+            run.write_bytes(
+                f"{staging}/{name}", source.read_bytes(f"{pointer['checkpoint']}/{name}"), staged=False
+            )  # read through the manifest written after them
         # later checkpoints of this trial's own must not win a resume over the restored one; earlier ones stay
         # (Tune may still hand them to another trial)
         for step in [s for s in store.checkpoint_steps(run) if s >= manifest["step"]]:
@@ -81,7 +85,11 @@ def restore_into(run: Storage, pointer: dict) -> dict:
             run.move(f"{staging}/{name}", f"{target}/{name}")
         run.delete_dir(staging)
         store.publish_checkpoint(run, manifest["step"], manifest["files"])
-    weights = next(manifest["files"][n]["sha256"] for n in ("model.safetensors", "adapter_model.safetensors") if n in manifest["files"])
+    weights = next(
+        manifest["files"][n]["sha256"]
+        for n in ("model.safetensors", "adapter_model.safetensors")
+        if n in manifest["files"]
+    )
     return {"step": manifest["step"], "model_sha256": weights, "source": source.display(pointer["checkpoint"])}
 
 
@@ -122,7 +130,9 @@ def run_trial(params: dict[str, Any], base: dict, experiment_uri: str, keep: int
 def trainable(spec: TuneSpec, base: TrainConfig, experiment_uri: str):
     """The trial function with the base config bound and resources from each trial's own config."""
     return tune.with_resources(
-        tune.with_parameters(run_trial, base=base.model_dump(mode="json"), experiment_uri=experiment_uri, keep=spec.tune.num_to_keep),
+        tune.with_parameters(
+            run_trial, base=base.model_dump(mode="json"), experiment_uri=experiment_uri, keep=spec.tune.num_to_keep
+        ),
         lambda params: trial_resources(config_with(base, params), spec.tune.driver_cpus),
     )
 
@@ -146,12 +156,20 @@ def run(spec_path: str, overrides: list[str] = ()) -> str:
     check_trials_fit(spec, base)
     block = spec.tune
     if not store.is_uri(block.storage_path):  # inside a Ray job a relative storage_path goes under the output root
-        chosen = Path(run_paths.resolve_new(str(Path(block.storage_path) / block.name), Path.exists, "tune.storage_path/tune.name"))
+        chosen = Path(
+            run_paths.resolve_new(
+                str(Path(block.storage_path) / block.name), Path.exists, "tune.storage_path/tune.name"
+            )
+        )
         block.storage_path, block.name = str(chosen.parent.resolve()), chosen.name
     experiment = Storage(block.storage_path).child(block.name)
     if experiment.list_dir(""):
-        raise TokenforgeError(f"tune experiment {experiment.display()!r} exists; resume it with --resume or set tune.name")
-    experiment.write_text(SPEC_FILE, yaml.safe_dump({"spec": spec.model_dump(mode="json"), "base": base.model_dump(mode="json")}))
+        raise TokenforgeError(
+            f"tune experiment {experiment.display()!r} exists; resume it with --resume or set tune.name"
+        )
+    experiment.write_text(
+        SPEC_FILE, yaml.safe_dump({"spec": spec.model_dump(mode="json"), "base": base.model_dump(mode="json")})
+    )
     tuner = tune.Tuner(
         trainable(spec, base, experiment.uri),
         param_space=param_space(spec),
@@ -233,7 +251,9 @@ def resume(experiment_uri: str, trust_run_config: bool = False) -> str:
     of the directory's YAML could make that safe, so it needs the user's word that the directory is trusted."""
     experiment = Storage(experiment_uri)
     if not experiment.exists(SPEC_FILE):
-        raise TokenforgeError(f"--resume: {experiment.display()!r} is not a tokenforge tune experiment (no {SPEC_FILE})")
+        raise TokenforgeError(
+            f"--resume: {experiment.display()!r} is not a tokenforge tune experiment (no {SPEC_FILE})"
+        )
     if not trust_run_config:
         raise TokenforgeError(
             f"tune --resume {experiment.display()}: resuming loads the experiment directory's Python pickles (Tune's "
@@ -272,15 +292,24 @@ def write_results(spec: TuneSpec, base: TrainConfig, results: tune.ResultGrid, e
     writer.writeheader()
     writer.writerows(rows)
     experiment.write_text("trials.csv", table.getvalue())
-    print_table([{"trial": trial_label(result.config, params), **{k: v for k, v in row.items() if k not in ("trial", *params)}}
-                 for result, row in zip(results, rows)])
+    print_table(
+        [
+            {
+                "trial": trial_label(result.config, params),
+                **{k: v for k, v in row.items() if k not in ("trial", *params)},
+            }
+            for result, row in zip(results, rows)
+        ]
+    )
     finished = [r for r in results if not r.error and r.metrics_dataframe is not None and metric in r.metrics_dataframe]
     if finished:
         best = results.get_best_result(metric=metric, mode=mode, scope="last", filter_nan_and_inf=True)
         best_config = config_with(base, best.config)
         best_config.output_dir = f"runs/{spec.tune.name}-best"
         experiment.write_text("best_config.yaml", config_to_yaml(best_config))
-        print(f"best trial: {trial_label(best.config, params)}: {metric} {best.metrics.get(metric)}; config: {experiment.display('best_config.yaml')}")
+        print(
+            f"best trial: {trial_label(best.config, params)}: {metric} {best.metrics.get(metric)}; config: {experiment.display('best_config.yaml')}"
+        )
     panels, _ = experiment_panels(experiment)  # every trial's objective, labelled by its searched values
     experiment.write_bytes("objective.png", draw(panels, f"Tune experiment {experiment.display()}"))
     print(f"results: {experiment.display()} (trials.csv, best_config.yaml, objective.png)")
@@ -292,7 +321,9 @@ def print_table(rows: list[dict]) -> None:
     if not rows:
         print("no trials")
         return
-    cells = [[str(k) for k in rows[0]]] + [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows]
+    cells = [[str(k) for k in rows[0]]] + [
+        [f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()] for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     for row in cells:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))

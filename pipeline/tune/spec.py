@@ -139,8 +139,12 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> tuple[TuneSpec, Tr
 def absolute_local_paths(base: TrainConfig) -> TrainConfig:
     """Relative model and data paths that exist here, made absolute: Tune runs each trial in its own working
     directory (its trial folder), where a path relative to this one would name nothing."""
-    keys = {"model.path": base.model.path, "model.chat_template": base.model.chat_template,
-            "data.train_file": base.data.train_file, "data.eval_file": base.data.eval_file}
+    keys = {
+        "model.path": base.model.path,
+        "model.chat_template": base.model.chat_template,
+        "data.train_file": base.data.train_file,
+        "data.eval_file": base.data.eval_file,
+    }
     found = {k: os.path.abspath(v) for k, v in keys.items() if v and not Path(v).is_absolute() and Path(v).exists()}
     return config_with(base, found) if found else base
 
@@ -151,7 +155,9 @@ def check_search(spec: TuneSpec, base: TrainConfig) -> None:
         node = effective
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"search key {key!r}: the base config has no such key (see `tokenforge train --help-config`)")
+                raise ConfigError(
+                    f"search key {key!r}: the base config has no such key (see `tokenforge train --help-config`)"
+                )
             node = node[part]
         if isinstance(node, dict):
             raise ConfigError(f"search key {key!r} is a section; search over one of its keys")
@@ -173,7 +179,9 @@ def check_objective(spec: TuneSpec, base: TrainConfig) -> None:
             "optimise a held-out eval metric such as eval/exact_match"
         )
     if not base.data.evaluates:
-        raise ConfigError("tune.metric: trials are compared on held-out prompts, but the base config has none; set data.eval_file")
+        raise ConfigError(
+            "tune.metric: trials are compared on held-out prompts, but the base config has none; set data.eval_file"
+        )
     known = [f"eval/{name}" for name in base.trainer.eval_metrics]
     if metric not in known:
         raise ConfigError(
@@ -196,7 +204,9 @@ def scheduler(spec: TuneSpec):
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self"} - SET_BY_TOKENFORGE
     for key in options:
         if key not in allowed:
-            raise ConfigError(f"tune.scheduler.{key}: not an option of scheduler {name!r} (options: {', '.join(sorted(allowed))})")
+            raise ConfigError(
+                f"tune.scheduler.{key}: not an option of scheduler {name!r} (options: {', '.join(sorted(allowed))})"
+            )
     if name == "pbt":
         options["hyperparam_mutations"] = {k: mutation(k, d) for k, d in spec.search.items()}
     if name == "pb2":
@@ -233,7 +243,9 @@ def known(kind: str, name: str, registry) -> None:
 
 def require(library: str, what: str) -> None:
     if importlib.util.find_spec(library) is None:
-        package = {"bayes_opt": "'bayesian-optimization<2'", "sklearn": "scikit-learn"}.get(library, library)  # Ray 2.60 needs 1.x
+        package = {"bayes_opt": "'bayesian-optimization<2'", "sklearn": "scikit-learn"}.get(
+            library, library
+        )  # Ray 2.60 needs 1.x
         raise ConfigError(f"{what} needs the `{package}` package: pip install {package}")
 
 
