@@ -301,7 +301,8 @@ class Learner:
             size = self.config.learner.micro_batch_size
             raise TokenforgeError(
                 f"the learner ran out of {self.device} memory in a micro-batch of up to {size} samples; lower "
-                f"learner.micro_batch_size (now {size}), or set learner.gradient_checkpointing / learner.precision=bf16-mixed"
+                f"learner.micro_batch_size (now {size}), or set learner.gradient_checkpointing / "
+                "learner.precision=bf16-mixed"
             ) from None
 
     def _count_nonfinite(self, skipped: int, step: int | None) -> None:
@@ -311,9 +312,9 @@ class Learner:
         if self.nonfinite_streak >= limit:
             where = f"step {step}" if step is not None else f"update {self.policy_version + 1}"
             raise TokenforgeError(
-                f"{limit} consecutive steps up to {where} had a NaN/inf advantage, loss or gradient norm; their updates "
-                "were skipped and the weights are those before them. Lower learner.lr, look for huge reward values, "
-                "or raise learner.max_nonfinite_steps"
+                f"{limit} consecutive steps up to {where} had a NaN/inf advantage, loss or gradient norm; their "
+                "updates were skipped and the weights are those before them. Lower learner.lr, look for huge reward "
+                "values, or raise learner.max_nonfinite_steps"
             )
 
     def _gradients(

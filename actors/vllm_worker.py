@@ -93,7 +93,8 @@ def engine_kwargs(config: TrainConfig, on_gpu: bool) -> dict:
         "enable_prefix_caching": cfg.enable_prefix_caching,
         # log-probs of the sampled tokens under the tempered softmax they were drawn from (before the nucleus: top_p=1)
         "logprobs_mode": "processed_logprobs",
-        "generation_config": "vllm",  # the model's generation_config.json must not change the sampling (as in HF's loop)
+        # the model's generation_config.json must not change the sampling (as in HF's loop)
+        "generation_config": "vllm",
     }
     if cfg.kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
@@ -140,7 +141,8 @@ class VllmRolloutWorker(RolloutBase):
         return llm
 
     def set_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        """Load the learner's weights (HF names) into the running engine; if that fails, restart the engine from them."""
+        """Load the learner's weights (HF names) into the running engine; if that fails, restart the engine from
+        them."""
         try:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items())})
             self.llm.reset_prefix_cache()  # cached prompt KV was computed by the old weights
@@ -153,7 +155,8 @@ class VllmRolloutWorker(RolloutBase):
         return version
 
     def _restart(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Write the weights as an HF model directory (config and tokenizer from model_path) and start a new engine on it."""
+        """Write the weights as an HF model directory (config and tokenizer from model_path) and start a new engine
+        on it."""
         from safetensors.torch import save_file
 
         self.close()

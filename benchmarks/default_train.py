@@ -75,7 +75,8 @@ def main() -> None:
     for r in rows:
         reached = f"{r['reached_step']} / {r['reached_s']:.0f} s" if r["reached_step"] is not None else "not reached"
         print(
-            f"| {r['seed']} | {r['baseline']:.3f} | {r['final']:.3f} | {r['best']:.3f} | {reached} | {r['wall_s']:.0f} s |"
+            f"| {r['seed']} | {r['baseline']:.3f} | {r['final']:.3f} | {r['best']:.3f} | {reached} "
+            f"| {r['wall_s']:.0f} s |"
         )
 
 

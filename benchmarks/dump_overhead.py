@@ -63,7 +63,8 @@ def main() -> None:
     print(
         f"dumps: {result['rollout_dumps']} rollout ({result['rollout_dump_s']:.2f} s) + {result['eval_dumps']} eval "
         f"({result['eval_dump_s']:.2f} s) = {100 * result['share_of_step_time']:.2f}% of {result['steps']} steps' time "
-        f"({result['step_s']:.0f} s), {100 * result['share_of_elapsed']:.2f}% of the run's {result['elapsed_s']:.0f} s; "
+        f"({result['step_s']:.0f} s), {100 * result['share_of_elapsed']:.2f}% of the run's "
+        f"{result['elapsed_s']:.0f} s; "
         f"{100 * result['share_on_a_dump_step']:.1f}% of a dump step"
     )
 

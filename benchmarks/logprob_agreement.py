@@ -63,7 +63,8 @@ def main() -> None:
     rows = load_prompts(config.data.eval_file, "eval").slice(0, args.prompts)
     prompts = rows.append_column("group_id", pa.array(range(rows.num_rows)))
     print(
-        "| model.dtype (sampler) | learner.precision | response tokens | max abs delta log p | mean abs delta log p | max abs (ratio - 1) |"
+        "| model.dtype (sampler) | learner.precision | response tokens | max abs delta log p "
+        "| mean abs delta log p | max abs (ratio - 1) |"
     )
     print("|---|---|---|---|---|---|")
     for sampler_dtype, precision in PAIRS:

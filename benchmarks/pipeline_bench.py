@@ -94,14 +94,18 @@ def measure(name: str, steps: int, skip: int, extra: list[str], workdir: Path) -
 
 def print_table(results: list[dict]) -> None:
     print(
-        "\n| setting | step | generate | learn | sync | waits: rollout / reward / learn | driver overhead | idle: learner / rollout | step / max(gen, learn) | samples/s | tokens/s |"
+        "\n| setting | step | generate | learn | sync | waits: rollout / reward / learn | driver overhead "
+        "| idle: learner / rollout | step / max(gen, learn) | samples/s | tokens/s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['setting']} | {r['step_s']:.3f} s | {r['generate_s']:.3f} s | {r['learn_busy_s']:.3f} s | {r['sync_s'] * 1000:.0f} ms "
-            f"| {r['wait_rollout_s']:.3f} / {r['wait_reward_s']:.3f} / {r['wait_learn_s']:.3f} s | {r['driver_overhead']:.1%} "
-            f"| {r['learner_idle']:.0%} / {r['rollout_idle']:.0%} | {r['overlap_ratio']:.2f} | {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} |"
+            f"| {r['setting']} | {r['step_s']:.3f} s | {r['generate_s']:.3f} s | {r['learn_busy_s']:.3f} s "
+            f"| {r['sync_s'] * 1000:.0f} ms "
+            f"| {r['wait_rollout_s']:.3f} / {r['wait_reward_s']:.3f} / {r['wait_learn_s']:.3f} s "
+            f"| {r['driver_overhead']:.1%} "
+            f"| {r['learner_idle']:.0%} / {r['rollout_idle']:.0%} | {r['overlap_ratio']:.2f} "
+            f"| {r['samples_per_s']:.0f} | {r['tokens_per_s']:.0f} |"
         )
     print("\nlearner phases (median seconds per step):")
     for r in results:

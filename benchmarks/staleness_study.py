@@ -113,9 +113,11 @@ def llama_model(args: argparse.Namespace) -> Path:
 
 
 def summary(runs: list[dict]) -> str:
-    """A Markdown table: per pair and staleness, the metric at step 0, its minimum, at the end, and the mean IS stats."""
+    """A Markdown table: per pair and staleness, the metric at step 0, its minimum, at the end, and the mean IS
+    stats."""
     lines = [
-        "| pair | staleness | seeds | step 0 | min (mean) | final (mean ± sd) | each seed's final | IS weight mean / clip frac | training s |",
+        "| pair | staleness | seeds | step 0 | min (mean) | final (mean ± sd) | each seed's final "
+        "| IS weight mean / clip frac | training s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for pair in dict.fromkeys(r["pair"] for r in runs):

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="print greedy eval metrics of a checkpoint")
     evaluate.add_argument(
         "checkpoint",
-        help="a checkpoint (output_dir/checkpoints/step_N), a run (its newest checkpoint) or any HF model dir; local or a URI",
+        help="a checkpoint (output_dir/checkpoints/step_N), a run (its newest checkpoint) or any HF model dir; "
+        "local or a URI",
     )
     evaluate.add_argument(
         "--trust-run-config",

@@ -102,7 +102,8 @@ def check_dashboard_host(path: Path, command: str) -> None:
         )
     if match.group(1).strip("'\"") not in LOOPBACK:
         raise ClusterConfigError(
-            f"{path}: --dashboard-host={match.group(1)} exposes the Jobs API, which runs code for anyone who reaches it "
+            f"{path}: --dashboard-host={match.group(1)} exposes the Jobs API, which runs code for anyone who "
+            "reaches it "
             "(CVE-2023-48022); use --dashboard-host=127.0.0.1 and `ray dashboard` to port-forward"
         )
 
@@ -290,7 +291,8 @@ def check_token_private(path: Path, config: dict) -> list[str]:
             if not any(pattern.search(command) for command in commands):
                 raise ClusterConfigError(
                     f"{path}: file_mounts copies the Ray auth token to {token} but no {role} setup command makes it "
-                    f"private; add `chmod 600 {token}` to setup_commands (rsync keeps the local file's mode, often 0644)"
+                    f"private; add `chmod 600 {token}` to setup_commands (rsync keeps the local file's mode, often "
+                    "0644)"
                 )
     return tokens
 
@@ -306,6 +308,7 @@ def check_checkout_excludes(path: Path, config: dict) -> None:
     missing = [name for name in (".venv", ".git") if name not in excluded]
     if missing:
         raise ClusterConfigError(
-            f"{path}: file_mounts copies this checkout to {checkout[0]} with {' and '.join(missing)} in it (a local venv is GBs); "
+            f"{path}: file_mounts copies this checkout to {checkout[0]} with {' and '.join(missing)} in it "
+            "(a local venv is GBs); "
             "add rsync_exclude: [.git, /.venv/, /runs/, /tune_results/, __pycache__/] (or an rsync_filter)"
         )

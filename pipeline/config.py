@@ -88,9 +88,11 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     train_file: str | None = None
-    """Training prompts: a .jsonl/.json/.parquet/.csv file, a saved or parquet dataset directory, or a dataset name; null = the built-in ones of `task`."""
+    """Training prompts: a .jsonl/.json/.parquet/.csv file, a saved or parquet dataset directory, or a dataset name;
+    null = the built-in ones of `task`."""
     eval_file: str | None = "auto"
-    """Held-out prompts in the same forms; null = no evaluation; auto = the built-in eval set of `task` if train_file is null, else none."""
+    """Held-out prompts in the same forms; null = no evaluation; auto = the built-in eval set of `task` if train_file is
+    null, else none."""
     train_split: str = "train"
     """Split of a dataset directory or name to train on."""
     eval_split: str = "test"
@@ -119,11 +121,13 @@ class TrainerConfig(Section):
     eval_metrics: list[str] = ["exact_match"]
     """Reward components scored on greedy eval samples, reported as eval/<name> (mean per-sample total)."""
     loggers: list[Literal["tensorboard", "wandb", "mlflow", "jsonl"]] = ["tensorboard", "jsonl"]
-    """Where metrics go: metrics.jsonl (always: resume and reports read it), TensorBoard, W&B, MLflow (extras tokenforge[wandb] / [mlflow], set up by their env vars)."""
+    """Where metrics go: metrics.jsonl (always: resume and reports read it), TensorBoard, W&B, MLflow (extras
+    tokenforge[wandb] / [mlflow], set up by their env vars)."""
     tracker_project: str = "tokenforge"
     """W&B project / MLflow experiment of the run (trainer.loggers wandb / mlflow)."""
     dump_rollouts_every: int | None = Field(None, ge=0)
-    """Write the step's scored rollout batch to rollouts/step_N.parquet every N steps (and the last); null = on every eval step; 0 = never."""
+    """Write the step's scored rollout batch to rollouts/step_N.parquet every N steps (and the last); null = on every
+    eval step; 0 = never."""
     dump_eval: bool = True
     """Write each eval's greedy samples with per-sample metrics to eval/step_N.parquet."""
     save_every: int = Field(100, ge=1)
@@ -133,11 +137,13 @@ class TrainerConfig(Section):
     keep_best: bool = False
     """Also keep the checkpoint with the best first eval metric (trainer.eval_metrics[0], higher is better)."""
     max_failures: int = Field(3, ge=0)
-    """Restart the pipeline in-process from the last checkpoint after this many failures (a dead learner, a lost node) before giving up."""
+    """Restart the pipeline in-process from the last checkpoint after this many failures (a dead learner, a lost node)
+    before giving up."""
     actor_timeout_s: float = Field(600.0, gt=0)
     """Longest wait for one actor call before the run stops with an error naming the actor."""
     max_staleness: int = Field(0, ge=0)
-    """0: each step's rollouts use the weights of the step before (synchronous); k >= 1: the rollouts of the next k steps are generated while the learner updates, from weights up to k versions old (corrected by algorithm.is_cap)."""
+    """0: each step's rollouts use the weights of the step before (synchronous); k >= 1: the rollouts of the next k
+    steps are generated while the learner updates, from weights up to k versions old (corrected by algorithm.is_cap)."""
 
     @model_validator(mode="after")
     def keep_jsonl(self) -> TrainerConfig:
@@ -153,9 +159,11 @@ class VllmConfig(Section):
     """rollout.backend=vllm: the engine's own settings (docs/models.md, "vLLM backend")."""
 
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    """Fraction of the GPU's memory the engine may take (weights, activations, KV cache) when kv_cache_gib is null; a learner on the same GPU needs the rest."""
+    """Fraction of the GPU's memory the engine may take (weights, activations, KV cache) when kv_cache_gib is null; a
+    learner on the same GPU needs the rest."""
     kv_cache_gib: float | None = Field(1.0, gt=0)
-    """KV cache size in GiB (vLLM's kv_cache_memory_bytes; on CPU also VLLM_CPU_KVCACHE_SPACE, without which vLLM reserves most of the RAM); null = what gpu_memory_utilization leaves (GPU only)."""
+    """KV cache size in GiB (vLLM's kv_cache_memory_bytes; on CPU also VLLM_CPU_KVCACHE_SPACE, without which vLLM
+    reserves most of the RAM); null = what gpu_memory_utilization leaves (GPU only)."""
     max_num_seqs: int = Field(256, ge=1)
     """Most sequences the engine decodes at once (a rollout shard of more queues)."""
     max_model_len: int | None = Field(None, ge=1)
@@ -178,7 +186,8 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature; behaviour and learner log-probs use the same scaled logits."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling mass (1 = off). Tokens are drawn from the nucleus renormalised, but the behaviour log-prob recorded is that of the whole tempered softmax, the distribution the learner recomputes (see algorithm.is_cap)."""
+    """Nucleus sampling mass (1 = off). Tokens are drawn from the nucleus renormalised, but the behaviour log-prob
+    recorded is that of the whole tempered softmax, the distribution the learner recomputes (see algorithm.is_cap)."""
     max_new_tokens: int = Field(8, ge=1)
     """Longest response; also the fixed length of seq-mean-token-sum-norm."""
     stop_token_ids: list[int] = []
@@ -196,9 +205,13 @@ class RolloutConfig(Section):
     weight_sync: Annotated[
         Literal["object_store", "collective"], BeforeValidator(lambda v: "object_store" if v is None else v)
     ] = "object_store"
-    """How each new policy version reaches the rollout workers: one object in Ray's object store, mapped without a copy by every worker of a node (the default; docs/performance.md compares the two); or a broadcast from the learner over a ray.util.collective group (gloo on CPU, NCCL between GPUs: needs cupy; HF backend only), one message per worker. null = object_store."""
+    """How each new policy version reaches the rollout workers: one object in Ray's object store, mapped without a copy
+    by every worker of a node (the default; docs/performance.md compares the two); or a broadcast from the learner over
+    a ray.util.collective group (gloo on CPU, NCCL between GPUs: needs cupy; HF backend only), one message per worker.
+    null = object_store."""
     backend: Literal["hf", "vllm"] = "hf"
-    """Generation engine: hf (transformers with a KV-cache loop; the default, best for CPU and tiny models) or vllm (pip install 'tokenforge[vllm]'; docs/models.md). Same samples contract, different random draws for the same seed."""
+    """Generation engine: hf (transformers with a KV-cache loop; the default, best for CPU and tiny models) or vllm (pip
+    install 'tokenforge[vllm]'; docs/models.md). Same samples contract, different random draws for the same seed."""
     vllm: VllmConfig = VllmConfig()
     """Engine settings of rollout.backend=vllm."""
 
@@ -208,8 +221,9 @@ class RolloutConfig(Section):
             return self
         if self.top_p < 1.0:
             raise ConfigError(
-                f"config key 'rollout.top_p': {self.top_p:g} with rollout.backend=vllm: vLLM reports log-probs renormalised "
-                "over the nucleus, not the tempered softmax the learner recomputes; use top_p=1 or rollout.backend=hf"
+                f"config key 'rollout.top_p': {self.top_p:g} with rollout.backend=vllm: vLLM reports log-probs "
+                "renormalised over the nucleus, not the tempered softmax the learner recomputes; use top_p=1 or "
+                "rollout.backend=hf"
             )
         if (
             self.weight_sync == "collective"
@@ -220,13 +234,14 @@ class RolloutConfig(Section):
             )
         if self.vllm.tensor_parallel_size > 1 and self.num_gpus_per_worker < self.vllm.tensor_parallel_size:
             raise ConfigError(
-                f"config key 'rollout.vllm.tensor_parallel_size': {self.vllm.tensor_parallel_size} GPUs per engine, but "
+                f"config key 'rollout.vllm.tensor_parallel_size': {self.vllm.tensor_parallel_size} GPUs per engine, "
+                "but "
                 f"rollout.num_gpus_per_worker is {self.num_gpus_per_worker:g}; raise it to at least that"
             )
         if self.vllm.kv_cache_gib is None and self.num_gpus_per_worker == 0:
             raise ConfigError(
-                "config key 'rollout.vllm.kv_cache_gib': null sizes the KV cache from gpu_memory_utilization, which on CPU "
-                "reserves that fraction of the machine's RAM; give a size in GiB (e.g. 1)"
+                "config key 'rollout.vllm.kv_cache_gib': null sizes the KV cache from gpu_memory_utilization, which on "
+                "CPU reserves that fraction of the machine's RAM; give a size in GiB (e.g. 1)"
             )
         return self
 
@@ -253,7 +268,8 @@ class RewardConfig(Section):
     weights: Annotated[dict[str, float], Field(min_length=1)] = {"exact_match": 1.0, "digit_match": 0.5}
     """Weight of each reward component: total r_t = sum_i w_i * r_i,t. The keys are the components scored."""
     components: dict[str, ComponentSpec] = {}
-    """Component name -> {type, on_error, normalize, options...}; a weighted name that is a registry type needs no entry."""
+    """Component name -> {type, on_error, normalize, options...}; a weighted name that is a registry type needs no
+    entry."""
     timeout_s: float = Field(120.0, gt=0)
     """A scoring task not done in time is retried on another worker (its worker is restarted)."""
     max_retries: int = Field(2, ge=0)
@@ -278,7 +294,10 @@ class AlgorithmConfig(Section):
     agg: Annotated[str, one_of("aggregation", AGGREGATIONS)] = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
     is_cap: float | None = Field(None, gt=0)
-    """Truncate the importance weight pi/pi_behaviour at this value; null = on-policy (w = 1). pi_behaviour is softmax(logits / rollout.temperature) of the weights that sampled, with rollout.top_p < 1 too (not the renormalised nucleus the token was drawn from), so the weight corrects for stale weights, never for the nucleus: on-policy it is 1."""
+    """Truncate the importance weight pi/pi_behaviour at this value; null = on-policy (w = 1). pi_behaviour is
+    softmax(logits / rollout.temperature) of the weights that sampled, with rollout.top_p < 1 too (not the renormalised
+    nucleus the token was drawn from), so the weight corrects for stale weights, never for the nucleus: on-policy it is
+    1."""
     clip_low: float = Field(0.2, ge=0)
     """ppo_clip: lower clip range."""
     clip_high: float = Field(0.2, ge=0)
@@ -321,7 +340,8 @@ class LearnerConfig(Section):
     updates_per_batch: int = Field(1, ge=1)
     """Optimizer steps on each rollout batch (>1 is off-policy: use is_cap or ppo_clip)."""
     num_gpus: float | None = Field(None, ge=0)
-    """Ray GPUs for the learner (at most 1: the learner uses one device); null = 1 if the cluster has or can autoscale a GPU, else CPU (said at start)."""
+    """Ray GPUs for the learner (at most 1: the learner uses one device); null = 1 if the cluster has or can autoscale a
+    GPU, else CPU (said at start)."""
     num_cpus: float = Field(1.0, gt=0)
     """Ray CPUs reserved by the learner."""
     resources: Resources = {}
@@ -329,20 +349,27 @@ class LearnerConfig(Section):
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads in the learner; null = its Ray CPUs (learner.num_cpus, at least 1)."""
     precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"
-    """fp32; bf16-mixed (fp32 weights and optimizer, bf16 autocast forward); bf16 (bf16 weights). Log-probs are fp32 in all."""
+    """fp32; bf16-mixed (fp32 weights and optimizer, bf16 autocast forward); bf16 (bf16 weights). Log-probs are fp32 in
+    all."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass instead of storing them (less activation memory, one more forward per micro-batch)."""
+    """Recompute activations in the backward pass instead of storing them (less activation memory, one more forward per
+    micro-batch)."""
     logprob_chunk_tokens: int = Field(4096, ge=1)
     """Tokens whose fp32 log-softmax over the vocabulary is held at once (chunks are recomputed in the backward)."""
     share_prompts: bool = True
-    """Run each distinct prompt of a micro-batch through the model once and the responses of its group on top of its KV cache (same gradient up to float rounding, prompt work / group size; docs/performance.md); false = every sample's whole sequence. Off by itself with gradient_checkpointing (no cache then), model.lora.dropout > 0 (one dropout mask per group), models whose cache holds recurrent state (linear attention, SSM), and models whose RoPE follows the sequence's length (rope type dynamic, longrope)."""
+    """Run each distinct prompt of a micro-batch through the model once and the responses of its group on top of its KV
+    cache (same gradient up to float rounding, prompt work / group size; docs/performance.md); false = every sample's
+    whole sequence. Off by itself with gradient_checkpointing (no cache then), model.lora.dropout > 0 (one dropout mask
+    per group), models whose cache holds recurrent state (linear attention, SSM), and models whose RoPE follows the
+    sequence's length (rope type dynamic, longrope)."""
     max_nonfinite_steps: int = Field(3, ge=1)
     """Stop the run after this many consecutive steps whose loss or gradient norm was NaN/inf (each is skipped)."""
 
 
 class StorageConfig(Section):
     uri: StorageUri | None = None
-    """Where every artifact of the run goes: a local path or a pyarrow.fs URI (s3://bucket/prefix, gs://..., file:///mnt/shared/x); null = output_dir."""
+    """Where every artifact of the run goes: a local path or a pyarrow.fs URI (s3://bucket/prefix, gs://...,
+    file:///mnt/shared/x); null = output_dir."""
 
 
 class RayConfig(Section):
@@ -351,7 +378,8 @@ class RayConfig(Section):
     num_cpus: int | None = Field(None, ge=1)
     """CPUs of a locally started Ray (null = all cores)."""
     autoscale_wait_s: float | None = Field(None, ge=0)
-    """If the cluster lacks the actors' resources (at start, or after losing a node): ask the autoscaler for them and wait this long; null = 900 s on a cluster with an autoscaler, else 0 (fail at once)."""
+    """If the cluster lacks the actors' resources (at start, or after losing a node): ask the autoscaler for them and
+    wait this long; null = 900 s on a cluster with an autoscaler, else 0 (fail at once)."""
 
 
 class TrainConfig(Section):
@@ -373,12 +401,13 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def check_learning_signal(self) -> TrainConfig:
-        """Refuse combinations that silently learn nothing, reserve resources nothing uses, or learn off-policy uncorrected."""
+        """Refuse combinations that silently learn nothing, reserve resources nothing uses, or learn off-policy
+        uncorrected."""
         algo, group_size = self.algorithm, self.rollout.group_size
         if group_size < 2 and algo.estimator in GROUP_BASELINE:
             raise ConfigError(
-                f"config key 'rollout.group_size': {group_size} with algorithm.estimator={algo.estimator!r} gives every "
-                "advantage 0 (a group of one has no baseline); use group_size >= 2 or estimator reinforce++"
+                f"config key 'rollout.group_size': {group_size} with algorithm.estimator={algo.estimator!r} gives "
+                "every advantage 0 (a group of one has no baseline); use group_size >= 2 or estimator reinforce++"
             )
         for name, spec in self.reward.components.items():
             if spec.normalize == "group" and group_size < 2:
@@ -393,13 +422,14 @@ class TrainConfig(Section):
             )
         if self.trainer.max_staleness > 0 and algo.loss == "reinforce" and algo.is_cap is None:
             raise ConfigError(
-                f"config key 'trainer.max_staleness': {self.trainer.max_staleness} trains on samples from weights up to "
-                f"{self.trainer.max_staleness} versions old (off-policy); set algorithm.is_cap (e.g. 2.0) or algorithm.loss=ppo_clip"
+                f"config key 'trainer.max_staleness': {self.trainer.max_staleness} trains on samples from weights up "
+                f"to {self.trainer.max_staleness} versions old (off-policy); set algorithm.is_cap (e.g. 2.0) or "
+                "algorithm.loss=ppo_clip"
             )
         if (self.learner.num_gpus or 0) > 1:
             raise ConfigError(
-                f"config key 'learner.num_gpus': the learner trains on one device, so {self.learner.num_gpus:g} GPUs would "
-                "be reserved and sit idle (there is no multi-GPU learner yet); use 1"
+                f"config key 'learner.num_gpus': the learner trains on one device, so {self.learner.num_gpus:g} GPUs "
+                "would be reserved and sit idle (there is no multi-GPU learner yet); use 1"
             )
         if algo.kl_loss_kind == "k1":
             raise ConfigError(
@@ -556,12 +586,13 @@ def config_to_yaml(config: TrainConfig) -> str:
 
 
 def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[str]:
-    """One line per config key: dotted name, default, docstring."""
+    """One line per config key: dotted name, default, docstring (wrapped in the source, joined here)."""
     lines = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, Section):
             lines += describe_fields(annotation, f"{prefix}{name}.")
         else:
-            lines.append(f"{prefix}{name} = {field.get_default(call_default_factory=True)!r}  # {field.description}")
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"{prefix}{name} = {default!r}  # {' '.join(field.description.split())}")
     return lines

@@ -75,8 +75,8 @@ def locate(path: str) -> tuple[Storage | None, Storage | None, str | None]:
 
 
 def check_default_data_fits(config: TrainConfig, model: str, eval_prompts: pa.Table) -> None:
-    """A plain model directory evaluated without --data or data.eval_file gets task=`config.task`'s eval set: refuse it where
-    the model cannot be meant for it (a chat model, one with a chat template, on plain-text prompts)."""
+    """A plain model directory evaluated without --data or data.eval_file gets task=`config.task`'s eval set:
+    refuse it where the model cannot be meant for it (a chat model, one with a chat template, on plain-text prompts)."""
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     set_chat_template(tokenizer, config.model.chat_template)
     if tokenizer.chat_template and not is_conversation(eval_prompts.column(DATASET_PROMPT)[0].as_py()):

@@ -30,7 +30,8 @@ def check(config: TrainConfig) -> TrainConfig:
         if spec is None or (spec.type == name and name not in COMPONENTS):  # a component's type defaults to its name
             where = "reward.weights" if name in config.reward.weights else "trainer.eval_metrics"
             raise ConfigError(
-                f"config key {where!r}: component {name!r} names no component type (types: {', '.join(sorted(COMPONENTS))}); "
+                f"config key {where!r}: component {name!r} names no component type "
+                f"(types: {', '.join(sorted(COMPONENTS))}); "
                 f"add reward.components.{name} with one of these types"
             )
         try:

@@ -66,7 +66,10 @@ def credentials_error(uri: str) -> str | None:
     if "@" not in authority and not (":" in authority and not port.isdigit() and "@" in rest):
         return None
     shown = f"{scheme}://***@{rest.rsplit('@', 1)[1].split('?', 1)[0]}"  # everything before the last '@' hidden
-    return f"the URI {shown!r} holds credentials (user:secret@), which would be printed and stored with the run; {CREDENTIALS_HELP}"
+    return (
+        f"the URI {shown!r} holds credentials (user:secret@), which would be printed and stored with the run; "
+        f"{CREDENTIALS_HELP}"
+    )
 
 
 TRANSIENT_ERRNOS = {
@@ -341,8 +344,8 @@ def read_manifest(storage: Storage, directory: str) -> dict | None:
     if outside is not None:
         raise TokenforgeError(
             f"checkpoint {storage.display(directory)!r}: {MANIFEST} lists {outside!r}, which is not a file inside the "
-            "checkpoint (an absolute path, a '..' or empty part, or a link out of it); refusing to load it: delete that "
-            "checkpoint, or use a run directory you trust"
+            "checkpoint (an absolute path, a '..' or empty part, or a link out of it); refusing to load it: delete "
+            "that checkpoint, or use a run directory you trust"
         )
     return manifest if complete else None
 

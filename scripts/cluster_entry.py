@@ -7,8 +7,8 @@ the running cluster.
 `ray submit` copies this file to the head and runs it there with `python` (the node's venv, first on
 PATH: scripts/setup_node.sh); it joins the cluster this user's `ray start --head` started on this node,
 whose address Ray wrote to $RAY_TMPDIR/ray/ray_current_cluster (RAY_TMPDIR: set by setup_node.sh), never
-`RAY_ADDRESS=auto`, which on a machine shared with other Ray clusters may pick another user's; and it runs from the synced
-checkout (~/tokenforge, see file_mounts), so relative input paths in the arguments (configs, specs,
+`RAY_ADDRESS=auto`, which on a machine shared with other Ray clusters may pick another user's; and it runs from
+the synced checkout (~/tokenforge, see file_mounts), so relative input paths in the arguments (configs, specs,
 data) resolve as they do on your machine. Relative output paths (output_dir, tune.storage_path) go
 under ~/tokenforge-outputs on the head, as in a Ray job (pipeline/run_paths.py; set
 TOKENFORGE_OUTPUT_ROOT to change it).

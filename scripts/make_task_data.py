@@ -14,7 +14,8 @@
   `[{"role": "user", "content": "What is 37+45?"}]`, in one of several phrasings, a quarter of them after
   a short system message; `answer` = the decimal sum. The same operand pairs as addition are held out.
 
-    python scripts/make_task_data.py --task addition|words|reverse|summarize|chat-addition [--out pipeline/assets/<task dir>]
+    python scripts/make_task_data.py --task addition|words|reverse|summarize|chat-addition
+        [--out pipeline/assets/<task dir>]
 """
 
 import argparse

@@ -8,10 +8,11 @@
 
 Trains on the task's training prompts (loss on answer tokens and EOS only; conversational prompts are
 rendered with the chat template and its generation prompt) and stops as soon as the greedy eval metric
-(exact match; words: chrF; summarize: ROUGE-L) reaches --target, so that RL has room to improve it. Saves a HF-format model
-(safetensors) + tokenizer. Deterministic for a given seed on CPU.
+(exact match; words: chrF; summarize: ROUGE-L) reaches --target, so that RL has room to improve it. Saves a
+HF-format model (safetensors) + tokenizer. Deterministic for a given seed on CPU.
 
-    python scripts/make_task_model.py --task addition|words|reverse|summarize|chat-addition|llama-addition [--target T] [--out DIR]
+    python scripts/make_task_model.py --task addition|words|reverse|summarize|chat-addition|llama-addition
+        [--target T] [--out DIR]
 
 DIR defaults to pipeline/assets/<task, '-' as '_'>/model; the task's data comes from next to it.
 """
@@ -306,7 +307,8 @@ def main() -> None:
                 else ""
             )
             print(
-                f"step {step} loss {loss.item():.3f} eval {task.metric.__name__} {score:.3f}{extra} ({time.time() - start:.0f}s)",
+                f"step {step} loss {loss.item():.3f} eval {task.metric.__name__} {score:.3f}{extra} "
+                f"({time.time() - start:.0f}s)",
                 flush=True,
             )
             if score >= target:

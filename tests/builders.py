@@ -46,7 +46,8 @@ def rollout_table(
 
 
 def llama_classifier(path, tokenizer):
-    """A tiny random Llama sequence classifier (2 labels) for `tokenizer`, saved with it to `path`; returns the model."""
+    """A tiny random Llama sequence classifier (2 labels) for `tokenizer`, saved with it to `path`; returns the
+    model."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)

@@ -960,8 +960,10 @@ from pipeline.errors import TokenforgeError
 
 config = with_builtin_defaults(load_config(overrides=["algorithm.kl_coef=0.1", "learner.micro_batch_size=4096"]))
 prompts = load_prompts(config.data.train_file, "train").slice(0, 256)
-batch = RolloutWorker(config, config.model.path).generate(prompts.append_column("group_id", pa.array(range(256))), group_size=8)
-scored = RewardWorker(config, config.model.path, list(config.reward.weights)).score_all(batch, list(config.reward.weights))[0]
+prompts = prompts.append_column("group_id", pa.array(range(256)))
+batch = RolloutWorker(config, config.model.path).generate(prompts, group_size=8)
+components = list(config.reward.weights)
+scored = RewardWorker(config, config.model.path, components).score_all(batch, components)[0]
 learner = Learner(config, config.model.path, config.model.path)
 mapped = int(open("/proc/self/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 resource.setrlimit(resource.RLIMIT_AS, (mapped + 300 * 2**20, resource.RLIM_INFINITY))  # 300 MiB more, at most

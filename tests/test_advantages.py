@@ -371,7 +371,8 @@ def test_whitening_a_single_valid_token():
 def test_an_unknown_estimator_lists_every_known_one_exactly():
     with pytest.raises(
         ValueError,
-        match=r"unknown advantage estimator 'gae'; known: grpo, reinforce, reinforce\+\+, reinforce\+\+_baseline, rloo$",
+        match=r"unknown advantage estimator 'gae'; known: grpo, reinforce, reinforce\+\+, reinforce\+\+_baseline, "
+        r"rloo$",
     ):
         compute_advantages("gae", T([[1.0]]), T([[1.0]]), T([0]))
 

@@ -79,8 +79,8 @@ def test_dataset_missing_or_without_prompt_or_with_empty_prompt(capsys, tmp_path
     chat = jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}])
     err = run_cli(["train", f"data.eval_file={chat}", out], capsys)  # the char-level model has no chat template
     assert (
-        "data.eval_file: a prompt is a conversation (a list of messages) but the tokenizer has no chat template; set model.chat_template"
-        in err
+        "data.eval_file: a prompt is a conversation (a list of messages) but the tokenizer has no chat template; "
+        "set model.chat_template" in err
     )
     no_answer = jsonl(tmp_path / "a.jsonl", [{"prompt": "1+1="}])
     assert "need fields ['answer']" in run_cli(["train", f"data.train_file={no_answer}", out], capsys)
@@ -365,7 +365,8 @@ SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYhunter2"  # with a '/', as AWS secret ke
 )
 def test_credentials_in_a_storage_uri_are_refused_without_echoing_them(capsys, tmp_path, monkeypatch, command):
     """pyarrow takes s3://KEY:hunter2@bucket/...; tokenforge would print the URI in errors and the --resume hint and
-    store it in config.yaml, W&B, MLflow and the Tune spec. Refused before anything is written, the secret never shown."""
+    store it in config.yaml, W&B, MLflow and the Tune spec. Refused before anything is written, the secret never
+    shown."""
     monkeypatch.chdir(tmp_path)
     err = run_cli(
         [*command, f"output_dir={tmp_path / 'out'}"]
@@ -426,8 +427,8 @@ def test_eval_of_a_model_directory_names_its_data_and_refuses_data_that_cannot_f
     chat_model = str(ASSETS / "chat_addition" / "model")
     err = run_cli(["eval", chat_model], capsys)
     assert (
-        f"{chat_model!r} is a chat model (its tokenizer has a chat template) but the default eval set {str(BUILTIN_EVAL)!r}"
-        in err
+        f"{chat_model!r} is a chat model (its tokenizer has a chat template) but the default eval set "
+        f"{str(BUILTIN_EVAL)!r}" in err
     )
     assert "pass --data FILE with conversation prompts" in err
     main(["eval", chat_model, "task=chat_addition", "data.max_eval_samples=4"])  # the task it was made for
@@ -488,8 +489,8 @@ def test_resume_on_changed_data_is_refused_naming_the_file(capsys, tmp_path):
     jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "3+3=", "answer": "6"}])
     err = run_cli(["train", "--resume", str(run)], capsys)
     assert (
-        f"--resume: data.train_file {train_file!r} holds other prompts than the run started on (fingerprints in {run / DATA_FINGERPRINT})"
-        in err
+        f"--resume: data.train_file {train_file!r} holds other prompts than the run started on "
+        f"(fingerprints in {run / DATA_FINGERPRINT})" in err
     )
     assert f"delete {DATA_FINGERPRINT} to go on with the new data" in err
 

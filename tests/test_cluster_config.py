@@ -69,7 +69,8 @@ CASES = {
     ),
     "token left as copied": (
         lambda c: c.update(setup_commands=[]),
-        "copies the Ray auth token to ~/.ray/auth_token but no head setup command makes it private; add `chmod 600 ~/.ray/auth_token`",
+        "copies the Ray auth token to ~/.ray/auth_token but no head setup command makes it private; "
+        "add `chmod 600 ~/.ray/auth_token`",
     ),
     "token private on the head only": (
         lambda c: c.update(setup_commands=[], head_setup_commands=["chmod 0600 ~/.ray/auth_token"]),
@@ -161,11 +162,13 @@ def test_node_level_security_groups_are_not_called_ssh_only(tmp_path):
             {"DeviceIndex": 0, "SubnetId": "subnet-01", "Groups": ["sg-0fedcba9876543210"]}
         ]
 
-    line = next(l for l in validate_cluster(broken(tmp_path, own_groups)) if l.startswith("open ports"))
+    line = next(
+        checked for checked in validate_cluster(broken(tmp_path, own_groups)) if checked.startswith("open ports")
+    )
     assert line.startswith("open ports: SSH only for head (provider.security_group); WARNING")
     assert (
-        "NOT CHECKED: node types with their own security groups (gpu_learner: sg-0fedcba9876543210; gpu_rollout: sg-0123456789abcdef0)"
-        in line
+        "NOT CHECKED: node types with their own security groups "
+        "(gpu_learner: sg-0fedcba9876543210; gpu_rollout: sg-0123456789abcdef0)" in line
     )
 
 
@@ -338,7 +341,8 @@ def test_setup_node_says_in_one_line_where_no_cpu_torch_is(tmp_path):
 
 def test_cluster_entry_never_joins_some_cluster_it_found(tmp_path):
     """scripts/cluster_entry.py joins the head this user started (the address in $RAY_TMPDIR/ray/ray_current_cluster),
-    never RAY_ADDRESS=auto, which picks any cluster it finds on a shared machine: without that file, one line, exit 2."""
+    never RAY_ADDRESS=auto, which picks any cluster it finds on a shared machine: without that file, one line,
+    exit 2."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     for extra in ({"RAY_TMPDIR": str(tmp_path)}, {"RAY_TMPDIR": str(tmp_path), "RAY_ADDRESS": "auto"}):
         result = subprocess.run(
@@ -351,5 +355,6 @@ def test_cluster_entry_never_joins_some_cluster_it_found(tmp_path):
         )
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr.startswith(
-            f"cluster_entry: no Ray head started by this user on this node ({tmp_path}/ray/ray_current_cluster is missing"
+            "cluster_entry: no Ray head started by this user on this node "
+            f"({tmp_path}/ray/ray_current_cluster is missing"
         )

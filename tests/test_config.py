@@ -89,7 +89,8 @@ def test_resolved_config_round_trips(tmp_path):
         ("learner.max_nonfinite_steps=0", "'learner.max_nonfinite_steps': Input should be greater than or equal to 1"),
         (
             "trainer.max_staleness=1",
-            "'trainer.max_staleness': 1 trains on samples from weights up to 1 versions old (off-policy); set algorithm.is_cap",
+            "'trainer.max_staleness': 1 trains on samples from weights up to 1 versions old (off-policy); "
+            "set algorithm.is_cap",
         ),
         ("trainer.max_staleness=-1", "'trainer.max_staleness': Input should be greater than or equal to 0"),
         ("rollout.weight_sync=nccl", "'rollout.weight_sync': Input should be 'object_store' or 'collective'"),

@@ -253,7 +253,8 @@ def test_ctrl_c_while_waiting_for_a_gpu_is_one_line(ray_cluster, tmp_path):
 
 def test_a_learner_failing_on_a_full_tmp_counts_against_max_failures(tmp_path):
     """The learner's scratch copy of its checkpoint fills a 200 KiB tmpfs (TMPDIR): an OSError in the actor, not a
-    storage error. Each attempt restarts the pipeline, and once trainer.max_failures is spent the run ends in one line."""
+    storage error. Each attempt restarts the pipeline, and once trainer.max_failures is spent the run ends in one
+    line."""
     if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs mount namespaces (unshare --mount) to mount a small tmpfs")
     scratch, out = tmp_path / "scratch", tmp_path / "run"

@@ -152,7 +152,10 @@ def test_token_spans_give_each_character_to_the_token_that_completes_it_in_any_t
     text, ids, byte_spans = data.draw(byte_tokenisations(tokenizer))
     assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
     char_ends = [len(text[: i + 1].encode()) for i in range(len(text))]  # byte offset where character i ends
-    complete = lambda byte: sum(e <= byte for e in char_ends)  # characters complete within the first `byte` bytes
+
+    def complete(byte):  # characters complete within the first `byte` bytes
+        return sum(e <= byte for e in char_ends)
+
     expected = [(complete(start), complete(end)) for start, end in byte_spans]
     spans = token_spans(tokenizer, [*ids, tokenizer.eos_token_id], text)
     assert spans == [*expected, (len(text), len(text))]

@@ -27,7 +27,8 @@ def test_run_report_plots_every_series_of_the_run(observed_run, capsys):
     main(["report", str(observed_run)])
     run = observed_run
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        f"tokenforge: wrote {run}/report.png and {run}/report.md; next: tokenforge samples {run} | tensorboard --logdir {run}/tensorboard"
+        f"tokenforge: wrote {run}/report.png and {run}/report.md; "
+        f"next: tokenforge samples {run} | tensorboard --logdir {run}/tensorboard"
     )
     series = drawn_series(run / "report.png")
     for expected in [

@@ -721,7 +721,8 @@ def test_the_largest_float32_is_a_valid_reward_and_anything_beyond_is_not():
         ),
         (
             ["reward.components.fn={type: python, function: no_such_module:f}", "reward.weights.fn=1"],
-            "cannot import 'no_such_module': ModuleNotFoundError: No module named 'no_such_module' (a module is looked up in the working directory and on PYTHONPATH; or name its file: path/to/no_such_module.py:f)",
+            "cannot import 'no_such_module': ModuleNotFoundError: No module named 'no_such_module' (a module is "
+            "looked up in the working directory and on PYTHONPATH; or name its file: path/to/no_such_module.py:f)",
         ),
         (
             [f"reward.components.fn={{type: python, function: '{FNS}:nope'}}", "reward.weights.fn=1"],

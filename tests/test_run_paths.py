@@ -57,8 +57,8 @@ def test_inside_a_job_relative_paths_go_under_the_output_root(job_env, capsys):
     assert first == str(job_env / "tokenforge-outputs" / "runs" / "default")
     line = capsys.readouterr().out.strip()
     assert (
-        line
-        == f"tokenforge: output_dir runs/default -> {first} (relative outputs go under {job_env / 'tokenforge-outputs'}, inside Ray job raysubmit_abc)"
+        line == f"tokenforge: output_dir runs/default -> {first} (relative outputs go under "
+        f"{job_env / 'tokenforge-outputs'}, inside Ray job raysubmit_abc)"
     )
     Path(first).mkdir(parents=True)
     assert run_paths.resolve_new("runs/default", holds_run, "output_dir") == first  # an empty dir holds no run

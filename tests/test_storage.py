@@ -150,7 +150,8 @@ def test_a_checkpoint_with_subdirectories_downloads_whole(tmp_path):
 
 def test_resume_falls_back_past_a_checkpoint_whose_file_fails_its_sha256(tmp_path, capsys):
     """Bit rot (same size, other bytes) in the newest checkpoint: resume takes the one before, says which file of which
-    checkpoint failed, and deletes the corrupt one (kept, pruning would count it among the newest and delete good ones)."""
+    checkpoint failed, and deletes the corrupt one (kept, pruning would count it among the newest and delete good
+    ones)."""
     from pipeline.driver.trainer import TRAINER_STATE, start_state
 
     run = Storage(str(tmp_path / "run"))

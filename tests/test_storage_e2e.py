@@ -361,8 +361,8 @@ def test_an_actor_bigger_than_every_node_is_one_line(tmp_path):
         assert process.returncode == 2, log[-2000:] + err[-3000:]
         assert err.strip().splitlines()[-1] == (
             "tokenforge: error: the learner asks 1.5 CPU on one node, but no Ray node has that (the most any node has: "
-            "1 CPU) (after waiting ray.autoscale_wait_s=2s for the autoscaler); lower learner.num_cpus/num_gpus/resources, "
-            "rollout.*_per_worker, reward.*_per_worker or the worker counts"
+            "1 CPU) (after waiting ray.autoscale_wait_s=2s for the autoscaler); lower "
+            "learner.num_cpus/num_gpus/resources, rollout.*_per_worker, reward.*_per_worker or the worker counts"
         ), err[-3000:]
     finally:
         nodes.shutdown()

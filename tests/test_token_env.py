@@ -245,7 +245,8 @@ def test_teacher_with_subtract_policy_is_refused(builtin_model_path):
     with pytest.raises(ConfigError, match="subtract_policy': needs the policy's log-probs") as error:
         TokenEnv(
             overrides=[
-                f"reward.components.teacher={{type: teacher_logprob, path: '{builtin_model_path}', subtract_policy: true}}",
+                f"reward.components.teacher={{type: teacher_logprob, path: '{builtin_model_path}', "
+                f"subtract_policy: true}}",
                 "reward.weights={teacher: 1.0}",
             ]
         )

@@ -220,8 +220,8 @@ def test_an_unreachable_mlflow_is_one_line_before_ray(capsys, monkeypatch, tmp_p
     start = time.monotonic()
     err = one_line_error(["train", "trainer.loggers=[jsonl, mlflow]", f"output_dir={tmp_path / 'out'}"], capsys)
     assert (
-        f"trainer.loggers: MLflow at http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1 cannot be reached"
-        in err
+        f"trainer.loggers: MLflow at http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1 "
+        "cannot be reached" in err
     )
     assert "check MLFLOW_TRACKING_URI" in err and time.monotonic() - start < 30
     assert not (tmp_path / "out" / "config.yaml").exists()

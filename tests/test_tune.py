@@ -371,7 +371,8 @@ def test_tune_resume_refuses_to_load_an_experiments_pickles_without_trust(capsys
 
 
 def test_the_status_table_is_redrawn_in_place_on_a_terminal(monkeypatch):
-    """On a terminal each report moves the cursor up over the previous table and clears it; in a log each table stays."""
+    """On a terminal each report moves the cursor up over the previous table and clears it; in a log each table
+    stays."""
     import io
 
     from pipeline.tune.experiment import LiveTable

@@ -46,15 +46,18 @@ def _ppo_clip_loss(logprobs, behaviour_logprobs, advantages, clip_low=0.2, clip_
 
 
 Aggregation = Callable[[torch.Tensor, torch.Tensor, float, float, float], torch.Tensor]
+# l_it = losses[i, t], the loss of response token t of sample i; m = its 0/1 mask, n_i = sum_t m_it
 AGGREGATIONS: dict[str, Aggregation] = {
     # sum_{i,t} l_it / N_tokens
-    "token-mean": lambda l, m, tokens, seqs, max_len: (l * m).sum() / tokens,
+    "token-mean": lambda losses, m, tokens, seqs, max_len: (losses * m).sum() / tokens,
     # sum_i (sum_t l_it / n_i) / N_seqs
-    "seq-mean-token-mean": lambda l, m, tokens, seqs, max_len: ((l * m).sum(1) / m.sum(1).clamp(min=1.0)).sum() / seqs,
+    "seq-mean-token-mean": lambda losses, m, tokens, seqs, max_len: (
+        ((losses * m).sum(1) / m.sum(1).clamp(min=1.0)).sum() / seqs
+    ),
     # sum_i sum_t l_it / N_seqs
-    "seq-mean-token-sum": lambda l, m, tokens, seqs, max_len: (l * m).sum() / seqs,
+    "seq-mean-token-sum": lambda losses, m, tokens, seqs, max_len: (losses * m).sum() / seqs,
     # sum_i sum_t l_it / (N_seqs * max_len)   (Dr. GRPO: a fixed length, not each sample's own)
-    "seq-mean-token-sum-norm": lambda l, m, tokens, seqs, max_len: (l * m).sum() / (seqs * max_len),
+    "seq-mean-token-sum-norm": lambda losses, m, tokens, seqs, max_len: (losses * m).sum() / (seqs * max_len),
 }
 
 

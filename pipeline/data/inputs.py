@@ -41,7 +41,8 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
     outside = [i for i in config.rollout.stop_token_ids if not 0 <= i < len(tokenizer)]
     if outside:
         raise TokenforgeError(
-            f"config key 'rollout.stop_token_ids': {outside} outside the tokenizer's vocabulary (ids 0..{len(tokenizer) - 1}), "
+            f"config key 'rollout.stop_token_ids': {outside} outside the tokenizer's vocabulary "
+            f"(ids 0..{len(tokenizer) - 1}), "
             "so no response would ever stop there; use the ids of tokens it has (tokenizer.convert_tokens_to_ids)"
         )
     needed = set()
@@ -60,7 +61,8 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
         missing = sorted(needed - set(table.column_names))
         if missing:
             raise TokenforgeError(
-                f"{key}: the reward components need fields {missing}, missing from the file (set the component's `column` option to use another field)"
+                f"{key}: the reward components need fields {missing}, missing from the file (set the component's "
+                "`column` option to use another field)"
             )
         try:
             _, ids = encode_prompts(tokenizer, table.column(DATASET_PROMPT).to_pylist(), data.add_special_tokens)
@@ -108,7 +110,8 @@ def check_data_unchanged(
                 raise TokenforgeError(
                     f"--resume: {key} {now['source']!r} holds other prompts than the run started on (fingerprints in "
                     f"{storage.display(DATA_FINGERPRINT)}); restore that data, start a new run (tokenforge train -c "
-                    f"{storage.display('config.yaml')} output_dir=NEW), or delete {DATA_FINGERPRINT} to go on with the new data"
+                    f"{storage.display('config.yaml')} output_dir=NEW), or delete {DATA_FINGERPRINT} to go on with "
+                    "the new data"
                 )
         return
     storage.write_text(DATA_FINGERPRINT, json.dumps(current, indent=1))

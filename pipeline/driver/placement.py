@@ -250,7 +250,10 @@ def unplaceable(named: list[tuple[str, dict[str, float]]]) -> str | None:
     for name, bundle in named:
         if fits_no_node(bundle, nodes):
             largest = {r: max((node.get(r, 0) for node in nodes), default=0) for r in bundle}
-            return f"the {name} asks {described(bundle)} on one node, but no Ray node has that (the most any node has: {described(largest)})"
+            return (
+                f"the {name} asks {described(bundle)} on one node, but no Ray node has that "
+                f"(the most any node has: {described(largest)})"
+            )
     return None
 
 
@@ -282,5 +285,6 @@ def ensure_resources(config: TrainConfig, named: list[tuple[str, dict[str, float
         raise TokenforgeError(
             reason
             + waited_for(wait, config)
-            + "; lower learner.num_cpus/num_gpus/resources, rollout.*_per_worker, reward.*_per_worker or the worker counts"
+            + "; lower learner.num_cpus/num_gpus/resources, rollout.*_per_worker, reward.*_per_worker or the worker "
+            "counts"
         )

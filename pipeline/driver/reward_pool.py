@@ -4,9 +4,10 @@ A batch is split into one shard per worker and every (shard, component) pair is 
 slow or broken component is caught on its own. The driver waits for each task at most
 `reward.timeout_s`; a task that times out has its worker replaced by a fresh one (components
 rebuilt) and is retried on the next idle worker, up to `reward.max_retries` times. A worker that
-dies on its own (a crash, an OOM kill) is restarted by Ray and its task resubmitted the same way. When the retries are spent the component's `on_error`
-policy decides: `raise` stops the run naming component and samples, `zero` scores the samples 0,
-`drop` leaves them out of the update. Every sample's score is taken exactly once.
+dies on its own (a crash, an OOM kill) is restarted by Ray and its task resubmitted the same way.
+When the retries are spent the component's `on_error` policy decides: `raise` stops the run naming
+component and samples, `zero` scores the samples 0, `drop` leaves them out of the update. Every sample's
+score is taken exactly once.
 """
 
 from __future__ import annotations
@@ -158,7 +159,8 @@ class RewardPool:
         ids = shard.column("sample_id").to_pylist()
         if spec.on_error == "raise":
             raise TokenforgeError(
-                f"reward {task.name!r}: samples {ids[0]}-{ids[-1]} not scored after {task.attempt + 1} tries: {reason}; "
+                f"reward {task.name!r}: samples {ids[0]}-{ids[-1]} not scored after {task.attempt + 1} tries: "
+                f"{reason}; "
                 f"raise reward.timeout_s or set reward.components.{task.name}.on_error to zero or drop"
             )
         lengths = [len(r) for r in shard.column("response_ids").to_pylist()]

@@ -437,7 +437,8 @@ def attempt(
                 )
         if config.learner.num_gpus and placement["learner"][0]["device"] == "cpu":
             print(
-                f"tokenforge: the learner holds a Ray GPU but torch sees no CUDA device on {placement['learner'][0]['node_ip']}: "
+                "tokenforge: the learner holds a Ray GPU but torch sees no CUDA device on "
+                f"{placement['learner'][0]['node_ip']}: "
                 "it runs on CPU there (install a CUDA build of torch on GPU nodes)",
                 flush=True,
             )
@@ -471,7 +472,8 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
     except KeyboardInterrupt:
         if storage.exists("config.yaml"):
             raise TokenforgeError(
-                f"interrupted; continue from the last checkpoint with: tokenforge train --resume {storage.for_commands()}"
+                "interrupted; continue from the last checkpoint with: "
+                f"tokenforge train --resume {storage.for_commands()}"
             ) from None
         raise TokenforgeError(
             "interrupted before the run started (nothing written); run the same command again"
@@ -487,7 +489,8 @@ def train_with_retries(config: TrainConfig, storage: Storage, resume: bool, repo
     check_servable(config)  # rollout.backend=vllm: a model its engine refuses, in one line before Ray starts
     if not resume and storage.exists(METRICS_FILE):
         raise TokenforgeError(
-            f"{storage.display()!r} already holds a run; resume it with --resume or pick another output_dir / storage.uri"
+            f"{storage.display()!r} already holds a run; resume it with --resume or pick another output_dir / "
+            "storage.uri"
         )
     if resume:
         latest = store.latest_checkpoint(storage)
@@ -511,7 +514,8 @@ def train_with_retries(config: TrainConfig, storage: Storage, resume: bool, repo
             cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             if failures > config.trainer.max_failures:
                 raise TokenforgeError(
-                    f"the run failed {failures} times (trainer.max_failures={config.trainer.max_failures}), last: {cause}; "
+                    f"the run failed {failures} times (trainer.max_failures={config.trainer.max_failures}), "
+                    f"last: {cause}; "
                     f"continue it with: tokenforge train --resume {storage.for_commands()}"
                 ) from None
             print(

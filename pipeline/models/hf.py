@@ -62,7 +62,8 @@ def from_pretrained(auto_class, path: Path, trust_remote_code: bool, **kwargs):
             raise
         raise TokenforgeError(
             f"{str(path)!r} needs its own Python code to load (auto_map in its config); if you trust that code, set "
-            "trust_remote_code=true for it (model.trust_remote_code, or the reward component's trust_remote_code option)"
+            "trust_remote_code=true for it (model.trust_remote_code, or the reward component's trust_remote_code "
+            "option)"
         ) from None
 
 

@@ -40,7 +40,8 @@ def read_metrics(storage: Storage) -> list[dict]:
         except ValueError:
             if any(rest.strip() for rest in lines[number:]):
                 raise TokenforgeError(
-                    f"{storage.display(METRICS_FILE)} line {number} is not valid JSON, with {len(lines) - number} lines after it; "
+                    f"{storage.display(METRICS_FILE)} line {number} is not valid JSON, with {len(lines) - number} "
+                    "lines after it; "
                     "repair or delete that line (the records after it are kept), then run the command again"
                 ) from None
             break

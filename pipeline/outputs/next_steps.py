@@ -45,7 +45,8 @@ def after_train(run: Storage, record: dict) -> str:
     scores = metrics_text(record)
     tf, tensorboard = program("tokenforge"), program("tensorboard")
     return (
-        f"tokenforge: run {where} at {step}{f' ({scores})' if scores else ''}; last checkpoint: {latest_checkpoint_text(run)}; "
+        f"tokenforge: run {where} at {step}{f' ({scores})' if scores else ''}; "
+        f"last checkpoint: {latest_checkpoint_text(run)}; "
         f"next: {tf} report {where} | {tf} samples {where} | {tensorboard} --logdir {run.display(TENSORBOARD)} "
         f"| {tf} eval {where}"
     )
@@ -53,7 +54,10 @@ def after_train(run: Storage, record: dict) -> str:
 
 def after_eval(result: dict) -> str:
     """`result`: evaluate_checkpoint's (its `run` is the checkpoint's run, or None for a plain model directory)."""
-    evaluated = f"tokenforge: evaluated {result['checkpoint']} on {result['eval_samples']} samples of {result['data']} ({metrics_text(result)})"
+    evaluated = (
+        f"tokenforge: evaluated {result['checkpoint']} on {result['eval_samples']} samples of {result['data']} "
+        f"({metrics_text(result)})"
+    )
     tf = program("tokenforge")
     if result["run"] is None:
         return f"{evaluated}; next: {tf} train model.path={result['checkpoint']}"

@@ -5,8 +5,8 @@ A run's report plots, against the training step unless said otherwise:
 - every eval metric against samples drawn (cumulative `rollout/samples`) and against wall time;
 - each reward component's mean (`reward/<c>/mean`) and the weighted total;
 - KL (`policy/kl`, only with a reference model), entropy (`policy/entropy`), response length;
-- the step-time breakdown as a stacked area: rollout, reward, learn, publish (what the driver waited for), and the rest of
-  `time/step_s` (dumps, bookkeeping), so the stack's top is the step time;
+- the step-time breakdown as a stacked area: rollout, reward, learn, publish (what the driver waited for), and the
+  rest of `time/step_s` (dumps, bookkeeping), so the stack's top is the step time;
 - the fraction of samples whose advantages are all 0 (no learning signal), `advantage/zero_frac`.
 
 An experiment's report plots every trial's objective against its step, labelled by the values it
@@ -96,7 +96,8 @@ def run_panels(records: list[dict]) -> list[Panel]:
 
 
 def step_time_series(records: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
-    """rollout / reward / learn / publish seconds the driver waited per step, and `other` = step time minus their sum."""
+    """rollout / reward / learn / publish seconds the driver waited per step, and `other` = step time minus their
+    sum."""
     steps = [r for r in records if "time/step_s" in r]
     x = [r["step"] for r in steps]
     series = {key.removeprefix("time/").removesuffix("_s"): (x, [r.get(key, 0.0) for r in steps]) for key in TIME_PARTS}
@@ -105,7 +106,8 @@ def step_time_series(records: list[dict]) -> dict[str, tuple[list[float], list[f
 
 
 def trial_label(params: dict, keys: list[str]) -> str:
-    """`digit_match=0.5, lr=0.001`: the searched values, each key by its last dotted part (whole if that is ambiguous)."""
+    """`digit_match=0.5, lr=0.001`: the searched values, each key by its last dotted part (whole if that is
+    ambiguous)."""
     short = [k.rsplit(".", 1)[-1] for k in keys]
     names = short if len(set(short)) == len(short) else keys
     return ", ".join(
@@ -205,7 +207,8 @@ def write_report(location: str) -> Storage:
         panels, extra = experiment_panels(storage)
         if not extra:
             raise TokenforgeError(
-                f"{storage.display()!r}: {panels[0].note}; run or resume the experiment first (tokenforge tune --resume DIR --trust-run-config)"
+                f"{storage.display()!r}: {panels[0].note}; run or resume the experiment first "
+                "(tokenforge tune --resume DIR --trust-run-config)"
             )
         title = f"Tune experiment {storage.display()}"
     elif storage.exists(METRICS_FILE):

@@ -132,7 +132,8 @@ def check_wandb() -> None:
     status = http_status(request, "W&B", f"check WANDB_BASE_URL and the network, {offline}")
     if status in (401, 403):
         raise TokenforgeError(
-            f"trainer.loggers: W&B at {base} refused the API key (HTTP {status}); set the right one with `wandb login --relogin` "
+            f"trainer.loggers: W&B at {base} refused the API key (HTTP {status}); set the right one with "
+            "`wandb login --relogin` "
             f"or WANDB_API_KEY, {offline}"
         )
 

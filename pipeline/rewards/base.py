@@ -128,7 +128,8 @@ def score_component(name: str, component: RewardComponent, inputs: RewardInputs)
             row = [reward_value(name, inputs, i, x) for x in score]
             if len(row) != len(ids):
                 raise RewardError(
-                    f"reward {name!r}, {describe_sample(inputs, i)}: {len(row)} token rewards for {len(ids)} response tokens"
+                    f"reward {name!r}, {describe_sample(inputs, i)}: {len(row)} token rewards for {len(ids)} "
+                    "response tokens"
                 )
         else:  # sequence-level: the reward sits on the last response token
             row = [0.0] * len(ids)

@@ -492,7 +492,8 @@ class TeacherLogprob(RewardComponent):
         teacher_tokenizer = load_tokenizer(options.path, options.trust_remote_code)
         if teacher_tokenizer.get_vocab() != env.tokenizer.get_vocab():
             raise RewardError(
-                f"teacher_logprob: the tokenizer in {options.path!r} differs from the policy's; the teacher must share its vocabulary"
+                f"teacher_logprob: the tokenizer in {options.path!r} differs from the policy's; the teacher must "
+                "share its vocabulary"
             )
         self.model = load_model(options.path, options.trust_remote_code, env.device).eval()
 

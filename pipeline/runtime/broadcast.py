@@ -5,8 +5,9 @@ TCP on CPU, NCCL when the learner and every rollout worker compute on a GPU (NCC
 on this project's CPU machines). The learner sends the weights as the rollout model holds them (LoRA
 merged: its get_weights(), each tensor in the dtype the rollout model loads it in: model.dtype, or fp32 for
 what the model class keeps in fp32) as one flat byte buffer; each worker receives it into a buffer that its
-model's weights are typed views of (`flat_weights`), so the broadcast itself updates the model. A broadcast takes one message per worker along gloo's tree, where the object
-store path (rollout.weight_sync=object_store) serves every worker a copy of one object.
+model's weights are typed views of (`flat_weights`), so the broadcast itself updates the model. A broadcast
+takes one message per worker along gloo's tree, where the object store path (rollout.weight_sync=object_store)
+serves every worker a copy of one object.
 
 The functions below run inside the actors (`actor.__ray_call__.remote(fn, ...)`, in the actor's call
 order): a worker receives between two generate calls, never mid-generation. The driver's side, which forms

@@ -63,11 +63,13 @@ def adopt(model: torch.nn.Module, tensors: dict[str, torch.Tensor], copy: bool) 
         target = current[name]
         if target.shape != value.shape:
             raise ValueError(
-                f"weight {name!r} has shape {tuple(target.shape)} in the rollout model, {tuple(value.shape)} in the learner's"
+                f"weight {name!r} has shape {tuple(target.shape)} in the rollout model, {tuple(value.shape)} in the "
+                "learner's"
             )
         if not copy and target.dtype != value.dtype:
             raise ValueError(
-                f"weight {name!r} is {target.dtype} in the rollout model, {value.dtype} in the learner's published weights"
+                f"weight {name!r} is {target.dtype} in the rollout model, {value.dtype} in the learner's published "
+                "weights"
             )
         target.data = value.to(target.device, target.dtype, copy=copy)  # tied weights: both names get the last one
 

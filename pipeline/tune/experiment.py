@@ -235,7 +235,8 @@ class LiveTable(tune.CLIReporter):
         self.drawn = 0  # lines of the table on screen
 
     def report(self, trials, done: bool, *sys_info: str) -> None:
-        # without "Result logdir: /tmp/ray/session_*/artifacts/...": Ray's driver scratch, not the experiment's directory
+        # without "Result logdir: /tmp/ray/session_*/artifacts/...": Ray's driver scratch, not the experiment's
+        # directory
         lines = self._progress_str(trials, done, *sys_info).splitlines()
         table = "\n".join(line for line in lines if not line.startswith("Result logdir: "))
         if not sys.stdout.isatty():
@@ -308,7 +309,8 @@ def write_results(spec: TuneSpec, base: TrainConfig, results: tune.ResultGrid, e
         best_config.output_dir = f"runs/{spec.tune.name}-best"
         experiment.write_text("best_config.yaml", config_to_yaml(best_config))
         print(
-            f"best trial: {trial_label(best.config, params)}: {metric} {best.metrics.get(metric)}; config: {experiment.display('best_config.yaml')}"
+            f"best trial: {trial_label(best.config, params)}: {metric} {best.metrics.get(metric)}; "
+            f"config: {experiment.display('best_config.yaml')}"
         )
     panels, _ = experiment_panels(experiment)  # every trial's objective, labelled by its searched values
     experiment.write_bytes("objective.png", draw(panels, f"Tune experiment {experiment.display()}"))
