@@ -203,28 +203,30 @@ def test_ctrl_c_is_one_line_with_the_resume_command(ray_cluster, tmp_path):
     assert "Traceback" not in log
 
 
+def train_over_a_tmpfs(
+    mount_at: Path, options: str, out: Path, overrides: list[str] = (), extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """A tiny `tokenforge train` into `out`, its process in a private mount namespace where a tmpfs mounted
+    with `options` (size=200k, ro) covers `mount_at`; skips where mount namespaces are not allowed."""
+    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs mount namespaces (unshare --mount) to mount a small tmpfs")
+    script = (
+        f"mount -t tmpfs -o {options} tmpfs {mount_at} && exec {sys.executable} -m pipeline.cli train "
+        f"output_dir={out} {' '.join([*TINY, 'ray.num_cpus=2', *overrides])}"
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    env.pop("RAY_ADDRESS", None)
+    command = ["unshare", "--mount", "--propagation", "private", "bash", "-c", script]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+
+
 def test_a_full_or_read_only_disk_is_one_line_naming_the_run(tmp_path):
     """A 200 KiB tmpfs (the first checkpoint does not fit) and a read-only one, each mounted over the run
     directory in a private mount namespace of the driver's process."""
-    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs mount namespaces (unshare --mount) to mount a small tmpfs")
     for options, reason in (("size=200k", "no space left"), ("ro", "read-only file system")):
         out = tmp_path / options.replace("=", "")
         out.mkdir()
-        script = (
-            f"mount -t tmpfs -o {options} tmpfs {out} && exec {sys.executable} -m pipeline.cli train "
-            f"output_dir={out} {' '.join(TINY)} ray.num_cpus=2"
-        )
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("RAY_ADDRESS", None)
-        result = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=REPO,
-            env=env,
-        )
+        result = train_over_a_tmpfs(out, options, out)
         assert result.returncode == 2, result.stderr[-2000:]
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("tokenforge: error: ") and f"storage '{out}/" in last and reason in last, result.stderr[
@@ -255,23 +257,10 @@ def test_a_learner_failing_on_a_full_tmp_counts_against_max_failures(tmp_path):
     """The learner's scratch copy of its checkpoint fills a 200 KiB tmpfs (TMPDIR): an OSError in the actor, not a
     storage error. Each attempt restarts the pipeline, and once trainer.max_failures is spent the run ends in one
     line."""
-    if subprocess.run(["unshare", "--mount", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs mount namespaces (unshare --mount) to mount a small tmpfs")
     scratch, out = tmp_path / "scratch", tmp_path / "run"
     scratch.mkdir()
-    script = (
-        f"mount -t tmpfs -o size=200k tmpfs {scratch} && exec {sys.executable} -m pipeline.cli train "
-        f"output_dir={out} {' '.join(TINY)} ray.num_cpus=2 trainer.max_failures=1"
-    )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch), "RAY_TMPDIR": "/tmp"}
-    env.pop("RAY_ADDRESS", None)
-    result = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env=env,
+    result = train_over_a_tmpfs(
+        scratch, "size=200k", out, ["trainer.max_failures=1"], {"TMPDIR": str(scratch), "RAY_TMPDIR": "/tmp"}
     )
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     assert "failure 1 of at most 1 (ActorFailed: learner: " in result.stdout, (
