@@ -496,7 +496,9 @@ def config_with(config: TrainConfig, values: dict[str, Any]) -> TrainConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """YAML file (optional) + dotted overrides -> validated TrainConfig."""
+    """YAML file (optional) + dotted overrides -> a TrainConfig validated for names and types only; the reward
+    components' types and options are checked by pipeline/preflight.py (`preflight.load_config` = this + `check`),
+    which every entry point runs before Ray starts."""
     if path is None:
         return config_from_yaml("{}", "", overrides)
     path = Path(path)
