@@ -174,8 +174,8 @@ def trl_run(spec: dict) -> None:
     from actors.reward_worker import RewardWorker, token_spans
     from actors.rollout_worker import RolloutWorker
     from pipeline.batch import mean_reward
-    from pipeline.config import load_config
     from pipeline.data.inputs import load_inputs, with_builtin_defaults
+    from pipeline.preflight import load_config  # component options checked, one line
     from pipeline.rewards.base import ComponentEnv, RewardInputs
     from pipeline.rewards.components import COMPONENTS, component_options
 
