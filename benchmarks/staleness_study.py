@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -97,18 +98,15 @@ def run(pair: str, staleness: int, seed: int, args: argparse.Namespace, workdir:
 
 
 def llama_model(args: argparse.Namespace) -> Path:
-    """The llama_addition pair's model, made by scripts/make_task_model.py (under the lock) the first time."""
-    if not (args.llama_model / "config.json").exists():
-        command = [
-            *args.lock,
-            sys.executable,
-            "scripts/make_task_model.py",
-            "--task",
-            "llama-addition",
-            "--out",
-            str(args.llama_model),
-        ]
-        subprocess.run(command, cwd=REPO, check=True)
+    """The llama_addition pair's model, made by scripts/make_task_model.py (under the lock) the first time. It is
+    made beside the target and renamed into place when done: make_task_model.py saves the untrained model first,
+    so a study killed during the warm start must not find it at --llama-model next time."""
+    if not args.llama_model.exists():
+        partial = args.llama_model.with_name(args.llama_model.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        command = [*args.lock, sys.executable, "scripts/make_task_model.py", "--task", "llama-addition"]
+        subprocess.run([*command, "--out", str(partial)], cwd=REPO, check=True)
+        partial.rename(args.llama_model)
     return args.llama_model.resolve()
 
 
