@@ -266,6 +266,21 @@ def wait_for_lines(out: Path, count: int, process: subprocess.Popen) -> None:
         time.sleep(0.5)
 
 
+def train_with_the_learner_on_its_node(nodes: LocalCluster, out: Path) -> subprocess.Popen:
+    """A 40-step tiny run whose learner needs the learner_node resource, once its first 5 metrics lines exist."""
+    process = train_process(
+        nodes,
+        *TINY,
+        "trainer.total_steps=40",
+        *SMALL_ACTORS,
+        f"output_dir={out}",
+        "learner.resources={learner_node: 1}",
+        "learner.num_gpus=0",
+    )
+    wait_for_lines(out, 5, process)
+    return process
+
+
 def test_a_lost_node_is_waited_for_under_the_default_settings_where_an_autoscaler_runs(tmp_path):
     """A cluster with Ray's autoscaler (its fake multi-node provider: nodes are local processes) keeps one node of
     the learner's type. That node dies (every process of it SIGKILLed) at step 4 of 40; with the default
@@ -280,16 +295,7 @@ def test_a_lost_node_is_waited_for_under_the_default_settings_where_an_autoscale
             assert time.time() < deadline, "the autoscaler launched no node"
             time.sleep(1)
         out = tmp_path / "run"
-        process = train_process(
-            nodes,
-            *TINY,
-            "trainer.total_steps=40",
-            *SMALL_ACTORS,
-            f"output_dir={out}",
-            "learner.resources={learner_node: 1}",
-            "learner.num_gpus=0",
-        )
-        wait_for_lines(out, 5, process)
+        process = train_with_the_learner_on_its_node(nodes, out)
         ((_, pids),) = nodes.autoscaled_nodes().items()
         kill(pids)
         log = ""
@@ -317,16 +323,7 @@ def test_a_lost_node_without_an_autoscaler_fails_fast_naming_the_setting(tmp_pat
         nodes.start_head(cpus=2, resources='{"head_node": 1}')
         first = nodes.add_node(cpus=1, resources='{"learner_node": 1}')
         out = tmp_path / "run"
-        process = train_process(
-            nodes,
-            *TINY,
-            "trainer.total_steps=40",
-            *SMALL_ACTORS,
-            f"output_dir={out}",
-            "learner.resources={learner_node: 1}",
-            "learner.num_gpus=0",
-        )
-        wait_for_lines(out, 5, process)
+        process = train_with_the_learner_on_its_node(nodes, out)
         nodes.kill_node(first)
         log, err = process.communicate(timeout=300)
         assert process.returncode == 2, log[-2000:] + err[-3000:]
