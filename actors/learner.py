@@ -1,10 +1,11 @@
-"""Learner: the policy, its optimizer and an optional frozen reference; one REINFORCE update per call.
+"""Learner: the policy, its optimizer, an optional frozen reference and an optional critic; one step per call.
 
 A plain class; the driver wraps it with `ray.remote` (GPU when configured). `train_step` reads a
 scored rollout batch (pipeline.batch schema) top to bottom: the batch as tensors -> composite token
-rewards -> (KL in reward) -> advantages -> the informative rows (the math: pure functions of
-pipeline/algorithm/) -> micro-batched forward, loss, backward -> one optimizer step, skipped (weights
-untouched) when the advantages, loss or gradient norm are not finite -> metrics.
+rewards -> (KL in reward) -> (the critic's values) -> advantages (the math: pure functions of
+pipeline/algorithm/) -> learner.updates_per_batch passes, each of learner.minibatches minibatches: the
+critic's step, then the policy's on the minibatch's informative rows (micro-batched forward, loss,
+backward, one optimizer step, skipped when the advantages, loss or gradient norm are not finite) -> metrics.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import math
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
-from pipeline.algorithm.advantages import advantages_if_finite, informative_rows
-from pipeline.algorithm.loss import policy_loss
+from actors.critic import CRITIC_DIR, Critic
+from pipeline.algorithm.advantages import advantages_if_finite, informative_rows, value_targets
+from pipeline.algorithm.loss import explained_variance, policy_loss
 from pipeline.algorithm.rewards import ComponentRewards, component_reward_stats, composite_token_rewards, kl_in_reward
 from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, TrainConfig
@@ -29,11 +32,13 @@ from pipeline.errors import TokenforgeError
 from pipeline.models.hf import (
     build_sequences,
     can_share_prompts,
+    enable_checkpointing,
     load_model,
     load_tokenizer,
     loaded_dtypes,
     response_logprobs,
     select_rows,
+    without_dropout,
 )
 from pipeline.models.lora import add_adapters, is_adapter_dir, merged_state_dict
 from pipeline.runtime.threads import torch_threads
@@ -52,29 +57,6 @@ def lr_factor(learner: LearnerConfig, k: int, total_updates: int) -> float:
     # cosine: r + (1 - r) * (1 + cos(pi * p)) / 2, p = progress after warm-up in [0, 1]
     progress = min(1.0, (k - warmup) / max(1, total_updates - 1 - warmup))
     return learner.min_lr_ratio + (1 - learner.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
-
-
-def without_dropout(model: torch.nn.Module, train: bool) -> torch.nn.Module:
-    """`model` in train mode (`train`: HF recomputes activations only then) or eval mode, with every dropout
-    but LoRA's own switched off, so that the learner's log-probs are those the rollout workers sampled with."""
-    model.train(train)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Dropout):
-            if "lora_dropout" in name:
-                module.train()  # model.lora.dropout, when set, regularises the adapters
-            else:
-                module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0  # attention implementations that read it in train mode
-    return model
-
-
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Activation (gradient) checkpointing: transformers >= 5.2x calls it activation_checkpointing_enable."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class PhaseClock:
@@ -100,6 +82,29 @@ class PhaseClock:
         return {f"time/learner/{phase}_s": seconds for phase, seconds in self.totals.items()}
 
 
+@dataclass(frozen=True)
+class UpdateRows:
+    """The row-aligned tensors an update reads: the model's input sequences, behaviour log-probs, advantages and
+    mask, and where there are, the reference log-probs, the critic's V(s_t) before the step and its targets R_t."""
+
+    sequences: dict
+    behaviour: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor) -> UpdateRows:
+        def pick(t):
+            return None if t is None else t[index]
+
+        tensors = ("behaviour", "advantages", "mask", "ref_logprobs", "values", "targets")
+        return replace(
+            self, sequences=select_rows(self.sequences, index), **{k: pick(getattr(self, k)) for k in tensors}
+        )
+
+
 class Learner:
     def __init__(
         self,
@@ -121,10 +126,13 @@ class Learner:
         if manifest is None:
             raise TokenforgeError(f"checkpoint {storage.display(resume[1])!r} is not published (no valid manifest)")
         with local_copy(storage, resume[1], manifest) as local:
-            self._build(config, str(local), reference_path, use_gpu)
+            self._build(config, str(local), reference_path, use_gpu, critic_checkpoint=str(local / CRITIC_DIR))
             self.load_state(str(local))
 
-    def _build(self, config: TrainConfig, policy_path: str, reference_path: str, use_gpu: bool) -> None:
+    def _build(
+        self, config: TrainConfig, policy_path: str, reference_path: str, use_gpu: bool, critic_checkpoint=None
+    ) -> None:
+        """critic_checkpoint: a checkpoint's critic/ directory to load the critic from (with config.critic)."""
         torch.manual_seed(config.seed)
         torch.set_num_threads(torch_threads(config.learner.num_threads))
         self.config = config
@@ -158,7 +166,11 @@ class Learner:
             betas=config.learner.adam_betas,
             weight_decay=config.learner.weight_decay,
         )
-        total_updates = config.trainer.total_steps * config.learner.updates_per_batch
+        self.critic = None if config.critic is None else Critic(config, reference_path, self.device, critic_checkpoint)
+        self.pretrain_steps = 0 if config.critic is None else config.critic.pretrain_steps
+        # the schedule counts the policy's optimizer steps: minibatches x updates_per_batch per step after pretraining
+        policy_steps = max(1, config.trainer.total_steps - self.pretrain_steps)
+        total_updates = policy_steps * config.learner.updates_per_batch * config.learner.minibatches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k: lr_factor(config.learner, k, total_updates)
         )
@@ -185,24 +197,23 @@ class Learner:
             beta = algo.kl_in_reward_coef
             token_rewards = kl_in_reward(token_rewards, behaviour, ref_logprobs, mask, beta, algo.kl_kind)
             metrics["reward/kl_penalty/mean"] = float((token_rewards - without_kl).sum(1).mean())  # per sample
+        clock = PhaseClock(self.device)  # time/learner/*: where the update's time goes
+        values = None
+        if self.critic is not None:
+            with clock("values"):  # V(s_t) under the critic as it stands (recomputed each step: never stale)
+                values = self._out_of_memory_as_one_line(self.critic.values, sequences)
         # a NaN/inf reward (or float32 overflow of huge returns) skips the update instead of reaching the weights
         advantages, finite = advantages_if_finite(
-            algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten
+            algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten, values=values, lam=algo.lam
         )
+        rows = UpdateRows(sequences, behaviour, advantages, mask, ref_logprobs, values)
+        if values is not None and finite:  # R_t = A_t + V(s_t), of GAE before whitening
+            rows = replace(rows, targets=value_targets(token_rewards, values, mask, algo.gamma, algo.lam).float())
+            metrics.update(self._value_metrics(values, rows.targets, mask))
         keep = informative_rows(advantages, algo.skip_zero_advantage, algo.kl_coef, algo.entropy_coef)
         metrics["learner/kept_frac"] = len(keep) / len(mask)
-
-        # the loss of the kept rows is normalised by the whole batch's counts (pipeline.algorithm.loss.policy_loss)
-        counts = {
-            "num_tokens": float(mask.sum()),
-            "num_seqs": float(mask.shape[0]),
-            "max_len": float(self.config.rollout.max_new_tokens),
-        }
-        kept = (select_rows(sequences, keep), behaviour[keep], advantages[keep], mask[keep])
-        kept_ref = None if ref_logprobs is None else ref_logprobs[keep]
-        clock = PhaseClock(self.device)  # time/learner/*: where the update's time goes
-        clock.add("prepare", time.perf_counter() - start)  # rewards, reference log-probs, advantages
-        totals, skipped = self._update(kept, kept_ref, counts, clock, finite)
+        clock.add("prepare", time.perf_counter() - start - clock.totals.get("values", 0.0))  # rewards, ref, advantages
+        totals, skipped = self._update(rows, clock, finite)
         self._count_nonfinite(skipped, step)
         self.policy_version += 1
         self.last_step = (batch.column("response_ids"), token_rewards, advantages, mask)  # for learned_columns()
@@ -241,26 +252,68 @@ class Learner:
             components[name] = ComponentRewards(weight, rewards, applies, self.config.reward.components[name].normalize)
         return components
 
-    def _update(self, kept, kept_ref, counts, clock: PhaseClock, finite: bool) -> tuple[dict[str, float], int]:
-        """learner.updates_per_batch updates on the kept rows (sequences, behaviour, advantages, mask): gradients, then
-        an optimizer step unless the loss or gradient norm is NaN/inf, after which (as with `finite` False: non-finite
-        advantages) every update is skipped; no kept row: nothing to do. The schedule steps every time.
-        Returns (the last update's loss metrics, the number of updates skipped)."""
+    def _minibatches(self, batch_size: int) -> list[torch.Tensor]:
+        """learner.minibatches disjoint row sets covering the batch: a fresh random split each pass (PPO's), from the
+        torch RNG that checkpoints carry; each in batch order (a group's samples stay together, for share_prompts)."""
+        parts = self.config.learner.minibatches
+        order = torch.randperm(batch_size) if parts > 1 else torch.arange(batch_size)
+        return [rows.sort().values.to(self.device) for rows in torch.tensor_split(order, parts) if len(rows)]
+
+    def _update(self, rows: UpdateRows, clock: PhaseClock, finite: bool) -> tuple[dict[str, float], int]:
+        """learner.updates_per_batch passes over the batch, each one optimizer step per minibatch: the critic's (with
+        a critic), then the policy's on the minibatch's informative rows, its loss normalised by the minibatch's
+        counts (pipeline.algorithm.loss.policy_loss): gradients, then a step unless the loss or gradient norm is
+        NaN/inf, after which (as with `finite` False: non-finite advantages) every update is skipped. The policy
+        waits for critic.pretrain_steps; after that its schedule steps every time. Returns (the last update's loss
+        metrics and the critic's means, the number of updates skipped)."""
+        algo, cfg = self.config.algorithm, self.config.learner
         totals: dict[str, float] = {}
+        critic_steps: list[dict[str, float]] = []
         skipped = 0
-        for _ in range(self.config.learner.updates_per_batch):
-            if len(kept[3]) and finite:
-                totals = self._out_of_memory_as_one_line(self._gradients, *kept, kept_ref, counts, clock)
-                finite = math.isfinite(totals["loss/policy"]) and math.isfinite(totals["loss/grad_norm"])
-                with clock("optimizer"):
-                    if finite:  # a NaN/inf loss or gradient never reaches the weights (nor Adam's moments)
-                        self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-            skipped += not finite
-            with warnings.catch_warnings():  # the schedule follows steps, also those whose update was skipped,
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # which torch warns about
-                self.scheduler.step()
+        for _ in range(cfg.updates_per_batch):
+            for part in map(rows.rows, self._minibatches(len(rows.mask))):
+                if self.critic is not None and finite:
+                    with clock("critic"):
+                        critic_steps.append(
+                            self._out_of_memory_as_one_line(
+                                self.critic.update, part.sequences, part.mask, part.values, part.targets
+                            )
+                        )
+                    skipped += int(critic_steps[-1]["critic/skipped"])
+                if self.policy_version < self.pretrain_steps:
+                    continue
+                counts = {
+                    "num_tokens": float(part.mask.sum()),
+                    "num_seqs": float(part.mask.shape[0]),
+                    "max_len": float(self.config.rollout.max_new_tokens),
+                }
+                kept = part.rows(
+                    informative_rows(part.advantages, algo.skip_zero_advantage, algo.kl_coef, algo.entropy_coef)
+                )
+                if len(kept.mask) and finite:
+                    totals = self._out_of_memory_as_one_line(self._gradients, kept, counts, clock)
+                    finite = math.isfinite(totals["loss/policy"]) and math.isfinite(totals["loss/grad_norm"])
+                    with clock("optimizer"):
+                        if finite:  # a NaN/inf loss or gradient never reaches the weights (nor Adam's moments)
+                            self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                skipped += not finite
+                with warnings.catch_warnings():  # the schedule follows steps, also those whose update was skipped,
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # which torch warns about
+                    self.scheduler.step()
+        if critic_steps:  # the critic's loss and clip fraction: means over its steps; its gradient norm: the last
+            totals.update({k: sum(s[k] for s in critic_steps) / len(critic_steps) for k in critic_steps[0]})
+            totals["critic/grad_norm"] = critic_steps[-1]["critic/grad_norm"]
+            totals["critic/lr"] = self.critic.optimizer.param_groups[0]["lr"]
         return totals, skipped
+
+    @staticmethod
+    def _value_metrics(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+        """critic/value_mean (token mean of V before the step) and critic/explained_var (1 - Var(R - V) / Var(R))."""
+        return {
+            "critic/value_mean": float((values * mask).sum() / mask.sum().clamp(min=1)),
+            "critic/explained_var": explained_variance(values, targets, mask),
+        }
 
     def _step_metrics(self, batch: pa.Table, advantages: torch.Tensor, mask: torch.Tensor, skipped: int) -> dict:
         """The step's advantage, response and learner metrics (after the update)."""
@@ -317,12 +370,18 @@ class Learner:
                 "values, or raise learner.max_nonfinite_steps"
             )
 
-    def _gradients(
-        self, sequences, behaviour, advantages, mask, ref_logprobs, counts, clock: PhaseClock
-    ) -> dict[str, float]:
-        """Accumulate the gradient of one update over all micro-batches (losses normalised by the global
-        `counts`), clip it, and return the loss, gradient norm and policy metrics; `clock` times its phases."""
+    def _gradients(self, kept: UpdateRows, counts, clock: PhaseClock) -> dict[str, float]:
+        """Accumulate the gradient of one update over all micro-batches of the `kept` rows (losses normalised by
+        the minibatch's `counts`), clip it, and return the loss, gradient norm and policy metrics; `clock` times
+        its phases."""
         algo, cfg = self.config.algorithm, self.config.learner
+        sequences, behaviour, advantages, mask, ref_logprobs = (
+            kept.sequences,
+            kept.behaviour,
+            kept.advantages,
+            kept.mask,
+            kept.ref_logprobs,
+        )
         kept_tokens = float(mask.sum())
         totals = {"loss/policy": 0.0}
         for rows in self._micro_batches(mask.shape[0]):
@@ -419,6 +478,8 @@ class Learner:
             "torch_rng": torch.get_rng_state(),
         }
         torch.save(state, Path(directory) / LEARNER_STATE)
+        if self.critic is not None:
+            self.critic.save_local(Path(directory) / CRITIC_DIR)
 
     def load_state(self, directory: str) -> int:
         state = torch.load(Path(directory) / LEARNER_STATE, map_location=self.device, weights_only=True)

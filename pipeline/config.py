@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.algorithm.advantages import ESTIMATORS, GROUP_BASELINE, KL_KINDS, check_known
+from pipeline.algorithm.advantages import ESTIMATORS, GROUP_BASELINE, KL_KINDS, NEEDS_VALUES, check_known
 from pipeline.algorithm.loss import AGGREGATIONS, LOSSES
 from pipeline.errors import ConfigError
 from pipeline.storage import credentials_error
@@ -284,9 +284,13 @@ class RewardConfig(Section):
 
 class AlgorithmConfig(Section):
     estimator: Annotated[str, one_of("estimator", ESTIMATORS)] = "grpo"
-    """Advantage estimator: reinforce, rloo, grpo, reinforce++, reinforce++_baseline."""
+    """Advantage estimator: reinforce, rloo, grpo, reinforce++, reinforce++_baseline, or gae (a learned per-token
+    value baseline: trains the `critic`)."""
     gamma: float = Field(1.0, ge=0, le=1)
-    """Discount of the returns-to-go."""
+    """Discount of the returns-to-go (and of GAE's TD errors)."""
+    lam: float = Field(1.0, ge=0, le=1)
+    """gae: lambda of A_t = sum_l (gamma lam)^l delta_{t+l}; 1 = returns-to-go minus V(s_t), lower = more of the
+    critic's estimate, less variance."""
     whiten: bool | None = None
     """Whiten advantages over the batch; null = the estimator's default."""
     loss: Annotated[str, one_of("loss", LOSSES)] = "reinforce"
@@ -338,7 +342,12 @@ class LearnerConfig(Section):
     micro_batch_size: int = Field(256, ge=1)
     """Samples per forward/backward; gradients accumulate to one update per step."""
     updates_per_batch: int = Field(1, ge=1)
-    """Optimizer steps on each rollout batch (>1 is off-policy: use is_cap or ppo_clip)."""
+    """Passes (epochs) over each rollout batch (>1 is off-policy: use is_cap or ppo_clip)."""
+    minibatches: int = Field(1, ge=1)
+    """Optimizer steps per pass, each on 1/minibatches of the batch's samples (reshuffled each pass) with its loss
+    normalised by that minibatch's counts, as PPO does; a step makes minibatches x updates_per_batch optimizer steps,
+    which the lr schedule (warmup_steps too) counts. micro_batch_size stays gradient accumulation inside a
+    minibatch. >1 is off-policy after the first: use is_cap or ppo_clip."""
     num_gpus: float | None = Field(None, ge=0)
     """Ray GPUs for the learner (at most 1: the learner uses one device); null = 1 if the cluster has or can autoscale a
     GPU, else CPU (said at start)."""
@@ -364,6 +373,29 @@ class LearnerConfig(Section):
     sequence's length (rope type dynamic, longrope)."""
     max_nonfinite_steps: int = Field(3, ge=1)
     """Stop the run after this many consecutive steps whose loss or gradient norm was NaN/inf (each is skipped)."""
+
+
+class CriticConfig(Section):
+    model_path: str | None = None
+    """The critic's transformer (a Hugging Face model directory); null = the policy's starting model (model.path).
+    A linear value head on its last hidden state gives V(s_t) for each response token."""
+    lr: float = Field(1e-3, gt=0)
+    """The critic's AdamW learning rate (constant)."""
+    pretrain_steps: int = Field(0, ge=0)
+    """The first steps train only the critic: the policy keeps its weights (and its lr schedule waits) until then."""
+    clip: float | None = Field(0.2, gt=0)
+    """Clipped value loss 0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2); null = 0.5 (V - R)^2."""
+    micro_batch_size: int = Field(256, ge=1)
+    """Samples per forward/backward of the critic; gradients accumulate over a minibatch."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Clip the critic's gradient norm to this value."""
+    precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"
+    """As learner.precision, for the critic."""
+    gradient_checkpointing: bool = False
+    """As learner.gradient_checkpointing, for the critic."""
+    lora: LoraConfig | None = None
+    """LoRA adapters on the critic's transformer (its base frozen; the value head trains in full); null = full
+    fine-tuning."""
 
 
 class StorageConfig(Section):
@@ -396,6 +428,8 @@ class TrainConfig(Section):
     reward: RewardConfig = RewardConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     learner: LearnerConfig = LearnerConfig()
+    critic: CriticConfig | None = None
+    """The learned value baseline of algorithm.estimator=gae (set with defaults when that estimator is chosen)."""
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
 
@@ -415,11 +449,12 @@ class TrainConfig(Section):
                     f"config key 'reward.components.{name}.normalize': 'group' with rollout.group_size=1 scores every "
                     "sample 0 (a group of one has no spread); use 'batch' or group_size >= 2"
                 )
-        if self.learner.updates_per_batch > 1 and algo.loss == "reinforce" and algo.is_cap is None:
-            raise ConfigError(
-                f"config key 'learner.updates_per_batch': {self.learner.updates_per_batch} updates per batch are "
-                "off-policy after the first; set algorithm.is_cap (e.g. 2.0) or algorithm.loss=ppo_clip"
-            )
+        for key in ("updates_per_batch", "minibatches"):
+            if getattr(self.learner, key) > 1 and algo.loss == "reinforce" and algo.is_cap is None:
+                raise ConfigError(
+                    f"config key 'learner.{key}': {getattr(self.learner, key)} updates per batch are "
+                    "off-policy after the first; set algorithm.is_cap (e.g. 2.0) or algorithm.loss=ppo_clip"
+                )
         if self.trainer.max_staleness > 0 and algo.loss == "reinforce" and algo.is_cap is None:
             raise ConfigError(
                 f"config key 'trainer.max_staleness': {self.trainer.max_staleness} trains on samples from weights up "
@@ -430,6 +465,13 @@ class TrainConfig(Section):
             raise ConfigError(
                 f"config key 'learner.num_gpus': the learner trains on one device, so {self.learner.num_gpus:g} GPUs "
                 "would be reserved and sit idle (there is no multi-GPU learner yet); use 1"
+            )
+        if self.critic is None and algo.estimator in NEEDS_VALUES:
+            self.critic = CriticConfig()
+        if self.critic is not None and algo.estimator not in NEEDS_VALUES:
+            raise ConfigError(
+                f"config key 'critic': set, but algorithm.estimator={algo.estimator!r} uses no values; set "
+                f"algorithm.estimator to {' or '.join(sorted(NEEDS_VALUES))}, or remove the critic section"
             )
         if algo.kl_loss_kind == "k1":
             raise ConfigError(
@@ -480,7 +522,9 @@ def apply_override(data: dict, key: str, value: Any) -> None:
     """data[a][b] = value for key 'a.b' (sections created as needed)."""
     node, path = data, key.split(".")
     for part in path[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # a section not set yet (e.g. critic: null): its defaults plus this key
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"config key {key!r}: {part!r} is not a section")
     node[path[-1]] = value

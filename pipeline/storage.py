@@ -261,13 +261,15 @@ class Storage:
                 self.fs.delete_dir(self.path(relative))
 
     def upload_dir(self, local: str | Path, relative: str) -> dict[str, dict]:
-        """Copy every file of the local directory `local` to `relative`/ (a checkpoint's, published by a manifest
-        written afterwards: uploaded straight to their keys); returns {name: {size, sha256}}."""
+        """Copy every file under the local directory `local` (subdirectories too, e.g. a checkpoint's critic/) to
+        `relative`/ (a checkpoint's, published by a manifest written afterwards: uploaded straight to their keys);
+        returns {name: {size, sha256}}, names relative to `local` with / separators."""
         files = {}
-        for file in sorted(Path(local).iterdir()):
+        for file in sorted(Path(local).rglob("*")):
             if file.is_file():
-                self.write_bytes(f"{relative}/{file.name}", file.read_bytes(), staged=False)
-                files[file.name] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
+                name = file.relative_to(local).as_posix()
+                self.write_bytes(f"{relative}/{name}", file.read_bytes(), staged=False)
+                files[name] = {"size": file.stat().st_size, "sha256": sha256_file(file)}
         return files
 
     def sha256(self, relative: str) -> str:

@@ -44,7 +44,7 @@ def test_resolved_config_round_trips(tmp_path):
         ("rollout.num_workers=0", "'rollout.num_workers': Input should be greater than or equal to 1"),
         ("reward.num_workers=0", "'reward.num_workers': Input should be greater than or equal to 1"),
         ("reward.weights.blue=1.0", "'reward.weights': component 'blue' names no component type"),
-        ("algorithm.estimator=gae", "'algorithm.estimator': unknown estimator 'gae'"),
+        ("algorithm.estimator=ppo", "'algorithm.estimator': unknown estimator 'ppo'"),
         ("algorithm.agg=sum", "'algorithm.agg': unknown aggregation 'sum'"),
         ("trainer.eval_metrics=[accuracy]", "'trainer.eval_metrics': component 'accuracy' names no component type"),
         ("reward.weights={}", "'reward.weights': Dictionary should have at least 1 item"),

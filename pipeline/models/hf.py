@@ -95,8 +95,13 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return tokenizer
 
 
+def model_config(path: str | Path, trust_remote_code: bool = False):
+    """The model directory's HF config (AutoConfig)."""
+    return from_pretrained(AutoConfig, check_model_dir(path), trust_remote_code)
+
+
 def context_length(path: str | Path, trust_remote_code: bool = False) -> int:
-    config = from_pretrained(AutoConfig, check_model_dir(path), trust_remote_code)
+    config = model_config(path, trust_remote_code)
     for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
         if getattr(config, key, None):
             return int(getattr(config, key))
@@ -309,3 +314,26 @@ def token_logprob_entropy(
     # H = -sum_v pi(v) log pi(v), with 0 log 0 = 0 (a -inf logit would otherwise give 0 * -inf = NaN)
     entropy = -torch.where(torch.isneginf(log_pi), 0.0, log_pi.exp() * log_pi).sum(-1)
     return log_pi.gather(-1, targets[:, None]).squeeze(-1), entropy
+
+
+def without_dropout(model: torch.nn.Module, train: bool) -> torch.nn.Module:
+    """`model` in train mode (`train`: HF recomputes activations only then) or eval mode, with every dropout
+    but LoRA's own switched off, so that the learner's log-probs are those the rollout workers sampled with."""
+    model.train(train)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            if "lora_dropout" in name:
+                module.train()  # model.lora.dropout, when set, regularises the adapters
+            else:
+                module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0  # attention implementations that read it in train mode
+    return model
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation (gradient) checkpointing: transformers >= 5.2x calls it activation_checkpointing_enable."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,119 @@
+"""The critic (algorithm.estimator=gae) and PPO-style minibatches in the learner, without Ray, on the shipped tiny
+model: where gradients go, what a minibatch step normalises by, and an exact resume through a published checkpoint."""
+
+import pyarrow as pa
+import pytest
+import torch
+
+from actors.learner import Learner
+from actors.reward_worker import RewardWorker
+from actors.rollout_worker import RolloutWorker
+from pipeline import storage as store
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.storage import Storage
+
+PROMPTS = pa.table(
+    {
+        "prompt": ["13+54=", "2+2=", "99+99=", "40+2="],
+        "answer": ["67", "4", "198", "42"],
+        "group_id": [10, 11, 12, 13],
+    }
+)
+GAE = ["algorithm.estimator=gae", "algorithm.lam=0.95", "algorithm.loss=ppo_clip", "learner.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def batches(builtin_model_path) -> list[pa.Table]:
+    """Two scored rollout batches of 4 prompts x 4 samples."""
+    config = load_config(overrides=["seed=3", "rollout.temperature=1.0", "rollout.max_new_tokens=6"])
+    worker = RolloutWorker(config, builtin_model_path)
+    scorer = RewardWorker(config, builtin_model_path, list(config.reward.weights))
+    names = list(config.reward.weights)
+    return [scorer.score_all(worker.generate(PROMPTS, group_size=4, step=s), names)[0] for s in (1, 2)]
+
+
+def learner(model_path: str, *overrides: str) -> Learner:
+    return Learner(load_config(overrides=[*GAE, *overrides]), model_path, model_path)
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, module: torch.nn.Module) -> set[str]:
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def test_gae_sets_up_a_critic_and_a_critic_needs_gae():
+    config = load_config(overrides=["algorithm.estimator=gae", "critic.lr=3e-4"])
+    assert config.critic is not None and config.critic.lr == 3e-4
+    assert load_config(overrides=["algorithm.estimator=gae"]).critic.clip == 0.2  # the defaults
+    with pytest.raises(ConfigError, match=r"'critic': set, but algorithm.estimator='grpo' uses no values"):
+        load_config(overrides=["critic.lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"'learner.minibatches': 4 updates per batch are off-policy"):
+        load_config(overrides=["learner.minibatches=4"])
+
+
+def test_the_critic_trains_alone_for_its_pretrain_steps_and_its_gradient_reaches_only_itself(
+    batches, builtin_model_path
+):
+    tf = learner(builtin_model_path, "critic.pretrain_steps=1")
+    assert tf.critic.model.lm is not tf.model  # its own copy of the starting model
+    policy, critic = weights(tf.model), weights(tf.critic.model)
+    metrics = tf.train_step(batches[0])
+    assert not changed(policy, tf.model)  # step 1: the critic only; the policy's schedule waits
+    assert {"head.weight", "head.bias"} <= changed(critic, tf.critic.model)
+    assert any(k.startswith("lm.") for k in changed(critic, tf.critic.model))
+    assert tf.scheduler.last_epoch == 0 and "loss/policy" not in metrics
+    for key in ("critic/value_loss", "critic/explained_var", "critic/value_mean", "critic/clip_frac"):
+        assert key in metrics, key
+    assert metrics["critic/value_mean"] == 0.0  # the zero-initialised head: the first advantages are the returns
+
+    # a critic step leaves every policy weight without a gradient, and a policy step every critic weight
+    policy, critic = weights(tf.model), weights(tf.critic.model)
+    tf.train_step(batches[1])
+    assert changed(policy, tf.model) and changed(critic, tf.critic.model)
+    assert all(p.grad is None for p in tf.model.parameters()) and all(
+        p.grad is None for p in tf.critic.model.parameters()
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_minibatches_are_optimizer_steps_on_disjoint_parts_each_normalised_by_its_own_counts(
+    batches, builtin_model_path
+):
+    """With an estimator whose advantages are per sample (reinforce, unwhitened), one step of M = 2 minibatches
+    equals two M = 1 steps on the two halves that the learner's RNG picks."""
+    common = ["algorithm.estimator=reinforce", "algorithm.loss=ppo_clip", "learner.lr=1e-3", "learner.warmup_steps=0"]
+    common += ["learner.lr_schedule=constant"]
+    split = Learner(load_config(overrides=[*common, "learner.minibatches=2"]), builtin_model_path, builtin_model_path)
+    whole = Learner(load_config(overrides=common), builtin_model_path, builtin_model_path)
+    state = torch.get_rng_state()
+    halves = torch.tensor_split(torch.randperm(batches[0].num_rows), 2)
+    torch.set_rng_state(state)
+    last = split.train_step(batches[0])
+    for half in halves:
+        last_of_whole = whole.train_step(batches[0].take(half.sort().values.tolist()))
+    assert split.scheduler.last_epoch == 2  # two optimizer steps in one learner step
+    # the second minibatch's loss, normalised by its own tokens (the whole batch's would about halve it)
+    assert last["loss/policy"] == pytest.approx(last_of_whole["loss/policy"], rel=1e-4)
+    for name, value in split.model.state_dict().items():  # the same sums in the same order: equal to rounding
+        torch.testing.assert_close(value, whole.model.state_dict()[name], rtol=0, atol=1e-7)
+
+
+def test_a_run_with_the_critic_resumes_exactly_from_a_published_checkpoint(batches, builtin_model_path, tmp_path):
+    overrides = ["learner.minibatches=2", "learner.updates_per_batch=2"]
+    straight = learner(builtin_model_path, *overrides)
+    straight.train_step(batches[0])
+    storage = Storage(str(tmp_path))
+    files = straight.save(storage.uri, store.checkpoint_dir(1))
+    directory = store.publish_checkpoint(storage, 1, files)
+    assert any(name.startswith("critic/") for name in files)
+    straight.train_step(batches[1])
+
+    resumed = Learner(straight.config, builtin_model_path, builtin_model_path, resume=(storage.uri, directory))
+    resumed.train_step(batches[1])
+    for model, other in ((straight.model, resumed.model), (straight.critic.model, resumed.critic.model)):
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, other.state_dict()[name]), name
