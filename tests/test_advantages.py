@@ -8,14 +8,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.algorithm.advantages import (
+    DEFAULT_WHITEN,
     ESTIMATORS,
     GROUP_BASELINE,
+    NEEDS_VALUES,
     GroupStats,
+    advantages_if_finite,
     compute_advantages,
+    gae,
     kl_penalty,
     masked_whiten,
     outcome_aligned,
     returns_to_go,
+    value_targets,
 )
 
 T = torch.tensor
@@ -25,6 +30,16 @@ GROUP_ESTIMATORS = sorted(GROUP_BASELINE)  # rloo, grpo, reinforce++_baseline
 def R(rows):
     """Expected returns: float64, as returns_to_go gives them."""
     return torch.tensor(rows, dtype=torch.float64)
+
+
+def some_values(shape) -> torch.Tensor:
+    """Fixed V(s_t) (float64, non-dyadic) for the tests that run every estimator, gae included."""
+    return torch.sin(torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * 1.7 + 0.3) * 2
+
+
+def values_for(name: str, mask: torch.Tensor) -> dict:
+    """values= for the estimators that need them, nothing for the others."""
+    return {"values": some_values(mask.shape)} if name in NEEDS_VALUES else {}
 
 
 def test_returns_to_go_discounted_and_ragged():
@@ -130,8 +145,8 @@ def test_group_of_one_has_zero_advantage(name):
 
 
 def test_bad_input_errors_name_the_offender():
-    with pytest.raises(ValueError, match="unknown advantage estimator 'gae'.*grpo"):
-        compute_advantages("gae", TOK_REWARDS, TOK_MASK, ONE_GROUP)
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'.*grpo"):
+        compute_advantages("ppo", TOK_REWARDS, TOK_MASK, ONE_GROUP)
     with pytest.raises(ValueError, match=r"token_rewards=\(2, 3\), mask=\(2, 2\)"):
         returns_to_go(TOK_REWARDS, TOK_MASK[:, :2])
     with pytest.raises(ValueError, match="NaN or inf at sample 1, token 0"):
@@ -200,7 +215,7 @@ def test_property_group_estimators_match_classic_sequence_formulas(data):
 def test_property_masked_positions_are_exactly_zero_and_finite(data, name, gamma, whiten):
     rewards, mask, groups = data
     rewards = torch.where(mask.bool(), rewards, torch.full_like(rewards, float("inf")))  # padding garbage
-    adv = compute_advantages(name, rewards, mask, groups, gamma=gamma, whiten=whiten)
+    adv = compute_advantages(name, rewards, mask, groups, gamma=gamma, whiten=whiten, **values_for(name, mask))
     assert adv.dtype == torch.float32
     assert torch.isfinite(adv).all()
     assert torch.equal(adv[mask == 0], torch.zeros_like(adv[mask == 0]))
@@ -282,8 +297,11 @@ def test_property_permuting_samples_permutes_advantages(data, name, random):
     order = list(range(len(groups)))
     random.shuffle(order)
     order = torch.tensor(order)
-    adv = compute_advantages(name, rewards, mask, groups)
-    permuted = compute_advantages(name, rewards[order], mask[order], groups[order])
+    values = values_for(name, mask)
+    adv = compute_advantages(name, rewards, mask, groups, **values)
+    permuted = compute_advantages(
+        name, rewards[order], mask[order], groups[order], **{k: v[order] for k, v in values.items()}
+    )
     assert torch.allclose(permuted, adv[order], rtol=1e-5, atol=1e-6)
 
 
@@ -312,7 +330,7 @@ HUGE = st.floats(-1.0000000150474662e30, 1.0000000150474662e30, allow_nan=False,
 )
 def test_property_finite_inputs_up_to_1e30_give_finite_advantages(data, name, gamma, whiten):
     rewards, mask, groups = data
-    adv = compute_advantages(name, rewards, mask, groups, gamma=gamma, whiten=whiten)
+    adv = compute_advantages(name, rewards, mask, groups, gamma=gamma, whiten=whiten, **values_for(name, mask))
     assert torch.isfinite(adv).all()
 
 
@@ -371,16 +389,17 @@ def test_whitening_a_single_valid_token():
 def test_an_unknown_estimator_lists_every_known_one_exactly():
     with pytest.raises(
         ValueError,
-        match=r"unknown advantage estimator 'gae'; known: grpo, reinforce, reinforce\+\+, reinforce\+\+_baseline, "
+        match=r"unknown advantage estimator 'ppo'; known: gae, grpo, reinforce, reinforce\+\+, reinforce\+\+_baseline, "
         r"rloo$",
     ):
-        compute_advantages("gae", T([[1.0]]), T([[1.0]]), T([0]))
+        compute_advantages("ppo", T([[1.0]]), T([[1.0]]), T([0]))
 
 
 @pytest.mark.mutant
 def test_an_empty_batch_gives_empty_advantages():
-    for name in ("reinforce", "rloo", "grpo", "reinforce++", "reinforce++_baseline"):
-        advantages = compute_advantages(name, torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    for name in ("reinforce", "rloo", "grpo", "reinforce++", "reinforce++_baseline", "gae"):
+        empty = torch.zeros(0, 3)
+        advantages = compute_advantages(name, empty, empty, torch.zeros(0, dtype=torch.long), **values_for(name, empty))
         assert advantages.shape == (0, 3) and advantages.dtype == torch.float32
 
 
@@ -454,3 +473,109 @@ def test_outcome_aligned_stays_on_the_inputs_device():
     mask = T([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]).to("meta")
     aligned = outcome_aligned(torch.zeros(2, 3, dtype=torch.float64, device="meta"), mask)
     assert aligned.device.type == "meta" and aligned.shape == (2, 3)
+
+
+# GAE: three ragged responses (lengths 3, 2, 1), padding holding garbage; gamma = 0.5, lam = 0.5 (gamma lam = 0.25).
+GAE_REWARDS = T([[1.0, 0.0, 2.0], [0.0, 4.0, math.inf], [-1.0, math.nan, 5.0]], dtype=torch.float64)
+GAE_VALUES = T([[0.5, 1.0, 1.5], [2.0, 1.0, math.nan], [0.25, -math.inf, 3.0]], dtype=torch.float64)
+GAE_MASK = T([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+def test_gae_by_hand_ragged_with_the_last_valid_token_terminal():
+    # row 0: delta_2 = 2 + 0 - 1.5 = .5 (terminal: V(s_3) = 0)    A_2 = .5
+    #        delta_1 = 0 + .5 * 1.5 - 1 = -.25                     A_1 = -.25 + .25 * .5 = -.125
+    #        delta_0 = 1 + .5 * 1 - .5 = 1                         A_0 = 1 + .25 * -.125 = .96875
+    # row 1: delta_1 = 4 + 0 - 1 = 3 (terminal, the inf reward and NaN value are padding)   A_1 = 3
+    #        delta_0 = 0 + .5 * 1 - 2 = -1.5                                                A_0 = -1.5 + .25 * 3 = -.75
+    # row 2: delta_0 = -1 + 0 - .25                                                          A_0 = -1.25
+    expected = R([[0.96875, -0.125, 0.5], [-0.75, 3.0, 0.0], [-1.25, 0.0, 0.0]])
+    assert torch.equal(gae(GAE_REWARDS, GAE_VALUES, GAE_MASK, 0.5, 0.5), expected)
+    # R_t = A_t + V(s_t): [1.46875, .875, 2], [1.25, 4], [-1]
+    targets = R([[1.46875, 0.875, 2.0], [1.25, 4.0, 0.0], [-1.0, 0.0, 0.0]])
+    assert torch.equal(value_targets(GAE_REWARDS, GAE_VALUES, GAE_MASK, 0.5, 0.5), targets)
+
+
+def test_gae_is_registered_as_a_whitened_centred_estimator_that_needs_values():
+    assert NEEDS_VALUES == {"gae"} and DEFAULT_WHITEN["gae"] and "gae" not in GROUP_BASELINE
+    groups = T([0, 0, 1])
+    raw = gae(GAE_REWARDS, GAE_VALUES, GAE_MASK, 0.5, 0.5)
+    default = compute_advantages("gae", GAE_REWARDS, GAE_MASK, groups, 0.5, values=GAE_VALUES, lam=0.5)
+    assert torch.equal(default, masked_whiten(raw, GAE_MASK, center=True).float())
+    unwhitened = compute_advantages("gae", GAE_REWARDS, GAE_MASK, groups, 0.5, False, GAE_VALUES, 0.5)
+    assert torch.equal(unwhitened, raw.float())
+    positional = advantages_if_finite("gae", GAE_REWARDS, GAE_MASK, groups, 0.5, False, GAE_VALUES, 0.5)
+    assert torch.equal(positional[0], raw.float()) and positional[1]
+
+
+def test_values_errors_name_the_estimator_and_the_offender():
+    groups = T([0, 0, 1])
+    for compute in (compute_advantages, advantages_if_finite):
+        with pytest.raises(ValueError, match="advantage estimator 'gae' needs values"):
+            compute("gae", GAE_REWARDS, GAE_MASK, groups)
+        with pytest.raises(ValueError, match=r"values=\(3, 2\), mask=\(3, 3\)"):
+            compute("gae", GAE_REWARDS, GAE_MASK, groups, values=GAE_VALUES[:, :2])
+    bad = GAE_VALUES.clone()
+    bad[1, 1] = math.nan
+    with pytest.raises(ValueError, match="values holds NaN or inf at sample 1, token 1"):
+        compute_advantages("gae", GAE_REWARDS, GAE_MASK, groups, values=bad)
+    advantages, finite = advantages_if_finite("gae", GAE_REWARDS, GAE_MASK, groups, values=bad)
+    assert not finite and torch.equal(advantages, torch.zeros(3, 3))
+
+
+@st.composite
+def ragged_rewards_and_values(draw, holes: bool = False):
+    """(rewards, values, mask) float64 of thirds/tenths/sevenths on valid tokens and NaN/inf garbage on padding;
+    right-padded ragged lengths, or (holes) any 0/1 mask."""
+    rows, width = draw(st.integers(1, 5)), draw(st.integers(1, 6))
+    if holes:
+        mask = T([[float(draw(st.booleans())) for _ in range(width)] for _ in range(rows)])
+    else:
+        mask = (torch.arange(width) < T([draw(st.integers(1, width)) for _ in range(rows)])[:, None]).float()
+    garbage = st.sampled_from([math.nan, math.inf, -math.inf, 1e300])
+
+    def tensor():
+        return T([[draw(THIRDS_TENTHS if m else garbage) for m in row] for row in mask.tolist()], dtype=torch.float64)
+
+    return tensor(), tensor(), mask
+
+
+def reference_gae(rewards: list, values: list, length: int, gamma: float, lam: float) -> list:
+    """A_t = sum_{l=0}^{T-t} (gamma lam)^l delta_{t+l} straight from the definition, one response, V(s_{T+1}) = 0."""
+    advantages = [0.0] * len(rewards)
+    for t in range(length):
+        for k in range(t, length):
+            next_value = values[k + 1] if k + 1 < length else 0.0
+            advantages[t] += (gamma * lam) ** (k - t) * (rewards[k] + gamma * next_value - values[k])
+    return advantages
+
+
+UNIT = st.floats(0.0, 1.0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(ragged_rewards_and_values(), UNIT, UNIT)
+def test_property_gae_matches_a_per_sample_reference_loop_and_ignores_padding(data, gamma, lam):
+    rewards, values, mask = data
+    advantages = gae(rewards, values, mask, gamma, lam)
+    assert advantages.dtype == torch.float64
+    for i, length in enumerate(mask.sum(1).long().tolist()):
+        expected = reference_gae(rewards[i].tolist(), values[i].tolist(), length, gamma, lam)
+        assert torch.allclose(advantages[i], R(expected), rtol=1e-12, atol=1e-12)
+    valid = mask.bool()
+    clean_rewards, clean_values = torch.where(valid, rewards, 0.0), torch.where(valid, values, 0.0)
+    assert torch.equal(gae(clean_rewards, clean_values, mask, gamma, lam), advantages)  # garbage changes nothing
+    targets = value_targets(rewards, values, mask, gamma, lam)
+    assert torch.equal(targets, torch.where(valid, advantages + clean_values, 0.0))  # R_t = A_t + V(s_t)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ragged_rewards_and_values(holes=True), UNIT)
+def test_property_gae_with_lam_1_is_returns_minus_values_so_no_separate_value_baseline_estimator(data, gamma):
+    """lam = 1 telescopes: sum_l gamma^l (r_{t+l} + gamma V_{t+l+1} - V_{t+l}) = G_t - V_t (terminal V = 0), for
+    any mask; with V = 0 it is returns_to_go to the last bit, and its value targets are the returns."""
+    rewards, values, mask = data
+    returns = returns_to_go(rewards, mask, gamma)
+    clean_values = torch.where(mask.bool(), values, 0.0)
+    assert torch.allclose(gae(rewards, values, mask, gamma, 1.0), returns - clean_values, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(value_targets(rewards, values, mask, gamma, 1.0), returns, rtol=1e-12, atol=1e-12)
+    assert torch.equal(gae(rewards, torch.zeros_like(values), mask, gamma, 1.0), returns)

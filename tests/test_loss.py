@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.algorithm.advantages import kl_penalty
-from pipeline.algorithm.loss import AGGREGATIONS, LOSSES, policy_loss
+from pipeline.algorithm.loss import AGGREGATIONS, LOSSES, explained_variance, policy_loss, value_loss
 from pipeline.models.tiny import make_char_tokenizer, make_tiny_gpt2
 
 T = torch.tensor
@@ -347,3 +347,105 @@ def test_a_single_valid_token_and_a_single_sequence():
     for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
         loss, metrics = policy_loss(logp, logp, advantages, mask, agg=agg)
         assert loss.item() == 3.0 and metrics["is_weight/mean"] == 1.0, agg  # -1.5 * -2, over 1 token / 1 sequence
+
+
+# The critic's loss. Valid tokens: (V, V_old, R) = (1, 1.5, 0), (2, 1, 3), (0, 0, .5); the padding holds garbage.
+VALUES = T([[1.0, 2.0], [0.0, math.nan]])
+OLD_VALUES = T([[1.5, 1.0], [0.0, math.inf]])
+TARGETS = T([[0.0, 3.0], [0.5, -math.inf]])
+
+
+def test_value_loss_by_hand_with_and_without_clipping():
+    loss, metrics = value_loss(VALUES, OLD_VALUES, TARGETS, MASK)
+    assert loss.item() == pytest.approx((0.5 * 1 + 0.5 * 1 + 0.5 * 0.25) / 3)  # 0.5 (V - R)^2
+    assert metrics == {"value_clip_frac": 0.0, "value_mean": 1.0}
+    # c = .2: V_clip = 1.5 - .2 = 1.3 -> (1.3 - 0)^2 = 1.69 > 1 ; 1 + .2 = 1.2 -> (1.2 - 3)^2 = 3.24 > 1 ;
+    # 0 + 0 -> .25, equal to the unclipped term: not counted as clipped
+    theta = VALUES.clone().requires_grad_()
+    loss, metrics = value_loss(theta, OLD_VALUES, TARGETS, MASK, clip=0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 3.24 + 0.25) / 3)
+    assert metrics["value_clip_frac"] == pytest.approx(2 / 3)
+    (grad,) = torch.autograd.grad(loss, theta)
+    # the clipped terms win on tokens 0 and 1 and do not move with V; token 2: (V - R) / 3
+    assert torch.equal(grad, T([[0.0, 0.0], [-0.5 / 3, 0.0]]))
+    # the clipped term is the smaller one: V = 1, V_old = 0, R = .1 -> V_clip = .2, (.2 - .1)^2 < (1 - .1)^2
+    loss, metrics = value_loss(T([[1.0]]), T([[0.0]]), T([[0.1]]), T([[1.0]]), clip=0.2)
+    assert loss.item() == pytest.approx(0.5 * 0.81) and metrics["value_clip_frac"] == 0.0
+
+
+def test_value_loss_and_explained_variance_refuse_bad_input():
+    with pytest.raises(ValueError, match=r"values=\(2, 2\), old_values=\(2, 1\), targets=\(2, 2\), mask=\(2, 2\)"):
+        value_loss(VALUES, OLD_VALUES[:, :1], TARGETS, MASK)
+    with pytest.raises(ValueError, match="value clip must be >= 0, got -0.1"):
+        value_loss(VALUES, OLD_VALUES, TARGETS, MASK, clip=-0.1)
+    with pytest.raises(ValueError, match="old_values holds NaN or inf at sample 1, token 1"):
+        value_loss(VALUES, OLD_VALUES, TARGETS, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="targets holds NaN or inf at sample 1, token 1"):
+        value_loss(VALUES, OLD_VALUES.nan_to_num(posinf=0.0), TARGETS, torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"values=\(2, 2\), targets=\(2, 1\)"):
+        explained_variance(VALUES, TARGETS[:, :1], MASK)
+
+
+def critic_batch(rows: int, width: int, seed: int):
+    """theta (stands in for the critic: V = 3 tanh(theta)), V_old, R and a ragged mask; NaN/inf on padding."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, width + 1, (rows,), generator=generator)
+    mask = (torch.arange(width) < lengths[:, None]).float()
+    theta = torch.randn(rows, width, generator=generator).requires_grad_()
+    old = 3 * torch.tanh(theta.detach() + 0.3 * torch.randn(rows, width, generator=generator))
+    targets = torch.randn(rows, width, generator=generator, dtype=torch.float64) * 2
+    padding = ~mask.bool()
+    return theta, old.masked_fill(padding, math.inf), targets.masked_fill(padding, math.nan), mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 6), st.integers(1, 5), st.sampled_from([None, 0.0, 0.1, 0.5]), st.integers(0, 10_000), st.data())
+def test_property_value_loss_micro_batches_sum_to_the_whole_batch(rows, width, clip, seed, data):
+    """With the whole minibatch's token count, the micro-batch losses and gradients sum to the whole batch's."""
+    theta, old, targets, mask = critic_batch(rows, width, seed)
+    split = data.draw(st.integers(1, rows - 1))
+    num_tokens = float(mask.sum())
+
+    def loss_of(part: slice) -> torch.Tensor:
+        values = 3 * torch.tanh(theta[part])
+        return value_loss(values, old[part], targets[part], mask[part], clip, num_tokens)[0]
+
+    whole = loss_of(slice(0, rows))
+    micro = [loss_of(slice(0, split)), loss_of(slice(split, rows))]
+    assert torch.allclose(whole, sum(micro), rtol=1e-6, atol=1e-6)
+    (full,) = torch.autograd.grad(whole, theta)
+    summed = sum(torch.autograd.grad(part, theta)[0] for part in micro)
+    assert torch.allclose(full, summed, rtol=1e-6, atol=1e-7)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.floats(0.01, 2.0), st.integers(0, 10_000))
+def test_property_value_clipping_inside_the_range_is_the_plain_loss_and_padding_never_reaches_it(
+    rows, width, clip, seed
+):
+    """|V - V_old| < c: the clipped loss is the unclipped one (loss, gradient, clip_frac 0); the NaN/inf padding of
+    V, V_old and R changes neither loss nor gradient, and the gradient w.r.t. V is 0 on padding."""
+    theta, _, targets, mask = critic_batch(rows, width, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    old = theta.detach() + (torch.rand(rows, width, generator=generator) * 2 - 1) * 0.99 * clip  # |V - V_old| < c
+    padding = ~mask.bool()
+    values = theta.masked_fill(padding, math.nan)  # garbage in V itself (masked_fill keeps the graph to theta)
+    clipped, metrics = value_loss(values, old.masked_fill(padding, -math.inf), targets, mask, clip)
+    plain, _ = value_loss(theta, old, targets.masked_fill(padding, 0.0), mask)
+    assert torch.equal(clipped, plain) and metrics["value_clip_frac"] == 0.0
+    (grad_clipped,) = torch.autograd.grad(clipped, theta)
+    (grad_plain,) = torch.autograd.grad(plain, theta)
+    assert torch.equal(grad_clipped, grad_plain)
+    assert torch.equal(grad_clipped[padding], torch.zeros(int(padding.sum())))
+
+
+def test_explained_variance_by_hand():
+    mask = T([[1.0, 1.0, 1.0, 0.0]])
+    targets = T([[1.0, 2.0, 3.0, math.nan]], dtype=torch.float64)
+    assert explained_variance(targets.float().nan_to_num(7.0), targets, mask) == 1.0  # perfect values
+    # R - V = [0, 0, 1]: Var = 2/9 ; Var(R) = 2/3 -> 1 - 1/3
+    assert explained_variance(T([[1.0, 2.0, 2.0, math.inf]]), targets, mask) == pytest.approx(2 / 3, abs=1e-12)
+    assert explained_variance(T([[2.0, 2.0, 2.0, 0.0]]), targets, mask) == 0.0  # the mean: explains nothing
+    # constant targets (Var(R) = 0, here 0.1 whose float mean is not exactly 0.1) and no valid token: 0.0, no NaN
+    assert explained_variance(T([[0.0, 1.0, 2.0, 0.0]]), torch.full((1, 4), 0.1), mask) == 0.0
+    assert explained_variance(T([[1.0]]), T([[2.0]]), T([[0.0]])) == 0.0

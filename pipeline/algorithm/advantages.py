@@ -5,13 +5,15 @@ Every function works on (batch, tokens) tensors of *response* tokens, right-padd
 statistic are computed in float64 and advantages are returned in float32. Group statistics treat
 values that differ only by rounding as equal, so a group whose samples earned the same rewards
 gets advantages that are exactly 0 (no float32 rounding is ever amplified into a signal).
-Estimators are registered by name in `ESTIMATORS`; a new one is one decorated function.
+Estimators are registered by name in `ESTIMATORS`; a new one is one decorated function of an
+`EstimatorInputs`. `gae` (and `value_targets`, the critic's regression targets) use a learned V(s_t).
 The formulas are explained, with the reasons they are unbiased, in docs/algorithms.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -146,58 +148,132 @@ def group_stats_of_returns(returns: torch.Tensor, magnitude: torch.Tensor, mask:
     )
 
 
-Estimator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+def gae(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> torch.Tensor:
+    """Generalised advantage estimation (Schulman et al. 2016), float64, 0 where mask == 0.
+
+    A_t = sum_{l>=0} (gamma lam)^l delta_{t+l},  delta_t = r_t + gamma V(s_{t+1}) - V(s_t).
+    The last valid token of each response is terminal: V(s_{T+1}) = 0, no bootstrap (also for a
+    response cut at max_new_tokens, as verl and OpenRLHF do). Padding (rewards and values) may hold
+    garbage. A masked position inside a response counts as a reward-0 step worth gamma V(s_{t+1})
+    (delta = 0 there), so its position counts in the discount as in `returns_to_go`, and lam = 1 gives
+    exactly G_t - V(s_t) for any mask. V is a constant here (detached): no gradient flows into the critic.
+    """
+    check_same_shape(token_rewards=token_rewards, values=values, mask=mask)
+    check_finite("token_rewards", token_rewards, mask)
+    check_finite("values", values, mask)
+    valid = mask.bool()
+    rewards = torch.where(valid, token_rewards.to(STATS_DTYPE), 0.0)
+    values = torch.where(valid, values.detach().to(STATS_DTYPE), 0.0)
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=STATS_DTYPE, device=rewards.device)  # A_{t+1}
+    next_value = torch.zeros_like(running)  # V(s_{t+1}); 0 past the last valid token (terminal)
+    decay = gamma * lam
+    for t in reversed(range(rewards.shape[1])):
+        value = torch.where(valid[:, t], values[:, t], gamma * next_value)  # masked: V(s_t) = gamma V(s_{t+1})
+        delta = rewards[:, t] + gamma * next_value - value  # delta_t = r_t + gamma V(s_{t+1}) - V(s_t)
+        running = delta + decay * running  # A_t = delta_t + gamma lam A_{t+1}
+        advantages[:, t] = running
+        next_value = value
+    return torch.where(valid, advantages, 0.0)
+
+
+def value_targets(
+    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> torch.Tensor:
+    """The critic's regression targets R_t = A_t^GAE + V(s_t) (lam = 1: the returns G_t), float64, 0 where
+    mask == 0; from the raw GAE advantages, before any whitening."""
+    valid = mask.bool()
+    advantages = gae(token_rewards, values, mask, gamma, lam)
+    return torch.where(valid, advantages + values.detach().to(STATS_DTYPE), 0.0)  # R_t = A_t + V(s_t)
+
+
+@dataclass(frozen=True)
+class EstimatorInputs:
+    """What an estimator may use; the (batch, tokens) tensors but `mask` are float64 and 0 where mask == 0."""
+
+    token_rewards: torch.Tensor  # r_t
+    returns: torch.Tensor  # G_t = sum_{k>=t} gamma^(k-t) r_k
+    magnitude: torch.Tensor  # sum_{k>=t} gamma^(k-t) |r_k| (the size of what was summed into G_t)
+    mask: torch.Tensor
+    group_ids: torch.Tensor  # (batch,)
+    gamma: float
+    lam: float
+    values: torch.Tensor | None = None  # V(s_t) from a critic, for the estimators in NEEDS_VALUES
+
+
+Estimator = Callable[[EstimatorInputs], torch.Tensor]
 ESTIMATORS: dict[str, Estimator] = {}
 DEFAULT_WHITEN: dict[str, bool] = {}
 GROUP_BASELINE: set[str] = set()  # estimators whose advantages are already centred within each group
+NEEDS_VALUES: set[str] = set()  # estimators that need V(s_t) (`values=`)
 
 
 def register_estimator(
-    name: str, whiten_by_default: bool = False, group_baseline: bool = False
+    name: str, whiten_by_default: bool = False, group_baseline: bool = False, needs_values: bool = False
 ) -> Callable[[Estimator], Estimator]:
-    """Register `fn(returns, magnitude, mask, group_ids) -> advantages` (float64) under `name`."""
+    """Register `fn(x: EstimatorInputs) -> advantages` (float64) under `name`."""
 
     def decorate(fn: Estimator) -> Estimator:
         ESTIMATORS[name] = fn
         DEFAULT_WHITEN[name] = whiten_by_default
         if group_baseline:
             GROUP_BASELINE.add(name)
+        if needs_values:
+            NEEDS_VALUES.add(name)
         return fn
 
     return decorate
 
 
 @register_estimator("reinforce")
-def _reinforce(returns, magnitude, mask, group_ids):
-    return returns  # A_t = G_t
+def _reinforce(x: EstimatorInputs) -> torch.Tensor:
+    return x.returns  # A_t = G_t
 
 
 @register_estimator("rloo", group_baseline=True)
-def _rloo(returns, magnitude, mask, group_ids):
+def _rloo(x: EstimatorInputs) -> torch.Tensor:
     # A_{i,t} = G_{i,t} - (sum_j G~_{j,t} - G~_{i,t}) / (n - 1); 0 where the group's G~_t are all equal
     # (a group of one included: it has no baseline)
-    stats = group_stats_of_returns(returns, magnitude, mask, group_ids)
+    stats = group_stats_of_returns(x.returns, x.magnitude, x.mask, x.group_ids)
     leave_one_out = (stats.total - stats.values) / (stats.count - 1).clamp(min=1.0)
-    return torch.where(stats.equal, 0.0, returns - leave_one_out)
+    return torch.where(stats.equal, 0.0, x.returns - leave_one_out)
 
 
 @register_estimator("grpo", group_baseline=True)
-def _grpo(returns, magnitude, mask, group_ids):
+def _grpo(x: EstimatorInputs) -> torch.Tensor:
     # A_{i,t} = (G_{i,t} - mean_g G~_t) / (std_g G~_t + eps); 0 where the group's G~_t are all equal
-    stats = group_stats_of_returns(returns, magnitude, mask, group_ids)
-    return torch.where(stats.equal, 0.0, (returns - stats.mean) / (stats.std + GROUP_STD_EPS))
+    stats = group_stats_of_returns(x.returns, x.magnitude, x.mask, x.group_ids)
+    return torch.where(stats.equal, 0.0, (x.returns - stats.mean) / (stats.std + GROUP_STD_EPS))
 
 
 @register_estimator("reinforce++", whiten_by_default=True)
-def _reinforce_pp(returns, magnitude, mask, group_ids):
-    return returns  # A_t = G_t, then whitened over the batch
+def _reinforce_pp(x: EstimatorInputs) -> torch.Tensor:
+    return x.returns  # A_t = G_t, then whitened over the batch
 
 
 @register_estimator("reinforce++_baseline", whiten_by_default=True, group_baseline=True)
-def _reinforce_pp_baseline(returns, magnitude, mask, group_ids):
+def _reinforce_pp_baseline(x: EstimatorInputs) -> torch.Tensor:
     # A_{i,t} = G_{i,t} - mean_g G~_t (0 where the group's G~_t are all equal), then scaled by the batch std
-    stats = group_stats_of_returns(returns, magnitude, mask, group_ids)
-    return torch.where(stats.equal, 0.0, returns - stats.mean)
+    stats = group_stats_of_returns(x.returns, x.magnitude, x.mask, x.group_ids)
+    return torch.where(stats.equal, 0.0, x.returns - stats.mean)
+
+
+@register_estimator("gae", whiten_by_default=True, needs_values=True)
+def _gae(x: EstimatorInputs) -> torch.Tensor:
+    # A_t = sum_l (gamma lam)^l delta_{t+l}, then whitened over the batch (centred: no group baseline), as verl and
+    # OpenRLHF do; lam = 1 is REINFORCE with a value baseline, A_t = G_t - V(s_t)
+    return gae(x.token_rewards, x.values, x.mask, x.gamma, x.lam)
+
+
+def check_values(name: str, values: torch.Tensor | None, mask: torch.Tensor) -> None:
+    """Raise ValueError when the estimator `name` needs values and has none, or `values` is not shaped like `mask`."""
+    if values is None:
+        if name in NEEDS_VALUES:
+            raise ValueError(f"advantage estimator {name!r} needs values V(s_t) from a critic (values=...)")
+        return
+    check_same_shape(values=values, mask=mask)
 
 
 def compute_advantages(
@@ -207,18 +283,34 @@ def compute_advantages(
     group_ids: torch.Tensor,
     gamma: float = 1.0,
     whiten: bool | None = None,
+    values: torch.Tensor | None = None,
+    lam: float = 1.0,
 ) -> torch.Tensor:
     """Per-token float32 advantages from per-token rewards (float32 or float64) with the estimator `name`.
 
-    `whiten=None` takes the estimator's default (on for reinforce++ variants, off otherwise).
+    `whiten=None` takes the estimator's default (on for reinforce++ variants and gae, off otherwise).
     Whitening re-centres on the batch mean only for estimators without a group baseline, so a group
-    whose samples all earned the same rewards keeps advantages of exactly 0.
+    whose samples all earned the same rewards keeps advantages of exactly 0. `values` (V(s_t), shaped
+    like `mask`, finite on valid tokens) and `lam` are used by the estimators in NEEDS_VALUES (gae).
     """
     check_known("advantage estimator", name, ESTIMATORS)
+    check_values(name, values, mask)
+    valid = mask.bool()
     returns = returns_to_go(token_rewards, mask, gamma)
-    magnitude = returns_to_go(token_rewards.abs(), mask, gamma)  # sum_{k>=t} gamma^(k-t) |r_k|
-    advantages = ESTIMATORS[name](returns, magnitude, mask, group_ids.to(returns.device))
-    advantages = torch.where(mask.bool(), advantages, 0.0)
+    if values is not None:
+        check_finite("values", values, mask)
+        values = torch.where(valid, values.to(STATS_DTYPE), 0.0)
+    inputs = EstimatorInputs(
+        token_rewards=torch.where(valid, token_rewards.to(STATS_DTYPE), 0.0),
+        returns=returns,
+        magnitude=returns_to_go(token_rewards.abs(), mask, gamma),  # sum_{k>=t} gamma^(k-t) |r_k|
+        mask=mask,
+        group_ids=group_ids.to(returns.device),
+        gamma=gamma,
+        lam=lam,
+        values=values,
+    )
+    advantages = torch.where(valid, ESTIMATORS[name](inputs), 0.0)
     if DEFAULT_WHITEN[name] if whiten is None else whiten:
         advantages = masked_whiten(advantages, mask, center=name not in GROUP_BASELINE)
     return advantages.to(torch.float32)
@@ -231,14 +323,18 @@ def advantages_if_finite(
     group_ids: torch.Tensor,
     gamma: float = 1.0,
     whiten: bool | None = None,
+    values: torch.Tensor | None = None,
+    lam: float = 1.0,
 ) -> tuple[torch.Tensor, bool]:
-    """(compute_advantages(...), whether every valid reward and advantage is finite). A NaN/inf valid reward
-    gives zeros (float32, shaped like `mask`) and False without computing advantages; finite rewards whose
+    """(compute_advantages(...), whether every valid reward, value and advantage is finite). A NaN/inf valid reward
+    or value gives zeros (float32, shaped like `mask`) and False without computing advantages; finite inputs whose
     advantages overflow float32 give those advantages and False. The learner skips the update when False."""
+    check_values(name, values, mask)
     valid = mask.bool()
-    if not bool(torch.isfinite(token_rewards[valid]).all()):
+    inputs = [token_rewards] if values is None else [token_rewards, values]
+    if not all(bool(torch.isfinite(x[valid]).all()) for x in inputs):
         return torch.zeros_like(mask), False
-    advantages = compute_advantages(name, token_rewards, mask, group_ids, gamma, whiten)
+    advantages = compute_advantages(name, token_rewards, mask, group_ids, gamma, whiten, values, lam)
     return advantages, bool(torch.isfinite(advantages[valid]).all())
 
 

@@ -3,7 +3,8 @@
 `policy_loss` builds a per-token loss l_t (registry `LOSSES`), adds optional KL and entropy
 terms, and reduces it with an aggregation mode (registry `AGGREGATIONS`). Every reduction
 divides by *global* counts passed in by the caller (`num_tokens`, `num_seqs`), so the gradient
-summed over micro-batches equals the gradient of one big batch. See docs/algorithms.md.
+summed over micro-batches equals the gradient of one big batch. `value_loss` is the critic's
+(optionally clipped) regression loss on the same counts; `explained_variance` its fit. See docs/algorithms.md.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.algorithm.advantages import check_finite, check_known, check_same_shape, kl_penalty
+from pipeline.algorithm.advantages import STATS_DTYPE, check_finite, check_known, check_same_shape, kl_penalty
 
 TokenLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 LOSSES: dict[str, TokenLoss] = {}
@@ -131,3 +132,66 @@ def policy_loss(
     num_seqs = float(mask.any(dim=1).sum().clamp(min=1.0)) if num_seqs is None else float(num_seqs)
     max_len = float(mask.shape[1]) if max_len is None else float(max_len)
     return AGGREGATIONS[agg](token_loss, mask, num_tokens, num_seqs, max_len), metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None = None,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The critic's loss sum_{valid t} l_t / num_tokens (float32; float64 for float64 values) and its metrics
+    (floats, token means over this call's valid tokens: `value_clip_frac`, where the clipped term is strictly the
+    larger, and `value_mean`, of V).
+
+    l_t = 0.5 (V_t - R_t)^2, or with `clip` c (PPO value clipping, as in verl and OpenRLHF)
+    l_t = 0.5 max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -c, c) - R_t)^2).
+    V = `values` (the critic's, with gradient), V_old = `old_values` (when the batch's values were computed),
+    R = `targets` (`value_targets`). num_tokens: the global valid-token count of the whole minibatch (default:
+    this call's), so micro-batch gradients sum to the minibatch's. Padding may hold anything (NaN, inf): it
+    reaches neither the loss nor the gradient.
+    """
+    check_same_shape(values=values, old_values=old_values, targets=targets, mask=mask)
+    if clip is not None and clip < 0:
+        raise ValueError(f"value clip must be >= 0, got {clip}")
+    check_finite("old_values", old_values, mask)
+    check_finite("targets", targets, mask)
+    valid = mask.bool()
+    dtype = torch.promote_types(values.dtype, torch.float32)  # float32 for a bf16 critic, float64 stays
+    mask = mask.to(dtype)
+    # garbage replaced before any arithmetic, so no NaN enters the backward either
+    v = torch.where(valid, values.to(dtype), 0.0)
+    old = torch.where(valid, old_values.to(dtype), 0.0)
+    target = torch.where(valid, targets.to(dtype), 0.0)
+    error = (v - target).square()  # (V_t - R_t)^2
+    if clip is None:
+        token_loss, clipped = 0.5 * error, torch.zeros_like(error, dtype=torch.bool)
+    else:
+        change = v - old
+        # V_old + clip(V - V_old, -c, c), written V + (clip(d) - d) so that it is V to the last bit when unclipped
+        v_clipped = v + (change.clamp(-clip, clip) - change)
+        error_clipped = (v_clipped - target).square()
+        token_loss, clipped = 0.5 * torch.maximum(error, error_clipped), error_clipped > error
+    count = mask.sum().clamp(min=1.0)
+    num_tokens = float(count) if num_tokens is None else float(num_tokens)
+    metrics = {
+        "value_clip_frac": float((clipped.float() * mask).sum() / count),
+        "value_mean": float((v.detach() * mask).sum() / count),
+    }
+    return torch.where(valid, token_loss, 0.0).sum() / num_tokens, metrics
+
+
+def explained_variance(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the valid tokens (float64): 1 for perfect values, 0 for values no better than the
+    targets' mean, negative for worse. Returns 0.0 when Var(R) = 0 (all valid targets equal, or no valid token):
+    there is nothing to explain, and the ratio would be 0/0."""
+    check_same_shape(values=values, targets=targets, mask=mask)
+    valid = mask.bool()
+    v = values.detach()[valid].to(STATS_DTYPE)
+    r = targets.detach()[valid].to(STATS_DTYPE)
+    if r.numel() == 0 or bool(r.max() == r.min()):  # Var(R) = 0 exactly (rounding could make it 1e-35)
+        return 0.0
+    # population variances: their n / (n - 1) factors would cancel
+    return float(1.0 - (r - v).var(correction=0) / r.var(correction=0))
