@@ -493,6 +493,17 @@ def test_gae_by_hand_ragged_with_the_last_valid_token_terminal():
     # R_t = A_t + V(s_t): [1.46875, .875, 2], [1.25, 4], [-1]
     targets = R([[1.46875, 0.875, 2.0], [1.25, 4.0, 0.0], [-1.0, 0.0, 0.0]])
     assert torch.equal(value_targets(GAE_REWARDS, GAE_VALUES, GAE_MASK, 0.5, 0.5), targets)
+    critic_output = GAE_VALUES.clone().requires_grad_()  # V is a constant of both: no gradient reaches the critic
+    assert not gae(GAE_REWARDS, critic_output, GAE_MASK, 0.5, 0.5).requires_grad
+    assert not value_targets(GAE_REWARDS, critic_output, GAE_MASK, 0.5, 0.5).requires_grad
+
+
+def test_gae_counts_a_masked_position_inside_a_response_in_the_discount():
+    # gamma = lam = .5; r = [1, -, 2], V = [.5, -, 1.5]: the hole is a reward-0 step worth gamma V(s_2) = .75
+    # t = 2: delta = 2 - 1.5 = .5, A = .5 ; t = 1: delta = 0 + .75 - .75 = 0, A = .25 * .5 = .125 ;
+    # t = 0: delta = 1 + .5 * .75 - .5 = .875, A = .875 + .25 * .125 = .90625
+    rewards, values = T([[1.0, math.nan, 2.0]], dtype=torch.float64), T([[0.5, math.inf, 1.5]], dtype=torch.float64)
+    assert torch.equal(gae(rewards, values, T([[1.0, 0.0, 1.0]]), 0.5, 0.5), R([[0.90625, 0.0, 0.5]]))
 
 
 def test_gae_is_registered_as_a_whitened_centred_estimator_that_needs_values():

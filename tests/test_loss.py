@@ -429,7 +429,7 @@ def test_property_value_clipping_inside_the_range_is_the_plain_loss_and_padding_
     generator = torch.Generator().manual_seed(seed + 1)
     old = theta.detach() + (torch.rand(rows, width, generator=generator) * 2 - 1) * 0.99 * clip  # |V - V_old| < c
     padding = ~mask.bool()
-    values = theta.masked_fill(padding, math.nan)  # garbage in V itself (masked_fill keeps the graph to theta)
+    values = theta + torch.zeros_like(theta).masked_fill(padding, math.nan)  # garbage in V, its backward to theta
     clipped, metrics = value_loss(values, old.masked_fill(padding, -math.inf), targets, mask, clip)
     plain, _ = value_loss(theta, old, targets.masked_fill(padding, 0.0), mask)
     assert torch.equal(clipped, plain) and metrics["value_clip_frac"] == 0.0

@@ -165,7 +165,7 @@ def gae(
     check_finite("values", values, mask)
     valid = mask.bool()
     rewards = torch.where(valid, token_rewards.to(STATS_DTYPE), 0.0)
-    values = torch.where(valid, values.detach().to(STATS_DTYPE), 0.0)
+    values = values.detach().to(STATS_DTYPE)  # its padding is never read (the torch.where below)
     advantages = torch.zeros_like(rewards)
     running = torch.zeros(rewards.shape[0], dtype=STATS_DTYPE, device=rewards.device)  # A_{t+1}
     next_value = torch.zeros_like(running)  # V(s_{t+1}); 0 past the last valid token (terminal)
