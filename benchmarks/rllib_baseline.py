@@ -4,14 +4,14 @@ Both start from the shipped warm start of the default task (`addition`, eval exa
 the same rewards (exact_match 1.0 + digit_match 0.5) and are evaluated the same way: greedy exact
 match on the 1,000 held-out prompts, by tokenforge's rollout worker and reward worker (for RLlib,
 loaded with the RLModule's LM weights), at step 0 and every --eval-every samples. A sample is one
-completion (tokenforge: prompts_per_step x group_size per step; RLlib: one episode). Arms: tokenforge's
-default (64 prompts x 8 samples per update), tokenforge with 16 prompts x 8 per update (as many updates
-per sample as the RLlib arm makes: ~4 minibatch steps per ~512 episodes), RLlib PPO. Each
-run is a fresh process with its own local Ray on all cores (2 here). Prints a Markdown table and
-plots exact match against samples and against training seconds.
+completion (tokenforge: prompts_per_step x group_size per step; RLlib: one episode). Arms (TOKENFORGE_ARMS):
+tokenforge's default with trainer.total_steps sized to the budget (so is its lr schedule), the default with 4
+PPO-clipped minibatch steps per batch, examples/critic.yaml (GAE with a critic), the same without the critic
+(reinforce++: whitened returns, no baseline), and RLlib PPO. Each run is a fresh process with its own local Ray
+on all cores (2 here). Prints a Markdown table and plots exact match against samples and training seconds.
 
     python benchmarks/rllib_baseline.py [--samples 102400] [--seeds 0 1] [--eval-every 12800]
-        [--plot docs/rllib_baseline.png] [--ppo num_epochs=1 lr=5e-4 ...] [--arms tokenforge tokenforge-16 rllib]
+        [--plot docs/rllib_baseline.png] [--ppo num_epochs=1 lr=5e-4 ...] [--arms tokenforge tokenforge-critic rllib]
 
 `--ppo-run OUT` is the RLlib arm's own process (the benchmark starts it; usable alone).
 """
@@ -30,13 +30,23 @@ from pathlib import Path
 
 import yaml
 
-GROUP_SIZE = 8  # tokenforge's rollout.group_size (default)
-TOKENFORGE_PROMPTS = {"tokenforge": 64, "tokenforge-16": 16}  # trainer.prompts_per_step of each tokenforge arm
-ARMS = {
-    "tokenforge": "tokenforge train (default: 64 prompts x 8 per update)",
-    "tokenforge-16": "tokenforge train, 16 prompts x 8 per update",
-    "rllib": "RLlib PPO on the token env (CausalLMModule)",
+REPO = Path(__file__).resolve().parent.parent
+CRITIC = str(REPO / "examples" / "critic.yaml")
+TOKENFORGE_ARMS = {  # arm: (label, config file or None for the default, overrides)
+    "tokenforge": ("tokenforge train (default: grpo, 64 prompts x 8, 1 update per batch)", None, []),
+    "tokenforge-minibatches": (
+        "default + 4 PPO-clip minibatches per batch",
+        None,
+        ["learner.minibatches=4", "algorithm.loss=ppo_clip"],
+    ),
+    "tokenforge-critic": ("examples/critic.yaml (gae + critic, 256 prompts x 1, 2 minibatches x 2 passes)", CRITIC, []),
+    "tokenforge-no-critic": (
+        "examples/critic.yaml without the critic (reinforce++)",
+        CRITIC,
+        ["algorithm.estimator=reinforce++", "critic=null"],
+    ),
 }
+ARMS = {**{arm: label for arm, (label, _, _) in TOKENFORGE_ARMS.items()}, "rllib": "RLlib PPO on the token env"}
 
 
 def ppo_run(out: Path, seed: int, samples: int, eval_every: int, ppo: dict) -> None:
@@ -142,11 +152,14 @@ def run_rllib(seed: int, samples: int, eval_every: int, ppo: list[str], workdir:
 def run_tokenforge(arm: str, seed: int, samples: int, eval_every: int, workdir: Path) -> dict:
     from default_train import run_seed
 
-    prompts = TOKENFORGE_PROMPTS[arm]
-    per_step = prompts * GROUP_SIZE
-    steps, every = samples // per_step, max(1, eval_every // per_step)
-    overrides = [f"trainer.total_steps={steps}", f"trainer.eval_every={every}", f"trainer.prompts_per_step={prompts}"]
-    run = run_seed(seed, overrides, 2.0, workdir / arm)
+    from pipeline.preflight import load_config
+
+    _, config_file, overrides = TOKENFORGE_ARMS[arm]
+    config = load_config(config_file, overrides)
+    per_step = config.trainer.prompts_per_step * config.rollout.group_size
+    steps, every = samples // per_step, max(1, eval_every // per_step)  # the lr schedule spans the budget
+    overrides = [*overrides, f"trainer.total_steps={steps}", f"trainer.eval_every={every}"]
+    run = run_seed(seed, overrides, 2.0, workdir / arm, config=config_file)
     return {"seed": seed, "wall_s": run["wall_s"], "curve": [(s * per_step, t, v) for s, t, v in run["curve"]]}
 
 
@@ -200,7 +213,7 @@ def plot(results: dict[str, list[dict]], path: Path, samples: int) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    colors = {"tokenforge": "tab:blue", "tokenforge-16": "tab:green", "rllib": "tab:red"}
+    colors = dict(zip(ARMS, ["tab:blue", "tab:green", "tab:purple", "tab:gray", "tab:red"]))
     for arm, runs in results.items():
         color = colors[arm]
         for i, run in enumerate(runs):
