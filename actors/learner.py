@@ -280,7 +280,8 @@ class Learner:
                             )
                         )
                     skipped += int(critic_steps[-1]["critic/skipped"])
-                if self.policy_version < self.pretrain_steps:
+                if self.policy_version < self.pretrain_steps:  # the policy waits (its schedule too)
+                    skipped += not finite
                     continue
                 counts = {
                     "num_tokens": float(part.mask.sum()),

@@ -40,6 +40,9 @@ def weights(**w: float) -> str:
     return "reward.weights={" + ", ".join(f"{k}: {v}" for k, v in w.items()) + "}"
 
 
+# The same rewards with a learned per-token value baseline instead of the group's (GAE with lam = 1: A_t = G_t -
+# V(s_t), whitened; a critic initialised from the policy), everything else as the task's config
+CRITIC = ["algorithm.estimator=gae"]
 # The same partial-credit reward at sequence and at token level isolates the placement of credit; exact match
 # (sequence) against the two tells what partial credit adds.
 CHAR_ARMS = {
@@ -47,12 +50,16 @@ CHAR_ARMS = {
     "sequence: digit_match summed": [weights(digit_match=1.0), "reward.components.digit_match={level: sequence}"],
     "token: digit_match": [weights(digit_match=1.0)],
 }
+CHAR_CRITIC_ARMS = {
+    "critic, sequence: digit_match summed": [*CHAR_ARMS["sequence: digit_match summed"], *CRITIC],
+    "critic, token: digit_match": [*CHAR_ARMS["token: digit_match"], *CRITIC],
+}
 TASKS = {
     "reverse": Task(
         "examples/reverse.yaml",
         "eval/exact_match",
         0.35,
-        CHAR_ARMS,
+        CHAR_ARMS | CHAR_CRITIC_ARMS,
         failure_modes={
             # order-blind partial credit: right characters in the wrong order still earn the unigram matches
             "token: chrf": [weights(chrf=1.0), "reward.components.chrf={level: token, column: answer}"],
@@ -77,6 +84,8 @@ TASKS = {
         {
             "sequence: rougeL": [weights(rouge=1.0), "reward.components.rouge={level: sequence}"],
             "token: rougeL": [weights(rouge=1.0), "reward.components.rouge={level: token}"],
+            "critic, sequence: rougeL": [weights(rouge=1.0), "reward.components.rouge={level: sequence}", *CRITIC],
+            "critic, token: rougeL": [weights(rouge=1.0), "reward.components.rouge={level: token}", *CRITIC],
         },
         also=["eval/rouge"],
     ),

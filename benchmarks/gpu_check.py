@@ -1,11 +1,12 @@
 """GPU check: the rollout-worker and learner classes on CUDA, without Ray, for two model sizes.
 
 `tiny` is the shipped addition model; `100m` is a random-init char-level GPT-2 (14 layers x 768,
-about 100M parameters). For each: generate prompts x group_size samples, score them with the
-built-in rewards, take learner steps and publish weights to the worker; print one JSON line per
-step with times, throughput and peak GPU memory. Falls back to CPU when no GPU is visible.
+about 100M parameters). For each size and variant (`grpo`: the defaults; `critic`: gae with a critic, PPO-clipped
+minibatches, learner and critic in bf16-mixed): generate prompts x group_size samples, score them with the
+built-in rewards, take learner steps and publish weights to the worker; print one JSON line per step with
+times, throughput and peak GPU memory. Falls back to CPU when no GPU is visible.
 
-    python benchmarks/gpu_check.py [--sizes tiny 100m] [--prompts 64] [--steps 3]
+    python benchmarks/gpu_check.py [--sizes tiny 100m] [--variants grpo critic] [--prompts 64] [--steps 3]
 
 On the device machine (no Ray, no pydantic there): bash benchmarks/gpu_check.sh, with pydantic,
 pydantic-core, annotated-types and typing-inspection carried as wheels in .whl/.
@@ -44,9 +45,25 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def check(size: str, path: Path, prompts: int, steps: int) -> None:
+VARIANTS = {
+    "grpo": [],
+    "critic": [
+        "algorithm.estimator=gae",
+        "algorithm.loss=ppo_clip",
+        "learner.minibatches=2",
+        "learner.precision=bf16-mixed",
+        "critic.precision=bf16-mixed",
+        "critic.micro_batch_size=128",
+    ],
+}
+
+
+def check(size: str, variant: str, path: Path, prompts: int, steps: int) -> None:
     gpu = torch.cuda.is_available()
-    config = load_config(overrides=[f"rollout.num_gpus_per_worker={int(gpu)}", "learner.micro_batch_size=128"])
+    overrides = [f"rollout.num_gpus_per_worker={int(gpu)}", "learner.micro_batch_size=128", *VARIANTS[variant]]
+    config = load_config(overrides=overrides)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     worker = RolloutWorker(config, str(path))
     learner = Learner(config, str(path), str(path), use_gpu=gpu)
     scorer = RewardWorker(config, str(path), list(config.reward.weights))
@@ -71,6 +88,7 @@ def check(size: str, path: Path, prompts: int, steps: int) -> None:
         tokens = sum(len(ids) for ids in batch.column("response_ids").to_pylist())
         record = {
             "size": size,
+            "variant": variant,
             "params_M": round(params / 1e6, 1),
             "device": worker.device,
             "step": step,
@@ -79,6 +97,7 @@ def check(size: str, path: Path, prompts: int, steps: int) -> None:
             "gen_tokens_per_s": round(tokens / times["rollout_s"]),
             "learn_tokens_per_s": round(tokens / times["learn_s"]),
             "reward_total": round(metrics["reward/total/mean"], 4),
+            "critic_value_loss": round(metrics["critic/value_loss"], 4) if "critic/value_loss" in metrics else None,
             "peak_gpu_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
         }
         print(json.dumps(record), flush=True)
@@ -87,12 +106,15 @@ def check(size: str, path: Path, prompts: int, steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "100m"], choices=["tiny", "100m"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         for size in args.sizes:
-            check(size, model_dir(size, Path(workdir)), args.prompts, args.steps)
+            path = model_dir(size, Path(workdir))
+            for variant in args.variants:
+                check(size, variant, path, args.prompts, args.steps)
 
 
 if __name__ == "__main__":

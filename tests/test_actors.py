@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from builders import rollout_table
+from builders import rollout_table, with_reward
 from transformers import AutoModelForCausalLM
 
 from actors.learner import Learner, lr_factor
@@ -469,13 +469,6 @@ def test_skipping_zero_advantage_samples_keeps_the_gradient(learner_and_batch, b
     assert skipped_metrics["learner/kept_frac"] < 1.0 == full_metrics["learner/kept_frac"]
     assert skipped_metrics["loss/policy"] == pytest.approx(full_metrics["loss/policy"], abs=1e-6)
     assert all(torch.allclose(skipped[n], full[n], atol=1e-6) for n in full)
-
-
-def with_reward(batch: pa.Table, name: str, value: float) -> pa.Table:
-    """`batch` with component `name` replaced by `value` on every sample's last token (as a broken scorer might)."""
-    rows = [[0.0] * (len(r) - 1) + [value] for r in batch.column("response_ids").to_pylist()]
-    column = batch.schema.get_field_index(reward_column(name))
-    return batch.set_column(column, reward_column(name), pa.array(rows, type=pa.list_(pa.float32())))
 
 
 def test_non_finite_steps_are_skipped_and_the_run_goes_on_until_too_many(learner_and_batch, builtin_model_path):

@@ -4,6 +4,7 @@ model: where gradients go, what a minibatch step normalises by, and an exact res
 import pyarrow as pa
 import pytest
 import torch
+from builders import with_reward
 
 from actors.learner import Learner
 from actors.reward_worker import RewardWorker
@@ -102,14 +103,18 @@ def test_minibatches_are_optimizer_steps_on_disjoint_parts_each_normalised_by_it
         torch.testing.assert_close(value, whole.model.state_dict()[name], rtol=0, atol=1e-7)
 
 
-def test_a_run_with_the_critic_resumes_exactly_from_a_published_checkpoint(batches, builtin_model_path, tmp_path):
-    overrides = ["learner.minibatches=2", "learner.updates_per_batch=2"]
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_run_with_the_critic_resumes_exactly_from_a_published_checkpoint(batches, builtin_model_path, tmp_path, lora):
+    overrides = ["learner.minibatches=2", "learner.updates_per_batch=2", *(["critic.lora={r: 4}"] if lora else [])]
     straight = learner(builtin_model_path, *overrides)
+    trainable = {name for name, p in straight.critic.model.named_parameters() if p.requires_grad}
+    if lora:  # the adapters and the value head train; the critic's transformer stays as it was
+        assert "head.weight" in trainable and all("lora_" in n for n in trainable - {"head.weight", "head.bias"})
     straight.train_step(batches[0])
     storage = Storage(str(tmp_path))
     files = straight.save(storage.uri, store.checkpoint_dir(1))
     directory = store.publish_checkpoint(storage, 1, files)
-    assert any(name.startswith("critic/") for name in files)
+    assert any(name.startswith("critic/adapter_model" if lora else "critic/model") for name in files)
     straight.train_step(batches[1])
 
     resumed = Learner(straight.config, builtin_model_path, builtin_model_path, resume=(storage.uri, directory))
@@ -117,3 +122,12 @@ def test_a_run_with_the_critic_resumes_exactly_from_a_published_checkpoint(batch
     for model, other in ((straight.model, resumed.model), (straight.critic.model, resumed.critic.model)):
         for name, value in model.state_dict().items():
             assert torch.equal(value, other.state_dict()[name]), name
+
+
+def test_a_nan_reward_skips_the_critics_step_and_the_policys_and_counts(batches, builtin_model_path):
+    tf = learner(builtin_model_path, "learner.minibatches=2", "learner.max_nonfinite_steps=2")
+    policy, critic = weights(tf.model), weights(tf.critic.model)
+    metrics = tf.train_step(with_reward(batches[0], "exact_match", float("nan")), step=1)
+    assert metrics["learner/skipped_nonfinite"] == 2.0  # both minibatches
+    assert not changed(policy, tf.model) and not changed(critic, tf.critic.model)
+    assert not tf.critic.optimizer.state_dict()["state"]  # Adam's moments untouched too

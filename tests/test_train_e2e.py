@@ -150,6 +150,38 @@ def test_staleness_one_trains_on_the_last_versions_samples_and_checkpoints_the_s
     assert state["sampler"]["position"] == 3 * 16  # step 4's prompts are drawn after the checkpoint, not before
 
 
+def test_the_critic_trains_with_staleness_token_rewards_and_kl_in_the_reward_and_resumes(ray_cluster, tmp_path):
+    """gae + critic in the whole pipeline: overlapped steps (values recomputed by the learner), the token-level
+    digit_match reward, a KL penalty in the reward, minibatches; its files are in the checkpoint and a resume
+    loads them."""
+    out = tmp_path / "critic"
+    overrides = [
+        *SMALL,
+        "trainer.prompts_per_step=16",
+        "trainer.save_every=2",
+        "algorithm.estimator=gae",
+        "algorithm.lam=0.95",
+        "algorithm.loss=ppo_clip",
+        "algorithm.kl_in_reward_coef=0.05",
+        "trainer.max_staleness=1",
+        "learner.minibatches=2",
+        "critic.pretrain_steps=1",
+        f"output_dir={out}",
+    ]
+    train(load_config(overrides=[*overrides, "trainer.total_steps=2"]))
+    assert (out / "checkpoints" / "step_2" / "critic" / "critic_state.pt").is_file()
+    main(["train", "--resume", str(out), "trainer.total_steps=4"])
+    trained = read_metrics(out)[1:]
+    assert [r["step"] for r in trained] == [1, 2, 3, 4]
+    assert "loss/policy" not in trained[0] and all("loss/policy" in r for r in trained[1:])  # pretraining: step 1
+    assert trained[2]["policy/staleness_max"] == 0.0 and trained[3]["policy/staleness_max"] == 1.0
+    for record in trained:
+        assert record["reward/kl_penalty/mean"] <= 0.0
+        for key in ("critic/value_loss", "critic/explained_var", "critic/value_mean", "critic/clip_frac"):
+            assert key in record and record[key] == record[key], key  # present and not NaN
+    assert trained[2]["critic/value_mean"] != 0.0  # the resumed critic is the checkpoint's (a new one starts at 0)
+
+
 @pytest.mark.parametrize("sync", ["object_store", "collective"])
 def test_two_rollout_workers_split_the_step_and_get_the_same_weights(ray_cluster, tmp_path, builtin_model_path, sync):
     """Sharding across 2 rollout workers and one weight sync to both (rollout.weight_sync): after a learner step,

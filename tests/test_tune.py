@@ -120,6 +120,19 @@ def test_bad_specs_are_rejected_before_any_trial(tmp_path, search, tune, message
         load_spec(write_spec(tmp_path, search, tune))
 
 
+def test_the_critics_lr_and_gaes_lambda_are_searchable(tmp_path):
+    search = {
+        "critic.lr": {"strategy": "loguniform", "values": [1e-4, 1e-2]},
+        "algorithm.lam": {"strategy": "choice", "values": [0.9, 1.0]},
+    }
+    spec, base = load_spec(write_spec(tmp_path, search, {}, {"algorithm.estimator": "gae"}))
+    assert base.critic is not None and set(spec.search) == {"critic.lr", "algorithm.lam"}
+    with pytest.raises(ConfigError, match=re.escape("search key 'critic.lr': the base config has no such key")):
+        load_spec(
+            write_spec(tmp_path, {"critic.lr": {"strategy": "choice", "values": [1e-3]}}, {})
+        )  # grpo: no critic to search
+
+
 def test_relative_data_and_model_paths_reach_trials_absolute(tmp_path, monkeypatch, builtin_model_path):
     """Tune runs a trial in its trial folder: relative paths that exist where `tokenforge tune` runs are
     made absolute; a dataset name (no such file here) stays as it is."""
@@ -130,10 +143,17 @@ def test_relative_data_and_model_paths_reach_trials_absolute(tmp_path, monkeypat
         tmp_path,
         {"learner.lr": {"strategy": "choice", "values": [1e-3]}},
         {},
-        {"model.path": "model", "data.train_file": "train.jsonl", "data.eval_file": "train.jsonl"},
+        {
+            "model.path": "model",
+            "data.train_file": "train.jsonl",
+            "data.eval_file": "train.jsonl",
+            "algorithm.estimator": "gae",
+            "critic.model_path": "model",
+        },
     )
     _, base = load_spec(spec)
     assert (base.model.path, base.data.train_file) == (str(tmp_path / "model"), str(tmp_path / "train.jsonl"))
+    assert base.critic.model_path == str(tmp_path / "model")
     _, named = load_spec(spec, ["base.overrides={data.train_file: some/dataset, data.eval_file: some/dataset}"])
     assert named.data.train_file == "some/dataset"
 

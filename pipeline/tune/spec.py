@@ -144,6 +144,7 @@ def absolute_local_paths(base: TrainConfig) -> TrainConfig:
         "model.chat_template": base.model.chat_template,
         "data.train_file": base.data.train_file,
         "data.eval_file": base.data.eval_file,
+        "critic.model_path": base.critic.model_path if base.critic else None,
     }
     found = {k: os.path.abspath(v) for k, v in keys.items() if v and not Path(v).is_absolute() and Path(v).exists()}
     return config_with(base, found) if found else base
