@@ -131,3 +131,17 @@ def test_a_nan_reward_skips_the_critics_step_and_the_policys_and_counts(batches,
     assert metrics["learner/skipped_nonfinite"] == 2.0  # both minibatches
     assert not changed(policy, tf.model) and not changed(critic, tf.critic.model)
     assert not tf.critic.optimizer.state_dict()["state"]  # Adam's moments untouched too
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [["critic.precision=bf16", "critic.gradient_checkpointing=true"], ["critic.precision=bf16-mixed"]],
+)
+def test_the_critic_trains_in_bf16_and_with_gradient_checkpointing(batches, builtin_model_path, settings):
+    tf = learner(builtin_model_path, "critic.micro_batch_size=5", *settings)  # 16 samples: micro-batches 5,5,5,1
+    before = weights(tf.critic.model)
+    metrics = tf.train_step(batches[0])
+    assert metrics["critic/value_loss"] > 0 and metrics["critic/skipped"] == 0.0
+    assert changed(before, tf.critic.model)
+    dtype = next(p.dtype for n, p in tf.critic.model.named_parameters() if n.startswith("lm."))
+    assert dtype == (torch.bfloat16 if "critic.precision=bf16" in settings else torch.float32)
