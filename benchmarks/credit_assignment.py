@@ -53,6 +53,18 @@ CHAR_ARMS = {
 CHAR_CRITIC_ARMS = {
     "critic, sequence: digit_match summed": [*CHAR_ARMS["sequence: digit_match summed"], *CRITIC],
     "critic, token: digit_match": [*CHAR_ARMS["token: digit_match"], *CRITIC],
+    # an untrained critic (V = 0) leaves token-level returns uncentred per position (early tokens carry more of
+    # the answer's reward), which whitening over the batch turns into a bias by position: 10 steps of critic only
+    "critic pretrained 10 steps, token: digit_match": [
+        *CHAR_ARMS["token: digit_match"],
+        *CRITIC,
+        "critic.pretrain_steps=10",
+    ],
+    "critic pretrained 10 steps, sequence: digit_match summed": [
+        *CHAR_ARMS["sequence: digit_match summed"],
+        *CRITIC,
+        "critic.pretrain_steps=10",
+    ],
 }
 TASKS = {
     "reverse": Task(
