@@ -80,6 +80,11 @@ def test_the_unigram_tokenizer_round_trips_the_tasks_text_in_pieces_of_several_l
     assert sum(answer_lengths) < 0.7 * sum(len(r["answer"]) for r in rows)
 
 
+def test_the_tokenizer_is_the_same_every_time_it_is_made_from_the_same_prompts():
+    train = read_jsonl("train.jsonl")
+    assert len({TASK.make_tokenizer(train).backend_tokenizer.to_str() for _ in range(3)}) == 1
+
+
 def test_the_tokenizer_adds_bos_once_and_defines_eos_and_pad_as_the_rollout_worker_needs(model_dir):
     tokenizer = load_tokenizer(model_dir)
     special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)

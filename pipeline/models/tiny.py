@@ -6,6 +6,7 @@ Used by scripts/make_task_model.py for the shipped models and by the tests.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -173,6 +174,10 @@ def make_unigram_tokenizer(corpus: Iterable[str], alphabet: str, vocab_size: int
         show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer)
+    # the trainer's sums run in no fixed order, so the pieces' log-probabilities differ between runs in their last
+    # bits; rounded, the same corpus gives the same tokenizer.json every time
+    trained = json.loads(backend.to_str())["model"]
+    backend.model = models.Unigram([(piece, round(score, 9)) for piece, score in trained["vocab"]], trained["unk_id"])
     backend.post_processor = processors.TemplateProcessing(
         single=f"{SP_BOS}:0 $A:0",
         pair=f"{SP_BOS}:0 $A:0 {SP_BOS}:1 $B:1",
