@@ -1,8 +1,7 @@
-"""Benchmark: TRL's GRPOTrainer vs `tokenforge train` on the default addition task, time and samples to a target.
+"""Benchmark: TRL's GRPOTrainer vs `tokenforge train` on a model/task pair, time and samples to a target.
 
-Both systems train the shipped warm start (pipeline/assets/addition/model, a 0.8M-parameter char-level
-GPT-2 at 0.575 greedy exact match) on the same train.jsonl and are evaluated by the same code on the same
-held-out prompts: greedy decoding (max 8 new tokens) of the first --eval-samples of eval.jsonl by
+Both systems train the same warm start on the same training prompts and are evaluated by the same code on the
+same held-out prompts: greedy decoding (max 8 new tokens) of the first --eval-samples of the eval file by
 tokenforge's RolloutWorker, scored by tokenforge's exact_match, at step 0 and every --eval-every steps. For
 TRL this runs in a TrainerCallback on a copy of the trainer's weights; its time is not counted. Each run is
 a fresh process (tokenforge: the real `tokenforge train` command with its own local Ray; TRL: this script
@@ -10,7 +9,13 @@ with --trl-run), one seed and one learning rate at a time; each system gets the 
 (--lrs-tokenforge, --lrs-trl) that reaches --target fastest (mean over seeds; a seed that never reaches it
 ranks the lr last), per reward setting.
 
-    python benchmarks/vs_trl.py [--seeds 0 1 2] [--lrs-tokenforge 2.5e-4 5e-4 1e-3] [--lrs-trl 2.5e-4 5e-4 1e-3]
+The pair: by default the shipped addition task and its warm start (pipeline/assets/addition/model, a 0.8M-parameter
+char-level GPT-2 at 0.575 greedy exact match); --model DIR --train-file F --eval-file F name another, e.g. the
+shipped chat Llama (pipeline/assets/chat_addition/{model,train.jsonl,eval.jsonl}) or the GPT-NeoX sort model that
+`python scripts/make_task_model.py --task sort --out DIR` makes (data: pipeline/assets/sort/*.jsonl).
+
+    python benchmarks/vs_trl.py [--model DIR --train-file F --eval-file F]
+        [--seeds 0 1 2] [--lrs-tokenforge 2.5e-4 5e-4 1e-3] [--lrs-trl 2.5e-4 5e-4 1e-3]
         [--max-steps 300] [--target 0.80] [--eval-every 25] [--eval-samples 200] [--prompts-per-step 64]
         [--rewards exact default] [--threads 2] [--json OUT] [--quick]
 
@@ -22,7 +27,8 @@ of metrics.jsonl (from the start of the step-0 eval) minus the `time/eval_s` of 
 `train_s_step_sum` in --json (the sum of time/step_s) is a lower bound that leaves out all driver overhead.
 
 Equal in both systems (per compared pair):
-  - model, tokenizer, train prompts (`prompt`, `answer`), prompt tokenization (`tokenizer(text)`), eval;
+  - model, tokenizer, train prompts (`prompt`, `answer`; answers must end, EOS included, within 8 tokens),
+    prompt tokenization (`tokenizer(text)`), eval;
   - prompts per step x group size (--prompts-per-step x 8) completions per optimizer step, one optimizer step
     per generation batch (TRL: per_device_train_batch_size x gradient_accumulation_steps = that, micro-batches
     of tokenforge's learner.micro_batch_size, 256), sampled at temperature 1.0 (no top-p/top-k), at most 8 new
@@ -83,7 +89,9 @@ REWARDS = {"exact": {"exact_match": 1.0}, "default": {"exact_match": 1.0, "digit
 def common_overrides(args: argparse.Namespace, reward: str, lr: float) -> list[str]:
     """tokenforge config overrides shared by the tokenforge arm and the TRL arm's evaluator/reward setup."""
     weights = ", ".join(f"{k}: {v}" for k, v in REWARDS[reward].items())
+    pair = {"model.path": args.model, "data.train_file": args.train_file, "data.eval_file": args.eval_file}
     return [
+        *(f"{key}={path.resolve()}" for key, path in pair.items() if path),
         f"trainer.total_steps={args.max_steps}",
         f"trainer.eval_every={args.eval_every}",
         f"trainer.prompts_per_step={args.prompts_per_step}",
@@ -471,6 +479,15 @@ def table(results: list[dict], target: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", type=Path, metavar="DIR", help="warm-start model directory (default: the shipped addition model)"
+    )
+    parser.add_argument(
+        "--train-file", type=Path, metavar="FILE", help="training prompts with an `answer` (default: addition's)"
+    )
+    parser.add_argument(
+        "--eval-file", type=Path, metavar="FILE", help="held-out prompts with an `answer` (default: addition's)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs-tokenforge", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3])
     parser.add_argument("--lrs-trl", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3])
@@ -519,6 +536,8 @@ def main() -> None:
     if args.trl_run:
         trl_run(json.loads(args.trl_run))
         return
+    if (args.train_file is None) != (args.eval_file is None):
+        parser.error("--train-file and --eval-file go together (the built-in eval set only goes with its own prompts)")
     if args.quick:
         args.seeds, args.max_steps, args.eval_every = [args.seeds[0]], 6, 3
         args.eval_samples, args.prompts_per_step = 50, 8

@@ -13,8 +13,11 @@
 - chat-addition: the addition task as a chat: `prompt` is a conversational (TRL-style) list of messages,
   `[{"role": "user", "content": "What is 37+45?"}]`, in one of several phrasings, a quarter of them after
   a short system message; `answer` = the decimal sum. The same operand pairs as addition are held out.
+- sort: prompts `s=`, s a random string of 4-8 lowercase letters (repeats allowed); field `answer` = s's letters
+  in alphabetical order ("dbca=" -> "abcd"): 2-6 tokens of the Unigram tokenizer that scripts/make_task_model.py
+  trains for it. 6,000 prompts, 500 held out (250 KB in all, shipped; its model is not).
 
-    python scripts/make_task_data.py --task addition|words|reverse|summarize|chat-addition
+    python scripts/make_task_data.py --task addition|words|reverse|summarize|chat-addition|sort
         [--out pipeline/assets/<task dir>]
 """
 
@@ -104,6 +107,12 @@ def reverse_rows() -> tuple[list[dict], int]:
     return [{"prompt": f"{s}=", "answer": s[::-1]} for s in strings], 500
 
 
+def sort_rows() -> tuple[list[dict], int]:
+    rng = random.Random(1234)
+    strings = ["".join(rng.choice(LETTERS) for _ in range(rng.randint(4, 8))) for _ in range(6_000)]
+    return [{"prompt": f"{s}=", "answer": "".join(sorted(s))} for s in strings], 500
+
+
 NAMES = ["ann", "bob", "cy", "dan", "eve", "fay", "gus", "hal", "ida", "jo", "kim", "lou", "max", "ned", "ola", "pam"]
 THINGS = ["cats", "dogs", "pens", "cups", "hats", "keys", "maps", "eggs", "bags", "kites"]
 DISTRACTORS = [
@@ -147,6 +156,7 @@ TASKS = {
     "reverse": reverse_rows,
     "summarize": summarize_rows,
     "chat-addition": chat_addition_rows,
+    "sort": sort_rows,
 }
 
 

@@ -5,16 +5,20 @@
 - chat-addition: a Llama (RoPE, RMSNorm, SwiGLU, GQA, head_dim 32) with a byte-level BPE tokenizer trained
   here on the task's conversations plus some plain English, BOS added by the tokenizer, and a Llama-3-style
   chat template; the model answers in the assistant turn and ends it with the end-of-turn token (its EOS).
+- sort: a GPT-NeoX (Pythia's architecture: parallel attention and MLP, partial rotary, untied output embedding)
+  with a SentencePiece-style Unigram tokenizer (256 tokens, "▁" for spaces, BOS added) trained here on the
+  task's prompts and answers; not shipped, made on demand into --out (about 1-2 minutes here).
 
 Trains on the task's training prompts (loss on answer tokens and EOS only; conversational prompts are
 rendered with the chat template and its generation prompt) and stops as soon as the greedy eval metric
 (exact match; words: chrF; summarize: ROUGE-L) reaches --target, so that RL has room to improve it. Saves a
 HF-format model (safetensors) + tokenizer. Deterministic for a given seed on CPU.
 
-    python scripts/make_task_model.py --task addition|words|reverse|summarize|chat-addition|llama-addition
+    python scripts/make_task_model.py --task addition|words|reverse|summarize|chat-addition|llama-addition|sort
         [--target T] [--out DIR]
 
-DIR defaults to pipeline/assets/<task, '-' as '_'>/model; the task's data comes from next to it.
+DIR defaults to pipeline/assets/<task, '-' as '_'>/model for a shipped model; llama-addition and sort, which are
+not shipped, need --out. The task's data comes from pipeline/assets/<its data dir>.
 """
 
 import argparse
@@ -40,7 +44,9 @@ from pipeline.models.tiny import (
     make_bpe_chat_tokenizer,
     make_char_tokenizer,
     make_tiny_gpt2,
+    make_tiny_gpt_neox,
     make_tiny_llama,
+    make_unigram_tokenizer,
 )
 
 
@@ -129,6 +135,14 @@ def chat_tokenizer(train: list[dict]) -> PreTrainedTokenizerFast:
     return make_bpe_chat_tokenizer(conversations + ENGLISH.splitlines() * repeats, vocab_size=512)
 
 
+def sort_tokenizer(train: list[dict]) -> PreTrainedTokenizerFast:
+    """Unigram (256 tokens) on every training prompt and its answer as the model sees them ("dacz= acdz"): answers
+    of 4-8 letters take 2-6 tokens ("acdz" -> "▁acd" "z"), prompts, whose letters come in random order, mostly
+    one token per letter."""
+    corpus = (f"{r['prompt']} {r['answer']}" for r in train)
+    return make_unigram_tokenizer(corpus, alphabet="abcdefghijklmnopqrstuvwxyz=")
+
+
 @dataclass
 class Task:
     make_tokenizer: Callable[[list[dict]], PreTrainedTokenizerFast]  # from the training rows
@@ -143,6 +157,7 @@ class Task:
     # written into tokenizer_config.json, as transformers 4.x (e.g. vLLM's) knows no "TokenizersBackend"
     tokenizer_class: str | None = None
     data: str | None = None  # the asset directory of its data when not the task's own name
+    shipped: bool = True  # its model is in pipeline/assets (the default --out); else --out is required
 
 
 def char_task(alphabet: str, n_positions: int, n_embd: int = 128, n_layer: int = 4, **kwargs) -> Task:
@@ -229,6 +244,21 @@ TASKS = {
         draw_batch=balanced_by_shape,
         metric=exact_match,
         data="addition",
+        shipped=False,
+    ),
+    # a third architecture and tokenizer kind for the defaults' panel (issue 30): GPT-NeoX + Unigram, not shipped
+    "sort": Task(
+        make_tokenizer=sort_tokenizer,
+        make_model=make_tiny_gpt_neox,
+        max_new_tokens=8,  # the answer is 2-6 tokens, then EOS
+        target=0.45,
+        eval_every=50,
+        lr=2e-3,
+        draw_batch=uniform,
+        metric=exact_match,
+        also_report=char_accuracy,
+        tokenizer_class="PreTrainedTokenizerFast",
+        shipped=False,
     ),
 }
 
@@ -251,7 +281,9 @@ def greedy_completions(worker: RolloutWorker, model: torch.nn.Module, rows: list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=TASKS, default="addition")
-    parser.add_argument("--out", type=Path, help="default: pipeline/assets/<task, '-' as '_'>/model")
+    parser.add_argument(
+        "--out", type=Path, help="default: pipeline/assets/<task, '-' as '_'>/model (required if not shipped)"
+    )
     parser.add_argument("--target", type=float, help="stop once the eval metric reaches this (default: per task)")
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--lr", type=float, help="default: per task")
@@ -262,6 +294,8 @@ def main() -> None:
     args = parser.parse_args()
 
     task = TASKS[args.task]
+    if args.out is None and not task.shipped:
+        parser.error(f"--out is required for {args.task}: its model is not shipped in pipeline/assets")
     data = ASSETS / (task.data or args.task.replace("-", "_"))
     out = args.out or ASSETS / args.task.replace("-", "_") / "model"
     target = task.target if args.target is None else args.target

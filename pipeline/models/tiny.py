@@ -1,14 +1,24 @@
-"""Tiny causal LMs made from scratch (no hub download): char-level GPT-2s, and a Llama with a BPE chat tokenizer.
+"""Tiny causal LMs made from scratch (no hub download): char-level GPT-2s, a Llama with a BPE chat tokenizer, and a
+GPT-NeoX with a SentencePiece-style Unigram tokenizer.
 
 Used by scripts/make_task_model.py for the shipped models and by the tests.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 DEFAULT_ALPHABET = "0123456789+-=* abcdefghijklmnopqrstuvwxyz.,?"
@@ -138,3 +148,77 @@ def make_tiny_llama(
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
+
+
+# --- a tiny Pythia-style model: SentencePiece-style Unigram tokenizer, GPT-NeoX body ---
+
+SP_PAD, SP_BOS, SP_EOS, SP_UNK = "<pad>", "<s>", "</s>", "<unk>"
+
+
+def make_unigram_tokenizer(corpus: Iterable[str], alphabet: str, vocab_size: int = 256) -> PreTrainedTokenizerFast:
+    """A Unigram language-model tokenizer (SentencePiece's default algorithm, as in T5, ALBERT, XLNet) trained on
+    `corpus`: a space becomes "▁" and every word gets one in front (Metaspace), so a token covers one or more
+    characters ("▁abc", "pq") and a text is split into its most probable pieces; decoding drops the "▁" in front
+    of the text. Every character of `alphabet` is a token of its own, so any text over it (and spaces) round-trips.
+    Calling the tokenizer adds BOS `<s>` (a TemplateProcessing post-processor, as Llama 2's SentencePiece tokenizer
+    does); EOS `</s>`, PAD `<pad>`; pads on the left.
+    """
+    backend = Tokenizer(models.Unigram())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[SP_PAD, SP_BOS, SP_EOS, SP_UNK],
+        unk_token=SP_UNK,
+        initial_alphabet=list(alphabet),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    # the trainer's sums run in no fixed order, so the pieces' log-probabilities differ between runs in their last
+    # bits; rounded, the same corpus gives the same tokenizer.json every time
+    trained = json.loads(backend.to_str())["model"]
+    backend.model = models.Unigram([(piece, round(score, 9)) for piece, score in trained["vocab"]], trained["unk_id"])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{SP_BOS}:0 $A:0",
+        pair=f"{SP_BOS}:0 $A:0 {SP_BOS}:1 $B:1",
+        special_tokens=[(SP_BOS, backend.token_to_id(SP_BOS))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=SP_BOS,
+        eos_token=SP_EOS,
+        pad_token=SP_PAD,
+        unk_token=SP_UNK,
+        padding_side="left",
+    )
+
+
+def make_tiny_gpt_neox(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 128,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 512,
+    max_position_embeddings: int = 64,
+) -> GPTNeoXForCausalLM:
+    """A randomly initialised GPT-NeoX (Pythia's architecture) sized for `tokenizer`: attention and MLP read the
+    same LayerNorm'd input and add to the residual in parallel (x + attn(ln1 x) + mlp(ln2 x)), LayerNorms with
+    biases, a GeLU MLP, rotary positions on a quarter of each head's dimensions, an untied output embedding.
+
+    head_dim = hidden_size / num_attention_heads = 32 by default (vLLM's CPU backend refuses 16).
+    About 0.86M parameters with a 256-token vocabulary.
+    """
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPTNeoXForCausalLM(config)
