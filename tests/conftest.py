@@ -2,6 +2,7 @@
 
 import os
 import secrets
+import signal
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -14,6 +15,12 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("explore", max_examples=1000, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# A suite started in the background by a non-interactive shell (`cmd &` in a script or CI step) inherits SIGINT
+# ignored, and so would every `tokenforge` process a test starts: the Ctrl-C tests would send a signal nobody hears.
+# Restore Python's Ctrl-C here, so that the processes the tests start get the default disposition.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Ray >= 2.52 writes its auth token under HOME: keep it (and every Ray/HF cache) out of the real home.
 _HOME = tempfile.mkdtemp(prefix="tokenforge-test-home-")
