@@ -79,6 +79,13 @@ def chat_corpus_text(messages: list[dict[str, str]]) -> str:
     return "".join(f"{m['role']}\n\n{m['content'].strip()}" for m in messages)
 
 
+def add_bos(backend, bos: str) -> None:
+    """The tokenizer puts `bos` before every text it encodes (and before each text of a pair)."""
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, backend.token_to_id(bos))]
+    )
+
+
 def make_bpe_chat_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on `corpus` (see chat_corpus_text), Llama-3 style.
 
@@ -105,11 +112,7 @@ def make_bpe_chat_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> Pre
         show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{CHAT_BOS}:0 $A:0",
-        pair=f"{CHAT_BOS}:0 $A:0 {CHAT_BOS}:1 $B:1",
-        special_tokens=[(CHAT_BOS, backend.token_to_id(CHAT_BOS))],
-    )
+    add_bos(backend, CHAT_BOS)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=CHAT_BOS,
@@ -178,11 +181,7 @@ def make_unigram_tokenizer(corpus: Iterable[str], alphabet: str, vocab_size: int
     # bits; rounded, the same corpus gives the same tokenizer.json every time
     trained = json.loads(backend.to_str())["model"]
     backend.model = models.Unigram([(piece, round(score, 9)) for piece, score in trained["vocab"]], trained["unk_id"])
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{SP_BOS}:0 $A:0",
-        pair=f"{SP_BOS}:0 $A:0 {SP_BOS}:1 $B:1",
-        special_tokens=[(SP_BOS, backend.token_to_id(SP_BOS))],
-    )
+    add_bos(backend, SP_BOS)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=SP_BOS,
