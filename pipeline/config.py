@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -638,7 +638,10 @@ def describe_fields(model: type[BaseModel] = TrainConfig, prefix: str = "") -> l
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, Section):
             lines += describe_fields(annotation, f"{prefix}{name}.")
-        else:
-            default = field.get_default(call_default_factory=True)
-            lines.append(f"{prefix}{name} = {default!r}  # {' '.join(field.description.split())}")
+            continue
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"{prefix}{name} = {default!r}  # {' '.join(field.description.split())}")
+        optional = [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, Section)]
+        if optional:  # a section that is off (null) until one of its keys is set: its keys, with their defaults
+            lines += describe_fields(optional[0], f"{prefix}{name}.")
     return lines

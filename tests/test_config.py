@@ -129,3 +129,6 @@ def test_every_key_is_documented():
     lines = describe_fields()
     assert any(line.startswith("trainer.total_steps = 300  # Number of learner updates.") for line in lines)
     assert all("# None" not in line for line in lines), [line for line in lines if "# None" in line]
+    # the keys of a section that is null by default are listed too (setting one turns the section on)
+    assert any(line.startswith("critic.lr = 0.001  # The critic's AdamW learning rate") for line in lines)
+    assert any(line.startswith("model.lora.r = 8") for line in lines)
