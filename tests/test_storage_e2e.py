@@ -92,15 +92,22 @@ def test_train_resume_and_eval_with_every_artifact_on_s3(ray_cluster, s3, tmp_pa
 
 def test_tune_on_s3_with_a_retried_trial_and_a_resume_from_the_uri(ray_cluster, s3, tmp_path, builtin_model_path):
     """Two trials write everything to S3; one trial's reward fails once (its trial restarts from its
-    checkpoint); the experiment is interrupted (SIGINT) and resumed with `tune --resume s3://...`."""
+    checkpoint); the experiment is interrupted (SIGINT) and resumed with `tune --resume s3://...`. Each trial's
+    reward process holds after its tenth step until `hold` goes, so the interrupt lands mid-run on a machine of any
+    speed (on a quiet machine both trials once finished before it, and nothing was left to restore)."""
     uri = s3()
     root, _, options = uri.partition("?")
+    rewards = {
+        **marked_reward(tmp_path, builtin_model_path, "flaky", "fail_on_sixth_call"),
+        **marked_reward(tmp_path, builtin_model_path, "held", "hold_after_ten_calls"),
+    }
     spec = write_spec(
         tmp_path,
         {"reward.weights.digit_match": {"strategy": "grid", "values": [0.0, 0.5]}},
         {"name": "s3tune", "max_failures": 1, "max_concurrent_trials": 2},
-        base={"trainer.total_steps": 12, **marked_reward(tmp_path, builtin_model_path, "flaky", "fail_on_sixth_call")},
+        base={"trainer.total_steps": 24, **rewards},
     )
+    (tmp_path / "hold").touch()
     spec.write_text(spec.read_text().replace(str(tmp_path / "results"), f"{root}?{options}"))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "tune", str(spec)], env=env, cwd=REPO)
@@ -123,13 +130,14 @@ def test_tune_on_s3_with_a_retried_trial_and_a_resume_from_the_uri(ray_cluster, 
         if process.poll() is None:
             process.kill()
             process.wait()
+    (tmp_path / "hold").unlink()
     resume_experiment(experiment.uri, trust_run_config=True)
     trials = [t for t in experiment.list_dir("") if t.startswith("run_trial")]
     assert len(trials) == 2
     for trial in trials:
-        assert steps_of(experiment.child(f"{trial}/run")) == list(range(13))
+        assert steps_of(experiment.child(f"{trial}/run")) == list(range(25))
     rows = experiment.read_text("trials.csv").splitlines()[1:]
-    assert len(rows) == 2 and all(r.endswith(",12,TERMINATED") for r in rows)
+    assert len(rows) == 2 and all(r.endswith(",24,TERMINATED") for r in rows)
     restores = [
         json.loads(line)
         for t in trials
