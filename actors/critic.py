@@ -16,8 +16,8 @@ import torch
 
 from pipeline.algorithm.loss import value_loss
 from pipeline.config import TrainConfig
-from pipeline.models.hf import enable_checkpointing, load_model, select_rows, without_dropout
-from pipeline.models.lora import add_adapters, is_adapter_dir
+from pipeline.models.hf import micro_batches, mixed_autocast, select_rows
+from pipeline.models.lora import trainable_model
 from pipeline.models.value import ValueModel
 
 CRITIC_DIR = "critic"  # the critic's files inside a checkpoint directory
@@ -29,18 +29,13 @@ class Critic:
         """The critic of `config` (config.critic) on `device`, on critic.model_path or else `policy_base` (the
         policy's starting model); `checkpoint`: a local critic/ directory of a checkpoint to continue from
         (weights, value head and optimizer)."""
-        self.config, self.device = config.critic, device
-        base = self.config.model_path or policy_base
+        self.config = cfg = config.critic
+        self.device = device
+        base = cfg.model_path or policy_base
         trust = config.model.trust_remote_code
-        dtype = "bfloat16" if self.config.precision == "bf16" else "float32"
-        if self.config.lora is None:
-            lm = load_model(checkpoint or base, trust, device, dtype)
-        else:  # the base stays frozen; a checkpoint holds the adapters
-            adapters = checkpoint if checkpoint and is_adapter_dir(checkpoint) else None
-            lm = add_adapters(load_model(base, trust, device, dtype), self.config.lora, adapters)
-        if self.config.gradient_checkpointing:
-            enable_checkpointing(lm)
-        without_dropout(lm, train=self.config.gradient_checkpointing)
+        lm = trainable_model(
+            checkpoint or base, base, cfg.lora, trust, device, cfg.precision, cfg.gradient_checkpointing
+        )
         self.model = ValueModel(lm)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=self.config.lr)
         if checkpoint is not None:
@@ -48,20 +43,11 @@ class Critic:
             self.model.head.load_state_dict(state["head"])
             self.optimizer.load_state_dict(state["optimizer"])
 
-    def autocast(self):
-        """bf16 autocast of the forward under critic.precision=bf16-mixed (a no-op otherwise)."""
-        mixed = self.config.precision == "bf16-mixed"
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16, enabled=mixed)
-
-    def micro_batches(self, batch_size: int) -> list[slice]:
-        size = self.config.micro_batch_size
-        return [slice(start, start + size) for start in range(0, batch_size, size)]
-
     @torch.no_grad()
     def values(self, sequences: dict[str, torch.Tensor]) -> torch.Tensor:
         """V(s_t) of every response token: (B, R) fp32 (padding positions hold values too; mask them)."""
-        with self.autocast():
-            rows = self.micro_batches(sequences["input_ids"].shape[0])
+        with mixed_autocast(self.device, self.config.precision):
+            rows = micro_batches(sequences["input_ids"].shape[0], self.config.micro_batch_size)
             return torch.cat([self.model(select_rows(sequences, r)) for r in rows]).float()
 
     def update(self, sequences, mask, old_values, targets) -> dict[str, float]:
@@ -71,8 +57,8 @@ class Critic:
         Returns critic/value_loss, critic/clip_frac, critic/grad_norm and critic/skipped (0 or 1)."""
         num_tokens = float(mask.sum())
         loss_sum, clipped = 0.0, 0.0
-        for rows in self.micro_batches(mask.shape[0]):
-            with self.autocast():
+        for rows in micro_batches(mask.shape[0], self.config.micro_batch_size):
+            with mixed_autocast(self.device, self.config.precision):
                 values = self.model(select_rows(sequences, rows))
             loss, parts = value_loss(
                 values, old_values[rows], targets[rows], mask[rows], clip=self.config.clip, num_tokens=num_tokens

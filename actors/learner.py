@@ -32,15 +32,15 @@ from pipeline.errors import TokenforgeError
 from pipeline.models.hf import (
     build_sequences,
     can_share_prompts,
-    enable_checkpointing,
     load_model,
     load_tokenizer,
     loaded_dtypes,
+    micro_batches,
+    mixed_autocast,
     response_logprobs,
     select_rows,
-    without_dropout,
 )
-from pipeline.models.lora import add_adapters, is_adapter_dir, merged_state_dict
+from pipeline.models.lora import merged_state_dict, trainable_model
 from pipeline.runtime.threads import torch_threads
 from pipeline.storage import Storage, local_copy, read_manifest
 
@@ -139,14 +139,16 @@ class Learner:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         trust = config.model.trust_remote_code
         self.tokenizer = load_tokenizer(reference_path, trust)  # the base's: training never changes it
-        dtype = "bfloat16" if config.learner.precision == "bf16" else "float32"
-        if config.model.lora is None:
-            self.model = load_model(policy_path, trust, self.device, dtype)
-        else:  # the base stays frozen; with a LoRA checkpoint, its adapters are loaded
-            base = load_model(reference_path, trust, self.device, dtype)
-            self.model = add_adapters(base, config.model.lora, policy_path if is_adapter_dir(policy_path) else None)
-        if config.learner.gradient_checkpointing:
-            enable_checkpointing(self.model)
+        # with LoRA the base stays frozen; with a LoRA checkpoint, its adapters are loaded
+        self.model = trainable_model(
+            policy_path,
+            reference_path,
+            config.model.lora,
+            trust,
+            self.device,
+            config.learner.precision,
+            config.learner.gradient_checkpointing,
+        )
         # one forward per distinct prompt: not with checkpointing (no cache), LoRA dropout (one mask per group), or a
         # model whose cache holds recurrent state or whose RoPE follows the sequence's length (can_share_prompts)
         lora_dropout = config.model.lora is not None and config.model.lora.dropout > 0
@@ -155,7 +157,6 @@ class Learner:
             and not (config.learner.gradient_checkpointing or lora_dropout)
             and can_share_prompts(self.model)
         )
-        without_dropout(self.model, train=config.learner.gradient_checkpointing)
         self.reference = None  # with LoRA the reference is the policy with its adapters switched off
         if config.algorithm.needs_reference and config.model.lora is None:
             reference = load_model(reference_path, trust, self.device, config.model.dtype)
@@ -424,13 +425,11 @@ class Learner:
         return totals
 
     def _micro_batches(self, batch_size: int) -> list[slice]:
-        size = self.config.learner.micro_batch_size
-        return [slice(start, start + size) for start in range(0, batch_size, size)]
+        return micro_batches(batch_size, self.config.learner.micro_batch_size)
 
     def autocast(self):
         """bf16 autocast of the forward pass under learner.precision=bf16-mixed (a no-op otherwise)."""
-        mixed = self.config.learner.precision == "bf16-mixed"
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16, enabled=mixed)
+        return mixed_autocast(self.device, self.config.learner.precision)
 
     @torch.no_grad()
     def _reference_logprobs(self, sequences) -> torch.Tensor:

@@ -13,7 +13,7 @@ from pipeline.config import TrainConfig
 from pipeline.data.loading import load_prompts
 from pipeline.data.prompts import encode_prompts, set_chat_template
 from pipeline.errors import TokenforgeError
-from pipeline.models.hf import builtin_paths, check_model_dir, context_length, load_tokenizer, model_config
+from pipeline.models.hf import builtin_paths, context_length, load_tokenizer, model_config
 from pipeline.rewards.components import COMPONENTS, component_options
 from pipeline.storage import Storage
 
@@ -39,9 +39,7 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
     set_chat_template(tokenizer, config.model.chat_template)
     limit = context_length(config.model.path, config.model.trust_remote_code)
     if config.critic is not None and config.critic.model_path:  # it reads the policy's token ids
-        critic = model_config(
-            check_model_dir(config.critic.model_path, "critic.model_path"), config.model.trust_remote_code
-        )
+        critic = model_config(config.critic.model_path, config.model.trust_remote_code, key="critic.model_path")
         if getattr(critic, "vocab_size", len(tokenizer)) < len(tokenizer):
             raise TokenforgeError(
                 f"config key 'critic.model_path': its vocabulary ({critic.vocab_size} ids) is smaller than the "

@@ -95,9 +95,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     return tokenizer
 
 
-def model_config(path: str | Path, trust_remote_code: bool = False):
-    """The model directory's HF config (AutoConfig)."""
-    return from_pretrained(AutoConfig, check_model_dir(path), trust_remote_code)
+def model_config(path: str | Path, trust_remote_code: bool = False, key: str = "model.path"):
+    """The model directory's HF config (AutoConfig); `key` names the setting in the error when it is not one."""
+    return from_pretrained(AutoConfig, check_model_dir(path, key), trust_remote_code)
 
 
 def context_length(path: str | Path, trust_remote_code: bool = False) -> int:
@@ -314,6 +314,17 @@ def token_logprob_entropy(
     # H = -sum_v pi(v) log pi(v), with 0 log 0 = 0 (a -inf logit would otherwise give 0 * -inf = NaN)
     entropy = -torch.where(torch.isneginf(log_pi), 0.0, log_pi.exp() * log_pi).sum(-1)
     return log_pi.gather(-1, targets[:, None]).squeeze(-1), entropy
+
+
+def micro_batches(batch_size: int, size: int) -> list[slice]:
+    """Consecutive row slices of at most `size` rows covering a batch of `batch_size`."""
+    return [slice(start, start + size) for start in range(0, batch_size, size)]
+
+
+def mixed_autocast(device: str, precision: str):
+    """bf16 autocast of a forward pass under precision bf16-mixed (a no-op otherwise)."""
+    enabled = precision == "bf16-mixed"
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def without_dropout(model: torch.nn.Module, train: bool) -> torch.nn.Module:

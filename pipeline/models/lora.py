@@ -17,6 +17,7 @@ import torch
 
 from pipeline.config import LoraConfig
 from pipeline.errors import TokenforgeError
+from pipeline.models.hf import enable_checkpointing, load_model, without_dropout
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -60,6 +61,30 @@ def add_adapters(model: torch.nn.Module, options: LoraConfig, checkpoint: str | 
             return peft.get_peft_model(model, config)
     except ValueError as error:  # e.g. target modules that the model does not have
         raise TokenforgeError(f"model.lora: {str(error).splitlines()[0]}") from None
+
+
+def trainable_model(
+    path: str,
+    base: str,
+    lora: LoraConfig | None,
+    trust_remote_code: bool,
+    device: str,
+    precision: str,
+    checkpointing: bool,
+) -> torch.nn.Module:
+    """A model to train (the learner's policy, the critic's transformer): `path` (a model directory or a checkpoint)
+    in full, or with `lora` the frozen `base` plus adapters (those saved at `path` when it holds them, else fresh
+    ones); bf16 weights under precision bf16, else fp32; activation checkpointing when `checkpointing`; every
+    dropout but LoRA's off (hf.without_dropout)."""
+    dtype = "bfloat16" if precision == "bf16" else "float32"
+    if lora is None:
+        model = load_model(path, trust_remote_code, device, dtype)
+    else:
+        model = load_model(base, trust_remote_code, device, dtype)
+        model = add_adapters(model, lora, path if is_adapter_dir(path) else None)
+    if checkpointing:
+        enable_checkpointing(model)
+    return without_dropout(model, train=checkpointing)
 
 
 def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
