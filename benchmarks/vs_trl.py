@@ -72,12 +72,15 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 GROUP_SIZE = 8
 MAX_NEW_TOKENS = 8
@@ -86,21 +89,28 @@ MICRO_BATCH = 256  # tokenforge's learner.micro_batch_size (default)
 REWARDS = {"exact": {"exact_match": 1.0}, "default": {"exact_match": 1.0, "digit_match": 0.5}}
 
 
-def common_overrides(args: argparse.Namespace, reward: str, lr: float) -> list[str]:
-    """tokenforge config overrides shared by the tokenforge arm and the TRL arm's evaluator/reward setup."""
+def pair_overrides(args: argparse.Namespace, reward: str) -> list[str]:
+    """The pair (model, prompts), the reward and the evals: what every run of either system is given."""
     weights = ", ".join(f"{k}: {v}" for k, v in REWARDS[reward].items())
     pair = {"model.path": args.model, "data.train_file": args.train_file, "data.eval_file": args.eval_file}
     return [
         *(f"{key}={path.resolve()}" for key, path in pair.items() if path),
-        f"trainer.total_steps={args.max_steps}",
         f"trainer.eval_every={args.eval_every}",
-        f"trainer.prompts_per_step={args.prompts_per_step}",
         "trainer.eval_metrics=[exact_match]",
+        f"data.max_eval_samples={args.eval_samples}",
+        f"reward.weights={{{weights}}}",
+    ]
+
+
+def common_overrides(args: argparse.Namespace, reward: str, lr: float) -> list[str]:
+    """tokenforge config overrides shared by the tokenforge arm and the TRL arm's evaluator/reward setup: the
+    pair, and the training settings made equal in both (the module docstring)."""
+    return pair_overrides(args, reward) + [
+        f"trainer.total_steps={args.max_steps}",
+        f"trainer.prompts_per_step={args.prompts_per_step}",
         f"rollout.group_size={GROUP_SIZE}",
         f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
         f"rollout.temperature={TEMPERATURE}",
-        f"data.max_eval_samples={args.eval_samples}",
-        f"reward.weights={{{weights}}}",
         f"learner.lr={lr}",
         f"learner.micro_batch_size={MICRO_BATCH}",
         f"learner.num_threads={args.threads}",
@@ -113,13 +123,14 @@ def common_overrides(args: argparse.Namespace, reward: str, lr: float) -> list[s
 
 def run_tokenforge(args: argparse.Namespace, reward: str, lr: float, seed: int, workdir: Path) -> dict:
     """One real `tokenforge train` run; its eval curve with training seconds that exclude the evals."""
-    out = workdir / f"tokenforge_{reward}_lr{lr:g}_seed{seed}"
-    overrides = common_overrides(args, reward, lr) + [
+    out = workdir / f"tokenforge_{reward}_{'own' if lr is None else f'lr{lr:g}'}_seed{seed}"
+    settings = pair_overrides(args, reward) if args.tokenforge_defaults else common_overrides(args, reward, lr)
+    overrides = settings + [
         # what TRL is not asked to do either: no rollout/eval dumps, no TensorBoard, no mid-run checkpoints
         "trainer.dump_rollouts_every=0",
         "trainer.dump_eval=false",
         "trainer.loggers=[jsonl]",
-        f"trainer.save_every={args.max_steps}",
+        "trainer.save_every=100000",
         *args.tokenforge_overrides,
     ]
     command = [sys.executable, "-m", "pipeline.cli", "train", f"seed={seed}", f"output_dir={out}", *overrides]
@@ -127,22 +138,39 @@ def run_tokenforge(args: argparse.Namespace, reward: str, lr: float, seed: int, 
     log = workdir / f"{out.name}.log"
     start = time.time()
     with open(log, "w") as handle:
-        done = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        stopped = args.stop_at_target and stop_at_target(process, out / "metrics.jsonl", args.target)
     wall = time.time() - start
-    if done.returncode:
-        raise SystemExit(f"tokenforge run failed ({done.returncode}), log {log}:\n" + tail(log))
+    if process.returncode and not stopped:
+        raise SystemExit(f"tokenforge run failed ({process.returncode}), log {log}:\n" + tail(log))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    resolved = (out / "config.yaml").read_text()
+    config = yaml.safe_load((out / "config.yaml").read_text())
     return {
         "system": "tokenforge",
         "reward": reward,
-        "lr": lr,
+        "lr": config["learner"]["lr"],
         "seed": seed,
         "wall_s": wall,
-        "samples_per_step": args.prompts_per_step * GROUP_SIZE,
+        "samples_per_step": config["trainer"]["prompts_per_step"] * config["rollout"]["group_size"],
+        "stopped_at_target": bool(stopped),
         **tokenforge_curve(records),
-        "config_yaml": resolved,
+        "config": config,
     }
+
+
+def stop_at_target(process: subprocess.Popen, metrics: Path, target: float) -> bool:
+    """Wait for a `tokenforge train` process; Ctrl-C it (SIGINT, as a user would) at its first eval at or above
+    `target`. True if it was stopped so."""
+    while process.poll() is None:
+        time.sleep(0.5)
+        text = metrics.read_text() if metrics.exists() else ""
+        complete = text[: text.rfind("\n") + 1].splitlines()  # a line being written is not read yet
+        evals = [r.get("eval/exact_match") for r in map(json.loads, complete)]
+        if any(e is not None and e >= target for e in evals):
+            process.send_signal(signal.SIGINT)
+            process.wait()
+            return True
+    return False
 
 
 def tokenforge_curve(records: list[dict]) -> dict:
@@ -300,6 +328,8 @@ def trl_run(spec: dict) -> None:
             curve.append({"step": step, "train_s": train_s, "exact_match": evaluate()})
             self.eval_s += time.perf_counter() - now
             print(json.dumps({"trl_eval": curve[-1]}), flush=True)
+            if spec["stop_at"] is not None and curve[-1]["exact_match"] >= spec["stop_at"]:
+                control.should_training_stop = True
 
     dataset = Dataset.from_list(
         [
@@ -351,6 +381,7 @@ def run_trl(args: argparse.Namespace, reward: str, lr: float, seed: int, workdir
         "max_steps": args.max_steps,
         "eval_every": args.eval_every,
         "stock_positions": args.trl_stock_positions,
+        "stop_at": args.target if args.stop_at_target else None,
         "workdir": str(workdir / name),
         "out": str(workdir / f"{name}.json"),
     }
@@ -477,6 +508,13 @@ def table(results: list[dict], target: float) -> str:
     return "\n".join(lines)
 
 
+def lrs(args: argparse.Namespace, system: str) -> list[float | None]:
+    """The learning rates one system is run at (None: tokenforge at its own configured lr)."""
+    if system == "trl":
+        return args.lrs_trl
+    return [None] if args.tokenforge_defaults else args.lrs_tokenforge
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -522,6 +560,19 @@ def main() -> None:
         "learner.num_threads=1 rollout.num_threads=1",
     )
     parser.add_argument(
+        "--tokenforge-defaults",
+        action="store_true",
+        help="tokenforge trains with its own settings (its defaults plus --tokenforge-overrides: lr, schedule, "
+        "steps, prompts per step, group size, estimator, threads); only the pair, the reward and the evals are "
+        "given, and --lrs-tokenforge is not used",
+    )
+    parser.add_argument(
+        "--stop-at-target",
+        action="store_true",
+        help="end each run at its first eval at or above --target (tokenforge: Ctrl-C; TRL: should_training_stop); "
+        "'final' is then the eval it stopped at",
+    )
+    parser.add_argument(
         "--trl-stock-positions", action="store_true", help="no position_ids fix for TRL's training forward"
     )
     parser.add_argument("--json", type=Path, help="write every run (config, raw eval curves) here")
@@ -551,7 +602,7 @@ def main() -> None:
         for reward in args.rewards:
             for seed in args.seeds:
                 for system in args.systems:
-                    for lr in args.lrs_tokenforge if system == "tokenforge" else args.lrs_trl:
+                    for lr in lrs(args, system):
                         run = (run_tokenforge if system == "tokenforge" else run_trl)(args, reward, lr, seed, workdir)
                         run["summary"] = summarize(run, args.target)
                         results.append(run)
