@@ -159,7 +159,7 @@ def tables(runs: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS))
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["default"])
+    parser.add_argument("--arms", nargs="*", choices=list(ARMS), default=["default"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--trl-lrs", type=float, nargs="*", default=[2.5e-4, 5e-4, 1e-3])
     parser.add_argument("--max-steps", type=int, default=300, help="TRL's steps (and lr schedule) per run")
