@@ -101,6 +101,7 @@ def run_all(args: argparse.Namespace, done: dict[str, dict]) -> None:
                 if f"{pair}|{arm}|{seed}" in done:
                     continue
                 run_args = pair_args(pair, args, ARMS.get(arm, []))
+                (workdir / arm).mkdir(exist_ok=True)
                 if system == "trl":
                     run = vs_trl.run_trl(run_args, "exact", lr, seed, workdir / arm)
                 else:
