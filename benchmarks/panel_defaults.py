@@ -95,7 +95,7 @@ def run_all(args: argparse.Namespace, done: dict[str, dict]) -> None:
     for pair in args.pairs:
         workdir = args.keep / pair
         workdir.mkdir(parents=True, exist_ok=True)
-        jobs = [(f"trl_lr{lr:g}", "trl", lr) for lr in args.trl_lrs] + [(a, "tokenforge", None) for a in args.arms]
+        jobs = [(a, "tokenforge", None) for a in args.arms] + [(f"trl_lr{lr:g}", "trl", lr) for lr in args.trl_lrs]
         for seed in args.seeds:
             for arm, system, lr in jobs:
                 if f"{pair}|{arm}|{seed}" in done:
