@@ -138,7 +138,9 @@ def run_tokenforge(args: argparse.Namespace, reward: str, lr: float, seed: int, 
     log = workdir / f"{out.name}.log"
     start = time.time()
     with open(log, "w") as handle:
-        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        # Ctrl-C must reach it even when this script was started in the background (which ignores SIGINT)
+        restore = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if args.stop_at_target else None
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, preexec_fn=restore)
         stopped = args.stop_at_target and stop_at_target(process, out / "metrics.jsonl", args.target)
     wall = time.time() - start
     if process.returncode and not stopped:
