@@ -62,6 +62,9 @@ ARMS = {
     "ppo_shape": PPO_SHAPE,
     "ppo_shape_staleness1": [*PPO_SHAPE, "trainer.max_staleness=1"],
     "ppo_shape_lr1e-3": [*PPO_SHAPE, "learner.lr=1e-3"],
+    "ppo_shape_threads2": [*PPO_SHAPE, "learner.num_threads=2", "rollout.num_threads=2"],
+    "ppo_4x1": [*PPO_SHAPE[:-2], "learner.minibatches=4", "learner.updates_per_batch=1"],
+    "ppo_2x1": [*PPO_SHAPE[:-2], "learner.minibatches=2", "learner.updates_per_batch=1"],
 }
 
 
