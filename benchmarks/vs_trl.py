@@ -241,12 +241,14 @@ def trl_run(spec: dict) -> None:
         component = COMPONENTS[config.reward.components[name].type](component_options(config, name), env)
 
         def score(prompts, completions, completion_ids, answer, **_) -> list[float]:
+            # a conversation's completion is [{"role": "assistant", "content": text}] (TRL's and tokenforge's form)
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
             inputs = RewardInputs(
                 prompts=list(prompts),
                 completions=list(completions),
                 completion_ids=list(completion_ids),
-                texts=list(completions),
-                token_spans=[token_spans(tokenizer, i, t) for i, t in zip(completion_ids, completions)],
+                texts=texts,
+                token_spans=[token_spans(tokenizer, i, t) for i, t in zip(completion_ids, texts)],
                 columns={"answer": list(answer)},
                 stop_ids=stop_ids,
             )
