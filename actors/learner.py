@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from actors.critic import CRITIC_DIR, Critic
+from actors.critic import CRITIC_DIR, CriticHandle
 from pipeline.algorithm.advantages import advantages_if_finite, informative_rows, value_targets
 from pipeline.algorithm.loss import explained_variance, policy_loss
 from pipeline.algorithm.rewards import ComponentRewards, component_reward_stats, composite_token_rewards, kl_in_reward
@@ -167,7 +167,9 @@ class Learner:
             betas=config.learner.adam_betas,
             weight_decay=config.learner.weight_decay,
         )
-        self.critic = None if config.critic is None else Critic(config, reference_path, self.device, critic_checkpoint)
+        self.critic = (
+            None if config.critic is None else CriticHandle(config, reference_path, self.device, critic_checkpoint)
+        )
         self.pretrain_steps = 0 if config.critic is None else config.critic.pretrain_steps
         # the schedule counts the policy's optimizer steps: minibatches x updates_per_batch per step after pretraining
         policy_steps = max(1, config.trainer.total_steps - self.pretrain_steps)
@@ -202,7 +204,8 @@ class Learner:
         values = None
         if self.critic is not None:
             with clock("values"):  # V(s_t) under the critic as it stands (recomputed each step: never stale)
-                values = self._out_of_memory_as_one_line(self.critic.values, sequences)
+                pending = self._out_of_memory_as_one_line(self.critic.call, "values", sequences)
+                values = self._out_of_memory_as_one_line(pending).to(self.device)
         # a NaN/inf reward (or float32 overflow of huge returns) skips the update instead of reaching the weights
         advantages, finite = advantages_if_finite(
             algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten, values=values, lam=algo.lam
@@ -267,47 +270,54 @@ class Learner:
         NaN/inf, after which (as with `finite` False: non-finite advantages) every update is skipped. The policy
         waits for critic.pretrain_steps; after that its schedule steps every time. Returns (the last update's loss
         metrics and the critic's means, the number of updates skipped)."""
-        algo, cfg = self.config.algorithm, self.config.learner
         totals: dict[str, float] = {}
         critic_steps: list[dict[str, float]] = []
         skipped = 0
-        for _ in range(cfg.updates_per_batch):
+        for _ in range(self.config.learner.updates_per_batch):
             for part in map(rows.rows, self._minibatches(len(rows.mask))):
+                critic_step = None  # the critic's step on this minibatch; an actor of its own computes it meanwhile
                 if self.critic is not None and finite:
                     with clock("critic"):
-                        critic_steps.append(
-                            self._out_of_memory_as_one_line(
-                                self.critic.update, part.sequences, part.mask, part.values, part.targets
-                            )
+                        critic_step = self._out_of_memory_as_one_line(
+                            self.critic.call, "update", part.sequences, part.mask, part.values, part.targets
                         )
-                    skipped += int(critic_steps[-1]["critic/skipped"])
-                if self.policy_version < self.pretrain_steps:  # the policy waits (its schedule too)
-                    skipped += not finite
-                    continue
-                counts = {
-                    "num_tokens": float(part.mask.sum()),
-                    "num_seqs": float(part.mask.shape[0]),
-                    "max_len": float(self.config.rollout.max_new_tokens),
-                }
-                kept = part.rows(
-                    informative_rows(part.advantages, algo.skip_zero_advantage, algo.kl_coef, algo.entropy_coef)
-                )
-                if len(kept.mask) and finite:
-                    totals = self._out_of_memory_as_one_line(self._gradients, kept, counts, clock)
-                    finite = math.isfinite(totals["loss/policy"]) and math.isfinite(totals["loss/grad_norm"])
-                    with clock("optimizer"):
-                        if finite:  # a NaN/inf loss or gradient never reaches the weights (nor Adam's moments)
-                            self.optimizer.step()
-                        self.optimizer.zero_grad(set_to_none=True)
+                if self.policy_version >= self.pretrain_steps:  # until then the policy waits (its schedule too)
+                    policy, finite = self._policy_step(part, clock, finite)
+                    totals = policy or totals
+                    with warnings.catch_warnings():  # the schedule follows steps, also those whose update was skipped,
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # which torch warns
+                        self.scheduler.step()
                 skipped += not finite
-                with warnings.catch_warnings():  # the schedule follows steps, also those whose update was skipped,
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")  # which torch warns about
-                    self.scheduler.step()
+                if critic_step is not None:
+                    with clock("critic"):
+                        critic_steps.append(self._out_of_memory_as_one_line(critic_step))
+                    skipped += int(critic_steps[-1]["critic/skipped"])
         if critic_steps:  # the critic's loss and clip fraction: means over its steps; its gradient norm: the last
             totals.update({k: sum(s[k] for s in critic_steps) / len(critic_steps) for k in critic_steps[0]})
             totals["critic/grad_norm"] = critic_steps[-1]["critic/grad_norm"]
-            totals["critic/lr"] = self.critic.optimizer.param_groups[0]["lr"]
+            totals["critic/lr"] = self.config.critic.lr  # constant
         return totals, skipped
+
+    def _policy_step(self, part: UpdateRows, clock: PhaseClock, finite: bool) -> tuple[dict[str, float], bool]:
+        """The policy's optimizer step on a minibatch's informative rows, its loss normalised by the minibatch's
+        counts; no step once `finite` is False or when the loss or gradient norm is NaN/inf. Returns (its loss
+        metrics, or {} without a step; whether every update so far was finite)."""
+        algo = self.config.algorithm
+        counts = {
+            "num_tokens": float(part.mask.sum()),
+            "num_seqs": float(part.mask.shape[0]),
+            "max_len": float(self.config.rollout.max_new_tokens),
+        }
+        kept = part.rows(informative_rows(part.advantages, algo.skip_zero_advantage, algo.kl_coef, algo.entropy_coef))
+        if not (len(kept.mask) and finite):
+            return {}, finite
+        totals = self._out_of_memory_as_one_line(self._gradients, kept, counts, clock)
+        finite = math.isfinite(totals["loss/policy"]) and math.isfinite(totals["loss/grad_norm"])
+        with clock("optimizer"):
+            if finite:  # a NaN/inf loss or gradient never reaches the weights (nor Adam's moments)
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return totals, finite
 
     @staticmethod
     def _value_metrics(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -479,7 +489,7 @@ class Learner:
         }
         torch.save(state, Path(directory) / LEARNER_STATE)
         if self.critic is not None:
-            self.critic.save_local(Path(directory) / CRITIC_DIR)
+            self.critic.save(Path(directory) / CRITIC_DIR)
 
     def load_state(self, directory: str) -> int:
         state = torch.load(Path(directory) / LEARNER_STATE, map_location=self.device, weights_only=True)

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from transformers import GPT2Config
 
 from pipeline.cli import main, parse
 
@@ -54,6 +55,15 @@ def test_zero_workers(capsys):
 def test_missing_model_path(capsys, tmp_path):
     err = run_cli(["train", f"model.path={tmp_path / 'missing'}", f"output_dir={tmp_path / 'out'}"], capsys)
     assert "is not a local HF model directory" in err and "missing" in err
+
+
+def test_a_critic_model_path_that_is_missing_or_has_too_small_a_vocabulary(capsys, tmp_path):
+    gae = ["algorithm.estimator=gae", f"output_dir={tmp_path / 'out'}"]
+    err = run_cli(["train", *gae, f"critic.model_path={tmp_path / 'missing'}"], capsys)
+    assert "critic.model_path" in err and "is not a local HF model directory" in err and "missing" in err
+    GPT2Config(vocab_size=8).save_pretrained(tmp_path / "small")
+    err = run_cli(["train", *gae, f"critic.model_path={tmp_path / 'small'}"], capsys)
+    assert "config key 'critic.model_path': its vocabulary (8 ids) is smaller than the" in err
 
 
 def test_dataset_missing_or_without_prompt_or_with_empty_prompt(capsys, tmp_path):

@@ -3,6 +3,7 @@ model: where gradients go, what a minibatch step normalises by, and an exact res
 
 import pyarrow as pa
 import pytest
+import ray
 import torch
 from builders import with_reward
 
@@ -60,23 +61,23 @@ def test_the_critic_trains_alone_for_its_pretrain_steps_and_its_gradient_reaches
     batches, builtin_model_path
 ):
     tf = learner(builtin_model_path, "critic.pretrain_steps=1")
-    assert tf.critic.model.lm is not tf.model  # its own copy of the starting model
-    policy, critic = weights(tf.model), weights(tf.critic.model)
+    assert tf.critic.local.model.lm is not tf.model  # its own copy of the starting model
+    policy, critic = weights(tf.model), weights(tf.critic.local.model)
     metrics = tf.train_step(batches[0])
     assert not changed(policy, tf.model)  # step 1: the critic only; the policy's schedule waits
-    assert {"head.weight", "head.bias"} <= changed(critic, tf.critic.model)
-    assert any(k.startswith("lm.") for k in changed(critic, tf.critic.model))
+    assert {"head.weight", "head.bias"} <= changed(critic, tf.critic.local.model)
+    assert any(k.startswith("lm.") for k in changed(critic, tf.critic.local.model))
     assert tf.scheduler.last_epoch == 0 and "loss/policy" not in metrics
     for key in ("critic/value_loss", "critic/explained_var", "critic/value_mean", "critic/clip_frac"):
         assert key in metrics, key
     assert metrics["critic/value_mean"] == 0.0  # the zero-initialised head: the first advantages are the returns
 
     # a critic step leaves every policy weight without a gradient, and a policy step every critic weight
-    policy, critic = weights(tf.model), weights(tf.critic.model)
+    policy, critic = weights(tf.model), weights(tf.critic.local.model)
     tf.train_step(batches[1])
-    assert changed(policy, tf.model) and changed(critic, tf.critic.model)
+    assert changed(policy, tf.model) and changed(critic, tf.critic.local.model)
     assert all(p.grad is None for p in tf.model.parameters()) and all(
-        p.grad is None for p in tf.critic.model.parameters()
+        p.grad is None for p in tf.critic.local.model.parameters()
     )
 
 
@@ -107,7 +108,7 @@ def test_minibatches_are_optimizer_steps_on_disjoint_parts_each_normalised_by_it
 def test_a_run_with_the_critic_resumes_exactly_from_a_published_checkpoint(batches, builtin_model_path, tmp_path, lora):
     overrides = ["learner.minibatches=2", "learner.updates_per_batch=2", *(["critic.lora={r: 4}"] if lora else [])]
     straight = learner(builtin_model_path, *overrides)
-    trainable = {name for name, p in straight.critic.model.named_parameters() if p.requires_grad}
+    trainable = {name for name, p in straight.critic.local.model.named_parameters() if p.requires_grad}
     if lora:  # the adapters and the value head train; the critic's transformer stays as it was
         assert "head.weight" in trainable and all("lora_" in n for n in trainable - {"head.weight", "head.bias"})
     straight.train_step(batches[0])
@@ -119,18 +120,52 @@ def test_a_run_with_the_critic_resumes_exactly_from_a_published_checkpoint(batch
 
     resumed = Learner(straight.config, builtin_model_path, builtin_model_path, resume=(storage.uri, directory))
     resumed.train_step(batches[1])
-    for model, other in ((straight.model, resumed.model), (straight.critic.model, resumed.critic.model)):
+    for model, other in ((straight.model, resumed.model), (straight.critic.local.model, resumed.critic.local.model)):
         for name, value in model.state_dict().items():
             assert torch.equal(value, other.state_dict()[name]), name
 
 
+def actor_critic_weights(tf: Learner) -> dict[str, torch.Tensor]:
+    state = ray.get(tf.critic.actor.__ray_call__.remote(lambda critic: critic.model.state_dict()))  # no globals
+    return {k: v.clone() for k, v in state.items()}
+
+
+def test_a_critic_of_its_own_makes_the_same_updates_and_resumes_through_a_checkpoint(
+    ray_cluster, batches, builtin_model_path, tmp_path
+):
+    """critic.placement=actor: its step of a minibatch runs beside the policy's, in another process, with the same
+    result as in the learner's; a checkpoint's critic/ files travel to and from it as bytes."""
+    overrides = ["learner.minibatches=2", "critic.pretrain_steps=1"]
+    inside = learner(builtin_model_path, *overrides)
+    own = learner(builtin_model_path, *overrides, "critic.placement=actor")
+    assert own.critic.local is None and own.critic.actor is not None
+    state = torch.get_rng_state()  # the two learners share this process's RNG: each step starts from the same
+    first = inside.train_step(batches[0])
+    torch.set_rng_state(state)
+    assert first["critic/value_loss"] == own.train_step(batches[0])["critic/value_loss"]
+    storage = Storage(str(tmp_path))
+    directory = store.publish_checkpoint(storage, 1, own.save(storage.uri, store.checkpoint_dir(1)))
+    resumed = Learner(own.config, builtin_model_path, builtin_model_path, resume=(storage.uri, directory))
+    torch.set_rng_state(resumed_state := torch.get_rng_state())  # the checkpoint's RNG, now this process's
+    expected = inside.train_step(batches[1])
+    torch.set_rng_state(resumed_state)
+    got = resumed.train_step(batches[1])
+    for key in ("loss/policy", "critic/value_loss", "critic/explained_var", "critic/value_mean"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+    remote = actor_critic_weights(resumed)
+    for name, value in weights(inside.critic.local.model).items():
+        torch.testing.assert_close(remote[name], value, rtol=0, atol=1e-6)
+    for name, value in weights(inside.model).items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
 def test_a_nan_reward_skips_the_critics_step_and_the_policys_and_counts(batches, builtin_model_path):
     tf = learner(builtin_model_path, "learner.minibatches=2", "learner.max_nonfinite_steps=2")
-    policy, critic = weights(tf.model), weights(tf.critic.model)
+    policy, critic = weights(tf.model), weights(tf.critic.local.model)
     metrics = tf.train_step(with_reward(batches[0], "exact_match", float("nan")), step=1)
     assert metrics["learner/skipped_nonfinite"] == 2.0  # both minibatches
-    assert not changed(policy, tf.model) and not changed(critic, tf.critic.model)
-    assert not tf.critic.optimizer.state_dict()["state"]  # Adam's moments untouched too
+    assert not changed(policy, tf.model) and not changed(critic, tf.critic.local.model)
+    assert not tf.critic.local.optimizer.state_dict()["state"]  # Adam's moments untouched too
 
 
 @pytest.mark.parametrize(
@@ -139,9 +174,9 @@ def test_a_nan_reward_skips_the_critics_step_and_the_policys_and_counts(batches,
 )
 def test_the_critic_trains_in_bf16_and_with_gradient_checkpointing(batches, builtin_model_path, settings):
     tf = learner(builtin_model_path, "critic.micro_batch_size=5", *settings)  # 16 samples: micro-batches 5,5,5,1
-    before = weights(tf.critic.model)
+    before = weights(tf.critic.local.model)
     metrics = tf.train_step(batches[0])
     assert metrics["critic/value_loss"] > 0 and metrics["critic/skipped"] == 0.0
-    assert changed(before, tf.critic.model)
-    dtype = next(p.dtype for n, p in tf.critic.model.named_parameters() if n.startswith("lm."))
+    assert changed(before, tf.critic.local.model)
+    dtype = next(p.dtype for n, p in tf.critic.local.model.named_parameters() if n.startswith("lm."))
     assert dtype == (torch.bfloat16 if "critic.precision=bf16" in settings else torch.float32)

@@ -121,6 +121,22 @@ def test_a_killed_learner_restarts_the_pipeline_from_the_last_checkpoint(straigh
     torch.testing.assert_close(final_weights(out), final_weights(straight), rtol=0, atol=1e-6)
 
 
+def test_a_killed_critic_actor_restarts_the_pipeline_from_the_last_checkpoint(ray_cluster, tmp_path, capsys):
+    """critic.placement=actor: the learner's step fails on the lost critic, and the run goes on from its last
+    checkpoint (the critic's files included) with a new learner and critic."""
+    out = tmp_path / "run"
+    killer = kill_when(out, "critic", at_step=3)
+    critic = ["algorithm.estimator=gae", "algorithm.loss=ppo_clip", "critic.placement=actor"]
+    train(load_config(overrides=[*TINY, *critic, f"output_dir={out}"]))
+    killer.join(timeout=5)
+    failure = next(line for line in capsys.readouterr().out.splitlines() if "failure 1 of at most 3" in line)
+    assert "ActorDiedError" in failure  # the learner's call on its dead critic
+    lines = records(out)
+    assert [r["step"] for r in lines] == list(range(9))  # steps after the last checkpoint redone, once
+    assert all("critic/value_loss" in r for r in lines[1:])
+    assert (out / "checkpoints" / "step_8" / "critic" / "critic_state.pt").is_file()
+
+
 def driver(out: Path, address: str, *extra: str) -> subprocess.Popen:
     """`tokenforge train` of the TINY run into `out` (then `extra` overrides), or `extra` = ("--resume", ...)."""
     resuming = extra[:1] == ("--resume",)

@@ -151,7 +151,7 @@ def test_staleness_one_trains_on_the_last_versions_samples_and_checkpoints_the_s
 
 
 def test_the_critic_trains_with_staleness_token_rewards_and_kl_in_the_reward_and_resumes(ray_cluster, tmp_path):
-    """gae + critic in the whole pipeline: overlapped steps (values recomputed by the learner), the token-level
+    """gae + a critic of its own in the whole pipeline: overlapped steps (values recomputed each step), the token-level
     digit_match reward, a KL penalty in the reward, minibatches; its files are in the checkpoint and a resume
     loads them."""
     out = tmp_path / "critic"
@@ -166,6 +166,7 @@ def test_the_critic_trains_with_staleness_token_rewards_and_kl_in_the_reward_and
         "trainer.max_staleness=1",
         "learner.minibatches=2",
         "critic.pretrain_steps=1",
+        "critic.placement=actor",  # its checkpoint files travel as bytes to and from its own process
         f"output_dir={out}",
     ]
     train(load_config(overrides=[*overrides, "trainer.total_steps=2"]))

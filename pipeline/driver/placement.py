@@ -95,20 +95,26 @@ def make_token_private() -> None:
 
 
 def actor_bundles(config: TrainConfig) -> list[dict[str, float]]:
-    """Ray resources of every actor: the learner, then each rollout worker, then each reward worker
-    (learner.num_gpus must be decided: see decide_learner_gpus)."""
+    """Ray resources of every actor: the learner, its critic's actor (critic.placement=actor), then each rollout
+    worker, then each reward worker (learner.num_gpus must be decided: see decide_learner_gpus)."""
 
     def bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
         return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
 
-    rollout, reward = config.rollout, config.reward
+    rollout, reward, critic = config.rollout, config.reward, config.critic
     return [
         bundle(config.learner.num_cpus, config.learner.num_gpus or 0.0, config.learner.resources),
+        *([bundle(critic.num_cpus, critic.num_gpus, {})] if critic_actor(config) else []),
         *[bundle(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.resources_per_worker)]
         * rollout.num_workers,
         *[bundle(reward.num_cpus_per_worker, reward.num_gpus_per_worker, reward.resources_per_worker)]
         * reward.num_workers,
     ]
+
+
+def critic_actor(config: TrainConfig) -> bool:
+    """Whether the critic is an actor of its own."""
+    return config.critic is not None and config.critic.placement == "actor"
 
 
 AUTO_WAIT_S = (
@@ -261,6 +267,7 @@ def named_bundles(config: TrainConfig) -> list[tuple[str, dict[str, float]]]:
     """(actor, its Ray resources) for every actor of this config, in actor_bundles' order."""
     names = [
         "learner",
+        *(["critic"] if critic_actor(config) else []),
         *["rollout worker"] * config.rollout.num_workers,
         *["reward worker"] * config.reward.num_workers,
     ]
@@ -285,6 +292,6 @@ def ensure_resources(config: TrainConfig, named: list[tuple[str, dict[str, float
         raise TokenforgeError(
             reason
             + waited_for(wait, config)
-            + "; lower learner.num_cpus/num_gpus/resources, rollout.*_per_worker, reward.*_per_worker or the worker "
-            "counts"
+            + "; lower learner.num_cpus/num_gpus/resources, critic.num_cpus/num_gpus, rollout.*_per_worker, "
+            "reward.*_per_worker or the worker counts"
         )
