@@ -54,6 +54,7 @@ VARIANTS = {
         "learner.precision=bf16-mixed",
         "critic.precision=bf16-mixed",
         "critic.micro_batch_size=128",
+        "critic.placement=learner",  # the actor classes run without Ray here
     ],
 }
 

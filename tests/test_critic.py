@@ -23,6 +23,7 @@ PROMPTS = pa.table(
     }
 )
 GAE = ["algorithm.estimator=gae", "algorithm.lam=0.95", "algorithm.loss=ppo_clip", "learner.lr=1e-3"]
+GAE += ["critic.placement=learner"]  # in this process: the learner is used without Ray here
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,8 @@ def changed(before: dict, module: torch.nn.Module) -> set[str]:
 def test_gae_sets_up_a_critic_and_a_critic_needs_gae():
     config = load_config(overrides=["algorithm.estimator=gae", "critic.lr=3e-4"])
     assert config.critic is not None and config.critic.lr == 3e-4
-    assert load_config(overrides=["algorithm.estimator=gae"]).critic.clip == 0.2  # the defaults
+    defaults = load_config(overrides=["algorithm.estimator=gae"]).critic
+    assert defaults.clip == 0.2 and defaults.placement == "actor"
     with pytest.raises(ConfigError, match=r"'critic': set, but algorithm.estimator='grpo' uses no values"):
         load_config(overrides=["critic.lr=1e-3"])
     with pytest.raises(ConfigError, match=r"'learner.minibatches': 4 updates per batch are off-policy"):

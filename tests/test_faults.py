@@ -122,11 +122,11 @@ def test_a_killed_learner_restarts_the_pipeline_from_the_last_checkpoint(straigh
 
 
 def test_a_killed_critic_actor_restarts_the_pipeline_from_the_last_checkpoint(ray_cluster, tmp_path, capsys):
-    """critic.placement=actor: the learner's step fails on the lost critic, and the run goes on from its last
-    checkpoint (the critic's files included) with a new learner and critic."""
+    """critic.placement=actor (the default): the learner's step fails on the lost critic, and the run goes on from
+    its last checkpoint (the critic's files included) with a new learner and critic."""
     out = tmp_path / "run"
     killer = kill_when(out, "critic", at_step=3)
-    critic = ["algorithm.estimator=gae", "algorithm.loss=ppo_clip", "critic.placement=actor"]
+    critic = ["algorithm.estimator=gae", "algorithm.loss=ppo_clip"]  # critic.placement=actor, the default
     train(load_config(overrides=[*TINY, *critic, f"output_dir={out}"]))
     killer.join(timeout=5)
     failure = next(line for line in capsys.readouterr().out.splitlines() if "failure 1 of at most 3" in line)

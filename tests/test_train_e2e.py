@@ -166,7 +166,6 @@ def test_the_critic_trains_with_staleness_token_rewards_and_kl_in_the_reward_and
         "trainer.max_staleness=1",
         "learner.minibatches=2",
         "critic.pretrain_steps=1",
-        "critic.placement=actor",  # its checkpoint files travel as bytes to and from its own process
         f"output_dir={out}",
     ]
     train(load_config(overrides=[*overrides, "trainer.total_steps=2"]))

@@ -292,6 +292,6 @@ def ensure_resources(config: TrainConfig, named: list[tuple[str, dict[str, float
         raise TokenforgeError(
             reason
             + waited_for(wait, config)
-            + "; lower learner.num_cpus/num_gpus/resources, critic.num_cpus/num_gpus, rollout.*_per_worker, "
-            "reward.*_per_worker or the worker counts"
+            + "; lower learner.num_cpus/num_gpus/resources, critic.num_cpus/num_gpus (or set "
+            "critic.placement=learner), rollout.*_per_worker, reward.*_per_worker or the worker counts"
         )
