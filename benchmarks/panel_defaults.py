@@ -25,7 +25,9 @@ Runs already in --json are kept and not run again, so the panel can be run a sta
 
 Needs TRL: `pip install -c constraints.txt -e '.[bench]'`. Prints a table per pair with each arm's time and
 completions to the target and their ratio to TRL's at its best lr (mean over the seeds; a seed that misses
-the target counts as the whole run's time, and the ratio is then a lower bound, marked >=).
+the target counts as the whole run's time, and the ratio is then a lower bound, marked >=). The protocol of
+docs/performance.md: a screen of every arm and --trl-lrs at seed 0, then the two best arms and TRL's best lr
+with --seeds 1 2; TRL's best lr is then the one with the most seeds.
 """
 
 from __future__ import annotations
@@ -143,7 +145,9 @@ def tables(runs: list[dict]) -> str:
             return statistics.mean(cost(r)[0] for r in by_arm[arm])
 
         trl = [a for a in by_arm if a.startswith("trl_")]
-        rank = {a: (sum(not r["summary"]["reached"] for r in by_arm[a]), mean_time(a)) for a in trl}
+        # TRL's best lr: the one run with the most seeds (the screen's best, run again with more seeds; a one-seed
+        # mean is not compared with a three-seed one), then the fewest misses, then the shortest mean time
+        rank = {a: (-len(by_arm[a]), sum(not r["summary"]["reached"] for r in by_arm[a]), mean_time(a)) for a in trl}
         best_trl = min(trl, key=rank.get) if trl else None
         trl_time = mean_time(best_trl) if trl else None
         target = by_arm[next(iter(by_arm))][0]["target"]
