@@ -130,7 +130,7 @@ def test_a_killed_critic_actor_restarts_the_pipeline_from_the_last_checkpoint(ra
     train(load_config(overrides=[*TINY, *critic, f"output_dir={out}"]))
     killer.join(timeout=5)
     failure = next(line for line in capsys.readouterr().out.splitlines() if "failure 1 of at most 3" in line)
-    assert "ActorDiedError" in failure  # the learner's call on its dead critic
+    assert "ActorDiedError" in failure and "\x1b" not in failure  # the learner's call on its dead critic, uncoloured
     lines = records(out)
     assert [r["step"] for r in lines] == list(range(9))  # steps after the last checkpoint redone, once
     assert all("critic/value_loss" in r for r in lines[1:])

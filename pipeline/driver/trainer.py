@@ -16,6 +16,7 @@ the `--resume` command.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ from pipeline.preflight import check
 from pipeline.runtime.weights import StaleWeights
 from pipeline.storage import Storage
 
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 Report = Callable[[dict, str | None], None]  # (metrics record, published checkpoint directory or None)
 TRAINER_STATE = "trainer_state.json"
 # What ends an attempt but not the run: a dead or restarting actor, a lost node, an actor that stopped answering or
@@ -482,6 +484,12 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
         withdraw_resource_request()  # the cluster may scale down again
 
 
+def failure_cause(error: BaseException) -> str:
+    """`Type: first line` of a failure, without the colour codes Ray puts around a remote task's name."""
+    text = ANSI_COLOUR.sub("", str(error)).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def train_with_retries(config: TrainConfig, storage: Storage, resume: bool, report: Report | None) -> dict[str, float]:
     """Check the inputs, join Ray, then attempt the run, retrying a RECOVERABLE failure from the last checkpoint."""
     train_prompts, eval_prompts = load_inputs(config)
@@ -511,7 +519,7 @@ def train_with_retries(config: TrainConfig, storage: Storage, resume: bool, repo
             return attempt(config, storage, train_prompts, eval_prompts, resume or failures > 0, report)
         except RECOVERABLE as error:
             failures += 1
-            cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            cause = failure_cause(error)
             if failures > config.trainer.max_failures:
                 raise TokenforgeError(
                     f"the run failed {failures} times (trainer.max_failures={config.trainer.max_failures}), "
