@@ -152,10 +152,10 @@ class CriticHandle:
             .options(
                 name=f"{name}-critic-0" if name else None,  # tests find its process by this name
                 num_cpus=cfg.num_cpus,
-                num_gpus=cfg.num_gpus,
+                num_gpus=cfg.num_gpus or 0,  # null (not decided by the driver, as in tests): the CPU
                 max_restarts=0,
             )
-            .remote(config, policy_base, "cuda" if cfg.num_gpus > 0 else "cpu", files, own_process=True)
+            .remote(config, policy_base, "cuda" if cfg.num_gpus else "cpu", files, own_process=True)
         )
         ray.get(self.actor.__ray_ready__.remote())
 

@@ -402,8 +402,10 @@ class CriticConfig(Section):
     after the other, with no resources of its own (when they are short, or the learner runs without Ray)."""
     num_cpus: float = Field(0.25, gt=0)
     """Ray CPUs of the critic's actor (placement=actor)."""
-    num_gpus: float = Field(0, ge=0)
-    """GPUs of the critic's actor (placement=actor); > 0 puts it on CUDA."""
+    num_gpus: float | None = Field(None, ge=0)
+    """GPUs of the critic's actor (placement=actor); > 0 puts it on CUDA. null: as the learner: none beside a CPU
+    learner; beside a GPU learner one of its own when the cluster has a spare GPU, else the critic runs in the
+    learner's process (on its GPU)."""
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads of the critic's actor (placement=actor); null = its Ray CPUs (at least 1)."""
 

@@ -12,6 +12,7 @@ from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline import storage as store
 from pipeline.config import load_config
+from pipeline.driver.placement import decide_learner_gpus
 from pipeline.errors import ConfigError
 from pipeline.storage import Storage
 
@@ -182,3 +183,16 @@ def test_the_critic_trains_in_bf16_and_with_gradient_checkpointing(batches, buil
     assert changed(before, tf.critic.local.model)
     dtype = next(p.dtype for n, p in tf.critic.local.model.named_parameters() if n.startswith("lm."))
     assert dtype == (torch.bfloat16 if "critic.precision=bf16" in settings else torch.float32)
+
+
+def test_a_critic_actor_follows_the_learners_device(ray_cluster, capsys):
+    """critic.num_gpus null: a CPU actor beside a CPU learner; beside a GPU learner, with no spare GPU in the
+    cluster (this one has none), the critic runs in the learner's process on its GPU, said in one line; an explicit
+    critic.num_gpus stays."""
+    gae = ["algorithm.estimator=gae"]
+    cpu = decide_learner_gpus(load_config(overrides=[*gae, "learner.num_gpus=0"])).critic
+    assert (cpu.placement, cpu.num_gpus) == ("actor", 0.0)
+    gpu = decide_learner_gpus(load_config(overrides=[*gae, "learner.num_gpus=1"])).critic
+    assert gpu.placement == "learner" and "the critic runs in the learner's process" in capsys.readouterr().out
+    explicit = decide_learner_gpus(load_config(overrides=[*gae, "learner.num_gpus=1", "critic.num_gpus=0"])).critic
+    assert (explicit.placement, explicit.num_gpus) == ("actor", 0.0)

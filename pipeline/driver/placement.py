@@ -4,7 +4,10 @@ autoscaler on a cluster whose GPU nodes start at zero.
 - `connect_ray`: `ray.address` or RAY_ADDRESS, else a local Ray.
 - `decide_learner_gpus`: an explicit `learner.num_gpus` wins; else 1 GPU when the cluster has one, or
   can get one from its autoscaler within `ray.autoscale_wait_s`; else the CPU, said in one line
-  (never silently).
+  (never silently). With a critic actor (`critic.placement=actor`) and `critic.num_gpus` null, the critic
+  follows the learner: on the CPU beside a CPU learner; beside a GPU learner, a GPU of its own when the
+  cluster has one more, else in the learner's process on its GPU (said in one line), never a CPU critic
+  beside a GPU learner.
 - `ensure_resources`: fail fast, naming the actor or the keys to lower, when the cluster cannot hold the
   actors, each on one node; on a cluster with an autoscaler (`has_autoscaler`; `ray.autoscale_wait_s`
   null waits AUTO_WAIT_S there, 0 elsewhere) first ask for one bundle per actor and wait;
@@ -104,7 +107,7 @@ def actor_bundles(config: TrainConfig) -> list[dict[str, float]]:
     rollout, reward, critic = config.rollout, config.reward, config.critic
     return [
         bundle(config.learner.num_cpus, config.learner.num_gpus or 0.0, config.learner.resources),
-        *([bundle(critic.num_cpus, critic.num_gpus, {})] if critic_actor(config) else []),
+        *([bundle(critic.num_cpus, critic.num_gpus or 0.0, {})] if critic_actor(config) else []),
         *[bundle(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.resources_per_worker)]
         * rollout.num_workers,
         *[bundle(reward.num_cpus_per_worker, reward.num_gpus_per_worker, reward.resources_per_worker)]
@@ -198,9 +201,29 @@ def withdraw_resource_request() -> None:
 
 
 def decide_learner_gpus(config: TrainConfig) -> TrainConfig:
-    """`config` with learner.num_gpus decided (see the module docstring)."""
-    if config.learner.num_gpus is not None:
+    """`config` with learner.num_gpus decided and the critic placed beside it (see the module docstring)."""
+    return place_critic(config if config.learner.num_gpus is not None else learner_gpus(config))
+
+
+def place_critic(config: TrainConfig) -> TrainConfig:
+    """critic.num_gpus decided for a critic actor (learner.num_gpus decided): see the module docstring."""
+    critic = config.critic
+    if critic is None or critic.placement != "actor" or critic.num_gpus is not None:
         return config
+    if not config.learner.num_gpus:
+        return config_with(config, {"critic.num_gpus": 0.0})
+    if ray.cluster_resources().get("GPU", 0) >= config.learner.num_gpus + 1:
+        return config_with(config, {"critic.num_gpus": 1.0})
+    print(
+        "tokenforge: the critic runs in the learner's process, on its GPU: the cluster has no GPU for a critic "
+        "actor of its own; set critic.num_gpus=0 for a CPU actor",
+        flush=True,
+    )
+    return config_with(config, {"critic.placement": "learner"})
+
+
+def learner_gpus(config: TrainConfig) -> TrainConfig:
+    """`config` with learner.num_gpus (null) decided."""
 
     def has_gpu() -> bool:
         return ray.cluster_resources().get("GPU", 0) >= 1
