@@ -315,6 +315,7 @@ def ensure_resources(config: TrainConfig, named: list[tuple[str, dict[str, float
         raise TokenforgeError(
             reason
             + waited_for(wait, config)
-            + "; lower learner.num_cpus/num_gpus/resources, critic.num_cpus/num_gpus (or set "
-            "critic.placement=learner), rollout.*_per_worker, reward.*_per_worker or the worker counts"
+            + "; lower learner.num_cpus/num_gpus/resources, "
+            + ("critic.num_cpus/num_gpus (or set critic.placement=learner), " if critic_actor(config) else "")
+            + "rollout.*_per_worker, reward.*_per_worker or the worker counts"
         )
