@@ -2,10 +2,10 @@
 
 A value model (pipeline/models/value.py) on critic.model_path or the policy's starting model, with its own
 AdamW at a constant critic.lr and its own files in the run's checkpoint (critic/). The learner reaches it through
-a CriticHandle: in its own process (critic.placement=learner) or as a Ray actor of its own on the learner's node
-(actor). It calls `values` once per step, before the advantages (V of the batch under the critic as it stands),
-then `update` once per minibatch with the value targets R_t = A_t + V(s_t)
-(pipeline/algorithm/advantages.py::value_targets) and those values as V_old of the clipped value loss.
+a CriticHandle: in its own process (critic.placement=learner) or as a Ray actor of its own (actor). It calls
+`values` once per step, before the advantages (V of the batch under the critic as it stands), then `update` once
+per minibatch with the value targets R_t = A_t + V(s_t) (pipeline/algorithm/advantages.py::value_targets) and
+those values as V_old of the clipped value loss.
 """
 
 from __future__ import annotations
@@ -45,14 +45,19 @@ class Critic:
         and optimizer), as a local directory or as its files' bytes (`files()`: an actor on another node gets them
         so). `own_process`: it is an actor of its own (sets its torch threads)."""
         self.config = cfg = config.critic
+        self.device = device
         if own_process:
             torch.set_num_threads(torch_threads(cfg.num_threads))
         if isinstance(checkpoint, dict):
             with tempfile.TemporaryDirectory(prefix="tokenforge-critic-") as local:
                 write_files(checkpoint, local)
-                self.__init__(config, policy_base, device, local)
-            return
-        self.device = device
+                self._load(config, policy_base, local)
+        else:
+            self._load(config, policy_base, checkpoint)
+
+    def _load(self, config: TrainConfig, policy_base: str, checkpoint: str | None) -> None:
+        """The value model and its optimizer, from a local critic/ directory of a checkpoint when given."""
+        cfg, device = self.config, self.device
         base = cfg.model_path or policy_base
         trust = config.model.trust_remote_code
         lm = trainable_model(

@@ -68,9 +68,6 @@ ARMS = {
     "ppo_shape": PPO_SHAPE,
     "ppo_shape_staleness1": [*PPO_SHAPE, "trainer.max_staleness=1"],
     "ppo_shape_lr1e-3": [*PPO_SHAPE, "learner.lr=1e-3"],
-    "ppo_shape_threads2": [*PPO_SHAPE, "learner.num_threads=2", "rollout.num_threads=2"],
-    "ppo_4x1": [*PPO_SHAPE[:-2], "learner.minibatches=4", "learner.updates_per_batch=1"],
-    "ppo_2x1": [*PPO_SHAPE[:-2], "learner.minibatches=2", "learner.updates_per_batch=1"],
     "staleness2": ["trainer.max_staleness=2", "algorithm.is_cap=2.0"],
     "staleness1_groups4": ["trainer.max_staleness=1", "algorithm.is_cap=2.0", "rollout.group_size=4"]
     + ["trainer.prompts_per_step=128"],

@@ -173,7 +173,7 @@ def test_a_failure_is_named_in_one_line_without_rays_colour_codes():
     """The first line of a learner call that failed on its dead critic, as Ray formats it (seen in a real run)."""
     from ray.exceptions import ActorDiedError, RayTaskError
 
-    from pipeline.driver.trainer import failure_cause
+    from pipeline.driver.actor_group import failure_cause
 
     line = "\x1b[36mray::Learner.save()\x1b[39m (pid=18416, ip=192.0.2.2, actor_id=45977df6)"
     error = RayTaskError("Learner.save", line + "\n  File ...", ActorDiedError()).as_instanceof_cause()

@@ -6,6 +6,7 @@ restarted actor its state back (`on_restart`) and resubmits the shard it lost.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -36,6 +37,15 @@ class ShardCalls:
     shards: list[pa.Table]
     refs: list[ray.ObjectRef]
     kwargs: dict[str, Any]
+
+
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failure_cause(error: BaseException) -> str:
+    """`Type: first line` of a failure, without the colour codes Ray puts around a remote task's name."""
+    text = ANSI_COLOUR.sub("", str(error)).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)  # died, or restarting
@@ -106,8 +116,7 @@ class ActorGroup:
             if isinstance(cause, TokenforgeError):  # TransientStorageError stays one: the run retries it
                 kind = TransientStorageError if isinstance(cause, TransientStorageError) else TokenforgeError
                 raise kind(f"{self.role}: {cause}") from None
-            lines = str(cause).strip().splitlines()
-            raise ActorFailed(f"{self.role}: {type(cause).__name__}: {lines[0] if lines else ''}") from error
+            raise ActorFailed(f"{self.role}: {failure_cause(cause)}") from error
 
     def placements(self) -> list[dict[str, str]]:
         """Where each actor runs: Ray node id and address, and the torch device it computes on."""

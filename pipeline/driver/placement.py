@@ -207,8 +207,7 @@ def decide_learner_gpus(config: TrainConfig) -> TrainConfig:
 
 def place_critic(config: TrainConfig) -> TrainConfig:
     """critic.num_gpus decided for a critic actor (learner.num_gpus decided): see the module docstring."""
-    critic = config.critic
-    if critic is None or critic.placement != "actor" or critic.num_gpus is not None:
+    if not critic_actor(config) or config.critic.num_gpus is not None:
         return config
     if not config.learner.num_gpus:
         return config_with(config, {"critic.num_gpus": 0.0})

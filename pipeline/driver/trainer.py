@@ -16,7 +16,6 @@ the `--resume` command.
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,7 +33,7 @@ from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig, config_to_yaml
 from pipeline.data.inputs import check_data_unchanged, load_inputs, with_builtin_defaults
 from pipeline.data.loading import PromptSampler
-from pipeline.driver.actor_group import ACTOR_LOST, ActorFailed, ActorGroup, ActorTimeout, ShardCalls
+from pipeline.driver.actor_group import ACTOR_LOST, ActorFailed, ActorGroup, ActorTimeout, ShardCalls, failure_cause
 from pipeline.driver.placement import connect_ray, decide_learner_gpus, ensure_resources, withdraw_resource_request
 from pipeline.driver.reward_pool import RewardPool
 from pipeline.driver.weight_sync import WEIGHT_SYNCS, WeightSync
@@ -46,7 +45,6 @@ from pipeline.preflight import check
 from pipeline.runtime.weights import StaleWeights
 from pipeline.storage import Storage
 
-ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 Report = Callable[[dict, str | None], None]  # (metrics record, published checkpoint directory or None)
 TRAINER_STATE = "trainer_state.json"
 # What ends an attempt but not the run: a dead or restarting actor, a lost node, an actor that stopped answering or
@@ -482,12 +480,6 @@ def train(config: TrainConfig, resume: bool = False, report: Report | None = Non
         ) from None
     finally:
         withdraw_resource_request()  # the cluster may scale down again
-
-
-def failure_cause(error: BaseException) -> str:
-    """`Type: first line` of a failure, without the colour codes Ray puts around a remote task's name."""
-    text = ANSI_COLOUR.sub("", str(error)).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def train_with_retries(config: TrainConfig, storage: Storage, resume: bool, report: Report | None) -> dict[str, float]:
