@@ -41,6 +41,19 @@ from pipeline.models.hf import (
     select_rows,
 )
 from pipeline.models.lora import merged_state_dict, trainable_model
+from pipeline.runtime.learner_group import (
+    Rank,
+    all_rows,
+    full_state_dict,
+    gathered_optimizer_state,
+    join_process_group,
+    padded_micro_batches,
+    rank_rows,
+    shard_model,
+    sharded_optimizer_state,
+    sum_across_ranks,
+    whole,
+)
 from pipeline.runtime.threads import torch_threads
 from pipeline.storage import Storage, local_copy, read_manifest
 
@@ -161,30 +174,78 @@ class Learner:
         if config.algorithm.needs_reference and config.model.lora is None:
             reference = load_model(reference_path, trust, self.device, config.model.dtype)
             self.reference = reference.eval().requires_grad_(False)
+        self.rank = Rank()  # the single learner until join_group
+        self.pretrain_steps = 0 if config.critic is None else config.critic.pretrain_steps
+        self._optimizer()
+        self.critic = (
+            None if config.critic is None else CriticHandle(config, reference_path, self.device, critic_checkpoint)
+        )
+        self.policy_version = 0
+        self.nonfinite_streak = 0  # consecutive steps whose update was skipped for NaN/inf
+
+    def _optimizer(self) -> None:
+        """AdamW over the trainable weights (LoRA: the adapters only) and its lr schedule, which counts the policy's
+        optimizer steps: minibatches x updates_per_batch per step after critic.pretrain_steps."""
+        config = self.config
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],  # LoRA: the adapters only
+            [p for p in self.model.parameters() if p.requires_grad],
             lr=config.learner.lr,
             betas=config.learner.adam_betas,
             weight_decay=config.learner.weight_decay,
         )
-        self.critic = (
-            None if config.critic is None else CriticHandle(config, reference_path, self.device, critic_checkpoint)
-        )
-        self.pretrain_steps = 0 if config.critic is None else config.critic.pretrain_steps
-        # the schedule counts the policy's optimizer steps: minibatches x updates_per_batch per step after pretraining
         policy_steps = max(1, config.trainer.total_steps - self.pretrain_steps)
         total_updates = policy_steps * config.learner.updates_per_batch * config.learner.minibatches
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k: lr_factor(config.learner, k, total_updates)
         )
-        self.policy_version = 0
-        self.nonfinite_streak = 0  # consecutive steps whose update was skipped for NaN/inf
+
+    def join_group(self, address: str, rank: int, world: int) -> None:
+        """Become rank `rank` of a learner group of `world` (learner.num_workers; every rank at once, after each
+        was built as a single learner): join the process group at `address` (rank 0's group_address), shard the
+        policy and the reference with FSDP2, and rebuild the optimizer over the shards with the state it had (a
+        resumed one's included), each rank keeping its shard of it."""
+        self.rank = Rank(rank, world)
+        join_process_group(address, self.rank, self.device, self.config.trainer.actor_timeout_s)
+        state, schedule = self.optimizer.state_dict(), self.scheduler.state_dict()
+        shard_model(self.model, self.config.learner.precision)
+        if self.reference is not None:
+            shard_model(self.reference, self.config.learner.precision)
+        self._optimizer()
+        self.optimizer.load_state_dict(sharded_optimizer_state(state, self.optimizer))
+        self.scheduler.load_state_dict(schedule)
 
     def train_step(self, batch: pa.Table, step: int | None = None) -> dict[str, float]:
         """One learner step on a scored rollout batch; `step` (the driver's) names it in errors."""
+        start = time.perf_counter()
+        clock = PhaseClock(self.device)  # time/learner/*: where the update's time goes
+        rows, token_rewards, metrics, finite = self._prepare(batch, clock)
+        clock.add("prepare", time.perf_counter() - start - clock.totals.get("values", 0.0))  # rewards, ref, advantages
+        totals, skipped = self._update(rows, clock, finite)
+        self._count_nonfinite(skipped, step)
+        self.policy_version += 1
+        self.last_step = (batch.column("response_ids"), token_rewards, rows.advantages, rows.mask)  # learned_columns
+        metrics.update(totals)
+        metrics.update(clock.seconds())
+        metrics["time/learner/total_s"] = time.perf_counter() - start
+        metrics.update(self._step_metrics(batch, rows.advantages, rows.mask, skipped))
+        return metrics
+
+    def gradients(self, batch: pa.Table) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The policy's gradient of one update on all of `batch` (train_step's first with learner.minibatches=1,
+        clipped to learner.grad_clip) by parameter name, whole and on the CPU, and its loss metrics; the weights and
+        the optimizer stay as they are. In a group every rank calls it and gets the whole gradient."""
+        rows, _, _, _ = self._prepare(batch, PhaseClock(self.device))
+        totals = self._minibatch_gradients(rows, PhaseClock(self.device))
+        grads = {name: whole(p.grad) for name, p in self.model.named_parameters() if p.grad is not None}
+        self.optimizer.zero_grad(set_to_none=True)
+        return grads, totals
+
+    def _prepare(self, batch: pa.Table, clock: PhaseClock) -> tuple[UpdateRows, torch.Tensor, dict[str, float], bool]:
+        """The update's rows of a scored batch: composite token rewards -> (KL in reward) -> (the critic's values)
+        -> advantages. Returns (the rows, the token rewards, the reward and value metrics, whether the advantages
+        are finite)."""
         algo = self.config.algorithm
         mask, behaviour, group_ids, sequences = self._batch_tensors(batch)
-        start = time.perf_counter()
         metrics = self._staleness_metrics(batch)
         components = self._reward_components(batch, mask.shape[1])
         for name, component in components.items():
@@ -193,14 +254,15 @@ class Learner:
         token_rewards = composite_token_rewards(components.values(), mask, group_ids)  # sum_i w_i * norm_i(r_i)_t
         metrics["reward/total/mean"] = float(token_rewards.sum(1).mean())
         ref_logprobs = (
-            self._out_of_memory_as_one_line(self._reference_logprobs, sequences) if algo.needs_reference else None
+            self._out_of_memory_as_one_line(self._reference_logprobs, sequences, mask.sum(1))
+            if algo.needs_reference
+            else None
         )
         if algo.kl_in_reward_coef > 0:
             without_kl = token_rewards
             beta = algo.kl_in_reward_coef
             token_rewards = kl_in_reward(token_rewards, behaviour, ref_logprobs, mask, beta, algo.kl_kind)
             metrics["reward/kl_penalty/mean"] = float((token_rewards - without_kl).sum(1).mean())  # per sample
-        clock = PhaseClock(self.device)  # time/learner/*: where the update's time goes
         values = None
         if self.critic is not None:
             with clock("values"):  # V(s_t) under the critic as it stands (recomputed each step: never stale)
@@ -216,16 +278,7 @@ class Learner:
             metrics.update(self._value_metrics(values, rows.targets, mask))
         keep = informative_rows(advantages, algo.skip_zero_advantage, algo.kl_coef, algo.entropy_coef)
         metrics["learner/kept_frac"] = len(keep) / len(mask)
-        clock.add("prepare", time.perf_counter() - start - clock.totals.get("values", 0.0))  # rewards, ref, advantages
-        totals, skipped = self._update(rows, clock, finite)
-        self._count_nonfinite(skipped, step)
-        self.policy_version += 1
-        self.last_step = (batch.column("response_ids"), token_rewards, advantages, mask)  # for learned_columns()
-        metrics.update(totals)
-        metrics.update(clock.seconds())
-        metrics["time/learner/total_s"] = time.perf_counter() - start
-        metrics.update(self._step_metrics(batch, advantages, mask, skipped))
-        return metrics
+        return rows, token_rewards, metrics, finite
 
     def _batch_tensors(self, batch: pa.Table) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """(response mask, behaviour log-probs, group ids, the model's input sequences) of `batch`, on the device."""
@@ -302,6 +355,19 @@ class Learner:
         """The policy's optimizer step on a minibatch's informative rows, its loss normalised by the minibatch's
         counts; no step once `finite` is False or when the loss or gradient norm is NaN/inf. Returns (its loss
         metrics, or {} without a step; whether every update so far was finite)."""
+        totals = self._minibatch_gradients(part, clock) if finite else {}
+        if not totals:
+            return {}, finite
+        finite = math.isfinite(totals["loss/policy"]) and math.isfinite(totals["loss/grad_norm"])
+        with clock("optimizer"):
+            if finite:  # a NaN/inf loss or gradient never reaches the weights (nor Adam's moments)
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return totals, finite
+
+    def _minibatch_gradients(self, part: UpdateRows, clock: PhaseClock) -> dict[str, float]:
+        """The gradient of the policy's loss on a minibatch's informative rows, normalised by the minibatch's counts
+        (accumulated in the weights' .grad, clipped); returns its loss metrics, or {} when no row is informative."""
         algo = self.config.algorithm
         counts = {
             "num_tokens": float(part.mask.sum()),
@@ -309,15 +375,7 @@ class Learner:
             "max_len": float(self.config.rollout.max_new_tokens),
         }
         kept = part.rows(informative_rows(part.advantages, algo.skip_zero_advantage, algo.kl_coef, algo.entropy_coef))
-        if not (len(kept.mask) and finite):
-            return {}, finite
-        totals = self._out_of_memory_as_one_line(self._gradients, kept, counts, clock)
-        finite = math.isfinite(totals["loss/policy"]) and math.isfinite(totals["loss/grad_norm"])
-        with clock("optimizer"):
-            if finite:  # a NaN/inf loss or gradient never reaches the weights (nor Adam's moments)
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return totals, finite
+        return self._out_of_memory_as_one_line(self._gradients, kept, counts, clock) if len(kept.mask) else {}
 
     @staticmethod
     def _value_metrics(values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -396,7 +454,7 @@ class Learner:
         )
         kept_tokens = float(mask.sum())
         totals = {"loss/policy": 0.0}
-        for rows in self._micro_batches(mask.shape[0]):
+        for rows, real in self._my_micro_batches(mask.sum(1)):
             with clock("forward"), self.autocast():
                 logprobs, entropy = response_logprobs(
                     self.model,
@@ -404,6 +462,7 @@ class Learner:
                     self.config.rollout.temperature,
                     cfg.logprob_chunk_tokens,
                     self.share_prompts,
+                    lockstep=self.rank.grouped,
                 )
             with clock("loss"):
                 loss, parts = policy_loss(
@@ -424,35 +483,53 @@ class Learner:
                     **counts,
                 )
             with clock("backward"):
-                loss.backward()
+                (loss if real else 0.0 * loss).backward()  # a group's padding micro-batch adds nothing
+            if not real:
+                continue
             share = float(mask[rows].sum()) / kept_tokens  # token-weighted mean of the metrics
             totals["loss/policy"] += float(loss.detach())
             for key, value in parts.items():
                 totals[f"policy/{key}"] = totals.get(f"policy/{key}", 0.0) + share * value
-        with clock("optimizer"):
+        if self.rank.grouped:  # each rank's share of the loss and the metrics' means: their sums are the whole's
+            totals = sum_across_ranks(totals, self.device)
+        with clock("optimizer"):  # the norm of the whole gradient (FSDP2 computes it over the shards)
             totals["loss/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         totals["learner/lr"] = self.optimizer.param_groups[0]["lr"]
         return totals
 
-    def _micro_batches(self, batch_size: int) -> list[slice]:
-        return micro_batches(batch_size, self.config.learner.micro_batch_size)
+    def _my_micro_batches(self, tokens: torch.Tensor) -> list[tuple[torch.Tensor, bool]]:
+        """This rank's micro-batches of a minibatch (`tokens`: each row's token count) as (row indices, real): the
+        single learner's cover every row; in a group, this rank's rows (rank_rows: balanced by tokens), and as
+        many more (row 0, real False: to be weighted 0) as it takes to run as many micro-batches as every rank."""
+        size = self.config.learner.micro_batch_size
+        rows = torch.arange(len(tokens), device=tokens.device)
+        if not self.rank.grouped:
+            return [(rows[part], True) for part in micro_batches(len(rows), size)]
+        shares = rank_rows(tokens, self.rank.world)
+        mine = [(shares[self.rank.rank][part], True) for part in micro_batches(len(shares[self.rank.rank]), size)]
+        return mine + [(rows[:1], False)] * (padded_micro_batches([len(r) for r in shares], size) - len(mine))
 
     def autocast(self):
         """bf16 autocast of the forward pass under learner.precision=bf16-mixed (a no-op otherwise)."""
         return mixed_autocast(self.device, self.config.learner.precision)
 
     @torch.no_grad()
-    def _reference_logprobs(self, sequences) -> torch.Tensor:
+    def _reference_logprobs(self, sequences, tokens: torch.Tensor) -> torch.Tensor:
+        """log pi_ref(y_t) of every response token of the batch (`tokens`: each row's count); in a group each rank
+        computes its rows and the ranks sum their (otherwise zero) tensors."""
         temperature, chunk = self.config.rollout.temperature, self.config.learner.logprob_chunk_tokens
         model = self.reference if self.reference is not None else self.model
         adapters_off = self.model.disable_adapter() if self.reference is None else contextlib.nullcontext()
+        ids, width = sequences["input_ids"], sequences["prompt_width"]
+        logprobs = torch.zeros(ids.shape[0], ids.shape[1] - width, device=ids.device)
         with adapters_off, self.autocast():
-            return torch.cat(
-                [
-                    response_logprobs(model, select_rows(sequences, rows), temperature, chunk, self.share_prompts)[0]
-                    for rows in self._micro_batches(sequences["input_ids"].shape[0])
-                ]
-            )
+            for rows, real in self._my_micro_batches(tokens):
+                part = response_logprobs(
+                    model, select_rows(sequences, rows), temperature, chunk, self.share_prompts, self.rank.grouped
+                )[0]
+                if real:
+                    logprobs[rows] = part
+        return all_rows(logprobs) if self.rank.grouped else logprobs
 
     def get_version(self) -> int:
         return self.policy_version
@@ -463,26 +540,37 @@ class Learner:
         per sync; every rollout worker reads it). copy=False: a tensor already on the CPU in that dtype is the
         model's own (for a caller that copies them at once, e.g. into one flat buffer)."""
         lora = self.config.model.lora is not None
-        weights = merged_state_dict(self.model) if lora else self.model.state_dict()  # merged: already a CPU copy
+        if self.rank.grouped:  # every rank calls it: the shards are gathered to rank 0's CPU, one tensor at a time
+            weights = full_state_dict(self.model)  # {} on the other ranks
+        else:
+            weights = merged_state_dict(self.model) if lora else self.model.state_dict()  # merged: already a CPU copy
         floats = [name for name, v in weights.items() if v.is_floating_point()]
         dtypes = loaded_dtypes(self.model, floats, self.config.model.dtype)  # integer buffers keep their type
-        copy = copy and not lora
+        copy = copy and not (lora or self.rank.grouped)
         return {k: v.detach().to("cpu", dtypes.get(k, v.dtype), copy=copy) for k, v in weights.items()}
 
     def save(self, storage_uri: str, directory: str) -> dict[str, dict]:
         """Upload the HF-format model (or, with LoRA, the adapter) + tokenizer (safetensors) and the
         optimizer/version/RNG state to `directory` of the run's storage, from this process. Returns the
-        manifest entries ({file: {size, sha256}}); the driver publishes the checkpoint."""
+        manifest entries ({file: {size, sha256}}); the driver publishes the checkpoint. In a group every rank
+        calls it and rank 0 uploads the whole (consolidated) checkpoint; the others return {}."""
         with tempfile.TemporaryDirectory(prefix="tokenforge-save-") as scratch:
             self.save_local(scratch)
-            return Storage(storage_uri).upload_dir(scratch, directory)
+            return {} if self.rank.rank else Storage(storage_uri).upload_dir(scratch, directory)
 
     def save_local(self, directory: str) -> None:
-        """The checkpoint's files in a local directory."""
-        self.model.save_pretrained(directory)
+        """The checkpoint's files in a local directory; in a group (every rank calls it: the shards of the weights
+        and of the optimizer's state are gathered whole to rank 0's CPU, one tensor at a time) rank 0 writes them,
+        in the single learner's format, so that any number of ranks resumes them."""
+        grouped = self.rank.grouped
+        weights = full_state_dict(self.model) if grouped else None  # None: the model's own
+        optimizer = gathered_optimizer_state(self.optimizer) if grouped else self.optimizer.state_dict()
+        if self.rank.rank:
+            return
+        self.model.save_pretrained(directory, state_dict=weights)
         self.tokenizer.save_pretrained(directory)
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "policy_version": self.policy_version,
             "torch_rng": torch.get_rng_state(),

@@ -348,13 +348,17 @@ class LearnerConfig(Section):
     normalised by that minibatch's counts, as PPO does; a step makes minibatches x updates_per_batch optimizer steps,
     which the lr schedule (warmup_steps too) counts. micro_batch_size stays gradient accumulation inside a
     minibatch. >1 is off-policy after the first: use is_cap or ppo_clip."""
+    num_workers: int = Field(1, ge=1)
+    """Learner ranks: >1 is a learner group, one torch.distributed process group (NCCL on GPUs, gloo on CPU) in which
+    each rank holds a shard of the policy and its optimizer state (FSDP2), placed on as few nodes as possible;
+    num_gpus, num_cpus and resources are per rank (docs/architecture.md, "The learner group")."""
     num_gpus: float | None = Field(None, ge=0)
-    """Ray GPUs for the learner (at most 1: the learner uses one device); null = 1 if the cluster has or can autoscale a
-    GPU, else CPU (said at start)."""
+    """Ray GPUs for each learner rank (at most 1: a rank uses one device); null = 1 if the cluster has or can
+    autoscale a GPU, else CPU (said at start)."""
     num_cpus: float = Field(1.0, gt=0)
-    """Ray CPUs reserved by the learner."""
+    """Ray CPUs reserved by each learner rank."""
     resources: Resources = {}
-    """Custom Ray resources for the learner (see rollout.resources_per_worker)."""
+    """Custom Ray resources for each learner rank (see rollout.resources_per_worker)."""
     num_threads: int | None = Field(None, ge=1)
     """torch intra-op threads in the learner; null = its Ray CPUs (learner.num_cpus, at least 1)."""
     precision: Literal["fp32", "bf16-mixed", "bf16"] = "fp32"
@@ -475,9 +479,10 @@ class TrainConfig(Section):
             )
         if (self.learner.num_gpus or 0) > 1:
             raise ConfigError(
-                f"config key 'learner.num_gpus': the learner trains on one device, so {self.learner.num_gpus:g} GPUs "
-                "would be reserved and sit idle (there is no multi-GPU learner yet); use 1"
+                f"config key 'learner.num_gpus': a learner rank trains on one device, so {self.learner.num_gpus:g} "
+                "GPUs would be reserved and sit idle; use 1, and learner.num_workers to train on several"
             )
+        self.check_learner_group()
         if self.critic is None and algo.estimator in NEEDS_VALUES:
             self.critic = CriticConfig()
         if self.critic is not None and algo.estimator not in NEEDS_VALUES:
@@ -491,6 +496,22 @@ class TrainConfig(Section):
                 "(grad(logp - logp_ref) = grad logp, whose mean under the policy is 0); use k2 or k3"
             )
         return self
+
+    def check_learner_group(self) -> None:
+        """Refuse what a learner group (learner.num_workers > 1) does not do yet."""
+        if self.learner.num_workers == 1:
+            return
+        unsupported = {
+            "critic": self.critic is not None or self.algorithm.estimator in NEEDS_VALUES,
+            "model.lora": self.model.lora is not None,
+            "rollout.weight_sync=collective": self.rollout.weight_sync == "collective",
+        }
+        for key, used in unsupported.items():
+            if used:
+                raise ConfigError(
+                    f"config key 'learner.num_workers': {self.learner.num_workers} ranks do not work with {key} yet; "
+                    "use learner.num_workers=1 with it"
+                )
 
     @model_validator(mode="after")
     def resolve_components(self) -> TrainConfig:

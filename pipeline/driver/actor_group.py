@@ -1,7 +1,9 @@
 """A group of Ray actors of one plain class, created with explicit resources and called with a timeout.
 
 A group with `max_restarts` != 0 survives a dead actor: Ray restarts it, and `map_shards` gives the
-restarted actor its state back (`on_restart`) and resubmits the shard it lost.
+restarted actor its state back (`on_restart`) and resubmits the shard it lost. A `packed` group (the learner
+group's ranks) is placed with a placement group of one bundle per actor on as few nodes as possible (PACK),
+unless it is created inside one already (a Tune trial's, which holds its bundles).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.errors import TokenforgeError, TransientStorageError
 from pipeline.runtime.weights import StaleWeights
@@ -71,6 +75,7 @@ class ActorGroup:
         timeout_s: float,
         init_args: tuple = (),
         max_restarts: int = 0,
+        packed: bool = False,
     ):
         self.role, self.timeout_s = role, timeout_s
         self.run_id, self.init_args, self.replaced = run_id, init_args, 0
@@ -82,17 +87,39 @@ class ActorGroup:
             "resources": resources,
             "max_restarts": max_restarts,
         }
-        self.actors = [self._start(f"{i}") for i in range(count)]
+        self.placement_group = None
+        if packed and count > 1 and get_current_placement_group() is None:
+            bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **resources}
+            self.placement_group = placement_group([bundle] * count, strategy="PACK")
+            if not self.placement_group.wait(timeout_s):
+                self.close()
+                raise ActorTimeout(
+                    f"the {count} {role} actors could not be placed within {timeout_s:.0f}s (trainer.actor_timeout_s)"
+                )
+        self.actors = [self._start(f"{i}", i) for i in range(count)]
 
-    def _start(self, suffix: str):
+    def _start(self, suffix: str, bundle: int = 0):
         name = f"tokenforge-{self.run_id}-{self.role}-{suffix}"
-        return self.remote_cls.options(name=name, **self.options).remote(*self.init_args)
+        options = dict(self.options)
+        if self.placement_group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=bundle
+            )
+        return self.remote_cls.options(name=name, **options).remote(*self.init_args)
+
+    def close(self) -> None:
+        """Kill every actor of the group (and free its placement group)."""
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor)
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
 
     def replace(self, i: int) -> None:
         """Kill actor i for good and start a fresh one in its place; returns once it is up."""
         ray.kill(self.actors[i], no_restart=True)
         self.replaced += 1
-        self.actors[i] = self._start(f"{i}-{self.replaced}")
+        self.actors[i] = self._start(f"{i}-{self.replaced}", i)
         self.get([self.actors[i].__ray_ready__.remote()])
 
     def get(self, refs: list) -> list:

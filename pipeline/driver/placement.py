@@ -98,7 +98,7 @@ def make_token_private() -> None:
 
 
 def actor_bundles(config: TrainConfig) -> list[dict[str, float]]:
-    """Ray resources of every actor: the learner, its critic's actor (critic.placement=actor), then each rollout
+    """Ray resources of every actor: each learner rank, its critic's actor (critic.placement=actor), then each rollout
     worker, then each reward worker (learner.num_gpus must be decided: see decide_learner_gpus)."""
 
     def bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict[str, float]:
@@ -106,7 +106,8 @@ def actor_bundles(config: TrainConfig) -> list[dict[str, float]]:
 
     rollout, reward, critic = config.rollout, config.reward, config.critic
     return [
-        bundle(config.learner.num_cpus, config.learner.num_gpus or 0.0, config.learner.resources),
+        *[bundle(config.learner.num_cpus, config.learner.num_gpus or 0.0, config.learner.resources)]
+        * config.learner.num_workers,
         *([bundle(critic.num_cpus, critic.num_gpus or 0.0, {})] if critic_actor(config) else []),
         *[bundle(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.resources_per_worker)]
         * rollout.num_workers,
@@ -288,7 +289,11 @@ def unplaceable(named: list[tuple[str, dict[str, float]]]) -> str | None:
 def named_bundles(config: TrainConfig) -> list[tuple[str, dict[str, float]]]:
     """(actor, its Ray resources) for every actor of this config, in actor_bundles' order."""
     names = [
-        "learner",
+        *(
+            ["learner"]
+            if config.learner.num_workers == 1
+            else [f"learner rank {i}" for i in range(config.learner.num_workers)]
+        ),
         *(["critic"] if critic_actor(config) else []),
         *["rollout worker"] * config.rollout.num_workers,
         *["reward worker"] * config.reward.num_workers,

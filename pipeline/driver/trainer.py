@@ -34,6 +34,7 @@ from pipeline.config import TrainConfig, config_to_yaml
 from pipeline.data.inputs import check_data_unchanged, load_inputs, with_builtin_defaults
 from pipeline.data.loading import PromptSampler
 from pipeline.driver.actor_group import ACTOR_LOST, ActorFailed, ActorGroup, ActorTimeout, ShardCalls, failure_cause
+from pipeline.driver.learner_group import form_learner_group, submit_train_step
 from pipeline.driver.placement import connect_ray, decide_learner_gpus, ensure_resources, withdraw_resource_request
 from pipeline.driver.reward_pool import RewardPool
 from pipeline.driver.weight_sync import WEIGHT_SYNCS, WeightSync
@@ -98,7 +99,7 @@ class Pipeline:
         self.groups.append(self.reward.group)
         self.learner = ActorGroup(
             Learner,
-            1,
+            config.learner.num_workers,
             role="learner",
             run_id=run_id,
             num_cpus=config.learner.num_cpus,
@@ -106,8 +107,11 @@ class Pipeline:
             resources=config.learner.resources,
             timeout_s=timeout,
             init_args=(config, config.model.path, config.model.path, config.learner.num_gpus > 0, resume),
+            packed=True,
         )
         self.groups.append(self.learner)
+        if config.learner.num_workers > 1:
+            form_learner_group(self.learner)
         self.weight_sync = WEIGHT_SYNCS[rollout.weight_sync](self.learner, self.rollout, run_id, timeout)
 
     @property
@@ -117,8 +121,7 @@ class Pipeline:
 
     def close(self) -> None:
         for group in self.groups:
-            for actor in group.actors:
-                ray.kill(actor)
+            group.close()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -373,11 +376,11 @@ def run_steps(
         with timed(timings, "time/step_s"):
             queue.submit_through(checkpointer.submit_limit(step))
             rollouts, generated = queue.take(step, timings)  # generated (now, or during the last update) and scored
-            learning = pipeline.learner.actors[0].train_step.remote(rollouts, step=step) if rollouts.num_rows else None
+            learning = submit_train_step(pipeline.learner, rollouts, step) if rollouts.num_rows else None
             if trainer_cfg.max_staleness:
                 queue.prepare(step + 1, timings)  # while the learner updates: the next batch, generated and scored
             with timed(timings, "time/learn_s"):
-                learned = pipeline.learner.get([learning])[0] if learning else {"learner/tokens": 0.0}
+                learned = pipeline.learner.get(learning)[0] if learning else {"learner/tokens": 0.0}
             with timed(timings, "time/publish_s"):
                 pipeline.sync_weights()
             if rollouts.num_rows and dumps.dumps_rollouts(trainer_cfg, step):

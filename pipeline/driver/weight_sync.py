@@ -59,7 +59,9 @@ class ObjectStoreSync(WeightSync):
     def publish(self, version: int) -> None:
         """Put the learner's weights in the object store as `version`; every worker loads them after the call it
         is running (never mid-generation)."""
-        self.weights = self.learner.actors[0].__ray_call__.remote(packed_weights)  # shared by the workers of a node
+        # every learner rank takes the call (a group gathers its shards: a collective); rank 0's holds the
+        # weights, one object that the rollout workers of a node share
+        self.weights = [a.__ray_call__.remote(packed_weights) for a in self.learner.actors][0]
         self.pending = [worker.receive_weights.remote([self.weights], version) for worker in self.rollout.actors]
 
 

@@ -176,6 +176,7 @@ def response_logprobs(
     temperature: float = 1.0,
     chunk_tokens: int = 4096,
     share_prompts: bool = False,
+    lockstep: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(y_t | prefix) and the entropy H_t of pi(. | prefix) for each response token: (B, R) each, fp32.
 
@@ -183,14 +184,15 @@ def response_logprobs(
     logits stay in the model's dtype; the fp32 log-softmax over the vocabulary is taken
     `chunk_tokens` tokens at a time and recomputed in the backward pass (activation checkpointing),
     so a (B, R, vocab) fp32 tensor never exists at once. share_prompts: run each distinct prompt
-    through the model once (shared_prompt_logits), not once per sample of its group.
+    through the model once (shared_prompt_logits), not once per sample of its group; `lockstep` (a learner
+    group, whose ranks must all run the same forwards) takes that path even when no two samples share one.
     """
     ids, width = sequences["input_ids"], sequences["prompt_width"]
     # logits at position p predict token p + 1: the response starts at `width`, predicted from width - 1,
     # so only the last R + 1 positions need logits (the prompt's are never computed where the model allows).
     # The last position predicts nothing; it gets a dummy target and is dropped at the end, so that the
     # logits are flattened as a view, never copied.
-    logits = shared_prompt_logits(model, sequences) if share_prompts else None
+    logits = shared_prompt_logits(model, sequences, lockstep) if share_prompts else None
     if logits is None:
         logits = last_logits(model, sequences, ids.shape[1] - width + 1)
     flat = logits.reshape(-1, logits.shape[-1])
@@ -208,13 +210,15 @@ def response_logprobs(
     return logprobs, entropy
 
 
-def shared_prompt_logits(model: torch.nn.Module, sequences: dict[str, torch.Tensor]) -> torch.Tensor | None:
+def shared_prompt_logits(
+    model: torch.nn.Module, sequences: dict[str, torch.Tensor], lockstep: bool = False
+) -> torch.Tensor | None:
     """last_logits(model, sequences, R + 1) with each distinct prompt computed once: the G samples of a group
     share their prompt, whose keys and values do not depend on the response (causal attention), so the
     prompts go through the model once, their KV cache is copied to each sample's row (differentiably: the
     gradient of every sample reaches the shared prompt), and the responses run on top of it. The same
-    numbers up to float rounding, with prompt work / G. None when no two samples share a prompt, or when the
-    model's cache is not attention_kv_only (then the caller runs the plain forward)."""
+    numbers up to float rounding, with prompt work / G. None when no two samples share a prompt (unless
+    `lockstep`), or when the model's cache is not attention_kv_only (then the caller runs the plain forward)."""
     ids, mask, positions, width = (
         sequences[k] for k in ("input_ids", "attention_mask", "position_ids", "prompt_width")
     )
@@ -222,7 +226,7 @@ def shared_prompt_logits(model: torch.nn.Module, sequences: dict[str, torch.Tens
     distinct, prompt_of = torch.unique(
         prompt, dim=0, return_inverse=True
     )  # prompt_of: (B,) row of each sample's prompt
-    if len(distinct) == len(ids):
+    if len(distinct) == len(ids) and not lockstep:
         return None
     first = forward_logits(
         model,

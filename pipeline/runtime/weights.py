@@ -106,9 +106,11 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name.removeprefix("torch."))
 
 
-def packed_weights(learner) -> PackedWeights:
-    """The learner's weights as a version to publish through the object store."""
-    return PackedWeights.pack(learner.get_weights(copy=False))  # pack() copies them into its flat buffer
+def packed_weights(learner) -> PackedWeights | None:
+    """The learner's weights as a version to publish through the object store (None on a learner group's ranks
+    but 0, which only take part in gathering them)."""
+    weights = learner.get_weights(copy=False)
+    return PackedWeights.pack(weights) if weights else None  # pack() copies them into its flat buffer
 
 
 def weight_layout(learner) -> Layout:

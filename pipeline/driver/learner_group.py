@@ -1,0 +1,32 @@
+"""The driver's side of the learner group (learner.num_workers > 1): forming it, and the calls every rank takes.
+
+Each learner rank is built as a single learner (its model whole on its node, a resumed checkpoint's weights and
+optimizer state loaded), then `form_learner_group` makes them one process group: rank 0 picks a rendezvous
+address on its node and every rank joins at once and shards its model (actors/learner.py `join_group`,
+pipeline/runtime/learner_group.py). From then on every call that touches the model is a collective that every
+rank must take, in the same order: `train_step` (each rank reads the whole batch, one object in the object
+store), the weights' gather for a sync, and a checkpoint's save. Rank 0 answers for the group.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import ray
+
+from pipeline.driver.actor_group import ActorGroup
+from pipeline.runtime.learner_group import group_address
+
+
+def form_learner_group(group: ActorGroup) -> None:
+    """Make the group's actors ranks 0..N-1 of one process group (all join at once; returns when they have)."""
+    rank0 = group.actors[0]
+    address = group.get([rank0.__ray_call__.remote(lambda _: group_address())])[0]
+    world = len(group.actors)
+    group.get([actor.join_group.remote(address, rank, world) for rank, actor in enumerate(group.actors)])
+
+
+def submit_train_step(group: ActorGroup, batch: pa.Table, step: int) -> list[ray.ObjectRef]:
+    """Start train_step on every rank with the same batch (put once); rank 0's result, the first, is the group's
+    (its metrics are reduced over the ranks)."""
+    batch_ref = ray.put(batch) if len(group.actors) > 1 else batch
+    return [actor.train_step.remote(batch_ref, step=step) for actor in group.actors]

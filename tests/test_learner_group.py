@@ -1,0 +1,168 @@
+"""The learner group (learner.num_workers > 1) on a real local Ray, gloo on CPU: two FSDP2 ranks compute the single
+learner's gradient of the same scored batch, report its loss and norm, and checkpoint so that two ranks or one
+resume it."""
+
+import uuid
+from contextlib import contextmanager
+
+import pyarrow as pa
+import pytest
+import torch
+
+from actors.learner import Learner
+from actors.reward_worker import RewardWorker
+from actors.rollout_worker import RolloutWorker
+from pipeline import storage as store
+from pipeline.config import load_config
+from pipeline.driver.actor_group import ActorGroup
+from pipeline.driver.learner_group import form_learner_group, submit_train_step
+from pipeline.errors import ConfigError
+from pipeline.runtime.learner_group import gathered_optimizer_state, rank_rows
+from pipeline.storage import Storage
+
+PROMPTS = pa.table(
+    {
+        "prompt": ["13+54=", "2+2=", "99+99=", "40+2=", "7+8="],
+        "answer": ["67", "4", "198", "42", "15"],
+        "group_id": [10, 11, 12, 13, 14],
+    }
+)
+BASE = ["seed=5", "learner.grad_clip=1e9", "learner.num_cpus=0.5"]  # no clipping: the raw gradients are compared
+
+
+@pytest.fixture(scope="module")
+def batches(builtin_model_path) -> list[pa.Table]:
+    """Two scored batches of 5 prompts x 3 samples, ragged (responses of 1 to 8 tokens)."""
+    config = load_config(overrides=["seed=3", "rollout.temperature=1.0", "rollout.max_new_tokens=8"])
+    worker = RolloutWorker(config, builtin_model_path)
+    scorer = RewardWorker(config, builtin_model_path, list(config.reward.weights))
+    names = list(config.reward.weights)
+    return [scorer.score_all(worker.generate(PROMPTS, group_size=3, step=s), names)[0] for s in (1, 2)]
+
+
+@contextmanager
+def learner_group(config, model_path: str, resume=None):
+    group = ActorGroup(
+        Learner,
+        config.learner.num_workers,
+        role="learner",
+        run_id=uuid.uuid4().hex[:8],
+        num_cpus=config.learner.num_cpus,
+        num_gpus=0,
+        resources={},
+        timeout_s=180,
+        init_args=(config, model_path, model_path, False, resume),
+        packed=True,
+    )
+    try:
+        form_learner_group(group)
+        yield group
+    finally:
+        group.close()
+
+
+def assert_same_gradient(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """max |a - b| <= 1e-6 * max |b| over the whole gradient (fp32: the ranks' partial sums round differently)."""
+    assert got.keys() == expected.keys()
+    largest = max(float(b.abs().max()) for b in expected.values())
+    worst = max(float((got[name] - b).abs().max()) for name, b in expected.items())
+    assert worst <= 1e-6 * largest, (worst, largest)
+
+
+CASES = {
+    "grpo": [],
+    "rloo, micro-batches of 1": ["algorithm.estimator=rloo", "learner.micro_batch_size=1"],
+    "no prompt sharing, a KL term": ["learner.share_prompts=false", "algorithm.kl_coef=0.05"],
+    "seq-mean-token-mean, micro-batches of 4": ["algorithm.agg=seq-mean-token-mean", "learner.micro_batch_size=4"],
+}
+
+
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
+def test_two_ranks_compute_the_single_learners_gradient_loss_and_norm(
+    ray_cluster, batches, builtin_model_path, overrides
+):
+    config = load_config(overrides=[*BASE, *overrides])
+    expected, single = Learner(config, builtin_model_path, builtin_model_path).gradients(batches[0])
+    grouped = load_config(overrides=[*BASE, *overrides, "learner.num_workers=2"])
+    with learner_group(grouped, builtin_model_path) as group:
+        results = group.call_all("gradients", batches[0])
+    for got, metrics in results:  # every rank gets the whole gradient and the global metrics
+        assert_same_gradient(got, expected)
+        for key in ("loss/policy", "loss/grad_norm", "policy/entropy", "policy/is_weight/mean"):
+            assert metrics[key] == pytest.approx(single[key], rel=1e-6), key
+
+
+def test_the_rows_are_split_by_tokens_and_every_rank_can_be_short():
+    shares = rank_rows(torch.tensor([1, 1, 1, 1, 8, 8]), 2)  # 20 tokens: the first five rows hold 12 of them
+    assert [s.tolist() for s in shares] == [[0, 1, 2, 3, 4], [5]]
+    assert [s.tolist() for s in rank_rows(torch.tensor([3]), 2)] == [[], [0]]  # one row: a rank without any
+    assert [s.tolist() for s in rank_rows(torch.tensor([0, 0, 0, 0]), 2)] == [[0, 1], [2, 3]]  # no token: by rows
+
+
+def adam_state(group: ActorGroup) -> dict:
+    """The group's AdamW state, gathered whole (every rank takes part)."""
+    calls = [a.__ray_call__.remote(lambda learner: gathered_optimizer_state(learner.optimizer)) for a in group.actors]
+    return group.get(calls)[0]
+
+
+def test_a_checkpoint_of_two_ranks_resumes_on_two_exactly_and_on_one(
+    ray_cluster, batches, builtin_model_path, tmp_path
+):
+    """On two ranks the next step is the same to the bit; one rank resumes the same weights and Adam moments and
+    computes the same gradient (its weights after the step are not compared: Adam turns the rounding noise of a
+    gradient that is 0 in exact arithmetic, such as GPT-2's key bias's, into a step of +-lr)."""
+    config = load_config(overrides=[*BASE, "learner.num_workers=2", "learner.lr=1e-3", "learner.warmup_steps=0"])
+    storage = Storage(str(tmp_path))
+    with learner_group(config, builtin_model_path) as group:
+        group.get(submit_train_step(group, batches[0], 1))
+        files = group.call_all("save", storage.uri, store.checkpoint_dir(1))[0]
+        directory = store.publish_checkpoint(storage, 1, files)
+        saved, adam = group.call_all("get_weights")[0], adam_state(group)
+        gradient = group.call_all("gradients", batches[1])[0][0]
+        straight = group.get(submit_train_step(group, batches[1], 2))[0]
+        expected = group.call_all("get_weights")[0]
+    with learner_group(config, builtin_model_path, resume=(storage.uri, directory)) as group:
+        again = group.get(submit_train_step(group, batches[1], 2))[0]
+        resumed = group.call_all("get_weights")[0]
+    assert again["loss/policy"] == straight["loss/policy"] and again["loss/grad_norm"] == straight["loss/grad_norm"]
+    for name, value in expected.items():
+        assert torch.equal(resumed[name], value), name
+    single = load_config(overrides=[*BASE, "learner.lr=1e-3", "learner.warmup_steps=0"])
+    one = Learner(single, builtin_model_path, builtin_model_path, resume=(storage.uri, directory))
+    assert one.policy_version == 1
+    for name, value in one.get_weights().items():
+        assert torch.equal(value, saved[name]), name
+    state = one.optimizer.state_dict()["state"]
+    assert state.keys() == adam["state"].keys()
+    for i, entry in adam["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(state[i][key].cpu(), value), (i, key)
+    assert_same_gradient(one.gradients(batches[1])[0], gradient)
+
+
+def test_a_single_learners_checkpoint_resumes_into_a_group(ray_cluster, batches, builtin_model_path, tmp_path):
+    one = Learner(load_config(overrides=[*BASE, "learner.lr=1e-3"]), builtin_model_path, builtin_model_path)
+    one.train_step(batches[0])
+    storage = Storage(str(tmp_path))
+    directory = store.publish_checkpoint(storage, 1, one.save(storage.uri, store.checkpoint_dir(1)))
+    config = load_config(overrides=[*BASE, "learner.lr=1e-3", "learner.num_workers=2"])
+    with learner_group(config, builtin_model_path, resume=(storage.uri, directory)) as group:
+        weights, adam = group.call_all("get_weights")[0], adam_state(group)
+        gradient = group.call_all("gradients", batches[1])[0][0]
+    for name, value in one.get_weights().items():
+        assert torch.equal(weights[name], value), name
+    for i, entry in one.optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(adam["state"][i][key], value.cpu()), (i, key)
+    assert_same_gradient(gradient, one.gradients(batches[1])[0])
+
+
+@pytest.mark.parametrize("key", ["critic", "model.lora", "rollout.weight_sync=collective"])
+def test_what_a_group_does_not_do_yet_is_one_line(key):
+    overrides = {
+        "critic": ["algorithm.estimator=gae", "algorithm.loss=ppo_clip"],
+        "model.lora": ["model.lora={r: 4}"],
+        "rollout.weight_sync=collective": ["rollout.weight_sync=collective"],
+    }[key]
+    with pytest.raises(ConfigError, match=rf"'learner.num_workers': 2 ranks do not work with {key} yet"):
+        load_config(overrides=[*overrides, "learner.num_workers=2"])
