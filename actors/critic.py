@@ -141,7 +141,10 @@ class CriticHandle:
     travel as bytes. It dies with the learner, its owner; a lost critic fails the learner's step, and the run
     restarts from its last checkpoint."""
 
-    def __init__(self, config: TrainConfig, policy_base: str, device: str, checkpoint: str | None = None):
+    def __init__(
+        self, config: TrainConfig, policy_base: str, device: str, checkpoint: str | dict[str, bytes] | None = None
+    ):
+        """checkpoint: a checkpoint's critic/ files, as a local directory or as their bytes (read_files)."""
         cfg = config.critic
         self.local = self.actor = None
         if cfg.placement == "learner":
@@ -151,7 +154,7 @@ class CriticHandle:
         if not ray.is_initialized():
             raise TokenforgeError("critic.placement=actor needs Ray (the learner runs outside it): set it to learner")
         name = ray.get_runtime_context().get_actor_name()
-        files = read_files(checkpoint) if checkpoint is not None else None
+        files = read_files(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
         self.actor = (
             ray.remote(Critic)
             .options(

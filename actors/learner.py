@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from actors.critic import CRITIC_DIR, CriticHandle
+from actors.critic import CRITIC_DIR, CriticHandle, read_files
 from pipeline.algorithm.advantages import advantages_if_finite, informative_rows, value_targets
 from pipeline.algorithm.loss import explained_variance, policy_loss
 from pipeline.algorithm.rewards import ComponentRewards, component_reward_stats, composite_token_rewards, kl_in_reward
@@ -44,6 +44,7 @@ from pipeline.models.lora import merged_state_dict, trainable_model
 from pipeline.runtime.learner_group import (
     Rank,
     all_rows,
+    from_rank0,
     full_state_dict,
     gathered_optimizer_state,
     join_process_group,
@@ -152,13 +153,15 @@ class Learner:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         trust = config.model.trust_remote_code
         self.tokenizer = load_tokenizer(reference_path, trust)  # the base's: training never changes it
+        # a group's ranks load on the CPU: sharding (join_group) moves each rank's shard alone to its device
+        load_on = "cpu" if config.learner.num_workers > 1 else self.device
         # with LoRA the base stays frozen; with a LoRA checkpoint, its adapters are loaded
         self.model = trainable_model(
             policy_path,
             reference_path,
             config.model.lora,
             trust,
-            self.device,
+            load_on,
             config.learner.precision,
             config.learner.gradient_checkpointing,
         )
@@ -172,14 +175,18 @@ class Learner:
         )
         self.reference = None  # with LoRA the reference is the policy with its adapters switched off
         if config.algorithm.needs_reference and config.model.lora is None:
-            reference = load_model(reference_path, trust, self.device, config.model.dtype)
+            reference = load_model(reference_path, trust, load_on, config.model.dtype)
             self.reference = reference.eval().requires_grad_(False)
         self.rank = Rank()  # the single learner until join_group
         self.pretrain_steps = 0 if config.critic is None else config.critic.pretrain_steps
         self._optimizer()
-        self.critic = (
-            None if config.critic is None else CriticHandle(config, reference_path, self.device, critic_checkpoint)
-        )
+        self.critic = None  # in a group, rank 0's alone (join_group): it sends the values to the other ranks
+        self.reference_path = reference_path
+        self.critic_checkpoint = None  # a group's resumed critic files (bytes), until join_group
+        if config.critic is not None and config.learner.num_workers == 1:
+            self.critic = CriticHandle(config, reference_path, self.device, critic_checkpoint)
+        elif config.critic is not None and critic_checkpoint is not None and Path(critic_checkpoint).is_dir():
+            self.critic_checkpoint = read_files(critic_checkpoint)
         self.policy_version = 0
         self.nonfinite_streak = 0  # consecutive steps whose update was skipped for NaN/inf
 
@@ -207,12 +214,15 @@ class Learner:
         self.rank = Rank(rank, world)
         join_process_group(address, self.rank, self.device, self.config.trainer.actor_timeout_s)
         state, schedule = self.optimizer.state_dict(), self.scheduler.state_dict()
-        shard_model(self.model, self.config.learner.precision)
+        shard_model(self.model, self.config.learner.precision, self.device)
         if self.reference is not None:
-            shard_model(self.reference, self.config.learner.precision)
+            shard_model(self.reference, self.config.learner.precision, self.device)
         self._optimizer()
         self.optimizer.load_state_dict(sharded_optimizer_state(state, self.optimizer))
         self.scheduler.load_state_dict(schedule)
+        if self.config.critic is not None and rank == 0:
+            self.critic = CriticHandle(self.config, self.reference_path, self.device, self.critic_checkpoint)
+        self.critic_checkpoint = None
 
     def train_step(self, batch: pa.Table, step: int | None = None) -> dict[str, float]:
         """One learner step on a scored rollout batch; `step` (the driver's) names it in errors."""
@@ -264,10 +274,13 @@ class Learner:
             token_rewards = kl_in_reward(token_rewards, behaviour, ref_logprobs, mask, beta, algo.kl_kind)
             metrics["reward/kl_penalty/mean"] = float((token_rewards - without_kl).sum(1).mean())  # per sample
         values = None
-        if self.critic is not None:
+        if self.config.critic is not None:
             with clock("values"):  # V(s_t) under the critic as it stands (recomputed each step: never stale)
-                pending = self._out_of_memory_as_one_line(self.critic.call, "values", sequences)
-                values = self._out_of_memory_as_one_line(pending).to(self.device)
+                if self.critic is not None:
+                    pending = self._out_of_memory_as_one_line(self.critic.call, "values", sequences)
+                    values = self._out_of_memory_as_one_line(pending).to(self.device)
+                if self.rank.grouped:  # rank 0 holds the critic
+                    values = from_rank0(values, mask.shape, self.device)
         # a NaN/inf reward (or float32 overflow of huge returns) skips the update instead of reaching the weights
         advantages, finite = advantages_if_finite(
             algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten, values=values, lam=algo.lam

@@ -4,9 +4,14 @@
 about 100M parameters). For each size and variant (`grpo`: the defaults; `critic`: gae with a critic, PPO-clipped
 minibatches, learner and critic in bf16-mixed): generate prompts x group_size samples, score them with the
 built-in rewards, take learner steps and publish weights to the worker; print one JSON line per step with
-times, throughput and peak GPU memory. Falls back to CPU when no GPU is visible.
+times, throughput and peak GPU memory. Falls back to CPU when no GPU is visible. Then the learner group
+(`learner.num_workers` = --ranks, default every visible GPU, 2 on CPU; the `group` variant): one process per rank
+(torch.multiprocessing, no Ray), NCCL between GPUs or gloo on CPU, train_step on one scored batch and the weights'
+gather to rank 0; one JSON line per rank and step with its step time and peak GPU memory. With one GPU the group
+runs one rank on it (the multi-rank figures are then CPU figures: run it on CPU with --ranks 2).
 
-    python benchmarks/gpu_check.py [--sizes tiny 100m] [--variants grpo critic] [--prompts 64] [--steps 3]
+    python benchmarks/gpu_check.py [--sizes tiny 100m] [--variants grpo critic group] [--prompts 64] [--steps 3]
+        [--ranks N]
 
 On the device machine (no Ray, no pydantic there): bash benchmarks/gpu_check.sh, with pydantic,
 pydantic-core, annotated-types and typing-inspection carried as wheels in .whl/.
@@ -14,6 +19,7 @@ pydantic-core, annotated-types and typing-inspection carried as wheels in .whl/.
 
 import argparse
 import json
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +65,65 @@ VARIANTS = {
 }
 
 
+def scored_batch(config, path: Path, prompts: int, step: int, worker: RolloutWorker | None = None):
+    """(prompts x group_size samples of the shipped training prompts, scored; generation seconds)."""
+    worker = worker or RolloutWorker(config, str(path))
+    scorer = RewardWorker(config, str(path), list(config.reward.weights))
+    rows = [json.loads(line) for line in BUILTIN_TRAIN.read_text().splitlines()[:prompts]]
+    table = pa.Table.from_pylist([{**row, "group_id": i} for i, row in enumerate(rows)])
+    start = time.time()
+    batch = worker.generate(table, config.rollout.group_size, step=step)
+    synchronize()
+    seconds = time.time() - start
+    return scorer.score_all(batch, list(config.reward.weights))[0], seconds
+
+
+def group_rank(rank: int, ranks: int, port: int, size: str, path: Path, batch: pa.Table, steps: int) -> None:
+    """One rank of a learner group (a process of its own): join, then time train_step and the weights' gather."""
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(rank)
+        torch.cuda.reset_peak_memory_stats()
+    config = load_config(overrides=["learner.micro_batch_size=128", f"learner.num_workers={ranks}"])
+    learner = Learner(config, str(path), str(path), use_gpu=gpu)
+    learner.join_group(f"127.0.0.1:{port}", rank, ranks)
+    params = sum(p.numel() for p in learner.model.parameters())
+    for step in range(1, steps + 1):
+        start = time.time()
+        metrics = learner.train_step(batch)
+        synchronize()
+        learn_s = time.time() - start
+        start = time.time()
+        learner.get_weights()  # gathered to rank 0
+        synchronize()
+        record = {
+            "size": size,
+            "variant": "group",
+            "ranks": ranks,
+            "rank": rank,
+            "params_M": round(params / 1e6, 1),
+            "device": learner.device,
+            "step": step,
+            "samples": batch.num_rows,
+            "learn_s": round(learn_s, 4),
+            "gather_s": round(time.time() - start, 4),
+            "loss_policy": round(metrics["loss/policy"], 6),
+            "grad_norm": round(metrics["loss/grad_norm"], 6),
+            "peak_gpu_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
+        }
+        print(json.dumps(record), flush=True)
+
+
+def check_group(size: str, path: Path, prompts: int, steps: int, ranks: int) -> None:
+    """The learner group on `ranks` processes, on the batch a single learner would get (generated here)."""
+    config = load_config(overrides=[f"rollout.num_gpus_per_worker={int(torch.cuda.is_available())}"])
+    batch, _ = scored_batch(config, path, prompts, step=1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(group_rank, args=(ranks, port, size, path, batch, steps), nprocs=ranks)
+
+
 def check(size: str, variant: str, path: Path, prompts: int, steps: int) -> None:
     gpu = torch.cuda.is_available()
     overrides = [f"rollout.num_gpus_per_worker={int(gpu)}", "learner.micro_batch_size=128", *VARIANTS[variant]]
@@ -67,17 +132,10 @@ def check(size: str, variant: str, path: Path, prompts: int, steps: int) -> None
         torch.cuda.reset_peak_memory_stats()
     worker = RolloutWorker(config, str(path))
     learner = Learner(config, str(path), str(path), use_gpu=gpu)
-    scorer = RewardWorker(config, str(path), list(config.reward.weights))
-    rows = [json.loads(line) for line in BUILTIN_TRAIN.read_text().splitlines()[:prompts]]
-    table = pa.Table.from_pylist([{**row, "group_id": i} for i, row in enumerate(rows)])
     params = sum(p.numel() for p in learner.model.parameters())
     for step in range(1, steps + 1):
         times = {}
-        start = time.time()
-        batch = worker.generate(table, config.rollout.group_size, step=step)
-        synchronize()
-        times["rollout_s"] = time.time() - start
-        batch, _ = scorer.score_all(batch, list(config.reward.weights))
+        batch, times["rollout_s"] = scored_batch(config, path, prompts, step, worker)
         start = time.time()
         metrics = learner.train_step(batch)
         synchronize()
@@ -107,15 +165,19 @@ def check(size: str, variant: str, path: Path, prompts: int, steps: int) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "100m"], choices=["tiny", "100m"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, "group"], choices=[*VARIANTS, "group"])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--ranks", type=int, default=torch.cuda.device_count() or 2, help="learner group ranks")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         for size in args.sizes:
             path = model_dir(size, Path(workdir))
             for variant in args.variants:
-                check(size, variant, path, args.prompts, args.steps)
+                if variant == "group":
+                    check_group(size, path, args.prompts, args.steps, args.ranks)
+                else:
+                    check(size, variant, path, args.prompts, args.steps)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
     tokenforge samples RUN [--step N] [--worst K | --best K | --group G] [--eval]
                                                       a run's dumped completions with token-level rewards
     tokenforge report RUN_OR_EXPERIMENT               report.png + report.md: the run's (or every trial's) curves
-    tokenforge validate-cluster FILE                  Ray schema + security checks of a cluster YAML
+    tokenforge validate-cluster FILE [-c CONFIG]      Ray schema + security checks of a cluster YAML; the learner fits
 
 Errors in the user's input print one line and exit 2; `--debug` shows the traceback.
 """
@@ -110,14 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
         "validate-cluster", help="check a cluster YAML: Ray's schema and tokenforge's security rules"
     )
     cluster.add_argument("file", help="cluster YAML (e.g. cluster.yaml, cluster.local.yaml)")
+    cluster.add_argument("--config", "-c", help="a run's config: check that its learner ranks fit a node type")
     cluster.add_argument("--debug", action="store_true", help="show tracebacks")
+    cluster.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of --config's keys")
     return parser
 
 
 def run_validate_cluster(args: argparse.Namespace) -> None:
     from pipeline.cluster_check import validate_cluster
+    from pipeline.config import load_config
 
-    for line in validate_cluster(args.file):
+    run_config = load_config(args.config, args.overrides) if args.config or args.overrides else None
+    for line in validate_cluster(args.file, run_config):
         print(f"{args.file}: {line}")
 
 

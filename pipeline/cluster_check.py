@@ -18,7 +18,10 @@ autoscaler's JSON schema: unknown keys, fractional resources, ...), then:
 - a Ray auth token copied by file_mounts is made private (`chmod 600`) by the setup commands of the head
   and of the workers: rsync copies the local file's mode, 0644 where it was made with umask 022;
 - a file mount of the checkout (`.`) keeps `.venv` and `.git` out (rsync_exclude, or an rsync_filter):
-  a local venv is GBs and tens of thousands of files, copied to every node.
+  a local venv is GBs and tens of thousands of files, copied to every node;
+- given a run's config (`--config`, overrides): its learner's ranks (`learner.num_workers`, each with
+  `learner.num_gpus` / `num_cpus` / `resources`) fit one node type, or span several nodes of one type within
+  its max_workers (a multi-node group; said, not refused).
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ class ClusterConfigError(TokenforgeError):
     """A cluster YAML fails Ray's validation or a security check."""
 
 
-def validate_cluster(path: str | Path) -> list[str]:
-    """Raise ClusterConfigError naming the file and the problem; return a summary of what was checked."""
+def validate_cluster(path: str | Path, run_config=None) -> list[str]:
+    """Raise ClusterConfigError naming the file and the problem; return a summary of what was checked.
+    `run_config`: a TrainConfig whose learner must fit the cluster's node types."""
     path = Path(path)
     if not path.is_file():
         raise ClusterConfigError(f"cluster file {str(path)!r} does not exist")
@@ -70,6 +74,7 @@ def validate_cluster(path: str | Path) -> list[str]:
     ports = check_open_ports(path, config)
     tokens = check_token_private(path, config)
     check_checkout_excludes(path, config)
+    learner = [] if run_config is None else [check_learner_fits(path, config, run_config)]
     return [
         schema,
         f"dashboard/Jobs API on loopback: ok ({len(head)} head start command(s))",
@@ -78,7 +83,46 @@ def validate_cluster(path: str | Path) -> list[str]:
         ports,
         f"auth token private on every node: ok ({', '.join(tokens) or 'no token in file_mounts'})",
         "checkout sync keeps .venv and .git out: ok",
+        *learner,
     ]
+
+
+def check_learner_fits(path: Path, config: dict, run_config) -> str:
+    """Where the run's learner ranks go: the node types with the most ranks per node first. One line, or
+    ClusterConfigError when no node type holds a rank, or none holds them all within its max_workers."""
+    learner = run_config.learner
+    ranks = learner.num_workers
+    node_types = config.get("available_node_types", {})
+    gpus = learner.num_gpus
+    if gpus is None:  # null: a GPU where the cluster has one (decide_learner_gpus)
+        gpus = 1.0 if any(n.get("resources", {}).get("GPU", 0) for n in node_types.values()) else 0.0
+    bundle = {"CPU": learner.num_cpus, "GPU": gpus, **learner.resources}
+    bundle = {k: v for k, v in bundle.items() if v}
+    fits = {}  # node type -> (ranks per node, nodes it may have)
+    for name, node in node_types.items():
+        resources = node.get("resources", {})
+        per_node = min((int(resources.get(k, 0) // v) for k, v in bundle.items()), default=ranks)
+        if per_node:
+            nodes = 1 if name == config.get("head_node_type") else max(1, node.get("max_workers", 1))
+            fits[name] = (per_node, nodes)
+    wanted = ", ".join(f"{k}: {v:g}" for k, v in bundle.items())
+    if not fits:
+        raise ClusterConfigError(
+            f"{path}: no node type holds a learner rank ({wanted}: learner.num_cpus / num_gpus / resources); "
+            "add such a node type or lower those keys"
+        )
+    name, (per_node, nodes) = max(fits.items(), key=lambda item: item[1][0])
+    what = f"learner.num_workers={ranks} ranks of {{{wanted}}}"
+    if per_node >= ranks:
+        return f"learner: ok ({what} fit one {name} node)"
+    spans = [(n, -(-ranks // p)) for n, (p, most) in fits.items() if -(-ranks // p) <= most]
+    if not spans:
+        raise ClusterConfigError(
+            f"{path}: {what} fit on no single node type (at most {per_node} per {name} node, {nodes} such nodes); "
+            "lower learner.num_workers or add nodes with more GPUs"
+        )
+    name, count = min(spans, key=lambda span: span[1])
+    return f"learner: ok ({what} span {count} {name} nodes: a multi-node group, NCCL between the nodes)"
 
 
 def check_with_ray(path: Path, config: dict) -> None:

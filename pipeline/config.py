@@ -502,7 +502,7 @@ class TrainConfig(Section):
         if self.learner.num_workers == 1:
             return
         unsupported = {
-            "critic": self.critic is not None or self.algorithm.estimator in NEEDS_VALUES,
+            "critic.placement=learner": self.critic is not None and self.critic.placement == "learner",
             "model.lora": self.model.lora is not None,
             "rollout.weight_sync=collective": self.rollout.weight_sync == "collective",
         }

@@ -358,3 +358,21 @@ def test_cluster_entry_never_joins_some_cluster_it_found(tmp_path):
             "cluster_entry: no Ray head started by this user on this node "
             f"({tmp_path}/ray/ray_current_cluster is missing"
         )
+
+
+@pytest.mark.parametrize(
+    ("ranks", "expected"),
+    [
+        (4, "learner: ok (learner.num_workers=4 ranks of {CPU: 1, GPU: 1} fit one gpu_learner node)"),
+        (8, "span 2 gpu_learner nodes: a multi-node group"),
+        (12, "error: .*cluster.yaml: learner.num_workers=12 ranks of {CPU: 1, GPU: 1} fit on no single node type"),
+    ],
+)
+def test_a_configured_learner_group_is_checked_against_the_node_types(capsys, ranks, expected):
+    """The documented job (docs/cluster.md): the gpu_learner node type's 4 GPUs hold 4 ranks; 8 span its 2 nodes."""
+    try:
+        main(["validate-cluster", str(REPO / "cluster.yaml"), f"learner.num_workers={ranks}", "learner.num_gpus=1"])
+    except SystemExit:
+        pass
+    captured = capsys.readouterr()
+    assert re.search(re.escape(expected) if "error" not in expected else expected, captured.out + captured.err)

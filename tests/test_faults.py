@@ -43,8 +43,8 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "checkpoints" / "step_8" / "model.safetensors")
 
 
-def kill_when(out: Path, role: str, at_step: int) -> threading.Thread:
-    """A thread that SIGKILLs the process of this run's `role` actor once metrics.jsonl reaches `at_step`."""
+def kill_when(out: Path, role: str, at_step: int, index: int = 0) -> threading.Thread:
+    """A thread that SIGKILLs the process of this run's `role` actor `index` once metrics.jsonl reaches `at_step`."""
 
     before = set(ray.util.list_named_actors())  # actors of earlier runs still being torn down
 
@@ -54,7 +54,7 @@ def kill_when(out: Path, role: str, at_step: int) -> threading.Thread:
             if (out / "metrics.jsonl").exists() and any(r["step"] >= at_step for r in records(out)):
                 break
             time.sleep(0.2)
-        (name,) = [n for n in set(ray.util.list_named_actors()) - before if n.endswith(f"-{role}-0")]
+        (name,) = [n for n in set(ray.util.list_named_actors()) - before if n.endswith(f"-{role}-{index}")]
         pid = ray.get(ray.get_actor(name).__ray_call__.remote(lambda _: os.getpid()))
         os.kill(pid, signal.SIGKILL)
 
@@ -116,6 +116,25 @@ def test_a_killed_learner_restarts_the_pipeline_from_the_last_checkpoint(straigh
     killer = kill_when(out, "learner", at_step=5)
     train(load_config(overrides=[*TINY, f"output_dir={out}"]))
     killer.join(timeout=5)
+    assert "failure 1 of at most 3" in capsys.readouterr().out
+    assert [r["step"] for r in records(out)] == list(range(9))  # steps after step 4's checkpoint redone, once
+    torch.testing.assert_close(final_weights(out), final_weights(straight), rtol=0, atol=1e-6)
+
+
+GROUP = ["learner.num_workers=2", "learner.num_cpus=0.5"]
+
+
+def test_a_killed_learner_rank_restarts_the_group_from_the_last_checkpoint(ray_cluster, tmp_path, capsys):
+    """learner.num_workers=2: rank 1's death fails the step at once (rank 0 waits for it in a collective), and the
+    run goes on from its last checkpoint with a new group, to the weights of a run without the fault."""
+    straight = tmp_path / "straight"
+    train(load_config(overrides=[*TINY, *GROUP, f"output_dir={straight}"]))
+    out = tmp_path / "run"
+    killer = kill_when(out, "learner", at_step=5, index=1)
+    started = time.monotonic()
+    train(load_config(overrides=[*TINY, *GROUP, f"output_dir={out}"]))
+    killer.join(timeout=5)
+    assert time.monotonic() - started < 120  # not held until a collective's timeout (trainer.actor_timeout_s)
     assert "failure 1 of at most 3" in capsys.readouterr().out
     assert [r["step"] for r in records(out)] == list(range(9))  # steps after step 4's checkpoint redone, once
     torch.testing.assert_close(final_weights(out), final_weights(straight), rtol=0, atol=1e-6)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import pyarrow as pa
 import pytest
+import ray
 import torch
 
 from actors.learner import Learner
@@ -16,7 +17,9 @@ from pipeline import storage as store
 from pipeline.config import load_config
 from pipeline.driver.actor_group import ActorGroup
 from pipeline.driver.learner_group import form_learner_group, submit_train_step
+from pipeline.driver.trainer import train
 from pipeline.errors import ConfigError
+from pipeline.outputs.metrics_log import read_metrics
 from pipeline.runtime.learner_group import gathered_optimizer_state, rank_rows
 from pipeline.storage import Storage
 
@@ -157,12 +160,62 @@ def test_a_single_learners_checkpoint_resumes_into_a_group(ray_cluster, batches,
     assert_same_gradient(gradient, one.gradients(batches[1])[0])
 
 
-@pytest.mark.parametrize("key", ["critic", "model.lora", "rollout.weight_sync=collective"])
+def test_a_group_with_the_critic_makes_the_single_learners_steps(ray_cluster, batches, builtin_model_path, tmp_path):
+    """algorithm.estimator=gae: rank 0 holds the one critic actor and sends its values to the other ranks; two
+    steps (two minibatches each) and a checkpoint with the critic's files, as the single learner's."""
+    critic = ["algorithm.estimator=gae", "algorithm.loss=ppo_clip", "learner.minibatches=2", "critic.num_cpus=0.25"]
+    config = load_config(overrides=[*BASE, *critic])
+    single = ActorGroup(
+        Learner,
+        1,
+        role="learner",
+        run_id=uuid.uuid4().hex[:8],
+        num_cpus=0.5,
+        num_gpus=0,
+        resources={},
+        timeout_s=180,
+        init_args=(config, builtin_model_path, builtin_model_path, False, None),
+    )  # an actor too: its critic is an actor of its own, as rank 0's
+    try:
+        expected = [single.get(submit_train_step(single, batch, i + 1))[0] for i, batch in enumerate(batches)]
+    finally:
+        single.close()
+    grouped = load_config(overrides=[*BASE, *critic, "learner.num_workers=2"])
+    storage = Storage(str(tmp_path))
+    with learner_group(grouped, builtin_model_path) as group:
+        critics = [
+            n for n in ray.util.list_named_actors() if n.startswith(f"tokenforge-{group.run_id}") and "critic" in n
+        ]
+        assert critics == [f"tokenforge-{group.run_id}-learner-0-critic-0"]
+        got = [group.get(submit_train_step(group, batch, i + 1))[0] for i, batch in enumerate(batches)]
+        files = group.call_all("save", storage.uri, store.checkpoint_dir(2))[0]
+    for mine, theirs in zip(got, expected, strict=True):
+        for key in ("loss/policy", "loss/grad_norm", "critic/value_loss", "critic/explained_var", "critic/value_mean"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
+    assert any(name.startswith("critic/") for name in files)
+
+
+@pytest.mark.parametrize("key", ["critic.placement=learner", "model.lora", "rollout.weight_sync=collective"])
 def test_what_a_group_does_not_do_yet_is_one_line(key):
     overrides = {
-        "critic": ["algorithm.estimator=gae", "algorithm.loss=ppo_clip"],
+        "critic.placement=learner": ["algorithm.estimator=gae", "algorithm.loss=ppo_clip", "critic.placement=learner"],
         "model.lora": ["model.lora={r: 4}"],
         "rollout.weight_sync=collective": ["rollout.weight_sync=collective"],
     }[key]
     with pytest.raises(ConfigError, match=rf"'learner.num_workers': 2 ranks do not work with {key} yet"):
         load_config(overrides=[*overrides, "learner.num_workers=2"])
+
+
+def test_a_run_with_two_learner_ranks_reports_the_single_learners_metrics(ray_cluster, tmp_path):
+    """`tokenforge train learner.num_workers=2` against 1, same seed: the same rewards, loss and gradient norm step by
+    step (the metrics are the group's, not rank 0's share), and the same eval."""
+    common = ["trainer.total_steps=3", "trainer.prompts_per_step=16", "trainer.eval_every=3", "learner.num_cpus=0.5"]
+    common += ["data.max_eval_samples=40", "seed=7"]
+    runs = {}
+    for n in (1, 2):
+        train(load_config(overrides=[*common, f"learner.num_workers={n}", f"output_dir={tmp_path / str(n)}"]))
+        runs[n] = read_metrics(Storage(str(tmp_path / str(n))))
+    for single, grouped in zip(runs[1][1:], runs[2][1:], strict=True):
+        for key in ("reward/total/mean", "loss/policy", "loss/grad_norm", "policy/entropy"):
+            assert grouped[key] == pytest.approx(single[key], rel=1e-5), (single["step"], key)
+    assert runs[2][-1]["eval/exact_match"] == runs[1][-1]["eval/exact_match"]

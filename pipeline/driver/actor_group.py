@@ -123,9 +123,17 @@ class ActorGroup:
         self.get([self.actors[i].__ray_ready__.remote()])
 
     def get(self, refs: list) -> list:
-        """Results of `refs`, or an error naming the role if one takes longer than the timeout."""
+        """Results of `refs`, or an error naming the role if one takes longer than the timeout. The first failure
+        raises at once, not once the others are done: a learner group's other ranks wait in a collective for the
+        one that died."""
         try:
-            return ray.get(refs, timeout=self.timeout_s)
+            pending, deadline = list(refs), time.monotonic() + self.timeout_s
+            while len(pending) > 1:
+                done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not done:
+                    raise ray.exceptions.GetTimeoutError
+                ray.get(done)  # raises if it failed
+            return ray.get(refs, timeout=max(0.0, deadline - time.monotonic()))
         except ray.exceptions.GetTimeoutError:
             raise ActorTimeout(
                 f"{self.role} actor gave no answer within {self.timeout_s:.0f}s (trainer.actor_timeout_s)"

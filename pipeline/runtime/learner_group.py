@@ -20,6 +20,7 @@ import ray
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -69,10 +70,11 @@ MIXED_PRECISION = {
 }
 
 
-def shard_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Shard `model` in place across the process group: each transformer block (a module whose class is in the
-    model's `_no_split_modules`) is one FSDP2 unit, the rest is the root's. Gradients are summed across ranks (the
-    losses are already divided by global counts), in sums only: gloo has no pre-multiplied sum."""
+def shard_model(model: torch.nn.Module, precision: str, device: str) -> torch.nn.Module:
+    """Shard `model` (loaded on the CPU) in place across the process group, each rank's shard moved to `device`:
+    each transformer block (a module whose class is in the model's `_no_split_modules`) is one FSDP2 unit, the
+    rest is the root's. Gradients are summed across ranks (the losses are already divided by global counts), in
+    sums only: gloo has no pre-multiplied sum."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA model's transformer
     blocks = set(getattr(base, "_no_split_modules", None) or [])
     if not blocks:
@@ -81,10 +83,11 @@ def shard_model(model: torch.nn.Module, precision: str) -> torch.nn.Module:
             "(_no_split_modules is empty); use learner.num_workers=1"
         )
     policy = MIXED_PRECISION[precision]
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     for module in model.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -117,6 +120,13 @@ def sum_across_ranks(values: dict[str, float], device: str) -> dict[str, float]:
     stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(stacked)
     return dict(zip(values, stacked.tolist()))
+
+
+def from_rank0(tensor: torch.Tensor | None, shape: tuple, device: str) -> torch.Tensor:
+    """Rank 0's fp32 `tensor` on every rank (the others pass None and its shape)."""
+    received = tensor.float() if tensor is not None else torch.empty(shape, dtype=torch.float32, device=device)
+    dist.broadcast(received, src=0)
+    return received
 
 
 def all_rows(part: torch.Tensor) -> torch.Tensor:
