@@ -40,7 +40,7 @@ from pipeline.models.hf import (
     response_logprobs,
     select_rows,
 )
-from pipeline.models.lora import merged_state_dict, trainable_model
+from pipeline.models.lora import merged_from_state, merged_state_dict, trainable_model
 from pipeline.runtime.learner_group import (
     Rank,
     all_rows,
@@ -264,9 +264,7 @@ class Learner:
         token_rewards = composite_token_rewards(components.values(), mask, group_ids)  # sum_i w_i * norm_i(r_i)_t
         metrics["reward/total/mean"] = float(token_rewards.sum(1).mean())
         ref_logprobs = (
-            self._out_of_memory_as_one_line(self._reference_logprobs, sequences, mask.sum(1))
-            if algo.needs_reference
-            else None
+            self._out_of_memory_as_one_line(self._reference_logprobs, sequences) if algo.needs_reference else None
         )
         if algo.kl_in_reward_coef > 0:
             without_kl = token_rewards
@@ -527,14 +525,15 @@ class Learner:
         return mixed_autocast(self.device, self.config.learner.precision)
 
     @torch.no_grad()
-    def _reference_logprobs(self, sequences, tokens: torch.Tensor) -> torch.Tensor:
-        """log pi_ref(y_t) of every response token of the batch (`tokens`: each row's count); in a group each rank
-        computes its rows and the ranks sum their (otherwise zero) tensors."""
+    def _reference_logprobs(self, sequences) -> torch.Tensor:
+        """log pi_ref(y_t) of every response token of the batch; in a group each rank computes its rows (balanced by
+        their response tokens) and the ranks sum their (otherwise zero) tensors."""
         temperature, chunk = self.config.rollout.temperature, self.config.learner.logprob_chunk_tokens
         model = self.reference if self.reference is not None else self.model
         adapters_off = self.model.disable_adapter() if self.reference is None else contextlib.nullcontext()
         ids, width = sequences["input_ids"], sequences["prompt_width"]
         logprobs = torch.zeros(ids.shape[0], ids.shape[1] - width, device=ids.device)
+        tokens = sequences["attention_mask"][:, width:].sum(1)
         with adapters_off, self.autocast():
             for rows, real in self._my_micro_batches(tokens):
                 part = response_logprobs(
@@ -555,6 +554,8 @@ class Learner:
         lora = self.config.model.lora is not None
         if self.rank.grouped:  # every rank calls it: the shards are gathered to rank 0's CPU, one tensor at a time
             weights = full_state_dict(self.model)  # {} on the other ranks
+            if lora and weights:
+                weights = merged_from_state(self.model, weights)
         else:
             weights = merged_state_dict(self.model) if lora else self.model.state_dict()  # merged: already a CPU copy
         floats = [name for name, v in weights.items() if v.is_floating_point()]

@@ -151,7 +151,7 @@ def test_resources_the_cluster_can_never_provide_fail_fast(ray_cluster, capsys, 
     err = run_cli(["train", "learner.num_gpus=1", out], capsys)
     assert "the actors need 1 GPU in total but the Ray cluster has 0" in err
     err = run_cli(["train", "learner.num_gpus=8", out], capsys)
-    assert "'learner.num_gpus': the learner trains on one device, so 8 GPUs would be reserved and sit idle" in err
+    assert "'learner.num_gpus': a learner rank trains on one device, so 8 GPUs would be reserved and sit idle" in err
     err = run_cli(["train", "rollout.resources_per_worker={tpu_pod: 1}", out], capsys)
     assert "the actors need 1 tpu_pod in total but the Ray cluster has 0" in err
 
@@ -284,7 +284,7 @@ def test_overrides_may_follow_options(capsys):
         parse(["eval", "model", "--data", "f.jsonl", "--bogus"])
     assert stop.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        parse(["validate-cluster", "cluster.yaml", "x=1"])  # a command without overrides
+        parse(["export", "checkpoint", "out", "x=1"])  # a command without overrides
 
 
 def test_a_checkpoint_manifest_cannot_write_outside_the_checkpoint(capsys, tmp_path):

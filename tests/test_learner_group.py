@@ -77,6 +77,7 @@ CASES = {
     "rloo, micro-batches of 1": ["algorithm.estimator=rloo", "learner.micro_batch_size=1"],
     "no prompt sharing, a KL term": ["learner.share_prompts=false", "algorithm.kl_coef=0.05"],
     "seq-mean-token-mean, micro-batches of 4": ["algorithm.agg=seq-mean-token-mean", "learner.micro_batch_size=4"],
+    "LoRA, a KL term (the adapters off)": ["model.lora={r: 4}", "algorithm.kl_coef=0.05"],
 }
 
 
@@ -160,6 +161,23 @@ def test_a_single_learners_checkpoint_resumes_into_a_group(ray_cluster, batches,
     assert_same_gradient(gradient, one.gradients(batches[1])[0])
 
 
+def test_a_lora_group_publishes_the_single_learners_merged_weights(ray_cluster, batches, builtin_model_path):
+    """The adapters' update merged into the base weights (W + alpha / r * B @ A, GPT-2's Conv1D transposed), from
+    the gathered shards, as the single learner merges them after the same step."""
+    overrides = [*BASE, "model.lora={r: 4}", "learner.lr=1e-3", "learner.warmup_steps=0"]
+    one = Learner(load_config(overrides=overrides), builtin_model_path, builtin_model_path)
+    before = one.get_weights()
+    one.train_step(batches[0])
+    expected = one.get_weights()
+    assert any(not torch.equal(expected[k], v) for k, v in before.items())  # the step moved the merged weights
+    with learner_group(load_config(overrides=[*overrides, "learner.num_workers=2"]), builtin_model_path) as group:
+        group.get(submit_train_step(group, batches[0], 1))
+        got = group.call_all("get_weights")[0]
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6)
+
+
 def test_a_group_with_the_critic_makes_the_single_learners_steps(ray_cluster, batches, builtin_model_path, tmp_path):
     """algorithm.estimator=gae: rank 0 holds the one critic actor and sends its values to the other ranks; two
     steps (two minibatches each) and a checkpoint with the critic's files, as the single learner's."""
@@ -195,11 +213,10 @@ def test_a_group_with_the_critic_makes_the_single_learners_steps(ray_cluster, ba
     assert any(name.startswith("critic/") for name in files)
 
 
-@pytest.mark.parametrize("key", ["critic.placement=learner", "model.lora", "rollout.weight_sync=collective"])
+@pytest.mark.parametrize("key", ["critic.placement=learner", "rollout.weight_sync=collective"])
 def test_what_a_group_does_not_do_yet_is_one_line(key):
     overrides = {
         "critic.placement=learner": ["algorithm.estimator=gae", "algorithm.loss=ppo_clip", "critic.placement=learner"],
-        "model.lora": ["model.lora={r: 4}"],
         "rollout.weight_sync=collective": ["rollout.weight_sync=collective"],
     }[key]
     with pytest.raises(ConfigError, match=rf"'learner.num_workers': 2 ranks do not work with {key} yet"):

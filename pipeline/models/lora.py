@@ -107,6 +107,35 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
+def merged_from_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """merged_state_dict's result computed from `state`, the LoRA model's whole state dict on the CPU (a learner
+    group's, gathered from its shards): W' = W + (alpha / r) * B @ A for each adapted linear layer, transposed where
+    the layer stores W as (in, out) (GPT-2's Conv1D: fan_in_fan_out), as peft's get_delta_weight computes it."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    prefix = "base_model.model."  # the PeftModel's names of the base model's weights
+    merged = {
+        key.removeprefix(prefix).replace(".base_layer.", "."): value
+        for key, value in state.items()
+        if ".lora_" not in key
+    }
+    for name, module in model.get_base_model().named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if not isinstance(module, LoraLinear):
+            raise TokenforgeError(
+                f"model.lora adapts {name} ({type(module).__name__}), which a learner group cannot merge yet (linear "
+                "layers only); leave it out of model.lora.target_modules or use learner.num_workers=1"
+            )
+        for adapter in module.active_adapters:
+            a, b = (state[f"{prefix}{name}.lora_{part}.{adapter}.weight"] for part in "AB")
+            delta = (b @ a) * module.scaling[adapter]
+            weight = f"{name}.weight"
+            merged[weight] += (delta.T if module.fan_in_fan_out else delta).to(merged[weight].dtype)
+    return merged
+
+
 def export(checkpoint: str | Path, out: str | Path, merge: bool) -> Path:
     """Write a checkpoint as a plain HF model (merging a LoRA adapter into its base when `merge`), or copy
     its adapter as it is (`merge` false). A full-weight checkpoint is saved as it is either way."""
