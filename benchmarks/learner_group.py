@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
 import ray
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -56,6 +57,7 @@ def model_dir(size: str, scratch: Path) -> str:
 def scored_batch(prompts: int):
     config = with_builtin_defaults(load_config(overrides=["seed=0"]))
     table = load_inputs(config)[0].slice(0, prompts)
+    table = table.append_column("group_id", pa.array(range(table.num_rows), pa.int64()))
     worker = RolloutWorker(config, str(BUILTIN_MODEL))
     names = list(config.reward.weights)
     scorer = RewardWorker(config, str(BUILTIN_MODEL), names)
