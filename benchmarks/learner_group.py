@@ -3,9 +3,10 @@
 For each model size (the shipped tiny GPT-2, and a ~85M-parameter GPT-2 on its tokenizer) and each number of ranks
 N, starts N learner actors on a local Ray (the machine's CPUs shared among them: learner.num_cpus = CPUs / N),
 forms the group, and times --steps train_step calls on one scored batch of the default task (--prompts prompts x
-4 samples, generated and scored once) after one warm-up step. Prints the mean step time and, per rank, the peak
-resident memory (which includes loading the whole model before sharding it) and the resident memory after the
-steps; with the loss of the last step, which every N must agree on.
+4 samples, generated and scored once) after one warm-up step. Prints the mean step time and, per rank, the
+training state it holds (its shards of the weights and Adam's moments), its peak resident memory (which includes
+loading the whole model before sharding it) and its resident memory after the steps; with the loss of the last
+step, which every N must agree on.
 
     python benchmarks/learner_group.py [--ranks 1 2] [--sizes tiny 85m] [--steps 3] [--prompts 16]
     python benchmarks/learner_group.py --memory-table   # docs/models.md's table: the ranks a model size needs
@@ -27,6 +28,7 @@ import psutil
 import pyarrow as pa
 import ray
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -64,10 +66,18 @@ def scored_batch(prompts: int):
     return scorer.score_all(worker.generate(table, group_size=4, step=1), names)[0]
 
 
-def memory(_learner) -> tuple[float, float]:
-    """(peak, current) resident memory of this process, GiB."""
+def memory(learner) -> tuple[float, float, float]:
+    """(peak, current) resident memory of this process, and the training state it holds (its shards of the weights
+    and of Adam's moments), GiB."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return peak, psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+    def held(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    moments = [v for state in learner.optimizer.state.values() for v in state.values() if v.dim()]
+    state = sum(map(held, learner.model.parameters())) + sum(map(held, moments))
+    return peak, psutil.Process(os.getpid()).memory_info().rss / 2**30, state / 2**30
 
 
 def measure(path: str, ranks: int, batch, steps: int) -> dict:
@@ -152,18 +162,17 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     batch = scored_batch(args.prompts)
     print(f"{batch.num_rows} samples per step, {os.cpu_count()} CPUs shared by the ranks, gloo")
-    print("| model | parameters | ranks | step s | peak RSS per rank GiB | RSS after GiB | loss/policy |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | parameters | ranks | step s | state per rank GiB | peak RSS per rank GiB | RSS after GiB | loss |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="tokenforge-group-bench-") as scratch:
         for size in args.sizes:
             path = model_dir(size, Path(scratch))
             for ranks in args.ranks:
                 r = measure(path, ranks, batch, args.steps)
-                peaks = ", ".join(f"{peak:.2f}" for peak, _ in r["memories"])
-                nows = ", ".join(f"{now:.2f}" for _, now in r["memories"])
+                states, peaks, nows = (", ".join(f"{m[i]:.2f}" for m in r["memories"]) for i in (2, 0, 1))
                 print(
-                    f"| {size} | {r['params'] / 1e6:.1f}M | {ranks} | {r['step_s']:.2f} | {peaks} | {nows} | "
-                    f"{r['loss']:.6f} |",
+                    f"| {size} | {r['params'] / 1e6:.1f}M | {ranks} | {r['step_s']:.2f} | {states} | {peaks} | "
+                    f"{nows} | {r['loss']:.6f} |",
                     flush=True,
                 )
 
