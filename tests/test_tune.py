@@ -410,3 +410,18 @@ def test_the_status_table_is_redrawn_in_place_on_a_terminal(monkeypatch):
         second = stream.getvalue()[len(first) :]
         assert "\x1b[J" not in first and ("== Status ==" in first) and "second" in second
         assert second.startswith(f"\x1b[{first.count(chr(10))}F\x1b[J") == redrawn, repr(second[:20])
+
+
+def test_a_trial_with_a_learner_group_places_its_ranks_in_the_trials_placement_group(ray_cluster, tmp_path):
+    """learner.num_workers=2: the trial's placement group holds both ranks' bundles (actor_bundles), the ranks are
+    created inside it (no placement group of their own, which the trial's would starve) and train."""
+    spec = write_spec(
+        tmp_path,
+        {"learner.lr": {"strategy": "choice", "values": [5e-4]}},
+        {"name": "group"},
+        base={"learner.num_workers": 2, "trainer.total_steps": 2},
+    )
+    experiment = Path(run_experiment(str(spec)))
+    (trial,) = trial_dirs(experiment)
+    assert [r["step"] for r in metrics(trial)] == [0, 1, 2]
+    assert (experiment / "trials.csv").read_text().splitlines()[1].endswith(",2,TERMINATED")
