@@ -46,10 +46,11 @@ from pipeline.runtime.learner_group import (
     all_rows,
     from_rank0,
     full_state_dict,
-    gathered_optimizer_state,
     join_process_group,
+    load_optimizer_whole,
     padded_micro_batches,
     rank_rows,
+    save_optimizer_shards,
     shard_model,
     sharded_optimizer_state,
     sum_across_ranks,
@@ -59,6 +60,7 @@ from pipeline.runtime.threads import torch_threads
 from pipeline.storage import Storage, local_copy, read_manifest
 
 LEARNER_STATE = "learner_state.pt"
+OPTIMIZER_SHARDS = "optimizer"  # a learner group's optimizer state: one torch.distributed.checkpoint file per rank
 
 
 def lr_factor(learner: LearnerConfig, k: int, total_updates: int) -> float:
@@ -567,24 +569,27 @@ class Learner:
         """Upload the HF-format model (or, with LoRA, the adapter) + tokenizer (safetensors) and the
         optimizer/version/RNG state to `directory` of the run's storage, from this process. Returns the
         manifest entries ({file: {size, sha256}}); the driver publishes the checkpoint. In a group every rank
-        calls it and rank 0 uploads the whole (consolidated) checkpoint; the others return {}."""
+        calls it and uploads its own files; the manifest lists those of every rank."""
         with tempfile.TemporaryDirectory(prefix="tokenforge-save-") as scratch:
             self.save_local(scratch)
-            return {} if self.rank.rank else Storage(storage_uri).upload_dir(scratch, directory)
+            return Storage(storage_uri).upload_dir(scratch, directory)
 
     def save_local(self, directory: str) -> None:
-        """The checkpoint's files in a local directory; in a group (every rank calls it: the shards of the weights
-        and of the optimizer's state are gathered whole to rank 0's CPU, one tensor at a time) rank 0 writes them,
-        in the single learner's format, so that any number of ranks resumes them."""
+        """The checkpoint's files in a local directory. In a group every rank calls it: the weights are gathered
+        whole to rank 0's CPU one tensor at a time (the HF-format model that eval, export and from_pretrained read),
+        and each rank writes its shard of the optimizer's state (OPTIMIZER_SHARDS/, torch.distributed.checkpoint),
+        which any number of ranks, or a single learner, resumes; rank 0 writes the rest."""
         grouped = self.rank.grouped
         weights = full_state_dict(self.model) if grouped else None  # None: the model's own
-        optimizer = gathered_optimizer_state(self.optimizer) if grouped else self.optimizer.state_dict()
+        sharded = grouped and bool(self.optimizer.state)  # no state yet (no step): its param groups are all
+        if sharded:
+            save_optimizer_shards(self.model, self.optimizer, Path(directory) / OPTIMIZER_SHARDS)
         if self.rank.rank:
             return
         self.model.save_pretrained(directory, state_dict=weights)
         self.tokenizer.save_pretrained(directory)
         state = {
-            "optimizer": optimizer,
+            "optimizer": None if sharded else self.optimizer.state_dict(),  # None: in OPTIMIZER_SHARDS/
             "scheduler": self.scheduler.state_dict(),
             "policy_version": self.policy_version,
             "torch_rng": torch.get_rng_state(),
@@ -595,7 +600,10 @@ class Learner:
 
     def load_state(self, directory: str) -> int:
         state = torch.load(Path(directory) / LEARNER_STATE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is None:  # a learner group's shards, read whole (join_group shards them again)
+            load_optimizer_whole(self.model, self.optimizer, Path(directory) / OPTIMIZER_SHARDS)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The config's lr wins over the saved one (Tune's PBT may have changed it): lr_k = lr * factor(k)
         self.scheduler.base_lrs = [self.config.learner.lr] * len(self.optimizer.param_groups)

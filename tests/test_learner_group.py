@@ -16,11 +16,11 @@ from actors.rollout_worker import RolloutWorker
 from pipeline import storage as store
 from pipeline.config import load_config
 from pipeline.driver.actor_group import ActorGroup
-from pipeline.driver.learner_group import form_learner_group, submit_train_step
+from pipeline.driver.learner_group import form_learner_group, save_learner, submit_train_step
 from pipeline.driver.trainer import train
 from pipeline.errors import ConfigError
 from pipeline.outputs.metrics_log import read_metrics
-from pipeline.runtime.learner_group import gathered_optimizer_state, rank_rows
+from pipeline.runtime.learner_group import rank_rows, whole
 from pipeline.storage import Storage
 
 PROMPTS = pa.table(
@@ -104,9 +104,12 @@ def test_the_rows_are_split_by_tokens_and_every_rank_can_be_short():
 
 
 def adam_state(group: ActorGroup) -> dict:
-    """The group's AdamW state, gathered whole (every rank takes part)."""
-    calls = [a.__ray_call__.remote(lambda learner: gathered_optimizer_state(learner.optimizer)) for a in group.actors]
-    return group.get(calls)[0]
+    """The group's AdamW state by parameter index, each tensor gathered whole (every rank takes part)."""
+
+    def gathered(learner) -> dict:
+        return {i: {k: whole(v) for k, v in s.items()} for i, s in learner.optimizer.state_dict()["state"].items()}
+
+    return group.get([a.__ray_call__.remote(gathered) for a in group.actors])[0]
 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_two_exactly_and_on_one(
@@ -119,7 +122,7 @@ def test_a_checkpoint_of_two_ranks_resumes_on_two_exactly_and_on_one(
     storage = Storage(str(tmp_path))
     with learner_group(config, builtin_model_path) as group:
         group.get(submit_train_step(group, batches[0], 1))
-        files = group.call_all("save", storage.uri, store.checkpoint_dir(1))[0]
+        files = save_learner(group, storage.uri, store.checkpoint_dir(1))
         directory = store.publish_checkpoint(storage, 1, files)
         saved, adam = group.call_all("get_weights")[0], adam_state(group)
         gradient = group.call_all("gradients", batches[1])[0][0]
@@ -136,9 +139,10 @@ def test_a_checkpoint_of_two_ranks_resumes_on_two_exactly_and_on_one(
     assert one.policy_version == 1
     for name, value in one.get_weights().items():
         assert torch.equal(value, saved[name]), name
+    assert {"optimizer/.metadata", "optimizer/__0_0.distcp", "optimizer/__1_0.distcp"} <= files.keys()  # each rank's
     state = one.optimizer.state_dict()["state"]
-    assert state.keys() == adam["state"].keys()
-    for i, entry in adam["state"].items():
+    assert state.keys() == adam.keys()
+    for i, entry in adam.items():
         for key, value in entry.items():
             assert torch.equal(state[i][key].cpu(), value), (i, key)
     assert_same_gradient(one.gradients(batches[1])[0], gradient)
@@ -157,7 +161,7 @@ def test_a_single_learners_checkpoint_resumes_into_a_group(ray_cluster, batches,
         assert torch.equal(weights[name], value), name
     for i, entry in one.optimizer.state_dict()["state"].items():
         for key, value in entry.items():
-            assert torch.equal(adam["state"][i][key], value.cpu()), (i, key)
+            assert torch.equal(adam[i][key], value.cpu()), (i, key)
     assert_same_gradient(gradient, one.gradients(batches[1])[0])
 
 
@@ -206,7 +210,7 @@ def test_a_group_with_the_critic_makes_the_single_learners_steps(ray_cluster, ba
         ]
         assert critics == [f"tokenforge-{group.run_id}-learner-0-critic-0"]
         got = [group.get(submit_train_step(group, batch, i + 1))[0] for i, batch in enumerate(batches)]
-        files = group.call_all("save", storage.uri, store.checkpoint_dir(2))[0]
+        files = save_learner(group, storage.uri, store.checkpoint_dir(2))
     for mine, theirs in zip(got, expected, strict=True):
         for key in ("loss/policy", "loss/grad_norm", "critic/value_loss", "critic/explained_var", "critic/value_mean"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key

@@ -25,6 +25,12 @@ def form_learner_group(group: ActorGroup) -> None:
     group.get([actor.join_group.remote(address, rank, world) for rank, actor in enumerate(group.actors)])
 
 
+def save_learner(group: ActorGroup, storage_uri: str, directory: str) -> dict[str, dict]:
+    """Every rank's files of a checkpoint, uploaded to `directory` of the run's storage by each rank: the
+    manifest's entries of them all."""
+    return {name: entry for files in group.call_all("save", storage_uri, directory) for name, entry in files.items()}
+
+
 def submit_train_step(group: ActorGroup, batch: pa.Table, step: int) -> list[ray.ObjectRef]:
     """Start train_step on every rank with the same batch (put once); rank 0's result, the first, is the group's
     (its metrics are reduced over the ranks)."""

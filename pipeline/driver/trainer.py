@@ -34,7 +34,7 @@ from pipeline.config import TrainConfig, config_to_yaml
 from pipeline.data.inputs import check_data_unchanged, load_inputs, with_builtin_defaults
 from pipeline.data.loading import PromptSampler
 from pipeline.driver.actor_group import ACTOR_LOST, ActorFailed, ActorGroup, ActorTimeout, ShardCalls, failure_cause
-from pipeline.driver.learner_group import form_learner_group, submit_train_step
+from pipeline.driver.learner_group import form_learner_group, save_learner, submit_train_step
 from pipeline.driver.placement import connect_ray, decide_learner_gpus, ensure_resources, withdraw_resource_request
 from pipeline.driver.reward_pool import RewardPool
 from pipeline.driver.weight_sync import WEIGHT_SYNCS, WeightSync
@@ -284,7 +284,7 @@ class Checkpointer:
         """Upload the learner's files (from the learner's process) and the trainer state, then publish the
         manifest, last; returns the checkpoint's directory."""
         directory = store.checkpoint_dir(step)
-        files = self.pipeline.learner.call_all("save", self.storage.uri, directory)[0]
+        files = save_learner(self.pipeline.learner, self.storage.uri, directory)
         state = json.dumps(trainer_state, indent=1).encode()
         self.storage.write_bytes(f"{directory}/{TRAINER_STATE}", state)
         files[TRAINER_STATE] = {"size": len(state), "sha256": store.sha256_bytes(state)}

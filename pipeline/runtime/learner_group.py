@@ -13,13 +13,21 @@ with fewer rows runs a zero-weighted one.
 from __future__ import annotations
 
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import ray
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -146,16 +154,26 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).cpu()
 
 
-def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """optimizer.state_dict() with each sharded state tensor gathered whole onto the CPU, one at a time (a
-    collective: every rank calls it): the single learner's format, so that any number of ranks can resume it."""
-    state = optimizer.state_dict()
-    state["state"] = {i: {k: whole(v) for k, v in entry.items()} for i, entry in state["state"].items()}
-    return state
+def save_optimizer_shards(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """The optimizer's state as torch.distributed.checkpoint files in the local `directory` (a collective): each
+    rank writes its own shard's file, rank 0 also the metadata that maps every shard; any number of ranks, or a
+    single learner, reads them back (load_optimizer_whole)."""
+    state = get_optimizer_state_dict(model, optimizer)
+    dcp.save({"optimizer": state}, storage_writer=dcp.FileSystemWriter(directory))
+
+
+def load_optimizer_whole(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Load the optimizer state that save_optimizer_shards wrote (by any number of ranks) into an optimizer over
+    a whole (unsharded) model, in this process alone."""
+    state = get_optimizer_state_dict(model, optimizer)  # the layout to fill (it makes the state's tensors)
+    with warnings.catch_warnings():  # that it reads in one process, which no_dist says
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load({"optimizer": state}, storage_reader=dcp.FileSystemReader(directory), no_dist=True)
+    set_optimizer_state_dict(model, optimizer, state)
 
 
 def sharded_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
-    """A whole optimizer state (the single learner's, or gathered_optimizer_state's) with each tensor of a sharded
+    """A whole optimizer state (the single learner's, or load_optimizer_whole's) with each tensor of a sharded
     parameter cut into this rank's shard of it, as the parameter is: ready for optimizer.load_state_dict."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
