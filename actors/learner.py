@@ -44,6 +44,7 @@ from pipeline.models.lora import merged_from_state, merged_state_dict, trainable
 from pipeline.runtime.learner_group import (
     Rank,
     all_rows,
+    collectives_named,
     from_rank0,
     full_state_dict,
     join_process_group,
@@ -180,6 +181,7 @@ class Learner:
             reference = load_model(reference_path, trust, load_on, config.model.dtype)
             self.reference = reference.eval().requires_grad_(False)
         self.rank = Rank()  # the single learner until join_group
+        self.collective_timeout_s = 0.0
         self.pretrain_steps = 0 if config.critic is None else config.critic.pretrain_steps
         self._optimizer()
         self.critic = None  # in a group, rank 0's alone (join_group): it sends the values to the other ranks
@@ -214,7 +216,9 @@ class Learner:
         policy and the reference with FSDP2, and rebuild the optimizer over the shards with the state it had (a
         resumed one's included), each rank keeping its shard of it."""
         self.rank = Rank(rank, world)
-        join_process_group(address, self.rank, self.device, self.config.trainer.actor_timeout_s)
+        # a collective gives up before the driver does on the call, so that its line, naming the rank, comes first
+        self.collective_timeout_s = 0.9 * self.config.trainer.actor_timeout_s
+        join_process_group(address, self.rank, self.device, self.collective_timeout_s)
         state, schedule = self.optimizer.state_dict(), self.scheduler.state_dict()
         shard_model(self.model, self.config.learner.precision, self.device)
         if self.reference is not None:
@@ -228,6 +232,10 @@ class Learner:
 
     def train_step(self, batch: pa.Table, step: int | None = None) -> dict[str, float]:
         """One learner step on a scored rollout batch; `step` (the driver's) names it in errors."""
+        with collectives_named(self.rank, self.collective_timeout_s):
+            return self._train_step(batch, step)
+
+    def _train_step(self, batch: pa.Table, step: int | None) -> dict[str, float]:
         start = time.perf_counter()
         clock = PhaseClock(self.device)  # time/learner/*: where the update's time goes
         rows, token_rewards, metrics, finite = self._prepare(batch, clock)
@@ -555,7 +563,8 @@ class Learner:
         model's own (for a caller that copies them at once, e.g. into one flat buffer)."""
         lora = self.config.model.lora is not None
         if self.rank.grouped:  # every rank calls it: the shards are gathered to rank 0's CPU, one tensor at a time
-            weights = full_state_dict(self.model)  # {} on the other ranks
+            with collectives_named(self.rank, self.collective_timeout_s):
+                weights = full_state_dict(self.model)  # {} on the other ranks
             if lora and weights:
                 weights = merged_from_state(self.model, weights)
         else:
@@ -580,10 +589,11 @@ class Learner:
         and each rank writes its shard of the optimizer's state (OPTIMIZER_SHARDS/, torch.distributed.checkpoint),
         which any number of ranks, or a single learner, resumes; rank 0 writes the rest."""
         grouped = self.rank.grouped
-        weights = full_state_dict(self.model) if grouped else None  # None: the model's own
         sharded = grouped and bool(self.optimizer.state)  # no state yet (no step): its param groups are all
-        if sharded:
-            save_optimizer_shards(self.model, self.optimizer, Path(directory) / OPTIMIZER_SHARDS)
+        with collectives_named(self.rank, self.collective_timeout_s):
+            weights = full_state_dict(self.model) if grouped else None  # None: the model's own
+            if sharded:
+                save_optimizer_shards(self.model, self.optimizer, Path(directory) / OPTIMIZER_SHARDS)
         if self.rank.rank:
             return
         self.model.save_pretrained(directory, state_dict=weights)

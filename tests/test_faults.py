@@ -43,8 +43,9 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "checkpoints" / "step_8" / "model.safetensors")
 
 
-def kill_when(out: Path, role: str, at_step: int, index: int = 0) -> threading.Thread:
-    """A thread that SIGKILLs the process of this run's `role` actor `index` once metrics.jsonl reaches `at_step`."""
+def kill_when(out: Path, role: str, at_step: int, index: int = 0, sig=signal.SIGKILL) -> threading.Thread:
+    """A thread that SIGKILLs (or sends `sig` to) the process of this run's `role` actor `index` once metrics.jsonl
+    reaches `at_step`."""
 
     before = set(ray.util.list_named_actors())  # actors of earlier runs still being torn down
 
@@ -56,7 +57,7 @@ def kill_when(out: Path, role: str, at_step: int, index: int = 0) -> threading.T
             time.sleep(0.2)
         (name,) = [n for n in set(ray.util.list_named_actors()) - before if n.endswith(f"-{role}-{index}")]
         pid = ray.get(ray.get_actor(name).__ray_call__.remote(lambda _: os.getpid()))
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -138,6 +139,19 @@ def test_a_killed_learner_rank_restarts_the_group_from_the_last_checkpoint(ray_c
     assert "failure 1 of at most 3" in capsys.readouterr().out
     assert [r["step"] for r in records(out)] == list(range(9))  # steps after step 4's checkpoint redone, once
     torch.testing.assert_close(final_weights(out), final_weights(straight), rtol=0, atol=1e-6)
+
+
+def test_a_hung_learner_rank_is_one_line_naming_the_waiting_rank_and_the_run_goes_on(ray_cluster, tmp_path, capsys):
+    """SIGSTOP rank 1 (a rank that hangs, not one that dies): rank 0 gives up in its collective after 0.9 x
+    trainer.actor_timeout_s, which fails the step with one line naming it and its node, before the driver's own
+    timeout; the stopped process is killed with the pipeline and the run ends from its last checkpoint."""
+    out = tmp_path / "run"
+    killer = kill_when(out, "learner", at_step=3, index=1, sig=signal.SIGSTOP)
+    train(load_config(overrides=[*TINY, *GROUP, "trainer.actor_timeout_s=20", f"output_dir={out}"]))
+    killer.join(timeout=5)
+    failure = next(line for line in capsys.readouterr().out.splitlines() if "failure 1 of at most 3" in line)
+    assert re.search(r"learner: CollectiveTimeout: learner rank 0 of 2 on [0-9.]+ waited 18s in a collective", failure)
+    assert [r["step"] for r in records(out)] == list(range(9))
 
 
 def test_a_killed_critic_actor_restarts_the_pipeline_from_the_last_checkpoint(ray_cluster, tmp_path, capsys):

@@ -12,6 +12,7 @@ with fewer rows runs a zero-weighted one.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import warnings
 from dataclasses import dataclass
@@ -53,6 +54,24 @@ def group_address() -> str:
         probe.bind(("", 0))
         port = probe.getsockname()[1]
     return f"{ray.util.get_node_ip_address()}:{port}"
+
+
+class CollectiveTimeout(RuntimeError):
+    """A learner rank gave up waiting in a collective: another rank died or hangs (the run may restart)."""
+
+
+@contextlib.contextmanager
+def collectives_named(rank: Rank, timeout_s: float):
+    """A collective of the group that times out, as one line naming this rank and its node."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not (rank.grouped and "timed out" in str(error).lower()):
+            raise
+        raise CollectiveTimeout(
+            f"learner rank {rank.rank} of {rank.world} on {ray.util.get_node_ip_address()} waited {timeout_s:.0f}s in "
+            "a collective of the learner group (0.9 x trainer.actor_timeout_s): another rank died or hangs"
+        ) from None
 
 
 def join_process_group(address: str, rank: Rank, device: str, timeout_s: float) -> None:
