@@ -20,8 +20,9 @@ REPO = Path(__file__).parent.parent
 def cluster():
     nodes = LocalCluster()
     try:
-        nodes.start_head(cpus=2, resources='{"head_node": 1}')
-        nodes.add_node(cpus=1, resources='{"worker_node": 1}')
+        # learner_slot: one learner rank per node, so a group of two spans both
+        nodes.start_head(cpus=2, resources='{"head_node": 1, "learner_slot": 1}')
+        nodes.add_node(cpus=1, resources='{"worker_node": 1, "learner_slot": 1}')
         yield {"env": {**nodes.env, "RAY_ADDRESS": f"http://127.0.0.1:{nodes.dashboard}"}, "dashboard": nodes.dashboard}
     finally:
         nodes.shutdown()
@@ -92,6 +93,30 @@ def test_train_job_places_actors_on_both_nodes_as_configured(cluster):
     placement = json.loads((out / "placement.json").read_text())
     (learner,), (rollout,), (reward,) = placement["learner"], placement["rollout"], placement["reward"]
     assert rollout["node_id"] == reward["node_id"] != learner["node_id"]  # the worker node's resource vs the head's
+
+
+def test_a_learner_group_spans_both_nodes(cluster):
+    """learner.num_workers=2 with one learner_slot per node: the placement group cannot pack the ranks on one node,
+    so they form their process group across the two (gloo over TCP), train, checkpoint and evaluate."""
+    out = Path.home() / "tokenforge-outputs" / "runs" / "e2e-group"
+    submit(
+        cluster,
+        "tokenforge",
+        "train",
+        "output_dir=runs/e2e-group",
+        "trainer.total_steps=2",
+        "trainer.prompts_per_step=8",
+        "rollout.group_size=4",
+        "data.max_eval_samples=20",
+        "learner.num_workers=2",
+        "learner.num_cpus=0.25",
+        "learner.resources={learner_slot: 1}",
+    )
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2] and "eval/exact_match" in records[-1]
+    ranks = json.loads((out / "placement.json").read_text())["learner"]
+    assert len({rank["node_id"] for rank in ranks}) == 2
+    assert (out / "checkpoints" / "step_2" / "optimizer" / "__1_0.distcp").is_file()  # the second node's shard
 
 
 def test_resubmitted_train_job_writes_beside_the_first_run(cluster):
