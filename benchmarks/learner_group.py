@@ -5,8 +5,10 @@ N, starts N learner actors on a local Ray (the machine's CPUs shared among them:
 forms the group, and times --steps train_step calls on one scored batch of the default task (--prompts prompts x
 4 samples, generated and scored once) after one warm-up step. Prints the mean step time and, per rank, the
 training state it holds (its shards of the weights and Adam's moments), its peak resident memory (which includes
-loading the whole model before sharding it) and its resident memory after the steps; with the loss of the last
-step, which every N must agree on.
+loading the whole model before sharding it) and its resident memory after the steps; the seconds until a reader
+holds a version's whole weights, gathered to rank 0 as one object (what the pipeline publishes) or as one object
+per rank's shard that the reader concatenates (median of 3); and the loss of the last step, which every N must
+agree on.
 
     python benchmarks/learner_group.py [--ranks 1 2] [--sizes tiny 85m] [--steps 3] [--prompts 16]
     python benchmarks/learner_group.py --memory-table   # docs/models.md's table: the ranks a model size needs
@@ -40,6 +42,7 @@ from pipeline.data.inputs import load_inputs, with_builtin_defaults  # noqa: E40
 from pipeline.driver.actor_group import ActorGroup  # noqa: E402
 from pipeline.driver.learner_group import form_learner_group, submit_train_step  # noqa: E402
 from pipeline.models.hf import BUILTIN_MODEL  # noqa: E402
+from pipeline.runtime.weights import packed_weights  # noqa: E402
 
 
 def model_dir(size: str, scratch: Path) -> str:
@@ -80,6 +83,34 @@ def memory(learner) -> tuple[float, float, float]:
     return peak, psutil.Process(os.getpid()).memory_info().rss / 2**30, state / 2**30
 
 
+def own_shard(learner) -> dict[str, torch.Tensor]:
+    """Each rank's shard of every weight (the alternative to gathering them to rank 0: one object per rank)."""
+    return {
+        k: (v.to_local() if isinstance(v, DTensor) else v).detach().clone()
+        for k, v in learner.model.state_dict().items()
+    }
+
+
+def sync_seconds(group: ActorGroup, reps: int = 3) -> tuple[float, float]:
+    """Seconds until a reader holds a version's whole weights: (gathered to rank 0 and packed as one object, as the
+    pipeline publishes them; each rank's shard as an object of its own, concatenated by the reader)."""
+    gathered, shards = [], []
+    for _ in range(reps):
+        start = time.perf_counter()
+        refs = [a.__ray_call__.remote(packed_weights) for a in group.actors]
+        ray.get(refs[0]).tensors()
+        gathered.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        parts = ray.get([a.__ray_call__.remote(own_shard) for a in group.actors])
+        {
+            name: torch.cat([part[name] for part in parts]) if parts[0][name].dim() else parts[0][name]
+            for name in parts[0]
+        }
+        shards.append(time.perf_counter() - start)
+        ray.get(refs)
+    return statistics.median(gathered), statistics.median(shards)
+
+
 def measure(path: str, ranks: int, batch, steps: int) -> dict:
     cpus = os.cpu_count() or 1
     overrides = [f"learner.num_workers={ranks}", f"learner.num_cpus={cpus / ranks}", "learner.num_gpus=0"]
@@ -106,12 +137,19 @@ def measure(path: str, ranks: int, batch, steps: int) -> dict:
             metrics = group.get(submit_train_step(group, batch, step + 2))[0]
             seconds.append(time.perf_counter() - start)
         memories = group.get([a.__ray_call__.remote(memory) for a in group.actors])
+        sync = sync_seconds(group)
         params = group.get(
             [group.actors[0].__ray_call__.remote(lambda learner: sum(p.numel() for p in learner.model.parameters()))]
         )[0]
     finally:
         group.close()
-    return {"step_s": statistics.mean(seconds), "memories": memories, "loss": metrics["loss/policy"], "params": params}
+    return {
+        "step_s": statistics.mean(seconds),
+        "memories": memories,
+        "loss": metrics["loss/policy"],
+        "params": params,
+        "sync": sync,
+    }
 
 
 # parameters of common open models (their model cards), for the table of what a learner group needs
@@ -162,8 +200,11 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     batch = scored_batch(args.prompts)
     print(f"{batch.num_rows} samples per step, {os.cpu_count()} CPUs shared by the ranks, gloo")
-    print("| model | parameters | ranks | step s | state per rank GiB | peak RSS per rank GiB | RSS after GiB | loss |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | parameters | ranks | step s | state per rank GiB | peak RSS per rank GiB | RSS after GiB | "
+        "sync: gathered to rank 0 s | sync: a shard per rank s | loss |"
+    )
+    print("|---" * 10 + "|")
     with tempfile.TemporaryDirectory(prefix="tokenforge-group-bench-") as scratch:
         for size in args.sizes:
             path = model_dir(size, Path(scratch))
@@ -172,7 +213,7 @@ def main() -> None:
                 states, peaks, nows = (", ".join(f"{m[i]:.2f}" for m in r["memories"]) for i in (2, 0, 1))
                 print(
                     f"| {size} | {r['params'] / 1e6:.1f}M | {ranks} | {r['step_s']:.2f} | {states} | {peaks} | "
-                    f"{nows} | {r['loss']:.6f} |",
+                    f"{nows} | {r['sync'][0]:.3f} | {r['sync'][1]:.3f} | {r['loss']:.6f} |",
                     flush=True,
                 )
 
