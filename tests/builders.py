@@ -1,5 +1,5 @@
 """Builders the test files share: reward components from their options, hand-made rollout batches, a tiny
-reward model."""
+reward model, scored batches of the shipped model."""
 
 import pyarrow as pa
 import torch
@@ -72,3 +72,17 @@ def with_reward(batch: pa.Table, name: str, value: float) -> pa.Table:
     rows = [[0.0] * (len(r) - 1) + [value] for r in batch.column("response_ids").to_pylist()]
     column = batch.schema.get_field_index(reward_column(name))
     return batch.set_column(column, reward_column(name), pa.array(rows, type=pa.list_(pa.float32())))
+
+
+def scored_batches(model_path: str, prompts: pa.Table, group_size: int, max_new_tokens: int) -> list[pa.Table]:
+    """Two rollout batches (steps 1 and 2) of `prompts` x `group_size` samples at temperature 1, scored by the
+    default task's reward components."""
+    from actors.reward_worker import RewardWorker
+    from actors.rollout_worker import RolloutWorker
+    from pipeline.config import load_config
+
+    config = load_config(overrides=["seed=3", "rollout.temperature=1.0", f"rollout.max_new_tokens={max_new_tokens}"])
+    worker = RolloutWorker(config, model_path)
+    names = list(config.reward.weights)
+    scorer = RewardWorker(config, model_path, names)
+    return [scorer.score_all(worker.generate(prompts, group_size=group_size, step=s), names)[0] for s in (1, 2)]

@@ -5,11 +5,9 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
-from builders import with_reward
+from builders import scored_batches, with_reward
 
 from actors.learner import Learner
-from actors.reward_worker import RewardWorker
-from actors.rollout_worker import RolloutWorker
 from pipeline import storage as store
 from pipeline.config import load_config
 from pipeline.driver.placement import decide_learner_gpus
@@ -30,11 +28,7 @@ GAE += ["critic.placement=learner"]  # in this process: the learner is used with
 @pytest.fixture(scope="module")
 def batches(builtin_model_path) -> list[pa.Table]:
     """Two scored rollout batches of 4 prompts x 4 samples."""
-    config = load_config(overrides=["seed=3", "rollout.temperature=1.0", "rollout.max_new_tokens=6"])
-    worker = RolloutWorker(config, builtin_model_path)
-    scorer = RewardWorker(config, builtin_model_path, list(config.reward.weights))
-    names = list(config.reward.weights)
-    return [scorer.score_all(worker.generate(PROMPTS, group_size=4, step=s), names)[0] for s in (1, 2)]
+    return scored_batches(builtin_model_path, PROMPTS, group_size=4, max_new_tokens=6)
 
 
 def learner(model_path: str, *overrides: str) -> Learner:

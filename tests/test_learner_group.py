@@ -9,10 +9,9 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
+from builders import scored_batches
 
 from actors.learner import Learner
-from actors.reward_worker import RewardWorker
-from actors.rollout_worker import RolloutWorker
 from pipeline import storage as store
 from pipeline.config import load_config
 from pipeline.driver.actor_group import ActorGroup
@@ -36,11 +35,7 @@ BASE = ["seed=5", "learner.grad_clip=1e9", "learner.num_cpus=0.5"]  # no clippin
 @pytest.fixture(scope="module")
 def batches(builtin_model_path) -> list[pa.Table]:
     """Two scored batches of 5 prompts x 3 samples, ragged (responses of 1 to 8 tokens)."""
-    config = load_config(overrides=["seed=3", "rollout.temperature=1.0", "rollout.max_new_tokens=8"])
-    worker = RolloutWorker(config, builtin_model_path)
-    scorer = RewardWorker(config, builtin_model_path, list(config.reward.weights))
-    names = list(config.reward.weights)
-    return [scorer.score_all(worker.generate(PROMPTS, group_size=3, step=s), names)[0] for s in (1, 2)]
+    return scored_batches(builtin_model_path, PROMPTS, group_size=3, max_new_tokens=8)
 
 
 @contextmanager
