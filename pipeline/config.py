@@ -503,7 +503,6 @@ class TrainConfig(Section):
             return
         unsupported = {
             "critic.placement=learner": self.critic is not None and self.critic.placement == "learner",
-            "rollout.weight_sync=collective": self.rollout.weight_sync == "collective",
         }
         for key, used in unsupported.items():
             if used:

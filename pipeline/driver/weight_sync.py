@@ -1,16 +1,15 @@
-"""The driver's side of rollout.weight_sync: one object per strategy, each publishing a policy version to the
-rollout workers, giving it to a worker that missed it, and reporting how long the workers took to load it.
+"""The driver's side of rollout.weight_sync: one object per strategy, each publishing a policy version to the rollout
+workers, giving it to a worker that missed it, and reporting how long the workers took to load it.
 
 - object_store (ObjectStoreSync): the learner publishes each version as one PackedWeights object; every rollout
   worker fetches it (one shared copy per node, pipeline/runtime/weights.py).
-- collective (BroadcastSync): the learner broadcasts each version over a ray.util.collective group with the rollout
-  workers (pipeline/runtime/broadcast.py). A rollout worker that Ray restarts is not in the group; it gets the last
-  broadcast version through the object store (`published_weights`) and the group is formed again, with the new
-  process, before the next broadcast.
+- collective (BroadcastSync): the learner broadcasts each version over a group of its own with the rollout workers
+  (gloo, or NCCL through ray.util.collective; pipeline/runtime/broadcast.py), apart from a learner group's. A
+  rollout worker that Ray restarts is not in the group; it gets the last broadcast version through the object store
+  (`published_weights`) and the group is formed again, with the new process, before the next broadcast.
 
 Both answer `publish(version)`, `give(worker, version)`, `loaded_seconds()`, and hold `weights`: the ObjectRef of
-the published PackedWeights that a worker fetches (None while a broadcast's are only in the learner).
-"""
+the published PackedWeights that a worker fetches (None while a broadcast's are only in the learner)."""
 
 from __future__ import annotations
 
@@ -19,6 +18,7 @@ import ray
 from pipeline.driver.actor_group import ACTOR_LOST, ActorFailed, ActorGroup
 from pipeline.errors import TokenforgeError
 from pipeline.runtime.broadcast import device_of, join, leave, nccl_available, receive, send
+from pipeline.runtime.learner_group import group_address
 from pipeline.runtime.weights import packed_weights, published_weights, weight_layout
 
 
@@ -98,10 +98,12 @@ class BroadcastSync(WeightSync):
         self.rollout.get([m.__ray_call__.remote(leave, self.name) for m in members])
         self.formations += 1
         self.name = f"tokenforge-{self.run_id}-weights-{self.formations}"
-        layout = self.learner.get([learner.__ray_call__.remote(weight_layout)])[0]
+        # every learner rank takes part in gathering the weights (a learner group's collective); rank 0's is the layout
+        layout = self.learner.get([a.__ray_call__.remote(weight_layout) for a in self.learner.actors])[0]
+        address = self.learner.get([learner.__ray_call__.remote(lambda _: group_address())])[0]
         joins = [
             m.__ray_call__.remote(
-                join, len(members), rank, self.name, self.backend, self.timeout_s, layout if rank else None
+                join, len(members), rank, self.name, self.backend, self.timeout_s, address, layout if rank else None
             )
             for rank, m in enumerate(members)
         ]
@@ -113,9 +115,10 @@ class BroadcastSync(WeightSync):
         if not self.formed:
             self.form()
         self.weights = None  # not in the object store (give() puts them there if a worker needs them)
-        sending = self.learner.actors[0].__ray_call__.remote(send, self.name, self.backend)
+        # a learner group's other ranks take part in gathering the weights that rank 0 sends
+        sending = [a.__ray_call__.remote(send, self.name, self.backend) for a in self.learner.actors]
         self.sent = True
-        self.pending = [*(w.__ray_call__.remote(receive, self.name, version) for w in self.rollout.actors), sending]
+        self.pending = [*(w.__ray_call__.remote(receive, self.name, version) for w in self.rollout.actors), *sending]
 
     def give(self, worker, version: int) -> None:
         if self.weights is None and self.sent:
