@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
-from builders import scored_batches
+from builders import scored_batches, with_reward
 
 from actors.learner import Learner
 from pipeline import storage as store
@@ -73,6 +73,7 @@ CASES = {
     "no prompt sharing, a KL term": ["learner.share_prompts=false", "algorithm.kl_coef=0.05"],
     "seq-mean-token-mean, micro-batches of 4": ["algorithm.agg=seq-mean-token-mean", "learner.micro_batch_size=4"],
     "LoRA, a KL term (the adapters off)": ["model.lora={r: 4}", "algorithm.kl_coef=0.05"],
+    "gradient checkpointing": ["learner.gradient_checkpointing=true", "learner.micro_batch_size=4"],
 }
 
 
@@ -89,6 +90,25 @@ def test_two_ranks_compute_the_single_learners_gradient_loss_and_norm(
         assert_same_gradient(got, expected)
         for key in ("loss/policy", "loss/grad_norm", "policy/entropy", "policy/is_weight/mean"):
             assert metrics[key] == pytest.approx(single[key], rel=1e-6), key
+
+
+def test_minibatches_passes_and_the_non_finite_guard_act_on_every_rank_together(
+    ray_cluster, batches, builtin_model_path
+):
+    """Two minibatches x two passes (the RNG's split, the same on every rank) make the single learner's steps; a
+    NaN reward skips the update on both ranks (the weights stay, the next step counts it)."""
+    overrides = [*BASE, "learner.minibatches=2", "learner.updates_per_batch=2", "algorithm.is_cap=2.0"]
+    single = Learner(load_config(overrides=overrides), builtin_model_path, builtin_model_path)
+    expected = single.train_step(batches[0])
+    with learner_group(load_config(overrides=[*overrides, "learner.num_workers=2"]), builtin_model_path) as group:
+        got = group.get(submit_train_step(group, batches[0], 1))[0]
+        before = group.call_all("get_weights")[0]
+        skipped = group.get(submit_train_step(group, with_reward(batches[1], "exact_match", float("nan")), 2))
+        after = group.call_all("get_weights")[0]
+    for key in ("loss/policy", "loss/grad_norm", "policy/is_weight/mean", "learner/lr"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert [m["learner/skipped_nonfinite"] for m in skipped] == [4.0, 4.0]  # every update, on both ranks
+    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_the_rows_are_split_by_tokens_and_every_rank_can_be_short():
