@@ -505,11 +505,9 @@ class Learner:
                 )
             with clock("backward"):
                 (loss if real else 0.0 * loss).backward()  # a group's padding micro-batch adds nothing
-            if not real:
-                continue
-            share = float(mask[rows].sum()) / kept_tokens  # token-weighted mean of the metrics
-            totals["loss/policy"] += float(loss.detach())
-            for key, value in parts.items():
+            share = float(mask[rows].sum()) / kept_tokens if real else 0.0  # token-weighted mean of the metrics
+            totals["loss/policy"] += float(loss.detach()) if real else 0.0
+            for key, value in parts.items():  # every key on every rank (a rank of padding only too): one all-reduce
                 totals[f"policy/{key}"] = totals.get(f"policy/{key}", 0.0) + share * value
         if self.rank.grouped:  # each rank's share of the loss and the metrics' means: their sums are the whole's
             totals = sum_across_ranks(totals, self.device)

@@ -92,6 +92,25 @@ def test_two_ranks_compute_the_single_learners_gradient_loss_and_norm(
             assert metrics[key] == pytest.approx(single[key], rel=1e-6), key
 
 
+def test_a_rank_without_a_row_runs_padding_and_the_gradient_is_still_the_single_learners(
+    ray_cluster, batches, builtin_model_path
+):
+    """One informative row on two ranks: rank 0 gets none (rank_rows), runs a zero-weighted micro-batch in step
+    with rank 1, and reports the same metric keys, so the metrics' all-reduce matches."""
+    one_row = with_reward(batches[0].slice(0, 1), "exact_match", 1.0)
+    # (without prompt sharing: a group takes its two-forward path for a lone prompt, the single learner the plain
+    # forward, equal to float rounding only, ~2e-6 here)
+    overrides = [*BASE, "algorithm.estimator=reinforce", "rollout.group_size=1", "learner.share_prompts=false"]
+    expected, single = Learner(load_config(overrides=overrides), builtin_model_path, builtin_model_path).gradients(
+        one_row
+    )
+    with learner_group(load_config(overrides=[*overrides, "learner.num_workers=2"]), builtin_model_path) as group:
+        results = group.call_all("gradients", one_row)
+    for got, metrics in results:
+        assert_same_gradient(got, expected)
+        assert metrics["loss/policy"] == pytest.approx(single["loss/policy"], rel=1e-6)
+
+
 def test_minibatches_passes_and_the_non_finite_guard_act_on_every_rank_together(
     ray_cluster, batches, builtin_model_path
 ):

@@ -141,12 +141,11 @@ def padded_micro_batches(counts: list[int], size: int) -> int:
 
 
 def sum_across_ranks(values: dict[str, float], device: str) -> dict[str, float]:
-    """Each value summed over the ranks (float64, one all-reduce)."""
-    if not values:
-        return values
-    stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    """Each value summed over the ranks (float64, one all-reduce; every rank passes the same keys)."""
+    keys = sorted(values)
+    stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(stacked)
-    return dict(zip(values, stacked.tolist()))
+    return dict(zip(keys, stacked.tolist()))
 
 
 def from_rank0(tensor: torch.Tensor | None, shape: tuple, device: str) -> torch.Tensor:
