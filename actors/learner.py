@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from actors.critic import CRITIC_DIR, CriticHandle, read_files
-from pipeline.algorithm.advantages import advantages_if_finite, informative_rows, value_targets
+from pipeline.algorithm.advantages import advantages_if_finite, check_finite, informative_rows, value_targets
 from pipeline.algorithm.loss import explained_variance, policy_loss
 from pipeline.algorithm.rewards import ComponentRewards, component_reward_stats, composite_token_rewards, kl_in_reward
 from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_column
@@ -40,7 +40,7 @@ from pipeline.models.hf import (
     response_logprobs,
     select_rows,
 )
-from pipeline.models.lora import merged_from_state, merged_state_dict, trainable_model
+from pipeline.models.lora import check_mergeable, merged_from_state, merged_state_dict, trainable_model
 from pipeline.runtime.learner_group import (
     Rank,
     all_rows,
@@ -221,8 +221,10 @@ class Learner:
         join_process_group(address, self.rank, self.device, self.collective_timeout_s)
         state, schedule = self.optimizer.state_dict(), self.scheduler.state_dict()
         shard_model(self.model, self.config.learner.precision, self.device)
-        if self.reference is not None:
-            shard_model(self.reference, self.config.learner.precision, self.device)
+        if self.reference is not None:  # frozen, in model.dtype as the single learner's (no cast)
+            shard_model(self.reference, "fp32", self.device)
+        if self.config.model.lora is not None:
+            check_mergeable(self.model)  # now, not at the first weight sync
         self._optimizer()
         self.optimizer.load_state_dict(sharded_optimizer_state(state, self.optimizer))
         self.scheduler.load_state_dict(schedule)
@@ -266,6 +268,7 @@ class Learner:
         are finite)."""
         algo = self.config.algorithm
         mask, behaviour, group_ids, sequences = self._batch_tensors(batch)
+        check_finite("behaviour_logprobs", behaviour, mask)  # here, on the whole batch: a group's ranks fail together
         metrics = self._staleness_metrics(batch)
         components = self._reward_components(batch, mask.shape[1])
         for name, component in components.items():
@@ -330,11 +333,14 @@ class Learner:
             components[name] = ComponentRewards(weight, rewards, applies, self.config.reward.components[name].normalize)
         return components
 
-    def _minibatches(self, batch_size: int) -> list[torch.Tensor]:
-        """learner.minibatches disjoint row sets covering the batch: a fresh random split each pass (PPO's), from the
-        torch RNG that checkpoints carry; each in batch order (a group's samples stay together, for share_prompts)."""
+    def _minibatches(self, batch_size: int, epoch: int) -> list[torch.Tensor]:
+        """learner.minibatches disjoint row sets covering the batch: a fresh random split each pass (PPO's), drawn
+        from (seed, policy version, pass) alone, so that a learner group's ranks draw the same split whatever else
+        their RNGs did (LoRA dropout on different rows) and a resume draws it again; each in batch order (a group's
+        samples stay together, for share_prompts)."""
         parts = self.config.learner.minibatches
-        order = torch.randperm(batch_size) if parts > 1 else torch.arange(batch_size)
+        draw = torch.Generator().manual_seed(hash((self.config.seed, self.policy_version, epoch)) % 2**63)
+        order = torch.randperm(batch_size, generator=draw) if parts > 1 else torch.arange(batch_size)
         return [rows.sort().values.to(self.device) for rows in torch.tensor_split(order, parts) if len(rows)]
 
     def _update(self, rows: UpdateRows, clock: PhaseClock, finite: bool) -> tuple[dict[str, float], int]:
@@ -347,8 +353,8 @@ class Learner:
         totals: dict[str, float] = {}
         critic_steps: list[dict[str, float]] = []
         skipped = 0
-        for _ in range(self.config.learner.updates_per_batch):
-            for part in map(rows.rows, self._minibatches(len(rows.mask))):
+        for epoch in range(self.config.learner.updates_per_batch):
+            for part in map(rows.rows, self._minibatches(len(rows.mask), epoch)):
                 critic_step = None  # the critic's step on this minibatch; an actor of its own computes it meanwhile
                 if self.critic is not None and finite:
                     with clock("critic"):
@@ -607,7 +613,8 @@ class Learner:
             self.critic.save(Path(directory) / CRITIC_DIR)
 
     def load_state(self, directory: str) -> int:
-        state = torch.load(Path(directory) / LEARNER_STATE, map_location=self.device, weights_only=True)
+        # on the CPU: the RNG state must be a CPU tensor; load_state_dict moves Adam's moments to their weights' device
+        state = torch.load(Path(directory) / LEARNER_STATE, map_location="cpu", weights_only=True)
         if state["optimizer"] is None:  # a learner group's shards, read whole (join_group shards them again)
             load_optimizer_whole(self.model, self.optimizer, Path(directory) / OPTIMIZER_SHARDS)
         else:

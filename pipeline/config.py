@@ -501,6 +501,12 @@ class TrainConfig(Section):
         """Refuse what a learner group (learner.num_workers > 1) does not do yet."""
         if self.learner.num_workers == 1:
             return
+        gpus = self.learner.num_gpus or 0
+        if 0 < gpus < 1:
+            raise ConfigError(
+                f"config key 'learner.num_gpus': {gpus:g} with learner.num_workers={self.learner.num_workers} would "
+                "put two ranks on one GPU, which NCCL refuses; use 1 (a GPU per rank) or 0"
+            )
         unsupported = {
             "critic.placement=learner": self.critic is not None and self.critic.placement == "learner",
         }

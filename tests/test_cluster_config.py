@@ -376,3 +376,17 @@ def test_a_configured_learner_group_is_checked_against_the_node_types(capsys, ra
         pass
     captured = capsys.readouterr()
     assert re.search(re.escape(expected) if "error" not in expected else expected, captured.out + captured.err)
+
+
+def test_node_types_without_resources_leave_the_learner_unchecked(tmp_path, capsys):
+    """Ray fills an AWS node type's empty resources in from its instance type: validate-cluster cannot tell whether
+    the learner ranks fit, and says so instead of refusing."""
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    for node in config["available_node_types"].values():
+        node["resources"] = {}
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["validate-cluster", str(path), "learner.num_workers=4", "learner.num_gpus=1"])
+    assert (
+        "learner: NOT CHECKED (node types head, gpu_rollout, gpu_learner list no resources" in capsys.readouterr().out
+    )

@@ -83,14 +83,12 @@ def test_minibatches_are_optimizer_steps_on_disjoint_parts_each_normalised_by_it
     batches, builtin_model_path
 ):
     """With an estimator whose advantages are per sample (reinforce, unwhitened), one step of M = 2 minibatches
-    equals two M = 1 steps on the two halves that the learner's RNG picks."""
+    equals two M = 1 steps on the two halves that the learner draws."""
     common = ["algorithm.estimator=reinforce", "algorithm.loss=ppo_clip", "learner.lr=1e-3", "learner.warmup_steps=0"]
     common += ["learner.lr_schedule=constant"]
     split = Learner(load_config(overrides=[*common, "learner.minibatches=2"]), builtin_model_path, builtin_model_path)
     whole = Learner(load_config(overrides=common), builtin_model_path, builtin_model_path)
-    state = torch.get_rng_state()
-    halves = torch.tensor_split(torch.randperm(batches[0].num_rows), 2)
-    torch.set_rng_state(state)
+    halves = split._minibatches(batches[0].num_rows, epoch=0)  # drawn from (seed, version 0, pass 0)
     last = split.train_step(batches[0])
     for half in halves:
         last_of_whole = whole.train_step(batches[0].take(half.sort().values.tolist()))

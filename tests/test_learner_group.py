@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.driver.actor_group import ActorGroup
 from pipeline.driver.learner_group import form_learner_group, save_learner, submit_train_step
 from pipeline.driver.trainer import train
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TokenforgeError
 from pipeline.outputs.metrics_log import read_metrics
 from pipeline.runtime.learner_group import rank_rows, whole
 from pipeline.storage import Storage
@@ -251,10 +251,18 @@ def test_a_group_with_the_critic_makes_the_single_learners_steps(ray_cluster, ba
     assert any(name.startswith("critic/") for name in files)
 
 
-def test_what_a_group_does_not_do_yet_is_one_line():
+def test_what_a_group_cannot_do_is_one_line(ray_cluster, builtin_model_path):
     overrides = ["algorithm.estimator=gae", "algorithm.loss=ppo_clip", "critic.placement=learner"]
     with pytest.raises(ConfigError, match=r"'learner.num_workers': 2 ranks do not work with critic.placement=learner"):
         load_config(overrides=[*overrides, "learner.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"'learner.num_gpus': 0.5 with learner.num_workers=2 would put two ranks"):
+        load_config(overrides=["learner.num_gpus=0.5", "learner.num_workers=2"])
+    config = load_config(overrides=[*BASE, "learner.num_workers=2", "model.lora={r: 4, target_modules: [wte]}"])
+    with pytest.raises(
+        TokenforgeError, match=r"model.lora adapts transformer.wte \(Embedding\), which a learner group"
+    ):
+        with learner_group(config, builtin_model_path):  # when the group forms, not at the first weight sync
+            pass
 
 
 def test_a_run_with_two_learner_ranks_reports_the_single_learners_metrics(ray_cluster, tmp_path):

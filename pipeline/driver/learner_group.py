@@ -28,7 +28,10 @@ def form_learner_group(group: ActorGroup) -> None:
 def save_learner(group: ActorGroup, storage_uri: str, directory: str) -> dict[str, dict]:
     """Every rank's files of a checkpoint, uploaded to `directory` of the run's storage by each rank: the
     manifest's entries of them all."""
-    return {name: entry for files in group.call_all("save", storage_uri, directory) for name, entry in files.items()}
+    saved = group.get(
+        [actor.save.remote(storage_uri, directory) for actor in group.actors]
+    )  # the first failure at once
+    return {name: entry for files in saved for name, entry in files.items()}
 
 
 def submit_train_step(group: ActorGroup, batch: pa.Table, step: int) -> list[ray.ObjectRef]:

@@ -212,8 +212,13 @@ def place_critic(config: TrainConfig) -> TrainConfig:
         return config
     if not config.learner.num_gpus:
         return config_with(config, {"critic.num_gpus": 0.0})
-    if ray.cluster_resources().get("GPU", 0) >= config.learner.num_gpus + 1:
+    if ray.cluster_resources().get("GPU", 0) >= config.learner.num_workers * config.learner.num_gpus + 1:
         return config_with(config, {"critic.num_gpus": 1.0})
+    if config.learner.num_workers > 1:  # a learner group's rank 0 holds no whole model to share with a critic
+        raise TokenforgeError(
+            f"the critic needs a GPU of its own beside the {config.learner.num_workers} learner ranks' and the "
+            "cluster has none to spare; set critic.num_gpus=0 for a CPU critic, or add a GPU"
+        )
     print(
         "tokenforge: the critic runs in the learner's process, on its GPU: the cluster has no GPU for a critic "
         "actor of its own; set critic.num_gpus=0 for a CPU actor",

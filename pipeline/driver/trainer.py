@@ -385,7 +385,7 @@ def run_steps(
                 pipeline.sync_weights()
             if rollouts.num_rows and dumps.dumps_rollouts(trainer_cfg, step):
                 with timed(timings, "time/dump_s"):
-                    columns = pipeline.learner.call_all("learned_columns")[0]
+                    columns = pipeline.learner.get([pipeline.learner.actors[0].learned_columns.remote()])[0]
                     dumps.write_dump(storage, dumps.ROLLOUTS, step, dumps.rollout_dump(rollouts, columns))
         metrics = step_metrics(learned, timings, pipeline.take_faults(), pipeline.load_s, generated, rollouts.num_rows)
 

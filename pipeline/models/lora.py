@@ -107,11 +107,23 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
+def check_mergeable(model: torch.nn.Module) -> None:
+    """merged_from_state merges adapters of linear layers only: one line naming any other adapted layer."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, LoraLinear):
+            raise TokenforgeError(
+                f"model.lora adapts {name} ({type(module).__name__}), which a learner group cannot merge yet (linear "
+                "layers only); leave it out of model.lora.target_modules or use learner.num_workers=1"
+            )
+
+
 def merged_from_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """merged_state_dict's result computed from `state`, the LoRA model's whole state dict on the CPU (a learner
     group's, gathered from its shards): W' = W + (alpha / r) * B @ A for each adapted linear layer, transposed where
     the layer stores W as (in, out) (GPT-2's Conv1D: fan_in_fan_out), as peft's get_delta_weight computes it."""
-    from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
     prefix = "base_model.model."  # the PeftModel's names of the base model's weights
@@ -120,14 +132,10 @@ def merged_from_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
         for key, value in state.items()
         if ".lora_" not in key
     }
+    check_mergeable(model)
     for name, module in model.get_base_model().named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        if not isinstance(module, LoraLinear):
-            raise TokenforgeError(
-                f"model.lora adapts {name} ({type(module).__name__}), which a learner group cannot merge yet (linear "
-                "layers only); leave it out of model.lora.target_modules or use learner.num_workers=1"
-            )
         for adapter in module.active_adapters:
             a, b = (state[f"{prefix}{name}.lora_{part}.{adapter}.weight"] for part in "AB")
             delta = (b @ a) * module.scaling[adapter]

@@ -98,7 +98,8 @@ MIXED_PRECISION = {
 
 
 def shard_model(model: torch.nn.Module, precision: str, device: str) -> torch.nn.Module:
-    """Shard `model` (loaded on the CPU) in place across the process group, each rank's shard moved to `device`:
+    """Shard `model` (loaded on the CPU) in place across the process group, each rank's shard moved to `device`,
+    computing as learner.precision `precision` says (MIXED_PRECISION; "fp32": in the dtype it was loaded in):
     each transformer block (a module whose class is in the model's `_no_split_modules`) is one FSDP2 unit, the
     rest is the root's. Gradients are summed across ranks (the losses are already divided by global counts), in
     sums only: gloo has no pre-multiplied sum."""
@@ -111,9 +112,14 @@ def shard_model(model: torch.nn.Module, precision: str, device: str) -> torch.nn
         )
     policy = MIXED_PRECISION[precision]
     mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh, mp_policy=policy)
+    units = [module for module in model.modules() if type(module).__name__ in blocks]
+    if not units:  # the root alone would gather the whole model on every device at each forward
+        raise TokenforgeError(
+            f"learner.num_workers > 1 shards per transformer block, but no module of {type(base).__name__} is one of "
+            f"its _no_split_modules ({', '.join(sorted(blocks))}); use learner.num_workers=1"
+        )
+    for module in units:
+        fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
