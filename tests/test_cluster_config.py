@@ -388,5 +388,5 @@ def test_node_types_without_resources_leave_the_learner_unchecked(tmp_path, caps
     path.write_text(yaml.safe_dump(config))
     main(["validate-cluster", str(path), "learner.num_workers=4", "learner.num_gpus=1"])
     assert (
-        "learner: NOT CHECKED (node types head, gpu_rollout, gpu_learner list no resources" in capsys.readouterr().out
+        "learner: NOT CHECKED (node types gpu_learner, gpu_rollout, head list no resources" in capsys.readouterr().out
     )
