@@ -95,6 +95,7 @@ def test_train_job_places_actors_on_both_nodes_as_configured(cluster):
     assert rollout["node_id"] == reward["node_id"] != learner["node_id"]  # the worker node's resource vs the head's
 
 
+@pytest.mark.slow  # whole runs: CI's slow step (pytest -m slow), not the README's suite
 def test_a_learner_group_spans_both_nodes(cluster):
     """learner.num_workers=2 with one learner_slot per node: the placement group cannot pack the ranks on one node,
     so they form their process group across the two (gloo over TCP), train, checkpoint and evaluate."""

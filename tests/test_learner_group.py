@@ -265,6 +265,7 @@ def test_what_a_group_cannot_do_is_one_line(ray_cluster, builtin_model_path):
             pass
 
 
+@pytest.mark.slow  # whole runs: CI's slow step (pytest -m slow), not the README's suite
 def test_a_run_with_two_learner_ranks_reports_the_single_learners_metrics(ray_cluster, tmp_path):
     """`tokenforge train learner.num_workers=2` against 1, same seed: the same rewards, loss and gradient norm step by
     step (the metrics are the group's, not rank 0's share), and the same eval; also with the weights broadcast to

@@ -412,6 +412,7 @@ def test_the_status_table_is_redrawn_in_place_on_a_terminal(monkeypatch):
         assert second.startswith(f"\x1b[{first.count(chr(10))}F\x1b[J") == redrawn, repr(second[:20])
 
 
+@pytest.mark.slow  # whole runs: CI's slow step (pytest -m slow), not the README's suite
 def test_a_trial_with_a_learner_group_places_its_ranks_in_the_trials_placement_group(ray_cluster, tmp_path):
     """learner.num_workers=2: the trial's placement group holds both ranks' bundles (actor_bundles), the ranks are
     created inside it (no placement group of their own, which the trial's would starve) and train."""
