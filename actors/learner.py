@@ -256,8 +256,9 @@ class Learner:
         """The policy's gradient of one update on all of `batch` (train_step's first with learner.minibatches=1,
         clipped to learner.grad_clip) by parameter name, whole and on the CPU, and its loss metrics; the weights and
         the optimizer stay as they are. In a group every rank calls it and gets the whole gradient."""
-        rows, _, _, _ = self._prepare(batch, PhaseClock(self.device))
-        totals = self._minibatch_gradients(rows, PhaseClock(self.device))
+        clock = PhaseClock(self.device)  # (not reported)
+        rows, _, _, _ = self._prepare(batch, clock)
+        totals = self._minibatch_gradients(rows, clock)
         grads = {name: whole(p.grad) for name, p in self.model.named_parameters() if p.grad is not None}
         self.optimizer.zero_grad(set_to_none=True)
         return grads, totals

@@ -87,7 +87,7 @@ class ActorGroup:
             "resources": resources,
             "max_restarts": max_restarts,
         }
-        self.placement_group = None
+        self.placement_group, self.actors = None, []
         if packed and count > 1 and get_current_placement_group() is None:
             bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **resources}
             self.placement_group = placement_group([bundle] * count, strategy="PACK")
@@ -109,7 +109,7 @@ class ActorGroup:
 
     def close(self) -> None:
         """Kill every actor of the group (and free its placement group)."""
-        for actor in getattr(self, "actors", []):
+        for actor in self.actors:
             ray.kill(actor)
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)

@@ -17,10 +17,14 @@ from pipeline.driver.actor_group import ActorGroup
 from pipeline.runtime.learner_group import group_address
 
 
+def rendezvous_address(group: ActorGroup, actor) -> str:
+    """host:port, free now on the node of `actor` (one of `group`'s): where a process group it is rank 0 of meets."""
+    return group.get([actor.__ray_call__.remote(lambda _: group_address())])[0]
+
+
 def form_learner_group(group: ActorGroup) -> None:
     """Make the group's actors ranks 0..N-1 of one process group (all join at once; returns when they have)."""
-    rank0 = group.actors[0]
-    address = group.get([rank0.__ray_call__.remote(lambda _: group_address())])[0]
+    address = rendezvous_address(group, group.actors[0])
     world = len(group.actors)
     group.get([actor.join_group.remote(address, rank, world) for rank, actor in enumerate(group.actors)])
 
@@ -28,9 +32,7 @@ def form_learner_group(group: ActorGroup) -> None:
 def save_learner(group: ActorGroup, storage_uri: str, directory: str) -> dict[str, dict]:
     """Every rank's files of a checkpoint, uploaded to `directory` of the run's storage by each rank: the
     manifest's entries of them all."""
-    saved = group.get(
-        [actor.save.remote(storage_uri, directory) for actor in group.actors]
-    )  # the first failure at once
+    saved = group.get([actor.save.remote(storage_uri, directory) for actor in group.actors])  # fails at the first
     return {name: entry for files in saved for name, entry in files.items()}
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import ray
 
 from pipeline.driver.actor_group import ACTOR_LOST, ActorFailed, ActorGroup
+from pipeline.driver.learner_group import rendezvous_address
 from pipeline.errors import TokenforgeError
 from pipeline.runtime.broadcast import device_of, join, leave, nccl_available, receive, send
-from pipeline.runtime.learner_group import group_address
 from pipeline.runtime.weights import packed_weights, published_weights, weight_layout
 
 
@@ -100,7 +100,7 @@ class BroadcastSync(WeightSync):
         self.name = f"tokenforge-{self.run_id}-weights-{self.formations}"
         # every learner rank takes part in gathering the weights (a learner group's collective); rank 0's is the layout
         layout = self.learner.get([a.__ray_call__.remote(weight_layout) for a in self.learner.actors])[0]
-        address = self.learner.get([learner.__ray_call__.remote(lambda _: group_address())])[0]
+        address = rendezvous_address(self.learner, learner)
         joins = [
             m.__ray_call__.remote(
                 join, len(members), rank, self.name, self.backend, self.timeout_s, address, layout if rank else None

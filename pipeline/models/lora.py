@@ -123,7 +123,8 @@ def check_mergeable(model: torch.nn.Module) -> None:
 def merged_from_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """merged_state_dict's result computed from `state`, the LoRA model's whole state dict on the CPU (a learner
     group's, gathered from its shards): W' = W + (alpha / r) * B @ A for each adapted linear layer, transposed where
-    the layer stores W as (in, out) (GPT-2's Conv1D: fan_in_fan_out), as peft's get_delta_weight computes it."""
+    the layer stores W as (in, out) (GPT-2's Conv1D: fan_in_fan_out), as peft's get_delta_weight computes it.
+    Every adapted layer must be linear: the group checks it once, when it forms (check_mergeable)."""
     from peft.tuners.lora import LoraLayer
 
     prefix = "base_model.model."  # the PeftModel's names of the base model's weights
@@ -132,7 +133,6 @@ def merged_from_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
         for key, value in state.items()
         if ".lora_" not in key
     }
-    check_mergeable(model)
     for name, module in model.get_base_model().named_modules():
         if not isinstance(module, LoraLayer):
             continue

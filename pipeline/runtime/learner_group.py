@@ -105,19 +105,14 @@ def shard_model(model: torch.nn.Module, precision: str, device: str) -> torch.nn
     sums only: gloo has no pre-multiplied sum."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA model's transformer
     blocks = set(getattr(base, "_no_split_modules", None) or [])
-    if not blocks:
-        raise TokenforgeError(
-            f"learner.num_workers > 1 shards the model per transformer block, but {type(base).__name__} names none "
-            "(_no_split_modules is empty); use learner.num_workers=1"
-        )
-    policy = MIXED_PRECISION[precision]
-    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     units = [module for module in model.modules() if type(module).__name__ in blocks]
     if not units:  # the root alone would gather the whole model on every device at each forward
         raise TokenforgeError(
             f"learner.num_workers > 1 shards per transformer block, but no module of {type(base).__name__} is one of "
-            f"its _no_split_modules ({', '.join(sorted(blocks))}); use learner.num_workers=1"
+            f"its _no_split_modules ({', '.join(sorted(blocks)) or 'none named'}); use learner.num_workers=1"
         )
+    policy = MIXED_PRECISION[precision]
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
     for module in units:
         fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
