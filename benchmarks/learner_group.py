@@ -34,13 +34,12 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from actors.learner import Learner  # noqa: E402
 from actors.reward_worker import RewardWorker  # noqa: E402
 from actors.rollout_worker import RolloutWorker  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.inputs import load_inputs, with_builtin_defaults  # noqa: E402
 from pipeline.driver.actor_group import ActorGroup  # noqa: E402
-from pipeline.driver.learner_group import form_learner_group, submit_train_step  # noqa: E402
+from pipeline.driver.learner_group import start_learners, submit_train_step  # noqa: E402
 from pipeline.models.hf import BUILTIN_MODEL  # noqa: E402
 from pipeline.runtime.weights import packed_weights  # noqa: E402
 
@@ -115,21 +114,8 @@ def measure(path: str, ranks: int, batch, steps: int) -> dict:
     cpus = os.cpu_count() or 1
     overrides = [f"learner.num_workers={ranks}", f"learner.num_cpus={cpus / ranks}", "learner.num_gpus=0"]
     config = load_config(overrides=overrides)
-    group = ActorGroup(
-        Learner,
-        ranks,
-        role="learner",
-        run_id=uuid.uuid4().hex[:8],
-        num_cpus=cpus / ranks,
-        num_gpus=0,
-        resources={},
-        timeout_s=1800,
-        init_args=(config, path, path, False, None),
-        packed=True,
-    )
+    group = start_learners(config, path, uuid.uuid4().hex[:8], timeout_s=1800)
     try:
-        if ranks > 1:
-            form_learner_group(group)
         group.get(submit_train_step(group, batch, 1))  # warm-up
         seconds = []
         for step in range(steps):

@@ -15,7 +15,7 @@ from actors.learner import Learner
 from pipeline import storage as store
 from pipeline.config import load_config
 from pipeline.driver.actor_group import ActorGroup
-from pipeline.driver.learner_group import form_learner_group, save_learner, submit_train_step
+from pipeline.driver.learner_group import save_learner, start_learners, submit_train_step
 from pipeline.driver.trainer import train
 from pipeline.errors import ConfigError, TokenforgeError
 from pipeline.outputs.metrics_log import read_metrics
@@ -40,20 +40,8 @@ def batches(builtin_model_path) -> list[pa.Table]:
 
 @contextmanager
 def learner_group(config, model_path: str, resume=None):
-    group = ActorGroup(
-        Learner,
-        config.learner.num_workers,
-        role="learner",
-        run_id=uuid.uuid4().hex[:8],
-        num_cpus=config.learner.num_cpus,
-        num_gpus=0,
-        resources={},
-        timeout_s=180,
-        init_args=(config, model_path, model_path, False, resume),
-        packed=True,
-    )
+    group = start_learners(config, model_path, uuid.uuid4().hex[:8], timeout_s=180, resume=resume)
     try:
-        form_learner_group(group)
         yield group
     finally:
         group.close()
@@ -221,21 +209,8 @@ def test_a_group_with_the_critic_makes_the_single_learners_steps(ray_cluster, ba
     steps (two minibatches each) and a checkpoint with the critic's files, as the single learner's."""
     critic = ["algorithm.estimator=gae", "algorithm.loss=ppo_clip", "learner.minibatches=2", "critic.num_cpus=0.25"]
     config = load_config(overrides=[*BASE, *critic])
-    single = ActorGroup(
-        Learner,
-        1,
-        role="learner",
-        run_id=uuid.uuid4().hex[:8],
-        num_cpus=0.5,
-        num_gpus=0,
-        resources={},
-        timeout_s=180,
-        init_args=(config, builtin_model_path, builtin_model_path, False, None),
-    )  # an actor too: its critic is an actor of its own, as rank 0's
-    try:
+    with learner_group(config, builtin_model_path) as single:  # an actor too: its critic is one of its own, as rank 0's
         expected = [single.get(submit_train_step(single, batch, i + 1))[0] for i, batch in enumerate(batches)]
-    finally:
-        single.close()
     grouped = load_config(overrides=[*BASE, *critic, "learner.num_workers=2"])
     storage = Storage(str(tmp_path))
     with learner_group(grouped, builtin_model_path) as group:

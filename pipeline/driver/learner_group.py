@@ -13,8 +13,38 @@ from __future__ import annotations
 import pyarrow as pa
 import ray
 
+from actors.learner import Learner
+from pipeline.config import TrainConfig
 from pipeline.driver.actor_group import ActorGroup
 from pipeline.runtime.learner_group import group_address
+
+
+def start_learners(
+    config: TrainConfig, model_path: str, run_id: str, timeout_s: float, resume: tuple[str, str] | None = None
+) -> ActorGroup:
+    """The learner's learner.num_workers actors, each with learner.num_cpus / num_gpus (decided, or null: none) /
+    resources, starting from `model_path` or the published checkpoint `resume` = (storage URI, directory), formed
+    into one group when there are several."""
+    learner, gpus = config.learner, config.learner.num_gpus or 0
+    group = ActorGroup(
+        Learner,
+        learner.num_workers,
+        role="learner",
+        run_id=run_id,
+        num_cpus=learner.num_cpus,
+        num_gpus=gpus,
+        resources=learner.resources,
+        timeout_s=timeout_s,
+        init_args=(config, model_path, model_path, gpus > 0, resume),
+        packed=True,
+    )
+    try:
+        if learner.num_workers > 1:
+            form_learner_group(group)
+    except BaseException:
+        group.close()
+        raise
+    return group
 
 
 def rendezvous_address(group: ActorGroup, actor) -> str:

@@ -25,7 +25,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from actors.learner import Learner
 from actors.rollout_worker import GENERATE_SECONDS, rollout_worker_class
 from actors.vllm_worker import check_servable
 from pipeline import storage as store
@@ -34,7 +33,7 @@ from pipeline.config import TrainConfig, config_to_yaml
 from pipeline.data.inputs import check_data_unchanged, load_inputs, with_builtin_defaults
 from pipeline.data.loading import PromptSampler
 from pipeline.driver.actor_group import ACTOR_LOST, ActorFailed, ActorGroup, ActorTimeout, ShardCalls, failure_cause
-from pipeline.driver.learner_group import form_learner_group, save_learner, submit_train_step
+from pipeline.driver.learner_group import save_learner, start_learners, submit_train_step
 from pipeline.driver.placement import connect_ray, decide_learner_gpus, ensure_resources, withdraw_resource_request
 from pipeline.driver.reward_pool import RewardPool
 from pipeline.driver.weight_sync import WEIGHT_SYNCS, WeightSync
@@ -97,21 +96,8 @@ class Pipeline:
         self.groups.append(self.rollout)
         self.reward = RewardPool(config, config.model.path, run_id)
         self.groups.append(self.reward.group)
-        self.learner = ActorGroup(
-            Learner,
-            config.learner.num_workers,
-            role="learner",
-            run_id=run_id,
-            num_cpus=config.learner.num_cpus,
-            num_gpus=config.learner.num_gpus,
-            resources=config.learner.resources,
-            timeout_s=timeout,
-            init_args=(config, config.model.path, config.model.path, config.learner.num_gpus > 0, resume),
-            packed=True,
-        )
+        self.learner = start_learners(config, config.model.path, run_id, timeout, resume)
         self.groups.append(self.learner)
-        if config.learner.num_workers > 1:
-            form_learner_group(self.learner)
         self.weight_sync = WEIGHT_SYNCS[rollout.weight_sync](self.learner, self.rollout, run_id, timeout)
 
     @property
