@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from default_train import run_seed
+from default_train import DEFAULTS_BEFORE_PANEL, SYNCHRONOUS, run_seed
 from scipy.stats import t as student_t
 
 
@@ -248,8 +248,9 @@ def main() -> None:
                         )
                         runs.clear()
                     for seed in args.seeds:
-                        run = run_seed(
-                            seed, settings, task.target, Path(workdir) / f"{name}_{a}", task.metric, task.config
+                        run_settings = [*(SYNCHRONOUS if task.config else DEFAULTS_BEFORE_PANEL), *settings]
+                        run = run_seed(  # as docs/credit.md's runs: the defaults of the time, then the arm's
+                            seed, run_settings, task.target, Path(workdir) / f"{name}_{a}", task.metric, task.config
                         )
                         for stale in ("reached_step", "reached_s"):  # recomputed from the curve by `reached`
                             run.pop(stale)

@@ -14,13 +14,15 @@ again from its eval curve for the pair's target whenever the tables are printed.
 
 Each run is one `benchmarks/vs_trl.py` run (its matched evals, rewards and timing rules; exact_match only):
 TRL's GRPOTrainer at each of --trl-lrs with vs_trl.py's settings (64 prompts x 8, tokenforge's lr schedule over
---max-steps), tokenforge with an arm's settings on top of its shipped defaults (`default`: none at all; the
-arms below are the bounded grid the defaults are chosen from). Both stop at their first eval at or above
-the target, so that a run costs only its time to the target (a run that never reaches it runs to the end).
+--max-steps), tokenforge with an arm's settings on top of the defaults before the switch this panel decided
+(`old_default`: 64 prompts x 8, synchronous; the arms below are the bounded grid the defaults were chosen from;
+`default`: the shipped defaults as they are now, `staleness1_groups4` since 2026-12-07). Both stop at their
+first eval at or above the target, so that a run costs only its time to the target (a run that never reaches it
+runs to the end).
 Runs already in --json are kept and not run again, so the panel can be run a stage at a time.
 
     python benchmarks/panel_defaults.py --json benchmarks/results/DATE-panel_defaults.json
-        [--pairs addition chat_addition sort] [--arms default ...] [--seeds 0] [--trl-lrs 2.5e-4 5e-4 1e-3]
+        [--pairs addition chat_addition sort] [--arms old_default ...] [--seeds 0] [--trl-lrs 2.5e-4 5e-4 1e-3]
         [--sort-model DIR]   # made with scripts/make_task_model.py --task sort if missing
 
 Needs TRL: `pip install -c constraints.txt -e '.[bench]'`. Prints a table per pair with each arm's time and
@@ -41,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import vs_trl  # noqa: E402
+from default_train import DEFAULTS_BEFORE_PANEL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "pipeline" / "assets"
@@ -61,17 +64,24 @@ PPO_SHAPE = [
     "learner.minibatches=2",
     "learner.updates_per_batch=2",
 ]
-ARMS = {
-    "default": [],
-    "staleness1": ["trainer.max_staleness=1", "algorithm.is_cap=2.0"],
-    "grpo_minibatches": ["algorithm.loss=ppo_clip", "learner.minibatches=2", "learner.updates_per_batch=2"],
-    "ppo_shape": PPO_SHAPE,
-    "ppo_shape_staleness1": [*PPO_SHAPE, "trainer.max_staleness=1"],
-    "ppo_shape_lr1e-3": [*PPO_SHAPE, "learner.lr=1e-3"],
-    "staleness2": ["trainer.max_staleness=2", "algorithm.is_cap=2.0"],
-    "staleness1_groups4": ["trainer.max_staleness=1", "algorithm.is_cap=2.0", "rollout.group_size=4"]
-    + ["trainer.prompts_per_step=128"],
-}
+STALENESS1_GROUPS4 = ["trainer.max_staleness=1", "algorithm.is_cap=2.0", "rollout.group_size=4"]
+ARMS = {  # each arm's overrides on top of the defaults before the switch (the grid they were chosen from)
+    arm: [*DEFAULTS_BEFORE_PANEL, *overrides]
+    for arm, overrides in {
+        "old_default": [],  # 64 prompts x 8, synchronous
+        "staleness1": ["trainer.max_staleness=1", "algorithm.is_cap=2.0"],
+        "grpo_minibatches": ["algorithm.loss=ppo_clip", "learner.minibatches=2", "learner.updates_per_batch=2"],
+        "ppo_shape": PPO_SHAPE,
+        "ppo_shape_staleness1": [*PPO_SHAPE, "trainer.max_staleness=1"],
+        "ppo_shape_lr1e-3": [*PPO_SHAPE, "learner.lr=1e-3"],
+        "staleness2": ["trainer.max_staleness=2", "algorithm.is_cap=2.0"],
+        "staleness1_groups4": [*STALENESS1_GROUPS4, "trainer.prompts_per_step=128"],  # the defaults since
+        "staleness1_groups4_64": [*STALENESS1_GROUPS4, "trainer.prompts_per_step=64"],  # half the samples per step
+        "staleness1_groups4_96": [*STALENESS1_GROUPS4, "trainer.prompts_per_step=96"],
+        "groups4": ["rollout.group_size=4", "trainer.prompts_per_step=128"],  # staleness1_groups4, synchronous
+        "staleness1_groups4_lr1e-3": [*STALENESS1_GROUPS4, "trainer.prompts_per_step=128", "learner.lr=1e-3"],
+    }.items()
+} | {"default": []}  # the shipped defaults, whatever they are now
 
 
 def pair_args(name: str, args: argparse.Namespace, overrides: list[str]) -> argparse.Namespace:

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from default_train import run_seed  # noqa: E402
+from default_train import DEFAULTS_BEFORE_PANEL, run_seed  # noqa: E402
 
 STALE = ["algorithm.is_cap=2.0"]  # the truncated importance weight of off-policy samples
 SETTINGS = {  # name: (label, overrides)
@@ -55,6 +55,7 @@ QUIET = [
 def measure(name: str, steps: int, skip: int, extra: list[str], workdir: Path) -> dict:
     label, overrides = SETTINGS[name]
     overrides = [
+        *DEFAULTS_BEFORE_PANEL,  # the figures in docs/performance.md: 64 x 8
         *overrides,
         *QUIET,
         f"trainer.total_steps={steps}",
@@ -125,7 +126,14 @@ def curves(seeds: list[int], steps: int, extra: list[str], workdir: Path, plot: 
         runs[label] = [
             run_seed(
                 seed,
-                [*overrides, *QUIET[:3], f"trainer.total_steps={steps}", "trainer.eval_every=10", *extra],
+                [
+                    *DEFAULTS_BEFORE_PANEL,
+                    *overrides,
+                    *QUIET[:3],
+                    f"trainer.total_steps={steps}",
+                    "trainer.eval_every=10",
+                    *extra,
+                ],
                 2.0,
                 workdir / f"curve_{name}",
             )

@@ -29,15 +29,20 @@ import time
 from pathlib import Path
 
 import yaml
+from default_train import DEFAULTS_BEFORE_PANEL
 
 REPO = Path(__file__).resolve().parent.parent
 CRITIC = str(REPO / "examples" / "critic.yaml")
 TOKENFORGE_ARMS = {  # arm: (label, config file or None for the default, overrides)
-    "tokenforge": ("tokenforge train (default: grpo, 64 prompts x 8, 1 update per batch)", None, []),
-    "tokenforge-minibatches": (
-        "default + 4 PPO-clip minibatches per batch",
+    "tokenforge": (
+        "tokenforge train (the defaults before 2026-12-07: grpo, 64 prompts x 8, synchronous, 1 update per batch)",
         None,
-        ["learner.minibatches=4", "algorithm.loss=ppo_clip"],
+        DEFAULTS_BEFORE_PANEL,
+    ),
+    "tokenforge-minibatches": (
+        "those defaults + 4 PPO-clip minibatches per batch",
+        None,
+        [*DEFAULTS_BEFORE_PANEL, "learner.minibatches=4", "algorithm.loss=ppo_clip"],
     ),
     "tokenforge-critic": ("examples/critic.yaml (gae + critic, 256 prompts x 1, 2 minibatches x 2 passes)", CRITIC, []),
     "tokenforge-no-critic": (

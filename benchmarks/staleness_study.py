@@ -63,8 +63,9 @@ def run(pair: str, staleness: int, seed: int, args: argparse.Namespace, workdir:
         f"trainer.eval_every={args.eval_every}",
         f"trainer.save_every={args.steps}",
         f"data.max_eval_samples={args.eval_samples}",
+        *(["trainer.prompts_per_step=64", "rollout.group_size=8"] if config is None else []),  # as measured
         f"trainer.max_staleness={staleness}",
-        *([f"algorithm.is_cap={args.is_cap}"] if staleness else []),
+        f"algorithm.is_cap={args.is_cap if staleness else 'null'}",
         *([f"model.path={llama_model(args)}"] if pair == "llama_addition" else []),
         *args.overrides,
     ]

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from default_train import run_seed
+from default_train import DEFAULTS_BEFORE_PANEL, run_seed
 
 from pipeline.storage import Storage, latest_checkpoint
 
@@ -25,7 +25,7 @@ def make_teacher(workdir: Path) -> Path:
     out = workdir / "teacher"
     env = {**os.environ, "HOME": str(workdir), "RAY_AUTH_MODE": "token"}
     subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "train", f"output_dir={out}"],
+        [sys.executable, "-m", "pipeline.cli", "train", f"output_dir={out}", *DEFAULTS_BEFORE_PANEL],
         check=True,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -52,6 +52,7 @@ def main() -> None:
         )
         print(f"teacher {teacher}: eval/exact_match {teacher_eval['eval/exact_match']:.3f}")
         overrides = [
+            *DEFAULTS_BEFORE_PANEL,  # the figures in docs/rewards.md
             f"reward.components.teacher={{type: teacher_logprob, path: '{teacher}'}}",
             "reward.weights={teacher: 1.0}",
             f"trainer.total_steps={args.steps}",

@@ -109,6 +109,8 @@ def common_overrides(args: argparse.Namespace, reward: str, lr: float) -> list[s
         f"trainer.total_steps={args.max_steps}",
         f"trainer.prompts_per_step={args.prompts_per_step}",
         f"rollout.group_size={GROUP_SIZE}",
+        "trainer.max_staleness=0",  # on-policy, as TRL (the default overlaps: --tokenforge-overrides can set it)
+        "algorithm.is_cap=null",
         f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
         f"rollout.temperature={TEMPERATURE}",
         f"learner.lr={lr}",

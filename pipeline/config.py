@@ -114,8 +114,9 @@ class DataConfig(Section):
 class TrainerConfig(Section):
     total_steps: int = Field(300, ge=1)
     """Number of learner updates."""
-    prompts_per_step: int = Field(64, ge=1)
-    """Prompts drawn per step; each is sampled rollout.group_size times."""
+    prompts_per_step: int = Field(128, ge=1)
+    """Prompts drawn per step; each is sampled rollout.group_size times (128 x 4 chosen on a panel of models:
+    docs/performance.md, "Defaults on a panel")."""
     eval_every: int = Field(25, ge=1)
     """Greedy held-out evaluation every N steps (and at step 0 and the last step)."""
     eval_metrics: list[str] = ["exact_match"]
@@ -141,9 +142,10 @@ class TrainerConfig(Section):
     before giving up."""
     actor_timeout_s: float = Field(600.0, gt=0)
     """Longest wait for one actor call before the run stops with an error naming the actor."""
-    max_staleness: int = Field(0, ge=0)
-    """0: each step's rollouts use the weights of the step before (synchronous); k >= 1: the rollouts of the next k
-    steps are generated while the learner updates, from weights up to k versions old (corrected by algorithm.is_cap)."""
+    max_staleness: int = Field(1, ge=0)
+    """0: each step's rollouts use the weights of the step before (synchronous, exactly on-policy); k >= 1 (default
+    1): the rollouts of the next k steps are generated while the learner updates, from weights up to k versions old
+    (corrected by algorithm.is_cap)."""
 
     @model_validator(mode="after")
     def keep_jsonl(self) -> TrainerConfig:
@@ -181,7 +183,7 @@ class VllmConfig(Section):
 class RolloutConfig(Section):
     num_workers: int = Field(1, ge=1)
     """Rollout-generation actors; the prompts of a step are split across them."""
-    group_size: int = Field(8, ge=1)
+    group_size: int = Field(4, ge=1)
     """Samples per prompt (the group of the group estimators)."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature; behaviour and learner log-probs use the same scaled logits."""
@@ -297,7 +299,7 @@ class AlgorithmConfig(Section):
     """Policy loss: reinforce or ppo_clip."""
     agg: Annotated[str, one_of("aggregation", AGGREGATIONS)] = "token-mean"
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
-    is_cap: float | None = Field(None, gt=0)
+    is_cap: float | None = Field(2.0, gt=0)
     """Truncate the importance weight pi/pi_behaviour at this value; null = on-policy (w = 1). pi_behaviour is
     softmax(logits / rollout.temperature) of the weights that sampled, with rollout.top_p < 1 too (not the renormalised
     nucleus the token was drawn from), so the weight corrects for stale weights, never for the nucleus: on-policy it is
@@ -474,8 +476,8 @@ class TrainConfig(Section):
         if self.trainer.max_staleness > 0 and algo.loss == "reinforce" and algo.is_cap is None:
             raise ConfigError(
                 f"config key 'trainer.max_staleness': {self.trainer.max_staleness} trains on samples from weights up "
-                f"to {self.trainer.max_staleness} versions old (off-policy); set algorithm.is_cap (e.g. 2.0) or "
-                "algorithm.loss=ppo_clip"
+                f"to {self.trainer.max_staleness} versions old (off-policy); set algorithm.is_cap (e.g. 2.0, the "
+                "default) or algorithm.loss=ppo_clip, or trainer.max_staleness=0 (synchronous; the default is 1)"
             )
         if (self.learner.num_gpus or 0) > 1:
             raise ConfigError(

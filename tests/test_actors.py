@@ -643,6 +643,7 @@ def test_learner_loss_is_the_policy_loss_of_the_whole_batch(builtin_model_path, 
     rewards = 2.0 * pad_right(EXACT, width=3).double() + 0.5 * pad_right(DIGIT, width=3).double()
     advantages = compute_advantages("grpo", rewards, mask, torch.tensor([0, 0, 1, 1]))
     behaviour = pad_right(batch.column("behaviour_logprobs").to_pylist())  # far from the model's: ratios leave 1
+    clip = {**clip, "is_cap": learner.config.algorithm.is_cap}  # the default's truncation (2.0) applies too
     expected, _ = policy_loss(
         logprobs, behaviour, advantages, mask, agg=agg, loss=loss, max_len=learner.config.rollout.max_new_tokens, **clip
     )

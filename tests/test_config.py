@@ -65,7 +65,10 @@ def test_resolved_config_round_trips(tmp_path):
             "rollout.group_size=1 algorithm.estimator=reinforce++ reward.components.digit_match.normalize=group",
             "'reward.components.digit_match.normalize': 'group' with rollout.group_size=1",
         ),
-        ("learner.updates_per_batch=2", "'learner.updates_per_batch': 2 updates per batch are off-policy"),
+        (
+            "algorithm.is_cap=null learner.updates_per_batch=2",
+            "'learner.updates_per_batch': 2 updates per batch are off-policy",
+        ),
         ("algorithm.kl_loss_kind=k1", "'algorithm.kl_loss_kind': k1 in the loss has zero expected gradient"),
         # non-finite numbers, out-of-range betas and resources
         ("learner.lr=.inf", "'learner.lr': Input should be a finite number"),
@@ -88,7 +91,7 @@ def test_resolved_config_round_trips(tmp_path):
         ),
         ("learner.max_nonfinite_steps=0", "'learner.max_nonfinite_steps': Input should be greater than or equal to 1"),
         (
-            "trainer.max_staleness=1",
+            "algorithm.is_cap=null trainer.max_staleness=1",
             "'trainer.max_staleness': 1 trains on samples from weights up to 1 versions old (off-policy); "
             "set algorithm.is_cap",
         ),

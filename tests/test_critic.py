@@ -51,7 +51,7 @@ def test_gae_sets_up_a_critic_and_a_critic_needs_gae():
     with pytest.raises(ConfigError, match=r"'critic': set, but algorithm.estimator='grpo' uses no values"):
         load_config(overrides=["critic.lr=1e-3"])
     with pytest.raises(ConfigError, match=r"'learner.minibatches': 4 updates per batch are off-policy"):
-        load_config(overrides=["learner.minibatches=4"])
+        load_config(overrides=["algorithm.is_cap=null", "learner.minibatches=4"])
 
 
 def test_the_critic_trains_alone_for_its_pretrain_steps_and_its_gradient_reaches_only_itself(

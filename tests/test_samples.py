@@ -20,7 +20,7 @@ def test_worst_groups_of_the_latest_dump_by_default(observed_run, capsys):
     main(["samples", str(observed_run)])
     out = capsys.readouterr().out
     assert out.startswith(
-        f"{observed_run}/rollouts/step_4.parquet: worst 5 groups by mean total_reward (of 128 samples)"
+        f"{observed_run}/rollouts/step_4.parquet: worst 5 groups by mean total_reward (of 64 samples)"
     )
     _, table = dumps.read_dump(Storage(str(observed_run)), dumps.ROLLOUTS, 4)
     means = group_scores(table, "total_reward")
@@ -39,8 +39,8 @@ def test_best_group_and_eval_choices(observed_run, capsys):
     main(["samples", str(observed_run), "--step", "2", "--group", str(group)])
     out = capsys.readouterr().out
     assert (
-        shown_groups(out) == [group] and len(re.findall(r" (?:yes|cut) +│ +1 *$", out, flags=re.M)) == 8
-    )  # its 8 samples, version 1
+        shown_groups(out) == [group] and len(re.findall(r" (?:yes|cut) +│ +0 *$", out, flags=re.M)) == 4
+    )  # its 4 samples, version 0 (generated beside step 1's: the default overlap)
     main(["samples", str(observed_run), "--eval", "--step", "0", "--worst", "2"])
     out = capsys.readouterr().out
     assert (

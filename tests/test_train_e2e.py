@@ -71,7 +71,8 @@ def test_checkpoints_are_published_hf_models_with_trainer_state_and_old_ones_pru
         model.state_dict()["lm_head.weight"], load_file(last / "model.safetensors")["transformer.wte.weight"]
     )
     state = json.loads((last / "trainer_state.json").read_text())
-    assert state["step"] == 40 and state["sampler"]["position"] == (40 * 64) % 9000
+    prompts = load_config(short_run / "config.yaml").trainer.prompts_per_step
+    assert state["step"] == 40 and state["sampler"]["position"] == (40 * prompts) % 9000
 
 
 def test_eval_command_on_a_checkpoint(short_run, capsys):

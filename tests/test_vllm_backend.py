@@ -308,6 +308,10 @@ def test_train_with_the_vllm_backend_learns_and_resumes(engines, ray_cluster, tm
     out = tmp_path / "run"
     common = [
         "rollout.backend=vllm",
+        # as measured below: synchronous (the default overlaps), every step's samples of the last weights; 64 x 8
+        "trainer.max_staleness=0",
+        "trainer.prompts_per_step=64",
+        "rollout.group_size=8",
         "data.max_eval_samples=200",
         "trainer.eval_every=30",
         "trainer.save_every=30",

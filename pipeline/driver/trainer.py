@@ -358,7 +358,8 @@ def run_steps(
     checkpointer = Checkpointer(config, storage, pipeline, reports=report is not None)
     queue = RolloutQueue(pipeline, sampler, config, first_step=done_steps + 1)
     for step in range(done_steps + 1, trainer_cfg.total_steps + 1):
-        timings: dict[str, float] = {}
+        # every step logs the generation's timings, 0 where it generated nothing (overlapped, the last step)
+        timings = dict.fromkeys(("time/rollout_s", "time/reward_s", "time/generate_s"), 0.0)
         with timed(timings, "time/step_s"):
             queue.submit_through(checkpointer.submit_limit(step))
             rollouts, generated = queue.take(step, timings)  # generated (now, or during the last update) and scored
