@@ -15,6 +15,7 @@ import torch
 
 from pipeline.batch import DATASET_PROMPT, TOKEN_REWARD_TYPE, metadata_columns, reward_column
 from pipeline.config import TrainConfig
+from pipeline.data.loading import load_prompts
 from pipeline.data.prompts import as_completion
 from pipeline.models.hf import load_tokenizer
 from pipeline.rewards.base import (
@@ -98,7 +99,14 @@ class RewardWorker:
     def __init__(self, config: TrainConfig, tokenizer_path: str, names: list[str], use_gpu: bool = False):
         self.config = config
         self.tokenizer = load_tokenizer(tokenizer_path, config.model.trust_remote_code)
-        env = ComponentEnv(self.tokenizer, "cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        data = config.data
+        env = ComponentEnv(
+            self.tokenizer,
+            "cuda" if use_gpu and torch.cuda.is_available() else "cpu",
+            train_column=lambda name: (
+                load_prompts(data.train_file, "data.train_file", data.train_split).column(name).to_pylist()
+            ),
+        )
         self.components = {}
         for name in names:
             spec = config.reward.components[name]

@@ -68,6 +68,9 @@ class ComponentEnv:
 
     tokenizer: Any  # the policy's tokenizer
     device: str = "cpu"
+    # a column of the training set (data.train_file), for components with corpus statistics (cider's document
+    # frequencies); None where there is none
+    train_column: Callable[[str], list] | None = None
 
 
 class NoOptions(BaseModel):

@@ -2,7 +2,7 @@
 
 Rule-based: exact_match, regex_match, length_penalty, digit_match (token-level).
 Reference-based (sacrebleu, rouge-score; sentence scores in [0, 1]): bleu, chrf, rouge; chrf and rouge (rougeL)
-also as token-level rewards (`level: token`) that sum to the sentence score.
+also as token-level rewards (`level: token`) that sum to the sentence score. cider: CIDEr-D (0-10), also token-level.
 Model-based (local HF models, batched on the worker's device): classifier, teacher_logprob (token-level).
 User code: python (`module:function` or `path/to/file.py:function`, sync or async).
 """
@@ -35,6 +35,7 @@ from pipeline.rewards.base import (
     RewardInputs,
     register_component,
 )
+from pipeline.rewards.cider import CiderD
 
 __all__ = ["COMPONENTS", "component_options"]  # the registry, with every built-in component registered
 
@@ -404,6 +405,51 @@ class Rouge(ReferenceComponent):
                 rows.append(
                     increments(best_prefix_scores([self.prefix_scores(words, ends, r) for r in references(ref)]))
                 )
+        return rows
+
+
+def prefix_words(words: list[tuple[str, list[int]]], ends: list[int]) -> list[list[str]]:
+    """The words of text[:end] for every end in `ends` (`words` = rouge_words(text)): those the prefix finishes,
+    then the part so far of a word it cuts."""
+    prefixes = []
+    for end in ends:
+        done = [word for word, origin in words if origin[-1] < end]
+        cut = [word[: bisect.bisect_left(origin, end)] for word, origin in words if origin[0] < end <= origin[-1]]
+        prefixes.append(done + cut)
+    return prefixes
+
+
+@register_component("cider")
+class Cider(ReferenceComponent):
+    """CIDEr-D (pipeline/rewards/cider.py; 0 to 10) of the completion against all the references of its row, words
+    as rouge-score splits them (lowercase runs of [a-z0-9]), document frequencies from the training set's
+    references (this `column` of data.train_file), as self-critical sequence training does. `level: token`: r_t =
+    CIDEr-D(prefix_t) - CIDEr-D(prefix_{t-1}) (a word cut by the prefix counts as the word so far), so the rewards
+    sum to the completion's score and a token's reward never depends on the tokens after it."""
+
+    class Options(ReferenceOptions):
+        level: Level = "sequence"
+
+    def __init__(self, options: Options, env: ComponentEnv):
+        super().__init__(options, env)
+        if env is None or env.train_column is None:
+            raise RewardError("cider takes its document frequencies from the training set: set data.train_file")
+        corpus = env.train_column(options.column)
+        self.cider = CiderD([[self.words(r) for r in references(value)] for value in corpus])
+
+    @staticmethod
+    def words(text: str) -> list[str]:
+        return [word for word, _ in rouge_words(text)]
+
+    def __call__(self, inputs: RewardInputs) -> list:
+        rows = []
+        for text, spans, ref in zip(inputs.texts, inputs.token_spans, inputs.columns[self.options.column]):
+            refs = [self.words(r) for r in references(ref)]
+            if self.options.level == "sequence":
+                rows.append(self.cider.score(self.words(text), refs))
+            else:
+                prefixes = prefix_words(rouge_words(text), prefix_ends(spans, len(text)))
+                rows.append(increments([self.cider.score(words, refs) for words in prefixes]))
         return rows
 
 
