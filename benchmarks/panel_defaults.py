@@ -75,7 +75,7 @@ ARMS = {  # each arm's overrides on top of the defaults before the switch (the g
         "ppo_shape_staleness1": [*PPO_SHAPE, "trainer.max_staleness=1"],
         "ppo_shape_lr1e-3": [*PPO_SHAPE, "learner.lr=1e-3"],
         "staleness2": ["trainer.max_staleness=2", "algorithm.is_cap=2.0"],
-        "staleness1_groups4": [*STALENESS1_GROUPS4, "trainer.prompts_per_step=128"],  # the defaults since
+        "staleness1_groups4": [*STALENESS1_GROUPS4, "trainer.prompts_per_step=128"],  # the defaults since 2026-12-07
         "staleness1_groups4_64": [*STALENESS1_GROUPS4, "trainer.prompts_per_step=64"],  # half the samples per step
         "staleness1_groups4_96": [*STALENESS1_GROUPS4, "trainer.prompts_per_step=96"],
         "groups4": ["rollout.group_size=4", "trainer.prompts_per_step=128"],  # staleness1_groups4, synchronous

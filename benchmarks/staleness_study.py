@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from default_train import DEFAULTS_BEFORE_PANEL
+
 REPO = Path(__file__).parent.parent
 PAIRS = {  # name: (config file or None for the default, the eval metric compared)
     "addition": (None, "eval/exact_match"),  # the default: char-level GPT-2, exact_match + digit_match
@@ -63,7 +65,7 @@ def run(pair: str, staleness: int, seed: int, args: argparse.Namespace, workdir:
         f"trainer.eval_every={args.eval_every}",
         f"trainer.save_every={args.steps}",
         f"data.max_eval_samples={args.eval_samples}",
-        *(["trainer.prompts_per_step=64", "rollout.group_size=8"] if config is None else []),  # as measured
+        *(DEFAULTS_BEFORE_PANEL if config is None else []),  # as measured (staleness and is_cap set next)
         f"trainer.max_staleness={staleness}",
         f"algorithm.is_cap={args.is_cap if staleness else 'null'}",
         *([f"model.path={llama_model(args)}"] if pair == "llama_addition" else []),

@@ -81,6 +81,7 @@ import time
 from pathlib import Path
 
 import yaml
+from default_train import SYNCHRONOUS
 
 GROUP_SIZE = 8
 MAX_NEW_TOKENS = 8
@@ -109,8 +110,7 @@ def common_overrides(args: argparse.Namespace, reward: str, lr: float) -> list[s
         f"trainer.total_steps={args.max_steps}",
         f"trainer.prompts_per_step={args.prompts_per_step}",
         f"rollout.group_size={GROUP_SIZE}",
-        "trainer.max_staleness=0",  # on-policy, as TRL (the default overlaps: --tokenforge-overrides can set it)
-        "algorithm.is_cap=null",
+        *SYNCHRONOUS,  # on-policy, as TRL (the default overlaps: --tokenforge-overrides can set it)
         f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
         f"rollout.temperature={TEMPERATURE}",
         f"learner.lr={lr}",
