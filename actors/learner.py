@@ -28,17 +28,23 @@ from pipeline.algorithm.loss import explained_variance, policy_loss
 from pipeline.algorithm.rewards import ComponentRewards, component_reward_stats, composite_token_rewards, kl_in_reward
 from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_column
 from pipeline.config import LearnerConfig, TrainConfig
+from pipeline.data.images import batch_images
 from pipeline.errors import TokenforgeError
 from pipeline.models.hf import (
     build_sequences,
     can_share_prompts,
+    image_token_ids,
+    is_vision_language,
     load_model,
+    load_processor,
     load_tokenizer,
     loaded_dtypes,
     micro_batches,
     mixed_autocast,
+    model_config,
     response_logprobs,
     select_rows,
+    with_images,
 )
 from pipeline.models.lora import check_mergeable, merged_from_state, merged_state_dict, trainable_model
 from pipeline.runtime.learner_group import (
@@ -156,6 +162,8 @@ class Learner:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         trust = config.model.trust_remote_code
         self.tokenizer = load_tokenizer(reference_path, trust)  # the base's: training never changes it
+        vision = is_vision_language(model_config(reference_path, trust))  # its images through its processor
+        self.processor = load_processor(reference_path, self.tokenizer, trust) if vision else None
         # a group's ranks load on the CPU: sharding (join_group) moves each rank's shard alone to its device
         load_on = "cpu" if config.learner.num_workers > 1 else self.device
         # with LoRA the base stays frozen; with a LoRA checkpoint, its adapters are loaded
@@ -316,6 +324,11 @@ class Learner:
             self.tokenizer.pad_token_id,
             self.device,
         )
+        if self.processor is not None:  # the images the rollout worker read, read again here
+            images, image_of = batch_images(batch, self.processor)
+            images = {k: v.to(self.device) for k, v in images.items()}
+            image_of = torch.tensor(image_of, device=self.device)
+            sequences = with_images(sequences, images, image_of, image_token_ids(self.processor))
         return mask, behaviour, group_ids, sequences
 
     def _staleness_metrics(self, batch: pa.Table) -> dict[str, float]:
@@ -602,6 +615,8 @@ class Learner:
         if self.rank.rank:
             return
         self.model.save_pretrained(directory, state_dict=weights)
+        if self.processor is not None:  # a VLM's processor (its image processor's config, and the tokenizer)
+            self.processor.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         state = {
             "optimizer": None if sharded else self.optimizer.state_dict(),  # None: in OPTIMIZER_SHARDS/

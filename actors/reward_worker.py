@@ -104,7 +104,9 @@ class RewardWorker:
             self.tokenizer,
             "cuda" if use_gpu and torch.cuda.is_available() else "cpu",
             train_column=lambda name: (
-                load_prompts(data.train_file, "data.train_file", data.train_split).column(name).to_pylist()
+                load_prompts(data.train_file, "data.train_file", data.train_split, data.image_prompt)
+                .column(name)
+                .to_pylist()
             ),
         )
         self.components = {}

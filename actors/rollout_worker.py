@@ -14,8 +14,20 @@ import torch
 
 from pipeline.batch import DATASET_PROMPT, make_rollout_table
 from pipeline.config import TrainConfig
-from pipeline.data.prompts import encode_prompts, set_chat_template
-from pipeline.models.hf import cache_keyword, can_share_prompts, load_model, load_tokenizer, positions_from_mask
+from pipeline.data.images import IMAGE_COLUMN, open_image
+from pipeline.data.prompts import encode_image_prompts, encode_prompts, set_chat_template
+from pipeline.models.hf import (
+    cache_keyword,
+    can_share_prompts,
+    image_token_ids,
+    is_vision_language,
+    load_model,
+    load_processor,
+    load_tokenizer,
+    model_config,
+    positions_from_mask,
+    suppress,
+)
 from pipeline.runtime.threads import torch_threads
 from pipeline.runtime.weights import PackedWeights, StaleWeights, adopt
 
@@ -56,8 +68,13 @@ class RolloutBase(ABC):
     def _init_common(self, config: TrainConfig, model_path: str) -> None:
         self.config = config.rollout
         self.add_special_tokens = config.data.add_special_tokens
-        self.tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+        trust = config.model.trust_remote_code
+        self.tokenizer = load_tokenizer(model_path, trust)
         set_chat_template(self.tokenizer, config.model.chat_template)
+        # a vision-language model's processor turns each prompt's image into its image tokens and pixel inputs
+        vision = is_vision_language(model_config(model_path, trust))
+        self.processor = load_processor(model_path, self.tokenizer, trust) if vision else None
+        self.suppressed = image_token_ids(self.processor) if vision else None  # never sampled (hf.suppress)
         self.stop_token_ids = sorted({self.tokenizer.eos_token_id, *config.rollout.stop_token_ids})
         self.seed = config.seed
         self.policy_version = 0
@@ -95,10 +112,10 @@ class RolloutBase(ABC):
         start = time.perf_counter()
         rows = [r for r in range(prompts.num_rows) for _ in range(group_size)]  # prompt row of each sample
         group_ids = prompts.column("group_id").to_pylist()
-        texts, prompt_ids = encode_prompts(
-            self.tokenizer, prompts.column(DATASET_PROMPT).to_pylist(), self.add_special_tokens
+        texts, prompt_ids, image_inputs = self._encode(prompts, group_ids)
+        response_ids, logprobs, finished = self._responses(
+            prompt_ids, group_ids, group_size, greedy, step, image_inputs
         )
-        response_ids, logprobs, finished = self._responses(prompt_ids, group_ids, group_size, greedy, step)
         core = {
             "sample_id": [group_ids[r] * group_size + k for r in range(prompts.num_rows) for k in range(group_size)],
             "group_id": [group_ids[r] for r in rows],
@@ -114,12 +131,31 @@ class RolloutBase(ABC):
         table = make_rollout_table(core, prompts.take(pa.array(rows, pa.int64())))
         return table.replace_schema_metadata({GENERATE_SECONDS: str(time.perf_counter() - start)})
 
+    def _encode(self, prompts: pa.Table, group_ids: list[int]) -> tuple[list[str], list[list[int]], dict]:
+        """(rendered text, token ids, the model's image inputs: {} for a text model) of each prompt row; a
+        vision-language model's images are read here, from the rows' bytes or paths."""
+        texts = prompts.column(DATASET_PROMPT).to_pylist()
+        if self.processor is None:
+            return (*encode_prompts(self.tokenizer, texts, self.add_special_tokens), {})
+        images = [
+            open_image(value, f"the prompt of group {group}")
+            for value, group in zip(prompts.column(IMAGE_COLUMN).to_pylist(), group_ids)
+        ]
+        return encode_image_prompts(self.processor, texts, images, self.add_special_tokens)
+
     @abstractmethod
     def _responses(
-        self, prompt_ids: list[list[int]], group_ids: list[int], group_size: int, greedy: bool, step: int
+        self,
+        prompt_ids: list[list[int]],
+        group_ids: list[int],
+        group_size: int,
+        greedy: bool,
+        step: int,
+        image_inputs: dict,
     ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
         """(response ids, their behaviour log-probs under the sampling temperature, whether each stopped) of
-        `group_size` samples of each prompt, prompt by prompt. Stop rules: EOS or a rollout.stop_token_ids
+        `group_size` samples of each prompt, prompt by prompt; `image_inputs`: the prompts' image inputs of a
+        vision-language model, one entry per prompt ({} for a text model). Stop rules: EOS or a rollout.stop_token_ids
         token (kept), or the token that completes a rollout.stop string (kept); else cut at max_new_tokens."""
 
 
@@ -152,29 +188,36 @@ class RolloutWorker(RolloutBase):
         self.policy_version = version
 
     @torch.no_grad()
-    def _responses(self, prompt_ids, group_ids, group_size, greedy, step):
+    def _responses(self, prompt_ids, group_ids, group_size, greedy, step, image_inputs):
         # one generator for the shard, seeded from its first group id
         self.generator.manual_seed(sample_seed(self.seed, step, group_ids[0]))
         rows = torch.arange(len(prompt_ids), device=self.device).repeat_interleave(group_size)  # prompt of each sample
         encoded = self.tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")  # left padding
+        images = {k: v.to(self.device) for k, v in image_inputs.items()}
+        images = {k: v.to(self.model.dtype) if v.is_floating_point() else v for k, v in images.items()}
         tokens, logprobs, lengths, finished = self._sample(
-            encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device), rows, greedy
+            encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device), rows, greedy, images
         )
         response_ids = [row[:n] for row, n in zip(tokens.tolist(), lengths)]
         return response_ids, [row[:n] for row, n in zip(logprobs.tolist(), lengths)], finished
 
-    def _sample(self, ids: torch.Tensor, attention: torch.Tensor, rows: torch.Tensor, greedy: bool):
-        """Autoregressive sampling with a KV cache, one sample per entry of `rows` (its prompt's row in `ids`).
+    def _sample(
+        self, ids: torch.Tensor, attention: torch.Tensor, rows: torch.Tensor, greedy: bool, images: dict | None = None
+    ):
+        """Autoregressive sampling with a KV cache, one sample per entry of `rows` (its prompt's row in `ids`);
+        `images`: each prompt row's image inputs (a vision-language model reads them in the prompt's forward only:
+        the image tokens' keys and values are then in the cache).
         A row stops at EOS, at a `rollout.stop_token_ids` token or once its text reaches a `rollout.stop` string
         (that token is kept); else at max_new_tokens.
         Returns tokens and log-probs (B, T), each row's length and whether it stopped (not cut)."""
-        cfg = self.config
+        cfg, images = self.config, images or {}
         share = self.share_prompts and len(rows) > len(ids)
         if not share:
             ids, attention = ids[rows], attention[rows]
+            images = {k: v[rows] for k, v in images.items()}
         positions = positions_from_mask(attention)
-        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True)
-        logits = out.logits[:, -1]
+        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, **images)
+        logits = suppress(out.logits[:, -1], self.suppressed)
         if share:  # each prompt was run once: its keys/values and next-token logits copied to each of its samples
             getattr(out, self.cache_key).reorder_cache(rows)
             logits, ids, attention, positions = logits[rows], ids[rows], attention[rows], positions[rows]
@@ -200,7 +243,7 @@ class RolloutWorker(RolloutBase):
                 **{self.cache_key: getattr(out, self.cache_key)},
                 use_cache=True,
             )
-            logits = out.logits[:, -1]
+            logits = suppress(out.logits[:, -1], self.suppressed)
         return torch.stack(tokens, 1).cpu(), torch.stack(logprobs, 1).cpu(), lengths.tolist(), done.tolist()
 
     def _reached_stop_string(self, tokens: torch.Tensor, text_lengths: list[int]) -> torch.Tensor:

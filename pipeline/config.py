@@ -23,12 +23,14 @@ from pipeline.algorithm.loss import AGGREGATIONS, LOSSES
 from pipeline.errors import ConfigError
 from pipeline.storage import credentials_error
 
+DEFAULT_IMAGE_PROMPT = "describe the picture"  # data.image_prompt: the prompt of a COCO captions file's images
 BUILTIN_TASKS = (
     "addition",
     "words",
     "reverse",
     "summarize",
     "chat_addition",
+    "captioning",
 )  # made by scripts/make_task_data.py and make_task_model.py
 
 
@@ -97,6 +99,12 @@ class DataConfig(Section):
     """Split of a dataset directory or name to train on."""
     eval_split: str = "test"
     """Split of a dataset directory or name to evaluate on."""
+    image_prompt: str = DEFAULT_IMAGE_PROMPT
+    """The prompt of each image of a COCO captions file (which holds none); the processor's image token is put in
+    front of a prompt that lacks it."""
+    image_root: str | None = None
+    """Directory (or storage URI) that relative image paths are resolved against (a vision-language model's
+    `image` field); null = the data file's directory."""
     add_special_tokens: bool = True
     """Tokenize text prompts with the tokenizer's special tokens (e.g. BOS), as `tokenizer(text)` and TRL do."""
 

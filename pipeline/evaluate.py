@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import rollout_worker_class
 from pipeline import storage as store
-from pipeline.batch import DATASET_PROMPT, is_conversation, mean_reward
+from pipeline.batch import DATASET_PROMPT, is_conversation
 from pipeline.config import TrainConfig, code_it_would_run, config_from_yaml, parse_override
 from pipeline.data.inputs import load_inputs, with_builtin_defaults
 from pipeline.data.prompts import set_chat_template
@@ -26,6 +26,7 @@ from pipeline.errors import TokenforgeError
 from pipeline.models.hf import builtin_paths, load_tokenizer
 from pipeline.models.lora import export, is_adapter_dir
 from pipeline.preflight import check
+from pipeline.rewards.coco import eval_scores
 from pipeline.storage import Storage
 
 RUN_CONFIG = "config.yaml"
@@ -103,6 +104,8 @@ def evaluate_checkpoint(
         config.data.eval_file = data_file
     if config.data.eval_file is None:
         raise TokenforgeError("the run has no eval set (data.eval_file is null); pass one with --data")
+    if run is None:  # a model without a run has no training set: statistics of the data (cider's) are the eval set's
+        config.data.train_file, config.data.train_split = config.data.eval_file, config.data.eval_split
     with tempfile.TemporaryDirectory(prefix="tokenforge-eval-") as scratch:
         if holder is None:
             checkpoint = Path(directory)
@@ -117,7 +120,7 @@ def evaluate_checkpoint(
             export(checkpoint, Path(scratch) / "merged", merge=True) if is_adapter_dir(checkpoint) else checkpoint
         )
         config.model.path = str(model_dir)
-        _, eval_prompts = load_inputs(config)
+        _, eval_prompts = load_inputs(config, components=config.trainer.eval_metrics)  # the rewards are not scored
         if run is None and not data_file and config.data.eval_file == str(builtin_paths(config.task)[2]):
             check_default_data_fits(config, path, eval_prompts)
         names = config.trainer.eval_metrics
@@ -134,5 +137,5 @@ def evaluate_checkpoint(
     }
     scored, dropped = scorer.score_all(samples, names)
     scored = scored.filter(pc.invert(dropped))
-    result.update({f"eval/{name}": mean_reward(scored, name) for name in names})
+    result.update(eval_scores(config, scored, names))
     return result

@@ -16,15 +16,24 @@
 - sort: prompts `s=`, s a random string of 4-8 lowercase letters (repeats allowed); field `answer` = s's letters
   in alphabetical order ("dbca=" -> "abcd"): 2-6 tokens of the Unigram tokenizer that scripts/make_task_model.py
   trains for it. 6,000 prompts, 500 held out (250 KB in all, shipped; its model is not).
+- captioning: 32x32 scenes of one or two shapes (circle, square, triangle; four colours; small or big; on the
+  left, in the middle or on the right) on a light background; `prompt` = "describe the picture", `image` =
+  the PNG (an HF `datasets` Image column), `reference` = five captions of the scene in varied phrasing
+  ("a big red circle on the left", "there is a large red circle at the left", ...). Written as Parquet:
+  3,000 scenes, 200 held out.
 
-    python scripts/make_task_data.py --task addition|words|reverse|summarize|chat-addition|sort
+    python scripts/make_task_data.py --task addition|words|reverse|summarize|chat-addition|sort|captioning
         [--out pipeline/assets/<task dir>]
 """
 
 import argparse
+import io
 import json
 import random
 from pathlib import Path
+
+import datasets
+from PIL import Image, ImageDraw
 
 ONES = [
     "zero",
@@ -150,6 +159,100 @@ def summarize_rows() -> tuple[list[dict], int]:
     return rows, 500
 
 
+SHAPES, COLOURS = (
+    ("circle", "square", "triangle"),
+    {
+        "red": (220, 40, 40),
+        "green": (40, 170, 60),
+        "blue": (40, 70, 220),
+        "yellow": (230, 200, 30),
+    },
+)
+SIZES = {"small": 5, "big": 11}  # half the shape's width in pixels
+SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
+PLACES = {"left": 8, "middle": 16, "right": 24}  # the shape's centre x
+SCENE_SIZE = 32
+
+
+def draw_scene(objects: list[dict], rng: random.Random) -> bytes:
+    """The PNG of a light background with each object (shape, colour, size, place) drawn at its place, at a
+    jittered height."""
+    shade = rng.randint(225, 255)
+    image = Image.new("RGB", (SCENE_SIZE, SCENE_SIZE), (shade, shade, shade))
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        r, x, y = SIZES[o["size"]], PLACES[o["place"]] + rng.randint(-1, 1), 16 + rng.randint(-4, 4)
+        box, colour = (x - r, y - r, x + r, y + r), COLOURS[o["colour"]]
+        if o["shape"] == "circle":
+            draw.ellipse(box, fill=colour)
+        elif o["shape"] == "square":
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    return png.getvalue()
+
+
+def scene_captions(objects: list[dict], rng: random.Random) -> list[str]:
+    """Five captions of the scene, each in another phrasing (size synonyms, size left out, places said
+    differently, the two objects in either order)."""
+
+    def thing(o, variant):  # "big red circle", "large red circle", "red circle"
+        size = "" if variant == 2 else SIZE_WORDS[o["size"]][variant] + " "
+        return f"{size}{o['colour']} {o['shape']}"
+
+    def where(o, variant):
+        if o["place"] == "middle":
+            return ("in the middle", "in the centre")[variant % 2]
+        return (f"on the {o['place']}", f"at the {o['place']}")[variant % 2]
+
+    if len(objects) == 1:
+        (o,) = objects
+        captions = [
+            f"a {thing(o, 0)} {where(o, 0)}",
+            f"there is a {thing(o, 1)} {where(o, 1)}",
+            f"a {thing(o, 2)} {where(o, 0)}",
+            f"one {thing(o, 0)} {where(o, 1)}",
+            f"a {thing(o, 1)} {where(o, 0)}",
+        ]
+    else:
+        a, b = objects
+        captions = [
+            f"a {thing(a, 0)} on the left and a {thing(b, 0)} on the right",
+            f"two shapes : a {thing(a, 1)} and a {thing(b, 1)}",
+            f"a {thing(b, 2)} on the right and a {thing(a, 2)} on the left",
+            f"there is a {thing(a, 0)} next to a {thing(b, 0)}",
+            f"a {thing(a, 2)} and a {thing(b, 1)}",
+        ]
+    rng.shuffle(captions)
+    return captions
+
+
+def captioning_rows() -> tuple[list[dict], int]:
+    rng = random.Random(1234)
+    rows = []
+    for _ in range(3000):
+
+        def pick(place):
+            return {
+                "shape": rng.choice(SHAPES),
+                "colour": rng.choice(list(COLOURS)),
+                "size": rng.choice(list(SIZES)),
+                "place": place,
+            }
+
+        objects = [pick(rng.choice(list(PLACES)))] if rng.random() < 0.5 else [pick("left"), pick("right")]
+        rows.append(
+            {
+                "prompt": "describe the picture",
+                "image": {"bytes": draw_scene(objects, rng), "path": None},
+                "reference": scene_captions(objects, rng),
+            }
+        )
+    return rows, 200
+
+
 TASKS = {
     "addition": addition_rows,
     "words": words_rows,
@@ -157,6 +260,7 @@ TASKS = {
     "summarize": summarize_rows,
     "chat-addition": chat_addition_rows,
     "sort": sort_rows,
+    "captioning": captioning_rows,
 }
 
 
@@ -169,9 +273,17 @@ def main() -> None:
     rows, eval_size = TASKS[args.task]()
     out.mkdir(parents=True, exist_ok=True)
     for name, split in [("eval", rows[:eval_size]), ("train", rows[eval_size:])]:
-        with open(out / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in split)
-        print(f"wrote {len(split)} prompts to {out / f'{name}.jsonl'}")
+        if "image" in split[0]:  # images as an HF Image column (PNG bytes), in Parquet
+            features = datasets.Features(
+                {"prompt": datasets.Value("string"), "image": datasets.Image(), "reference": [datasets.Value("string")]}
+            )
+            path = out / f"{name}.parquet"
+            datasets.Dataset.from_list(split, features=features).to_parquet(str(path))
+        else:
+            path = out / f"{name}.jsonl"
+            with open(path, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in split)
+        print(f"wrote {len(split)} prompts to {path}")
 
 
 if __name__ == "__main__":

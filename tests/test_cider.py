@@ -1,5 +1,5 @@
-"""CIDEr-D against the reference implementation (pycocoevalcap's Cider), over random captions and references, and the
-`cider` reward component (sequence and token level) built on it."""
+"""CIDEr-D, corpus BLEU-4 and ROUGE-L against the reference implementation (pycocoevalcap's scorers), over random
+captions and references, and the `cider` reward component (sequence and token level) built on CIDEr-D."""
 
 import json
 import math
@@ -8,13 +8,16 @@ import pytest
 from builders import component
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
 from test_token_metrics import tokenised
 
 from actors.reward_worker import RewardWorker
 from pipeline.preflight import load_config
 from pipeline.rewards.base import ComponentEnv, RewardError
 from pipeline.rewards.cider import CiderD
+from pipeline.rewards.coco import coco_bleu4, coco_rouge_l
 from pipeline.rewards.components import rouge_words
 
 WORDS = st.lists(st.sampled_from(["a", "red", "blue", "circle", "square", "on", "left", "two", "the"]), max_size=12)
@@ -36,6 +39,27 @@ def test_cider_d_is_pycocoevalcaps(images):
     got = [cider.score(captions[i], references[i]) for i in ids]
     assert got == pytest.approx(list(expected), rel=1e-9, abs=1e-12)
     assert cider.corpus(captions, references) == pytest.approx(float(expected_mean), rel=1e-9, abs=1e-12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(IMAGES)
+def test_corpus_bleu4_and_rouge_l_are_pycocoevalcaps(images):
+    captions = [caption or ["a"] for caption, _ in images]  # pycocoevalcap's ROUGE-L divides by the caption's length
+    references = [refs for _, refs in images]
+    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(c)] for i, c in enumerate(captions)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    assert coco_bleu4(captions, references) == pytest.approx(bleu[3], rel=1e-9, abs=1e-12)
+    rouge, _ = Rouge().compute_score(gts, res)
+    assert coco_rouge_l(captions, references) == pytest.approx(float(rouge), rel=1e-9, abs=1e-12)
+
+
+def test_coco_bleu4_and_rouge_l_by_hand():
+    """One caption, one reference of 4 words it matches in its first 3: precisions 3/3, 2/2, 1/1 and (no 4-gram)
+    1e-15/1e-9; brevity penalty exp(1 - 4/3). ROUGE-L: P = 1, R = 3/4, (1 + 1.44) x 0.75 / (0.75 + 1.44)."""
+    caption, refs = ["a", "red", "circle"], [["a", "red", "circle", "left"]]
+    assert coco_bleu4([caption], [refs]) == pytest.approx((1e-15 / 1e-9) ** 0.25 * math.exp(1 - 4 / 3), rel=1e-6)
+    assert coco_rouge_l([caption], [refs]) == pytest.approx(2.44 * 0.75 / (0.75 + 1.44))
 
 
 def test_cider_d_by_hand():

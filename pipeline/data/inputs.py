@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pyarrow as pa
 
 from pipeline.batch import DATASET_PROMPT
 from pipeline.config import TrainConfig
+from pipeline.data.images import IMAGE_COLUMN, open_image, resolve_images
 from pipeline.data.loading import load_prompts
-from pipeline.data.prompts import encode_prompts, set_chat_template
+from pipeline.data.prompts import encode_image_prompts, encode_prompts, set_chat_template
 from pipeline.errors import TokenforgeError
-from pipeline.models.hf import builtin_paths, context_length, load_tokenizer, model_config
+from pipeline.models.hf import (
+    builtin_paths,
+    context_length,
+    is_vision_language,
+    load_processor,
+    load_tokenizer,
+    model_config,
+)
 from pipeline.rewards.components import COMPONENTS, component_options
 from pipeline.storage import Storage
 
@@ -32,12 +41,14 @@ def with_builtin_defaults(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
-    """Train and eval prompts (None: data.eval_file is null), checked against the reward components,
-    the chat template and the context length."""
+def load_inputs(config: TrainConfig, components: list[str] | None = None) -> tuple[pa.Table, pa.Table | None]:
+    """Train and eval prompts (None: data.eval_file is null), checked against the reward components (those named in
+    `components`, default all), the chat template and the context length."""
     tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
     set_chat_template(tokenizer, config.model.chat_template)
     limit = context_length(config.model.path, config.model.trust_remote_code)
+    vision = is_vision_language(model_config(config.model.path, config.model.trust_remote_code))
+    processor = load_processor(config.model.path, tokenizer, config.model.trust_remote_code) if vision else None
     if config.critic is not None and config.critic.model_path:  # it reads the policy's token ids
         critic = model_config(config.critic.model_path, config.model.trust_remote_code, key="critic.model_path")
         if getattr(critic, "vocab_size", len(tokenizer)) < len(tokenizer):
@@ -55,6 +66,8 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
         )
     needed = set()
     for name, spec in config.reward.components.items():
+        if components is not None and name not in components:
+            continue
         needed.update(COMPONENTS[spec.type].required_columns(component_options(config, name)))
     data = config.data
     tables = []
@@ -65,7 +78,10 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
         if source is None:
             tables.append(None)
             continue
-        table = load_prompts(source, key, split)
+        table = load_prompts(source, key, split, data.image_prompt)
+        if processor is not None:  # relative image paths against data.image_root, or the data file's directory
+            root = data.image_root or str(Path(source).parent if Path(source).is_file() else Path(source))
+            table = resolve_images(table, key, root)
         missing = sorted(needed - set(table.column_names))
         if missing:
             raise TokenforgeError(
@@ -77,6 +93,10 @@ def load_inputs(config: TrainConfig) -> tuple[pa.Table, pa.Table | None]:
         except TokenforgeError as error:
             raise TokenforgeError(f"{key}: {error}") from None
         longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        if processor is not None:  # with its image tokens (the image of the longest text stands for all)
+            image = open_image(table.column(IMAGE_COLUMN)[longest].as_py(), f"{key} row {longest}")
+            prompt = table.column(DATASET_PROMPT)[longest].as_py()
+            ids[longest] = encode_image_prompts(processor, [prompt], [image], data.add_special_tokens)[1][0]
         if len(ids[longest]) + config.rollout.max_new_tokens > limit:
             raise TokenforgeError(
                 f"{key}: prompt {longest} has {len(ids[longest])} tokens; with rollout.max_new_tokens="

@@ -6,10 +6,15 @@ a directory of parquet shards; or anything else `datasets.load_dataset` takes, e
 (offline from the local cache when HF_DATASETS_OFFLINE=1) or a local dataset repository, with
 `data.train_split` / `data.eval_split`. Each row needs a `prompt`: text, or a conversation (a list of
 {role, content} messages, TRL's conversational format). Other fields ride along to the rewards.
+
+A `.json` file of COCO captions (`images` and `annotations`, several captions per image) gives one row per image
+with a caption: `prompt` = data.image_prompt, `image` = its file_name (resolved later against data.image_root),
+`reference` = its captions, `image_id`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
@@ -17,15 +22,43 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.batch import CORE_COLUMNS
+from pipeline.config import DEFAULT_IMAGE_PROMPT
 from pipeline.data.prompts import check_prompt
 from pipeline.errors import TokenforgeError
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def read_dataset(source: str, split: str) -> datasets.Dataset:
+def coco_captions(path: Path, prompt: str) -> datasets.Dataset | None:
+    """The rows of a COCO captions file (None when the JSON is not one: no top-level `images` and `annotations`)."""
+    with open(path, "rb") as f:
+        if f.read(1) != b"{":  # a JSON array or JSON Lines: a plain prompt file
+            return None
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not {"images", "annotations"} <= data.keys():
+        return None
+    try:
+        files = {image["id"]: image["file_name"] for image in data["images"]}
+        captions: dict = {}
+        for k, note in enumerate(data["annotations"]):
+            if note["image_id"] not in files:
+                raise ValueError(f"annotation {k} is of image_id {note['image_id']}, which `images` does not list")
+            captions.setdefault(note["image_id"], []).append(str(note["caption"]).strip())
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"not a COCO captions file: an entry lacks {error}") from None
+    rows = [
+        {"prompt": prompt, "image": files[i], "reference": refs, "image_id": i} for i, refs in captions.items()
+    ]  # images without a caption have nothing to score
+    return datasets.Dataset.from_list(rows)
+
+
+def read_dataset(source: str, split: str, image_prompt: str) -> datasets.Dataset:
     """The `split` of a file, a saved dataset directory, a directory of parquet shards or a `load_dataset` name."""
     path = Path(source)
+    if path.is_file() and path.suffix == ".json":
+        coco = coco_captions(path, image_prompt)
+        if coco is not None:
+            return coco
     if path.is_file():
         if path.suffix not in FILE_BUILDERS:
             raise ValueError(f"a file must be one of {', '.join(FILE_BUILDERS)}")
@@ -38,12 +71,15 @@ def read_dataset(source: str, split: str) -> datasets.Dataset:
     return datasets.load_dataset(source, split=split)  # a dataset name or a local dataset repository
 
 
-def load_prompts(source: str | Path, key: str, split: str = "train") -> pa.Table:
-    """A prompt dataset as a pyarrow Table; `key` (e.g. data.train_file) names it in errors."""
+def load_prompts(
+    source: str | Path, key: str, split: str = "train", image_prompt: str = DEFAULT_IMAGE_PROMPT
+) -> pa.Table:
+    """A prompt dataset as a pyarrow Table; `key` (e.g. data.train_file) names it in errors; `image_prompt`: the
+    prompt of every image of a COCO captions file."""
     source = str(source)
     datasets.disable_progress_bars()
     try:
-        dataset = read_dataset(source, split)
+        dataset = read_dataset(source, split, image_prompt)
     except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable or unknown sources
         missing = not Path(source).exists() and ("/" in source.strip("./") or Path(source).suffix)
         if missing and isinstance(error, (FileNotFoundError, datasets.exceptions.DatasetNotFoundError)):

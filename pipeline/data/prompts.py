@@ -90,3 +90,22 @@ def as_completion(prompt: Any, text: str) -> str | list[dict]:
     """A completion as reward functions get it (TRL's rule): text for a text prompt, a list with one
     assistant message for a conversation."""
     return [{"role": "assistant", "content": text}] if is_conversation(prompt) else text
+
+
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")  # a processor's text outputs
+
+
+def encode_image_prompts(
+    processor, prompts: list, images: list, add_special_tokens: bool = True
+) -> tuple[list[str], list[list[int]], dict]:
+    """encode_prompts for a vision-language model: (rendered text, token ids, the model's image inputs) of each
+    (prompt, image). A prompt without the processor's image token gets it in front. The processor expands that
+    token into the image's tokens (they are in the ids); the image inputs (pixel_values, and e.g. image_sizes)
+    have one entry per prompt, in order."""
+    texts = [render(processor.tokenizer, p) for p in prompts]
+    token = processor.image_token
+    texts = [t if token in t else token + t for t in texts]
+    special = add_special_tokens and not any(is_conversation(p) for p in prompts)
+    encoded = processor(text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=special)
+    ids = [row[mask.bool()].tolist() for row, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
+    return texts, ids, {k: v for k, v in encoded.items() if k not in TEXT_KEYS}

@@ -28,7 +28,6 @@ import ray
 from actors.rollout_worker import GENERATE_SECONDS, rollout_worker_class
 from actors.vllm_worker import check_servable
 from pipeline import storage as store
-from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig, config_to_yaml
 from pipeline.data.inputs import check_data_unchanged, load_inputs, with_builtin_defaults
 from pipeline.data.loading import PromptSampler
@@ -42,6 +41,7 @@ from pipeline.outputs import dumps
 from pipeline.outputs.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 from pipeline.outputs.trackers import Trackers, require_loggers
 from pipeline.preflight import check
+from pipeline.rewards.coco import eval_scores
 from pipeline.runtime.weights import StaleWeights
 from pipeline.storage import Storage
 
@@ -173,7 +173,7 @@ class Pipeline:
             return {}, None
         names = self.config.trainer.eval_metrics
         scored, _ = self.generated_and_scored(self.submit_generation(eval_prompts, step, greedy=True), names, step, {})
-        return {f"eval/{name}": mean_reward(scored, name) for name in names}, dumps.eval_dump(scored, names)
+        return eval_scores(self.config, scored, names), dumps.eval_dump(scored, names)
 
     def take_faults(self) -> dict[str, float]:
         """fault/* and reward/* counters since the last call (for the step's metrics)."""

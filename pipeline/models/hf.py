@@ -15,7 +15,15 @@ from pathlib import Path
 import torch
 import torch.utils.checkpoint
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
 
 from pipeline.errors import TokenforgeError
 
@@ -25,8 +33,10 @@ log = logging.getLogger("tokenforge")
 
 
 def builtin_paths(task: str) -> tuple[Path, Path, Path]:
-    """(model dir, train file, eval file) of a built-in task."""
-    return ASSETS / task / "model", ASSETS / task / "train.jsonl", ASSETS / task / "eval.jsonl"
+    """(model dir, train file, eval file) of a built-in task: its prompts are JSONL, or Parquet when they hold
+    images."""
+    suffix = ".parquet" if (ASSETS / task / "train.parquet").is_file() else ".jsonl"
+    return ASSETS / task / "model", ASSETS / task / f"train{suffix}", ASSETS / task / f"eval{suffix}"
 
 
 BUILTIN_MODEL, BUILTIN_TRAIN, BUILTIN_EVAL = builtin_paths("addition")
@@ -100,8 +110,26 @@ def model_config(path: str | Path, trust_remote_code: bool = False, key: str = "
     return from_pretrained(AutoConfig, check_model_dir(path, key), trust_remote_code)
 
 
+def is_vision_language(config) -> bool:
+    """Whether an HF config is an image-text-to-text model's (Llava-style: a vision tower, a projector, a causal LM)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_processor(path: str | Path, tokenizer: PreTrainedTokenizerBase, trust_remote_code: bool = False):
+    """A vision-language model's processor (AutoProcessor: image processor + tokenizer), holding `tokenizer`
+    (load_tokenizer's: left padding, a pad token)."""
+    processor = from_pretrained(AutoProcessor, check_model_dir(path), trust_remote_code)
+    if not isinstance(processor, ProcessorMixin) or getattr(processor, "image_processor", None) is None:
+        raise TokenforgeError(
+            f"{str(path)!r} is a vision-language model but holds no image processor (processor_config.json); save its "
+            "processor there (processor.save_pretrained(path))"
+        )
+    processor.tokenizer = tokenizer
+    return processor
+
+
 def context_length(path: str | Path, trust_remote_code: bool = False) -> int:
-    config = model_config(path, trust_remote_code)
+    config = model_config(path, trust_remote_code).get_text_config()  # a VLM's language model keeps it in text_config
     for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
         if getattr(config, key, None):
             return int(getattr(config, key))
@@ -119,7 +147,9 @@ def load_model(
     path: str | Path, trust_remote_code: bool = False, device: str = "cpu", dtype: str = "float32"
 ) -> torch.nn.Module:
     quiet_transformers()
-    model = from_pretrained(AutoModelForCausalLM, check_model_dir(path), trust_remote_code, dtype=DTYPES[dtype])
+    vision = is_vision_language(model_config(path, trust_remote_code))
+    auto_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = from_pretrained(auto_class, check_model_dir(path), trust_remote_code, dtype=DTYPES[dtype])
     return model.to(device)
 
 
@@ -161,8 +191,42 @@ def build_sequences(
 
 
 def select_rows(sequences: dict[str, torch.Tensor], rows: slice | torch.Tensor) -> dict[str, torch.Tensor]:
-    """Some rows of `build_sequences` output (the prompt width stays that of the whole batch)."""
+    """Some rows of `build_sequences` output (the prompt width stays that of the whole batch; a vision-language
+    batch's `images` stay whole, `image_of` is per row)."""
     return {k: (v[rows] if torch.is_tensor(v) else v) for k, v in sequences.items()}
+
+
+def with_images(
+    sequences: dict, images: dict[str, torch.Tensor], image_of: torch.Tensor, suppressed: tuple[int, ...]
+) -> dict:
+    """`sequences` of a vision-language model: `images` holds the model's image inputs (pixel_values, ...), one
+    entry per distinct image (a group shares its image), `image_of` (B,) the entry of each row, and `suppressed`
+    the token ids the rollout worker never samples (suppress): its image token."""
+    return {**sequences, "images": images, "image_of": image_of, "suppressed": suppressed}
+
+
+def suppress(logits: torch.Tensor, suppressed: tuple[int, ...] | None) -> torch.Tensor:
+    """`logits` with the `suppressed` token ids at -inf (a copy; `logits` itself when there are none): the rollout
+    worker samples from, and the learner scores with, softmax over the other tokens. A vision-language model's image
+    token is one: sampled in a response it would ask for an image the prompt does not have."""
+    if not suppressed:
+        return logits
+    return logits.index_fill(-1, torch.tensor(suppressed, device=logits.device), -torch.inf)
+
+
+def image_token_ids(processor) -> tuple[int, ...]:
+    """The ids of a processor's image token (what `suppress` keeps out of responses)."""
+    return (processor.tokenizer.convert_tokens_to_ids(processor.image_token),)
+
+
+def image_inputs(model: torch.nn.Module, sequences: dict, image_of: torch.Tensor | None = None) -> dict:
+    """The image inputs (floats in the model's dtype) of the rows whose images are `image_of` (default: every row of
+    `sequences`); {} for a text model."""
+    if "images" not in sequences:
+        return {}
+    index = sequences["image_of"] if image_of is None else image_of
+    dtype = getattr(model, "dtype", torch.float32)
+    return {k: v[index].to(dtype) if v.is_floating_point() else v[index] for k, v in sequences["images"].items()}
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -195,6 +259,7 @@ def response_logprobs(
     logits = shared_prompt_logits(model, sequences, lockstep) if share_prompts else None
     if logits is None:
         logits = last_logits(model, sequences, ids.shape[1] - width + 1)
+    logits = suppress(logits, sequences.get("suppressed"))
     flat = logits.reshape(-1, logits.shape[-1])
     targets = torch.nn.functional.pad(ids[:, width:], (0, 1)).reshape(-1)
     if torch.is_grad_enabled():  # keep only the logits for the backward; recompute each chunk's fp32 softmax there
@@ -222,9 +287,10 @@ def shared_prompt_logits(
     ids, mask, positions, width = (
         sequences[k] for k in ("input_ids", "attention_mask", "position_ids", "prompt_width")
     )
-    prompt = torch.cat([ids[:, :width], mask[:, :width]], dim=1)  # the mask too: padding may look like a real token
+    # a prompt is its tokens, its mask (padding may look like a real token) and, for a VLM, its image
+    parts = [ids[:, :width], mask[:, :width]] + ([sequences["image_of"][:, None]] if "images" in sequences else [])
     distinct, prompt_of = torch.unique(
-        prompt, dim=0, return_inverse=True
+        torch.cat(parts, dim=1), dim=0, return_inverse=True
     )  # prompt_of: (B,) row of each sample's prompt
     if len(distinct) == len(ids) and not lockstep:
         return None
@@ -232,9 +298,10 @@ def shared_prompt_logits(
         model,
         {
             "input_ids": distinct[:, :width],
-            "attention_mask": distinct[:, width:],
-            "position_ids": positions_from_mask(distinct[:, width:]),
+            "attention_mask": distinct[:, width : 2 * width],
+            "position_ids": positions_from_mask(distinct[:, width : 2 * width]),
             "use_cache": True,
+            **image_inputs(model, sequences, distinct[:, 2 * width] if "images" in sequences else None),
         },
         keep=1,  # the last prompt position (prompts are left-padded) predicts the first response token
     )
@@ -295,7 +362,7 @@ def cache_keyword(model: torch.nn.Module) -> str:
 def last_logits(model: torch.nn.Module, sequences: dict[str, torch.Tensor], keep: int) -> torch.Tensor:
     """The logits of the last `keep` positions: (B, keep, vocab) in the model's dtype."""
     inputs = {k: sequences[k] for k in ("input_ids", "attention_mask", "position_ids")}
-    return forward_logits(model, inputs, keep).logits[:, -keep:]
+    return forward_logits(model, {**inputs, **image_inputs(model, sequences)}, keep).logits[:, -keep:]
 
 
 def forward_logits(model: torch.nn.Module, inputs: dict, keep: int):

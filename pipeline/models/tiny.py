@@ -1,5 +1,5 @@
-"""Tiny causal LMs made from scratch (no hub download): char-level GPT-2s, a Llama with a BPE chat tokenizer, and a
-GPT-NeoX with a SentencePiece-style Unigram tokenizer.
+"""Tiny causal LMs made from scratch (no hub download): char-level GPT-2s, a Llama with a BPE chat tokenizer, a
+GPT-NeoX with a SentencePiece-style Unigram tokenizer, and a Llava (vision-language) with a word-level tokenizer.
 
 Used by scripts/make_task_model.py for the shipped models and by the tests.
 """
@@ -11,12 +11,17 @@ from collections.abc import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
@@ -221,3 +226,79 @@ def make_tiny_gpt_neox(
         pad_token_id=tokenizer.pad_token_id,
     )
     return GPTNeoXForCausalLM(config)
+
+
+# --- a tiny Llava: CLIP vision tower + projector + Llama, with a word-level tokenizer and a Llava processor ---
+
+IMAGE_TOKEN = "<image>"
+
+
+def make_word_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
+    """One token per word or punctuation mark of `corpus` (split on whitespace and punctuation), plus the image
+    token; decoding joins tokens with spaces. Pads on the left."""
+    words = sorted({w for text in corpus for w in pre_tokenizers.Whitespace().pre_tokenize_str(text) for w in [w[0]]})
+    vocab = {token: i for i, token in enumerate([PAD, EOS, UNK, IMAGE_TOKEN, *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        eos_token=EOS,
+        unk_token=UNK,
+        padding_side="left",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+
+
+IMAGE_SIZE, PATCH_SIZE = 32, 8  # (32 / 8)^2 = 16 image tokens per image
+
+
+def make_tiny_llava(
+    tokenizer: PreTrainedTokenizerFast, vision_hidden: int = 64, hidden_size: int = 128, num_hidden_layers: int = 3
+) -> LlavaForConditionalGeneration:
+    """A randomly initialised Llava: a 2-layer CLIP vision tower on IMAGE_SIZE pixels in PATCH_SIZE patches, a
+    2-layer MLP projector and a Llama (head_dim 32) whose context holds the 16 image tokens, a prompt and a caption.
+    About 0.9M parameters with a 60-word vocabulary."""
+    vision = CLIPVisionConfig(
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=vision_hidden,
+    )
+    text = make_tiny_llama(
+        tokenizer,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        intermediate_size=4 * hidden_size,
+        max_position_embeddings=64,
+    ).config
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",  # the patch features, CLS dropped
+        vision_feature_layer=-1,
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        tie_word_embeddings=True,
+    )
+    return LlavaForConditionalGeneration(config)
+
+
+def make_llava_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    """make_tiny_llava's processor: images resized and centre-cropped to IMAGE_SIZE, CLIP's normalisation, and the
+    image token expanded into one token per patch."""
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS
+        image_token=IMAGE_TOKEN,
+    )

@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from pipeline.batch import DATASET_PROMPT, metadata_columns
 from pipeline.config import TrainConfig
+from pipeline.data.images import IMAGE_COLUMN, image_label
 from pipeline.errors import TokenforgeError
 from pipeline.storage import Storage
 
@@ -72,13 +73,13 @@ def sample_rows(table: pa.Table, limit: int = 64) -> dict[str, list]:
     references = [n for n in metadata_columns(table) if n != DATASET_PROMPT and not n.startswith("eval/")]
     names = ["prompt_text", *references, "response", *[n for n in table.column_names if n.startswith("eval/")]]
     head = table.slice(0, limit)
-    return {
-        name: [
-            v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
-            for v in head.column(name).to_pylist()
-        ]
-        for name in names
-    }
+
+    def cell(name, v):  # an image as its path or size, a list as JSON
+        if name == IMAGE_COLUMN:
+            return image_label(v)
+        return v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+
+    return {name: [cell(name, v) for v in head.column(name).to_pylist()] for name in names}
 
 
 def require_loggers(config: TrainConfig) -> None:

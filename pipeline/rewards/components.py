@@ -60,6 +60,12 @@ class ReferenceOptions(BaseOptions):
     """Dataset column holding the reference text (a string or a list of strings)."""
 
 
+class CocoEvalOptions(ReferenceOptions):
+    eval_as: Literal["mean", "coco"] = "mean"
+    """eval/<name>: the mean of the per-sample scores, or (coco) the figure over the whole eval set as the COCO
+    caption evaluation computes it (pipeline/rewards/coco.py)."""
+
+
 def references(value) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
@@ -214,9 +220,11 @@ class SacrebleuComponent(ReferenceComponent):
 
 @register_component("bleu")
 class Bleu(SacrebleuComponent):
-    """Sentence BLEU (sacrebleu, effective order) / 100."""
+    """Sentence BLEU (sacrebleu, effective order) / 100; with `eval_as: coco`, eval/<name> is corpus BLEU-4."""
 
-    def __init__(self, options: ReferenceOptions, env: ComponentEnv):
+    Options = CocoEvalOptions
+
+    def __init__(self, options: CocoEvalOptions, env: ComponentEnv):
         super().__init__(options, env)
         from sacrebleu.metrics import BLEU
 
@@ -345,7 +353,7 @@ class Rouge(ReferenceComponent):
     so the rewards sum to the sentence score, a word that extends the LCS earns, and a word that does not
     costs what it lowers the precision by, at the token that wrote it."""
 
-    class Options(ReferenceOptions):
+    class Options(CocoEvalOptions):  # eval_as: coco is COCO's ROUGE-L (beta 1.2) whatever rouge_type says
         rouge_type: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = "rougeL"
         measure: Literal["fmeasure", "precision", "recall"] = "fmeasure"
         level: Level = "sequence"
@@ -427,8 +435,11 @@ class Cider(ReferenceComponent):
     CIDEr-D(prefix_t) - CIDEr-D(prefix_{t-1}) (a word cut by the prefix counts as the word so far), so the rewards
     sum to the completion's score and a token's reward never depends on the tokens after it."""
 
-    class Options(ReferenceOptions):
+    class Options(CocoEvalOptions):
         level: Level = "sequence"
+        eval_as: Literal["mean", "coco"] = "coco"
+        """eval/<name>: CIDEr-D over the eval set as pycocoevalcap computes it (coco: document frequencies from
+        the eval set's references), or the mean of the per-sample rewards (mean: the training set's)."""
 
     def __init__(self, options: Options, env: ComponentEnv):
         super().__init__(options, env)

@@ -31,11 +31,11 @@ from torch import nn
 
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
-from pipeline.batch import mean_reward
 from pipeline.config import TrainConfig
 from pipeline.data.inputs import load_inputs
 from pipeline.errors import ConfigError
 from pipeline.models.hf import load_model, load_tokenizer
+from pipeline.rewards.coco import eval_scores
 from pipeline.rllib.token_env import ENV_ID, env_train_config, register_rllib_env
 
 MODULE_OPTIONS = {
@@ -176,7 +176,7 @@ class GreedyEvaluator:
         samples = self.rollout.generate(self.prompts, group_size=1, greedy=True)
         scored, dropped = self.scorer.score_all(samples, self.config.trainer.eval_metrics)
         scored = scored.filter(pc.invert(dropped))
-        return {f"eval/{name}": mean_reward(scored, name) for name in self.config.trainer.eval_metrics}
+        return eval_scores(self.config, scored, self.config.trainer.eval_metrics)
 
 
 def save_hf_checkpoint(module: CausalLMModule, config: TrainConfig, directory: str | Path) -> Path:

@@ -1,0 +1,210 @@
+"""Image captioning with a vision-language model: image data, images through the rollout worker and the learner,
+and the model's files in a checkpoint."""
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from actors.learner import Learner
+from actors.rollout_worker import RolloutWorker
+from actors.vllm_worker import serving_problem
+from pipeline.config import load_config
+from pipeline.data.inputs import load_inputs, with_builtin_defaults
+from pipeline.errors import TokenforgeError
+from pipeline.models.hf import builtin_paths, image_token_ids, response_logprobs
+from pipeline.models.tiny import make_llava_processor, make_tiny_llava, make_word_tokenizer
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "captioning.yaml"
+CAPTIONS = ["describe the picture", "a big red circle on the left", "two shapes : a small blue square"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> str:
+    """A randomly initialised tiny Llava with its processor: its samples are any words, the image token included
+    unless the rollout worker keeps it out."""
+    out = tmp_path_factory.mktemp("tiny_vlm")
+    tokenizer = make_word_tokenizer(CAPTIONS)
+    torch.manual_seed(0)
+    make_tiny_llava(tokenizer).save_pretrained(out)
+    make_llava_processor(tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def builtin_rows(n: int) -> pa.Table:
+    return pq.read_table(builtin_paths("captioning")[2]).slice(0, n)
+
+
+def prompts_of_different_lengths() -> pa.Table:
+    """Six built-in images with prompts of different lengths (so left padding differs row to row); two share their
+    text but not their image."""
+    texts = ["describe the picture", "describe", "the picture", "describe the picture", "picture", "a"]
+    table = builtin_rows(6).set_column(0, "prompt", pa.array(texts))
+    return table.append_column("group_id", pa.array(range(6), pa.int64()))
+
+
+def test_images_stay_aligned_under_left_padding_and_learner_logprobs_agree(tiny_vlm):
+    """Each prompt decoded greedily alone and in a batch of prompts of other lengths (other left padding) gets the
+    same caption and log-probs; the learner's recomputed log-probs (prompt sharing on and off, the group sharing its
+    image) equal the behaviour log-probs."""
+    config = load_config(overrides=["rollout.max_new_tokens=12"])
+    worker = RolloutWorker(config, tiny_vlm)
+    prompts = prompts_of_different_lengths()
+    batched = worker.generate(prompts, group_size=1, greedy=True)
+    for row in range(prompts.num_rows):
+        alone = worker.generate(prompts.slice(row, 1), group_size=1, greedy=True)
+        assert alone.column("response_ids")[0] == batched.column("response_ids")[row]
+        assert alone.column("behaviour_logprobs")[0].as_py() == pytest.approx(
+            batched.column("behaviour_logprobs")[row].as_py(), abs=1e-5
+        )
+    sampled = worker.generate(prompts, group_size=3, step=1)
+    for share in (True, False):
+        learner = Learner(load_config(overrides=[f"learner.share_prompts={str(share).lower()}"]), tiny_vlm, tiny_vlm)
+        assert learner.share_prompts is share
+        mask, behaviour, _, sequences = learner._batch_tensors(sampled)
+        assert len(sequences["images"]["pixel_values"]) == prompts.num_rows  # one image per group, not per sample
+        with torch.no_grad():
+            logprobs, _ = response_logprobs(learner.model, sequences, 1.0, 4096, learner.share_prompts)
+        assert float(((logprobs - behaviour) * mask).abs().max()) < 1e-4
+
+
+def test_the_image_token_is_never_sampled(tiny_vlm):
+    """A random model samples every word of its vocabulary; the image token (which would ask for an image the
+    prompt does not have) never, and the learner scores with the same distribution."""
+    worker = RolloutWorker(load_config(overrides=["rollout.max_new_tokens=20", "rollout.temperature=2.0"]), tiny_vlm)
+    sampled = worker.generate(prompts_of_different_lengths(), group_size=8, step=3)
+    tokens = {t for row in sampled.column("response_ids").to_pylist() for t in row}
+    (image_token,) = image_token_ids(worker.processor)
+    assert image_token not in tokens and len(tokens) > len(CAPTIONS)
+    learner = Learner(load_config(overrides=["rollout.temperature=2.0"]), tiny_vlm, tiny_vlm)
+    mask, behaviour, _, sequences = learner._batch_tensors(sampled)
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(learner.model, sequences, 2.0, 4096, learner.share_prompts)
+    assert float(((logprobs - behaviour) * mask).abs().max()) < 1e-4
+
+
+def test_a_checkpoint_holds_the_processor(tiny_vlm, tmp_path):
+    learner = Learner(load_config(), tiny_vlm, tiny_vlm)
+    learner.save_local(str(tmp_path))
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert processor.image_token == "<image>" and processor.image_processor.crop_size["height"] == 32
+
+
+def test_the_vllm_backend_refuses_a_vision_language_model_in_one_line(tiny_vlm):
+    assert "vision-language model" in serving_problem(tiny_vlm, False, on_gpu=False)
+
+
+def write_png(path, colour) -> None:
+    image = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(image, format="PNG")
+    path.write_bytes(image.getvalue())
+
+
+def test_image_paths_resolve_against_the_data_file_and_a_missing_one_is_one_line(tiny_vlm, tmp_path):
+    (tmp_path / "images").mkdir()
+    write_png(tmp_path / "images" / "red.png", (255, 0, 0))
+    rows = [{"prompt": "describe the picture", "image": "images/red.png", "answer": "a red square"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [f"model.path={tiny_vlm}", f"data.train_file={tmp_path / 'train.jsonl'}"]
+    config = load_config(overrides=overrides)
+    train, _ = load_inputs(with_builtin_defaults(config))
+    assert train.column("image").to_pylist() == [str(tmp_path / "images" / "red.png")]  # the workers open it as is
+    worker = RolloutWorker(config, tiny_vlm)
+    assert worker.generate(train.append_column("group_id", pa.array([0], pa.int64())), group_size=2).num_rows == 2
+
+    rows.append({"prompt": "describe the picture", "image": "images/blue.png", "answer": "a blue square"})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TokenforgeError) as error:
+        load_inputs(with_builtin_defaults(config))
+    assert str(error.value) == (
+        f"data.train_file: row 1: image file {str(tmp_path / 'images' / 'blue.png')!r} does not exist; fix the path, "
+        "or set data.image_root to the directory the image paths are relative to"
+    )
+    other = tmp_path / "elsewhere"  # data.image_root instead of the file's directory
+    other.mkdir()
+    write_png(other / "blue.png", (0, 0, 255))
+    rows[1]["image"] = "blue.png"
+    (tmp_path / "train.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    train, _ = load_inputs(with_builtin_defaults(load_config(overrides=[*overrides, f"data.image_root={other}"])))
+    assert train.column("image").to_pylist() == [str(other / "blue.png")]
+
+
+def test_a_text_only_dataset_for_a_vision_language_model_is_one_line(tiny_vlm, tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "describe", "reference": "x"}) + "\n")
+    config = load_config(overrides=[f"model.path={tiny_vlm}", f"data.train_file={tmp_path / 'train.jsonl'}"])
+    with pytest.raises(TokenforgeError, match=r"^data.train_file: the model is a vision-language model, but the data "):
+        load_inputs(with_builtin_defaults(config))
+
+
+def test_an_unreadable_image_names_the_prompt_group(tiny_vlm):
+    prompts = pa.table({"prompt": ["describe"], "image": [b"not a png"], "group_id": pa.array([7], pa.int64())})
+    with pytest.raises(TokenforgeError, match=r"^the prompt of group 7: cannot read the image \(9 bytes\)"):
+        RolloutWorker(load_config(), tiny_vlm).generate(prompts, group_size=1)
+
+
+def write_coco(tmp_path, table: pa.Table) -> tuple[str, str]:
+    """The rows of `table` (built-in captioning rows) as a COCO captions file (images as PNG files in images/, one
+    annotation per reference caption) and an unannotated image; returns (the JSON's path, the image directory)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    coco = {"images": [], "annotations": []}
+    for i, row in enumerate(table.to_pylist()):
+        (images / f"{i:03d}.png").write_bytes(row["image"]["bytes"])
+        coco["images"].append({"id": 100 + i, "file_name": f"{i:03d}.png", "width": 32, "height": 32})
+        coco["annotations"] += [
+            {"id": len(coco["annotations"]), "image_id": 100 + i, "caption": c} for c in row["reference"]
+        ]
+    coco["images"].append({"id": 999, "file_name": "no_captions.png"})  # never loaded: nothing to score
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(coco))
+    return str(path), str(images)
+
+
+def test_coco_captions_evaluate_as_the_same_images_in_parquet(tmp_path):
+    """`tokenforge eval MODEL --data captions.json data.image_root=DIR trainer.eval_metrics=[cider]`: one sample per
+    annotated image with all its captions as references, and the same eval/cider (pycocoevalcap's: document
+    frequencies over these references) as the same images and captions from the built-in Parquet eval set."""
+    from pipeline.evaluate import evaluate_checkpoint
+
+    model, _, eval_file = builtin_paths("captioning")
+    rows = pq.read_table(eval_file).slice(0, 24)
+    rows_file = tmp_path / "rows.parquet"
+    pq.write_table(rows, rows_file)
+    coco, images = write_coco(tmp_path, rows)
+    metrics = ["trainer.eval_metrics=[cider]"]
+    from_coco = evaluate_checkpoint(str(model), coco, [f"data.image_root={images}", *metrics])
+    from_parquet = evaluate_checkpoint(str(model), str(rows_file), metrics)
+    assert from_coco["eval_samples"] == from_parquet["eval_samples"] == 24
+    assert (
+        from_coco["eval/cider"] == pytest.approx(from_parquet["eval/cider"], rel=1e-12)
+        and from_coco["eval/cider"] > 0.5
+    )
+
+    config = load_config(
+        EXAMPLE, overrides=[f"data.train_file={coco}", "data.eval_file=null", f"data.image_root={images}"]
+    )
+    train, _ = load_inputs(with_builtin_defaults(config))
+    assert train.column("reference").to_pylist() == rows.column("reference").to_pylist()
+    assert train.column("image").to_pylist()[0] == f"{images}/000.png"
+    assert set(train.column("prompt").to_pylist()) == {"describe the picture"}
+
+
+def test_a_broken_coco_file_is_one_line(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text(
+        json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "caption": "x"}]})
+    )
+    config = load_config(EXAMPLE, overrides=[f"data.train_file={path}"])
+    with pytest.raises(TokenforgeError) as error:
+        load_inputs(with_builtin_defaults(config))
+    assert str(error.value) == (
+        f"data.train_file: cannot read {str(path)!r}: ValueError: annotation 0 is of image_id 2, which `images` does "
+        "not list"
+    )
