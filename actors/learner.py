@@ -23,10 +23,16 @@ import pyarrow as pa
 import torch
 
 from actors.critic import CRITIC_DIR, CriticHandle, read_files
-from pipeline.algorithm.advantages import advantages_if_finite, check_finite, informative_rows, value_targets
+from pipeline.algorithm.advantages import (
+    NEEDS_GREEDY,
+    advantages_if_finite,
+    check_finite,
+    informative_rows,
+    value_targets,
+)
 from pipeline.algorithm.loss import explained_variance, policy_loss
 from pipeline.algorithm.rewards import ComponentRewards, component_reward_stats, composite_token_rewards, kl_in_reward
-from pipeline.batch import LEARNED_SCHEMA, pad_right, response_mask, reward_column
+from pipeline.batch import LEARNED_SCHEMA, greedy_baselines, pad_right, response_mask, reward_column, sampled_rows
 from pipeline.config import LearnerConfig, TrainConfig
 from pipeline.data.images import batch_images
 from pipeline.errors import TokenforgeError
@@ -250,15 +256,21 @@ class Learner:
         clock = PhaseClock(self.device)  # time/learner/*: where the update's time goes
         rows, token_rewards, metrics, finite = self._prepare(batch, clock)
         clock.add("prepare", time.perf_counter() - start - clock.totals.get("values", 0.0))  # rewards, ref, advantages
-        totals, skipped = self._update(rows, clock, finite)
+        trained = self._trained(rows, batch)
+        totals, skipped = self._update(trained, clock, finite)
         self._count_nonfinite(skipped, step)
         self.policy_version += 1
         self.last_step = (batch.column("response_ids"), token_rewards, rows.advantages, rows.mask)  # learned_columns
         metrics.update(totals)
         metrics.update(clock.seconds())
         metrics["time/learner/total_s"] = time.perf_counter() - start
-        metrics.update(self._step_metrics(batch, rows.advantages, rows.mask, skipped))
+        metrics.update(self._step_metrics(sampled_rows(batch), trained.advantages, trained.mask, skipped))
         return metrics
+
+    def _trained(self, rows: UpdateRows, batch: pa.Table) -> UpdateRows:
+        """The rows an update trains on: the samples, without the greedy baselines of self_critical."""
+        greedy = greedy_baselines(batch)
+        return rows.rows(torch.nonzero(~greedy).squeeze(1).to(self.device)) if greedy.any() else rows
 
     def gradients(self, batch: pa.Table) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The policy's gradient of one update on all of `batch` (train_step's first with learner.minibatches=1,
@@ -266,7 +278,7 @@ class Learner:
         the optimizer stay as they are. In a group every rank calls it and gets the whole gradient."""
         clock = PhaseClock(self.device)  # (not reported)
         rows, _, _, _ = self._prepare(batch, clock)
-        totals = self._minibatch_gradients(rows, clock)
+        totals = self._minibatch_gradients(self._trained(rows, batch), clock)
         grads = {name: whole(p.grad) for name, p in self.model.named_parameters() if p.grad is not None}
         self.optimizer.zero_grad(set_to_none=True)
         return grads, totals
@@ -279,12 +291,15 @@ class Learner:
         mask, behaviour, group_ids, sequences = self._batch_tensors(batch)
         check_finite("behaviour_logprobs", behaviour, mask)  # here, on the whole batch: a group's ranks fail together
         metrics = self._staleness_metrics(batch)
+        greedy = greedy_baselines(batch).to(self.device)  # self_critical's baselines: scored, not in the metrics
         components = self._reward_components(batch, mask.shape[1])
         for name, component in components.items():
-            stats = component_reward_stats(component.rewards, component.applies)  # of the raw component
+            stats = component_reward_stats(component.rewards, component.applies & ~greedy)  # of the raw component
             metrics.update({f"reward/{name}/{stat}": value for stat, value in stats.items()})
         token_rewards = composite_token_rewards(components.values(), mask, group_ids)  # sum_i w_i * norm_i(r_i)_t
-        metrics["reward/total/mean"] = float(token_rewards.sum(1).mean())
+        metrics["reward/total/mean"] = float(token_rewards.sum(1)[~greedy].mean())
+        if greedy.any():
+            metrics["reward/greedy_baseline/mean"] = float(token_rewards.sum(1)[greedy].mean())
         ref_logprobs = (
             self._out_of_memory_as_one_line(self._reference_logprobs, sequences) if algo.needs_reference else None
         )
@@ -303,14 +318,22 @@ class Learner:
                     values = from_rank0(values, mask.shape, self.device)
         # a NaN/inf reward (or float32 overflow of huge returns) skips the update instead of reaching the weights
         advantages, finite = advantages_if_finite(
-            algo.estimator, token_rewards, mask, group_ids, algo.gamma, algo.whiten, values=values, lam=algo.lam
+            algo.estimator,
+            token_rewards,
+            mask,
+            group_ids,
+            algo.gamma,
+            algo.whiten,
+            values=values,
+            lam=algo.lam,
+            greedy_baseline=greedy if algo.estimator in NEEDS_GREEDY else None,
         )
         rows = UpdateRows(sequences, behaviour, advantages, mask, ref_logprobs, values)
         if values is not None and finite:  # R_t = A_t + V(s_t), of GAE before whitening
             rows = replace(rows, targets=value_targets(token_rewards, values, mask, algo.gamma, algo.lam).float())
             metrics.update(self._value_metrics(values, rows.targets, mask))
-        keep = informative_rows(advantages, algo.skip_zero_advantage, algo.kl_coef, algo.entropy_coef)
-        metrics["learner/kept_frac"] = len(keep) / len(mask)
+        keep = informative_rows(advantages[~greedy], algo.skip_zero_advantage, algo.kl_coef, algo.entropy_coef)
+        metrics["learner/kept_frac"] = len(keep) / int((~greedy).sum())
         return rows, token_rewards, metrics, finite
 
     def _batch_tensors(self, batch: pa.Table) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:

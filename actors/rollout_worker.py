@@ -97,27 +97,48 @@ class RolloutBase(ABC):
         self.set_weights(weights.tensors(), version)
 
     def generate(
-        self, prompts: pa.Table, group_size: int, greedy: bool = False, step: int = 0, version: int | None = None
+        self,
+        prompts: pa.Table,
+        group_size: int,
+        greedy: bool = False,
+        step: int = 0,
+        version: int | None = None,
+        greedy_baseline: bool = False,
     ) -> pa.Table:
         """Rollout batch (pipeline.batch schema) for a table of prompts with a `group_id` column.
 
         Sampling is seeded from (seed, step, group ids) (sample_seed), so a shard's samples do not
         depend on which worker drew it, nor on whether the run was resumed. `version`: the policy
         version the caller expects; a worker holding other weights (restarted by Ray since the last
-        sync) raises StaleWeights instead of sampling from them. The table's schema metadata holds the
-        seconds this call took (GENERATE_SECONDS).
+        sync) raises StaleWeights instead of sampling from them. `greedy_baseline` (the self_critical
+        estimator): each prompt's greedy response too, in one more row per prompt after the samples. The
+        table's schema metadata holds the seconds this call took (GENERATE_SECONDS).
         """
         if version is not None and version != self.policy_version:
             raise StaleWeights(f"holds policy version {self.policy_version}, asked for {version}")
         start = time.perf_counter()
-        rows = [r for r in range(prompts.num_rows) for _ in range(group_size)]  # prompt row of each sample
         group_ids = prompts.column("group_id").to_pylist()
         texts, prompt_ids, image_inputs = self._encode(prompts, group_ids)
-        response_ids, logprobs, finished = self._responses(
-            prompt_ids, group_ids, group_size, greedy, step, image_inputs
-        )
+        encoded = (prompts, group_ids, texts, prompt_ids)
+        table = self._rows(encoded, self._responses(prompt_ids, group_ids, group_size, greedy, step, image_inputs))
+        if greedy_baseline:
+            responses = self._responses(prompt_ids, group_ids, 1, True, step, image_inputs)
+            table = pa.concat_tables([table, self._rows(encoded, responses, baseline=True)])
+        return table.replace_schema_metadata({GENERATE_SECONDS: str(time.perf_counter() - start)})
+
+    def _rows(self, encoded: tuple, responses: tuple, baseline: bool = False) -> pa.Table:
+        """The rollout rows of `responses` (_responses' output: `group_size` per prompt, in prompt order) to the
+        `encoded` prompts (table, group ids, texts, token ids); `baseline`: they are greedy baselines."""
+        prompts, group_ids, texts, prompt_ids = encoded
+        response_ids, logprobs, finished = responses
+        group_size = len(response_ids) // prompts.num_rows
+        rows = [r for r in range(prompts.num_rows) for _ in range(group_size)]  # prompt row of each response
+        if baseline:  # sample ids of their own: -1 - group id
+            sample_ids = [-1 - group_ids[r] for r in rows]
+        else:
+            sample_ids = [group_ids[r] * group_size + k for r in range(prompts.num_rows) for k in range(group_size)]
         core = {
-            "sample_id": [group_ids[r] * group_size + k for r in range(prompts.num_rows) for k in range(group_size)],
+            "sample_id": sample_ids,
             "group_id": [group_ids[r] for r in rows],
             "prompt_text": [texts[r] for r in rows],
             "prompt_ids": [prompt_ids[r] for r in rows],
@@ -127,9 +148,9 @@ class RolloutBase(ABC):
             "finished": finished,
             "policy_version": [self.policy_version] * len(rows),
             "worker": [self.name] * len(rows),
+            "greedy_baseline": [baseline] * len(rows),
         }
-        table = make_rollout_table(core, prompts.take(pa.array(rows, pa.int64())))
-        return table.replace_schema_metadata({GENERATE_SECONDS: str(time.perf_counter() - start)})
+        return make_rollout_table(core, prompts.take(pa.array(rows, pa.int64())))
 
     def _encode(self, prompts: pa.Table, group_ids: list[int]) -> tuple[list[str], list[list[int]], dict]:
         """(rendered text, token ids, the model's image inputs: {} for a text model) of each prompt row; a

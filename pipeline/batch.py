@@ -26,6 +26,9 @@ ROLLOUT_SCHEMA = pa.schema(
         ("finished", pa.bool_()),  # ended with EOS (False = cut at max_new_tokens)
         ("policy_version", pa.int64()),  # learner update count of the weights that sampled it
         ("worker", pa.string()),  # the rollout worker that sampled it (its Ray actor name; "local" outside Ray)
+        # the greedy response of its prompt, decoded for the self_critical estimator's baseline: scored, never
+        # trained on (sample_id -1 - group_id)
+        ("greedy_baseline", pa.bool_()),
     ]
 )
 CORE_COLUMNS = frozenset(ROLLOUT_SCHEMA.names)
@@ -73,6 +76,16 @@ def make_rollout_table(core: dict[str, list], metadata: pa.Table) -> pa.Table:
         if name not in CORE_COLUMNS:
             table = table.append_column(name, metadata.column(name))
     return table
+
+
+def greedy_baselines(table: pa.Table) -> torch.Tensor:
+    """(batch,) bool: the rows that are greedy baselines (self_critical), not samples."""
+    return torch.tensor(table.column("greedy_baseline").to_pylist(), dtype=torch.bool)
+
+
+def sampled_rows(table: pa.Table) -> pa.Table:
+    """The samples of a rollout batch, without its greedy baselines."""
+    return table.filter(pc.invert(table.column("greedy_baseline")))
 
 
 def pad_right(

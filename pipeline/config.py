@@ -294,8 +294,9 @@ class RewardConfig(Section):
 
 class AlgorithmConfig(Section):
     estimator: Annotated[str, one_of("estimator", ESTIMATORS)] = "grpo"
-    """Advantage estimator: reinforce, rloo, grpo, reinforce++, reinforce++_baseline, or gae (a learned per-token
-    value baseline: trains the `critic`)."""
+    """Advantage estimator: reinforce, rloo, grpo, reinforce++, reinforce++_baseline, gae (a learned per-token
+    value baseline: trains the `critic`), or self_critical (SCST: the reward of each prompt's greedy response, decoded
+    by the rollout worker in the same step, as the baseline)."""
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount of the returns-to-go (and of GAE's TD errors)."""
     lam: float = Field(1.0, ge=0, le=1)

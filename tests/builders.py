@@ -41,6 +41,7 @@ def rollout_table(
         "finished": list(finished) if finished is not None else [True] * n,
         "policy_version": list(versions) if versions is not None else [0] * n,
         "worker": ["local"] * n,
+        "greedy_baseline": [False] * n,
     }
     return make_rollout_table(core, metadata)
 

@@ -4,13 +4,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pipeline.algorithm.advantages import (
     DEFAULT_WHITEN,
     ESTIMATORS,
     GROUP_BASELINE,
+    NEEDS_GREEDY,
     NEEDS_VALUES,
     GroupStats,
     advantages_if_finite,
@@ -37,8 +38,13 @@ def some_values(shape) -> torch.Tensor:
     return torch.sin(torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * 1.7 + 0.3) * 2
 
 
-def values_for(name: str, mask: torch.Tensor) -> dict:
-    """values= for the estimators that need them, nothing for the others."""
+def values_for(name: str, mask: torch.Tensor, groups: torch.Tensor) -> dict:
+    """values= or greedy_baseline= (each group's first row) for the estimators that need them, nothing for the
+    others."""
+    if name in NEEDS_GREEDY:
+        first = torch.ones(len(groups), dtype=torch.bool)
+        first[1:] = groups[1:] != groups[:-1]
+        return {"greedy_baseline": first}
     return {"values": some_values(mask.shape)} if name in NEEDS_VALUES else {}
 
 
@@ -215,7 +221,7 @@ def test_property_group_estimators_match_classic_sequence_formulas(data):
 def test_property_masked_positions_are_exactly_zero_and_finite(data, name, gamma, whiten):
     rewards, mask, groups = data
     rewards = torch.where(mask.bool(), rewards, torch.full_like(rewards, float("inf")))  # padding garbage
-    adv = compute_advantages(name, rewards, mask, groups, gamma=gamma, whiten=whiten, **values_for(name, mask))
+    adv = compute_advantages(name, rewards, mask, groups, gamma=gamma, whiten=whiten, **values_for(name, mask, groups))
     assert adv.dtype == torch.float32
     assert torch.isfinite(adv).all()
     assert torch.equal(adv[mask == 0], torch.zeros_like(adv[mask == 0]))
@@ -297,7 +303,7 @@ def test_property_permuting_samples_permutes_advantages(data, name, random):
     order = list(range(len(groups)))
     random.shuffle(order)
     order = torch.tensor(order)
-    values = values_for(name, mask)
+    values = values_for(name, mask, groups)
     adv = compute_advantages(name, rewards, mask, groups, **values)
     permuted = compute_advantages(
         name, rewards[order], mask[order], groups[order], **{k: v[order] for k, v in values.items()}
@@ -330,7 +336,7 @@ HUGE = st.floats(-1.0000000150474662e30, 1.0000000150474662e30, allow_nan=False,
 )
 def test_property_finite_inputs_up_to_1e30_give_finite_advantages(data, name, gamma, whiten):
     rewards, mask, groups = data
-    adv = compute_advantages(name, rewards, mask, groups, gamma=gamma, whiten=whiten, **values_for(name, mask))
+    adv = compute_advantages(name, rewards, mask, groups, gamma=gamma, whiten=whiten, **values_for(name, mask, groups))
     assert torch.isfinite(adv).all()
 
 
@@ -390,16 +396,22 @@ def test_an_unknown_estimator_lists_every_known_one_exactly():
     with pytest.raises(
         ValueError,
         match=r"unknown advantage estimator 'ppo'; known: gae, grpo, reinforce, reinforce\+\+, reinforce\+\+_baseline, "
-        r"rloo$",
+        r"rloo, self_critical$",
     ):
         compute_advantages("ppo", T([[1.0]]), T([[1.0]]), T([0]))
 
 
 @pytest.mark.mutant
 def test_an_empty_batch_gives_empty_advantages():
-    for name in ("reinforce", "rloo", "grpo", "reinforce++", "reinforce++_baseline", "gae"):
+    for name in ("reinforce", "rloo", "grpo", "reinforce++", "reinforce++_baseline", "gae", "self_critical"):
         empty = torch.zeros(0, 3)
-        advantages = compute_advantages(name, empty, empty, torch.zeros(0, dtype=torch.long), **values_for(name, empty))
+        advantages = compute_advantages(
+            name,
+            empty,
+            empty,
+            torch.zeros(0, dtype=torch.long),
+            **values_for(name, empty, torch.zeros(0, dtype=torch.long)),
+        )
         assert advantages.shape == (0, 3) and advantages.dtype == torch.float32
 
 
@@ -590,3 +602,74 @@ def test_property_gae_with_lam_1_is_returns_minus_values_so_no_separate_value_ba
     assert torch.allclose(gae(rewards, values, mask, gamma, 1.0), returns - clean_values, rtol=1e-12, atol=1e-12)
     assert torch.allclose(value_targets(rewards, values, mask, gamma, 1.0), returns, rtol=1e-12, atol=1e-12)
     assert torch.equal(gae(rewards, torch.zeros_like(values), mask, gamma, 1.0), returns)
+
+
+def test_self_critical_by_hand_sequence_and_token_level():
+    """Group 0: samples earning 1/3 and 0.7 against a greedy response earning 0.5 (sequence level, on the last token);
+    group 1 lost its greedy response: no baseline, advantages 0."""
+    mask = T([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards = T([[0.0, 1 / 3, 0.0], [0.7, 0.0, 0.0], [0.0, 0.0, 0.5], [0.0, 0.9, 0.0]])
+    groups, greedy = T([0, 0, 0, 1]), T([False, False, True, False])
+    adv = compute_advantages("self_critical", rewards, mask, groups, greedy_baseline=greedy)
+    expected = T([[1 / 3 - 0.5, 1 / 3 - 0.5, 0.0], [0.7 - 0.5, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(adv, expected, atol=1e-7)
+    # token level: per-token returns minus the greedy response's at the same position, its last return past its end
+    rewards = T([[0.25, 0.5, 0.125], [0.3, 0.0, 0.0], [0.1, 0.2, 0.0], [0.0, 0.9, 0.0]])
+    mask = T([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    adv = compute_advantages("self_critical", rewards, mask, groups, greedy_baseline=greedy)
+    greedy_returns = [0.1 + 0.2, 0.2, 0.2]  # G'_0, G'_1, then G'_1 again (outcome-aligned)
+    expected = T([[0.875 - greedy_returns[0], 0.625 - greedy_returns[1], 0.125 - greedy_returns[2]], [0.0] * 3])
+    expected[1, 0] = 0.3 - greedy_returns[0]
+    assert torch.allclose(adv[:2], expected, atol=1e-7) and not adv[2:].any()
+
+
+def test_self_critical_without_greedy_rows_is_an_error():
+    with pytest.raises(ValueError, match="'self_critical' needs the rows of each prompt's greedy response"):
+        compute_advantages("self_critical", T([[1.0]]), T([[1.0]]), T([0]))
+
+
+@st.composite
+def groups_with_a_greedy_row(draw, token_level: bool):
+    """ragged_groups whose groups each hold a greedy row (its first) but where one group may have lost it."""
+    rewards, mask, groups = draw(ragged_groups(token_level, values=THIRDS_TENTHS))
+    greedy = torch.ones(len(groups), dtype=torch.bool)
+    greedy[1:] = groups[1:] != groups[:-1]
+    if draw(st.booleans()):
+        greedy[0] = False  # group 0 without a baseline
+    return rewards, mask, groups, greedy
+
+
+@settings(max_examples=80, deadline=None)
+@given(groups_with_a_greedy_row(token_level=False))
+def test_property_self_critical_sequence_level_is_reward_minus_the_greedy_reward(data):
+    """SCST's formula: A_i = r_i - r_greedy(i) on every valid token; 0 for the greedy rows, for a group without one,
+    and (exactly) when the two rewards are equal."""
+    rewards, mask, groups, greedy = data
+    adv = compute_advantages("self_critical", rewards, mask, groups, greedy_baseline=greedy)
+    scalar = rewards.sum(1).double()
+    for i in range(len(groups)):
+        baseline = [j for j in range(len(groups)) if greedy[j] and groups[j] == groups[i]]
+        expected = 0.0 if greedy[i] or not baseline else float(scalar[i] - scalar[baseline[0]])
+        valid = mask[i].bool()
+        assert torch.allclose(adv[i][valid], torch.full_like(adv[i][valid], expected), atol=1e-6)
+        if baseline and scalar[i] == scalar[baseline[0]]:
+            assert not adv[i].any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups_with_a_greedy_row(token_level=True))
+def test_property_self_critical_baseline_ignores_the_samples_own_actions(data):
+    """Changing one sample's rewards moves only its own advantages, by exactly its own return change."""
+    rewards, mask, groups, greedy = data
+    sample = next((i for i in range(len(groups)) if not greedy[i] and greedy[groups == groups[i]].any()), None)
+    if sample is None:
+        return
+    before = compute_advantages("self_critical", rewards, mask, groups, greedy_baseline=greedy)
+    changed = rewards.clone()
+    changed[sample] += 1.0
+    after = compute_advantages("self_critical", changed, mask, groups, greedy_baseline=greedy)
+    assume(bool(after[sample][mask[sample].bool()].all()))  # not equal to the baseline by chance (then exactly 0)
+    own = (returns_to_go(changed, mask) - returns_to_go(rewards, mask))[sample].float()
+    assert torch.allclose(after[sample] - before[sample], own, atol=1e-5)
+    others = torch.arange(len(groups)) != sample
+    assert torch.allclose(after[others], before[others])

@@ -208,3 +208,42 @@ def test_a_broken_coco_file_is_one_line(tmp_path):
         f"data.train_file: cannot read {str(path)!r}: ValueError: annotation 0 is of image_id 2, which `images` does "
         "not list"
     )
+
+
+def test_self_critical_training_on_ray_with_images_evaluates_as_coco(ray_cluster, tmp_path):
+    """The built-in captioning example, shortened, with the self_critical estimator on a real local Ray: each step's
+    greedy baselines are scored and dumped (advantage 0) but not trained on; eval/cider is pycocoevalcap's CIDEr-D of
+    the eval dump's captions; the checkpoint holds the processor."""
+    from pipeline.driver.trainer import train
+    from pipeline.outputs.dumps import read_dump
+    from pipeline.rewards.coco import coco_cider
+    from pipeline.rewards.components import Cider
+    from pipeline.storage import Storage
+
+    overrides = [
+        f"output_dir={tmp_path}",
+        "trainer.total_steps=2",
+        "trainer.prompts_per_step=6",
+        "trainer.eval_every=2",
+        "trainer.save_every=2",
+        "rollout.group_size=2",
+        "data.max_eval_samples=12",
+        "algorithm.estimator=self_critical",
+    ]
+    train(load_config(EXAMPLE, overrides=overrides))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all(r["reward/greedy_baseline/mean"] > 0 for r in records[1:])
+    assert all(r["learner/tokens"] > 0 for r in records[1:])
+    _, rollouts = read_dump(Storage(str(tmp_path)), "rollouts", 2)
+    greedy = [row for row in rollouts.to_pylist() if row["greedy_baseline"]]
+    assert len(greedy) == 6 and rollouts.num_rows == 6 * 3
+    assert all(not any(row["advantages"]) and row["sample_id"] < 0 for row in greedy)
+    trained = sum(len(row["response_ids"]) for row in rollouts.to_pylist() if not row["greedy_baseline"])
+    assert records[2]["learner/tokens"] == trained  # the update's rows: the samples alone
+    _, evaluated = read_dump(Storage(str(tmp_path)), "eval", 2)
+    captions = [Cider.words(text) for text in evaluated.column("response").to_pylist()]
+    refs = [[Cider.words(r) for r in refs] for refs in evaluated.column("reference").to_pylist()]
+    assert records[-1]["eval/cider"] == pytest.approx(coco_cider(captions, refs))
+    assert {"eval/bleu4", "eval/rouge"} <= records[-1].keys()
+    assert AutoProcessor.from_pretrained(tmp_path / "checkpoints" / "step_2").image_token == "<image>"

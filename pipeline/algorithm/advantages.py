@@ -201,6 +201,7 @@ class EstimatorInputs:
     gamma: float
     lam: float
     values: torch.Tensor | None = None  # V(s_t) from a critic, for the estimators in NEEDS_VALUES
+    greedy_baseline: torch.Tensor | None = None  # (batch,) bool: the greedy rows, for the estimators in NEEDS_GREEDY
 
 
 Estimator = Callable[[EstimatorInputs], torch.Tensor]
@@ -208,10 +209,15 @@ ESTIMATORS: dict[str, Estimator] = {}
 DEFAULT_WHITEN: dict[str, bool] = {}
 GROUP_BASELINE: set[str] = set()  # estimators whose advantages are already centred within each group
 NEEDS_VALUES: set[str] = set()  # estimators that need V(s_t) (`values=`)
+NEEDS_GREEDY: set[str] = set()  # estimators that need each prompt's greedy response scored (`greedy_baseline=`)
 
 
 def register_estimator(
-    name: str, whiten_by_default: bool = False, group_baseline: bool = False, needs_values: bool = False
+    name: str,
+    whiten_by_default: bool = False,
+    group_baseline: bool = False,
+    needs_values: bool = False,
+    needs_greedy: bool = False,
 ) -> Callable[[Estimator], Estimator]:
     """Register `fn(x: EstimatorInputs) -> advantages` (float64) under `name`."""
 
@@ -222,6 +228,8 @@ def register_estimator(
             GROUP_BASELINE.add(name)
         if needs_values:
             NEEDS_VALUES.add(name)
+        if needs_greedy:
+            NEEDS_GREEDY.add(name)
         return fn
 
     return decorate
@@ -267,6 +275,27 @@ def _gae(x: EstimatorInputs) -> torch.Tensor:
     return gae(x.token_rewards, x.values, x.mask, x.gamma, x.lam)
 
 
+@register_estimator("self_critical", needs_greedy=True)
+def _self_critical(x: EstimatorInputs) -> torch.Tensor:
+    # SCST (Rennie et al., 2017): A_{i,t} = G_{i,t} - G~^greedy_{g(i),t}, the outcome-aligned return of the greedy
+    # response of the sample's prompt at the same position (a sequence-level reward: R_i - R_greedy on every token).
+    # 0 on the greedy rows, in a group without one (its greedy response was dropped) and where G and the baseline
+    # are equal up to rounding. The baseline does not depend on the sample, so the gradient stays unbiased.
+    greedy = x.greedy_baseline
+    if not len(greedy):
+        return x.returns
+    _, group = torch.unique(x.group_ids, return_inverse=True)
+    baseline_row = torch.full((int(group.max()) + 1,), -1, dtype=torch.long, device=group.device)  # per group
+    rows = torch.nonzero(greedy).squeeze(1)
+    baseline_row[group[rows]] = rows
+    row = baseline_row[group]  # (batch,): each sample's greedy row, -1 if none
+    baseline = outcome_aligned(x.returns, x.mask)[row.clamp(min=0)]
+    magnitude = torch.maximum(x.magnitude, outcome_aligned(x.magnitude, x.mask)[row.clamp(min=0)])
+    equal = (x.returns - baseline).abs() <= EQUAL_RTOL * magnitude
+    scored = ((row >= 0) & ~greedy).unsqueeze(1)
+    return torch.where(scored & ~equal, x.returns - baseline, 0.0)
+
+
 def check_values(name: str, values: torch.Tensor | None, mask: torch.Tensor) -> None:
     """Raise ValueError when the estimator `name` needs values and has none, or `values` is not shaped like `mask`."""
     if values is None:
@@ -285,16 +314,23 @@ def compute_advantages(
     whiten: bool | None = None,
     values: torch.Tensor | None = None,
     lam: float = 1.0,
+    greedy_baseline: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token float32 advantages from per-token rewards (float32 or float64) with the estimator `name`.
 
     `whiten=None` takes the estimator's default (on for reinforce++ variants and gae, off otherwise).
     Whitening re-centres on the batch mean only for estimators without a group baseline, so a group
     whose samples all earned the same rewards keeps advantages of exactly 0. `values` (V(s_t), shaped
-    like `mask`, finite on valid tokens) and `lam` are used by the estimators in NEEDS_VALUES (gae).
+    like `mask`, finite on valid tokens) and `lam` are used by the estimators in NEEDS_VALUES (gae);
+    `greedy_baseline` ((batch,) bool, the rows that are each prompt's greedy response) by those in NEEDS_GREEDY
+    (self_critical), which give those rows advantages of 0.
     """
     check_known("advantage estimator", name, ESTIMATORS)
     check_values(name, values, mask)
+    if name in NEEDS_GREEDY and greedy_baseline is None:
+        raise ValueError(
+            f"advantage estimator {name!r} needs the rows of each prompt's greedy response (greedy_baseline)"
+        )
     valid = mask.bool()
     returns = returns_to_go(token_rewards, mask, gamma)
     if values is not None:
@@ -309,10 +345,11 @@ def compute_advantages(
         gamma=gamma,
         lam=lam,
         values=values,
+        greedy_baseline=None if greedy_baseline is None else greedy_baseline.to(returns.device),
     )
     advantages = torch.where(valid, ESTIMATORS[name](inputs), 0.0)
-    if DEFAULT_WHITEN[name] if whiten is None else whiten:
-        advantages = masked_whiten(advantages, mask, center=name not in GROUP_BASELINE)
+    if DEFAULT_WHITEN[name] if whiten is None else whiten:  # an estimator with its own baseline is not re-centred
+        advantages = masked_whiten(advantages, mask, center=name not in (GROUP_BASELINE | NEEDS_GREEDY))
     return advantages.to(torch.float32)
 
 
@@ -325,6 +362,7 @@ def advantages_if_finite(
     whiten: bool | None = None,
     values: torch.Tensor | None = None,
     lam: float = 1.0,
+    greedy_baseline: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """(compute_advantages(...), whether every valid reward, value and advantage is finite). A NaN/inf valid reward
     or value gives zeros (float32, shaped like `mask`) and False without computing advantages; finite inputs whose
@@ -334,7 +372,7 @@ def advantages_if_finite(
     inputs = [token_rewards] if values is None else [token_rewards, values]
     if not all(bool(torch.isfinite(x[valid]).all()) for x in inputs):
         return torch.zeros_like(mask), False
-    advantages = compute_advantages(name, token_rewards, mask, group_ids, gamma, whiten, values, lam)
+    advantages = compute_advantages(name, token_rewards, mask, group_ids, gamma, whiten, values, lam, greedy_baseline)
     return advantages, bool(torch.isfinite(advantages[valid]).all())
 
 

@@ -28,6 +28,7 @@ import ray
 from actors.rollout_worker import GENERATE_SECONDS, rollout_worker_class
 from actors.vllm_worker import check_servable
 from pipeline import storage as store
+from pipeline.algorithm.advantages import NEEDS_GREEDY
 from pipeline.config import TrainConfig, config_to_yaml
 from pipeline.data.inputs import check_data_unchanged, load_inputs, with_builtin_defaults
 from pipeline.data.loading import PromptSampler
@@ -118,8 +119,15 @@ class Pipeline:
     def submit_generation(self, prompts: pa.Table, step: int, greedy: bool = False) -> ShardCalls:
         """Start sampling `prompts` (one shard per rollout worker) with the weights published last; returns at once."""
         group_size = 1 if greedy else self.config.rollout.group_size
+        baseline = not greedy and self.config.algorithm.estimator in NEEDS_GREEDY  # self_critical: + greedy rows
         return self.rollout.submit_shards(
-            "generate", prompts, group_size=group_size, greedy=greedy, step=step, version=self.version
+            "generate",
+            prompts,
+            group_size=group_size,
+            greedy=greedy,
+            step=step,
+            version=self.version,
+            greedy_baseline=baseline,
         )
 
     def generated_and_scored(

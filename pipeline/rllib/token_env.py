@@ -372,6 +372,7 @@ class TokenEnv(gym.Env):
             "finished": [finished],
             "policy_version": [0],
             "worker": ["token_env"],
+            "greedy_baseline": [False],
         }
         return make_rollout_table(core, prompt_row)
 
