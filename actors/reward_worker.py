@@ -96,19 +96,27 @@ def token_spans(tokenizer, ids: list[int], text: str) -> list[tuple[int, int]]:
 
 
 class RewardWorker:
-    def __init__(self, config: TrainConfig, tokenizer_path: str, names: list[str], use_gpu: bool = False):
+    def __init__(
+        self,
+        config: TrainConfig,
+        tokenizer_path: str,
+        names: list[str],
+        use_gpu: bool = False,
+        train_data: pa.Table | None = None,
+    ):
+        """`train_data`: the training-set columns the components compute statistics from (statistics_columns; the
+        driver's, so that no worker reads the data file on its own node); None: read from data.train_file here
+        (in-process uses: `tokenforge eval`, the RLlib baseline)."""
         self.config = config
         self.tokenizer = load_tokenizer(tokenizer_path, config.model.trust_remote_code)
         data = config.data
-        env = ComponentEnv(
-            self.tokenizer,
-            "cuda" if use_gpu and torch.cuda.is_available() else "cpu",
-            train_column=lambda name: (
-                load_prompts(data.train_file, "data.train_file", data.train_split, data.image_prompt)
-                .column(name)
-                .to_pylist()
-            ),
-        )
+        if train_data is None:
+            source = (data.train_file, "data.train_file", data.train_split, data.image_prompt)
+            train_column = lambda name: load_prompts(*source).column(name).to_pylist()  # noqa: E731
+        else:
+            train_column = lambda name: train_data.column(name).to_pylist()  # noqa: E731
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        env = ComponentEnv(self.tokenizer, device, train_column=train_column)
         self.components = {}
         for name in names:
             spec = config.reward.components[name]

@@ -1,16 +1,19 @@
-"""GPU check: the rollout-worker and learner classes on CUDA, without Ray, for two model sizes.
+"""GPU check: the rollout-worker and learner classes on CUDA, without Ray, for three models.
 
 `tiny` is the shipped addition model; `100m` is a random-init char-level GPT-2 (14 layers x 768,
-about 100M parameters). For each size and variant (`grpo`: the defaults; `critic`: gae with a critic, PPO-clipped
-minibatches, learner and critic in bf16-mixed): generate prompts x group_size samples, score them with the
-built-in rewards, take learner steps and publish weights to the worker; print one JSON line per step with
+about 100M parameters); `vlm` the shipped captioning Llava on its task (examples/captioning.yaml: images through the
+rollout worker and the learner). For each size and variant (`grpo`: the defaults; `critic`: gae with a critic,
+PPO-clipped minibatches, learner and critic in bf16-mixed; `scst_bf16`: the self_critical estimator, bf16 rollout
+weights, bf16-mixed learner; the critic is not run on the vlm): generate prompts x group_size samples, score them
+with the task's rewards, take learner steps and publish weights to the worker; print one JSON line per step with
 times, throughput and peak GPU memory. Falls back to CPU when no GPU is visible. Then the learner group
 (`learner.num_workers` = --ranks, default every visible GPU, 2 on CPU; the `group` variant): one process per rank
 (torch.multiprocessing, no Ray), NCCL between GPUs or gloo on CPU, train_step on one scored batch and the weights'
 gather to rank 0; one JSON line per rank and step with its step time and peak GPU memory. With one GPU the group
 runs one rank on it (the multi-rank figures are then CPU figures: run it on CPU with --ranks 2).
 
-    python benchmarks/gpu_check.py [--sizes tiny 100m] [--variants grpo critic group] [--prompts 64] [--steps 3]
+    python benchmarks/gpu_check.py [--sizes tiny 100m vlm] [--variants grpo critic scst_bf16 group] [--prompts 64]
+        [--steps 3]
         [--ranks N]
 
 On the device machine (no Ray, no pydantic there): bash benchmarks/gpu_check.sh, with pydantic,
@@ -31,13 +34,23 @@ from actors.learner import Learner
 from actors.reward_worker import RewardWorker
 from actors.rollout_worker import RolloutWorker
 from pipeline.config import load_config
-from pipeline.models.hf import BUILTIN_MODEL, BUILTIN_TRAIN
+from pipeline.data.inputs import with_builtin_defaults
+from pipeline.data.loading import load_prompts
+from pipeline.models.hf import BUILTIN_MODEL, builtin_paths
 from pipeline.models.tiny import make_char_tokenizer, make_tiny_gpt2
+
+CONFIG_FILES = {"vlm": "examples/captioning.yaml"}  # the sizes that run another task than the default's
+
+
+def config_for(size: str, overrides: list[str]):
+    return with_builtin_defaults(load_config(CONFIG_FILES.get(size), overrides=overrides))
 
 
 def model_dir(size: str, workdir: Path) -> Path:
     if size == "tiny":
         return BUILTIN_MODEL
+    if size == "vlm":
+        return builtin_paths("captioning")[0]
     tokenizer = make_char_tokenizer("0123456789+=")
     model = make_tiny_gpt2(tokenizer, n_embd=768, n_layer=14, n_head=12, n_positions=64)
     path = workdir / size
@@ -62,17 +75,19 @@ VARIANTS = {
         "critic.micro_batch_size=128",
         "critic.placement=learner",  # the actor classes run without Ray here
     ],
+    "scst_bf16": ["algorithm.estimator=self_critical", "model.dtype=bfloat16", "learner.precision=bf16-mixed"],
 }
 
 
 def scored_batch(config, path: Path, prompts: int, step: int, worker: RolloutWorker | None = None):
-    """(prompts x group_size samples of the shipped training prompts, scored; generation seconds)."""
+    """(prompts x group_size samples of the task's shipped training prompts, scored; generation seconds)."""
     worker = worker or RolloutWorker(config, str(path))
     scorer = RewardWorker(config, str(path), list(config.reward.weights))
-    rows = [json.loads(line) for line in BUILTIN_TRAIN.read_text().splitlines()[:prompts]]
-    table = pa.Table.from_pylist([{**row, "group_id": i} for i, row in enumerate(rows)])
+    table = load_prompts(config.data.train_file, "data.train_file").slice(0, prompts)
+    table = table.append_column("group_id", pa.array(range(table.num_rows), pa.int64()))
     start = time.time()
-    batch = worker.generate(table, config.rollout.group_size, step=step)
+    greedy = config.algorithm.estimator == "self_critical"  # its baselines: each prompt's greedy response
+    batch = worker.generate(table, config.rollout.group_size, step=step, greedy_baseline=greedy)
     synchronize()
     seconds = time.time() - start
     return scorer.score_all(batch, list(config.reward.weights))[0], seconds
@@ -84,7 +99,7 @@ def group_rank(rank: int, ranks: int, port: int, size: str, path: Path, batch: p
     if gpu:
         torch.cuda.set_device(rank)
         torch.cuda.reset_peak_memory_stats()
-    config = load_config(overrides=["learner.micro_batch_size=128", f"learner.num_workers={ranks}"])
+    config = config_for(size, ["learner.micro_batch_size=128", f"learner.num_workers={ranks}"])
     learner = Learner(config, str(path), str(path), use_gpu=gpu)
     learner.join_group(f"127.0.0.1:{port}", rank, ranks)
     params = sum(p.numel() for p in learner.model.parameters())
@@ -116,7 +131,7 @@ def group_rank(rank: int, ranks: int, port: int, size: str, path: Path, batch: p
 
 def check_group(size: str, path: Path, prompts: int, steps: int, ranks: int) -> None:
     """The learner group on `ranks` processes, on the batch a single learner would get (generated here)."""
-    config = load_config(overrides=[f"rollout.num_gpus_per_worker={int(torch.cuda.is_available())}"])
+    config = config_for(size, [f"rollout.num_gpus_per_worker={int(torch.cuda.is_available())}"])
     batch, _ = scored_batch(config, path, prompts, step=1)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -127,7 +142,7 @@ def check_group(size: str, path: Path, prompts: int, steps: int, ranks: int) -> 
 def check(size: str, variant: str, path: Path, prompts: int, steps: int) -> None:
     gpu = torch.cuda.is_available()
     overrides = [f"rollout.num_gpus_per_worker={int(gpu)}", "learner.micro_batch_size=128", *VARIANTS[variant]]
-    config = load_config(overrides=overrides)
+    config = config_for(size, overrides)
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     worker = RolloutWorker(config, str(path))
@@ -164,7 +179,7 @@ def check(size: str, variant: str, path: Path, prompts: int, steps: int) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "100m"], choices=["tiny", "100m"])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "100m", "vlm"], choices=["tiny", "100m", "vlm"])
     parser.add_argument("--variants", nargs="+", default=[*VARIANTS, "group"], choices=[*VARIANTS, "group"])
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
@@ -174,6 +189,8 @@ def main() -> None:
         for size in args.sizes:
             path = model_dir(size, Path(workdir))
             for variant in args.variants:
+                if size == "vlm" and variant == "critic":
+                    continue  # a critic for a vision-language model is not supported yet
                 if variant == "group":
                     check_group(size, path, args.prompts, args.steps, args.ranks)
                 else:

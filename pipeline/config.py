@@ -73,6 +73,9 @@ class LoraConfig(Section):
     """Dropout on the LoRA branch's input (0 keeps learner and rollout log-probs identical)."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt (e.g. [q_proj, v_proj]), or all-linear (every linear layer but the output head)."""
+    vision_tower: bool = False
+    """A vision-language model's vision tower gets adapters too; by default it stays frozen (the language model and
+    the projector are adapted)."""
 
 
 class ModelConfig(Section):

@@ -3,23 +3,37 @@ and the model's files in a checkpoint."""
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from local_cluster import LocalCluster, can_mask
 from PIL import Image
+from rich.console import Console
 from transformers import AutoProcessor
 
 from actors.learner import Learner
 from actors.rollout_worker import RolloutWorker
 from actors.vllm_worker import serving_problem
+from pipeline.batch import reward_column
 from pipeline.config import load_config
 from pipeline.data.inputs import load_inputs, with_builtin_defaults
+from pipeline.driver.learner_group import start_learners
+from pipeline.driver.trainer import train
 from pipeline.errors import TokenforgeError
+from pipeline.evaluate import evaluate_checkpoint
 from pipeline.models.hf import builtin_paths, image_token_ids, response_logprobs
 from pipeline.models.tiny import make_llava_processor, make_tiny_llava, make_word_tokenizer
+from pipeline.outputs.dumps import read_dump
+from pipeline.outputs.report import write_report
+from pipeline.outputs.samples_view import show_samples
+from pipeline.rewards.coco import coco_cider
+from pipeline.rewards.components import Cider
+from pipeline.storage import Storage
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "captioning.yaml"
 CAPTIONS = ["describe the picture", "a big red circle on the left", "two shapes : a small blue square"]
@@ -171,8 +185,6 @@ def test_coco_captions_evaluate_as_the_same_images_in_parquet(tmp_path):
     """`tokenforge eval MODEL --data captions.json data.image_root=DIR trainer.eval_metrics=[cider]`: one sample per
     annotated image with all its captions as references, and the same eval/cider (pycocoevalcap's: document
     frequencies over these references) as the same images and captions from the built-in Parquet eval set."""
-    from pipeline.evaluate import evaluate_checkpoint
-
     model, _, eval_file = builtin_paths("captioning")
     rows = pq.read_table(eval_file).slice(0, 24)
     rows_file = tmp_path / "rows.parquet"
@@ -214,11 +226,6 @@ def test_self_critical_training_on_ray_with_images_evaluates_as_coco(ray_cluster
     """The built-in captioning example, shortened, with the self_critical estimator on a real local Ray: each step's
     greedy baselines are scored and dumped (advantage 0) but not trained on; eval/cider is pycocoevalcap's CIDEr-D of
     the eval dump's captions; the checkpoint holds the processor."""
-    from pipeline.driver.trainer import train
-    from pipeline.outputs.dumps import read_dump
-    from pipeline.rewards.coco import coco_cider
-    from pipeline.rewards.components import Cider
-    from pipeline.storage import Storage
 
     overrides = [
         f"output_dir={tmp_path}",
@@ -247,3 +254,117 @@ def test_self_critical_training_on_ray_with_images_evaluates_as_coco(ray_cluster
     assert records[-1]["eval/cider"] == pytest.approx(coco_cider(captions, refs))
     assert {"eval/bleu4", "eval/rouge"} <= records[-1].keys()
     assert AutoProcessor.from_pretrained(tmp_path / "checkpoints" / "step_2").image_token == "<image>"
+
+    # seeing it: the report's grid of held-out images with their captions at the first and last eval, and samples
+    write_report(str(tmp_path))
+    assert Image.open(tmp_path / "captions.png").text["tokenforge-captions"] == "8"
+    report = (tmp_path / "report.md").read_text()
+    first_caption = evaluated.column("response")[0].as_py()
+    assert "Captions at the first and last eval (steps 0 and 2)" in report and repr(first_caption) in report
+    console = Console(record=True, width=200, color_system=None)
+    show_samples(str(tmp_path), eval_dump=True, group=0, console=console)
+    shown = " ".join(console.export_text().split())  # the title wraps
+    assert "image: <image: " in shown and " | ".join(evaluated.column("reference")[0].as_py())[:100] in shown
+
+
+def hand_scored(samples: pa.Table) -> pa.Table:
+    """`samples` with a `reward/cider` column of sequence rewards (the response's length / 10, on its last token)."""
+    rewards = [[0.0] * (len(ids) - 1) + [len(ids) / 10] for ids in samples.column("response_ids").to_pylist()]
+    return samples.append_column(reward_column("cider"), pa.array(rewards, pa.list_(pa.float32())))
+
+
+def test_lora_adapts_the_language_model_and_projector_and_its_weights_sync_to_a_rollout_worker(tiny_vlm):
+    """model.lora on a vision-language model: adapters on the language model and the projector, the vision tower
+    frozen (unless lora.vision_tower); a step changes the merged weights, which a rollout worker loads and samples
+    with, its log-probs those the learner computes."""
+    overrides = ["model.lora={r: 4}", "reward.weights={cider: 1.0}", "rollout.max_new_tokens=8"]
+    config = load_config(EXAMPLE, overrides=overrides)
+    learner = Learner(config, tiny_vlm, tiny_vlm)
+    trained = [name for name, p in learner.model.named_parameters() if p.requires_grad]
+    assert trained and not any("vision_tower" in n for n in trained)
+    assert any("multi_modal_projector" in n for n in trained) and any("language_model" in n for n in trained)
+    everywhere = Learner(
+        load_config(EXAMPLE, overrides=[*overrides, "model.lora={vision_tower: true}"]), tiny_vlm, tiny_vlm
+    )
+    assert any("vision_tower" in n for n, p in everywhere.model.named_parameters() if p.requires_grad)
+
+    worker = RolloutWorker(config, tiny_vlm)
+    before = learner.get_weights()
+    learner.train_step(hand_scored(worker.generate(prompts_of_different_lengths(), group_size=4, step=1)))
+    after = learner.get_weights()
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    assert changed and not any("vision_tower" in n for n in changed)
+    worker.set_weights(after, version=1)
+    samples = worker.generate(prompts_of_different_lengths(), group_size=2, step=2, version=1)
+    mask, behaviour, _, sequences = learner._batch_tensors(samples)
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(learner.model, sequences, 1.0, 4096, learner.share_prompts)
+    assert float(((logprobs - behaviour) * mask).abs().max()) < 1e-4
+
+
+@pytest.mark.slow  # a 2-node cluster of its own: CI's slow step
+def test_images_cross_nodes_through_ray_on_a_two_node_cluster(tmp_path):
+    """Rollout and reward workers on a node that sees the data's directory as its own empty disk: the images reach
+    the rollout worker inside the prompts (bytes through Ray, not a path), the cider component's document frequencies
+    come from the driver (not from the data file), and the learner on the other node trains on them."""
+    if not can_mask():
+        pytest.skip("needs mount namespaces (unshare --mount) to give a node its own disk")
+    data = tmp_path / "data"
+    data.mkdir()
+    _, train_file, eval_file = builtin_paths("captioning")
+    pq.write_table(pq.read_table(train_file).slice(0, 64), data / "train.parquet")
+    pq.write_table(pq.read_table(eval_file).slice(0, 8), data / "eval.parquet")
+    nodes = LocalCluster()
+    try:
+        nodes.start_head(cpus=2, resources='{"head_node": 1}')
+        nodes.add_node(cpus=1, resources='{"worker_node": 1}', masked=data)
+        run = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "train", "-c", str(EXAMPLE)]
+            + [f"output_dir={tmp_path / 'run'}", f"data.train_file={data / 'train.parquet'}"]
+            + [f"data.eval_file={data / 'eval.parquet'}", "trainer.total_steps=2", "trainer.eval_every=2"]
+            + ["trainer.save_every=2", "trainer.prompts_per_step=4", "rollout.group_size=2"]
+            + ["algorithm.estimator=self_critical", "learner.resources={head_node: 0.5}", "learner.num_cpus=0.5"]
+            + ["rollout.resources_per_worker={worker_node: 0.5}", "rollout.num_cpus_per_worker=0.5"]
+            + ["reward.resources_per_worker={worker_node: 0.25}", "reward.num_cpus_per_worker=0.25"],
+            env={**nodes.env, "RAY_ADDRESS": nodes.gcs, "PYTHONUNBUFFERED": "1"},
+            cwd=Path(__file__).parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+    finally:
+        nodes.shutdown()
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2] and records[-1]["eval/cider"] > 0
+    placement = json.loads((tmp_path / "run" / "placement.json").read_text())
+    (learner,), (rollout,), (reward,) = placement["learner"], placement["rollout"], placement["reward"]
+    assert rollout["node_id"] == reward["node_id"] != learner["node_id"]
+
+
+def test_a_critic_for_a_vision_language_model_is_refused_in_one_line():
+    config = load_config(EXAMPLE, overrides=["algorithm.estimator=gae", "critic={}"])
+    with pytest.raises(TokenforgeError, match=r"^config section 'critic': a value model for a vision-language model"):
+        load_inputs(with_builtin_defaults(config))
+
+
+def test_a_learner_group_computes_the_single_learners_gradient_on_images(ray_cluster, tiny_vlm):
+    """learner.num_workers=2 (FSDP2 over the vision tower's, the projector's and the language model's blocks, gloo on
+    CPU) on a batch of images with self_critical's greedy rows: every rank gets the single learner's gradient."""
+    overrides = ["seed=5", "learner.grad_clip=1e9", "learner.num_cpus=0.5", "algorithm.is_cap=null"]
+    overrides += ["trainer.max_staleness=0", "reward.weights={cider: 1.0}", "algorithm.estimator=self_critical"]
+    config = load_config(EXAMPLE, overrides=overrides)
+    worker = RolloutWorker(load_config(EXAMPLE, overrides=["rollout.max_new_tokens=8"]), tiny_vlm)
+    batch = hand_scored(worker.generate(prompts_of_different_lengths(), group_size=3, step=1, greedy_baseline=True))
+    expected, single = Learner(config, tiny_vlm, tiny_vlm).gradients(batch)
+    grouped = load_config(EXAMPLE, overrides=[*overrides, "learner.num_workers=2"])
+    group = start_learners(grouped, tiny_vlm, "vlm-group", timeout_s=180)
+    try:
+        results = group.call_all("gradients", batch)
+    finally:
+        group.close()
+    largest = max(float(g.abs().max()) for g in expected.values())
+    for got, metrics in results:
+        assert got.keys() == expected.keys()
+        assert max(float((got[n] - g).abs().max()) for n, g in expected.items()) <= 1e-6 * largest
+        assert metrics["loss/policy"] == pytest.approx(single["loss/policy"], rel=1e-6)

@@ -49,6 +49,11 @@ def load_inputs(config: TrainConfig, components: list[str] | None = None) -> tup
     limit = context_length(config.model.path, config.model.trust_remote_code)
     vision = is_vision_language(model_config(config.model.path, config.model.trust_remote_code))
     processor = load_processor(config.model.path, tokenizer, config.model.trust_remote_code) if vision else None
+    if vision and config.critic is not None:
+        raise TokenforgeError(
+            "config section 'critic': a value model for a vision-language model is not supported yet; use an "
+            "estimator without a critic (self_critical, grpo, rloo) and no critic section"
+        )
     if config.critic is not None and config.critic.model_path:  # it reads the policy's token ids
         critic = model_config(config.critic.model_path, config.model.trust_remote_code, key="critic.model_path")
         if getattr(critic, "vocab_size", len(tokenizer)) < len(tokenizer):

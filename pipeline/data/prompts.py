@@ -108,4 +108,11 @@ def encode_image_prompts(
     special = add_special_tokens and not any(is_conversation(p) for p in prompts)
     encoded = processor(text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=special)
     ids = [row[mask.bool()].tolist() for row, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
-    return texts, ids, {k: v for k, v in encoded.items() if k not in TEXT_KEYS}
+    inputs = {k: v for k, v in encoded.items() if k not in TEXT_KEYS}
+    packed = [k for k, v in inputs.items() if len(v) != len(images)]
+    if packed:  # e.g. Qwen2-VL's pixel_values: every image's patches in one sequence
+        raise TokenforgeError(
+            f"the model's processor packs the images' {', '.join(packed)} together (not one entry per image); "
+            "tokenforge takes Llava-style models, whose image inputs have one entry per image, for now"
+        )
+    return texts, ids, inputs

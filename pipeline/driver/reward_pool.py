@@ -37,9 +37,13 @@ class Task:
 
 
 class RewardPool:
-    def __init__(self, config: TrainConfig, tokenizer_path: str, run_id: str):
+    def __init__(self, config: TrainConfig, tokenizer_path: str, run_id: str, train_data: pa.Table | None = None):
+        """`train_data`: the training set's columns the components compute statistics from, handed to every worker
+        through the object store (one copy); None: each worker reads data.train_file itself."""
         reward = config.reward
         self.config = config
+        # held here while the workers live: a restarted worker is built again from it (Ray keeps no copy of its own)
+        self.train_data = None if train_data is None else ray.put(train_data)
         self.names = list(reward.components)
         self.group = ActorGroup(
             RewardWorker,
@@ -50,7 +54,13 @@ class RewardPool:
             num_gpus=reward.num_gpus_per_worker,
             resources=reward.resources_per_worker,
             timeout_s=config.trainer.actor_timeout_s,  # start-up; scoring tasks use reward.timeout_s
-            init_args=(config, tokenizer_path, self.names, reward.num_gpus_per_worker > 0),
+            init_args=(
+                config,
+                tokenizer_path,
+                self.names,
+                reward.num_gpus_per_worker > 0,
+                self.train_data,
+            ),
             max_restarts=-1,  # a killed or crashed worker comes back with its components rebuilt
         )
         self.counts: Counter = Counter()

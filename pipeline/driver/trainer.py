@@ -43,6 +43,7 @@ from pipeline.outputs.metrics_log import METRICS_FILE, MetricsLog, read_metrics
 from pipeline.outputs.trackers import Trackers, require_loggers
 from pipeline.preflight import check
 from pipeline.rewards.coco import eval_scores
+from pipeline.rewards.components import statistics_columns
 from pipeline.runtime.weights import StaleWeights
 from pipeline.storage import Storage
 
@@ -64,10 +65,18 @@ RECOVERABLE = (
 class Pipeline:
     """The driver's handles on the three actor roles, and the weights the rollout workers must hold."""
 
-    def __init__(self, config: TrainConfig, run_id: str, resume: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_id: str,
+        resume: tuple[str, str] | None = None,
+        train_data: pa.Table | None = None,
+    ):
         """Rollout and reward workers start from model.path; the learner too, or from the published
-        checkpoint `resume` = (storage URI, directory). Use it as a context manager: every actor it
+        checkpoint `resume` = (storage URI, directory); `train_data`: the training set's columns that reward
+        components compute statistics from (statistics_columns). Use it as a context manager: every actor it
         started is killed on the way out, whatever happens."""
+        self.train_data = train_data
         self.config = config
         self.groups: list[ActorGroup] = []
         self.version = 0  # of the last published weights
@@ -95,7 +104,7 @@ class Pipeline:
             max_restarts=-1,  # a dead worker comes back; generate() gives it the current weights first
         )
         self.groups.append(self.rollout)
-        self.reward = RewardPool(config, config.model.path, run_id)
+        self.reward = RewardPool(config, config.model.path, run_id, self.train_data)
         self.groups.append(self.reward.group)
         self.learner = start_learners(config, config.model.path, run_id, timeout, resume)
         self.groups.append(self.learner)
@@ -424,7 +433,9 @@ def attempt(
             + (f"{latest} (step {state['step']})" if latest else "step 0 (no checkpoint yet)"),
             flush=True,
         )
-    with Pipeline(config, run_id=uuid.uuid4().hex[:8], resume=(storage.uri, latest) if latest else None) as pipeline:
+    resume_from = (storage.uri, latest) if latest else None
+    statistics = statistics_columns(config, train_prompts)  # e.g. cider's references, for its document frequencies
+    with Pipeline(config, uuid.uuid4().hex[:8], resume_from, statistics) as pipeline:
         placement = {group.role: group.placements() for group in pipeline.groups}
         withdraw_resource_request()  # placed: the autoscaler may scale idle nodes down again
         storage.write_text("placement.json", json.dumps(placement, indent=1))

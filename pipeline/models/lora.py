@@ -9,6 +9,7 @@ adapter_model.safetensors + adapter_config.json); `tokenforge export` writes a p
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,17 +44,27 @@ def peft_quietly():
         yield
 
 
+VISION_TOWERS = ("vision_tower", "visual", "vision_model")  # what Llava, Qwen2-VL and Idefics/SmolVLM call theirs
+
+
+def vision_tower_names(model: torch.nn.Module) -> list[str]:
+    """The module names of a vision-language model's vision tower (empty for a text model)."""
+    return [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in VISION_TOWERS]
+
+
 def add_adapters(model: torch.nn.Module, options: LoraConfig, checkpoint: str | None = None) -> torch.nn.Module:
     """`model` wrapped with fresh LoRA adapters, or with the trainable adapters saved in `checkpoint`."""
     peft = require_peft()
     if checkpoint is not None:
         with peft_quietly():
             return peft.PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+    vision = [] if options.vision_tower else vision_tower_names(model)
     config = peft.LoraConfig(
         r=options.r,
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
         target_modules=options.target_modules,
+        exclude_modules=f"({'|'.join(map(re.escape, vision))})\\..*" if vision else None,  # (peft: a full match)
         bias="none",
     )
     try:

@@ -12,7 +12,8 @@ A run's report plots, against the training step unless said otherwise:
 An experiment's report plots every trial's objective against its step, labelled by the values it
 searched, and names the best trial (its last objective, as `tokenforge tune` ranks them) with its
 parameters. The series a figure holds are listed in report.md and in the PNG's `tokenforge-series`
-text chunk, so a reader (or a test) can check what was drawn.
+text chunk, so a reader (or a test) can check what was drawn. A vision-language run's report also holds captions.png:
+held-out images with their captions at the first and the last eval (pipeline/outputs/caption_grid.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from pipeline.errors import TokenforgeError
+from pipeline.outputs.caption_grid import GRID_PNG, caption_grid
 from pipeline.outputs.experiment_files import SEARCHED_FILE, SPEC_FILE
 from pipeline.outputs.metrics_log import METRICS_FILE, read_metrics
 from pipeline.storage import Storage
@@ -219,6 +221,10 @@ def write_report(location: str) -> Storage:
             )
         panels, extra = run_panels(records), []
         title = f"run {storage.display()} (step {records[-1]['step']})"
+        grid = caption_grid(storage)  # a vision-language run: its held-out images and captions
+        if grid is not None:
+            storage.write_bytes(GRID_PNG, grid[0])
+            extra = grid[1]
     else:
         raise TokenforgeError(
             f"{storage.display()!r} is neither a tokenforge run ({METRICS_FILE}) nor a Tune experiment ({SPEC_FILE}); "

@@ -15,9 +15,19 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.batch import DATASET_PROMPT, REWARD_PREFIX, metadata_columns
+from pipeline.data.images import IMAGE_COLUMN, image_label
 from pipeline.errors import TokenforgeError
 from pipeline.outputs import dumps
 from pipeline.storage import Storage
+
+
+def field_text(name: str, value) -> str:
+    """A dataset field in a group's title: an image as its path (or size), several references joined by " | "."""
+    if name == IMAGE_COLUMN:
+        return image_label(value)
+    if isinstance(value, list):
+        return " | ".join(map(str, value))[:240]
+    return str(value)[:60]
 
 
 def token_style(reward: float, scale: float) -> str:
@@ -128,5 +138,7 @@ def show_samples(
     for gid in chosen:
         members = [r for r in rows if r["group_id"] == gid]
         first = members[0]
-        title = f"group {gid}: {first['prompt_text']!r}" + "".join(f"  {n}: {str(first[n])[:60]}" for n in references)
+        title = f"group {gid}: {first['prompt_text']!r}" + "".join(
+            f"  {n}: {field_text(n, first[n])}" for n in references
+        )
         console.print(group_table(members, f"{title}  (mean {score} {means[gid]:.3f})", rewards, colour, scale))

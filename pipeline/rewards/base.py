@@ -92,6 +92,11 @@ class RewardComponent(ABC):
         """Dataset columns this component reads (checked against the data files at start-up)."""
         return ()
 
+    @classmethod
+    def train_columns(cls, options: BaseModel) -> tuple[str, ...]:
+        """Training-set columns it computes statistics from (ComponentEnv.train_column), e.g. cider's references."""
+        return ()
+
     @abstractmethod
     def __call__(self, inputs: RewardInputs) -> list:
         """Per sample: one float (sequence-level), one float per response token (token-level), or None

@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
+import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -38,6 +39,17 @@ from pipeline.rewards.base import (
 from pipeline.rewards.cider import CiderD
 
 __all__ = ["COMPONENTS", "component_options"]  # the registry, with every built-in component registered
+
+
+def statistics_columns(config: TrainConfig, train: pa.Table) -> pa.Table:
+    """The training-set columns that the components in use compute statistics from (RewardComponent.train_columns):
+    what the driver hands the reward workers, so that none reads the data file on its own node."""
+    names = {
+        c
+        for name in config.reward.components
+        for c in COMPONENTS[config.reward.components[name].type].train_columns(component_options(config, name))
+    }
+    return train.select(sorted(names))
 
 
 def component_options(config: TrainConfig, name: str) -> BaseModel:
@@ -440,6 +452,10 @@ class Cider(ReferenceComponent):
         eval_as: Literal["mean", "coco"] = "coco"
         """eval/<name>: CIDEr-D over the eval set as pycocoevalcap computes it (coco: document frequencies from
         the eval set's references), or the mean of the per-sample rewards (mean: the training set's)."""
+
+    @classmethod
+    def train_columns(cls, options: Options) -> tuple[str, ...]:
+        return (options.column,)
 
     def __init__(self, options: Options, env: ComponentEnv):
         super().__init__(options, env)
