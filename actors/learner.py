@@ -34,7 +34,7 @@ from pipeline.algorithm.loss import explained_variance, policy_loss
 from pipeline.algorithm.rewards import ComponentRewards, component_reward_stats, composite_token_rewards, kl_in_reward
 from pipeline.batch import LEARNED_SCHEMA, greedy_baselines, pad_right, response_mask, reward_column, sampled_rows
 from pipeline.config import LearnerConfig, TrainConfig
-from pipeline.data.images import batch_images
+from pipeline.data.images import IMAGE_COLUMN, batch_images
 from pipeline.errors import TokenforgeError
 from pipeline.models.hf import (
     build_sequences,
@@ -51,6 +51,7 @@ from pipeline.models.hf import (
     response_logprobs,
     select_rows,
     with_images,
+    with_suppressed,
 )
 from pipeline.models.lora import check_mergeable, merged_from_state, merged_state_dict, trainable_model
 from pipeline.runtime.learner_group import (
@@ -296,7 +297,8 @@ class Learner:
         for name, component in components.items():
             stats = component_reward_stats(component.rewards, component.applies & ~greedy)  # of the raw component
             metrics.update({f"reward/{name}/{stat}": value for stat, value in stats.items()})
-        token_rewards = composite_token_rewards(components.values(), mask, group_ids)  # sum_i w_i * norm_i(r_i)_t
+        # r_t = sum_i w_i * norm_i(r_i)_t, normalised with the samples' statistics (the greedy rows' not among them)
+        token_rewards = composite_token_rewards(components.values(), mask, group_ids, ~greedy)
         metrics["reward/total/mean"] = float(token_rewards.sum(1)[~greedy].mean())
         if greedy.any():
             metrics["reward/greedy_baseline/mean"] = float(token_rewards.sum(1)[greedy].mean())
@@ -307,7 +309,7 @@ class Learner:
             without_kl = token_rewards
             beta = algo.kl_in_reward_coef
             token_rewards = kl_in_reward(token_rewards, behaviour, ref_logprobs, mask, beta, algo.kl_kind)
-            metrics["reward/kl_penalty/mean"] = float((token_rewards - without_kl).sum(1).mean())  # per sample
+            metrics["reward/kl_penalty/mean"] = float((token_rewards - without_kl).sum(1)[~greedy].mean())  # per sample
         values = None
         if self.config.critic is not None:
             with clock("values"):  # V(s_t) under the critic as it stands (recomputed each step: never stale)
@@ -333,7 +335,7 @@ class Learner:
             rows = replace(rows, targets=value_targets(token_rewards, values, mask, algo.gamma, algo.lam).float())
             metrics.update(self._value_metrics(values, rows.targets, mask))
         keep = informative_rows(advantages[~greedy], algo.skip_zero_advantage, algo.kl_coef, algo.entropy_coef)
-        metrics["learner/kept_frac"] = len(keep) / int((~greedy).sum())
+        metrics["learner/kept_frac"] = len(keep) / max(1, int((~greedy).sum()))
         return rows, token_rewards, metrics, finite
 
     def _batch_tensors(self, batch: pa.Table) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
@@ -347,11 +349,12 @@ class Learner:
             self.tokenizer.pad_token_id,
             self.device,
         )
-        if self.processor is not None:  # the images the rollout worker read, read again here
+        if self.processor is not None:  # a VLM: its image token is never sampled, with or without images
+            sequences = with_suppressed(sequences, image_token_ids(self.processor))
+        if self.processor is not None and IMAGE_COLUMN in batch.column_names:  # the rollout worker's, read again
             images, image_of = batch_images(batch, self.processor)
             images = {k: v.to(self.device) for k, v in images.items()}
-            image_of = torch.tensor(image_of, device=self.device)
-            sequences = with_images(sequences, images, image_of, image_token_ids(self.processor))
+            sequences = with_images(sequences, images, torch.tensor(image_of, device=self.device))
         return mask, behaviour, group_ids, sequences
 
     def _staleness_metrics(self, batch: pa.Table) -> dict[str, float]:

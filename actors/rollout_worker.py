@@ -156,7 +156,7 @@ class RolloutBase(ABC):
         """(rendered text, token ids, the model's image inputs: {} for a text model) of each prompt row; a
         vision-language model's images are read here, from the rows' bytes or paths."""
         texts = prompts.column(DATASET_PROMPT).to_pylist()
-        if self.processor is None:
+        if self.processor is None or IMAGE_COLUMN not in prompts.column_names:  # (a VLM trained on text alone)
             return (*encode_prompts(self.tokenizer, texts, self.add_special_tokens), {})
         images = [
             open_image(value, f"the prompt of group {group}")

@@ -33,7 +33,6 @@ from transformers import AutoConfig
 from actors.rollout_worker import RolloutBase, sample_seed
 from pipeline.config import TrainConfig
 from pipeline.errors import TokenforgeError
-from pipeline.models.hf import is_vision_language, model_config
 
 logger = logging.getLogger(__name__)
 FIX = "use rollout.backend=hf"
@@ -54,8 +53,6 @@ def serving_problem(model_path: str, trust_remote_code: bool, on_gpu: bool) -> s
     """What vLLM is known to refuse before loading the model (on CPU: a head size its attention kernels lack),
     or None. Asks the installed vllm; None when vllm is not installed here. Anything else the engine refuses
     (an architecture neither vLLM nor its Transformers fallback serves) shows when the engine starts."""
-    if is_vision_language(model_config(model_path, trust_remote_code)):
-        return "it is a vision-language model, and images are not supported by this backend yet"
     if on_gpu:
         return None
     try:

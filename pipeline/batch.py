@@ -84,7 +84,9 @@ def greedy_baselines(table: pa.Table) -> torch.Tensor:
 
 
 def sampled_rows(table: pa.Table) -> pa.Table:
-    """The samples of a rollout batch, without its greedy baselines."""
+    """The samples of a rollout batch, without its greedy baselines (a dump written before they existed: all)."""
+    if "greedy_baseline" not in table.column_names:
+        return table
     return table.filter(pc.invert(table.column("greedy_baseline")))
 
 

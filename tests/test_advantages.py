@@ -673,3 +673,13 @@ def test_property_self_critical_baseline_ignores_the_samples_own_actions(data):
     assert torch.allclose(after[sample] - before[sample], own, atol=1e-5)
     others = torch.arange(len(groups)) != sample
     assert torch.allclose(after[others], before[others])
+
+
+def test_self_critical_whitening_leaves_the_greedy_rows_out_of_the_statistics():
+    rewards, mask = T([[0.2], [0.9], [0.5]]), torch.ones(3, 1)
+    groups, greedy = T([0, 0, 0]), T([False, False, True])
+    whitened = compute_advantages("self_critical", rewards, mask, groups, whiten=True, greedy_baseline=greedy)
+    raw = torch.tensor([[0.2 - 0.5], [0.9 - 0.5]], dtype=torch.float64)  # the samples' A: var over these two alone
+    variance = (raw - raw.mean()).square().mean()  # not re-centred (its own baseline), divided by the batch std
+    assert torch.allclose(whitened[:2], (raw / torch.sqrt(variance + 1e-8)).float(), atol=1e-6)
+    assert whitened[2].item() == 0.0

@@ -224,3 +224,13 @@ def test_property_informative_rows_drop_all_zero_rows_only_without_kl_or_entropy
         assert kept == [i for i, row in enumerate(rows) if any(v != 0 for v in row)]
     else:
         assert kept == list(range(len(rows)))
+
+
+def test_rows_left_out_of_the_statistics_get_the_same_affine_map():
+    """self_critical's greedy rows (counted False) take no part in a component's group statistics but are mapped
+    like the samples: totals 1 and 3 give mean 2 and std sqrt(2), and the greedy row's 2.5 becomes 0.5 / sqrt(2)."""
+    rewards = torch.tensor([[0.0, 1.0], [0.0, 3.0], [0.0, 2.5]])
+    mask, groups, counted = torch.ones(3, 2), torch.zeros(3, dtype=torch.long), torch.tensor([True, True, False])
+    normalised = normalize_rewards(rewards, mask, groups, "group", counted).sum(1)
+    expected = torch.tensor([-1.0, 1.0, 0.5], dtype=torch.float64) / (math.sqrt(2) + 1e-6)
+    assert torch.allclose(normalised, expected, atol=1e-12)

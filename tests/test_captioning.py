@@ -18,7 +18,6 @@ from transformers import AutoProcessor
 
 from actors.learner import Learner
 from actors.rollout_worker import RolloutWorker
-from actors.vllm_worker import serving_problem
 from pipeline.batch import reward_column
 from pipeline.config import load_config
 from pipeline.data.inputs import load_inputs, with_builtin_defaults
@@ -111,8 +110,13 @@ def test_a_checkpoint_holds_the_processor(tiny_vlm, tmp_path):
     assert processor.image_token == "<image>" and processor.image_processor.crop_size["height"] == 32
 
 
-def test_the_vllm_backend_refuses_a_vision_language_model_in_one_line(tiny_vlm):
-    assert "vision-language model" in serving_problem(tiny_vlm, False, on_gpu=False)
+def test_what_does_not_take_images_yet_is_one_line_before_ray_starts():
+    for overrides, expected in [
+        (["rollout.backend=vllm"], r"^data.train_file: rollout.backend=vllm does not take images yet"),
+        (["algorithm.estimator=gae", "critic={}"], r"^config section 'critic': a value model for a vision-language"),
+    ]:
+        with pytest.raises(TokenforgeError, match=expected):
+            load_inputs(with_builtin_defaults(load_config(EXAMPLE, overrides=overrides)))
 
 
 def write_png(path, colour) -> None:
@@ -150,10 +154,31 @@ def test_image_paths_resolve_against_the_data_file_and_a_missing_one_is_one_line
     assert train.column("image").to_pylist() == [str(other / "blue.png")]
 
 
-def test_a_text_only_dataset_for_a_vision_language_model_is_one_line(tiny_vlm, tmp_path):
-    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "describe", "reference": "x"}) + "\n")
+def test_a_vision_language_model_trains_on_text_alone_when_the_data_has_no_images(tiny_vlm, tmp_path):
+    """A multimodal checkpoint (Gemma-3 and Mistral-3 ship as ...ForConditionalGeneration) on text-only data takes the
+    text path, as a causal LM does."""
+    rows = [{"prompt": "describe", "answer": "a red circle"}, {"prompt": "the picture", "answer": "a square"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = load_config(overrides=[f"model.path={tiny_vlm}", f"data.train_file={tmp_path / 'train.jsonl'}"])
-    with pytest.raises(TokenforgeError, match=r"^data.train_file: the model is a vision-language model, but the data "):
+    train, _ = load_inputs(with_builtin_defaults(config))
+    worker = RolloutWorker(config, tiny_vlm)
+    samples = worker.generate(train.append_column("group_id", pa.array([0, 1], pa.int64())), group_size=2)
+    assert samples.num_rows == 4
+    assert image_token_ids(worker.processor)[0] not in samples.column("prompt_ids")[0].as_py()
+    learner = Learner(config, tiny_vlm, tiny_vlm)
+    mask, behaviour, _, sequences = learner._batch_tensors(samples)
+    assert "images" not in sequences
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(learner.model, sequences, 1.0, 4096, learner.share_prompts)
+    assert float(((logprobs - behaviour) * mask).abs().max()) < 1e-4
+
+
+def test_an_image_without_references_is_one_line(tmp_path):
+    rows = builtin_rows(3).to_pylist()
+    rows[1]["reference"] = []
+    pq.write_table(pa.Table.from_pylist(rows, schema=builtin_rows(1).schema), tmp_path / "train.parquet")
+    config = load_config(EXAMPLE, overrides=[f"data.train_file={tmp_path / 'train.parquet'}"])
+    with pytest.raises(TokenforgeError, match=r"^data.train_file: row 1: `reference` is an empty list; give it at"):
         load_inputs(with_builtin_defaults(config))
 
 
@@ -208,18 +233,36 @@ def test_coco_captions_evaluate_as_the_same_images_in_parquet(tmp_path):
     assert set(train.column("prompt").to_pylist()) == {"describe the picture"}
 
 
-def test_a_broken_coco_file_is_one_line(tmp_path):
+BROKEN_COCO = {
+    "annotations[0] is of image_id 2, which `images` does not list": {
+        "images": [{"id": 1, "file_name": "a.png"}],
+        "annotations": [{"image_id": 2, "caption": "x"}],
+    },
+    "annotations[0] has no caption (a non-empty string)": {
+        "images": [{"id": 1, "file_name": "a.png"}],
+        "annotations": [{"image_id": 1, "caption": None}],
+    },
+    "images[0] is not an object with `id` and `file_name`": {"images": ["a.png"], "annotations": []},
+}
+
+
+@pytest.mark.parametrize("problem", BROKEN_COCO)
+def test_a_broken_coco_file_is_one_line(tmp_path, problem):
     path = tmp_path / "captions.json"
-    path.write_text(
-        json.dumps({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 2, "caption": "x"}]})
-    )
+    path.write_text(json.dumps(BROKEN_COCO[problem]))
     config = load_config(EXAMPLE, overrides=[f"data.train_file={path}"])
     with pytest.raises(TokenforgeError) as error:
         load_inputs(with_builtin_defaults(config))
-    assert str(error.value) == (
-        f"data.train_file: cannot read {str(path)!r}: ValueError: annotation 0 is of image_id 2, which `images` does "
-        "not list"
-    )
+    assert str(error.value) == f"data.train_file: cannot read {str(path)!r}: ValueError: {problem}"
+
+
+def test_a_json_lines_file_named_json_is_a_prompt_file_not_coco(tmp_path):
+    """A `.json` file of one JSON object per line (datasets' Dataset.to_json writes them) loads as prompts."""
+    from pipeline.data.loading import load_prompts
+
+    path = tmp_path / "prompts.json"
+    path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    assert load_prompts(path, "data.train_file").column("prompt").to_pylist() == ["1+1=", "2+2="]
 
 
 def test_self_critical_training_on_ray_with_images_evaluates_as_coco(ray_cluster, tmp_path):
@@ -241,11 +284,14 @@ def test_self_critical_training_on_ray_with_images_evaluates_as_coco(ray_cluster
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
     assert all(r["reward/greedy_baseline/mean"] > 0 for r in records[1:])
-    assert all(r["learner/tokens"] > 0 for r in records[1:])
+    assert all(r["learner/tokens"] > 0 and r["rollout/samples"] == 6 * 2 for r in records[1:])  # greedy rows aside
     _, rollouts = read_dump(Storage(str(tmp_path)), "rollouts", 2)
     greedy = [row for row in rollouts.to_pylist() if row["greedy_baseline"]]
     assert len(greedy) == 6 and rollouts.num_rows == 6 * 3
     assert all(not any(row["advantages"]) and row["sample_id"] < 0 for row in greedy)
+    console = Console(record=True, width=200, color_system=None)
+    show_samples(str(tmp_path), group=greedy[0]["group_id"], console=console)
+    assert "[greedy baseline] " + greedy[0]["response"] in console.export_text()
     trained = sum(len(row["response_ids"]) for row in rollouts.to_pylist() if not row["greedy_baseline"])
     assert records[2]["learner/tokens"] == trained  # the update's rows: the samples alone
     _, evaluated = read_dump(Storage(str(tmp_path)), "eval", 2)
@@ -340,12 +386,6 @@ def test_images_cross_nodes_through_ray_on_a_two_node_cluster(tmp_path):
     placement = json.loads((tmp_path / "run" / "placement.json").read_text())
     (learner,), (rollout,), (reward,) = placement["learner"], placement["rollout"], placement["reward"]
     assert rollout["node_id"] == reward["node_id"] != learner["node_id"]
-
-
-def test_a_critic_for_a_vision_language_model_is_refused_in_one_line():
-    config = load_config(EXAMPLE, overrides=["algorithm.estimator=gae", "critic={}"])
-    with pytest.raises(TokenforgeError, match=r"^config section 'critic': a value model for a vision-language model"):
-        load_inputs(with_builtin_defaults(config))
 
 
 def test_a_learner_group_computes_the_single_learners_gradient_on_images(ray_cluster, tiny_vlm):

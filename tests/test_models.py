@@ -568,3 +568,16 @@ def test_classifier_scores_a_conversation_through_the_reward_models_chat_templat
             model(**tokenizer(rendered, add_special_tokens=False, return_tensors="pt")).logits.softmax(-1)[0, 1].item()
         )
     assert classifier(inputs) == [pytest.approx(expected, abs=1e-6)]
+
+
+def test_a_token_at_minus_infinity_leaves_the_entropy_and_its_gradient_finite():
+    """A suppressed token (a vision-language model's image token: logit -inf) has probability 0: it adds 0 to the
+    entropy and the entropy's gradient stays finite (0 * -inf in the product's derivative would be NaN)."""
+    from pipeline.models.hf import suppress, token_logprob_entropy
+
+    logits = torch.tensor([[0.3, -1.2, 2.0, 0.7], [1.0, 1.0, -0.5, 0.2]], requires_grad=True)
+    logprobs, entropy = token_logprob_entropy(suppress(logits, (2,)), torch.tensor([0, 3]), 1.0)
+    (logprobs.sum() + 0.01 * entropy.sum()).backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(entropy).all()
+    kept = torch.log_softmax(logits.detach()[:, [0, 1, 3]], -1)
+    assert torch.allclose(entropy, -(kept.exp() * kept).sum(-1))

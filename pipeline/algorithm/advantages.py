@@ -349,7 +349,8 @@ def compute_advantages(
     )
     advantages = torch.where(valid, ESTIMATORS[name](inputs), 0.0)
     if DEFAULT_WHITEN[name] if whiten is None else whiten:  # an estimator with its own baseline is not re-centred
-        advantages = masked_whiten(advantages, mask, center=name not in (GROUP_BASELINE | NEEDS_GREEDY))
+        samples = mask if greedy_baseline is None else mask * ~inputs.greedy_baseline[:, None]  # greedy rows: 0
+        advantages = masked_whiten(advantages, samples, center=name not in (GROUP_BASELINE | NEEDS_GREEDY))
     return advantages.to(torch.float32)
 
 

@@ -18,13 +18,20 @@ from pipeline.algorithm.advantages import GROUP_STD_EPS, STATS_DTYPE, GroupStats
 NORMALIZATIONS = ("none", "batch", "group")
 
 
-def normalize_rewards(rewards: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor, mode: str) -> torch.Tensor:
+def normalize_rewards(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    group_ids: torch.Tensor,
+    mode: str,
+    counted: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Affine-normalise one component's (batch, T) token rewards so that each sample's total
     s_j = sum_t r_{j,t} becomes (s_j - mean) / (std + eps), with mean/std over the batch or the
-    sample's group. Tokens keep their shape: every r_{j,t} is divided by (std + eps) and the mean
-    is taken off the sample's last response token. A group (or batch) whose totals are all equal
-    (up to rounding, see pipeline.algorithm.advantages.GroupStats), a group of one included, has no spread to
-    divide by: its normalised rewards are 0, like GRPO's advantages for such a group. Float64 out.
+    sample's group (over the rows `counted` marks, default all: self_critical's greedy rows are normalised with
+    their group's statistics but take no part in them). Tokens keep their shape: every r_{j,t} is divided by
+    (std + eps) and the mean is taken off the sample's last response token. A group (or batch) whose totals are
+    all equal (up to rounding, see pipeline.algorithm.advantages.GroupStats), a group of one included, has no
+    spread to divide by: its normalised rewards are 0, like GRPO's advantages for such a group. Float64 out.
     """
     if mode == "none":
         return rewards.to(STATS_DTYPE)
@@ -32,7 +39,8 @@ def normalize_rewards(rewards: torch.Tensor, mask: torch.Tensor, group_ids: torc
     rewards = torch.where(valid, rewards.to(STATS_DTYPE), 0.0)
     totals = rewards.sum(1, keepdim=True)  # s_j, as a (batch, 1) column
     keys = group_ids if mode == "group" else torch.zeros_like(group_ids)
-    stats = GroupStats(totals, rewards.abs().sum(1, keepdim=True), valid.any(dim=1), keys)
+    present = valid.any(dim=1) if counted is None else valid.any(dim=1) & counted
+    stats = GroupStats(totals, rewards.abs().sum(1, keepdim=True), present, keys)
     scale = torch.where(stats.equal, 0.0, 1.0 / (stats.std + GROUP_STD_EPS))  # 1 / (std + eps), (batch, 1)
     last = (valid.sum(1) - 1).clamp(min=0)
     shifted = rewards.clone()
@@ -50,13 +58,17 @@ class ComponentRewards(NamedTuple):
 
 
 def composite_token_rewards(
-    components: Iterable[ComponentRewards], mask: torch.Tensor, group_ids: torch.Tensor
+    components: Iterable[ComponentRewards],
+    mask: torch.Tensor,
+    group_ids: torch.Tensor,
+    counted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """r_t = sum_i w_i * norm_i(r_i)_t in float64, each component normalised over the samples it applies to
-    (norm_i: normalize_rewards with its mode; a sample it does not apply to gets 0 from it)."""
+    (norm_i: normalize_rewards with its mode, statistics over the `counted` rows; a sample it does not apply to
+    gets 0 from it)."""
     token_rewards = torch.zeros_like(mask, dtype=STATS_DTYPE)
     for weight, rewards, applies, mode in components:
-        token_rewards += weight * normalize_rewards(rewards, mask * applies[:, None], group_ids, mode)
+        token_rewards += weight * normalize_rewards(rewards, mask * applies[:, None], group_ids, mode, counted)
     return token_rewards
 
 

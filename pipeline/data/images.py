@@ -67,11 +67,6 @@ def resolve_images(table: pa.Table, key: str, root: str) -> pa.Table:
     """`table` with each image path resolved against `root` (data.image_root, or the data file's directory), checked
     cheaply: every row has bytes or a path, and each local path is an existing file (nothing is decoded); the first
     that is not is one line naming the file and the row."""
-    if IMAGE_COLUMN not in table.column_names:
-        raise TokenforgeError(
-            f"{key}: the model is a vision-language model, but the data has no `{IMAGE_COLUMN}` field (an image per "
-            "prompt: an HF Image column, or image bytes or paths)"
-        )
     column = table.column(IMAGE_COLUMN)
     values = []
     for row, value in enumerate(column.to_pylist()):

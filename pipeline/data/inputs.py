@@ -24,7 +24,7 @@ from pipeline.models.hf import (
     model_config,
 )
 from pipeline.rewards.components import COMPONENTS, component_options
-from pipeline.storage import Storage
+from pipeline.storage import Storage, is_uri
 
 DATA_FINGERPRINT = "data_fingerprint.json"  # {"data.train_file": {"source": ..., "sha256": ...}, "data.eval_file": ...}
 
@@ -49,11 +49,6 @@ def load_inputs(config: TrainConfig, components: list[str] | None = None) -> tup
     limit = context_length(config.model.path, config.model.trust_remote_code)
     vision = is_vision_language(model_config(config.model.path, config.model.trust_remote_code))
     processor = load_processor(config.model.path, tokenizer, config.model.trust_remote_code) if vision else None
-    if vision and config.critic is not None:
-        raise TokenforgeError(
-            "config section 'critic': a value model for a vision-language model is not supported yet; use an "
-            "estimator without a critic (self_critical, grpo, rloo) and no critic section"
-        )
     if config.critic is not None and config.critic.model_path:  # it reads the policy's token ids
         critic = model_config(config.critic.model_path, config.model.trust_remote_code, key="critic.model_path")
         if getattr(critic, "vocab_size", len(tokenizer)) < len(tokenizer):
@@ -84,21 +79,25 @@ def load_inputs(config: TrainConfig, components: list[str] | None = None) -> tup
             tables.append(None)
             continue
         table = load_prompts(source, key, split, data.image_prompt)
-        if processor is not None:  # relative image paths against data.image_root, or the data file's directory
-            root = data.image_root or str(Path(source).parent if Path(source).is_file() else Path(source))
-            table = resolve_images(table, key, root)
+        images = processor is not None and IMAGE_COLUMN in table.column_names  # a VLM's text-only data: text alone
+        if images:
+            table = checked_images(config, table, key, source)
         missing = sorted(needed - set(table.column_names))
         if missing:
             raise TokenforgeError(
                 f"{key}: the reward components need fields {missing}, missing from the file (set the component's "
                 "`column` option to use another field)"
             )
+        for column in sorted(needed):  # a reference list must hold one (a metric has nothing to compare with)
+            empty = next((row for row, v in enumerate(table.column(column).to_pylist()) if v == []), None)
+            if empty is not None:
+                raise TokenforgeError(f"{key}: row {empty}: `{column}` is an empty list; give it at least one value")
         try:
             _, ids = encode_prompts(tokenizer, table.column(DATASET_PROMPT).to_pylist(), data.add_special_tokens)
         except TokenforgeError as error:
             raise TokenforgeError(f"{key}: {error}") from None
         longest = max(range(len(ids)), key=lambda i: len(ids[i]))
-        if processor is not None:  # with its image tokens (the image of the longest text stands for all)
+        if images:  # with its image tokens (the image of the longest text stands for all)
             image = open_image(table.column(IMAGE_COLUMN)[longest].as_py(), f"{key} row {longest}")
             prompt = table.column(DATASET_PROMPT)[longest].as_py()
             ids[longest] = encode_image_prompts(processor, [prompt], [image], data.add_special_tokens)[1][0]
@@ -114,6 +113,23 @@ def load_inputs(config: TrainConfig, components: list[str] | None = None) -> tup
             eval_table = eval_table.slice(0, data.max_eval_samples)
         eval_table = eval_table.append_column("group_id", pa.array(range(eval_table.num_rows), pa.int64()))
     return train_table, eval_table
+
+
+def checked_images(config: TrainConfig, table: pa.Table, key: str, source: str) -> pa.Table:
+    """A vision-language model's prompts with images: paths resolved (against data.image_root, or the data file's
+    directory) and checked to exist; what does not take images yet is one line."""
+    if config.critic is not None:
+        raise TokenforgeError(
+            "config section 'critic': a value model for a vision-language model's images is not supported yet; use "
+            "an estimator without a critic (self_critical, grpo, rloo) and no critic section"
+        )
+    if config.rollout.backend == "vllm":
+        raise TokenforgeError(
+            f"{key}: rollout.backend=vllm does not take images yet (the prompts have an `{IMAGE_COLUMN}` field); use "
+            "rollout.backend=hf"
+        )
+    root = config.data.image_root or str(Path(source).parent if Path(source).is_file() else Path(source))
+    return resolve_images(table, key, root if is_uri(root) else str(Path(root).resolve()))
 
 
 def fingerprint(table: pa.Table | None) -> str | None:

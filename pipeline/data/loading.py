@@ -30,22 +30,30 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 
 
 def coco_captions(path: Path, prompt: str) -> datasets.Dataset | None:
-    """The rows of a COCO captions file (None when the JSON is not one: no top-level `images` and `annotations`)."""
+    """The rows of a COCO captions file (None when the file is not one JSON object with top-level `images` and
+    `annotations`: a JSON array, or JSON Lines, is a plain prompt file)."""
     with open(path, "rb") as f:
-        if f.read(1) != b"{":  # a JSON array or JSON Lines: a plain prompt file
+        if f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] != b"{":
             return None
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError:  # JSON Lines (one object per line) is not one JSON document
+        return None
     if not isinstance(data, dict) or not {"images", "annotations"} <= data.keys():
         return None
-    try:
-        files = {image["id"]: image["file_name"] for image in data["images"]}
-        captions: dict = {}
-        for k, note in enumerate(data["annotations"]):
-            if note["image_id"] not in files:
-                raise ValueError(f"annotation {k} is of image_id {note['image_id']}, which `images` does not list")
-            captions.setdefault(note["image_id"], []).append(str(note["caption"]).strip())
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"not a COCO captions file: an entry lacks {error}") from None
+    files, captions = {}, {}
+    for k, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            raise ValueError(f"images[{k}] is not an object with `id` and `file_name`")
+        files[image["id"]] = image["file_name"]
+    for k, note in enumerate(data["annotations"]):
+        if not isinstance(note, dict) or "image_id" not in note:
+            raise ValueError(f"annotations[{k}] is not an object with `image_id` and `caption`")
+        if note["image_id"] not in files:
+            raise ValueError(f"annotations[{k}] is of image_id {note['image_id']}, which `images` does not list")
+        if not isinstance(note.get("caption"), str) or not note["caption"].strip():
+            raise ValueError(f"annotations[{k}] has no caption (a non-empty string)")
+        captions.setdefault(note["image_id"], []).append(note["caption"].strip())
     rows = [
         {"prompt": prompt, "image": files[i], "reference": refs, "image_id": i} for i, refs in captions.items()
     ]  # images without a caption have nothing to score

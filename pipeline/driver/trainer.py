@@ -29,6 +29,7 @@ from actors.rollout_worker import GENERATE_SECONDS, rollout_worker_class
 from actors.vllm_worker import check_servable
 from pipeline import storage as store
 from pipeline.algorithm.advantages import NEEDS_GREEDY
+from pipeline.batch import sampled_rows
 from pipeline.config import TrainConfig, config_to_yaml
 from pipeline.data.inputs import check_data_unchanged, load_inputs, with_builtin_defaults
 from pipeline.data.loading import PromptSampler
@@ -161,7 +162,7 @@ class Pipeline:
         for key, seconds in spent.items():
             timings[key] = timings.get(key, 0.0) + seconds
         self._note_loaded()
-        return scored.filter(pc.invert(dropped)), scored.num_rows
+        return scored.filter(pc.invert(dropped)), sampled_rows(scored).num_rows  # (self_critical's greedy rows aside)
 
     def _give_weights(self, worker) -> dict:
         """A restarted rollout worker (or one whose broadcast failed) holds other weights: give it the published
@@ -380,18 +381,19 @@ def run_steps(
         with timed(timings, "time/step_s"):
             queue.submit_through(checkpointer.submit_limit(step))
             rollouts, generated = queue.take(step, timings)  # generated (now, or during the last update) and scored
-            learning = submit_train_step(pipeline.learner, rollouts, step) if rollouts.num_rows else None
+            trained = sampled_rows(rollouts).num_rows  # what the update trains on: not self_critical's greedy rows
+            learning = submit_train_step(pipeline.learner, rollouts, step) if trained else None
             if trainer_cfg.max_staleness:
                 queue.prepare(step + 1, timings)  # while the learner updates: the next batch, generated and scored
             with timed(timings, "time/learn_s"):
                 learned = pipeline.learner.get(learning)[0] if learning else {"learner/tokens": 0.0}
             with timed(timings, "time/publish_s"):
                 pipeline.sync_weights()
-            if rollouts.num_rows and dumps.dumps_rollouts(trainer_cfg, step):
+            if trained and dumps.dumps_rollouts(trainer_cfg, step):
                 with timed(timings, "time/dump_s"):
                     columns = pipeline.learner.get([pipeline.learner.actors[0].learned_columns.remote()])[0]
                     dumps.write_dump(storage, dumps.ROLLOUTS, step, dumps.rollout_dump(rollouts, columns))
-        metrics = step_metrics(learned, timings, pipeline.take_faults(), pipeline.load_s, generated, rollouts.num_rows)
+        metrics = step_metrics(learned, timings, pipeline.take_faults(), pipeline.load_s, generated, trained)
 
         is_last = step == trainer_cfg.total_steps
         samples = evaluate(step, metrics) if step % trainer_cfg.eval_every == 0 or is_last else None

@@ -196,13 +196,16 @@ def select_rows(sequences: dict[str, torch.Tensor], rows: slice | torch.Tensor) 
     return {k: (v[rows] if torch.is_tensor(v) else v) for k, v in sequences.items()}
 
 
-def with_images(
-    sequences: dict, images: dict[str, torch.Tensor], image_of: torch.Tensor, suppressed: tuple[int, ...]
-) -> dict:
-    """`sequences` of a vision-language model: `images` holds the model's image inputs (pixel_values, ...), one
-    entry per distinct image (a group shares its image), `image_of` (B,) the entry of each row, and `suppressed`
-    the token ids the rollout worker never samples (suppress): its image token."""
-    return {**sequences, "images": images, "image_of": image_of, "suppressed": suppressed}
+def with_images(sequences: dict, images: dict[str, torch.Tensor], image_of: torch.Tensor) -> dict:
+    """`sequences` with a vision-language model's images: `images` holds the model's image inputs (pixel_values,
+    ...), one entry per distinct image (a group shares its image), and `image_of` (B,) the entry of each row."""
+    return {**sequences, "images": images, "image_of": image_of}
+
+
+def with_suppressed(sequences: dict, suppressed: tuple[int, ...]) -> dict:
+    """`sequences` whose log-probs leave out the token ids the rollout worker never samples (`suppress`): a
+    vision-language model's image token, whether or not the prompts hold images."""
+    return {**sequences, "suppressed": suppressed}
 
 
 def suppress(logits: torch.Tensor, suppressed: tuple[int, ...] | None) -> torch.Tensor:
@@ -382,8 +385,9 @@ def token_logprob_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For (N, vocab) logits and (N,) targets: log pi(target) and H(pi), pi = softmax(logits / T) in fp32."""
     log_pi = torch.log_softmax(logits.float() / temperature, dim=-1)
-    # H = -sum_v pi(v) log pi(v), with 0 log 0 = 0 (a -inf logit would otherwise give 0 * -inf = NaN)
-    entropy = -torch.where(torch.isneginf(log_pi), 0.0, log_pi.exp() * log_pi).sum(-1)
+    # H = -sum_v pi(v) log pi(v), with 0 log 0 = 0: a -inf logit (a suppressed token) would otherwise give
+    # 0 * -inf = NaN, in the forward and, through the product's derivative, in the backward
+    entropy = -(log_pi.exp() * log_pi.masked_fill(torch.isneginf(log_pi), 0.0)).sum(-1)
     return log_pi.gather(-1, targets[:, None]).squeeze(-1), entropy
 
 

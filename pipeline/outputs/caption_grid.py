@@ -8,6 +8,7 @@ import json
 import textwrap
 
 from pipeline.data.images import IMAGE_COLUMN, open_image
+from pipeline.errors import TokenforgeError
 from pipeline.outputs import dumps
 from pipeline.storage import Storage
 
@@ -15,8 +16,9 @@ GRID_PNG = "captions.png"
 IMAGES = 8  # the first eval prompts' images
 
 
-def caption_grid(storage: Storage) -> tuple[bytes, list[str]] | None:
-    """(the grid's PNG, report.md lines) of a run whose eval dumps hold images; None otherwise."""
+def caption_grid(storage: Storage) -> tuple[bytes | None, list[str]] | None:
+    """(the grid's PNG, report.md lines) of a run whose eval dumps hold images (no PNG when an image cannot be read
+    here); None for other runs."""
     steps = dumps.dump_steps(storage, dumps.EVAL)
     if not steps:
         return None
@@ -44,8 +46,12 @@ def caption_grid(storage: Storage) -> tuple[bytes, list[str]] | None:
         reference = before.get("reference")
         reference = reference[0] if isinstance(reference, list) and reference else reference
         lines.append(f"| {group} | {shown[0]} | {shown[1]} | {reference if reference is not None else ''} |")
-        captions.append((open_image(before[IMAGE_COLUMN], f"eval group {group}"), shown))
-    return draw_grid(captions, steps, score), lines
+        captions.append((before[IMAGE_COLUMN], shown))
+    try:  # an image path this machine cannot read (another node's disk) leaves the picture out, not the report
+        images = [(open_image(value, f"eval group {group}"), shown) for (value, shown), group in zip(captions, groups)]
+    except TokenforgeError as error:
+        return None, [line for line in lines if GRID_PNG not in line] + ["", f"(no {GRID_PNG}: {error})"]
+    return draw_grid(images, steps, score), lines
 
 
 def draw_grid(captions: list, steps: list[int], score: str | None) -> bytes:

@@ -223,8 +223,9 @@ def write_report(location: str) -> Storage:
         title = f"run {storage.display()} (step {records[-1]['step']})"
         grid = caption_grid(storage)  # a vision-language run: its held-out images and captions
         if grid is not None:
-            storage.write_bytes(GRID_PNG, grid[0])
-            extra = grid[1]
+            png, extra = grid
+            if png is not None:
+                storage.write_bytes(GRID_PNG, png)
     else:
         raise TokenforgeError(
             f"{storage.display()!r} is neither a tokenforge run ({METRICS_FILE}) nor a Tune experiment ({SPEC_FILE}); "

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.batch import DATASET_PROMPT, REWARD_PREFIX, metadata_columns
+from pipeline.batch import DATASET_PROMPT, REWARD_PREFIX, metadata_columns, sampled_rows
 from pipeline.data.images import IMAGE_COLUMN, image_label
 from pipeline.errors import TokenforgeError
 from pipeline.outputs import dumps
@@ -65,9 +65,11 @@ def pick_groups(table: pa.Table, score: str, worst: int | None, best: int | None
 
 
 def group_scores(table: pa.Table, score: str) -> dict[int, float]:
-    """Mean of `score` per group id (samples where it does not apply count as nan, and rank first)."""
+    """Mean of `score` per group id over its samples (self_critical's greedy rows aside; samples where it does not
+    apply count as nan, and rank first)."""
     values: dict[int, list[float]] = {}
-    for gid, value in zip(table.column("group_id").to_pylist(), table.column(score).to_pylist()):
+    samples = sampled_rows(table)
+    for gid, value in zip(samples.column("group_id").to_pylist(), samples.column(score).to_pylist()):
         values.setdefault(gid, []).append(float("nan") if value is None else value)
     return {gid: sum(v) / len(v) for gid, v in values.items()}
 
@@ -91,6 +93,8 @@ def group_table(rows: list[dict], title: str, rewards: list[str], colour: bool, 
             tail = [f"{row['total_reward']:.3f}", f"{mean_advantage:+.3f}"]
         else:
             response, tail = Text(row["response"]), []
+        if row.get("greedy_baseline"):  # self_critical's baseline: scored, not trained on
+            response = Text("[greedy baseline] ") + response
         totals = [f"{sum(row[n]):.3f}" if row[n] is not None else "n/a" for n in rewards]
         view.add_row(response, *totals, *tail, "yes" if row["finished"] else "cut", str(row["policy_version"]))
     return view

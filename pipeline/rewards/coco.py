@@ -1,8 +1,11 @@
 """Eval metrics over a whole eval set, as the COCO caption evaluation (pycocoevalcap) computes them, so that eval
 figures compare with published ones; and `eval_scores`, which gives each eval metric its figure.
 
-On captions already split into words (Cider.words: lowercase runs of letters and digits, as COCO's PTB tokenizer
-leaves them once punctuation is removed), each caption c_i with the references S_i of its image:
+On captions already split into words, each caption c_i with the references S_i of its image. The words are the
+reward components' (Cider.words: lowercase runs of ASCII letters and digits). COCO's evaluation splits with the
+Stanford PTB tokenizer instead, which keeps hyphenated words whole ("t-shirt"), splits clitics ("man 's") and keeps
+non-ASCII letters: the formulas are pycocoevalcap's (tested), but on text with such words the figures can differ
+slightly from published ones.
 
 - CIDEr-D: mean_i CIDEr-D(c_i, S_i), document frequencies over the evaluated set's references (cider.py).
 - BLEU-4, corpus level: BP * prod_{n=1..4} ((sum_i match_n(i) + 1e-15) / (sum_i count_n(i) + 1e-9))^(1/4), where
