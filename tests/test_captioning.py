@@ -323,7 +323,7 @@ def test_lora_adapts_the_language_model_and_projector_and_its_weights_sync_to_a_
     """model.lora on a vision-language model: adapters on the language model and the projector, the vision tower
     frozen (unless lora.vision_tower); a step changes the merged weights, which a rollout worker loads and samples
     with, its log-probs those the learner computes."""
-    overrides = ["model.lora={r: 4}", "reward.weights={cider: 1.0}", "rollout.max_new_tokens=8"]
+    overrides = ["model.lora={r: 4}", "algorithm.estimator=grpo", "rollout.max_new_tokens=8"]
     config = load_config(EXAMPLE, overrides=overrides)
     learner = Learner(config, tiny_vlm, tiny_vlm)
     trained = [name for name, p in learner.model.named_parameters() if p.requires_grad]

@@ -236,6 +236,7 @@ def test_eval_data_with_dropped_samples_leaves_them_out_of_the_means(capsys, tmp
         ("reverse", "reverse", 9500, 500, "answer"),
         ("summarize", "summarize", 9500, 500, "reference"),
         ("chat_addition", "chat_addition", 9000, 1000, "answer"),
+        ("captioning", "captioning", 2800, 200, "image"),
     ],
 )
 def test_example_configs_are_valid_and_their_inputs_and_models_load(example, task, train_rows, eval_rows, column):
