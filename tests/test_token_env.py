@@ -230,8 +230,14 @@ def test_env_config_takes_dotted_tokenforge_keys():
             "config key 'algorithm.kl_in_reward_coef': the KL penalty belongs to the learner",
         ),
         (
+            lambda: TokenEnv(str(Path(__file__).parent.parent / "examples" / "captioning.yaml")),
+            "the token environment takes text prompts; the data has images (its `image` field): train a "
+            "vision-language model with `tokenforge train`",
+        ),
+        (
             lambda: TokenEnv(overrides=["task=subtraction"]),
-            "config key 'task': Input should be 'addition', 'words', 'reverse', 'summarize' or 'chat_addition'",
+            "config key 'task': Input should be 'addition', 'words', 'reverse', 'summarize', 'chat_addition' or "
+            "'captioning'",
         ),
     ],
 )

@@ -48,6 +48,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
 from actors.reward_worker import RewardWorker
 from pipeline.batch import DATASET_PROMPT, make_rollout_table, reward_column
 from pipeline.config import TrainConfig, config_with, load_config, parse_override, validate_config
+from pipeline.data.images import IMAGE_COLUMN
 from pipeline.data.inputs import load_inputs, with_builtin_defaults
 from pipeline.data.prompts import encode_prompts, set_chat_template
 from pipeline.errors import ConfigError, TokenforgeError
@@ -184,6 +185,11 @@ def load_task(config: TrainConfig, with_scorer: bool) -> Task:
         from transformers import AutoConfig
 
         train, evaluation = load_inputs(config)
+        if IMAGE_COLUMN in train.column_names:  # its observations are token ids alone
+            raise TokenforgeError(
+                "the token environment takes text prompts; the data has images (its `image` field): train a "
+                "vision-language model with `tokenforge train`"
+            )
         tokenizer = load_tokenizer(config.model.path, config.model.trust_remote_code)
         set_chat_template(tokenizer, config.model.chat_template)
         tables = {"train": train}
