@@ -36,9 +36,9 @@ def image_label(value) -> str:
     return source if isinstance(source, str) else f"<image: {len(source or b'')} bytes>"
 
 
-def resolve(path: str, root: str | None) -> str:
+def resolve(path: str, root: str) -> str:
     """A relative image path under data.image_root (a URI or an absolute path stays as it is)."""
-    if root is None or is_uri(path) or os.path.isabs(path):
+    if is_uri(path) or os.path.isabs(path):
         return path
     return root.rstrip("/") + "/" + path if is_uri(root) else str(Path(root) / path)
 
